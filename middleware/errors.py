@@ -1,0 +1,52 @@
+"""Turn any unhandled exception into a generic 500 and one log line, never a traceback.
+
+Starlette's own ServerErrorMiddleware re-raises so the server logs a traceback; exception
+text can carry data (a driver error may quote a document), so here only the exception
+type and where it was raised are logged, with the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+GENERIC_DETAIL = "internal error; the request id in X-Request-ID identifies it in the server log"
+
+
+class InternalErrorMiddleware:
+    def __init__(self, app: ASGIApp, *, logger: logging.Logger | None = None) -> None:
+        self.app = app
+        self.logger = logger or logging.getLogger("secret_manager.errors")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        response_started = False
+
+        async def watch_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch_send)
+        except Exception as exc:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            self.logger.error(
+                "unhandled %s at %s:%s in %s",
+                type(exc).__name__,
+                Path(frame.filename).name,
+                frame.lineno,
+                frame.name,
+            )
+            if not response_started:
+                await JSONResponse({"detail": GENERIC_DETAIL}, status_code=500)(
+                    scope, receive, send
+                )

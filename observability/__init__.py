@@ -1,0 +1,1 @@
+"""Logging (and, later, metrics and tracing) set-up shared by the app and its middleware."""

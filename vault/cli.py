@@ -1,0 +1,180 @@
+"""The ``secret-manager`` command: serve, genkey, and the create/fetch client.
+
+Start-up problems a user can fix (a missing key, a malformed variable, a busy port) end
+with one line naming the cause and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from vault.app import build_keyring
+from vault.crypto import generate_key
+from vault.settings import ConfigError, Settings, client_url
+
+log = logging.getLogger("secret_manager.cli")
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str) -> int:
+    print(f"secret-manager: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _dev_key(path: Path) -> Path:
+    """Load or create the development key file (mode 0600) and say loudly what it is."""
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(generate_key() + "\n")
+        log.warning("--dev: generated a new master key in %s", path)
+    log.warning(
+        "DEVELOPMENT MODE: the master key is stored unprotected in %s; anyone who can read "
+        "it can decrypt every secret. Never use --dev in production: set MASTER_KEY_FILE.",
+        path,
+    )
+    return path
+
+
+def _check_data_dir(settings: Settings) -> None:
+    data_dir = settings.data_dir
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"DATA_DIR={str(data_dir)!r} cannot be created: {exc.strerror}") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"DATA_DIR={str(data_dir)!r} is not writable by this user")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Validate everything, then hand over to Hypercorn (which handles SIGTERM/SIGINT)."""
+    from hypercorn.config import Config
+    from hypercorn.run import run
+
+    from observability.logging import configure_logging
+
+    try:
+        settings = Settings.from_env()
+        configure_logging(settings.log_level)
+        if settings.master_key is None and args.dev:
+            key_path = _dev_key(settings.dev_key_path)
+            # Hand the key to the workers (separate processes) the way production does.
+            os.environ["MASTER_KEY_FILE"] = str(key_path)
+            settings = Settings.from_env()
+        build_keyring(settings)
+        if not settings.mongo_uri:
+            _check_data_dir(settings)
+    except ConfigError as exc:
+        return _fail(str(exc))
+
+    config = Config()
+    config.bind = [f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"]
+    config.application_path = "vault.app:app_from_environment()"
+    # One worker runs in this process; more are spawned processes, each loading the app.
+    config.workers = 0 if args.workers == 1 else args.workers
+    config.graceful_timeout = settings.graceful_timeout_seconds
+    config.include_server_header = False
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 5
+    config.read_timeout = 30
+    try:
+        return run(config)
+    except OSError as exc:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+
+
+def _post(url: str, path: str, payload: dict[str, str]) -> int:
+    if not url.startswith(("http://", "https://")):
+        return _fail(f"--url must start with http:// or https://, got {url!r}")
+    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
+        url.rstrip("/") + path,
+        data=json.dumps(payload).encode("utf-8"),
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            print(response.read().decode("utf-8"))
+            return 0
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode("utf-8", "replace")
+        try:
+            detail = json.loads(body)["detail"]
+        except (ValueError, KeyError, TypeError):
+            detail = body.strip() or exc.reason
+        print(f"secret-manager: HTTP {exc.code}: {detail}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"secret-manager: cannot reach {url}: {reason}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secret-manager",
+        description="Store secrets encrypted with AES-256-GCM and hand them back by id.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve_cmd = commands.add_parser("serve", help="run the HTTP service on Hypercorn")
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
+    serve_cmd.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="worker processes (1; on Swarm, scale replicas instead)",
+    )
+    serve_cmd.add_argument(
+        "--dev",
+        action="store_true",
+        help="with no key configured, keep a generated key in DATA_DIR/master.key (laptops only)",
+    )
+
+    commands.add_parser("genkey", help="print a new random master key (base64 of 32 bytes)")
+
+    default_url = client_url()
+    create_cmd = commands.add_parser("create", help="store a secret, print its secret_id")
+    create_cmd.add_argument("secret", help="the secret, standard base64; '-' reads it from stdin")
+    create_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
+
+    fetch_cmd = commands.add_parser("fetch", help="print the secret stored under an id")
+    fetch_cmd.add_argument("secret_id", help="the id printed by create")
+    fetch_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
+    return parser
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and of ``python -m vault``."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "genkey":
+        print(generate_key())
+        return 0
+    if args.command == "create":
+        secret = sys.stdin.read().strip() if args.secret == "-" else args.secret  # noqa: S105
+        return _post(args.url, "/vault/secret/create", {"secret": secret})
+    return _post(args.url, "/vault/secret/fetch", {"secret_id": args.secret_id})

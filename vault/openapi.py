@@ -1,0 +1,181 @@
+"""The OpenAPI 3.0 document of the API, and a Swagger UI page served from packaged assets.
+
+OpenAPI 3.0 rather than 3.1 because the packaged Swagger UI (version 4) renders 3.0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vault import __version__
+
+_UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if retry_after:
+        response["headers"] = {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying.",
+                "schema": {"type": "integer"},
+            }
+        }
+    return response
+
+
+def _json(ref: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+    }
+
+
+def build_openapi(*, max_secret_bytes: int, max_body_bytes: int) -> dict[str, Any]:
+    """The whole document; the limits in it are the ones this server enforces."""
+    common_errors = {
+        "400": _error("The body is not a JSON object, or a field is missing or malformed."),
+        "413": _error(
+            f"The decoded secret exceeds {max_secret_bytes} bytes, "
+            f"or the body exceeds {max_body_bytes} bytes."
+        ),
+        "500": _error("Internal error; the X-Request-ID header identifies it in the log."),
+        "503": _error("The store is unreachable; retry later.", retry_after=True),
+    }
+    create = {
+        "summary": "Store a secret",
+        "description": "Encrypts the secret and returns the id that fetches it back.",
+        "operationId": "createSecret",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/CreateRequest"}}
+            },
+        },
+        "responses": {"200": _json("CreateResponse", "Stored."), **common_errors},
+    }
+    fetch = {
+        "summary": "Fetch a secret",
+        "description": "Returns the secret stored under the id.",
+        "operationId": "fetchSecret",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/FetchRequest"}}
+            },
+        },
+        "responses": {
+            "200": _json("FetchResponse", "The secret."),
+            "404": _error("No secret has this id."),
+            **common_errors,
+        },
+    }
+
+    def variant(operation: dict[str, Any], suffix: str) -> dict[str, Any]:
+        return {**operation, "operationId": operation["operationId"] + suffix}
+
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "secret-manager",
+            "version": __version__,
+            "description": "Stores secrets encrypted with AES-256-GCM and hands them back by id.",
+        },
+        "paths": {
+            "/vault/secret/create/": {"post": create},
+            "/vault/secret/create": {"post": variant(create, "NoSlash")},
+            "/vault/secret/fetch": {"post": fetch},
+            "/vault/secret/fetch/": {"post": variant(fetch, "Slash")},
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "operationId": "healthz",
+                    "responses": {"200": _json("Status", "The process is running.")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness",
+                    "operationId": "readyz",
+                    "responses": {
+                        "200": _json("Status", "The store answers."),
+                        "503": _error("The store does not answer.", retry_after=True),
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "CreateRequest": {
+                    "type": "object",
+                    "required": ["secret"],
+                    "properties": {
+                        "secret": {
+                            "type": "string",
+                            "format": "byte",
+                            "minLength": 4,
+                            "pattern": _BASE64_PATTERN,
+                            "description": (
+                                "Standard base64 with padding, no whitespace; "
+                                f"at most {max_secret_bytes} bytes once decoded."
+                            ),
+                        }
+                    },
+                },
+                "CreateResponse": {
+                    "type": "object",
+                    "required": ["secret_id"],
+                    "properties": {"secret_id": {"type": "string", "format": "uuid"}},
+                },
+                "FetchRequest": {
+                    "type": "object",
+                    "required": ["secret_id"],
+                    "properties": {
+                        "secret_id": {"type": "string", "format": "uuid", "pattern": _UUID_PATTERN}
+                    },
+                },
+                "FetchResponse": {
+                    "type": "object",
+                    "required": ["secret"],
+                    "properties": {"secret": {"type": "string", "format": "byte"}},
+                },
+                "Status": {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {"status": {"type": "string"}},
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["detail"],
+                    "properties": {
+                        "detail": {
+                            "type": "string",
+                            "description": "What went wrong and what to do about it.",
+                        }
+                    },
+                },
+            }
+        },
+    }
+
+
+DOCS_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>secret-manager API</title>
+  <link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/assets/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});
+  </script>
+</body>
+</html>
+"""

@@ -1,0 +1,141 @@
+"""The route table: the secret API, health probes, the OpenAPI document and its docs page.
+
+Handlers validate, seal or open, and talk to the store; errors a caller can cause are raised
+as HTTPException with a detail that says what to do, and become ``{"detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from typing import Any
+
+import swagger_ui_bundle
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from vault.crypto import Keyring
+from vault.openapi import DOCS_HTML, build_openapi
+from vault.stores.base import SecretStore, StoreUnavailable
+from vault.validation import InvalidValue, decode_secret, normalize_secret_id
+
+log = logging.getLogger("secret_manager.routes")
+
+RETRY_AFTER_SECONDS = 5
+UNAVAILABLE_DETAIL = "the secret store is unavailable; retry after the time in Retry-After"
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    try:
+        data = json.loads(body, object_pairs_hook=_reject_duplicates)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, duplicates
+        raise HTTPException(
+            400, "request body must be a UTF-8 JSON object without duplicate keys"
+        ) from None
+    if not isinstance(data, dict):
+        raise HTTPException(
+            400, 'request body must be a JSON object, for example {"secret": "aGk="}'
+        )
+    return data
+
+
+def _string_field(data: dict[str, Any], name: str) -> str:
+    if name not in data:
+        raise HTTPException(400, f"field {name!r} is missing")
+    value = data[name]
+    if not isinstance(value, str):
+        raise HTTPException(400, f"field {name!r} must be a string")
+    return value
+
+
+class VaultAPI:
+    """Endpoints bound to one keyring and one store."""
+
+    def __init__(self, keyring: Keyring, store: SecretStore, *, max_secret_bytes: int) -> None:
+        self.keyring = keyring
+        self.store = store
+        self.max_secret_bytes = max_secret_bytes
+
+    async def create_secret(self, request: Request) -> Response:
+        data = await _json_object(request)
+        try:
+            plaintext = decode_secret(_string_field(data, "secret"))
+        except InvalidValue as exc:
+            raise HTTPException(400, str(exc)) from None
+        if len(plaintext) > self.max_secret_bytes:
+            raise HTTPException(
+                413,
+                f"secret is {len(plaintext)} bytes once decoded; "
+                f"the limit is {self.max_secret_bytes} bytes",
+            )
+        secret_id = str(uuid.uuid4())
+        await self.store.insert(self.keyring.seal(secret_id, plaintext))
+        return JSONResponse({"secret_id": secret_id})
+
+    async def fetch_secret(self, request: Request) -> Response:
+        data = await _json_object(request)
+        try:
+            secret_id = normalize_secret_id(_string_field(data, "secret_id"))
+        except InvalidValue as exc:
+            raise HTTPException(400, str(exc)) from None
+        record = await self.store.get(secret_id)
+        if record is None:
+            raise HTTPException(404, "no secret has this secret_id; check the id you were given")
+        plaintext = self.keyring.open(record)
+        return JSONResponse({"secret": base64.b64encode(plaintext).decode("ascii")})
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        try:
+            await self.store.ping()
+        except StoreUnavailable:
+            return unavailable_response()
+        return JSONResponse({"status": "ready"})
+
+    def routes(self, *, max_body_bytes: int) -> list[BaseRoute]:
+        spec = build_openapi(max_secret_bytes=self.max_secret_bytes, max_body_bytes=max_body_bytes)
+
+        async def openapi(request: Request) -> Response:
+            return JSONResponse(spec)
+
+        async def docs(request: Request) -> Response:
+            return HTMLResponse(DOCS_HTML)
+
+        def post(path: str, endpoint: Any) -> Route:
+            return Route(path, endpoint, methods=["POST"])
+
+        return [
+            # Both spellings answer directly: a redirect makes many clients drop the body.
+            post("/vault/secret/create/", self.create_secret),
+            post("/vault/secret/create", self.create_secret),
+            post("/vault/secret/fetch", self.fetch_secret),
+            post("/vault/secret/fetch/", self.fetch_secret),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/docs", docs, methods=["GET"]),
+            Mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
+        ]
+
+
+def unavailable_response() -> Response:
+    return JSONResponse(
+        {"detail": UNAVAILABLE_DETAIL},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )

@@ -1,0 +1,184 @@
+"""One typed settings object, built once from the environment and validated at start-up.
+
+Nothing else in the code base reads ``os.environ``: every knob is a field here, and every
+malformed value stops start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vault.crypto import MalformedKey, parse_key
+
+DEFAULT_MAX_SECRET_BYTES = 65536
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be configured with. Secret fields are kept out of repr."""
+
+    master_key: bytes | None = field(default=None, repr=False)
+    previous_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    mongo_uri: str | None = field(default=None, repr=False)
+    mongo_db: str = "vault"
+    mongo_write_concern: str | int = "majority"
+    mongo_journal: bool = True
+    mongo_pool_size: int = 32
+    store_timeout_seconds: float = 4.0
+    data_dir: Path = Path("data")
+    max_secret_bytes: int = DEFAULT_MAX_SECRET_BYTES
+    graceful_timeout_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Hard cap on a request body: the base64 of the largest secret plus room for JSON."""
+        return 4 * -(-self.max_secret_bytes // 3) + 16384
+
+    @property
+    def dev_key_path(self) -> Path:
+        return self.data_dir / "master.key"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raise ConfigError naming the first bad one."""
+        env = os.environ if environ is None else environ
+        master = _secret_value(env, "MASTER_KEY", strip=False)
+        master_key = None if master is None else _key(master, "MASTER_KEY")
+        previous_raw = _secret_value(env, "MASTER_KEY_PREVIOUS", strip=True) or ""
+        previous = tuple(
+            _key(part.strip(), "MASTER_KEY_PREVIOUS")
+            for part in previous_raw.replace("\n", ",").split(",")
+            if part.strip()
+        )
+        return cls(
+            master_key=master_key,
+            previous_keys=previous,
+            mongo_uri=_secret_value(env, "MONGO_URI", strip=True) or None,
+            mongo_db=_name(env, "MONGO_DB", "vault"),
+            mongo_write_concern=_write_concern(env.get("MONGO_WRITE_CONCERN", "majority")),
+            mongo_journal=_bool(env, "MONGO_JOURNAL", True),
+            mongo_pool_size=_int(env, "MONGO_POOL_SIZE", 32, minimum=1),
+            store_timeout_seconds=_float(env, "STORE_TIMEOUT_SECONDS", 4.0, minimum=0.1),
+            data_dir=Path(env.get("DATA_DIR", "data") or "data"),
+            max_secret_bytes=_int(env, "MAX_SECRET_BYTES", DEFAULT_MAX_SECRET_BYTES, minimum=1),
+            graceful_timeout_seconds=_float(env, "GRACEFUL_TIMEOUT_SECONDS", 10.0, minimum=0),
+            log_level=_choice(
+                env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+            ),
+        )
+
+
+def _secret_value(env: Mapping[str, str], name: str, *, strip: bool) -> str | None:
+    """Read NAME or NAME_FILE (a Docker secret); both at once is ambiguous and refused."""
+    direct = env.get(name)
+    path = env.get(f"{name}_FILE")
+    if direct is not None and path is not None:
+        raise ConfigError(f"{name} and {name}_FILE are both set; set only one of them")
+    if path is not None:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{name}_FILE={path!r} cannot be read: {reason}") from None
+    if direct is None:
+        return None
+    return direct.strip() if strip else direct
+
+
+def _key(value: str, name: str) -> bytes:
+    try:
+        return parse_key(value)
+    except MalformedKey as exc:
+        raise ConfigError(f"{name} is malformed: {exc}") from None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value >= minimum:  # also rejects nan
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().upper()
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return value
+
+
+def _name(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, default).strip()
+    if not raw or any(c in raw for c in '/\\. "$\x00') or len(raw) > 63:
+        raise ConfigError(
+            f"{name} must be a MongoDB database name (1-63 characters, no '/\\. \"$'), got {raw!r}"
+        )
+    return raw
+
+
+def _write_concern(raw: str) -> str | int:
+    value = raw.strip()
+    if value == "majority":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(
+            f"MONGO_WRITE_CONCERN must be 'majority' or a number of nodes, got {raw!r}"
+        ) from None
+    if number < 1:
+        raise ConfigError(
+            "MONGO_WRITE_CONCERN must be at least 1: an unacknowledged write could be lost"
+        )
+    return number
+
+
+def client_url(environ: Mapping[str, str] | None = None) -> str:
+    """Where the ``create`` and ``fetch`` commands send requests: SECRET_MANAGER_URL."""
+    env = os.environ if environ is None else environ
+    return env.get("SECRET_MANAGER_URL") or "http://localhost:8000"

@@ -1,0 +1,1 @@
+"""Secret stores: MongoDB for production, an embedded SQLite file by default."""

@@ -1,0 +1,114 @@
+"""MongoDB store through pymongo, every call in a dedicated thread limiter.
+
+The limiter has as many slots as pymongo's connection pool, so a thread never waits for
+a pooled connection, and it is separate from anyio's default limiter (40 threads) so
+other thread work cannot starve the store. Timeouts are client-side operation timeouts
+(``timeoutMS``): server selection, connection checkout and retries all fit in one budget,
+so a client gets a 503 within seconds when the database is gone instead of pymongo's 30 s.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+from pymongo import MongoClient
+from pymongo.collection import Collection
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
+from pymongo.write_concern import WriteConcern
+
+from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop
+
+_FORMAT_VERSION = 1
+
+
+def _is_unavailable(exc: PyMongoError) -> bool:
+    """Errors that mean 'the database is not reachable or not writable right now'."""
+    return isinstance(exc, ConnectionFailure | WriteConcernError) or bool(exc.timeout)
+
+
+class MongoStore:
+    """Secrets in the ``secrets`` collection of MONGO_DB, keyed by secret id."""
+
+    def __init__(
+        self,
+        uri: str,
+        database: str,
+        *,
+        write_concern: str | int = "majority",
+        journal: bool = True,
+        pool_size: int = 32,
+        timeout: float = 4.0,
+    ) -> None:
+        self._timeout = timeout
+        self._pool_size = pool_size
+        # The driver times out first; the outer deadline only catches a stuck thread.
+        self._deadline = timeout + 1.0
+        self._client: MongoClient[dict[str, Any]] = MongoClient(
+            uri,
+            timeoutMS=int(timeout * 1000),
+            maxPoolSize=pool_size,
+            retryWrites=True,
+            retryReads=True,
+            appname="secret-manager",
+            tz_aware=True,
+            connect=False,
+        )
+        self._secrets: Collection[dict[str, Any]] = self._client[database].get_collection(
+            "secrets", write_concern=WriteConcern(w=write_concern, j=journal)
+        )
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    async def open(self) -> None:
+        self._limiter = anyio.CapacityLimiter(self._pool_size)
+
+    async def close(self) -> None:
+        self._client.close()
+
+    async def _run(self, func: Any, *args: object) -> Any:
+        if self._limiter is None:
+            raise RuntimeError("store used before open()")
+        try:
+            return await run_off_loop(func, *args, limiter=self._limiter, timeout=self._deadline)
+        except PyMongoError as exc:
+            if _is_unavailable(exc):
+                raise StoreUnavailable(type(exc).__name__) from None
+            raise
+
+    def _insert_sync(self, doc: dict[str, Any]) -> None:
+        try:
+            self._secrets.insert_one(doc)
+        except DuplicateKeyError:
+            # A retried insert whose first attempt landed: the same record is already
+            # there, which is success. Anything else under this id is a real conflict.
+            existing = self._secrets.find_one({"_id": doc["_id"]})
+            if existing is None or any(existing.get(k) != doc[k] for k in ("nonce", "ct")):
+                raise
+            return
+
+    async def insert(self, record: SealedSecret) -> None:
+        doc = {
+            "_id": record.secret_id,
+            "v": _FORMAT_VERSION,
+            "kid": record.key_id,
+            "nonce": record.nonce,
+            "ct": record.ciphertext,
+            "created_at": dt.datetime.now(dt.UTC),
+        }
+        await self._run(self._insert_sync, doc)
+
+    async def get(self, secret_id: str) -> SealedSecret | None:
+        doc: Mapping[str, Any] | None = await self._run(self._secrets.find_one, {"_id": secret_id})
+        if doc is None:
+            return None
+        return SealedSecret(
+            secret_id=secret_id,
+            key_id=str(doc["kid"]),
+            nonce=bytes(doc["nonce"]),
+            ciphertext=bytes(doc["ct"]),
+        )
+
+    async def ping(self) -> None:
+        await self._run(self._client.admin.command, "ping")
