@@ -45,6 +45,7 @@ class InternalErrorMiddleware:
                 Path(frame.filename).name,
                 frame.lineno,
                 frame.name,
+                extra={"request_id": scope.get("state", {}).get("request_id")},
             )
             if not response_started:
                 await JSONResponse({"detail": GENERIC_DETAIL}, status_code=500)(

@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         )
 
     async def store_unavailable(request: Request, exc: Exception) -> Response:
-        log.warning("store unavailable: %s", exc)
+        log.warning("store unavailable: %s", exc, extra={"request_id": request.state.request_id})
         return unavailable_response()
 
     @asynccontextmanager

@@ -1,0 +1,304 @@
+"""Shared fixtures: a real MongoDB-wire server, settings for either store, app clients.
+
+MongoDB tests talk to a real mongod when TEST_MONGO_URI is set, otherwise to an nx-27017
+server (a MongoDB wire-protocol server over SQLite) started here on a free port.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pymongo
+import pytest
+from starlette.testclient import TestClient
+
+from vault.app import create_app
+from vault.crypto import generate_key
+from vault.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class MongoWireServer:
+    """An nx-27017 process with its own files, stoppable and restartable on the same port."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    def _answers(self) -> bool:
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+            self.uri, serverSelectionTimeoutMS=300, connectTimeoutMS=300
+        )
+        try:
+            client.admin.command("ping")
+            return True
+        except pymongo.errors.PyMongoError:
+            return False
+        finally:
+            client.close()
+
+    def start(self) -> None:
+        d = self.directory
+        self.process = subprocess.Popen(
+            [
+                "nx-27017",
+                "--db", str(d / "nx.db"),
+                "-p", str(self.port),
+                "--log-file", str(d / "nx.log"),
+                "--pid-file", str(d / "nx.pid"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_until(self._answers, 20, "nx-27017 to answer ping")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def pause(self) -> None:
+        """Freeze the server: connections stay open but nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB-wire server shared by the session (tests isolate by database name)."""
+    given = os.environ.get("TEST_MONGO_URI")
+    if given:
+        yield given
+        return
+    server = MongoWireServer(tmp_path_factory.mktemp("nx"))
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_mongo(tmp_path: Path) -> Iterator[MongoWireServer]:
+    """A MongoDB-wire server of this test's own, which the test may stop and restart."""
+    directory = tmp_path / "own-nx"
+    directory.mkdir()
+    server = MongoWireServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            server.resume()
+        server.stop()
+
+
+@pytest.fixture
+def master_key() -> str:
+    return generate_key()
+
+
+@pytest.fixture(params=["sqlite", "mongo"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store_env(
+    request: pytest.FixtureRequest, store_kind: str, tmp_path: Path, master_key: str
+) -> dict[str, str]:
+    """Environment for a server on the store under test, with a fresh database."""
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")}
+    if store_kind == "mongo":
+        env["MONGO_URI"] = request.getfixturevalue("mongo_uri")
+        env["MONGO_DB"] = "t" + uuid.uuid4().hex[:16]
+    return env
+
+
+@pytest.fixture
+def make_client(store_env: dict[str, str]) -> Iterator[Callable[..., TestClient]]:
+    """Build in-process clients (lifespan run) for the store under test; env overrides."""
+    clients: list[TestClient] = []
+
+    def make(**overrides: str) -> TestClient:
+        client = TestClient(create_app(Settings.from_env({**store_env, **overrides})))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in reversed(clients):
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+@dataclass
+class RawRecords:
+    """Direct access to stored records, below the service, to inspect or tamper with them."""
+
+    kind: str
+    env: dict[str, str]
+    _client: Any = None
+
+    def _sqlite(self) -> sqlite3.Connection:
+        return sqlite3.connect(Path(self.env["DATA_DIR"]) / "vault.db", isolation_level=None)
+
+    def _mongo(self) -> Any:
+        if self._client is None:
+            self._client = pymongo.MongoClient(self.env["MONGO_URI"])
+        return self._client[self.env["MONGO_DB"]]["secrets"]
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def get(self, secret_id: str) -> dict[str, Any]:
+        """The record's stored fields: key_id, nonce, ciphertext."""
+        if self.kind == "sqlite":
+            with self._sqlite() as conn:
+                row = conn.execute(
+                    "SELECT key_id, nonce, ciphertext FROM secrets WHERE secret_id = ?",
+                    (secret_id,),
+                ).fetchone()
+            assert row is not None
+            return {"key_id": row[0], "nonce": bytes(row[1]), "ciphertext": bytes(row[2])}
+        doc = self._mongo().find_one({"_id": secret_id})
+        assert doc is not None
+        return {"key_id": doc["kid"], "nonce": bytes(doc["nonce"]), "ciphertext": bytes(doc["ct"])}
+
+    def put(self, secret_id: str, fields: dict[str, Any]) -> None:
+        """Overwrite the stored fields of an existing record."""
+        if self.kind == "sqlite":
+            with self._sqlite() as conn:
+                conn.execute(
+                    "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ? WHERE secret_id = ?",
+                    (fields["key_id"], fields["nonce"], fields["ciphertext"], secret_id),
+                )
+            return
+        update = {"kid": fields["key_id"], "nonce": fields["nonce"], "ct": fields["ciphertext"]}
+        self._mongo().update_one({"_id": secret_id}, {"$set": update})
+
+    def dump(self) -> bytes:
+        """Every byte the store holds for this service, to search for plaintext."""
+        if self.kind == "sqlite":
+            data_dir = Path(self.env["DATA_DIR"])
+            return b"".join(p.read_bytes() for p in sorted(data_dir.glob("vault.db*")))
+        return b"".join(repr(doc).encode() for doc in self._mongo().find({}))
+
+
+@pytest.fixture
+def raw_records(store_kind: str, store_env: dict[str, str]) -> Iterator[RawRecords]:
+    records = RawRecords(store_kind, store_env)
+    yield records
+    records.close()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class ServerProcess:
+    """A real ``secret-manager serve`` subprocess on a free port."""
+
+    def __init__(self, env: dict[str, str], args: list[str], cwd: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = cwd / f"serve-{self.port}.log"
+        full_env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("MASTER_KEY", "MONGO"))
+        }
+        full_env.update(env)
+        self._log_handle = self.log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vault", "serve", "--port", str(self.port), *args],
+            env=full_env,
+            cwd=cwd,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(self._healthy, 30, f"server on {self.url} (log: {self.log.read_text()!r})")
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"server exited early: {self.log.read_text()}")
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self._log_handle.close()
+        return code
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start real servers: ``start_server(env, *args)``; all are stopped at teardown."""
+    servers: list[ServerProcess] = []
+
+    def start(env: dict[str, str], *args: str) -> ServerProcess:
+        server = ServerProcess(env, list(args), tmp_path)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

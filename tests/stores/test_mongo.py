@@ -1,0 +1,104 @@
+"""vault/stores/mongo.py against a MongoDB-wire server that goes away and comes back."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from tests.conftest import MongoWireServer, b64, wait_until
+from vault.app import create_app
+from vault.crypto import generate_key
+from vault.settings import Settings
+
+
+@pytest.fixture
+def outage_client(own_mongo: MongoWireServer, tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings.from_env(
+        {
+            "MASTER_KEY": generate_key(),
+            "MONGO_URI": own_mongo.uri,
+            "MONGO_DB": "outage",
+            "STORE_TIMEOUT_SECONDS": "2",
+        }
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def timed_post(client: TestClient, path: str, payload: dict[str, str]) -> tuple[int, float, dict]:  # type: ignore[type-arg]
+    started = time.monotonic()
+    response = client.post(path, json=payload)
+    return response.status_code, time.monotonic() - started, dict(response.headers)
+
+
+def test_database_down_gives_fast_503_and_recovers_without_restart(
+    outage_client: TestClient, own_mongo: MongoWireServer
+) -> None:
+    client = outage_client
+    stored = client.post("/vault/secret/create", json={"secret": b64(b"before")}).json()
+    secret_id = stored["secret_id"]
+
+    own_mongo.stop()
+    for path, payload in (
+        ("/vault/secret/create", {"secret": b64(b"during")}),
+        ("/vault/secret/fetch", {"secret_id": secret_id}),
+    ):
+        status, elapsed, headers = timed_post(client, path, payload)
+        assert status == 503
+        assert int(headers["retry-after"]) > 0
+        assert elapsed < 5
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/healthz").status_code == 200
+
+    own_mongo.start()
+    wait_until(lambda: client.get("/readyz").status_code == 200, 15, "readiness to return")
+    fetched = client.post("/vault/secret/fetch", json={"secret_id": secret_id})
+    assert fetched.json() == {"secret": b64(b"before")}
+    assert client.post("/vault/secret/create", json={"secret": b64(b"after")}).status_code == 200
+
+
+def test_a_hung_database_still_answers_503_within_seconds(
+    outage_client: TestClient, own_mongo: MongoWireServer
+) -> None:
+    client = outage_client
+    secret_id = client.post("/vault/secret/create", json={"secret": b64(b"x")}).json()["secret_id"]
+    own_mongo.pause()  # connections stay open; nothing answers
+    try:
+        status, elapsed, _ = timed_post(client, "/vault/secret/fetch", {"secret_id": secret_id})
+        assert status == 503
+        assert elapsed < 5
+        assert client.get("/readyz").status_code == 503
+    finally:
+        own_mongo.resume()
+    wait_until(lambda: client.get("/readyz").status_code == 200, 15, "readiness to return")
+    assert client.post("/vault/secret/fetch", json={"secret_id": secret_id}).status_code == 200
+
+
+def test_acknowledged_secrets_survive_a_database_crash(
+    outage_client: TestClient, own_mongo: MongoWireServer
+) -> None:
+    import signal
+
+    client = outage_client
+    secrets = {
+        client.post("/vault/secret/create", json={"secret": b64(bytes([i]) * 10)}).json()[
+            "secret_id"
+        ]: bytes([i]) * 10
+        for i in range(20)
+    }
+    own_mongo.stop(signal.SIGKILL)
+    own_mongo.start()
+    wait_until(lambda: client.get("/readyz").status_code == 200, 15, "readiness to return")
+    for secret_id, data in secrets.items():
+        response = client.post("/vault/secret/fetch", json={"secret_id": secret_id})
+        assert response.json() == {"secret": b64(data)}
+
+
+def test_unknown_database_id_is_404_not_an_error(outage_client: TestClient) -> None:
+    response = outage_client.post("/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())})
+    assert response.status_code == 404

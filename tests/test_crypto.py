@@ -1,0 +1,120 @@
+"""vault/crypto.py: sealing, binding to the record, key parsing and the keyring."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import uuid
+
+import pytest
+
+from vault.crypto import (
+    NONCE_BYTES,
+    DecryptionFailed,
+    Keyring,
+    MalformedKey,
+    UnknownKey,
+    generate_key,
+    key_id,
+    parse_key,
+)
+
+
+def _id() -> str:
+    return str(uuid.uuid4())
+
+
+def test_round_trip_and_fresh_nonce_per_seal() -> None:
+    ring = Keyring(os.urandom(32))
+    secret_id = _id()
+    first = ring.seal(secret_id, b"hunter2")
+    second = ring.seal(secret_id, b"hunter2")
+    assert len(first.nonce) == NONCE_BYTES == 12
+    assert first.nonce != second.nonce
+    assert first.ciphertext != second.ciphertext
+    assert b"hunter2" not in first.ciphertext
+    assert ring.open(first) == ring.open(second) == b"hunter2"
+
+
+def test_ciphertext_copied_onto_another_record_fails() -> None:
+    ring = Keyring(os.urandom(32))
+    sealed = ring.seal(_id(), b"alice's secret")
+    moved = dataclasses.replace(sealed, secret_id=_id())
+    with pytest.raises(DecryptionFailed):
+        ring.open(moved)
+
+
+@pytest.mark.parametrize("field", ["nonce", "ciphertext"])
+def test_any_flipped_bit_is_detected(field: str) -> None:
+    ring = Keyring(os.urandom(32))
+    sealed = ring.seal(_id(), b"x" * 40)
+    original = getattr(sealed, field)
+    for bit in range(0, len(original) * 8, 7):
+        flipped = bytearray(original)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(DecryptionFailed):
+            ring.open(dataclasses.replace(sealed, **{field: bytes(flipped)}))
+
+
+def test_key_id_is_bound_into_the_ciphertext() -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    ring = Keyring(new, [old])
+    sealed = ring.seal(_id(), b"data")
+    relabelled = dataclasses.replace(sealed, key_id=key_id(old))
+    with pytest.raises(DecryptionFailed):
+        ring.open(relabelled)
+
+
+def test_previous_keys_open_old_records_and_new_ones_use_the_active_key() -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    sealed_by_old = Keyring(old).seal(_id(), b"before rotation")
+    ring = Keyring(new, [old])
+    assert ring.open(sealed_by_old) == b"before rotation"
+    assert ring.seal(_id(), b"after").key_id == key_id(new) == ring.active_key_id
+    assert ring.key_ids == (key_id(new), key_id(old))
+
+
+def test_record_from_an_unconfigured_key_is_refused() -> None:
+    sealed = Keyring(os.urandom(32)).seal(_id(), b"data")
+    with pytest.raises(UnknownKey):
+        Keyring(os.urandom(32)).open(sealed)
+
+
+def test_key_id_is_stable_short_and_not_the_key() -> None:
+    key = os.urandom(32)
+    assert key_id(key) == key_id(key)
+    assert key_id(key) != key_id(os.urandom(32))
+    assert len(key_id(key)) == 16
+    assert key.hex()[:16] != key_id(key)
+
+
+def test_parse_key_accepts_base64_and_raw_32_characters() -> None:
+    generated = generate_key()
+    assert parse_key(generated) == base64.b64decode(generated)
+    raw = "0123456789abcdef0123456789ABCDEF"
+    assert parse_key(raw) == raw.encode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "short",
+        "0123456789abcdef0123456789ABCDE",  # 31 characters
+        base64.b64encode(os.urandom(31)).decode(),  # base64 of the wrong length
+        base64.b64encode(os.urandom(33)).decode(),
+        "é" * 32,  # 32 characters, not 32 bytes
+    ],
+)
+def test_parse_key_rejects_everything_else_without_echoing_it(value: str) -> None:
+    with pytest.raises(MalformedKey) as excinfo:
+        parse_key(value)
+    if value:
+        assert value not in str(excinfo.value)
+
+
+def test_generated_keys_are_random_32_bytes() -> None:
+    keys = {generate_key() for _ in range(5)}
+    assert len(keys) == 5
+    assert all(len(base64.b64decode(k, validate=True)) == 32 for k in keys)

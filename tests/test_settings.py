@@ -1,0 +1,107 @@
+"""vault/settings.py: every variable read, validated, and named when malformed."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+
+from vault.crypto import generate_key
+from vault.settings import ConfigError, Settings, client_url
+
+
+def test_defaults_with_only_a_key() -> None:
+    key = generate_key()
+    settings = Settings.from_env({"MASTER_KEY": key})
+    assert settings.master_key == base64.b64decode(key)
+    assert settings.mongo_uri is None
+    assert settings.mongo_db == "vault"
+    assert settings.mongo_write_concern == "majority"
+    assert settings.mongo_journal is True
+    assert settings.data_dir == Path("data")
+    assert settings.max_secret_bytes == 65536
+    # The body cap sits a little above the base64 of the largest secret.
+    assert 87384 < settings.max_body_bytes < 2 * 87384
+
+
+def test_no_key_is_not_an_error_here_but_the_key_stays_out_of_repr() -> None:
+    assert Settings.from_env({}).master_key is None
+    key = generate_key()
+    uri = "mongodb://user:pa55word@db/"
+    text = repr(Settings.from_env({"MASTER_KEY": key, "MONGO_URI": uri}))
+    assert key not in text
+    assert "pa55word" not in text
+
+
+def test_key_file_with_whitespace_and_previous_keys_file(tmp_path: Path) -> None:
+    active, old1, old2 = generate_key(), generate_key(), generate_key()
+    (tmp_path / "k").write_text(f"  {active}\n")
+    (tmp_path / "prev").write_text(f"{old1},\n{old2}\n")
+    settings = Settings.from_env(
+        {"MASTER_KEY_FILE": str(tmp_path / "k"), "MASTER_KEY_PREVIOUS_FILE": str(tmp_path / "prev")}
+    )
+    assert settings.master_key == base64.b64decode(active)
+    assert settings.previous_keys == (base64.b64decode(old1), base64.b64decode(old2))
+
+
+def test_mongo_uri_file(tmp_path: Path) -> None:
+    (tmp_path / "uri").write_text("mongodb://db1,db2/?replicaSet=rs0\n")
+    settings = Settings.from_env({"MONGO_URI_FILE": str(tmp_path / "uri")})
+    assert settings.mongo_uri == "mongodb://db1,db2/?replicaSet=rs0"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"MASTER_KEY": "tooshort"}, "MASTER_KEY"),
+        ({"MASTER_KEY_FILE": "/nonexistent/key"}, "MASTER_KEY_FILE"),
+        ({"MASTER_KEY": "x" * 32, "MASTER_KEY_FILE": "/k"}, "MASTER_KEY_FILE"),
+        ({"MASTER_KEY_PREVIOUS": "bad"}, "MASTER_KEY_PREVIOUS"),
+        ({"MAX_SECRET_BYTES": "64k"}, "MAX_SECRET_BYTES"),
+        ({"MAX_SECRET_BYTES": "0"}, "MAX_SECRET_BYTES"),
+        ({"MONGO_POOL_SIZE": "-1"}, "MONGO_POOL_SIZE"),
+        ({"STORE_TIMEOUT_SECONDS": "soon"}, "STORE_TIMEOUT_SECONDS"),
+        ({"STORE_TIMEOUT_SECONDS": "nan"}, "STORE_TIMEOUT_SECONDS"),
+        ({"GRACEFUL_TIMEOUT_SECONDS": "-3"}, "GRACEFUL_TIMEOUT_SECONDS"),
+        ({"MONGO_JOURNAL": "maybe"}, "MONGO_JOURNAL"),
+        ({"MONGO_WRITE_CONCERN": "0"}, "MONGO_WRITE_CONCERN"),
+        ({"MONGO_WRITE_CONCERN": "all"}, "MONGO_WRITE_CONCERN"),
+        ({"MONGO_DB": "bad.name"}, "MONGO_DB"),
+        ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
+    ],
+)
+def test_malformed_values_are_refused_naming_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        Settings.from_env(env)
+    assert named in str(excinfo.value)
+
+
+def test_malformed_key_message_does_not_echo_the_key() -> None:
+    value = base64.b64encode(os.urandom(20)).decode()
+    with pytest.raises(ConfigError) as excinfo:
+        Settings.from_env({"MASTER_KEY": value})
+    assert value not in str(excinfo.value)
+
+
+def test_typed_values_are_parsed() -> None:
+    settings = Settings.from_env(
+        {
+            "MONGO_WRITE_CONCERN": "2",
+            "MONGO_JOURNAL": "false",
+            "MAX_SECRET_BYTES": "1024",
+            "STORE_TIMEOUT_SECONDS": "1.5",
+            "LOG_LEVEL": "debug",
+        }
+    )
+    assert settings.mongo_write_concern == 2
+    assert settings.mongo_journal is False
+    assert settings.max_secret_bytes == 1024
+    assert settings.store_timeout_seconds == 1.5
+    assert settings.log_level == "DEBUG"
+
+
+def test_client_url_default_and_override() -> None:
+    assert client_url({}) == "http://localhost:8000"
+    assert client_url({"SECRET_MANAGER_URL": "http://vault:9000"}) == "http://vault:9000"
