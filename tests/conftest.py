@@ -38,6 +38,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any key, MongoDB or client URL setting, plus extra."""
+    prefixes = ("MASTER_KEY", "MONGO", "SECRET_MANAGER_URL")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update(extra)
+    return env
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -251,14 +259,10 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = cwd / f"serve-{self.port}.log"
-        full_env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("MASTER_KEY", "MONGO"))
-        }
-        full_env.update(env)
         self._log_handle = self.log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vault", "serve", "--port", str(self.port), *args],
-            env=full_env,
+            env=clean_env(**env),
             cwd=cwd,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,

@@ -7,12 +7,15 @@ with one line naming the cause and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,10 +36,15 @@ def _fail(message: str) -> int:
 def _dev_key(path: Path) -> Path:
     """Load or create the development key file (mode 0600) and say loudly what it is."""
     if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(generate_key() + "\n")
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(generate_key() + "\n")
+        except OSError as exc:
+            raise ConfigError(
+                f"--dev cannot write its key to {str(path)!r} (DATA_DIR): {exc.strerror}"
+            ) from None
         log.warning("--dev: generated a new master key in %s", path)
     log.warning(
         "DEVELOPMENT MODE: the master key is stored unprotected in %s; anyone who can read "
@@ -56,6 +64,29 @@ def _check_data_dir(settings: Settings) -> None:
         raise ConfigError(f"DATA_DIR={str(data_dir)!r} is not writable by this user")
 
 
+def _check_mongo_uri(uri: str) -> None:
+    """Parse the URI the way pymongo will, without connecting; never echo its password."""
+    from pymongo import MongoClient
+    from pymongo.errors import ConfigurationError
+
+    try:
+        with warnings.catch_warnings():
+            # pymongo only warns about an unknown option; a typo should stop start-up.
+            warnings.simplefilter("error")
+            MongoClient(uri, connect=False).close()
+    except (ConfigurationError, UserWarning) as exc:
+        message = str(exc)
+        try:
+            password = urllib.parse.urlsplit(uri).password
+        except ValueError:
+            password = None
+        if password:
+            message = message.replace(password, "***")
+        raise ConfigError(
+            f"MONGO_URI is not a usable MongoDB connection string: {message}"
+        ) from None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Validate everything, then hand over to Hypercorn (which handles SIGTERM/SIGINT)."""
     from hypercorn.config import Config
@@ -72,7 +103,9 @@ def serve(args: argparse.Namespace) -> int:
             os.environ["MASTER_KEY_FILE"] = str(key_path)
             settings = Settings.from_env()
         build_keyring(settings)
-        if not settings.mongo_uri:
+        if settings.mongo_uri:
+            _check_mongo_uri(settings.mongo_uri)
+        else:
             _check_data_dir(settings)
     except ConfigError as exc:
         return _fail(str(exc))
@@ -96,14 +129,14 @@ def serve(args: argparse.Namespace) -> int:
 
 def _post(url: str, path: str, payload: dict[str, str]) -> int:
     if not url.startswith(("http://", "https://")):
-        return _fail(f"--url must start with http:// or https://, got {url!r}")
-    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
-        url.rstrip("/") + path,
-        data=json.dumps(payload).encode("utf-8"),
-        headers={"Content-Type": "application/json", "Accept": "application/json"},
-        method="POST",
-    )
+        return _fail(f"the URL (--url or SECRET_MANAGER_URL) must start with http://, got {url!r}")
     try:
+        request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
+            url.rstrip("/") + path,
+            data=json.dumps(payload).encode("utf-8"),
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
             print(response.read().decode("utf-8"))
             return 0
@@ -115,7 +148,8 @@ def _post(url: str, path: str, payload: dict[str, str]) -> int:
             detail = body.strip() or exc.reason
         print(f"secret-manager: HTTP {exc.code}: {detail}", file=sys.stderr)
         return 1
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        # ValueError and HTTPException: a malformed URL (bad port, broken IPv6 literal).
         reason = getattr(exc, "reason", exc)
         print(f"secret-manager: cannot reach {url}: {reason}", file=sys.stderr)
         return 1

@@ -1,0 +1,261 @@
+"""The ``secret-manager`` command line, run as a real subprocess against real servers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from tests.conftest import clean_env, free_port
+from vault.crypto import generate_key
+
+pytestmark = pytest.mark.slow
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vault", *args],
+        env=clean_env() if env is None else env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _json_line(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Any], tmp_path: Path, master_key: str) -> Any:
+    return start_server({"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")})
+
+
+# --- genkey and the console script -------------------------------------------------------
+
+
+def test_genkey_prints_base64_of_32_random_bytes() -> None:
+    first, second = cli("genkey"), cli("genkey")
+    for result in (first, second):
+        assert result.returncode == 0, result.stderr
+        key = result.stdout.strip()
+        assert len(base64.b64decode(key, validate=True)) == 32
+        assert base64.b64encode(base64.b64decode(key)).decode() == key  # standard alphabet
+    assert first.stdout.strip() != second.stdout.strip()
+
+
+def test_console_script_is_installed_and_shows_help() -> None:
+    script = shutil.which("secret-manager")
+    assert script is not None, "the secret-manager console script is not on PATH"
+    result = subprocess.run(
+        [script, "--help"], env=clean_env(), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    for command in ("serve", "genkey", "create", "fetch"):
+        assert command in result.stdout
+
+
+# --- create / fetch against a running server ---------------------------------------------
+
+
+def test_create_and_fetch_round_trip(server: Any) -> None:
+    secret = base64.b64encode(os.urandom(48)).decode()
+
+    created = _json_line(cli("create", "--url", server.url, secret))
+    assert set(created) == {"secret_id"}
+    secret_id = created["secret_id"]
+    uuid.UUID(secret_id)
+    assert _json_line(cli("fetch", "--url", server.url, secret_id)) == {"secret": secret}
+
+    # The URL from SECRET_MANAGER_URL instead of --url.
+    env = clean_env(SECRET_MANAGER_URL=server.url)
+    assert _json_line(cli("fetch", secret_id, env=env)) == {"secret": secret}
+    other = base64.b64encode(b"via the environment").decode()
+    other_id = _json_line(cli("create", other, env=env))["secret_id"]
+    assert _json_line(cli("fetch", other_id, env=env)) == {"secret": other}
+
+    # '-' reads the secret from stdin (a trailing newline, as `echo` adds, is fine).
+    piped = base64.b64encode(b"from stdin \x00\xff").decode()
+    piped_id = _json_line(cli("create", "--url", server.url, "-", stdin=piped + "\n"))["secret_id"]
+    assert _json_line(cli("fetch", "--url", server.url, piped_id)) == {"secret": piped}
+    assert len({secret_id, other_id, piped_id}) == 3
+
+
+def test_http_errors_exit_nonzero_with_the_servers_detail(server: Any) -> None:
+    missing = cli("fetch", "--url", server.url, str(uuid.uuid4()))
+    assert missing.returncode != 0
+    assert missing.stdout == ""
+    assert "HTTP 404" in missing.stderr
+    assert "no secret has this secret_id" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    invalid = cli("create", "--url", server.url, "not base64!")
+    assert invalid.returncode != 0
+    assert invalid.stdout == ""
+    assert "HTTP 400" in invalid.stderr
+    assert "base64" in invalid.stderr
+    assert "Traceback" not in invalid.stderr
+
+
+def test_unreachable_server_is_one_clear_message() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    for args in (("fetch", "--url", url, str(uuid.uuid4())), ("create", "--url", url, "aGk=")):
+        result = cli(*args)
+        assert result.returncode != 0
+        assert "cannot reach" in result.stderr
+        assert url in result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stdout == ""
+
+
+# --- serve refuses to start on configuration a user can fix -------------------------------
+
+
+def _refusal(tmp_path: Path, *extra: str, **env: str) -> str:
+    """Run ``serve`` expecting a refusal; return its single stderr line."""
+    result = cli(
+        "serve",
+        "--port",
+        str(free_port()),
+        *extra,
+        env=clean_env(**{"DATA_DIR": str(tmp_path / "data"), **env}),
+        timeout=20,
+    )
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_refuses_without_a_key(tmp_path: Path) -> None:
+    line = _refusal(tmp_path)
+    assert "MASTER_KEY" in line
+    assert not (tmp_path / "data" / "master.key").exists()
+
+
+def test_refuses_a_malformed_key_without_echoing_it(tmp_path: Path) -> None:
+    line = _refusal(tmp_path, MASTER_KEY="tooshort")
+    assert "MASTER_KEY" in line
+    assert "tooshort" not in line
+
+
+def test_refuses_a_missing_key_file(tmp_path: Path) -> None:
+    line = _refusal(tmp_path, MASTER_KEY_FILE=str(tmp_path / "no-such-key"))
+    assert "MASTER_KEY_FILE" in line
+
+
+def test_refuses_key_and_key_file_together(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(generate_key())
+    key = generate_key()
+    line = _refusal(tmp_path, MASTER_KEY=key, MASTER_KEY_FILE=str(key_file))
+    assert re.search(r"\bMASTER_KEY\b", line), line  # the variable itself, not only _FILE
+    assert "MASTER_KEY_FILE" in line
+    assert key not in line
+
+
+def test_refuses_a_malformed_number(tmp_path: Path) -> None:
+    line = _refusal(tmp_path, MASTER_KEY=generate_key(), MAX_SECRET_BYTES="abc")
+    assert "MAX_SECRET_BYTES" in line
+
+
+def test_refuses_a_malformed_previous_key(tmp_path: Path) -> None:
+    good = generate_key()
+    line = _refusal(
+        tmp_path, MASTER_KEY=generate_key(), MASTER_KEY_PREVIOUS=f"{good},not-a-key-at-all"
+    )
+    assert "MASTER_KEY_PREVIOUS" in line
+    assert good not in line
+    assert "not-a-key-at-all" not in line
+
+
+def test_refuses_a_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = cli(
+            "serve",
+            "--port",
+            str(port),
+            env=clean_env(DATA_DIR=str(tmp_path / "data"), MASTER_KEY=generate_key()),
+            timeout=20,
+        )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert str(port) in lines[0]
+
+
+# --- accepted key spellings ---------------------------------------------------------------
+
+
+def _round_trip(url: str) -> None:
+    assert httpx.get(url + "/healthz", timeout=5).json() == {"status": "ok"}
+    secret = base64.b64encode(os.urandom(20)).decode()
+    secret_id = _json_line(cli("create", "--url", url, secret))["secret_id"]
+    assert _json_line(cli("fetch", "--url", url, secret_id)) == {"secret": secret}
+
+
+def test_raw_32_character_key_is_accepted(start_server: Callable[..., Any], tmp_path: Path) -> None:
+    raw = "an-old-style-raw-32-char-key-XYZ"
+    assert len(raw) == 32
+    server = start_server({"MASTER_KEY": raw, "DATA_DIR": str(tmp_path / "data")})
+    _round_trip(server.url)
+    assert raw not in server.output()
+
+
+def test_key_file_with_surrounding_whitespace_is_accepted(
+    start_server: Callable[..., Any], tmp_path: Path, master_key: str
+) -> None:
+    key_file = tmp_path / "master_key"
+    key_file.write_text(f"  {master_key}\n\n")
+    server = start_server({"MASTER_KEY_FILE": str(key_file), "DATA_DIR": str(tmp_path / "data")})
+    _round_trip(server.url)
+    assert master_key not in server.output()
+
+
+def test_malformed_urls_are_one_clear_message() -> None:
+    for url in ("http://127.0.0.1:abc", "http://[::1", "ftp://example"):
+        result = cli("fetch", "--url", url, str(uuid.uuid4()))
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_refuses_an_unusable_mongo_uri_without_echoing_its_password(tmp_path: Path) -> None:
+    key = generate_key()
+    line = _refusal(tmp_path, MASTER_KEY=key, MONGO_URI="postgres://db/")
+    assert "MONGO_URI" in line
+    # A typo in an option is refused (pymongo itself would only warn and ignore it).
+    line = _refusal(tmp_path, MASTER_KEY=key, MONGO_URI="mongodb://u:hunter2@db/?wtimeout_ms=5")
+    assert "MONGO_URI" in line
+    assert "hunter2" not in line
+
+
+def test_dev_mode_refuses_an_unwritable_data_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = _refusal(tmp_path, "--dev", DATA_DIR=str(blocker / "data"))
+    assert "DATA_DIR" in line

@@ -1,0 +1,335 @@
+"""The real server (``secret-manager serve`` on Hypercorn) over real sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import select
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from tests.conftest import b64, clean_env, free_port
+from vault.crypto import generate_key
+
+pytestmark = pytest.mark.slow
+
+StartServer = Callable[..., Any]
+
+
+def create(url: str, secret: str) -> str:
+    response = httpx.post(url + "/vault/secret/create", json={"secret": secret}, timeout=10)
+    assert response.status_code == 200, response.text
+    secret_id = response.json()["secret_id"]
+    assert isinstance(secret_id, str)
+    return secret_id
+
+
+def fetch(url: str, secret_id: str) -> httpx.Response:
+    return httpx.post(url + "/vault/secret/fetch", json={"secret_id": secret_id}, timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url + "/healthz", timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+# --- --dev mode and durability -----------------------------------------------------------
+
+
+def test_dev_mode_persists_its_key_and_the_secrets(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    env = {"DATA_DIR": str(data_dir)}
+    key_path = data_dir / "master.key"
+
+    first = start_server(env, "--dev")
+    assert key_path.exists()
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    key = key_path.read_text().strip()
+    assert len(base64.b64decode(key, validate=True)) == 32
+
+    secret = b64(b"dev-mode secret " + os.urandom(8))
+    secret_id = create(first.url, secret)
+    assert first.stop() == 0
+    first_output = first.output()
+    assert "DEVELOPMENT MODE" in first_output
+    assert key not in first_output
+
+    second = start_server(env, "--dev")
+    response = fetch(second.url, secret_id)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"secret": secret}
+    assert key_path.read_text().strip() == key  # the same key, not a new one
+    assert second.stop() == 0
+    assert "DEVELOPMENT MODE" in second.output()
+    assert key not in second.output()
+
+
+def test_without_dev_no_key_file_is_written(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    result = subprocess.run(
+        [sys.executable, "-m", "vault", "serve", "--port", str(free_port())],
+        env=clean_env(DATA_DIR=str(data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "MASTER_KEY" in result.stderr
+    assert not (data_dir / "master.key").exists()
+
+
+# --- several processes, one MongoDB --------------------------------------------------------
+
+
+def test_two_servers_share_one_mongodb(
+    start_server: StartServer, mongo_uri: str, master_key: str, tmp_path: Path
+) -> None:
+    env = {
+        "MASTER_KEY": master_key,
+        "MONGO_URI": mongo_uri,
+        "MONGO_DB": "t" + uuid.uuid4().hex[:16],
+        "DATA_DIR": str(tmp_path / "data"),
+    }
+    a = start_server(env)
+    b = start_server(env)
+    plaintext = os.urandom(300)
+    secret_id = create(a.url, b64(plaintext))
+    response = fetch(b.url, secret_id)
+    assert response.status_code == 200, response.text
+    assert base64.b64decode(response.json()["secret"]) == plaintext
+    # And the other way round.
+    other = os.urandom(5)
+    response = fetch(a.url, create(b.url, b64(other)))
+    assert base64.b64decode(response.json()["secret"]) == other
+
+
+# --- key rotation ---------------------------------------------------------------------------
+
+
+def test_key_rotation(start_server: StartServer, tmp_path: Path) -> None:
+    k1, k2 = generate_key(), generate_key()
+    data_dir = str(tmp_path / "data")
+    old_secret = b64(b"sealed under K1")
+
+    first = start_server({"MASTER_KEY": k1, "DATA_DIR": data_dir})
+    old_id = create(first.url, old_secret)
+    assert first.stop() == 0
+
+    rotated = start_server({"MASTER_KEY": k2, "MASTER_KEY_PREVIOUS": k1, "DATA_DIR": data_dir})
+    assert fetch(rotated.url, old_id).json() == {"secret": old_secret}
+    new_secret = b64(b"sealed under K2")
+    new_id = create(rotated.url, new_secret)
+    assert fetch(rotated.url, new_id).json() == {"secret": new_secret}
+    assert rotated.stop() == 0
+
+    # K1 dropped: the old secret can no longer be opened, and says so generically.
+    only_k2 = start_server({"MASTER_KEY": k2, "DATA_DIR": data_dir})
+    response = fetch(only_k2.url, old_id)
+    assert response.status_code == 500
+    body = response.json()
+    assert set(body) == {"detail"}
+    assert isinstance(body["detail"], str) and body["detail"]
+    for material in (k1, k2, old_secret):
+        assert material not in response.text
+    assert fetch(only_k2.url, new_id).json() == {"secret": new_secret}
+    newest = b64(b"still works")
+    assert fetch(only_k2.url, create(only_k2.url, newest)).json() == {"secret": newest}
+    assert only_k2.stop() == 0
+    for material in (k1, k2, old_secret, new_secret):
+        assert material not in only_k2.output()
+
+
+# --- process management ------------------------------------------------------------------
+
+
+def test_two_workers_serve_and_stop_on_sigterm(
+    start_server: StartServer, tmp_path: Path, master_key: str
+) -> None:
+    server = start_server(
+        {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")}, "--workers", "2"
+    )
+    secret = b64(os.urandom(32))
+    with httpx.Client(timeout=10) as one:
+        secret_id = one.post(server.url + "/vault/secret/create", json={"secret": secret}).json()[
+            "secret_id"
+        ]
+    with httpx.Client(timeout=10) as two:
+        response = two.post(server.url + "/vault/secret/fetch", json={"secret_id": secret_id})
+    assert response.json() == {"secret": secret}
+    started = time.monotonic()
+    assert server.stop(timeout=20) == 0
+    assert time.monotonic() - started < 20
+    assert not _answers(server.url)
+
+
+def test_sigterm_exits_zero_within_the_graceful_timeout(
+    start_server: StartServer, tmp_path: Path, master_key: str
+) -> None:
+    server = start_server(
+        {
+            "MASTER_KEY": master_key,
+            "DATA_DIR": str(tmp_path / "data"),
+            "GRACEFUL_TIMEOUT_SECONDS": "3",
+        }
+    )
+    # An idle keep-alive connection is open while the server is told to stop.
+    with httpx.Client(timeout=5) as client:
+        assert client.get(server.url + "/healthz").status_code == 200
+        started = time.monotonic()
+        assert server.stop(timeout=10) == 0
+        elapsed = time.monotonic() - started
+    assert elapsed < 3 + 2, f"took {elapsed:.1f}s to stop"
+    assert not _answers(server.url)
+
+
+# --- the body cap over a raw socket --------------------------------------------------------
+
+
+def _read_response(sock: socket.socket, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 response with a Content-Length body; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    data = b""
+
+    def more() -> bytes:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no complete response within {timeout}s: {data!r}"
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        return chunk
+
+    while b"\r\n\r\n" not in data:
+        chunk = more()
+        assert chunk, f"connection closed before the response headers: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split()[1])
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers["content-length"])
+    while len(body) < length:
+        chunk = more()
+        assert chunk, f"connection closed inside the response body: {body!r}"
+        body += chunk
+    return status, headers, body[:length]
+
+
+def test_declared_oversized_body_is_refused_before_it_is_sent(
+    start_server: StartServer, tmp_path: Path, master_key: str
+) -> None:
+    server = start_server({"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /vault/secret/create HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: 20000000\r\n"
+            b"\r\n"
+        )
+        started = time.monotonic()
+        status, headers, body = _read_response(sock, timeout=2)
+        assert time.monotonic() - started < 2
+    assert status == 413
+    assert headers["content-type"].startswith("application/json")
+    detail = json.loads(body)["detail"]
+    assert isinstance(detail, str) and "bytes" in detail
+
+
+def test_chunked_oversized_body_is_refused_while_it_streams(
+    start_server: StartServer, tmp_path: Path, master_key: str
+) -> None:
+    server = start_server({"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")})
+    chunk_size = 64 * 1024
+    chunk = b"%x\r\n" % chunk_size + b"A" * chunk_size + b"\r\n"
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /vault/secret/create HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n"
+            b"\r\n"
+        )
+        while sent < 20_000_000:
+            readable, _, _ = select.select([sock], [], [], 0.01)
+            if readable:
+                break
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += chunk_size
+        sent_when_answered = sent
+        status, _, body = _read_response(sock, timeout=5)
+    assert status == 413
+    assert "detail" in json.loads(body)
+    assert sent_when_answered < 2_000_000, f"{sent_when_answered} bytes sent before the 413"
+
+
+# --- Hypercorn wiring and headers ------------------------------------------------------------
+
+
+def test_response_headers(start_server: StartServer, tmp_path: Path, master_key: str) -> None:
+    server = start_server({"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")})
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        health = client.get("/healthz")
+        created = client.post("/vault/secret/create", json={"secret": "aGk="})
+        fetched = client.post(
+            "/vault/secret/fetch",
+            json={"secret_id": created.json()["secret_id"]},
+            headers={"X-Request-ID": "trace-42.abc:XYZ_1"},
+        )
+        missing = client.post("/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())})
+    assert fetched.json() == {"secret": "aGk="}
+    assert missing.status_code == 404
+    for response in (health, created, fetched, missing):
+        assert "server" not in response.headers
+    for response in (created, fetched, missing):
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["x-request-id"]
+    assert fetched.headers["x-request-id"] == "trace-42.abc:XYZ_1"
+    assert created.headers["x-request-id"] != missing.headers["x-request-id"]
+
+
+# --- nothing secret in the logs -----------------------------------------------------------------
+
+
+def test_logs_carry_no_secret_material(
+    start_server: StartServer, tmp_path: Path, master_key: str
+) -> None:
+    server = start_server(
+        {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data"), "LOG_LEVEL": "DEBUG"}
+    )
+    plaintext = b"canary-plaintext-" + uuid.uuid4().hex.encode()
+    secret = b64(plaintext)
+    secret_id = create(server.url, secret)
+    assert fetch(server.url, secret_id).json() == {"secret": secret}
+    # A failing request is logged too; it must not quote what it was sent either.
+    assert fetch(server.url, secret_id.upper() + "x").status_code == 400
+    assert server.stop() == 0
+    output = server.output()
+    assert "Running on" in output  # the log was captured at all
+    for material in (secret, plaintext.decode(), secret_id, secret_id.upper(), master_key):
+        assert material not in output
