@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import anyio
+import pymongo
 from pymongo import MongoClient
 from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
@@ -22,6 +23,7 @@ from pymongo.write_concern import WriteConcern
 from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop
 
 _FORMAT_VERSION = 1
+PING_TIMEOUT_SECONDS = 2.0
 
 
 def _is_unavailable(exc: PyMongoError) -> bool:
@@ -110,5 +112,10 @@ class MongoStore:
             ciphertext=bytes(doc["ct"]),
         )
 
+    def _ping_sync(self) -> None:
+        # Readiness probes (Swarm, a load balancer) time out in a few seconds themselves.
+        with pymongo.timeout(min(self._timeout, PING_TIMEOUT_SECONDS)):
+            self._client.admin.command("ping")
+
     async def ping(self) -> None:
-        await self._run(self._client.admin.command, "ping")
+        await self._run(self._ping_sync)
