@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 from vault.crypto import MalformedKey, parse_key
 
 DEFAULT_MAX_SECRET_BYTES = 65536
+DEFAULT_RATE_LIMIT = "100/second;3000/minute"
+_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+DEFAULT_RATE_LIMITS = ((100, 1), (3000, 60))
 
 
 class ConfigError(Exception):
@@ -36,6 +40,18 @@ class Settings:
     max_secret_bytes: int = DEFAULT_MAX_SECRET_BYTES
     graceful_timeout_seconds: float = 10.0
     log_level: str = "INFO"
+    audit_enabled: bool = True
+    audit_mode: str = "sync"
+    audit_ttl_days: int = 0
+    audit_stdout: bool = False
+    audit_hmac_key: bytes | None = field(default=None, repr=False)
+    rate_limits: tuple[tuple[int, int], ...] = DEFAULT_RATE_LIMITS
+    rate_limit_storage: str = field(default="memory", repr=False)
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    metrics_enabled: bool = True
+    prometheus_multiproc_dir: Path | None = None
+    traces_exporter: str = "none"
+    service_name: str = "secret-manager"
 
     @property
     def max_body_bytes(self) -> int:
@@ -73,6 +89,22 @@ class Settings:
             log_level=_choice(
                 env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
             ),
+            audit_enabled=_bool(env, "AUDIT_ENABLED", True),
+            audit_mode=_choice(env, "AUDIT_MODE", "SYNC", ("SYNC", "ASYNC")).lower(),
+            audit_ttl_days=_int(env, "AUDIT_TTL_DAYS", 0, minimum=0),
+            audit_stdout=_bool(env, "AUDIT_STDOUT", False),
+            audit_hmac_key=_hmac_key(env),
+            rate_limits=parse_rate_limits(env.get("RATE_LIMIT") or DEFAULT_RATE_LIMIT),
+            rate_limit_storage=_rate_limit_storage(env.get("RATE_LIMIT_STORAGE") or "memory"),
+            trusted_proxies=_networks(env.get("TRUSTED_PROXIES") or ""),
+            metrics_enabled=_bool(env, "METRICS_ENABLED", True),
+            prometheus_multiproc_dir=(
+                Path(env["PROMETHEUS_MULTIPROC_DIR"])
+                if env.get("PROMETHEUS_MULTIPROC_DIR")
+                else None
+            ),
+            traces_exporter=_traces_exporter(env.get("OTEL_TRACES_EXPORTER") or "none"),
+            service_name=(env.get("OTEL_SERVICE_NAME") or "secret-manager").strip(),
         )
 
 
@@ -91,6 +123,65 @@ def _secret_value(env: Mapping[str, str], name: str, *, strip: bool) -> str | No
     if direct is None:
         return None
     return direct.strip() if strip else direct
+
+
+def parse_rate_limits(text: str) -> tuple[tuple[int, int], ...]:
+    """``100/second;2000/minute`` → ((100, 1), (2000, 60)); ``off`` → (). Names RATE_LIMIT."""
+    if text.strip().lower() == "off":
+        return ()
+    limits = []
+    for part in text.split(";"):
+        count, _, unit = part.strip().partition("/")
+        unit = unit.strip().lower().removesuffix("s")
+        if not count.strip().isdigit() or int(count) < 1 or unit not in _PERIODS:
+            raise ConfigError(
+                f"RATE_LIMIT must look like '50/second' or '100/second;2000/minute' "
+                f"(units: second, minute, hour, day) or 'off', got {text!r}"
+            )
+        limits.append((int(count), _PERIODS[unit]))
+    return tuple(limits)
+
+
+def _hmac_key(env: Mapping[str, str]) -> bytes | None:
+    value = _secret_value(env, "AUDIT_HMAC_KEY", strip=True)
+    if value is None:
+        return None
+    if len(value.encode("utf-8")) < 32:
+        raise ConfigError(
+            "AUDIT_HMAC_KEY must be at least 32 characters (try `secret-manager genkey`)"
+        )
+    return value.encode("utf-8")
+
+
+def _rate_limit_storage(raw: str) -> str:
+    value = raw.strip()
+    if value == "memory" or value.startswith(("mongodb://", "mongodb+srv://")):
+        return value
+    raise ConfigError(
+        "RATE_LIMIT_STORAGE must be 'memory' or a mongodb:// URI (one limit for all replicas)"
+    )
+
+
+def _networks(raw: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    networks = []
+    for part in raw.replace(";", ",").split(","):
+        if not part.strip():
+            continue
+        try:
+            networks.append(ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"TRUSTED_PROXIES must be comma-separated addresses or CIDRs like 10.0.0.0/8, "
+                f"got {part.strip()!r}"
+            ) from None
+    return tuple(networks)
+
+
+def _traces_exporter(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("none", "console", "otlp"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp, console or none, got {raw!r}")
+    return value
 
 
 def _key(value: str, name: str) -> bytes:
