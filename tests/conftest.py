@@ -84,7 +84,8 @@ class MongoWireServer:
         self.process = subprocess.Popen(
             [
                 "nx-27017",
-                "--db", str(d / "nx.db"),
+                # One file per logical database, so tests isolate by database name.
+                "--data-dir", str(d / "data"),
                 "-p", str(self.port),
                 "--log-file", str(d / "nx.log"),
                 "--pid-file", str(d / "nx.pid"),
@@ -232,6 +233,13 @@ class RawRecords:
             return
         update = {"kid": fields["key_id"], "nonce": fields["nonce"], "ct": fields["ciphertext"]}
         self._mongo().update_one({"_id": secret_id}, {"$set": update})
+
+    def secret_ids(self) -> set[str]:
+        """Ids of every stored secret."""
+        if self.kind == "sqlite":
+            with self._sqlite() as conn:
+                return {row[0] for row in conn.execute("SELECT secret_id FROM secrets")}
+        return {str(doc["_id"]) for doc in self._mongo().find({}, {"_id": 1})}
 
     def dump(self) -> bytes:
         """Every byte the store holds for this service, to search for plaintext."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,13 +14,15 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from middleware.audit import AuditMiddleware
 from middleware.bodylimit import BodyLimitMiddleware
 from middleware.errors import InternalErrorMiddleware
 from middleware.requestid import RequestIdMiddleware
 from middleware.securityheaders import SecurityHeadersMiddleware
+from observability.audit import GroupCommitWriter, stdout_stream
 from observability.logging import configure_logging
-from vault.crypto import Keyring
-from vault.routes import VaultAPI, unavailable_response
+from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
+from vault.routes import OPERATIONS, VaultAPI, unavailable_response
 from vault.settings import ConfigError, Settings
 from vault.stores.base import SecretStore, StoreUnavailable
 
@@ -53,6 +57,36 @@ def build_store(settings: Settings) -> SecretStore:
     return SQLiteStore(settings.data_dir / "vault.db", timeout=settings.store_timeout_seconds)
 
 
+def audit_hmac_key(settings: Settings) -> bytes:
+    """AUDIT_HMAC_KEY, or by default a key derived from the active master key."""
+    if settings.audit_hmac_key is not None:
+        return settings.audit_hmac_key
+    if settings.master_key is None:
+        raise ConfigError("MASTER_KEY (or AUDIT_HMAC_KEY) is needed to hash secret ids")
+    return derive_audit_key(settings.master_key)
+
+
+def build_audit_writer(settings: Settings, store: SecretStore) -> GroupCommitWriter:
+    """Group commit into the service's own store; its outcomes counted in the metrics."""
+    return GroupCommitWriter(
+        store.insert_audit,
+        wait=settings.audit_mode == "sync",
+        stdout=stdout_stream() if settings.audit_stdout else None,
+    )
+
+
+async def _keep_audit_retention(store: SecretStore, ttl_days: int) -> None:
+    """Apply retention at start, then hourly; retry each minute while the store is down."""
+    while True:
+        try:
+            await store.apply_audit_retention(ttl_days)
+            delay = 3600
+        except Exception as exc:  # the store may be down at start; keep trying
+            log.warning("audit retention not applied yet: %s", type(exc).__name__)
+            delay = 60
+        await asyncio.sleep(delay)
+
+
 def create_app(settings: Settings | None = None, *, store: SecretStore | None = None) -> Starlette:
     """Build the ASGI app. With no arguments, everything comes from the environment."""
     settings = Settings.from_env() if settings is None else settings
@@ -75,12 +109,22 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         log.warning("store unavailable: %s", exc, extra={"request_id": request.state.request_id})
         return unavailable_response()
 
+    writer = build_audit_writer(settings, store) if settings.audit_enabled else None
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
+        retention = None
+        if writer is not None:
+            await writer.start()
+            retention = asyncio.create_task(_keep_audit_retention(store, settings.audit_ttl_days))
         try:
             yield
         finally:
+            if retention is not None:
+                retention.cancel()
+            if writer is not None:
+                await writer.close()  # every pending audit record, before the store goes
             await store.close()
 
     # Outermost first. The request id comes first so every later layer and log line has
@@ -90,6 +134,18 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     middleware = [
         Middleware(RequestIdMiddleware),
         Middleware(SecurityHeadersMiddleware),
+    ]
+    if writer is not None:
+        audit_key = audit_hmac_key(settings)
+        middleware.append(
+            Middleware(
+                AuditMiddleware,
+                sink=writer,
+                operations=OPERATIONS,
+                hash_secret_id=functools.partial(secret_id_hmac, audit_key),
+            )
+        )
+    middleware += [
         Middleware(InternalErrorMiddleware),
         Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, detail=too_large),
     ]
@@ -102,6 +158,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.store = store
+    app.state.audit_writer = writer
     return app
 
 

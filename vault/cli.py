@@ -19,9 +19,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from vault.app import build_keyring
-from vault.crypto import generate_key
+from vault.app import audit_hmac_key, build_keyring
+from vault.crypto import generate_key, secret_id_hmac
 from vault.settings import ConfigError, Settings, client_url
+from vault.validation import InvalidValue, normalize_secret_id
 
 log = logging.getLogger("secret_manager.cli")
 
@@ -127,6 +128,25 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
 
 
+def audit_hash(args: argparse.Namespace) -> int:
+    """The HMAC under which the audit log names a secret id, from the server's settings."""
+    try:
+        secret_id = normalize_secret_id(args.secret_id)
+    except InvalidValue as exc:
+        return _fail(str(exc))
+    try:
+        settings = Settings.from_env()
+        if settings.master_key is None and settings.audit_hmac_key is None and args.dev:
+            settings = Settings.from_env(
+                {**os.environ, "MASTER_KEY_FILE": str(settings.dev_key_path)}
+            )
+        key = audit_hmac_key(settings)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    print(secret_id_hmac(key, secret_id))
+    return 0
+
+
 def _post(url: str, path: str, payload: dict[str, str]) -> int:
     if not url.startswith(("http://", "https://")):
         return _fail(f"the URL (--url or SECRET_MANAGER_URL) must start with http://, got {url!r}")
@@ -179,6 +199,14 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("genkey", help="print a new random master key (base64 of 32 bytes)")
 
+    hash_cmd = commands.add_parser(
+        "audit-hash", help="print how a secret id appears in the audit log (its HMAC)"
+    )
+    hash_cmd.add_argument("secret_id", help="the secret id to look for")
+    hash_cmd.add_argument(
+        "--dev", action="store_true", help="use DATA_DIR/master.key, as `serve --dev` does"
+    )
+
     default_url = client_url()
     create_cmd = commands.add_parser("create", help="store a secret, print its secret_id")
     create_cmd.add_argument("secret", help="the secret, standard base64; '-' reads it from stdin")
@@ -208,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "genkey":
         print(generate_key())
         return 0
+    if args.command == "audit-hash":
+        return audit_hash(args)
     if args.command == "create":
         secret = sys.stdin.read().strip() if args.secret == "-" else args.secret  # noqa: S105
         return _post(args.url, "/vault/secret/create", {"secret": secret})

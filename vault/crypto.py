@@ -15,7 +15,9 @@ import os
 from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vault.stores.base import SealedSecret
 
@@ -23,6 +25,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12  # 96 bits, the size GCM is specified for
 _KEY_ID_LABEL = b"secret-manager key id v1"
 _AAD_PREFIX = b"secret-manager/v1\x00"
+_AUDIT_KEY_INFO = b"secret-manager audit hmac v1"
 
 
 class MalformedKey(ValueError):
@@ -107,3 +110,15 @@ class Keyring:
             )
         except InvalidTag:
             raise DecryptionFailed("record failed authentication") from None
+
+
+def derive_audit_key(master_key: bytes) -> bytes:
+    """The default audit HMAC key: HKDF-SHA256 of the master key, independent of it."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_AUDIT_KEY_INFO).derive(
+        master_key
+    )
+
+
+def secret_id_hmac(audit_key: bytes, secret_id: str) -> str:
+    """How a secret id appears in the audit log: HMAC-SHA256, hex. Ids are lower-cased."""
+    return hmac.new(audit_key, secret_id.lower().encode("ascii"), hashlib.sha256).hexdigest()

@@ -28,6 +28,13 @@ from vault.validation import InvalidValue, decode_secret, normalize_secret_id
 log = logging.getLogger("secret_manager.routes")
 
 RETRY_AFTER_SECONDS = 5
+# Both spellings of each path answer directly: a redirect makes many clients drop the body.
+OPERATIONS = {
+    "/vault/secret/create/": "create",
+    "/vault/secret/create": "create",
+    "/vault/secret/fetch": "fetch",
+    "/vault/secret/fetch/": "fetch",
+}
 UNAVAILABLE_DETAIL = "the secret store is unavailable; retry after the time in Retry-After"
 
 
@@ -123,15 +130,9 @@ class VaultAPI:
         async def docs(request: Request) -> Response:
             return HTMLResponse(DOCS_HTML)
 
-        def post(path: str, endpoint: Any) -> Route:
-            return Route(path, endpoint, methods=["POST"])
-
+        endpoints = {"create": self.create_secret, "fetch": self.fetch_secret}
         return [
-            # Both spellings answer directly: a redirect makes many clients drop the body.
-            post("/vault/secret/create/", self.create_secret),
-            post("/vault/secret/create", self.create_secret),
-            post("/vault/secret/fetch", self.fetch_secret),
-            post("/vault/secret/fetch/", self.fetch_secret),
+            *(Route(path, endpoints[op], methods=["POST"]) for path, op in OPERATIONS.items()),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),

@@ -5,12 +5,14 @@ A store only ever sees sealed records: nonce, ciphertext and key id, never plain
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
+
+from observability.audit import AuditRecord
 
 T = TypeVar("T")
 
@@ -46,6 +48,12 @@ class SecretStore(Protocol):
 
     async def ping(self) -> None:
         """Return if the store answers, else raise StoreUnavailable."""
+
+    async def insert_audit(self, records: Sequence[AuditRecord]) -> None:
+        """Durably store a batch of audit records in one write."""
+
+    async def apply_audit_retention(self, ttl_days: int) -> None:
+        """Keep audit records ``ttl_days`` days (0: forever); called at start and hourly."""
 
 
 async def run_off_loop(

@@ -10,7 +10,8 @@ so a client gets a 503 within seconds when the database is gone instead of pymon
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -20,9 +21,11 @@ from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
 from pymongo.write_concern import WriteConcern
 
+from observability.audit import AuditRecord
 from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop
 
 _FORMAT_VERSION = 1
+_TTL_INDEX = "ts_ttl"
 PING_TIMEOUT_SECONDS = 2.0
 
 
@@ -58,9 +61,12 @@ class MongoStore:
             tz_aware=True,
             connect=False,
         )
-        self._secrets: Collection[dict[str, Any]] = self._client[database].get_collection(
-            "secrets", write_concern=WriteConcern(w=write_concern, j=journal)
+        durable = WriteConcern(w=write_concern, j=journal)
+        db = self._client[database]
+        self._secrets: Collection[dict[str, Any]] = db.get_collection(
+            "secrets", write_concern=durable
         )
+        self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
         self._limiter: anyio.CapacityLimiter | None = None
 
     async def open(self) -> None:
@@ -111,6 +117,24 @@ class MongoStore:
             nonce=bytes(doc["nonce"]),
             ciphertext=bytes(doc["ct"]),
         )
+
+    async def insert_audit(self, records: Sequence[AuditRecord]) -> None:
+        documents = [record.as_document() for record in records]
+        await self._run(functools.partial(self._audit.insert_many, documents, ordered=False))
+
+    def _retention_sync(self, ttl_days: int) -> None:
+        self._audit.create_index("secret_id_hmac", name="secret_id_hmac")
+        existing = self._audit.index_information().get(_TTL_INDEX)
+        wanted = ttl_days * 86400 if ttl_days else None
+        if existing is not None and existing.get("expireAfterSeconds") != wanted:
+            self._audit.drop_index(_TTL_INDEX)
+            existing = None
+        if wanted is not None and existing is None:
+            self._audit.create_index("ts", name=_TTL_INDEX, expireAfterSeconds=wanted)
+
+    async def apply_audit_retention(self, ttl_days: int) -> None:
+        """A TTL index on ``ts``: MongoDB itself deletes records older than the retention."""
+        await self._run(self._retention_sync, ttl_days)
 
     def _ping_sync(self) -> None:
         # Readiness probes (Swarm, a load balancer) time out in a few seconds themselves.

@@ -7,16 +7,18 @@ connections lets reads run beside a write (WAL allows that); SQLite serialises w
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import queue
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import anyio
 
+from observability.audit import AuditRecord
 from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop
 
 T = TypeVar("T")
@@ -29,7 +31,31 @@ CREATE TABLE IF NOT EXISTS secrets (
     ciphertext BLOB NOT NULL,
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit (
+    id             INTEGER PRIMARY KEY,
+    ts             TEXT NOT NULL,
+    op             TEXT NOT NULL,
+    status         INTEGER NOT NULL,
+    outcome        TEXT NOT NULL,
+    client_ip      TEXT NOT NULL,
+    request_id     TEXT NOT NULL,
+    secret_id_hmac TEXT,
+    latency_ms     REAL NOT NULL,
+    user_agent     TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+CREATE INDEX IF NOT EXISTS audit_secret_id_hmac ON audit (secret_id_hmac);
 """
+
+_INSERT_AUDIT = (
+    "INSERT INTO audit (ts, op, status, outcome, client_ip, request_id, secret_id_hmac,"
+    " latency_ms, user_agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def sqlite_timestamp(value: dt.datetime) -> str:
+    """UTC, fixed width, so timestamps compare correctly as text."""
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class SQLiteStore:
@@ -112,6 +138,27 @@ class SQLiteStore:
             return None
         key_id, nonce, ciphertext = row
         return SealedSecret(secret_id=secret_id, key_id=key_id, nonce=nonce, ciphertext=ciphertext)
+
+    async def insert_audit(self, records: Sequence[AuditRecord]) -> None:
+        rows = [
+            (sqlite_timestamp(r.ts), r.op, r.status, r.outcome, r.client_ip, r.request_id,
+             r.secret_id_hmac, r.latency_ms, r.user_agent)
+            for r in records
+        ]  # fmt: skip
+
+        def insert(conn: sqlite3.Connection) -> None:
+            with conn:  # one transaction, one fsync, for the whole batch
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(_INSERT_AUDIT, rows)
+
+        await self._run(insert)
+
+    async def apply_audit_retention(self, ttl_days: int) -> None:
+        """Delete records older than the retention (SQLite has no TTL index)."""
+        if ttl_days <= 0:
+            return
+        cutoff = sqlite_timestamp(dt.datetime.now(dt.UTC) - dt.timedelta(days=ttl_days))
+        await self._run(lambda conn: conn.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)))
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())

@@ -1,0 +1,103 @@
+"""Audit every ``/vault`` request, and send no answer before its record is written.
+
+The record is built when the response starts (status known) from what the handler put in
+the request state (operation, secret id) and what the outer layers resolved (client IP,
+request id). The response start is held until the sink accepts the record; if the sink
+fails, the caller gets 503 instead (fail closed) and the held response is dropped. A 503
+is not held: it acknowledges nothing, and the audit write is still made in the background.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from middleware.outcomes import OP_KEY, SECRET_ID_KEY, outcome_for_status, state_of
+from observability.audit import AuditRecord
+
+MAX_USER_AGENT = 256
+UNAVAILABLE_DETAIL = "the audit log is unavailable, so the request was not served; retry later"
+
+
+class AuditSink(Protocol):
+    async def write(self, record: AuditRecord) -> None:
+        """Store the record (or queue it, in async mode); raise if it cannot be taken."""
+
+    def submit(self, record: AuditRecord) -> None:
+        """Queue the record without waiting for it."""
+
+
+class AuditMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        sink: AuditSink,
+        operations: Mapping[str, str],
+        hash_secret_id: Callable[[str], str],
+        retry_after: int = 5,
+    ) -> None:
+        if not operations:
+            raise ValueError("operations must map at least one path to an operation")
+        self.app = app
+        self.sink = sink
+        self.operations = dict(operations)
+        self.hash_secret_id = hash_secret_id
+        self.refusal = JSONResponse(
+            {"detail": UNAVAILABLE_DETAIL},
+            status_code=503,
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    def _record(self, scope: Scope, status: int, started: float) -> AuditRecord:
+        state = state_of(scope)
+        secret_id = state.get(SECRET_ID_KEY)
+        user_agent = Headers(scope=scope).get("user-agent")
+        client = scope.get("client")
+        return AuditRecord(
+            ts=dt.datetime.now(dt.UTC),
+            op=str(state.get(OP_KEY) or self.operations[scope["path"]]),
+            status=status,
+            outcome=outcome_for_status(status),
+            client_ip=str(state.get("client_ip") or (client[0] if client else "unknown")),
+            request_id=str(state.get("request_id") or ""),
+            secret_id_hmac=self.hash_secret_id(secret_id) if isinstance(secret_id, str) else None,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            user_agent=user_agent[:MAX_USER_AGENT] if user_agent is not None else None,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.operations:
+            await self.app(scope, receive, send)
+            return
+
+        started = time.perf_counter()
+        refused = False
+
+        async def audited_send(message: Message) -> None:
+            nonlocal refused
+            if refused:
+                return  # the app's own answer is dropped: the caller got the 503
+            if message["type"] == "http.response.start":
+                record = self._record(scope, message["status"], started)
+                if record.status == 503:
+                    # Already a refusal: waiting could only turn a 503 into a 503 later
+                    # (the store that failed usually holds the audit log too).
+                    self.sink.submit(record)
+                    await send(message)
+                    return
+                try:
+                    await self.sink.write(record)
+                except Exception:
+                    refused = True
+                    await self.refusal(scope, receive, send)
+                    return
+            await send(message)
+
+        await self.app(scope, receive, audited_send)

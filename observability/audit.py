@@ -1,0 +1,180 @@
+"""The audit record, and a group-commit writer that makes each one durable before its answer.
+
+Records of concurrent requests are batched into one store insert: while one batch is being
+written, the next accumulates, so the cost per request falls as load rises and no timer adds
+latency when the service is idle. In ``sync`` mode each request waits for its batch; in
+``async`` mode it does not, and ``close()`` (run at shutdown) still writes every pending
+record. A record the store refused is logged as a JSON line instead of being dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TextIO
+
+log = logging.getLogger("secret_manager.audit")
+
+MAX_PENDING_ASYNC = 100_000  # async mode's bound on records waiting for a store that is down
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One ``/vault`` request. Never holds a secret, and the secret id only as an HMAC."""
+
+    ts: dt.datetime
+    op: str
+    status: int
+    outcome: str
+    client_ip: str
+    request_id: str
+    secret_id_hmac: str | None
+    latency_ms: float
+    user_agent: str | None
+
+    def as_document(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def as_json(self) -> str:
+        document = asdict(self)
+        document["ts"] = self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+
+class AuditUnavailable(Exception):
+    """The audit store did not take the record; the request must not be acknowledged."""
+
+
+Insert = Callable[[Sequence[AuditRecord]], Awaitable[None]]
+
+
+def _noop(count: int) -> None:
+    return None
+
+
+class GroupCommitWriter:
+    """Batches records into one ``insert`` call; see the module docstring."""
+
+    def __init__(
+        self,
+        insert: Insert,
+        *,
+        wait: bool = True,
+        max_batch: int = 512,
+        stdout: TextIO | None = None,
+        on_written: Callable[[int], None] = _noop,
+        on_failed: Callable[[int], None] = _noop,
+        retry_delay: float = 1.0,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be positive")
+        self._insert = insert
+        self._wait = wait
+        self._max_batch = max_batch
+        self._stdout = stdout
+        self._on_written = on_written
+        self._on_failed = on_failed
+        self._retry_delay = retry_delay
+        self._pending: list[tuple[AuditRecord, asyncio.Future[None] | None]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.batches = 0  # batches committed: lets tests and operators see the grouping
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._run(self._wakeup), name="audit-group-commit")
+
+    async def write(self, record: AuditRecord) -> None:
+        """Queue a record; in sync mode return once it is durably stored."""
+        if self._wakeup is None or self._closing:
+            raise AuditUnavailable("audit writer is not running")
+        future = asyncio.get_running_loop().create_future() if self._wait else None
+        self._pending.append((record, future))
+        self._wakeup.set()
+        if future is not None:
+            await future
+
+    def submit(self, record: AuditRecord) -> None:
+        """Queue a record without waiting for it (for answers that acknowledge nothing)."""
+        if self._wakeup is None or self._closing:
+            self._spill([record], "audit writer is not running")
+            return
+        self._pending.append((record, None))
+        self._wakeup.set()
+
+    async def close(self) -> None:
+        """Write everything still pending, then stop. Safe to call twice."""
+        if self._task is None or self._wakeup is None:
+            return
+        self._closing = True
+        self._wakeup.set()
+        try:
+            await self._task
+        finally:
+            self._task = None
+        # Whatever could not be stored even now goes to the log rather than nowhere.
+        if self._pending:
+            self._spill([record for record, _ in self._pending], "shutting down")
+            self._pending.clear()
+
+    async def _run(self, wakeup: asyncio.Event) -> None:
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: len(batch)]
+                stored = await self._commit(batch)
+                if not stored and not self._wait:
+                    # Async mode keeps the records and retries: nobody is waiting on them.
+                    self._pending[:0] = batch
+                    del self._pending[MAX_PENDING_ASYNC:]
+                    if self._closing:
+                        return
+                    await asyncio.sleep(self._retry_delay)
+            if self._closing:
+                return
+
+    async def _commit(self, batch: list[tuple[AuditRecord, asyncio.Future[None] | None]]) -> bool:
+        records = [record for record, _ in batch]
+        try:
+            await self._insert(records)
+        except Exception as exc:  # any store failure: the requests must not be acknowledged
+            self._on_failed(len(records))
+            log.error(
+                "audit store refused a batch of %d records: %s", len(records), type(exc).__name__
+            )
+            if self._wait:
+                self._spill(records, "audit store failed")
+            failure = AuditUnavailable(type(exc).__name__)
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.set_exception(failure)
+            return False
+        self.batches += 1
+        self._on_written(len(records))
+        if self._stdout is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._stdout.write("".join(record.as_json() + "\n" for record in records))
+                self._stdout.flush()
+        for _, future in batch:
+            if future is not None and not future.done():
+                future.set_result(None)
+        return True
+
+    @staticmethod
+    def _spill(records: Sequence[AuditRecord], why: str) -> None:
+        for record in records:
+            log.error("audit record not stored (%s): %s", why, record.as_json())
+
+
+def stdout_stream() -> TextIO:
+    """Where AUDIT_STDOUT writes: the process's standard output."""
+    return sys.stdout

@@ -1,0 +1,121 @@
+"""middleware/audit.py on a tiny app: every request recorded, nothing answered before it."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from middleware.audit import AuditMiddleware
+from middleware.outcomes import OP_KEY, SECRET_ID_KEY
+from middleware.requestid import RequestIdMiddleware
+from observability.audit import AuditRecord, AuditUnavailable
+
+
+class ListSink:
+    """A sink that keeps records in a list, or refuses them all when ``broken``."""
+
+    def __init__(self) -> None:
+        self.records: list[AuditRecord] = []
+        self.submitted: list[AuditRecord] = []
+        self.broken = False
+
+    async def write(self, record: AuditRecord) -> None:
+        if self.broken:
+            raise AuditUnavailable("down")
+        self.records.append(record)
+
+    def submit(self, record: AuditRecord) -> None:
+        self.submitted.append(record)
+
+
+async def fetch(request: Request) -> Response:
+    request.state.vault_op = "fetch"
+    secret_id = (await request.json())["secret_id"]
+    setattr(request.state, SECRET_ID_KEY, secret_id)
+    status = int(request.query_params.get("status", "200"))
+    return JSONResponse({"secret": "c2VjcmV0"}, status_code=status)
+
+
+async def other(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+def make(sink: ListSink) -> TestClient:
+    app = Starlette(
+        routes=[Route("/fetch", fetch, methods=["POST"]), Route("/other", other)],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(
+                AuditMiddleware,
+                sink=sink,
+                operations={"/fetch": "fetch"},
+                hash_secret_id=lambda secret_id: "hmac-of-" + secret_id[::-1],
+            ),
+        ],
+    )
+    return TestClient(app)
+
+
+def test_record_fields() -> None:
+    sink = ListSink()
+    response = make(sink).post(
+        "/fetch?status=404",
+        json={"secret_id": "abc-123"},
+        headers={"User-Agent": "curl/8", "X-Request-ID": "rid-1"},
+    )
+    assert response.status_code == 404
+    (record,) = sink.records
+    assert record.op == "fetch"
+    assert record.status == 404
+    assert record.outcome == "not_found"
+    assert record.client_ip == "testclient"
+    assert record.request_id == "rid-1"
+    assert record.secret_id_hmac == "hmac-of-321-cba"
+    assert record.user_agent == "curl/8"
+    assert record.latency_ms >= 0
+    assert record.ts.tzinfo is not None
+    assert "abc-123" not in record.as_json()
+
+
+def test_other_paths_are_not_audited() -> None:
+    sink = ListSink()
+    assert make(sink).get("/other").status_code == 200
+    assert sink.records == []
+
+
+def test_rejected_before_the_handler_still_recorded_with_path_operation() -> None:
+    sink = ListSink()
+    assert make(sink).get("/fetch").status_code == 405  # handler never ran
+    (record,) = sink.records
+    assert record.op == "fetch"
+    assert record.outcome == "error"
+    assert record.secret_id_hmac is None
+    assert OP_KEY == "vault_op"
+
+
+def test_audit_failure_closes_the_door_with_503() -> None:
+    sink = ListSink()
+    sink.broken = True
+    response = make(sink).post("/fetch", json={"secret_id": "abc"})
+    assert response.status_code == 503
+    assert response.headers["retry-after"]
+    assert "secret" not in response.json()
+    assert "audit" in response.json()["detail"]
+
+
+def test_a_503_is_not_held_for_the_audit_write() -> None:
+    sink = ListSink()
+    sink.broken = True  # a waiting write would fail; a 503 must not wait for it
+    response = make(sink).post("/fetch?status=503", json={"secret_id": "abc"})
+    assert response.status_code == 503
+    assert [r.status for r in sink.submitted] == [503]
+
+
+def test_long_user_agent_is_truncated() -> None:
+    sink = ListSink()
+    make(sink).post("/fetch", json={"secret_id": "a"}, headers={"User-Agent": "x" * 5000})
+    assert sink.records[0].user_agent == "x" * 256

@@ -1,0 +1,169 @@
+"""The audit log end to end, in the service's own store (both stores)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pymongo
+import pytest
+from starlette.testclient import TestClient
+
+from tests.conftest import b64, clean_env
+from vault.app import create_app
+from vault.crypto import derive_audit_key, secret_id_hmac
+from vault.settings import Settings
+from vault.stores.sqlite import sqlite_timestamp
+
+
+def audit_records(store_env: dict[str, str]) -> list[dict[str, Any]]:
+    if "MONGO_URI" in store_env:
+        with pymongo.MongoClient(store_env["MONGO_URI"], tz_aware=True) as client:
+            docs = client[store_env["MONGO_DB"]]["audit"].find({}, {"_id": 0})
+            return sorted(docs, key=lambda d: d["ts"])
+    db = Path(store_env["DATA_DIR"]) / "vault.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT * FROM audit ORDER BY id").fetchall()
+    return [dict(row) for row in rows]
+
+
+def test_every_vault_request_is_recorded(client: TestClient, store_env: dict[str, str]) -> None:
+    created = client.post(
+        "/vault/secret/create", json={"secret": b64(b"x")}, headers={"User-Agent": "ua/1"}
+    )
+    secret_id = created.json()["secret_id"]
+    client.post("/vault/secret/fetch/", json={"secret_id": secret_id})
+    missing = str(uuid.uuid4())
+    client.post("/vault/secret/fetch", json={"secret_id": missing})
+    client.post("/vault/secret/create", content=b"nope")
+    client.post("/vault/secret/create", content=b"x" * 200_000)
+    client.get("/healthz")  # not a /vault call: not audited
+
+    records = audit_records(store_env)
+    summary = [(r["op"], r["status"], r["outcome"]) for r in records]
+    assert summary == [
+        ("create", 200, "success"),
+        ("fetch", 200, "success"),
+        ("fetch", 404, "not_found"),
+        ("create", 400, "invalid"),
+        ("create", 413, "too_large"),
+    ]
+    key = derive_audit_key(Settings.from_env(store_env).master_key or b"")
+    assert records[0]["secret_id_hmac"] == secret_id_hmac(key, secret_id)
+    assert records[1]["secret_id_hmac"] == records[0]["secret_id_hmac"]
+    assert records[2]["secret_id_hmac"] == secret_id_hmac(key, missing)
+    assert records[3]["secret_id_hmac"] is None
+    assert records[0]["request_id"] == created.headers["x-request-id"]
+    assert records[0]["user_agent"] == "ua/1"
+    assert records[0]["client_ip"]
+    assert all(r["latency_ms"] >= 0 for r in records)
+    text = repr(records)
+    assert secret_id not in text and missing not in text
+
+
+def test_audit_hash_command_finds_the_records(
+    client: TestClient, store_env: dict[str, str]
+) -> None:
+    secret_id = client.post("/vault/secret/create", json={"secret": b64(b"x")}).json()["secret_id"]
+    result = subprocess.run(
+        [sys.executable, "-m", "vault", "audit-hash", secret_id.upper()],
+        env=clean_env(**store_env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    digest = result.stdout.strip()
+    assert [r["op"] for r in audit_records(store_env) if r["secret_id_hmac"] == digest] == [
+        "create"
+    ]
+
+
+def test_explicit_audit_key_is_used(
+    make_client: Callable[..., TestClient], store_env: dict[str, str]
+) -> None:
+    client = make_client(AUDIT_HMAC_KEY="k" * 40)
+    secret_id = client.post("/vault/secret/create", json={"secret": b64(b"x")}).json()["secret_id"]
+    assert audit_records(store_env)[0]["secret_id_hmac"] == secret_id_hmac(b"k" * 40, secret_id)
+
+
+def test_audit_can_be_switched_off(
+    make_client: Callable[..., TestClient], store_env: dict[str, str]
+) -> None:
+    client = make_client(AUDIT_ENABLED="false")
+    assert client.post("/vault/secret/create", json={"secret": b64(b"x")}).status_code == 200
+    assert audit_records(store_env) == []
+
+
+def test_concurrent_requests_are_group_committed(store_env: dict[str, str]) -> None:
+    app = create_app(Settings.from_env(store_env))
+    count = 40
+
+    async def main() -> list[int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx2.ASGITransport(app=app)
+            async with httpx2.AsyncClient(transport=transport, base_url="http://t") as client:
+                responses = await asyncio.gather(
+                    *(
+                        client.post("/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())})
+                        for _ in range(count)
+                    )
+                )
+        return [r.status_code for r in responses]
+
+    assert asyncio.run(main()) == [404] * count
+    assert len(audit_records(store_env)) == count
+    assert app.state.audit_writer.batches < count
+
+
+def test_audit_store_failure_fails_closed(tmp_path: Path, master_key: str) -> None:
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path)}
+    with TestClient(create_app(Settings.from_env(env))) as client:
+        assert client.post("/vault/secret/create", json={"secret": b64(b"x")}).status_code == 200
+        with contextlib.closing(sqlite3.connect(tmp_path / "vault.db")) as conn:
+            conn.execute("DROP TABLE audit")
+        response = client.post("/vault/secret/create", json={"secret": b64(b"y")})
+        assert response.status_code == 503
+        assert "secret_id" not in response.json()
+        assert response.headers["retry-after"]
+        assert client.get("/healthz").status_code == 200
+
+
+def test_sqlite_retention_purges_old_records(tmp_path: Path, master_key: str) -> None:
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path)}
+    with TestClient(create_app(Settings.from_env(env))) as client:
+        client.post("/vault/secret/create", json={"secret": b64(b"x")})
+    old = sqlite_timestamp(dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
+    with contextlib.closing(sqlite3.connect(tmp_path / "vault.db")) as conn, conn:
+        conn.execute("UPDATE audit SET ts = ?", (old,))
+    with TestClient(create_app(Settings.from_env({**env, "AUDIT_TTL_DAYS": "2"}))) as client:
+        client.post("/vault/secret/create", json={"secret": b64(b"y")})
+    records = audit_records(env)
+    assert len(records) == 1
+    assert records[0]["ts"] > old
+
+
+@pytest.mark.parametrize("ttl_days", ["0", "7"])
+def test_mongo_retention_is_a_ttl_index(mongo_uri: str, master_key: str, ttl_days: str) -> None:
+    env = {
+        "MASTER_KEY": master_key,
+        "MONGO_URI": mongo_uri,
+        "MONGO_DB": "t" + uuid.uuid4().hex[:16],
+        "AUDIT_TTL_DAYS": ttl_days,
+    }
+    with TestClient(create_app(Settings.from_env(env))) as client:
+        client.post("/vault/secret/create", json={"secret": b64(b"x")})
+    with pymongo.MongoClient(mongo_uri) as mongo:
+        indexes = mongo[env["MONGO_DB"]]["audit"].index_information()
+    ttl = [i.get("expireAfterSeconds") for i in indexes.values() if i["key"][0][0] == "ts"]
+    assert ttl == ([int(ttl_days) * 86400] if ttl_days != "0" else [])
