@@ -1,4 +1,4 @@
-"""JSON-lines logging with the current request id on every line.
+"""JSON-lines logging with the current request id and trace id on every line.
 
 Log lines carry ids, outcomes and error types, never secret material, keys or secret ids.
 """
@@ -11,11 +11,41 @@ import logging
 import sys
 from contextvars import ContextVar
 
+from opentelemetry import trace
+
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+_UNSET = object()
+
+
+def current_trace_id() -> str | None:
+    """The 32-hex-digit id of the trace the current span belongs to, or None outside one."""
+    context = trace.get_current_span().get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid else None
+
+
+def install_trace_id_stamp() -> None:
+    """Stamp ``record.trace_id`` on every log record as it is created.
+
+    A record may be formatted later, on another thread or by another handler (pytest's
+    caplog), when the span it was logged in is no longer current; the stamp keeps its trace.
+    A record factory rather than a filter, so records reaching any handler carry it.
+    """
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "stamps_trace_id", False):
+        return
+
+    def stamped(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        record.trace_id = current_trace_id()
+        return record
+
+    stamped.stamps_trace_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(stamped)
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message, request_id."""
+    """One JSON object per line: ts, level, logger, message, request_id, trace_id."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -29,6 +59,11 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None) or REQUEST_ID.get()
         if request_id:
             entry["request_id"] = request_id
+        trace_id = getattr(record, "trace_id", _UNSET)
+        if trace_id is _UNSET:  # created before the stamp was installed: best effort
+            trace_id = current_trace_id()
+        if trace_id:
+            entry["trace_id"] = trace_id
         # Tracebacks are deliberately not rendered: exception text can carry data.
         if record.exc_info and record.exc_info[0] is not None:
             entry["error_type"] = record.exc_info[0].__name__
@@ -37,6 +72,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str = "INFO") -> None:
     """Send every logger, Hypercorn's included, to stderr as JSON lines."""
+    install_trace_id_stamp()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -116,6 +116,12 @@ class MongoWireServer:
 
 
 @pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests run on asyncio, the loop Hypercorn serves the app on."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A MongoDB-wire server shared by the session (tests isolate by database name)."""
     given = os.environ.get("TEST_MONGO_URI")

@@ -16,15 +16,22 @@ from starlette.responses import JSONResponse, Response
 
 from middleware.audit import AuditMiddleware
 from middleware.bodylimit import BodyLimitMiddleware
+from middleware.clientip import ClientIPMiddleware
 from middleware.errors import InternalErrorMiddleware
+from middleware.metrics import PrometheusMiddleware
+from middleware.ratelimit import Counter, MemoryCounter, RateLimitMiddleware
 from middleware.requestid import RequestIdMiddleware
 from middleware.securityheaders import SecurityHeadersMiddleware
+from middleware.tracing import TracingMiddleware
 from observability.audit import GroupCommitWriter, stdout_stream
 from observability.logging import configure_logging
+from observability.metrics import AUDIT_BATCH_SIZE, AUDIT_RECORDS, RATE_LIMITED, metrics_app
+from observability.tracing import configure_tracing, shutdown_tracing
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
 from vault.routes import OPERATIONS, VaultAPI, unavailable_response
 from vault.settings import ConfigError, Settings
 from vault.stores.base import SecretStore, StoreUnavailable
+from vault.stores.counters import MongoCounter
 
 log = logging.getLogger("secret_manager.app")
 
@@ -68,10 +75,28 @@ def audit_hmac_key(settings: Settings) -> bytes:
 
 def build_audit_writer(settings: Settings, store: SecretStore) -> GroupCommitWriter:
     """Group commit into the service's own store; its outcomes counted in the metrics."""
+
+    def written(count: int) -> None:
+        AUDIT_RECORDS.labels("written").inc(count)
+        AUDIT_BATCH_SIZE.observe(count)
+
     return GroupCommitWriter(
         store.insert_audit,
         wait=settings.audit_mode == "sync",
         stdout=stdout_stream() if settings.audit_stdout else None,
+        on_written=written,
+        on_failed=AUDIT_RECORDS.labels("failed").inc,
+    )
+
+
+def build_counter(settings: Settings) -> Counter:
+    """Per-process counting, or one MongoDB collection shared by every replica."""
+    if settings.rate_limit_storage == "memory":
+        return MemoryCounter()
+    return MongoCounter(
+        settings.rate_limit_storage,
+        database=settings.mongo_db,
+        timeout=min(settings.store_timeout_seconds, 2.0),
     )
 
 
@@ -91,7 +116,13 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     """Build the ASGI app. With no arguments, everything comes from the environment."""
     settings = Settings.from_env() if settings is None else settings
     keyring = build_keyring(settings)
+    # Tracing first: pymongo reports only to listeners that exist when a client is built.
+    tracer_provider = configure_tracing(
+        exporter=settings.traces_exporter, service_name=settings.service_name
+    )
     store = build_store(settings) if store is None else store
+    writer = build_audit_writer(settings, store) if settings.audit_enabled else None
+    counter = build_counter(settings) if settings.rate_limits else None
     api = VaultAPI(keyring, store, max_secret_bytes=settings.max_secret_bytes)
     too_large = (
         f"request body is larger than {settings.max_body_bytes} bytes; "
@@ -109,11 +140,11 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         log.warning("store unavailable: %s", exc, extra={"request_id": request.state.request_id})
         return unavailable_response()
 
-    writer = build_audit_writer(settings, store) if settings.audit_enabled else None
-
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
+        if isinstance(counter, MongoCounter):
+            await counter.open()
         retention = None
         if writer is not None:
             await writer.start()
@@ -125,32 +156,58 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
                 retention.cancel()
             if writer is not None:
                 await writer.close()  # every pending audit record, before the store goes
+            if isinstance(counter, MongoCounter):
+                await counter.close()
             await store.close()
+            shutdown_tracing(tracer_provider)
 
-    # Outermost first. The request id comes first so every later layer and log line has
-    # it; security headers wrap everything that can answer, the 500 included; the error
-    # catcher turns exceptions into a 500 for every layer outside it; the body limit is
-    # innermost so its own refusal signal never reaches the error catcher.
-    middleware = [
-        Middleware(RequestIdMiddleware),
+    # Outermost first, each optional layer switched by its own setting:
+    # - the request id first, so every layer and log line below has it;
+    # - tracing and metrics next, so they see what the client sees (429s, audit 503s, 500s);
+    # - security headers on every answer that can come from below;
+    # - the client IP resolved once, for the audit record and the rate-limit key;
+    # - audit outside the rate limiter, so refused calls are recorded too;
+    # - the error catcher inside them all, so they see a 500 response, never an exception;
+    # - the body limit innermost, so its refusal signal never reaches the error catcher.
+    middleware = [Middleware(RequestIdMiddleware)]
+    if tracer_provider is not None:
+        middleware.append(Middleware(TracingMiddleware, tracer_provider=tracer_provider))
+    if settings.metrics_enabled:
+        middleware.append(Middleware(PrometheusMiddleware))
+    middleware += [
         Middleware(SecurityHeadersMiddleware),
+        Middleware(ClientIPMiddleware, trusted_proxies=settings.trusted_proxies),
     ]
     if writer is not None:
-        audit_key = audit_hmac_key(settings)
         middleware.append(
             Middleware(
                 AuditMiddleware,
                 sink=writer,
                 operations=OPERATIONS,
-                hash_secret_id=functools.partial(secret_id_hmac, audit_key),
+                hash_secret_id=functools.partial(secret_id_hmac, audit_hmac_key(settings)),
+            )
+        )
+    if counter is not None:
+        middleware.append(
+            Middleware(
+                RateLimitMiddleware,
+                limits=settings.rate_limits,
+                counter=counter,
+                on_limited=RATE_LIMITED.inc,
             )
         )
     middleware += [
         Middleware(InternalErrorMiddleware),
         Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, detail=too_large),
     ]
+
+    metrics = (
+        metrics_app(multiprocess_dir=settings.prometheus_multiproc_dir)
+        if settings.metrics_enabled
+        else None
+    )
     app = Starlette(
-        routes=api.routes(max_body_bytes=settings.max_body_bytes),
+        routes=api.routes(max_body_bytes=settings.max_body_bytes, metrics=metrics),
         middleware=middleware,
         exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable},
         lifespan=lifespan,

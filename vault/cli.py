@@ -11,7 +11,9 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,6 +21,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from observability.metrics import prepare_multiprocess_dir
 from vault.app import audit_hmac_key, build_keyring
 from vault.crypto import generate_key, secret_id_hmac
 from vault.settings import ConfigError, Settings, client_url
@@ -111,6 +114,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
 
+    created_metrics_dir = _prepare_metrics_dir(settings, args.workers)
     config = Config()
     config.bind = [f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"]
     config.application_path = "vault.app:app_from_environment()"
@@ -126,6 +130,30 @@ def serve(args: argparse.Namespace) -> int:
         return run(config)
     except OSError as exc:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    finally:
+        if created_metrics_dir is not None:
+            shutil.rmtree(created_metrics_dir, ignore_errors=True)
+
+
+def _prepare_metrics_dir(settings: Settings, workers: int) -> Path | None:
+    """Give several workers one metrics directory, wiped of any earlier run's values.
+
+    prometheus_client sums every worker's files on a scrape (multiprocess mode); without a
+    directory each worker would report only its own counts. Returns the directory if it was
+    created here (a temporary one, removed at exit).
+    """
+    if not settings.metrics_enabled:
+        return None
+    directory = settings.prometheus_multiproc_dir
+    created = None
+    if directory is None:
+        if workers == 1:
+            return None  # one process: plain in-memory metrics
+        directory = created = Path(tempfile.mkdtemp(prefix="secret-manager-metrics-"))
+    prepare_multiprocess_dir(directory)
+    # The workers are spawned processes: they pick this up when they import the metrics.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return created
 
 
 def audit_hash(args: argparse.Namespace) -> int:

@@ -35,13 +35,19 @@ def _json(ref: str, description: str) -> dict[str, Any]:
     }
 
 
-def build_openapi(*, max_secret_bytes: int, max_body_bytes: int) -> dict[str, Any]:
+def build_openapi(
+    *, max_secret_bytes: int, max_body_bytes: int, metrics: bool = False
+) -> dict[str, Any]:
     """The whole document; the limits in it are the ones this server enforces."""
     common_errors = {
         "400": _error("The body is not a JSON object, or a field is missing or malformed."),
         "413": _error(
             f"The decoded secret exceeds {max_secret_bytes} bytes, "
             f"or the body exceeds {max_body_bytes} bytes."
+        ),
+        "429": _error(
+            "Too many requests from this client; see Retry-After and RateLimit-* headers.",
+            retry_after=True,
         ),
         "500": _error("Internal error; the X-Request-ID header identifies it in the log."),
         "503": _error("The store is unreachable; retry later.", retry_after=True),
@@ -78,6 +84,20 @@ def build_openapi(*, max_secret_bytes: int, max_body_bytes: int) -> dict[str, An
     def variant(operation: dict[str, Any], suffix: str) -> dict[str, Any]:
         return {**operation, "operationId": operation["operationId"] + suffix}
 
+    paths: dict[str, Any] = {}
+    if metrics:
+        paths["/metrics"] = {
+            "get": {
+                "summary": "Prometheus metrics",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        }
     return {
         "openapi": "3.0.3",
         "info": {
@@ -107,6 +127,7 @@ def build_openapi(*, max_secret_bytes: int, max_body_bytes: int) -> dict[str, An
                     },
                 }
             },
+            **paths,
         },
         "components": {
             "schemas": {

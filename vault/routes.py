@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from middleware.outcomes import OP_KEY, SECRET_ID_KEY, state_of
 from vault.crypto import Keyring
@@ -121,8 +122,13 @@ class VaultAPI:
             return unavailable_response()
         return JSONResponse({"status": "ready"})
 
-    def routes(self, *, max_body_bytes: int) -> list[BaseRoute]:
-        spec = build_openapi(max_secret_bytes=self.max_secret_bytes, max_body_bytes=max_body_bytes)
+    def routes(self, *, max_body_bytes: int, metrics: ASGIApp | None = None) -> list[BaseRoute]:
+        """The route table; ``metrics`` is the /metrics app when metrics are enabled."""
+        spec = build_openapi(
+            max_secret_bytes=self.max_secret_bytes,
+            max_body_bytes=max_body_bytes,
+            metrics=metrics is not None,
+        )
 
         async def openapi(request: Request) -> Response:
             return JSONResponse(spec)
@@ -138,6 +144,8 @@ class VaultAPI:
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),
             Mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
+            # Route, not Mount: with slash redirects off a Mount would only match /metrics/.
+            *([Route("/metrics", metrics)] if metrics is not None else []),
         ]
 
 

@@ -5,6 +5,7 @@ A store only ever sees sealed records: nonce, ciphertext and key id, never plain
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -13,6 +14,8 @@ import anyio
 import anyio.to_thread
 
 from observability.audit import AuditRecord
+from observability.metrics import observe_store_operation
+from observability.tracing import store_span
 
 T = TypeVar("T")
 
@@ -57,17 +60,26 @@ class SecretStore(Protocol):
 
 
 async def run_off_loop(
-    func: Callable[..., T], *args: object, limiter: anyio.CapacityLimiter, timeout: float
+    func: Callable[..., T],
+    *args: object,
+    limiter: anyio.CapacityLimiter,
+    timeout: float,
+    operation: str,
+    system: str,
 ) -> T:
     """Run blocking store I/O in a worker thread, giving up after ``timeout`` seconds.
 
     The caller is answered in bounded time even when the database hangs: the thread is
     abandoned (its own driver timeouts end it) and the request gets StoreUnavailable.
     """
+    started = time.perf_counter()
     try:
-        with anyio.fail_after(timeout):
+        # The thread inherits this context, so driver spans nest under the store span.
+        with store_span(operation, system=system), anyio.fail_after(timeout):
             return await anyio.to_thread.run_sync(
                 func, *args, limiter=limiter, abandon_on_cancel=True
             )
     except TimeoutError:
         raise StoreUnavailable(f"store did not answer within {timeout:g}s") from None
+    finally:
+        observe_store_operation(operation, time.perf_counter() - started)

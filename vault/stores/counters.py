@@ -69,11 +69,18 @@ class MongoCounter:
     async def close(self) -> None:
         self._client.close()
 
-    async def _run(self, func: Any, *args: object) -> Any:
+    async def _run(self, operation: str, func: Any, *args: object) -> Any:
         if self._limiter is None:
             raise RuntimeError("counter used before open()")
         try:
-            return await run_off_loop(func, *args, limiter=self._limiter, timeout=self._deadline)
+            return await run_off_loop(
+                func,
+                *args,
+                limiter=self._limiter,
+                timeout=self._deadline,
+                operation=operation,
+                system="mongodb",
+            )
         except PyMongoError as exc:
             # The type only: a DuplicateKeyError's message quotes the key, a client address.
             raise StoreUnavailable(f"rate limit counter: {type(exc).__name__}") from None
@@ -81,7 +88,7 @@ class MongoCounter:
     async def _ensure_index(self) -> None:
         """Best effort: the database may be down at start; increment() tries again later."""
         try:
-            await self._run(self._create_index_sync)
+            await self._run("rate_limit_index", self._create_index_sync)
         except StoreUnavailable as exc:
             log.warning("TTL index on rate limit counters not created yet (%s); will retry", exc)
             return
@@ -121,7 +128,7 @@ class MongoCounter:
     async def increment(self, key: str, expires_at: float) -> int:
         """Add one to ``key``'s count and return it; StoreUnavailable if MongoDB fails."""
         when = dt.datetime.fromtimestamp(expires_at, dt.UTC)
-        count: int = await self._run(self._increment_sync, key, when)
+        count: int = await self._run("rate_limit_increment", self._increment_sync, key, when)
         # The first success after a failed open() shows the database is back: try the
         # index again now, then at most once a minute while it keeps failing.
         if not self._index_ready and time.monotonic() >= self._index_retry_at:

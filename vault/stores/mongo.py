@@ -75,11 +75,18 @@ class MongoStore:
     async def close(self) -> None:
         self._client.close()
 
-    async def _run(self, func: Any, *args: object) -> Any:
+    async def _run(self, operation: str, func: Any, *args: object) -> Any:
         if self._limiter is None:
             raise RuntimeError("store used before open()")
         try:
-            return await run_off_loop(func, *args, limiter=self._limiter, timeout=self._deadline)
+            return await run_off_loop(
+                func,
+                *args,
+                limiter=self._limiter,
+                timeout=self._deadline,
+                operation=operation,
+                system="mongodb",
+            )
         except PyMongoError as exc:
             if _is_unavailable(exc):
                 raise StoreUnavailable(type(exc).__name__) from None
@@ -105,10 +112,12 @@ class MongoStore:
             "ct": record.ciphertext,
             "created_at": dt.datetime.now(dt.UTC),
         }
-        await self._run(self._insert_sync, doc)
+        await self._run("insert", self._insert_sync, doc)
 
     async def get(self, secret_id: str) -> SealedSecret | None:
-        doc: Mapping[str, Any] | None = await self._run(self._secrets.find_one, {"_id": secret_id})
+        doc: Mapping[str, Any] | None = await self._run(
+            "get", self._secrets.find_one, {"_id": secret_id}
+        )
         if doc is None:
             return None
         return SealedSecret(
@@ -120,7 +129,9 @@ class MongoStore:
 
     async def insert_audit(self, records: Sequence[AuditRecord]) -> None:
         documents = [record.as_document() for record in records]
-        await self._run(functools.partial(self._audit.insert_many, documents, ordered=False))
+        await self._run(
+            "insert_audit", functools.partial(self._audit.insert_many, documents, ordered=False)
+        )
 
     def _retention_sync(self, ttl_days: int) -> None:
         self._audit.create_index("secret_id_hmac", name="secret_id_hmac")
@@ -134,7 +145,7 @@ class MongoStore:
 
     async def apply_audit_retention(self, ttl_days: int) -> None:
         """A TTL index on ``ts``: MongoDB itself deletes records older than the retention."""
-        await self._run(self._retention_sync, ttl_days)
+        await self._run("audit_retention", self._retention_sync, ttl_days)
 
     def _ping_sync(self) -> None:
         # Readiness probes (Swarm, a load balancer) time out in a few seconds themselves.
@@ -142,4 +153,4 @@ class MongoStore:
             self._client.admin.command("ping")
 
     async def ping(self) -> None:
-        await self._run(self._ping_sync)
+        await self._run("ping", self._ping_sync)

@@ -102,7 +102,7 @@ class SQLiteStore:
         finally:
             self._pool.put(conn)
 
-    async def _run(self, func: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, operation: str, func: Callable[[sqlite3.Connection], T]) -> T:
         if self._limiter is None:
             raise RuntimeError("store used before open()")
 
@@ -111,7 +111,13 @@ class SQLiteStore:
                 return func(conn)
 
         try:
-            return await run_off_loop(call, limiter=self._limiter, timeout=self._timeout + 1.0)
+            return await run_off_loop(
+                call,
+                limiter=self._limiter,
+                timeout=self._timeout + 1.0,
+                operation=operation,
+                system="sqlite",
+            )
         except sqlite3.OperationalError as exc:
             # Locked, read-only, out of disk or unreadable: transient from the caller's view.
             raise StoreUnavailable(f"sqlite: {exc.sqlite_errorname}") from None
@@ -123,7 +129,7 @@ class SQLiteStore:
                 (record.secret_id, record.key_id, record.nonce, record.ciphertext),
             )
 
-        await self._run(insert)
+        await self._run("insert", insert)
 
     async def get(self, secret_id: str) -> SealedSecret | None:
         def get(conn: sqlite3.Connection) -> tuple[str, bytes, bytes] | None:
@@ -133,7 +139,7 @@ class SQLiteStore:
             ).fetchone()
             return row
 
-        row = await self._run(get)
+        row = await self._run("get", get)
         if row is None:
             return None
         key_id, nonce, ciphertext = row
@@ -151,14 +157,17 @@ class SQLiteStore:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(_INSERT_AUDIT, rows)
 
-        await self._run(insert)
+        await self._run("insert_audit", insert)
 
     async def apply_audit_retention(self, ttl_days: int) -> None:
         """Delete records older than the retention (SQLite has no TTL index)."""
         if ttl_days <= 0:
             return
         cutoff = sqlite_timestamp(dt.datetime.now(dt.UTC) - dt.timedelta(days=ttl_days))
-        await self._run(lambda conn: conn.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)))
+        await self._run(
+            "audit_retention",
+            lambda conn: conn.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)),
+        )
 
     async def ping(self) -> None:
-        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+        await self._run("ping", lambda conn: conn.execute("SELECT 1").fetchone())

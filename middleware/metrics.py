@@ -1,0 +1,94 @@
+"""Count and time every HTTP request by method, route template and status.
+
+The ``route`` label is the path template of the route that matched (``/items/{item_id}``,
+or a Mount's path), read from ``scope["route"]`` after the app ran, so labels never carry
+a raw path or a secret id. Requests no route matched share ``route="unmatched"`` (this
+includes requests refused by a middleware before the router ran). A nested router would
+leave its inner route there, without the Mount's prefix; the vault app has none.
+
+``http_requests_in_progress`` is labelled by method only: the route is not known until the
+router has run, and the request is in progress before that. Methods outside the standard
+set are labelled ``other`` so a caller cannot mint new series.
+
+After each response, the handler's ``state["vault_op"]`` feeds the vault counters: a
+successful create, and every fetch by outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from time import perf_counter
+
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from middleware.outcomes import OP_KEY, outcome_for_status
+from observability.metrics import (
+    HTTP_REQUEST_DURATION,
+    HTTP_REQUESTS,
+    HTTP_REQUESTS_IN_PROGRESS,
+    SECRETS_CREATED,
+    SECRETS_FETCHED,
+)
+
+UNMATCHED = "unmatched"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
+
+
+def _route_template(scope: Scope) -> str:
+    """The matched route's path template; a Mount at the root has the path ``""``.
+
+    A request refused before routing (rate limited, body too large) has no ``route`` in its
+    scope; it is matched here against the app's routes so it is counted under its template.
+    """
+    route = scope.get("route")
+    if route is None:
+        for candidate in getattr(scope.get("app"), "routes", ()):
+            if candidate.matches(scope)[0] is Match.FULL:
+                route = candidate
+                break
+    path = getattr(route, "path", None)
+    if not isinstance(path, str):
+        return UNMATCHED
+    return path or "/"
+
+
+class PrometheusMiddleware:
+    def __init__(self, app: ASGIApp, *, exempt_paths: Collection[str] = ("/metrics",)) -> None:
+        self.app = app
+        # A trailing slash does not matter: "/metrics" also exempts "/metrics/".
+        self.exempt_paths = frozenset(path.rstrip("/") or "/" for path in exempt_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["path"].rstrip("/") or "/") in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        status = 500  # what the server answers if the app ends without a response
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        in_progress = HTTP_REQUESTS_IN_PROGRESS.labels(method)
+        in_progress.inc()
+        start = perf_counter()
+        try:
+            await self.app(scope, receive, observing_send)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            elapsed = perf_counter() - start
+            in_progress.dec()
+            template = _route_template(scope)
+            HTTP_REQUESTS.labels(method, template, str(status)).inc()
+            HTTP_REQUEST_DURATION.labels(method, template).observe(elapsed)
+            op = scope.get("state", {}).get(OP_KEY)
+            if op == "create" and status == 200:
+                SECRETS_CREATED.inc()
+            elif op == "fetch":
+                SECRETS_FETCHED.labels(outcome_for_status(status)).inc()

@@ -1,0 +1,199 @@
+"""Fixed-window rate limiting per client IP, with one or more limits such as 100/s and 3000/min.
+
+Each limit counts a client's requests in the current window (``time // period``) through a
+Counter: in this process (MemoryCounter) or in a database shared by every replica. A request
+over any limit is answered ``429`` with ``Retry-After`` and never reaches the app; the others
+get ``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset`` for the limit nearest
+to running out. If the counter fails (its database is down), requests are let through: an
+outage of the rate-limit store must not become an outage of the vault.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from starlette.datastructures import MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from middleware.clientip import client_ip
+
+log = logging.getLogger("secret_manager.ratelimit")
+
+WARNING_INTERVAL_SECONDS = 10.0
+_UNITS = ((86400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
+
+
+class Counter(Protocol):
+    """Counts hits per key; shared by every replica or local to this process."""
+
+    async def increment(self, key: str, expires_at: float) -> int:
+        """Add one to ``key`` and return its new count; the key may be forgotten after
+        ``expires_at`` (unix time)."""
+        ...
+
+
+class MemoryCounter:
+    """Counts in this process only: each worker process has a limit of its own."""
+
+    def __init__(self, *, purge_interval: float = 60.0) -> None:
+        if not purge_interval >= 0:
+            raise ValueError("purge_interval must be a number of seconds, at least 0")
+        self.purge_interval = purge_interval
+        self._counts: dict[str, tuple[int, float]] = {}
+        self._next_purge = 0.0
+
+    def __len__(self) -> int:
+        """How many keys are held, expired ones not yet purged included."""
+        return len(self._counts)
+
+    async def increment(self, key: str, expires_at: float) -> int:
+        # No await between read and write: atomic on the event loop without a lock.
+        now = time.time()
+        if now >= self._next_purge:
+            self._counts = {k: v for k, v in self._counts.items() if v[1] >= now}
+            self._next_purge = now + self.purge_interval
+        count, expiry = self._counts.get(key, (0, expires_at))
+        if expiry < now:
+            count = 0
+        self._counts[key] = (count + 1, expires_at)
+        return count + 1
+
+
+def _per(period: int) -> str:
+    """60 → "minute", 120 → "2 minutes", 90 → "90 seconds"."""
+    seconds, unit = next((s, u) for s, u in _UNITS if period % s == 0)  # 1 divides any period
+    n = period // seconds
+    return unit if n == 1 else f"{n} {unit}s"
+
+
+@dataclass(frozen=True)
+class _Usage:
+    """One limit's state for this client: how many requests its window has seen."""
+
+    limit: int
+    count: int
+    reset: int  # whole seconds until the window ends, at least 1
+    detail: str
+
+    @property
+    def remaining(self) -> int:
+        return max(self.limit - self.count, 0)
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset),
+        }
+
+
+class RateLimitMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limits: Sequence[tuple[int, int]],
+        counter: Counter,
+        exempt_paths: Collection[str] = ("/healthz", "/readyz", "/metrics"),
+        on_limited: Callable[[], None] | None = None,
+    ) -> None:
+        limits = tuple(limits)
+        if not limits:
+            raise ValueError(
+                "limits is empty: give at least one (max requests, period seconds) pair, "
+                "or leave RateLimitMiddleware out of the stack to turn rate limiting off"
+            )
+        for limit in limits:
+            if len(limit) != 2 or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in limit
+            ):
+                raise ValueError(
+                    f"each limit must be (max requests, period seconds) with positive whole "
+                    f"numbers, like (100, 1); got {limit!r}"
+                )
+        periods = [period for _, period in limits]
+        if len(set(periods)) != len(periods):
+            # Both would count under the same key, so each request would count twice.
+            raise ValueError(f"two limits share a period; keep the smaller of them: {limits!r}")
+        self.app = app
+        self.limits = limits
+        self.counter = counter
+        self.exempt_paths = frozenset(exempt_paths)
+        self.on_limited = on_limited
+        self._details = {
+            (limit, period): (
+                f"rate limit exceeded: at most {limit} request{'s' if limit != 1 else ''} "
+                f"per {_per(period)} from one client; retry after "
+            )
+            for limit, period in limits
+        }
+        # Shared by every request on purpose: it throttles the outage warning.
+        self._next_warning = 0.0
+        self._unlogged_failures = 0
+
+    async def _usage(self, ip: str) -> list[_Usage]:
+        now = time.time()
+        usage = []
+        for limit, period in self.limits:
+            window = int(now // period)
+            ends = (window + 1) * period
+            count = await self.counter.increment(f"{ip}:{period}:{window}", ends)
+            reset = max(math.ceil(ends - now), 1)
+            usage.append(_Usage(limit, count, reset, self._details[limit, period]))
+        return usage
+
+    def _counter_failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now < self._next_warning:
+            self._unlogged_failures += 1
+            return
+        # Only the error type: a counter's message may carry its key, and the key holds
+        # the client's address.
+        log.warning(
+            "rate limit counter failed (%s); letting requests through unlimited "
+            "(%d more failures since the last warning)",
+            type(exc).__name__,
+            self._unlogged_failures,
+        )
+        self._next_warning = now + WARNING_INTERVAL_SECONDS
+        self._unlogged_failures = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+
+        try:
+            usage = await self._usage(client_ip(scope))
+        except Exception as exc:  # any counter failure: fail open, never fail the request
+            self._counter_failed(exc)
+            await self.app(scope, receive, send)
+            return
+
+        exceeded = [u for u in usage if u.count > u.limit]
+        if exceeded:
+            worst = max(exceeded, key=lambda u: u.reset)
+            headers = {"Retry-After": str(worst.reset), **worst.headers()}
+            response = JSONResponse(
+                {"detail": f"{worst.detail}{worst.reset} s"}, status_code=429, headers=headers
+            )
+            if self.on_limited is not None:
+                self.on_limited()
+            await response(scope, receive, send)
+            return
+
+        nearest = min(usage, key=lambda u: (u.remaining, -u.reset))
+        headers = nearest.headers()
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(headers)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

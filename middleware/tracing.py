@@ -1,0 +1,107 @@
+"""A server span per request, joining the caller's trace when it sends a W3C traceparent.
+
+OpenTelemetry's ASGI middleware does the work; the Starlette instrumentor would add it
+after start-up, which Starlette refuses, so it is wrapped here and placed in the stack like
+any other layer. Health probes and /metrics are not traced. Spans carry no body and no
+query string; of the headers, only Host and User-Agent unless an operator opts in to more
+with the standard ``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*`` variables, and even then
+credentials are redacted. An exception escaping the app is recorded by its type only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Status, StatusCode
+from opentelemetry.util.http import (
+    OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS,
+    get_custom_headers,
+)
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+# Redacted whatever header capture an operator turns on.
+ALWAYS_REDACTED = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
+
+
+class TracingMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tracer_provider: TracerProvider,
+        excluded_paths: Collection[str] = ("/healthz", "/readyz", "/metrics"),
+    ) -> None:
+        self.app = app
+        self.excluded = frozenset(excluded_paths)
+        self.excluded_prefixes = tuple(path.rstrip("/") + "/" for path in excluded_paths)
+        sanitize = [
+            *ALWAYS_REDACTED,
+            *get_custom_headers(OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS),
+        ]
+        self.traced = OpenTelemetryMiddleware(
+            self._inner,
+            default_span_details=_span_details,
+            server_request_hook=_drop_query,
+            tracer_provider=tracer_provider,
+            http_capture_headers_sanitize_fields=sanitize,
+            # One span per ASGI message adds nothing a reader of the trace needs.
+            exclude_spans=["receive", "send"],
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path in self.excluded or path.startswith(self.excluded_prefixes):
+            await self.app(scope, receive, send)
+            return
+        await self.traced(scope, receive, send)
+
+    async def _inner(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception as exc:
+            # Ended here, the span is no longer recording when the exception reaches the
+            # OpenTelemetry middleware, which would otherwise store its message and
+            # traceback: exception text can carry data (a driver error may quote a key).
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attribute("error.type", type(exc).__qualname__)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                span.end()
+            raise
+
+
+def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``METHOD /route/template`` and http.route; just the method for an unknown path."""
+    method = str(scope.get("method", "HTTP"))
+    app = scope.get("app")
+    route_path: str | None = None
+    for route in getattr(app, "routes", ()):
+        match, _ = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        route_path = getattr(route, "path", None)
+        if match is Match.FULL:
+            break
+    if route_path is None:
+        return method, {}
+    return f"{method} {route_path}", {"http.route": route_path}
+
+
+def _drop_query(span: trace.Span, scope: dict[str, Any]) -> None:
+    """Keep the query string out of the span: the API takes none, so one is a mistake."""
+    if not scope.get("query_string") or not span.is_recording():
+        return
+    attributes = getattr(span, "attributes", None) or {}
+    url = attributes.get("http.url")
+    if isinstance(url, str):
+        span.set_attribute("http.url", url.partition("?")[0])
+    if "url.query" in attributes:
+        span.set_attribute("url.query", "REDACTED")

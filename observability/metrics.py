@@ -1,0 +1,140 @@
+"""The service's Prometheus metrics and the ``/metrics`` app that serves them.
+
+Metric objects are module-level constants, as in prometheus_client's own examples. Under
+several Hypercorn workers each worker is its own process: prometheus_client then keeps values
+in per-process files under ``PROMETHEUS_MULTIPROC_DIR`` and ``metrics_app`` sums them on each
+scrape. prometheus_client picks in-memory or file-backed values when it is first imported, so
+that variable must be in a worker's environment before anything imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_asgi_app,
+    multiprocess,
+    values,
+)
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
+
+# From a cache-speed answer (1 ms) to the slowest a store may take before it times out.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total",
+    "HTTP requests answered, by method, route template and status code.",
+    ["method", "route", "status"],
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "http_request_duration_seconds",
+    "Time from receiving an HTTP request to the end of its response, by method and route.",
+    ["method", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+# By method only: the route is known only once the router has run, after the request began.
+HTTP_REQUESTS_IN_PROGRESS = Gauge(
+    "http_requests_in_progress",
+    "HTTP requests being handled now, by method.",
+    ["method"],
+    multiprocess_mode="livesum",
+)
+SECRETS_CREATED = Counter(
+    "vault_secrets_created_total",
+    "Secrets stored successfully.",
+)
+SECRETS_FETCHED = Counter(
+    "vault_secrets_fetched_total",
+    "Fetch requests, by outcome (success, not_found, invalid, rate_limited, ...).",
+    ["outcome"],
+)
+RATE_LIMITED = Counter(
+    "vault_rate_limited_total",
+    "Requests refused by the rate limiter.",
+)
+AUDIT_RECORDS = Counter(
+    "vault_audit_records_total",
+    "Audit records, by result: written to the audit sink, or failed to be written.",
+    ["result"],
+)
+AUDIT_BATCH_SIZE = Histogram(
+    "vault_audit_batch_size",
+    "Audit records written per batch.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+STORE_OPERATION_SECONDS = Histogram(
+    "vault_store_operation_seconds",
+    "Time the secret store took per operation (insert, get, ping), failures included.",
+    ["operation"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+def observe_store_operation(operation: str, seconds: float) -> None:
+    """Record how long one store operation (``insert``, ``get``, ``ping``) took."""
+    STORE_OPERATION_SECONDS.labels(operation).observe(seconds)
+
+
+def prepare_multiprocess_dir(path: Path) -> None:
+    """Create the multiprocess directory (0700) and delete the values of earlier runs.
+
+    Files this process itself is writing are kept: when prometheus_client was imported here
+    with PROMETHEUS_MULTIPROC_DIR already set, its values live in ``*_<pid>.db`` files that
+    are already open, and deleting them would silently lose this process's metrics.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    own_suffix = f"_{os.getpid()}.db"
+    writing_here = getattr(values.ValueClass, "_multiprocess", False)
+    for stale in path.glob("*.db"):
+        if writing_here and stale.name.endswith(own_suffix):
+            continue
+        stale.unlink(missing_ok=True)
+
+
+class _MetricsApp:
+    """Answers GET and HEAD with the text exposition; a class so ``Route`` treats it as ASGI."""
+
+    def __init__(self, multiprocess_dir: Path | None) -> None:
+        self.multiprocess_dir = None if multiprocess_dir is None else str(multiprocess_dir)
+        self.single_process = make_asgi_app(registry=REGISTRY)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await WebSocketClose()(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            response = PlainTextResponse(
+                "use GET to read metrics", status_code=405, headers={"Allow": "GET, HEAD"}
+            )
+            await response(scope, receive, send)
+            return
+        if self.multiprocess_dir is None:
+            await self.single_process(scope, receive, send)
+            return
+        # A fresh registry per scrape, as prometheus_client's multiprocess docs do: the
+        # collector reads every worker's files, those of workers that have exited included.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+            registry, path=self.multiprocess_dir
+        )
+        await make_asgi_app(registry=registry)(scope, receive, send)
+
+
+def metrics_app(*, multiprocess_dir: Path | None) -> ASGIApp:
+    """The ``/metrics`` ASGI app: every worker's values summed when given their directory.
+
+    Serve it with ``Route("/metrics", metrics_app(...))``: a ``Mount`` only matches
+    ``/metrics/`` once slash redirects are off. Content negotiation (OpenMetrics for
+    Prometheus), gzip and ``name[]`` filters come from prometheus_client's ``make_asgi_app``.
+    """
+    return _MetricsApp(multiprocess_dir)

@@ -1,0 +1,282 @@
+"""middleware/ratelimit.py on a tiny app that counts the requests that reach it.
+
+Limits use hour and day periods so no test runs across a window boundary by accident.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from ipaddress import ip_network
+
+import httpx2 as httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from middleware.clientip import ClientIPMiddleware
+from middleware.ratelimit import Counter, MemoryCounter, RateLimitMiddleware
+from vault.stores.base import StoreUnavailable
+
+CLIENT = ("203.0.113.7", 50000)
+
+
+@dataclass
+class Limited:
+    """A rate-limited app and what happened behind the limiter."""
+
+    app: Starlette
+    reached: list[str]
+    limited: list[int]
+
+    def client(self, peer: tuple[str, int] = CLIENT) -> TestClient:
+        return TestClient(self.app, client=peer)
+
+
+@pytest.fixture
+def make_limited() -> Callable[..., Limited]:
+    """``make_limited(limits, counter=MemoryCounter(), trusted=())`` → a Limited app."""
+
+    def make(
+        limits: tuple[tuple[int, int], ...],
+        counter: Counter | None = None,
+        trusted: tuple[str, ...] = (),
+    ) -> Limited:
+        reached: list[str] = []
+        limited: list[int] = []
+
+        async def handle(request: Request) -> Response:
+            reached.append(request.url.path)
+            return PlainTextResponse("ok")
+
+        app = Starlette(
+            routes=[Route("/", handle), Route("/healthz", handle), Route("/other", handle)],
+            middleware=[
+                Middleware(ClientIPMiddleware, trusted_proxies=[ip_network(t) for t in trusted]),
+                Middleware(
+                    RateLimitMiddleware,
+                    limits=limits,
+                    counter=counter or MemoryCounter(),
+                    on_limited=lambda: limited.append(1),
+                ),
+            ],
+        )
+        return Limited(app, reached, limited)
+
+    return make
+
+
+def window_end(period: int) -> int:
+    """Whole seconds from now until the current window of ``period`` ends."""
+    return math.ceil(period - time.time() % period)
+
+
+def rate_headers(response: httpx.Response) -> tuple[str | None, str | None, str | None]:
+    h = response.headers
+    return h.get("ratelimit-limit"), h.get("ratelimit-remaining"), h.get("ratelimit-reset")
+
+
+def test_requests_under_the_limit_pass_and_count_down(make_limited: Callable[..., Limited]) -> None:
+    limited = make_limited(((3, 3600),))
+    client = limited.client()
+    before = window_end(3600)
+    responses = [client.get("/") for _ in range(3)]
+    after = window_end(3600)
+
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert [r.text for r in responses] == ["ok", "ok", "ok"]
+    assert [rate_headers(r)[:2] for r in responses] == [("3", "2"), ("3", "1"), ("3", "0")]
+    for response in responses:
+        assert after <= int(response.headers["ratelimit-reset"]) <= before
+    assert limited.limited == []
+
+
+def test_request_over_the_limit_is_refused_before_the_app(
+    make_limited: Callable[..., Limited],
+) -> None:
+    limited = make_limited(((3, 3600),))
+    client = limited.client()
+    for _ in range(3):
+        client.get("/")
+    before = window_end(3600)
+    refused = client.get("/")
+    after = window_end(3600)
+
+    assert refused.status_code == 429
+    assert refused.headers["content-type"] == "application/json"
+    retry_after = int(refused.headers["retry-after"])
+    assert 1 <= after <= retry_after <= before
+    assert rate_headers(refused) == ("3", "0", str(retry_after))
+    assert refused.json() == {
+        "detail": "rate limit exceeded: at most 3 requests per hour from one client; "
+        f"retry after {retry_after} s"
+    }
+    assert limited.reached == ["/", "/", "/"]
+    assert limited.limited == [1]
+    assert client.get("/").status_code == 429
+    assert limited.reached == ["/", "/", "/"]
+    assert limited.limited == [1, 1]
+
+
+def test_the_longer_limit_trips_after_the_shorter_allowed_it(
+    make_limited: Callable[..., Limited],
+) -> None:
+    limited = make_limited(((100, 3600), (2, 86400)))
+    client = limited.client()
+    first, second, third = (client.get("/") for _ in range(3))
+    # The day limit is the nearer to running out, so its numbers are the ones shown.
+    assert rate_headers(first)[:2] == ("2", "1")
+    assert rate_headers(second)[:2] == ("2", "0")
+    assert third.status_code == 429
+    assert "at most 2 requests per day" in third.json()["detail"]
+    assert rate_headers(third)[:2] == ("2", "0")
+    assert len(limited.reached) == 2
+
+
+def test_equally_near_limits_show_the_one_that_resets_last(
+    make_limited: Callable[..., Limited],
+) -> None:
+    limited = make_limited(((5, 3600), (5, 86400)))
+    before = window_end(86400)
+    response = limited.client().get("/")
+    after = window_end(86400)
+    assert rate_headers(response)[:2] == ("5", "4")
+    assert after <= int(response.headers["ratelimit-reset"]) <= before
+
+
+def test_when_several_limits_are_exceeded_retry_after_is_the_longest_wait(
+    make_limited: Callable[..., Limited],
+) -> None:
+    limited = make_limited(((1, 3600), (1, 86400)))
+    client = limited.client()
+    client.get("/")
+    before = window_end(86400)
+    refused = client.get("/")
+    after = window_end(86400)
+    assert refused.status_code == 429
+    assert after <= int(refused.headers["retry-after"]) <= before
+    assert "at most 1 request per day" in refused.json()["detail"]
+
+
+def test_exempt_paths_are_never_limited_nor_counted(make_limited: Callable[..., Limited]) -> None:
+    limited = make_limited(((1, 3600),))
+    client = limited.client()
+    probes = [client.get("/healthz") for _ in range(5)]
+    assert [p.status_code for p in probes] == [200] * 5
+    assert all(rate_headers(p) == (None, None, None) for p in probes)
+    first = client.get("/")
+    assert (first.status_code, rate_headers(first)[1]) == (200, "0")
+    assert client.get("/other").status_code == 429
+    assert client.get("/healthz").status_code == 200
+
+
+def test_each_client_address_has_a_limit_of_its_own(make_limited: Callable[..., Limited]) -> None:
+    limited = make_limited(((1, 3600),))
+    one, other = limited.client(("198.51.100.1", 1)), limited.client(("198.51.100.2", 1))
+    assert one.get("/").status_code == 200
+    assert one.get("/").status_code == 429
+    assert other.get("/").status_code == 200
+    assert one.get("/").status_code == 429
+
+
+def test_clients_behind_a_trusted_proxy_are_told_apart(
+    make_limited: Callable[..., Limited],
+) -> None:
+    limited = make_limited(((1, 3600),), trusted=("10.0.0.0/8",))
+    proxy = limited.client(("10.0.0.5", 1))
+    assert proxy.get("/", headers={"X-Forwarded-For": "198.51.100.1"}).status_code == 200
+    assert proxy.get("/", headers={"X-Forwarded-For": "198.51.100.1"}).status_code == 429
+    assert proxy.get("/", headers={"X-Forwarded-For": "198.51.100.2"}).status_code == 200
+    # Claiming to be someone else in front of the real address does not reset the count.
+    spoofed = {"X-Forwarded-For": "192.0.2.99, 198.51.100.1"}
+    assert proxy.get("/", headers=spoofed).status_code == 429
+
+
+class DownCounter:
+    """A counter whose database is unreachable: every increment fails."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def increment(self, key: str, expires_at: float) -> int:
+        self.calls += 1
+        raise StoreUnavailable(f"cannot count {key}")
+
+
+@pytest.fixture
+def ratelimit_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    caplog.set_level(logging.WARNING, logger="secret_manager.ratelimit")
+    yield caplog
+
+
+def test_counter_outage_lets_requests_through_with_one_warning(
+    make_limited: Callable[..., Limited], ratelimit_log: pytest.LogCaptureFixture
+) -> None:
+    counter = DownCounter()
+    limited = make_limited(((1, 3600),), counter=counter)
+    client = limited.client()
+    responses = [client.get("/") for _ in range(5)]
+
+    assert [r.status_code for r in responses] == [200] * 5
+    assert all(rate_headers(r) == (None, None, None) for r in responses)
+    assert len(limited.reached) == 5 and limited.limited == []
+    assert counter.calls == 5
+    warnings = [r for r in ratelimit_log.records if r.name == "secret_manager.ratelimit"]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+    assert "StoreUnavailable" in warnings[0].getMessage()
+    assert CLIENT[0] not in ratelimit_log.text
+
+
+@pytest.mark.parametrize(
+    ("limits", "complaint"),
+    [
+        ((), "at least one"),
+        (((0, 60),), "positive whole numbers"),
+        (((10, 0),), "positive whole numbers"),
+        (((10, -60),), "positive whole numbers"),
+        (((1.5, 60),), "positive whole numbers"),
+        (((10,),), "positive whole numbers"),
+        (((10, 60), (20, 60)), "share a period"),
+    ],
+)
+def test_constructor_refuses_limits_that_make_no_sense(
+    limits: tuple[tuple[int, int], ...], complaint: str
+) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        RateLimitMiddleware(PlainTextResponse("ok"), limits=limits, counter=MemoryCounter())
+
+
+@pytest.mark.anyio
+async def test_memory_counter_counts_each_key_apart() -> None:
+    counter = MemoryCounter()
+    later = time.time() + 3600
+    assert [await counter.increment("a", later) for _ in range(3)] == [1, 2, 3]
+    assert await counter.increment("b", later) == 1
+
+
+@pytest.mark.anyio
+async def test_memory_counter_starts_again_once_a_key_expired() -> None:
+    counter = MemoryCounter(purge_interval=3600)
+    past = time.time() - 1
+    assert await counter.increment("a", past) == 1
+    assert await counter.increment("a", past) == 1
+
+
+@pytest.mark.anyio
+async def test_memory_counter_purges_expired_keys_and_keeps_live_ones() -> None:
+    counter = MemoryCounter(purge_interval=0)
+    past, later = time.time() - 1, time.time() + 3600
+    for n in range(1000):
+        await counter.increment(f"gone-{n}", past)
+    for n in range(50):
+        await counter.increment(f"live-{n}", later)
+    assert len(counter) == 50
+    assert await counter.increment("live-7", later) == 2
