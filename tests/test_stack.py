@@ -1,0 +1,141 @@
+"""The whole middleware stack in process: what each layer adds, and that each switches off."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx2
+from prometheus_client import REGISTRY
+from starlette.testclient import TestClient
+
+from tests.conftest import b64
+from tests.test_audit import audit_records
+from vault.app import create_app
+from vault.settings import Settings
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def fetch_unknown(client: TestClient) -> int:
+    response = client.post("/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())})
+    return response.status_code
+
+
+def test_rate_limited_calls_are_refused_recorded_and_counted(
+    make_client: Callable[..., TestClient], store_env: dict[str, str]
+) -> None:
+    client = make_client(RATE_LIMIT="3/hour;1000/second")
+    limited_before = sample("vault_rate_limited_total")
+    http_before = sample(
+        "http_requests_total", method="POST", route="/vault/secret/fetch", status="429"
+    )
+    assert [fetch_unknown(client) for _ in range(3)] == [404, 404, 404]
+    response = client.post("/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())})
+    assert response.status_code == 429
+    assert "rate limit" in response.json()["detail"]
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.headers["ratelimit-limit"] == "3"
+    assert response.headers["ratelimit-remaining"] == "0"
+    assert int(response.headers["ratelimit-reset"]) >= 1
+    assert response.headers["x-request-id"]
+    assert response.headers["cache-control"] == "no-store"
+    assert client.get("/healthz").status_code == 200  # probes are exempt
+    assert client.get("/metrics").status_code == 200
+
+    last = audit_records(store_env)[-1]
+    assert (last["op"], last["status"], last["outcome"]) == ("fetch", 429, "rate_limited")
+    assert sample("vault_rate_limited_total") == limited_before + 1
+    assert (
+        sample("http_requests_total", method="POST", route="/vault/secret/fetch", status="429")
+        == http_before + 1
+    )
+
+
+def test_successful_answers_carry_rate_limit_headers(client: TestClient) -> None:
+    response = client.post("/vault/secret/create", json={"secret": b64(b"x")})
+    assert response.status_code == 200
+    assert int(response.headers["ratelimit-remaining"]) < int(response.headers["ratelimit-limit"])
+
+
+def test_vault_metrics_follow_what_clients_saw(client: TestClient) -> None:
+    created = sample("vault_secrets_created_total")
+    fetched_ok = sample("vault_secrets_fetched_total", outcome="success")
+    fetched_missing = sample("vault_secrets_fetched_total", outcome="not_found")
+    written = sample("vault_audit_records_total", result="written")
+    inserts = sample("vault_store_operation_seconds_count", operation="insert")
+
+    secret_id = client.post("/vault/secret/create", json={"secret": b64(b"x")}).json()["secret_id"]
+    client.post("/vault/secret/fetch", json={"secret_id": secret_id})
+    fetch_unknown(client)
+
+    assert sample("vault_secrets_created_total") == created + 1
+    assert sample("vault_secrets_fetched_total", outcome="success") == fetched_ok + 1
+    assert sample("vault_secrets_fetched_total", outcome="not_found") == fetched_missing + 1
+    assert sample("vault_audit_records_total", result="written") == written + 3
+    assert sample("vault_store_operation_seconds_count", operation="insert") == inserts + 1
+    text = client.get("/metrics").text
+    assert "vault_secrets_created_total" in text
+    assert 'route="/vault/secret/fetch"' in text
+    assert secret_id not in text
+
+
+def test_audit_failure_answers_503_and_is_counted(tmp_path: Path, master_key: str) -> None:
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path)}
+    with TestClient(create_app(Settings.from_env(env))) as client:
+        client.get("/readyz")
+        with contextlib.closing(sqlite3.connect(tmp_path / "vault.db")) as conn:
+            conn.execute("DROP TABLE audit")
+        failed = sample("vault_audit_records_total", result="failed")
+        assert fetch_unknown(client) == 503
+        assert sample("vault_audit_records_total", result="failed") == failed + 1
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies(
+    tmp_path: Path, master_key: str
+) -> None:
+    def client_ip_recorded(trusted: str) -> str:
+        data_dir = tmp_path / uuid.uuid4().hex
+        env = {"MASTER_KEY": master_key, "DATA_DIR": str(data_dir), "TRUSTED_PROXIES": trusted}
+        app = create_app(Settings.from_env(env))
+
+        async def main() -> None:
+            async with app.router.lifespan_context(app):
+                transport = httpx2.ASGITransport(app=app, client=("10.1.2.3", 5555))
+                async with httpx2.AsyncClient(transport=transport, base_url="http://t") as c:
+                    await c.post(
+                        "/vault/secret/fetch",
+                        json={"secret_id": str(uuid.uuid4())},
+                        headers={"X-Forwarded-For": "203.0.113.9"},
+                    )
+
+        asyncio.run(main())
+        return str(audit_records({"DATA_DIR": str(data_dir)})[0]["client_ip"])
+
+    assert client_ip_recorded("") == "10.1.2.3"
+    assert client_ip_recorded("10.0.0.0/8") == "203.0.113.9"
+
+
+def test_every_optional_layer_switches_off(
+    make_client: Callable[..., TestClient], store_env: dict[str, str]
+) -> None:
+    client = make_client(
+        AUDIT_ENABLED="false",
+        RATE_LIMIT="off",
+        METRICS_ENABLED="false",
+        OTEL_TRACES_EXPORTER="none",
+    )
+    responses = [fetch_unknown(client) for _ in range(5)]
+    assert responses == [404] * 5
+    response = client.post("/vault/secret/create", json={"secret": b64(b"x")})
+    assert response.status_code == 200
+    assert "ratelimit-limit" not in response.headers
+    assert client.get("/metrics").status_code == 404
+    assert "/metrics" not in client.get("/openapi.json").json()["paths"]
+    assert audit_records(store_env) == []
