@@ -266,28 +266,30 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-class ServerProcess:
-    """A real ``secret-manager serve`` subprocess on a free port."""
+class HTTPProcess:
+    """A server subprocess on a free loopback port, its output in a log file."""
 
-    def __init__(self, env: dict[str, str], args: list[str], cwd: Path) -> None:
+    def __init__(
+        self, command: list[str], *, log: Path, probe: str, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = cwd / f"serve-{self.port}.log"
+        self.log = log
         self._log_handle = self.log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vault", "serve", "--port", str(self.port), *args],
-            env=clean_env(**env),
-            cwd=cwd,
+            [part.format(port=self.port) for part in command],
+            env=env,
+            cwd=log.parent,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
         )
-        wait_until(self._healthy, 30, f"server on {self.url} (log: {self.log.read_text()!r})")
+        wait_until(lambda: self._answers(probe), 30, f"{command[0]} on {self.url} to answer")
 
-    def _healthy(self) -> bool:
+    def _answers(self, probe: str) -> bool:
         if self.process.poll() is not None:
-            raise AssertionError(f"server exited early: {self.log.read_text()}")
+            raise AssertionError(f"{self.process.args!r} exited early: {self.log.read_text()}")
         try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            return httpx.get(self.url + probe, timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -305,6 +307,18 @@ class ServerProcess:
 
     def output(self) -> str:
         return self.log.read_text()
+
+
+class ServerProcess(HTTPProcess):
+    """A real ``secret-manager serve`` subprocess."""
+
+    def __init__(self, env: dict[str, str], args: list[str], cwd: Path) -> None:
+        super().__init__(
+            [sys.executable, "-m", "vault", "serve", "--port", "{port}", *args],
+            log=cwd / f"serve-{uuid.uuid4().hex[:8]}.log",
+            probe="/healthz",
+            env=clean_env(**env),
+        )
 
 
 @pytest.fixture

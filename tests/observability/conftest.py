@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -24,10 +22,10 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from starlette.types import ASGIApp
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import HTTPProcess, free_port, wait_until
 
 
-class PrometheusServer:
+class PrometheusServer(HTTPProcess):
     """A ``prometheus`` process with its own config and storage, scraping given targets."""
 
     def __init__(
@@ -41,9 +39,6 @@ class PrometheusServer:
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.job = job
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = directory / "prometheus.log"
         config = directory / "prometheus.yml"
         # JSON is YAML: no YAML library needed to write the config.
         config.write_text(
@@ -60,26 +55,16 @@ class PrometheusServer:
                 }
             )
         )
-        self._log_handle = self.log.open("wb")
-        self.process = subprocess.Popen(
+        super().__init__(
             [
                 "prometheus",
                 f"--config.file={config}",
                 f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.listen-address=127.0.0.1:{port}",
             ],
-            stdout=self._log_handle,
-            stderr=subprocess.STDOUT,
+            log=directory / "prometheus.log",
+            probe="/-/ready",
         )
-        wait_until(self._ready, 30, f"Prometheus on {self.url} to be ready")
-
-    def _ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"prometheus exited early: {self.log.read_text()}")
-        try:
-            return httpx.get(self.url + "/-/ready", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """The result vector of an instant query: ``[{"metric": {...}, "value": [t, "v"]}]``."""
@@ -110,18 +95,6 @@ class PrometheusServer:
             {key: target.get(key) for key in ("scrapeUrl", "health", "lastError")}
             for target in body["data"]["activeTargets"]
         ]
-
-    def stop(self, timeout: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            self._log_handle.close()
-        return code
 
 
 @pytest.fixture

@@ -14,13 +14,13 @@ import logging
 import time
 from typing import Any
 
-import anyio
 import pymongo
-from pymongo import MongoClient, ReturnDocument
+from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from vault.stores.base import StoreUnavailable, run_off_loop
+from vault.stores.base import StoreUnavailable
+from vault.stores.mongo import MongoConnection
 
 log = logging.getLogger("secret_manager.ratelimit")
 
@@ -39,48 +39,22 @@ class MongoCounter:
         timeout: float = 2.0,
         pool_size: int = 16,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds")
-        if pool_size < 1:
-            raise ValueError("pool_size must be at least 1")
-        self._timeout = timeout
-        self._pool_size = pool_size
-        # The driver times out first; the outer deadline only catches a stuck thread.
-        self._deadline = timeout + 1.0
-        self._client: MongoClient[dict[str, Any]] = MongoClient(
-            uri,
-            timeoutMS=int(timeout * 1000),
-            maxPoolSize=pool_size,
-            retryWrites=True,
-            appname="secret-manager",
-            tz_aware=True,
-            connect=False,
-        )
-        self._counts: Collection[dict[str, Any]] = self._client[database][collection]
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._mongo = MongoConnection(uri, pool_size=pool_size, timeout=timeout)
+        self._counts: Collection[dict[str, Any]] = self._mongo.client[database][collection]
         self._index_ready = False
         self._index_retry_at = 0.0
 
     async def open(self) -> None:
         """Create the thread limiter and, if the database answers, the TTL index."""
-        self._limiter = anyio.CapacityLimiter(self._pool_size)
+        await self._mongo.open()
         await self._ensure_index()
 
     async def close(self) -> None:
-        self._client.close()
+        await self._mongo.close()
 
     async def _run(self, operation: str, func: Any, *args: object) -> Any:
-        if self._limiter is None:
-            raise RuntimeError("counter used before open()")
         try:
-            return await run_off_loop(
-                func,
-                *args,
-                limiter=self._limiter,
-                timeout=self._deadline,
-                operation=operation,
-                system="mongodb",
-            )
+            return await self._mongo.run(operation, func, *args)
         except PyMongoError as exc:
             # The type only: a DuplicateKeyError's message quotes the key, a client address.
             raise StoreUnavailable(f"rate limit counter: {type(exc).__name__}") from None
@@ -101,7 +75,7 @@ class MongoCounter:
     def _increment_sync(self, key: str, expires_at: dt.datetime) -> int:
         bump = {"$inc": {"n": 1}}
         # One time budget for both attempts.
-        with pymongo.timeout(self._timeout):
+        with pymongo.timeout(self._mongo.timeout):
             try:
                 # An upsert seeds the new document from the filter's equality fields, so a
                 # window's document is born with its expiry in the same atomic write. (Not

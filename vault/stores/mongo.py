@@ -34,24 +34,23 @@ def _is_unavailable(exc: PyMongoError) -> bool:
     return isinstance(exc, ConnectionFailure | WriteConcernError) or bool(exc.timeout)
 
 
-class MongoStore:
-    """Secrets in the ``secrets`` collection of MONGO_DB, keyed by secret id."""
+class MongoConnection:
+    """A pymongo client whose every call runs in a thread limiter as large as its pool.
 
-    def __init__(
-        self,
-        uri: str,
-        database: str,
-        *,
-        write_concern: str | int = "majority",
-        journal: bool = True,
-        pool_size: int = 32,
-        timeout: float = 4.0,
-    ) -> None:
-        self._timeout = timeout
+    Shared by the secret store and the rate-limit counters; ``run`` turns errors that mean
+    "not reachable or not writable now" into StoreUnavailable and lets the rest through.
+    """
+
+    def __init__(self, uri: str, *, pool_size: int, timeout: float) -> None:
+        if not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        self.timeout = timeout
         self._pool_size = pool_size
         # The driver times out first; the outer deadline only catches a stuck thread.
         self._deadline = timeout + 1.0
-        self._client: MongoClient[dict[str, Any]] = MongoClient(
+        self.client: MongoClient[dict[str, Any]] = MongoClient(
             uri,
             timeoutMS=int(timeout * 1000),
             maxPoolSize=pool_size,
@@ -61,23 +60,17 @@ class MongoStore:
             tz_aware=True,
             connect=False,
         )
-        durable = WriteConcern(w=write_concern, j=journal)
-        db = self._client[database]
-        self._secrets: Collection[dict[str, Any]] = db.get_collection(
-            "secrets", write_concern=durable
-        )
-        self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
         self._limiter: anyio.CapacityLimiter | None = None
 
     async def open(self) -> None:
         self._limiter = anyio.CapacityLimiter(self._pool_size)
 
     async def close(self) -> None:
-        self._client.close()
+        self.client.close()
 
-    async def _run(self, operation: str, func: Any, *args: object) -> Any:
+    async def run(self, operation: str, func: Any, *args: object) -> Any:
         if self._limiter is None:
-            raise RuntimeError("store used before open()")
+            raise RuntimeError("MongoDB used before open()")
         try:
             return await run_off_loop(
                 func,
@@ -91,6 +84,34 @@ class MongoStore:
             if _is_unavailable(exc):
                 raise StoreUnavailable(type(exc).__name__) from None
             raise
+
+
+class MongoStore:
+    """Secrets in the ``secrets`` collection of MONGO_DB, keyed by secret id."""
+
+    def __init__(
+        self,
+        uri: str,
+        database: str,
+        *,
+        write_concern: str | int = "majority",
+        journal: bool = True,
+        pool_size: int = 32,
+        timeout: float = 4.0,
+    ) -> None:
+        self._mongo = MongoConnection(uri, pool_size=pool_size, timeout=timeout)
+        durable = WriteConcern(w=write_concern, j=journal)
+        db = self._mongo.client[database]
+        self._secrets: Collection[dict[str, Any]] = db.get_collection(
+            "secrets", write_concern=durable
+        )
+        self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
+
+    async def open(self) -> None:
+        await self._mongo.open()
+
+    async def close(self) -> None:
+        await self._mongo.close()
 
     def _insert_sync(self, doc: dict[str, Any]) -> None:
         try:
@@ -112,10 +133,10 @@ class MongoStore:
             "ct": record.ciphertext,
             "created_at": dt.datetime.now(dt.UTC),
         }
-        await self._run("insert", self._insert_sync, doc)
+        await self._mongo.run("insert", self._insert_sync, doc)
 
     async def get(self, secret_id: str) -> SealedSecret | None:
-        doc: Mapping[str, Any] | None = await self._run(
+        doc: Mapping[str, Any] | None = await self._mongo.run(
             "get", self._secrets.find_one, {"_id": secret_id}
         )
         if doc is None:
@@ -129,7 +150,7 @@ class MongoStore:
 
     async def insert_audit(self, records: Sequence[AuditRecord]) -> None:
         documents = [record.as_document() for record in records]
-        await self._run(
+        await self._mongo.run(
             "insert_audit", functools.partial(self._audit.insert_many, documents, ordered=False)
         )
 
@@ -145,12 +166,12 @@ class MongoStore:
 
     async def apply_audit_retention(self, ttl_days: int) -> None:
         """A TTL index on ``ts``: MongoDB itself deletes records older than the retention."""
-        await self._run("audit_retention", self._retention_sync, ttl_days)
+        await self._mongo.run("audit_retention", self._retention_sync, ttl_days)
 
     def _ping_sync(self) -> None:
         # Readiness probes (Swarm, a load balancer) time out in a few seconds themselves.
-        with pymongo.timeout(min(self._timeout, PING_TIMEOUT_SECONDS)):
-            self._client.admin.command("ping")
+        with pymongo.timeout(min(self._mongo.timeout, PING_TIMEOUT_SECONDS)):
+            self._mongo.client.admin.command("ping")
 
     async def ping(self) -> None:
-        await self._run("ping", self._ping_sync)
+        await self._mongo.run("ping", self._ping_sync)
