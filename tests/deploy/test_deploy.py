@@ -1,0 +1,226 @@
+"""The deployment files, checked without a Docker engine: Dockerfile, stack.yml, Prometheus.
+
+``docker stack config`` validates the stack as ``docker stack deploy`` would read it,
+promtool validates the Prometheus configuration and alert rules, hadolint lints the
+Dockerfile, and the YAML itself is checked for the properties high availability needs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, MongoWireServer, ServerProcess
+
+HEALTHCHECK_PYTHON = (
+    "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"
+)
+
+
+def tool(name: str) -> str:
+    """A CLI the checks need; only outside CI may its absence skip a test."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run must install it")
+        pytest.skip(f"{name} is not installed on this machine")
+    return path
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def stack() -> dict[str, Any]:
+    """stack.yml as ``docker stack deploy`` would see it (anchors and merges resolved)."""
+    result = run(tool("docker"), "stack", "config", "-c", "stack.yml")
+    assert result.returncode == 0, result.stderr
+    parsed: dict[str, Any] = yaml.safe_load(result.stdout)
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def services(stack: dict[str, Any]) -> dict[str, Any]:
+    return dict(stack["services"])
+
+
+def test_promtool_accepts_the_configuration_and_rules() -> None:
+    promtool = tool("promtool")
+    for command in (
+        ("check", "config", "prometheus.yml"),
+        ("check", "rules", "alert-rules.yml"),
+        ("test", "rules", "tests/deploy/alert-rules.test.yml"),
+    ):
+        result = run(promtool, *command)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_accepts_the_dockerfile() -> None:
+    result = run(tool("hadolint"), "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_app_service_is_replicated_and_rolls_safely(services: dict[str, Any]) -> None:
+    app = services["secret-manager"]
+    deploy = app["deploy"]
+    assert deploy["replicas"] >= 2
+    assert deploy["update_config"]["order"] == "start-first"
+    assert deploy["update_config"]["failure_action"] == "rollback"
+    assert deploy["rollback_config"]["parallelism"] >= 1
+    assert deploy["restart_policy"]["condition"] == "any"
+    assert deploy["resources"]["limits"]["memory"]
+    assert deploy["resources"]["limits"]["cpus"]
+    assert app["healthcheck"]["test"] == ["CMD", "python", "-c", HEALTHCHECK_PYTHON]
+    assert [(p["target"], p["published"]) for p in app["ports"]] == [(8000, 8000)]
+
+
+def test_master_key_comes_from_a_docker_secret(
+    stack: dict[str, Any], services: dict[str, Any]
+) -> None:
+    app = services["secret-manager"]
+    env = app["environment"]
+    assert "MASTER_KEY" not in env  # an environment variable leaks through docker inspect
+    assert env["MASTER_KEY_FILE"] == "/run/secrets/master_key"
+    (secret,) = app["secrets"]
+    assert secret["source"] == "master_key"
+    assert secret["uid"] == "10001"  # readable by the image's non-root user only
+    assert stack["secrets"]["master_key"]["external"] is True
+
+
+def test_mongodb_is_a_three_member_replica_set(services: dict[str, Any]) -> None:
+    members = [f"mongo{i}" for i in (1, 2, 3)]
+    volumes = set()
+    for name in members:
+        member = services[name]
+        assert re.fullmatch(r"mongo:7(\.\d+)*", member["image"])
+        assert member["command"][-3:] == ["--replSet", "rs0", "--bind_ip_all"]
+        assert "ports" not in member  # never published outside the overlay network
+        (volume,) = member["volumes"]
+        assert volume["target"] == "/data/db"
+        volumes.add(volume["source"])
+        assert member["deploy"]["placement"]["constraints"] == [f"node.labels.{name} == true"]
+        assert member["healthcheck"]["test"][0] == "CMD"
+    assert len(volumes) == 3
+    uri = services["secret-manager"]["environment"]["MONGO_URI"]
+    assert all(f"{name}:27017" in uri for name in members)
+    assert "replicaSet=rs0" in uri
+
+
+def test_replica_set_init_is_one_shot_and_idempotent(services: dict[str, Any]) -> None:
+    init = services["mongo-init"]
+    assert init["deploy"]["restart_policy"]["condition"] == "on-failure"
+    script = init["command"][-1]
+    assert "rs.initiate" in script
+    assert "NotYetInitialized" in script  # only a fresh set is initiated
+    for name in ("mongo1", "mongo2", "mongo3"):
+        assert f'host: "{name}:27017"' in script
+
+
+def test_one_encrypted_overlay_network_for_everything(
+    stack: dict[str, Any], services: dict[str, Any]
+) -> None:
+    network = stack["networks"]["vault"]
+    assert network["driver"] == "overlay"
+    assert network["driver_opts"]["encrypted"] == "true"
+    assert all(list(service["networks"]) == ["vault"] for service in services.values())
+
+
+def test_monitoring_scrapes_every_replica_and_loads_the_rules(services: dict[str, Any]) -> None:
+    prometheus = services["prometheus"]
+    targets = {c["source"]: c["target"] for c in prometheus["configs"]}
+    assert targets["prometheus_config"] == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((ROOT / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "secret-manager"]
+    assert job["dns_sd_configs"] == [
+        {"names": ["tasks.secret-manager"], "type": "A", "port": 8000, "refresh_interval": "15s"}
+    ]
+    assert "static_configs" not in job  # not the virtual IP
+    # rule_files is relative to the config file: the rules must be mounted beside it.
+    for rule_file in config["rule_files"]:
+        assert str(Path("/etc/prometheus") / rule_file) in targets.values()
+    rules = yaml.safe_load((ROOT / "alert-rules.yml").read_text())
+    names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    assert names == {
+        "SecretManagerInstanceDown",
+        "SecretManagerHigh5xxRatio",
+        "SecretManagerHighP99Latency",
+        "SecretManagerAuditWriteFailures",
+        "SecretManagerRateLimitSurge",
+    }
+
+
+def test_traces_go_to_the_collector(services: dict[str, Any]) -> None:
+    env = services["secret-manager"]["environment"]
+    assert env["OTEL_TRACES_EXPORTER"] == "otlp"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+    collector = services["otel-collector"]
+    config = yaml.safe_load((ROOT / "otel-collector.yml").read_text())
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    assert collector["configs"][0]["target"] == "/etc/otelcol/config.yaml"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def test_image_is_multi_stage_pinned_and_runs_as_non_root() -> None:
+    instructions = dockerfile_instructions()
+    froms = [arg for op, arg in instructions if op == "FROM"]
+    assert len(froms) >= 2
+    base = next(arg for op, arg in instructions if op == "ARG" and arg.startswith("PYTHON_IMAGE"))
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11\.\d+-slim-\w+", base)
+    users = [arg for op, arg in instructions if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    (cmd,) = [arg for op, arg in instructions if op == "CMD"]
+    assert shlex.split(cmd)[0].startswith("[")  # exec form
+    assert '"secret-manager", "serve", "--host", "0.0.0.0"' in cmd
+    assert '"--workers", "1"' in cmd
+    (healthcheck,) = [arg for op, arg in instructions if op == "HEALTHCHECK"]
+    assert HEALTHCHECK_PYTHON in healthcheck
+    assert any(op == "COPY" and "pyproject.toml" in arg for op, arg in instructions)
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    # Everything out first, then back in only what the build copies: no tests, no .git.
+    assert ignored.index("*") < min(i for i, line in enumerate(ignored) if line.startswith("!"))
+    assert {line for line in ignored if line.startswith("!")} == {
+        "!pyproject.toml",
+        "!README.md",
+        "!vault/",
+        "!middleware/",
+        "!observability/",
+    }
+
+
+def test_the_healthcheck_command_follows_readiness(
+    start_server: Any, master_key: str, tmp_path: Path
+) -> None:
+    """The image's HEALTHCHECK, run as is against a real server, with its store up and down."""
+    nx = MongoWireServer(tmp_path / "nx")
+    (tmp_path / "nx").mkdir()
+    nx.start()
+    try:
+        server: ServerProcess = start_server(
+            {"MASTER_KEY": master_key, "MONGO_URI": nx.uri, "STORE_TIMEOUT_SECONDS": "1"}
+        )
+        check = ["python", "-c", HEALTHCHECK_PYTHON.replace("8000", str(server.port))]
+        assert subprocess.run(check, capture_output=True, timeout=10).returncode == 0
+        nx.stop()
+        assert subprocess.run(check, capture_output=True, timeout=10).returncode != 0
+    finally:
+        nx.stop()
