@@ -1,0 +1,1 @@
+"""Locust scenarios, the local cluster harness and the benchmark."""
