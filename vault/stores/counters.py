@@ -2,7 +2,7 @@
 
 Each window of each client is one document ``{_id: key, n: count, expires_at: date}``,
 bumped by one atomic upsert (``find_one_and_update``); a TTL index on ``expires_at`` lets
-MongoDB delete finished windows. Calls run in a thread limiter of their own, like
+MongoDB delete finished windows. Calls run in a thread pool of their own, like
 MongoStore's, with a short client-side timeout: the rate limiter fails open on
 StoreUnavailable, so a slow database must cost a request little time.
 """
@@ -45,7 +45,7 @@ class MongoCounter:
         self._index_retry_at = 0.0
 
     async def open(self) -> None:
-        """Create the thread limiter and, if the database answers, the TTL index."""
+        """Start the thread pool and, if the database answers, create the TTL index."""
         await self._mongo.open()
         await self._ensure_index()
 

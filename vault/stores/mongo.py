@@ -1,10 +1,11 @@
-"""MongoDB store through pymongo, every call in a dedicated thread limiter.
+"""MongoDB store through pymongo, every call in a dedicated thread pool.
 
-The limiter has as many slots as pymongo's connection pool, so a thread never waits for
-a pooled connection, and it is separate from anyio's default limiter (40 threads) so
-other thread work cannot starve the store. Timeouts are client-side operation timeouts
-(``timeoutMS``): server selection, connection checkout and retries all fit in one budget,
-so a client gets a 503 within seconds when the database is gone instead of pymongo's 30 s.
+The pool has as many threads as pymongo's connection pool has connections, so a thread
+never waits for a pooled connection, and it is separate from anyio's default thread
+limiter (40 threads) so other thread work cannot starve the store. Timeouts are client-side
+operation timeouts (``timeoutMS``): server selection, connection checkout and retries all
+fit in one budget, so a client gets a 503 within seconds when the database is gone instead
+of pymongo's 30 s.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import anyio
 import pymongo
 from pymongo import MongoClient
 from pymongo.collection import Collection
@@ -22,7 +23,7 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, W
 from pymongo.write_concern import WriteConcern
 
 from observability.audit import AuditRecord
-from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop
+from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop, store_executor
 
 _FORMAT_VERSION = 1
 _TTL_INDEX = "ts_ttl"
@@ -35,7 +36,7 @@ def _is_unavailable(exc: PyMongoError) -> bool:
 
 
 class MongoConnection:
-    """A pymongo client whose every call runs in a thread limiter as large as its pool.
+    """A pymongo client whose every call runs in a thread pool as large as its own pool.
 
     Shared by the secret store and the rate-limit counters; ``run`` turns errors that mean
     "not reachable or not writable now" into StoreUnavailable and lets the rest through.
@@ -60,22 +61,24 @@ class MongoConnection:
             tz_aware=True,
             connect=False,
         )
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     async def open(self) -> None:
-        self._limiter = anyio.CapacityLimiter(self._pool_size)
+        self._executor = store_executor(self._pool_size, "mongo")
 
     async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
     async def run(self, operation: str, func: Any, *args: object) -> Any:
-        if self._limiter is None:
+        if self._executor is None:
             raise RuntimeError("MongoDB used before open()")
         try:
             return await run_off_loop(
                 func,
                 *args,
-                limiter=self._limiter,
+                executor=self._executor,
                 timeout=self._deadline,
                 operation=operation,
                 system="mongodb",

@@ -7,19 +7,19 @@ connections lets reads run beside a write (WAL allows that); SQLite serialises w
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import queue
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-import anyio
-
 from observability.audit import AuditRecord
-from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop
+from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop, store_executor
 
 T = TypeVar("T")
 
@@ -66,7 +66,7 @@ class SQLiteStore:
         self._timeout = timeout
         self._size = connections
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -87,10 +87,12 @@ class SQLiteStore:
             self._pool.put(self._connect())
 
     async def open(self) -> None:
-        self._limiter = anyio.CapacityLimiter(self._size)
-        await anyio.to_thread.run_sync(self._open_sync)
+        self._executor = store_executor(self._size, "sqlite")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_sync)
 
     async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
         while not self._pool.empty():
             self._pool.get_nowait().close()
 
@@ -103,7 +105,7 @@ class SQLiteStore:
             self._pool.put(conn)
 
     async def _run(self, operation: str, func: Callable[[sqlite3.Connection], T]) -> T:
-        if self._limiter is None:
+        if self._executor is None:
             raise RuntimeError("store used before open()")
 
         def call() -> T:
@@ -113,7 +115,7 @@ class SQLiteStore:
         try:
             return await run_off_loop(
                 call,
-                limiter=self._limiter,
+                executor=self._executor,
                 timeout=self._timeout + 1.0,
                 operation=operation,
                 system="sqlite",
