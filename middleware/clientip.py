@@ -9,6 +9,7 @@ The result is put in ``scope["state"]["client_ip"]`` for the rate limiter and au
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
@@ -22,6 +23,7 @@ _XFF = b"x-forwarded-for"
 _Address = IPv4Address | IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)  # the same few peers and proxies, request after request
 def _parse(text: str) -> _Address | None:
     """The address in ``text``, IPv4-mapped IPv6 as IPv4; None if it is not an address."""
     try:
