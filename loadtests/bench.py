@@ -1,0 +1,278 @@
+"""Benchmark: create and fetch through the full stack, beside its floor and its baseline.
+
+In one run, on one MongoDB-wire server, each configuration is started as a real server
+process (one Hypercorn worker, as in a container) and loaded with ``hey`` (Debian package):
+
+- ``echo``: a bare Starlette JSON echo endpoint on the same Hypercorn: the stack's floor;
+- ``full stack``: the service as deployed (audit in sync mode, rate limiting, metrics);
+- the full stack with each middleware switched off in turn, and with all of them off;
+- ``+ tracing``: the full stack exporting every span over OTLP/HTTP to a local sink;
+- ``naive``: two synchronous, unbatched inserts per request (secret, then audit record).
+
+For each it reports throughput, p50/p95/p99 latency and the server process's CPU time per
+request (steadier than wall time on a shared machine), and prints a markdown table::
+
+    python -m loadtests.bench                      # 3000 requests per cell, 20 connections
+    python -m loadtests.bench --requests 1000 --rounds 3 --mongo-uri mongodb://...
+
+Without ``--mongo-uri`` it starts an nx-27017 server. Rounds interleave the configurations;
+each cell is the median of the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx2 as httpx
+
+from loadtests.cluster import ClusterError, executable, free_port, mongodb
+from vault.crypto import generate_key
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SECRET = base64.b64encode(b"benchmark secret: 32 bytes long!").decode()
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    command: str  # "serve" or a loadtests.baselines app
+    env: dict[str, str] = field(default_factory=dict)
+
+
+FULL = {"RATE_LIMIT": "1000000/second"}  # the limiter runs but never refuses the benchmark
+CONFIGS = [
+    Config("echo (floor)", "echo"),
+    Config("full stack", "serve", FULL),
+    Config("full stack - audit", "serve", {**FULL, "AUDIT_ENABLED": "false"}),
+    Config("full stack - rate limit", "serve", {"RATE_LIMIT": "off"}),
+    Config("full stack - metrics", "serve", {**FULL, "METRICS_ENABLED": "false"}),
+    Config(
+        "no middleware",
+        "serve",
+        {"RATE_LIMIT": "off", "AUDIT_ENABLED": "false", "METRICS_ENABLED": "false"},
+    ),
+    Config("full stack + tracing", "serve", {**FULL, "OTEL_TRACES_EXPORTER": "otlp"}),
+    Config("naive (2 sync inserts)", "naive"),
+]
+
+
+@dataclass
+class Cell:
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    cpu_us: float
+    errors: int
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def wait_for(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+@contextmanager
+def otlp_sink() -> Iterator[str]:
+    """A local endpoint that accepts OTLP/HTTP exports and discards them."""
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+@contextmanager
+def server(config: Config, env: dict[str, str], workdir: Path) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    if config.command == "serve":
+        command = [sys.executable, "-m", "vault", "serve", "--port", str(port)]
+    else:
+        command = [sys.executable, "-m", "loadtests.baselines", config.command, "--port", str(port)]
+    log = (workdir / f"{config.command}-{port}.log").open("wb")
+    process = subprocess.Popen(  # noqa: S603 - our own arguments, no shell
+        command, env={**env, **config.env}, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url + ("/healthz" if config.command == "serve" else "/"))
+        yield url, process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def hey(url: str, body: str, requests: int, concurrency: int) -> list[tuple[float, float, int]]:
+    """Run hey; return (offset s, response time s, status) per request."""
+    result = subprocess.run(  # noqa: S603 - our own arguments, no shell
+        [executable("hey"), "-n", str(requests), "-c", str(concurrency), "-m", "POST",
+         "-T", "application/json", "-d", body, "-o", "csv", url],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    rows = []
+    for row in csv.DictReader(io.StringIO(result.stdout)):
+        rows.append((float(row["offset"]), float(row["response-time"]), int(row["status-code"])))
+    return rows
+
+
+def measure(url: str, pid: int, path: str, body: str, requests: int, concurrency: int) -> Cell:
+    before = cpu_seconds(pid)
+    rows = hey(url + path, body, requests, concurrency)
+    cpu = cpu_seconds(pid) - before
+    ok = sorted(rt for _, rt, status in rows if status == 200)
+    wall = max(offset + rt for offset, rt, _ in rows) - min(offset for offset, _, _ in rows)
+    quantiles = statistics.quantiles(ok, n=100) if len(ok) > 1 else [0.0] * 99
+    return Cell(
+        rps=len(ok) / wall,
+        p50_ms=quantiles[49] * 1000,
+        p95_ms=quantiles[94] * 1000,
+        p99_ms=quantiles[98] * 1000,
+        cpu_us=cpu / len(rows) * 1e6,
+        errors=len(rows) - len(ok),
+    )
+
+
+def bench_config(
+    config: Config, env: dict[str, str], workdir: Path, requests: int, concurrency: int
+) -> dict[str, Cell]:
+    env = {**env, "MONGO_DB": "bench" + uuid.uuid4().hex[:8]}
+    with server(config, env, workdir) as (url, pid):
+        created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
+        secret_id = created.json().get("secret_id", str(uuid.uuid4()))
+        fetch_body = f'{{"secret_id": "{secret_id}"}}'
+        create_body = f'{{"secret": "{SECRET}"}}'
+        hey(url + "/vault/secret/fetch", fetch_body, min(500, requests), concurrency)  # warm up
+        return {
+            "create": measure(url, pid, "/vault/secret/create", create_body, requests, concurrency),
+            "fetch": measure(url, pid, "/vault/secret/fetch", fetch_body, requests, concurrency),
+        }
+
+
+def median_cell(cells: list[Cell]) -> Cell:
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    return Cell(
+        rps=med([c.rps for c in cells]),
+        p50_ms=med([c.p50_ms for c in cells]),
+        p95_ms=med([c.p95_ms for c in cells]),
+        p99_ms=med([c.p99_ms for c in cells]),
+        cpu_us=med([c.cpu_us for c in cells]),
+        errors=sum(c.errors for c in cells),
+    )
+
+
+def table(results: dict[str, dict[str, Cell]]) -> str:
+    floor = results["echo (floor)"]
+    naive = results.get("naive (2 sync inserts)")
+    lines = [
+        "| configuration | op | req/s | p50 ms | p95 ms | p99 ms | CPU µs/req "
+        "| CPU vs echo | req/s vs naive | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, cells in results.items():
+        for op, cell in cells.items():
+            vs_naive = f"{cell.rps / naive[op].rps:.2f}x" if naive else "-"
+            lines.append(
+                f"| {name} | {op} | {cell.rps:.0f} | {cell.p50_ms:.1f} | {cell.p95_ms:.1f} "
+                f"| {cell.p99_ms:.1f} | {cell.cpu_us:.0f} | {cell.cpu_us / floor[op].cpu_us:.2f}x "
+                f"| {vs_naive} | {cell.errors} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000, help="requests per cell (3000)")
+    parser.add_argument("--concurrency", type=int, default=20, help="connections (20)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (1)")
+    parser.add_argument("--mongo-uri", default=os.environ.get("MONGO_URI"))
+    parser.add_argument("--only", nargs="*", help="configuration names to run (all)")
+    args = parser.parse_args(argv)
+    try:
+        executable("hey")
+    except ClusterError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+    configs = [
+        c for c in CONFIGS if not args.only or c.name in args.only or c.name == "echo (floor)"
+    ]
+    runs: dict[str, list[dict[str, Cell]]] = {c.name: [] for c in configs}
+    with tempfile.TemporaryDirectory(prefix="secret-manager-bench-") as tmp:
+        workdir = Path(tmp)
+        with mongodb(args.mongo_uri, workdir) as mongo_uri, otlp_sink() as sink:
+            base_env = {
+                key: value
+                for key, value in os.environ.items()
+                if not key.startswith(("MASTER_KEY", "MONGO", "OTEL_", "AUDIT", "RATE_LIMIT"))
+            }
+            base_env.update(
+                MASTER_KEY=generate_key(),
+                MONGO_URI=mongo_uri,
+                LOG_LEVEL="WARNING",
+                OTEL_EXPORTER_OTLP_ENDPOINT=sink,
+            )
+            for round_number in range(args.rounds):
+                for config in configs:
+                    print(f"round {round_number + 1}: {config.name}", file=sys.stderr)
+                    runs[config.name].append(
+                        bench_config(config, base_env, workdir, args.requests, args.concurrency)
+                    )
+    results = {
+        name: {op: median_cell([r[op] for r in rounds]) for op in ("create", "fetch")}
+        for name, rounds in runs.items()
+    }
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,403 @@
+"""Locust scenarios for secret-manager: roundtrip, create burst, read-heavy and negative mixes.
+
+The server under test needs ``RATE_LIMIT=off`` (or a limit far above the load): its default,
+100 requests per second per client IP, refuses a load test that comes from one machine, and
+every 429 counts here as a failure ("rate limited: start the server with RATE_LIMIT=off")::
+
+    RATE_LIMIT=off MASTER_KEY=$(secret-manager genkey) secret-manager serve
+
+Users (select them by class name, or by tag with ``--tags``); none waits between tasks, so
+``-u`` is the number of requests in flight:
+
+=================  =============  ==========================================================
+Class              Tag            What each user does
+=================  =============  ==========================================================
+RoundtripUser      ``roundtrip``  create a random secret (1..4096 bytes), fetch it, compare
+CreateBurstUser    ``burst``      creates only; each must get 200 with a UUID secret_id
+ReadHeavyUser      ``readheavy``  about 9 fetches (verified) per create, from its own pool
+NegativeUser       ``negative``   bad base64, unknown or malformed ids, oversized secrets,
+                                  malformed JSON: each must get exactly its 400/404/413
+=================  =============  ==========================================================
+
+Web UI (http://localhost:8089; ``--class-picker`` lets you choose the users there)::
+
+    locust -f loadtests/locustfile.py --host http://<swarm-node>:8000 --class-picker
+
+Headless, one scenario at a time (the summary reports failures and requests per second);
+the "20 concurrent creates" test is the CreateBurstUser line::
+
+    locust -f loadtests/locustfile.py --headless -u 10 -r 10 -t 60s \\
+        --host http://127.0.0.1:8000 RoundtripUser
+    locust -f loadtests/locustfile.py --headless -u 20 -r 20 -t 30s \\
+        --host http://127.0.0.1:8000 CreateBurstUser
+    locust -f loadtests/locustfile.py --headless -u 20 -r 20 -t 60s \\
+        --host http://127.0.0.1:8000 ReadHeavyUser
+    locust -f loadtests/locustfile.py --headless -u 5 -r 5 -t 30s \\
+        --host http://127.0.0.1:8000 NegativeUser
+    locust -f loadtests/locustfile.py --headless -u 20 -r 20 -t 30s \\
+        --host http://127.0.0.1:8000 --tags burst        # by tag instead of class name
+
+The CI gate (all four scenarios; exit code 1 on any failed request)::
+
+    locust -f loadtests/locustfile.py --headless -u 10 -r 10 -t 10s --host http://127.0.0.1:8000 \\
+        RoundtripUser CreateBurstUser ReadHeavyUser NegativeUser
+
+Custom arguments (also editable in the web UI):
+
+- ``--max-p95-ms 250``: exit code 1 when the p95 of all requests exceeds 250 ms (0, the
+  default, sets no limit). With or without it, any failed request makes the exit code 1;
+  otherwise it is 0. In the web UI the code is set when Locust quits (Ctrl-C, ``--autoquit``).
+  For example::
+
+      locust -f loadtests/locustfile.py --headless -u 10 -r 10 -t 60s \\
+          --host http://127.0.0.1:8000 --max-p95-ms 250 RoundtripUser
+
+- ``--max-secret-bytes 65536``: the server's ``MAX_SECRET_BYTES``; NegativeUser sends one
+  byte more and expects 413.
+
+``LOADTEST_ACK_FILE=acks.txt``: every create answered 200 appends one line
+``<secret_id> <sha256 hex of the plaintext>`` (one write and flush per line, append mode,
+file mode 0600 as the ids are bearer capabilities), so a harness can later fetch each
+acknowledged secret and prove none was lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import uuid
+from typing import IO, Any
+
+from locust import FastHttpUser, constant, events, tag, task
+from locust.argument_parser import LocustArgumentParser
+from locust.contrib.fasthttp import ResponseContextManager
+from locust.env import Environment
+from locust.runners import WorkerRunner
+
+CREATE_PATH = "/vault/secret/create/"
+FETCH_PATH = "/vault/secret/fetch"
+ACK_FILE_VARIABLE = "LOADTEST_ACK_FILE"
+DEFAULT_MAX_SECRET_BYTES = 65536
+LARGEST_RANDOM_SECRET = 4096
+READ_POOL_SIZE = 100
+RATE_LIMITED = "rate limited: start the server with RATE_LIMIT=off"
+
+# Each of these must be refused with 400 by the create endpoint.
+INVALID_SECRETS: tuple[object, ...] = (
+    "not base64!",
+    "aGk",  # padding missing
+    "aGk=\n",  # trailing newline
+    "aG k=",  # whitespace inside
+    "-_-_",  # url-safe alphabet
+    "aGl=",  # not the canonical encoding of b"hi"
+    "",  # empty secret
+    12345,  # not a string
+)
+# Each of these must be refused with 400 by the fetch endpoint.
+MALFORMED_IDS: tuple[object, ...] = (
+    "not-a-uuid",
+    "{00000000-0000-4000-8000-000000000000}",
+    "urn:uuid:00000000-0000-4000-8000-000000000000",
+    "00000000000040008000000000000000",
+    None,
+)
+# Bodies that are not a JSON object, or not valid JSON at all: 400 on both endpoints.
+MALFORMED_BODIES = (
+    '{"secret": "aGk="',
+    "secret=aGk=",
+    '["aGk="]',
+    '{"secret": "aGk=", "secret": "aGk="}',
+    "",  # no body at all
+)
+
+log = logging.getLogger("loadtests.locustfile")
+
+
+class AckFile:
+    """Appends ``<secret_id> <sha256 hex>`` for every acknowledged create to LOADTEST_ACK_FILE.
+
+    Opened on first use, so each process (``--processes``, workers) opens its own handle after
+    forking; one write and flush per line, in append mode, keeps lines whole across users and
+    processes. Without the variable nothing is written.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._handle: IO[str] | None = None
+
+    def record(self, secret_id: str, plaintext: bytes) -> None:
+        if not self.path:
+            return
+        if self._handle is None:
+            self._handle = open(  # noqa: SIM115 - stays open for the life of the process
+                self.path, "a", encoding="ascii", opener=_private_file
+            )
+        self._handle.write(f"{secret_id} {hashlib.sha256(plaintext).hexdigest()}\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def _private_file(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+ACKS = AckFile(os.environ.get(ACK_FILE_VARIABLE))
+
+
+def random_secret() -> bytes:
+    return os.urandom(1 + secrets.randbelow(LARGEST_RANDOM_SECRET))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _fail(response: ResponseContextManager, message: str) -> None:
+    response.failure(message)  # type: ignore[no-untyped-call]
+
+
+def _succeed(response: ResponseContextManager) -> None:
+    response.success()  # type: ignore[no-untyped-call]
+
+
+def _json_string(response: ResponseContextManager, field: str) -> str | None:
+    """The string ``field`` of the response's JSON object, or None."""
+    try:
+        body = json.loads(response.content or b"")
+    except ValueError:
+        return None
+    value = body.get(field) if isinstance(body, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _is_uuid4(text: str) -> bool:
+    try:
+        parsed = uuid.UUID(text)
+    except ValueError:
+        return False
+    return str(parsed) == text.lower() and parsed.version == 4
+
+
+def fail_unexpected(response: ResponseContextManager, what: str, expected: int) -> None:
+    """Mark ``response`` failed because it is not ``expected``; 429 gets its own message."""
+    status = response.status_code
+    if status == 429:
+        _fail(response, RATE_LIMITED)
+    elif status == 0:
+        error = getattr(response, "error", None)
+        _fail(response, f"{what}: no HTTP answer: {type(error).__name__}: {error}")
+    else:
+        # Digits masked so that Locust groups the failures ("secret is # bytes ...").
+        detail = re.sub(r"\d+", "#", _json_string(response, "detail") or "")[:200]
+        _fail(response, f"{what}: expected HTTP {expected}, got {status}: {detail}")
+
+
+class VaultUser(FastHttpUser):
+    """The secret API as checked calls; FastHttpUser costs the load generator least."""
+
+    abstract = True
+    wait_time = constant(0)
+
+    def create_secret(self, plaintext: bytes) -> str | None:
+        """Store ``plaintext``; its secret_id when acknowledged (and recorded), else None."""
+        body = {"secret": b64(plaintext)}
+        with self.client.post(CREATE_PATH, json=body, name="create", catch_response=True) as r:
+            if r.status_code != 200:
+                fail_unexpected(r, "create", 200)
+                return None
+            secret_id = _json_string(r, "secret_id")
+            if secret_id is None or not _is_uuid4(secret_id):
+                _fail(r, "create: HTTP 200 without a UUID secret_id")
+                return None
+            ACKS.record(secret_id, plaintext)
+            _succeed(r)
+            return secret_id
+
+    def fetch_secret(self, secret_id: str, plaintext: bytes) -> None:
+        """Fetch ``secret_id`` and check that it holds exactly ``plaintext``."""
+        body = {"secret_id": secret_id}
+        with self.client.post(FETCH_PATH, json=body, name="fetch", catch_response=True) as r:
+            if r.status_code != 200:
+                fail_unexpected(r, "fetch", 200)
+                return
+            encoded = _json_string(r, "secret")
+            if encoded is None:
+                _fail(r, "fetch: HTTP 200 without a string field 'secret'")
+                return
+            try:
+                fetched = base64.b64decode(encoded, validate=True)
+            except binascii.Error:
+                _fail(r, "fetch: 'secret' is not valid base64")
+                return
+            if fetched != plaintext:
+                # Sizes only: the bytes themselves are secret material.
+                _fail(
+                    r,
+                    f"fetch: a different secret came back "
+                    f"({len(fetched)} bytes for {len(plaintext)} stored)",
+                )
+                return
+            _succeed(r)
+
+    def expect_status(self, path: str, name: str, expected: int, **request: Any) -> None:
+        """Send a request that must be refused with exactly ``expected``."""
+        with self.client.post(path, name=name, catch_response=True, **request) as r:
+            if r.status_code == expected:
+                _succeed(r)
+            else:
+                fail_unexpected(r, name, expected)
+
+
+class RoundtripUser(VaultUser):
+    """Create a random secret, fetch it back and compare the bytes."""
+
+    @tag("roundtrip")
+    @task
+    def roundtrip(self) -> None:
+        plaintext = random_secret()
+        secret_id = self.create_secret(plaintext)
+        if secret_id is not None:
+            self.fetch_secret(secret_id, plaintext)
+
+
+class CreateBurstUser(VaultUser):
+    """Creates only, back to back: ``-u 20 -r 20`` is the "20 concurrent creates" test."""
+
+    @tag("burst")
+    @task
+    def create(self) -> None:
+        self.create_secret(random_secret())
+
+
+class ReadHeavyUser(VaultUser):
+    """About 9 verified fetches per create, from a pool of secrets this user created."""
+
+    def on_start(self) -> None:
+        self.pool: list[tuple[str, bytes]] = []
+        self.add_to_pool()
+
+    def add_to_pool(self) -> None:
+        plaintext = random_secret()
+        secret_id = self.create_secret(plaintext)
+        if secret_id is None:
+            return
+        if len(self.pool) < READ_POOL_SIZE:
+            self.pool.append((secret_id, plaintext))
+        else:
+            self.pool[secrets.randbelow(READ_POOL_SIZE)] = (secret_id, plaintext)
+
+    @tag("readheavy")
+    @task(1)
+    def create(self) -> None:
+        self.add_to_pool()
+
+    @tag("readheavy")
+    @task(9)
+    def fetch(self) -> None:
+        if not self.pool:  # every create so far failed
+            self.add_to_pool()
+            return
+        self.fetch_secret(*secrets.choice(self.pool))
+
+
+class NegativeUser(VaultUser):
+    """Requests the API must refuse with exactly 400, 404 or 413, never a 5xx."""
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        limit = int(getattr(options, "max_secret_bytes", DEFAULT_MAX_SECRET_BYTES))
+        self.oversized = os.urandom(limit + 1)
+        self.oversized_body = json.dumps({"secret": b64(self.oversized)})
+
+    @tag("negative")
+    @task(3)
+    def invalid_base64(self) -> None:
+        body = {"secret": secrets.choice(INVALID_SECRETS)}
+        self.expect_status(CREATE_PATH, "create (invalid base64)", 400, json=body)
+
+    @tag("negative")
+    @task(3)
+    def unknown_id(self) -> None:
+        body = {"secret_id": str(uuid.uuid4())}
+        self.expect_status(FETCH_PATH, "fetch (unknown id)", 404, json=body)
+
+    @tag("negative")
+    @task(1)
+    def malformed_id(self) -> None:
+        body = {"secret_id": secrets.choice(MALFORMED_IDS)}
+        self.expect_status(FETCH_PATH, "fetch (malformed id)", 400, json=body)
+
+    @tag("negative")
+    @task(1)
+    def oversized_secret(self) -> None:
+        name = "create (oversized)"
+        headers = {"Content-Type": "application/json"}
+        with self.client.post(
+            CREATE_PATH, data=self.oversized_body, headers=headers, name=name, catch_response=True
+        ) as r:
+            if r.status_code == 413:
+                _succeed(r)
+                return
+            secret_id = _json_string(r, "secret_id")
+            if r.status_code == 200 and secret_id is not None:
+                # Wrong, but acknowledged all the same: the loss check must know of it.
+                ACKS.record(secret_id, self.oversized)
+            fail_unexpected(r, name, 413)
+
+    @tag("negative")
+    @task(2)
+    def malformed_json(self) -> None:
+        headers = {"Content-Type": "application/json"}
+        body = secrets.choice(MALFORMED_BODIES)
+        path, name = secrets.choice(
+            ((CREATE_PATH, "create (malformed JSON)"), (FETCH_PATH, "fetch (malformed JSON)"))
+        )
+        self.expect_status(path, name, 400, data=body, headers=headers)
+
+
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
+def add_arguments(parser: LocustArgumentParser) -> None:
+    parser.add_argument(
+        "--max-p95-ms",
+        type=float,
+        default=0.0,
+        help="Exit with code 1 when the p95 of all requests exceeds this many ms (0: no limit)",
+    )
+    parser.add_argument(
+        "--max-secret-bytes",
+        type=int,
+        default=DEFAULT_MAX_SECRET_BYTES,
+        help="The server's MAX_SECRET_BYTES; NegativeUser sends one byte more, expecting 413",
+    )
+
+
+@events.quitting.add_listener  # type: ignore[untyped-decorator]
+def set_exit_code(environment: Environment, **_kwargs: Any) -> None:
+    """Exit code 1 when any request failed or the total p95 is over --max-p95-ms, else 0."""
+    ACKS.close()
+    if isinstance(environment.runner, WorkerRunner):
+        return  # the master judges the whole run
+    total = environment.stats.total
+    limit = float(getattr(environment.parsed_options, "max_p95_ms", 0.0) or 0.0)
+    p95 = total.get_response_time_percentile(0.95)
+    reasons = []
+    if total.num_failures:
+        reasons.append(f"{total.num_failures} of {total.num_requests} requests failed")
+    if limit > 0 and p95 > limit:
+        reasons.append(f"p95 response time {p95} ms is over --max-p95-ms {limit:g}")
+    if reasons:
+        log.error("load test failed: %s", "; ".join(reasons))
+        environment.process_exit_code = 1
+    else:
+        log.info("load test passed: %d requests, none failed, p95 %s ms", total.num_requests, p95)
+        environment.process_exit_code = 0

@@ -1,0 +1,294 @@
+"""The Locust scenarios run headless against real servers: the CI gate, and gates that fail.
+
+Locust runs only in subprocesses: importing it would monkey-patch this process with gevent.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import json
+import random
+import re
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx2 as httpx
+import pytest
+
+from tests.conftest import ROOT, ServerProcess, clean_env
+
+pytestmark = pytest.mark.slow
+
+StartServer = Callable[..., ServerProcess]
+
+LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+ALL_USERS = ("RoundtripUser", "CreateBurstUser", "ReadHeavyUser", "NegativeUser")
+NEGATIVE_NAMES = {
+    "create (invalid base64)",
+    "create (malformed JSON)",
+    "create (oversized)",
+    "fetch (malformed JSON)",
+    "fetch (malformed id)",
+    "fetch (unknown id)",
+}
+RATE_LIMITED = "rate limited: start the server with RATE_LIMIT=off"
+
+
+@dataclass
+class LocustRun:
+    returncode: int
+    output: str
+    csv_stats: dict[str, dict[str, str]]  # *_stats.csv rows by Name (written every second)
+    final: dict[str, dict[str, Any]]  # the --json-file entries by name (the final counts)
+    failures: list[dict[str, str]]  # *_failures.csv rows
+    acks: list[tuple[str, str]]  # (secret_id, sha256 hex) lines of LOADTEST_ACK_FILE
+
+    def requests(self, name: str) -> int:
+        return int(self.csv_stats[name]["Request Count"])
+
+    def failed(self, name: str) -> int:
+        return int(self.csv_stats[name]["Failure Count"])
+
+    def acknowledged_creates(self) -> int:
+        entry = self.final["create"]
+        return int(entry["num_requests"]) - int(entry["num_failures"])
+
+
+def explain(run: LocustRun, server: ServerProcess) -> str:
+    """What to read when a run did not go as expected: Locust's failures and both logs."""
+    return (
+        f"failures: {run.failures}\n--- locust output\n{run.output[-4000:]}"
+        f"\n--- server output\n{server.output()[-4000:]}"
+    )
+
+
+def run_locust(tmp_path: Path, url: str, *args: str, users: int, seconds: int) -> LocustRun:
+    """Run loadtests/locustfile.py headless against ``url``; its exit code and its reports."""
+    run_dir = tmp_path / f"locust-{uuid.uuid4().hex[:8]}"
+    run_dir.mkdir()
+    ack_file = run_dir / "acks.txt"
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "-u", str(users), "-r", str(users), "-t", f"{seconds}s",
+        # Users finish the task in hand, so every create the server counts gets its answer.
+        "--stop-timeout", "5s",
+        "--host", url,
+        "--csv", str(run_dir / "run"), "--json-file", str(run_dir / "final"),
+        *args,
+    ]  # fmt: skip
+    completed = subprocess.run(
+        command,
+        cwd=run_dir,
+        env=clean_env(LOADTEST_ACK_FILE=str(ack_file)),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+    )
+    with (run_dir / "run_stats.csv").open(newline="") as handle:
+        csv_stats = {row["Name"]: row for row in csv.DictReader(handle)}
+    with (run_dir / "run_failures.csv").open(newline="") as handle:
+        failures = list(csv.DictReader(handle))
+    final = {entry["name"]: entry for entry in json.loads((run_dir / "final.json").read_text())}
+    acks = []
+    if ack_file.exists():
+        for line in ack_file.read_text().splitlines():
+            secret_id, digest = line.split(" ")
+            acks.append((secret_id, digest))
+    return LocustRun(
+        completed.returncode,
+        completed.stdout + completed.stderr,
+        csv_stats,
+        final,
+        failures,
+        acks,
+    )
+
+
+def fetch(url: str, secret_id: str) -> bytes:
+    response = httpx.post(url + "/vault/secret/fetch", json={"secret_id": secret_id}, timeout=10)
+    assert response.status_code == 200, response.text
+    return base64.b64decode(response.json()["secret"], validate=True)
+
+
+def created_total(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    match = re.search(r"^vault_secrets_created_total (\S+)$", text, re.MULTILINE)
+    assert match, "vault_secrets_created_total not in /metrics"
+    return float(match.group(1))
+
+
+def server_env(master_key: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "MASTER_KEY": master_key,
+        "DATA_DIR": str(tmp_path / f"data-{uuid.uuid4().hex[:8]}"),
+        "RATE_LIMIT": "off",
+        **extra,
+    }
+
+
+def test_ci_gate_all_four_scenarios_without_failures(
+    start_server: StartServer, master_key: str, tmp_path: Path
+) -> None:
+    server = start_server(server_env(master_key, tmp_path))
+    run = run_locust(tmp_path, server.url, *ALL_USERS, users=10, seconds=10)
+
+    assert run.returncode == 0, explain(run, server)
+    assert "load test passed" in run.output
+    assert run.requests("create") > 0
+    assert run.requests("fetch") > 0
+    assert all(run.requests(name) > 0 for name in NEGATIVE_NAMES), run.csv_stats.keys()
+    assert run.failed("Aggregated") == 0, explain(run, server)
+    assert run.failures == []
+
+    # One ack line per acknowledged create, and nothing the server stored is missing from it.
+    ids = [secret_id for secret_id, _ in run.acks]
+    assert len(ids) == run.acknowledged_creates() > 0
+    assert len(set(ids)) == len(ids)
+    assert created_total(server.url) == len(ids)
+    for secret_id, digest in random.sample(run.acks, min(50, len(run.acks))):
+        assert hashlib.sha256(fetch(server.url, secret_id)).hexdigest() == digest
+
+
+def test_p95_over_the_limit_fails_the_run(
+    start_server: StartServer, master_key: str, tmp_path: Path
+) -> None:
+    server = start_server(server_env(master_key, tmp_path))
+    run = run_locust(
+        tmp_path, server.url, "--max-p95-ms", "0.001", "RoundtripUser", users=2, seconds=3
+    )
+
+    assert run.returncode == 1, explain(run, server)
+    assert "is over --max-p95-ms 0.001" in run.output
+    assert run.requests("create") > 0
+    assert run.failed("Aggregated") == 0, explain(run, server)  # latency alone failed it
+
+
+def test_a_server_that_breaks_the_contract_fails_the_run(
+    start_server: StartServer, master_key: str, tmp_path: Path
+) -> None:
+    # Most random secrets (1..4096 bytes) are over this limit and get 413 instead of 200.
+    server = start_server(server_env(master_key, tmp_path, MAX_SECRET_BYTES="100"))
+    run = run_locust(tmp_path, server.url, "RoundtripUser", users=4, seconds=3)
+
+    assert run.returncode == 1, explain(run, server)
+    assert "requests failed" in run.output
+    assert run.failed("create") > 0
+    assert {row["Name"] for row in run.failures} == {"create"}
+    assert all("expected HTTP 200, got 413" in row["Error"] for row in run.failures)
+    # Only the creates answered 200 are acknowledged, and they round-trip.
+    assert len(run.acks) == run.acknowledged_creates() == created_total(server.url)
+    for secret_id, digest in run.acks[:20]:
+        plaintext = fetch(server.url, secret_id)
+        assert len(plaintext) <= 100
+        assert hashlib.sha256(plaintext).hexdigest() == digest
+
+
+def test_negative_requests_get_their_documented_statuses(
+    start_server: StartServer, master_key: str, tmp_path: Path
+) -> None:
+    server = start_server(server_env(master_key, tmp_path))
+    run = run_locust(tmp_path, server.url, "NegativeUser", users=5, seconds=5)
+
+    assert run.returncode == 0, explain(run, server)
+    assert set(run.csv_stats) == NEGATIVE_NAMES | {"Aggregated"}
+    for name in NEGATIVE_NAMES:
+        assert run.requests(name) > 0, name
+        assert run.failed(name) == 0, name
+    assert run.acks == []
+    assert created_total(server.url) == 0
+
+
+def test_an_oversized_secret_the_server_accepts_is_a_failure_and_acknowledged(
+    start_server: StartServer, master_key: str, tmp_path: Path
+) -> None:
+    # The server takes 65536 bytes, but the run is told the limit is 100: 101 bytes get 200.
+    server = start_server(server_env(master_key, tmp_path))
+    run = run_locust(
+        tmp_path,
+        server.url,
+        "--max-secret-bytes", "100", "NegativeUser",
+        users=2, seconds=3,
+    )  # fmt: skip
+
+    assert run.returncode == 1, explain(run, server)
+    assert run.failed("create (oversized)") > 0
+    assert {row["Name"] for row in run.failures} == {"create (oversized)"}
+    assert "expected HTTP 413, got 200" in run.failures[0]["Error"]
+    # The server acknowledged them, so the loss check must know of them.
+    assert len(run.acks) == created_total(server.url) > 0
+    secret_id, digest = run.acks[0]
+    plaintext = fetch(server.url, secret_id)
+    assert len(plaintext) == 101
+    assert hashlib.sha256(plaintext).hexdigest() == digest
+
+
+def test_a_rate_limited_run_fails_and_says_why(
+    start_server: StartServer, master_key: str, tmp_path: Path
+) -> None:
+    server = start_server(server_env(master_key, tmp_path, RATE_LIMIT="5/second"))
+    # Selected by tag: only CreateBurstUser's creates run.
+    run = run_locust(tmp_path, server.url, "--tags", "burst", users=2, seconds=3)
+
+    assert run.returncode == 1, explain(run, server)
+    assert set(run.csv_stats) == {"create", "Aggregated"}
+    assert run.failed("create") > 0
+    assert any(RATE_LIMITED in row["Error"] for row in run.failures), run.failures
+
+
+class BitFlippingVault(BaseHTTPRequestHandler):
+    """A stand-in server that keeps the contract's shapes but hands back one wrong bit."""
+
+    stored: ClassVar[dict[str, bytes]] = {}
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.startswith("/vault/secret/create"):
+            secret_id = str(uuid.uuid4())
+            self.stored[secret_id] = base64.b64decode(body["secret"])
+            answer = {"secret_id": secret_id}
+        else:
+            plaintext = bytearray(self.stored[body["secret_id"]])
+            plaintext[-1] ^= 1
+            answer = {"secret": base64.b64encode(plaintext).decode()}
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def bit_flipping_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BitFlippingVault)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_wrong_byte_fails_the_run(bit_flipping_server: str, tmp_path: Path) -> None:
+    run = run_locust(tmp_path, bit_flipping_server, "RoundtripUser", users=2, seconds=3)
+
+    assert run.returncode == 1, run.output
+    assert run.failed("fetch") == run.requests("fetch") > 0
+    assert run.failed("create") == 0
+    assert {row["Name"] for row in run.failures} == {"fetch"}
+    assert all("a different secret came back" in row["Error"] for row in run.failures)
