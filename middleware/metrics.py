@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from time import perf_counter
+from typing import Any
 
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,6 +59,26 @@ class PrometheusMiddleware:
         self.app = app
         # A trailing slash does not matter: "/metrics" also exempts "/metrics/".
         self.exempt_paths = frozenset(path.rstrip("/") or "/" for path in exempt_paths)
+        self._gauges: dict[str, Any] = {}
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    # labels() validates and locks on every call; the label sets here are few and fixed
+    # (methods x route templates x statuses), so each child is looked up once and kept.
+    def _in_progress(self, method: str) -> Any:
+        child = self._gauges.get(method)
+        if child is None:
+            child = self._gauges[method] = HTTP_REQUESTS_IN_PROGRESS.labels(method)
+        return child
+
+    def _series(self, method: str, template: str, status: int) -> tuple[Any, Any]:
+        key = (method, template, status)
+        series = self._children.get(key)
+        if series is None:
+            series = self._children[key] = (
+                HTTP_REQUESTS.labels(method, template, str(status)),
+                HTTP_REQUEST_DURATION.labels(method, template),
+            )
+        return series
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (scope["path"].rstrip("/") or "/") in self.exempt_paths:
@@ -73,7 +94,7 @@ class PrometheusMiddleware:
                 status = message["status"]
             await send(message)
 
-        in_progress = HTTP_REQUESTS_IN_PROGRESS.labels(method)
+        in_progress = self._in_progress(method)
         in_progress.inc()
         start = perf_counter()
         try:
@@ -84,9 +105,9 @@ class PrometheusMiddleware:
         finally:
             elapsed = perf_counter() - start
             in_progress.dec()
-            template = _route_template(scope)
-            HTTP_REQUESTS.labels(method, template, str(status)).inc()
-            HTTP_REQUEST_DURATION.labels(method, template).observe(elapsed)
+            requests, duration = self._series(method, _route_template(scope), status)
+            requests.inc()
+            duration.observe(elapsed)
             op = scope.get("state", {}).get(OP_KEY)
             if op == "create" and status == 200:
                 SECRETS_CREATED.inc()

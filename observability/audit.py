@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TextIO
 
 log = logging.getLogger("secret_manager.audit")
@@ -39,12 +39,17 @@ class AuditRecord:
     user_agent: str | None
 
     def as_document(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: every field is immutable, and dataclasses.asdict deep-copies
+        # each one (measured at about a tenth of a request's CPU in the audit path).
+        return {name: getattr(self, name) for name in _FIELDS}
 
     def as_json(self) -> str:
-        document = asdict(self)
+        document = self.as_document()
         document["ts"] = self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+
+_FIELDS = tuple(field.name for field in fields(AuditRecord))
 
 
 class AuditUnavailable(Exception):
