@@ -124,8 +124,14 @@ def serve(args: argparse.Namespace) -> int:
     config.include_server_header = False
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 5
-    config.read_timeout = 30
+    # Deliberate timeouts against slow clients: an idle keep-alive connection is closed
+    # after KEEP_ALIVE_TIMEOUT_SECONDS, a connection that sends nothing for
+    # READ_TIMEOUT_SECONDS after it opened or mid-request is dropped.
+    config.keep_alive_timeout = settings.keep_alive_timeout_seconds
+    config.read_timeout = settings.read_timeout_seconds
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        config.certfile = str(settings.tls_certfile)
+        config.keyfile = str(settings.tls_keyfile)
     try:
         return run(config)
     except OSError as exc:

@@ -39,6 +39,10 @@ class Settings:
     data_dir: Path = Path("data")
     max_secret_bytes: int = DEFAULT_MAX_SECRET_BYTES
     graceful_timeout_seconds: float = 10.0
+    read_timeout_seconds: int = 30
+    keep_alive_timeout_seconds: float = 5.0
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
     log_level: str = "INFO"
     audit_enabled: bool = True
     audit_mode: str = "sync"
@@ -86,6 +90,10 @@ class Settings:
             data_dir=Path(env.get("DATA_DIR", "data") or "data"),
             max_secret_bytes=_int(env, "MAX_SECRET_BYTES", DEFAULT_MAX_SECRET_BYTES, minimum=1),
             graceful_timeout_seconds=_float(env, "GRACEFUL_TIMEOUT_SECONDS", 10.0, minimum=0),
+            read_timeout_seconds=_int(env, "READ_TIMEOUT_SECONDS", 30, minimum=1),
+            keep_alive_timeout_seconds=_float(env, "KEEP_ALIVE_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+            tls_certfile=_tls_files(env)[0],
+            tls_keyfile=_tls_files(env)[1],
             log_level=_choice(
                 env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
             ),
@@ -140,6 +148,19 @@ def parse_rate_limits(text: str) -> tuple[tuple[int, int], ...]:
             )
         limits.append((int(count), _PERIODS[unit]))
     return tuple(limits)
+
+
+def _tls_files(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
+    """TLS_CERT_FILE and TLS_KEY_FILE: both (Hypercorn serves HTTPS) or neither."""
+    cert, key = env.get("TLS_CERT_FILE") or None, env.get("TLS_KEY_FILE") or None
+    if (cert is None) != (key is None):
+        raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must be set together (or neither)")
+    if cert is None or key is None:
+        return None, None
+    for name, value in (("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)):
+        if not os.access(value, os.R_OK):
+            raise ConfigError(f"{name}={value!r} is not a readable file")
+    return Path(cert), Path(key)
 
 
 def _hmac_key(env: Mapping[str, str]) -> bytes | None:

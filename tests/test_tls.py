@@ -1,0 +1,104 @@
+"""Hypercorn's own TLS, switched on by TLS_CERT_FILE and TLS_KEY_FILE."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import b64, clean_env, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_serves_https_with_the_configured_certificate(tmp_path: Path, master_key: str) -> None:
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vault", "serve", "--port", str(port)],
+        env=clean_env(
+            MASTER_KEY=master_key,
+            DATA_DIR=str(tmp_path / "data"),
+            TLS_CERT_FILE=str(cert),
+            TLS_KEY_FILE=str(key),
+        ),
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    trusted = ssl.create_default_context(cafile=str(cert))
+    try:
+        with httpx.Client(base_url=f"https://localhost:{port}", verify=trusted, timeout=5) as c:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    c.get("/healthz")
+                    break
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                    time.sleep(0.1)
+            secret_id = c.post("/vault/secret/create", json={"secret": b64(b"x")}).json()[
+                "secret_id"
+            ]
+            assert c.post("/vault/secret/fetch", json={"secret_id": secret_id}).json() == {
+                "secret": b64(b"x")
+            }
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on a TLS port
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    finally:
+        process.terminate()
+        assert process.wait(20) == 0
+        log.close()
+
+
+def test_half_a_tls_configuration_is_refused(tmp_path: Path, master_key: str) -> None:
+    cert, _ = self_signed(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "vault", "serve", "--port", str(free_port())],
+        env=clean_env(MASTER_KEY=master_key, TLS_CERT_FILE=str(cert)),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "TLS_KEY_FILE" in result.stderr
+    assert "Traceback" not in result.stderr
