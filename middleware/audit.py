@@ -18,11 +18,21 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from middleware.outcomes import OP_KEY, SECRET_ID_KEY, outcome_for_status, state_of
+from middleware.outcomes import (
+    API_KEY_NAME_KEY,
+    OP_KEY,
+    SECRET_ID_KEY,
+    outcome_for_status,
+    state_of,
+)
 from observability.audit import AuditRecord
 
 MAX_USER_AGENT = 256
 UNAVAILABLE_DETAIL = "the audit log is unavailable, so the request was not served; retry later"
+
+
+def _optional_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 class AuditSink(Protocol):
@@ -70,6 +80,7 @@ class AuditMiddleware:
             secret_id_hmac=self.hash_secret_id(secret_id) if isinstance(secret_id, str) else None,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
             user_agent=user_agent[:MAX_USER_AGENT] if user_agent is not None else None,
+            api_key_name=_optional_str(state.get(API_KEY_NAME_KEY)),
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from starlette.types import Scope
 
 OP_KEY = "vault_op"  # "create" | "fetch", set by the handler before it reads the body
+API_KEY_NAME_KEY = "api_key_name"  # set by APIKeyMiddleware: the caller's key name, never its token
 SECRET_ID_KEY = "vault_secret_id"  # noqa: S105 - a dict key; the id, once well formed
 
 _BY_STATUS = {

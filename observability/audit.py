@@ -37,6 +37,7 @@ class AuditRecord:
     secret_id_hmac: str | None
     latency_ms: float
     user_agent: str | None
+    api_key_name: str | None = None
 
     def as_document(self) -> dict[str, Any]:
         # Shallow on purpose: every field is immutable, and dataclasses.asdict deep-copies

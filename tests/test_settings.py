@@ -70,6 +70,12 @@ def test_mongo_uri_file(tmp_path: Path) -> None:
         ({"MONGO_WRITE_CONCERN": "all"}, "MONGO_WRITE_CONCERN"),
         ({"MONGO_DB": "bad.name"}, "MONGO_DB"),
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
+        ({"API_KEYS": "ci:too-short"}, "API_KEYS"),
+        ({"API_KEYS_FILE": "/nonexistent/keys"}, "API_KEYS_FILE"),
+        ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
+        ({"READ_TIMEOUT_SECONDS": "0"}, "READ_TIMEOUT_SECONDS"),
+        ({"TLS_CERT_FILE": "/etc/hostname"}, "TLS_KEY_FILE"),
+        ({"TLS_CERT_FILE": "/nonexistent", "TLS_KEY_FILE": "/nonexistent"}, "TLS_CERT_FILE"),
     ],
 )
 def test_malformed_values_are_refused_naming_the_variable(env: dict[str, str], named: str) -> None:

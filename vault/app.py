@@ -14,6 +14,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from middleware.apikeys import APIKeyMiddleware
 from middleware.audit import AuditMiddleware
 from middleware.bodylimit import BodyLimitMiddleware
 from middleware.clientip import ClientIPMiddleware
@@ -167,6 +168,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     # - security headers on every answer that can come from below;
     # - the client IP resolved once, for the audit record and the rate-limit key;
     # - audit outside the rate limiter, so refused calls are recorded too;
+    # - API keys inside both, so refusals are audited and token guessing is rate limited;
     # - the error catcher inside them all, so they see a 500 response, never an exception;
     # - the body limit innermost, so its refusal signal never reaches the error catcher.
     middleware = [Middleware(RequestIdMiddleware)]
@@ -196,6 +198,16 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
                 on_limited=RATE_LIMITED.inc,
             )
         )
+    if settings.api_keys or settings.metrics_token_digest is not None:
+        # Inside audit and the rate limiter: refusals are recorded, and guessing is throttled.
+        middleware.append(
+            Middleware(
+                APIKeyMiddleware,
+                keys=dict(settings.api_keys),
+                protected_prefixes=("/vault/",) if settings.api_keys else (),
+                metrics_token_digest=settings.metrics_token_digest,
+            )
+        )
     middleware += [
         Middleware(InternalErrorMiddleware),
         Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, detail=too_large),
@@ -207,7 +219,11 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         else None
     )
     app = Starlette(
-        routes=api.routes(max_body_bytes=settings.max_body_bytes, metrics=metrics),
+        routes=api.routes(
+            max_body_bytes=settings.max_body_bytes,
+            metrics=metrics,
+            api_keys=bool(settings.api_keys),
+        ),
         middleware=middleware,
         exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable},
         lifespan=lifespan,

@@ -1,4 +1,4 @@
-"""The ``secret-manager`` command: serve, genkey, and the create/fetch client.
+"""The ``secret-manager`` command: serve, genkey, rewrap, and the create/fetch client.
 
 Start-up problems a user can fix (a missing key, a malformed variable, a busy port) end
 with one line naming the cause and a non-zero exit, never a traceback.
@@ -7,6 +7,7 @@ with one line naming the cause and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import logging
@@ -24,7 +25,7 @@ from pathlib import Path
 from observability.metrics import prepare_multiprocess_dir
 from vault.app import audit_hmac_key, build_keyring
 from vault.crypto import generate_key, secret_id_hmac
-from vault.settings import ConfigError, Settings, client_url
+from vault.settings import ConfigError, Settings, client_token, client_url
 from vault.validation import InvalidValue, normalize_secret_id
 
 log = logging.getLogger("secret_manager.cli")
@@ -181,6 +182,44 @@ def audit_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def rewrap(args: argparse.Namespace) -> int:
+    """Re-encrypt under the active key every record a previous key sealed (key rotation)."""
+    from vault.app import build_store
+    from vault.rewrap import command
+
+    try:
+        settings = Settings.from_env()
+        if settings.master_key is None and args.dev:
+            settings = Settings.from_env(
+                {**os.environ, "MASTER_KEY_FILE": str(settings.dev_key_path)}
+            )
+        keyring = build_keyring(settings)
+        hash_key = audit_hmac_key(settings)
+        if settings.mongo_uri:
+            _check_mongo_uri(settings.mongo_uri)
+            label = f"MongoDB database {settings.mongo_db!r}"
+        else:
+            database = settings.data_dir / "vault.db"
+            if not database.is_file():
+                # Opening it would create an empty store and report nothing to do.
+                raise ConfigError(
+                    f"DATA_DIR={str(settings.data_dir)!r} holds no vault.db: run rewrap with "
+                    "the server's DATA_DIR (or its MONGO_URI)"
+                )
+            label = f"SQLite file {str(database)!r}"
+    except ConfigError as exc:
+        return _fail(str(exc))
+    return command(
+        build_store(settings),
+        keyring,
+        store_label=label,
+        hash_secret_id=functools.partial(secret_id_hmac, hash_key),
+        batch_size=args.batch_size,
+        dry_run=args.dry_run,
+        max_batches=args.max_batches,
+    )
+
+
 def _post(url: str, path: str, payload: dict[str, str]) -> int:
     if not url.startswith(("http://", "https://")):
         return _fail(f"the URL (--url or SECRET_MANAGER_URL) must start with http://, got {url!r}")
@@ -188,7 +227,11 @@ def _post(url: str, path: str, payload: dict[str, str]) -> int:
         request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
             url.rstrip("/") + path,
             data=json.dumps(payload).encode("utf-8"),
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                **({"Authorization": f"Bearer {token}"} if (token := client_token()) else {}),
+            },
             method="POST",
         )
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
@@ -241,6 +284,26 @@ def _parser() -> argparse.ArgumentParser:
         "--dev", action="store_true", help="use DATA_DIR/master.key, as `serve --dev` does"
     )
 
+    rewrap_cmd = commands.add_parser(
+        "rewrap",
+        help="re-encrypt every record sealed by a previous key under MASTER_KEY (key rotation)",
+    )
+    rewrap_cmd.add_argument(
+        "--batch-size", type=_positive, default=500, help="records per batch (500)"
+    )
+    rewrap_cmd.add_argument(
+        "--max-batches",
+        type=_positive,
+        default=None,
+        help="stop after this many batches; the next run continues (default: no limit)",
+    )
+    rewrap_cmd.add_argument(
+        "--dry-run", action="store_true", help="only count and check the records, write nothing"
+    )
+    rewrap_cmd.add_argument(
+        "--dev", action="store_true", help="use DATA_DIR/master.key, as `serve --dev` does"
+    )
+
     default_url = client_url()
     create_cmd = commands.add_parser("create", help="store a secret, print its secret_id")
     create_cmd.add_argument("secret", help="the secret, standard base64; '-' reads it from stdin")
@@ -272,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "audit-hash":
         return audit_hash(args)
+    if args.command == "rewrap":
+        return rewrap(args)
     if args.command == "create":
         secret = sys.stdin.read().strip() if args.secret == "-" else args.secret  # noqa: S105
         return _post(args.url, "/vault/secret/create", {"secret": secret})

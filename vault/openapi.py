@@ -36,7 +36,7 @@ def _json(ref: str, description: str) -> dict[str, Any]:
 
 
 def build_openapi(
-    *, max_secret_bytes: int, max_body_bytes: int, metrics: bool = False
+    *, max_secret_bytes: int, max_body_bytes: int, metrics: bool = False, api_keys: bool = False
 ) -> dict[str, Any]:
     """The whole document; the limits in it are the ones this server enforces."""
     common_errors = {
@@ -50,9 +50,16 @@ def build_openapi(
             retry_after=True,
         ),
         "500": _error("Internal error; the X-Request-ID header identifies it in the log."),
+        **(
+            {"401": _error("Missing or unknown API key (Authorization: Bearer <token>).")}
+            if api_keys
+            else {}
+        ),
         "503": _error("The store is unreachable; retry later.", retry_after=True),
     }
-    create = {
+    security: dict[str, Any] = {"security": [{"apiKey": []}]} if api_keys else {}
+    create: dict[str, Any] = {
+        **security,
         "summary": "Store a secret",
         "description": "Encrypts the secret and returns the id that fetches it back.",
         "operationId": "createSecret",
@@ -64,7 +71,8 @@ def build_openapi(
         },
         "responses": {"200": _json("CreateResponse", "Stored."), **common_errors},
     }
-    fetch = {
+    fetch: dict[str, Any] = {
+        **security,
         "summary": "Fetch a secret",
         "description": "Returns the secret stored under the id.",
         "operationId": "fetchSecret",
@@ -130,6 +138,11 @@ def build_openapi(
             **paths,
         },
         "components": {
+            **(
+                {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}}
+                if api_keys
+                else {}
+            ),
             "schemas": {
                 "CreateRequest": {
                     "type": "object",
@@ -179,7 +192,7 @@ def build_openapi(
                         }
                     },
                 },
-            }
+            },
         },
     }
 

@@ -122,12 +122,15 @@ class VaultAPI:
             return unavailable_response()
         return JSONResponse({"status": "ready"})
 
-    def routes(self, *, max_body_bytes: int, metrics: ASGIApp | None = None) -> list[BaseRoute]:
+    def routes(
+        self, *, max_body_bytes: int, metrics: ASGIApp | None = None, api_keys: bool = False
+    ) -> list[BaseRoute]:
         """The route table; ``metrics`` is the /metrics app when metrics are enabled."""
         spec = build_openapi(
             max_secret_bytes=self.max_secret_bytes,
             max_body_bytes=max_body_bytes,
             metrics=metrics is not None,
+            api_keys=api_keys,
         )
 
         async def openapi(request: Request) -> Response:

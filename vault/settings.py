@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
+from middleware.apikeys import InvalidAPIKeys, parse_api_keys, parse_token
 from vault.crypto import MalformedKey, parse_key
 
 DEFAULT_MAX_SECRET_BYTES = 65536
@@ -41,6 +42,8 @@ class Settings:
     graceful_timeout_seconds: float = 10.0
     read_timeout_seconds: int = 30
     keep_alive_timeout_seconds: float = 5.0
+    api_keys: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+    metrics_token_digest: bytes | None = field(default=None, repr=False)
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     log_level: str = "INFO"
@@ -92,6 +95,8 @@ class Settings:
             graceful_timeout_seconds=_float(env, "GRACEFUL_TIMEOUT_SECONDS", 10.0, minimum=0),
             read_timeout_seconds=_int(env, "READ_TIMEOUT_SECONDS", 30, minimum=1),
             keep_alive_timeout_seconds=_float(env, "KEEP_ALIVE_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+            api_keys=_api_keys(env),
+            metrics_token_digest=_metrics_token(env),
             tls_certfile=_tls_files(env)[0],
             tls_keyfile=_tls_files(env)[1],
             log_level=_choice(
@@ -148,6 +153,29 @@ def parse_rate_limits(text: str) -> tuple[tuple[int, int], ...]:
             )
         limits.append((int(count), _PERIODS[unit]))
     return tuple(limits)
+
+
+def _api_keys(env: Mapping[str, str]) -> tuple[tuple[str, bytes], ...]:
+    """API_KEYS / API_KEYS_FILE as (name, SHA-256 of token) pairs; tokens are not kept."""
+    text = _secret_value(env, "API_KEYS", strip=True)
+    if text is None:
+        return ()
+    source = "API_KEYS_FILE" if env.get("API_KEYS_FILE") is not None else "API_KEYS"
+    try:
+        return tuple(parse_api_keys(text, source=source).items())
+    except InvalidAPIKeys as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _metrics_token(env: Mapping[str, str]) -> bytes | None:
+    text = _secret_value(env, "METRICS_TOKEN", strip=True)
+    if text is None:
+        return None
+    source = "METRICS_TOKEN_FILE" if env.get("METRICS_TOKEN_FILE") is not None else "METRICS_TOKEN"
+    try:
+        return parse_token(text, source=source)
+    except InvalidAPIKeys as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _tls_files(env: Mapping[str, str]) -> tuple[Path | None, Path | None]:
@@ -288,6 +316,12 @@ def _write_concern(raw: str) -> str | int:
             "MONGO_WRITE_CONCERN must be at least 1: an unacknowledged write could be lost"
         )
     return number
+
+
+def client_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """The API key the ``create`` and ``fetch`` commands send: SECRET_MANAGER_TOKEN."""
+    env = os.environ if environ is None else environ
+    return env.get("SECRET_MANAGER_TOKEN") or None
 
 
 def client_url(environ: Mapping[str, str] | None = None) -> str:

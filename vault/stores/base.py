@@ -59,6 +59,24 @@ class SecretStore(Protocol):
     async def apply_audit_retention(self, ttl_days: int) -> None:
         """Keep audit records ``ttl_days`` days (0: forever); called at start and hourly."""
 
+    # Key rotation (``secret-manager rewrap``); never called by the routes.
+
+    async def prepare_rewrap(self) -> None:
+        """Build what paging by key id needs (an index), once; idempotent, may take a while."""
+
+    async def records_not_sealed_by(
+        self, key_id: str, after_secret_id: str, limit: int
+    ) -> list[SealedSecret]:
+        """Up to ``limit`` records sealed by any key but ``key_id``, with ids above
+        ``after_secret_id``, in ascending secret id order: a stable order to page through."""
+
+    async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
+        """Atomically replace record ``old`` by ``new`` (same secret id, durably written) if
+        it still holds ``old``'s key id and nonce. False, and nothing written, if it changed."""
+
+    async def count_not_sealed_by(self, key_id: str) -> int:
+        """How many records are sealed by any key but ``key_id``."""
+
 
 def store_executor(threads: int, name: str) -> ThreadPoolExecutor:
     """A store's own thread pool: as many threads as it has connections, and no more."""

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS secrets (
     ciphertext BLOB NOT NULL,
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS secrets_key_id ON secrets (key_id);
 CREATE TABLE IF NOT EXISTS audit (
     id             INTEGER PRIMARY KEY,
     ts             TEXT NOT NULL,
@@ -41,7 +42,8 @@ CREATE TABLE IF NOT EXISTS audit (
     request_id     TEXT NOT NULL,
     secret_id_hmac TEXT,
     latency_ms     REAL NOT NULL,
-    user_agent     TEXT
+    user_agent     TEXT,
+    api_key_name   TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE INDEX IF NOT EXISTS audit_secret_id_hmac ON audit (secret_id_hmac);
@@ -49,8 +51,15 @@ CREATE INDEX IF NOT EXISTS audit_secret_id_hmac ON audit (secret_id_hmac);
 
 _INSERT_AUDIT = (
     "INSERT INTO audit (ts, op, status, outcome, client_ip, request_id, secret_id_hmac,"
-    " latency_ms, user_agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " latency_ms, user_agent, api_key_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file written by an earlier version up to the current schema."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(audit)")}
+    if "api_key_name" not in columns:
+        conn.execute("ALTER TABLE audit ADD COLUMN api_key_name TEXT")
 
 
 def sqlite_timestamp(value: dt.datetime) -> str:
@@ -82,6 +91,7 @@ class SQLiteStore:
         os.close(fd)
         first = self._connect()
         first.executescript(_SCHEMA)
+        _migrate(first)
         self._pool.put(first)
         for _ in range(self._size - 1):
             self._pool.put(self._connect())
@@ -147,10 +157,55 @@ class SQLiteStore:
         key_id, nonce, ciphertext = row
         return SealedSecret(secret_id=secret_id, key_id=key_id, nonce=nonce, ciphertext=ciphertext)
 
+    async def prepare_rewrap(self) -> None:
+        """Nothing to do: the schema already indexes ``key_id``."""
+
+    async def records_not_sealed_by(
+        self, key_id: str, after_secret_id: str, limit: int
+    ) -> list[SealedSecret]:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+
+        def select(conn: sqlite3.Connection) -> list[tuple[str, str, bytes, bytes]]:
+            rows: list[tuple[str, str, bytes, bytes]] = conn.execute(
+                "SELECT secret_id, key_id, nonce, ciphertext FROM secrets"
+                " WHERE key_id <> ? AND secret_id > ? ORDER BY secret_id LIMIT ?",
+                (key_id, after_secret_id, limit),
+            ).fetchall()
+            return rows
+
+        rows = await self._run("rewrap_find", select)
+        return [
+            SealedSecret(secret_id=secret_id, key_id=kid, nonce=nonce, ciphertext=ciphertext)
+            for secret_id, kid, nonce, ciphertext in rows
+        ]
+
+    async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
+        if new.secret_id != old.secret_id:
+            raise ValueError("a record can only be replaced by a record with its own id")
+
+        def replace(conn: sqlite3.Connection) -> bool:
+            # One statement in autocommit mode: atomic, and durable (synchronous=FULL).
+            cursor = conn.execute(
+                "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ?"
+                " WHERE secret_id = ? AND key_id = ? AND nonce = ?",
+                (new.key_id, new.nonce, new.ciphertext, old.secret_id, old.key_id, old.nonce),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run("rewrap_replace", replace)
+
+    async def count_not_sealed_by(self, key_id: str) -> int:
+        def count(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT count(*) FROM secrets WHERE key_id <> ?", (key_id,))
+            return int(row.fetchone()[0])
+
+        return await self._run("rewrap_count", count)
+
     async def insert_audit(self, records: Sequence[AuditRecord]) -> None:
         rows = [
             (sqlite_timestamp(r.ts), r.op, r.status, r.outcome, r.client_ip, r.request_id,
-             r.secret_id_hmac, r.latency_ms, r.user_agent)
+             r.secret_id_hmac, r.latency_ms, r.user_agent, r.api_key_name)
             for r in records
         ]  # fmt: skip
 

@@ -1,0 +1,266 @@
+"""Optional API keys: ``/vault`` calls need ``Authorization: Bearer <token>`` of a known key.
+
+Keys come from ``API_KEYS_FILE`` or ``API_KEYS`` as ``name:token`` entries. Only the SHA-256
+digest of each token is kept; a request's token is hashed and compared in constant time with
+every stored digest. A caller that is let through has the key's name (never its token) in
+``scope["state"]["api_key_name"]`` for the audit log; any other caller gets ``401`` with
+``WWW-Authenticate`` and the app is not called. ``/healthz`` and ``/readyz`` are always open;
+``/metrics`` needs its own token when one is configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Collection, Mapping
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from middleware.outcomes import API_KEY_NAME_KEY, state_of
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+METRICS_PATH = "/metrics"
+MIN_TOKEN_LENGTH = 32
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# RFC 6750's b64token: exactly what a client may put after "Bearer ". It excludes commas,
+# colons and whitespace, so entries split unambiguously, and non-ASCII, so the bytes a
+# client sends are the bytes hashed here.
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+_TOKEN_ADVICE = (
+    f"a token is at least {MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / "
+    "(then optionally =), for example from "
+    "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+)
+
+_MISSING = "missing"
+_MALFORMED = "malformed"
+_INVALID = "invalid"
+
+
+class InvalidAPIKeys(ValueError):
+    """API keys or the metrics token are malformed. The message names the variable and the
+    line, and never quotes the text, which may hold a token."""
+
+
+def token_digest(token: str | bytes) -> bytes:
+    """SHA-256 of a token: what is kept in memory and compared, never the token itself."""
+    # Tokens are long and random (at least 32 characters), so a fast unsalted hash cannot be
+    # brute-forced; a slow password hash would only add latency to every request.
+    data = token.encode("ascii") if isinstance(token, str) else token
+    return hashlib.sha256(data).digest()
+
+
+def _check_token(token: str, where: str) -> None:
+    if not token:
+        raise InvalidAPIKeys(f"{where}: the token is empty; {_TOKEN_ADVICE}")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise InvalidAPIKeys(
+            f"{where}: the token is shorter than {MIN_TOKEN_LENGTH} characters; {_TOKEN_ADVICE}"
+        )
+    if not _TOKEN.fullmatch(token):
+        raise InvalidAPIKeys(
+            f"{where}: the token has characters a Bearer header cannot carry; {_TOKEN_ADVICE}"
+        )
+
+
+def parse_api_keys(text: str, *, source: str) -> dict[str, bytes]:
+    """``name:token`` entries → {name: SHA-256 of token}; raise InvalidAPIKeys naming ``source``.
+
+    Entries are separated by newlines or commas (the file and the variable read alike);
+    blank lines and lines starting with ``#`` are skipped. Names are 1-64 characters of
+    ``A-Z a-z 0-9 . _ -`` and unique; tokens are unique and at least 32 characters.
+    """
+    keys: dict[str, bytes] = {}
+    name_lines: dict[str, str] = {}
+    token_lines: dict[bytes, str] = {}
+    for line_number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        if line.strip().startswith("#"):
+            continue
+        entries = [entry.strip() for entry in line.split(",")]
+        for entry_number, entry in enumerate(entries, start=1):
+            if not entry:
+                continue
+            where = f"{source} line {line_number}"
+            if len(entries) > 1:
+                where += f", entry {entry_number}"
+            name, colon, token = (part.strip() for part in entry.partition(":"))
+            if not colon:
+                raise InvalidAPIKeys(f"{where}: expected name:token (no ':' found)")
+            if not _NAME.fullmatch(name):
+                raise InvalidAPIKeys(
+                    f"{where}: a key name is 1-64 characters of A-Z a-z 0-9 . _ - before the ':'"
+                )
+            _check_token(token, where)
+            if name in name_lines:
+                raise InvalidAPIKeys(
+                    f"{where}: the key name is already used at {name_lines[name]}; "
+                    "give every key its own name"
+                )
+            digest = token_digest(token)
+            if digest in token_lines:
+                raise InvalidAPIKeys(
+                    f"{where}: the token is already used at {token_lines[digest]}; "
+                    "give every key its own token"
+                )
+            keys[name] = digest
+            name_lines[name] = token_lines[digest] = where.removeprefix(f"{source} ")
+    if not keys:
+        raise InvalidAPIKeys(
+            f"{source} holds no keys: add lines name:token, or unset {source} to turn API keys off"
+        )
+    return keys
+
+
+def parse_token(text: str, *, source: str) -> bytes:
+    """One bearer token (``METRICS_TOKEN``) → its SHA-256; InvalidAPIKeys naming ``source``."""
+    _check_token(text.strip(), source)
+    return token_digest(text.strip())
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the router matches (``root_path`` removed), so no prefix slips past us."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path + "/"):
+        return path[len(root_path) :]
+    return path
+
+
+def _bearer_token(scope: Scope) -> bytes | str:
+    """The token of the one ``Authorization: Bearer`` header, else _MISSING or _MALFORMED.
+
+    Bytes throughout: a header that is not ASCII (or not even latin-1 text) is just a token
+    that matches nothing, never an exception.
+    """
+    values: list[bytes] = [
+        value for name, value in scope["headers"] if name.lower() == b"authorization"
+    ]
+    if not values:
+        return _MISSING
+    if len(values) > 1:
+        return _MALFORMED
+    scheme, _, token = values[0].strip(b" \t").partition(b" ")
+    token = token.strip(b" \t")
+    if scheme.lower() != b"bearer" or not token:
+        return _MALFORMED
+    return token
+
+
+def _refusals(realm: str, what: str) -> dict[str, JSONResponse]:
+    """The three 401 answers (no header, a malformed one, a wrong token), built once."""
+    challenge = f'Bearer realm="{realm}"'
+    return {
+        _MISSING: JSONResponse(
+            {"detail": f"{what} is required: send the header Authorization: Bearer <token>"},
+            status_code=401,
+            headers={"WWW-Authenticate": challenge},
+        ),
+        _MALFORMED: JSONResponse(
+            {
+                "detail": "the Authorization header must be one header of the form "
+                f"'Bearer <token>' carrying {what}"
+            },
+            status_code=401,
+            headers={"WWW-Authenticate": challenge},
+        ),
+        _INVALID: JSONResponse(
+            {"detail": f"the token is not a valid {what.removeprefix('an ')}; check it"},
+            status_code=401,
+            headers={"WWW-Authenticate": f'{challenge}, error="invalid_token"'},
+        ),
+    }
+
+
+class APIKeyMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: Mapping[str, bytes],
+        protected_prefixes: Collection[str] = ("/vault/",),
+        metrics_token_digest: bytes | None = None,
+        realm: str = "secret-manager",
+    ) -> None:
+        if protected_prefixes and not keys:
+            raise ValueError(
+                "keys is empty, so every protected request would be refused: give at least "
+                "one key, or leave APIKeyMiddleware out of the stack to turn API keys off"
+            )
+        if not protected_prefixes and metrics_token_digest is None:
+            raise ValueError("nothing to guard: no protected prefixes and no metrics token")
+        for name, digest in keys.items():
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"key name {name!r} is not 1-64 characters of A-Z a-z 0-9 . _ -")
+            if not isinstance(digest, bytes) or len(digest) != hashlib.sha256().digest_size:
+                raise ValueError(
+                    f"key {name!r}: expected a SHA-256 digest (32 bytes), see token_digest"
+                )
+        if len(set(keys.values())) != len(keys):
+            raise ValueError("two keys have the same token; give every key its own token")
+        if metrics_token_digest is not None and len(metrics_token_digest) != 32:
+            raise ValueError("metrics_token_digest must be a SHA-256 digest (32 bytes)")
+        if not realm or any(c in realm for c in '"\\') or not realm.isprintable():
+            raise ValueError(
+                f"realm must be printable text without quotes or backslashes: {realm!r}"
+            )
+        for prefix in protected_prefixes:
+            if not prefix.startswith("/"):
+                raise ValueError(f"protected prefix {prefix!r} must start with '/'")
+        self.app = app
+        self.keys = tuple(keys.items())
+        self.protected_prefixes = tuple(protected_prefixes)
+        # Empty when /metrics is open; a one-key table otherwise, checked like the others.
+        self.metrics_keys: tuple[tuple[str, bytes], ...] = (
+            ((METRICS_PATH, metrics_token_digest),) if metrics_token_digest is not None else ()
+        )
+        self.key_refusals = _refusals(realm, "an API key")
+        self.metrics_refusals = _refusals(realm, "a metrics token")
+
+    def _protected(self, path: str) -> bool:
+        # "/vault" itself is guarded with "/vault/", so the bare prefix is no way around it.
+        return path.startswith(self.protected_prefixes) or f"{path}/" in self.protected_prefixes
+
+    @staticmethod
+    def _match(token: bytes, keys: tuple[tuple[str, bytes], ...]) -> str | None:
+        """The name of the key whose digest is the token's, comparing with every key."""
+        presented = token_digest(token)
+        matched = None
+        # No early exit and compare_digest throughout: the time taken does not depend on
+        # which key matched, or on how much of a digest did.
+        for name, digest in keys:
+            if hmac.compare_digest(presented, digest):
+                matched = name
+        return matched
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        path = _route_path(scope)
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        metrics = path == METRICS_PATH and bool(self.metrics_keys)
+        if metrics:
+            keys, refusals = self.metrics_keys, self.metrics_refusals
+        elif self._protected(path):
+            keys, refusals = self.keys, self.key_refusals
+        else:
+            await self.app(scope, receive, send)
+            return
+
+        token = _bearer_token(scope)
+        if isinstance(token, str):
+            await refusals[token](scope, receive, send)
+            return
+        name = self._match(token, keys)
+        if name is None:
+            await refusals[_INVALID](scope, receive, send)
+            return
+        if not metrics:
+            state_of(scope)[API_KEY_NAME_KEY] = name
+        await self.app(scope, receive, send)

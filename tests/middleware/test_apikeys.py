@@ -1,0 +1,427 @@
+"""middleware/apikeys.py on a tiny app that records which requests reach it, and as whom."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
+
+from middleware.apikeys import (
+    API_KEY_NAME_KEY,
+    APIKeyMiddleware,
+    InvalidAPIKeys,
+    parse_api_keys,
+    parse_token,
+    token_digest,
+)
+
+ALICE = "alice-token-0123456789abcdefghijklmnopqrstuvwxyz"
+BOB = "bob+token/0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ=="
+CAROL = "carol.token~0123456789_abcdefghijklmnopqrstuvwx"
+METRICS = "metrics-token-0123456789abcdefghijklmnopqrstuv"
+KEYS_FILE = f"""\
+# Keys of the services that may call the vault.
+alice:{ALICE}
+
+  bob : {BOB}
+# carol:{CAROL} was retired
+"""
+CHALLENGE = 'Bearer realm="secret-manager"'
+INVALID_CHALLENGE = 'Bearer realm="secret-manager", error="invalid_token"'
+
+
+@dataclass
+class Guarded:
+    """An app behind APIKeyMiddleware, and the (path, key name) of each request it served."""
+
+    app: Starlette
+    reached: list[tuple[str, object]] = field(default_factory=list)
+
+    def client(self) -> TestClient:
+        return TestClient(self.app)
+
+
+@pytest.fixture
+def make_guarded() -> Callable[..., Guarded]:
+    """``make_guarded(keys=..., metrics_token=None, **options)`` → a Guarded app."""
+
+    def make(
+        keys: dict[str, str] | None = None, metrics_token: str | None = None, **options: Any
+    ) -> Guarded:
+        keys = {"alice": ALICE, "bob": BOB} if keys is None else keys
+
+        async def handle(request: Request) -> Response:
+            guarded.reached.append((request.url.path, getattr(request.state, "api_key_name", None)))
+            return JSONResponse({"ok": True})
+
+        paths = ["/vault/secret/create/", "/vault", "/healthz", "/readyz", "/metrics", "/docs"]
+        app = Starlette(
+            routes=[Route(path, handle, methods=["GET", "POST"]) for path in paths],
+            middleware=[
+                Middleware(
+                    APIKeyMiddleware,
+                    keys={name: token_digest(token) for name, token in keys.items()},
+                    metrics_token_digest=None
+                    if metrics_token is None
+                    else token_digest(metrics_token),
+                    **options,
+                )
+            ],
+        )
+        guarded = Guarded(app)
+        return guarded
+
+    return make
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_refused(response: httpx.Response, challenge: str = CHALLENGE) -> None:
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == challenge
+    assert response.headers["content-type"] == "application/json"
+    assert isinstance(response.json()["detail"], str)
+    for token in (ALICE, BOB, CAROL, METRICS):
+        assert token not in response.text
+
+
+# --- the guard ---------------------------------------------------------------------------
+
+
+def test_valid_token_reaches_the_app_with_the_key_name(
+    make_guarded: Callable[..., Guarded],
+) -> None:
+    guarded = make_guarded()
+    response = guarded.client().post("/vault/secret/create/", headers=bearer(ALICE))
+    assert response.status_code == 200
+    assert response.json() == {"ok": True}
+    assert guarded.reached == [("/vault/secret/create/", "alice")]
+
+
+def test_every_key_is_accepted_under_its_own_name(make_guarded: Callable[..., Guarded]) -> None:
+    guarded = make_guarded({"alice": ALICE, "bob": BOB, "carol": CAROL})
+    client = guarded.client()
+    statuses = [
+        client.post("/vault/secret/create/", headers=bearer(token)).status_code
+        for token in (CAROL, ALICE, BOB)
+    ]
+    assert statuses == [200, 200, 200]
+    assert [name for _, name in guarded.reached] == ["carol", "alice", "bob"]
+
+
+def test_scheme_is_case_insensitive(make_guarded: Callable[..., Guarded]) -> None:
+    guarded = make_guarded()
+    response = guarded.client().post(
+        "/vault/secret/create/", headers={"Authorization": f"bearer  {BOB}"}
+    )
+    assert response.status_code == 200
+    assert guarded.reached == [("/vault/secret/create/", "bob")]
+
+
+def test_missing_header_is_refused_before_the_app(make_guarded: Callable[..., Guarded]) -> None:
+    guarded = make_guarded()
+    response = guarded.client().post("/vault/secret/create/", json={"secret": "aGk="})
+    assert_refused(response)
+    assert "Authorization: Bearer" in response.json()["detail"]
+    assert guarded.reached == []
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        ALICE[:-1],  # a prefix of a real token
+        ALICE + "x",
+        ALICE.upper(),
+        METRICS,  # another kind of token
+        "x" * 40,
+    ],
+)
+def test_wrong_token_is_refused_as_invalid(
+    make_guarded: Callable[..., Guarded], token: str
+) -> None:
+    guarded = make_guarded(metrics_token=METRICS)
+    response = guarded.client().post("/vault/secret/create/", headers=bearer(token))
+    assert_refused(response, INVALID_CHALLENGE)
+    assert "not a valid API key" in response.json()["detail"]
+    assert guarded.reached == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", "")],
+        [("Authorization", "Bearer")],
+        [("Authorization", "Bearer   ")],
+        [("Authorization", ALICE)],  # the token without a scheme
+        [("Authorization", f"Basic {ALICE}")],
+        [("Authorization", f"Token {ALICE}")],
+        [("Authorization", f"Bearer{ALICE}")],
+        # Two headers, even two good ones: which one would count is anyone's guess.
+        [("Authorization", f"Bearer {ALICE}"), ("Authorization", f"Bearer {ALICE}")],
+    ],
+    ids=["empty", "scheme-only", "blank-token", "no-scheme", "basic", "token", "no-space", "twice"],
+)
+def test_malformed_header_is_refused(
+    make_guarded: Callable[..., Guarded], headers: list[tuple[str, str]]
+) -> None:
+    guarded = make_guarded()
+    response = guarded.client().post("/vault/secret/create/", headers=headers)
+    assert_refused(response)
+    assert "'Bearer <token>'" in response.json()["detail"]
+    assert guarded.reached == []
+
+
+def test_non_ascii_header_is_refused_not_an_error(make_guarded: Callable[..., Guarded]) -> None:
+    guarded = make_guarded()
+    response = guarded.client().post(
+        "/vault/secret/create/", headers=[(b"Authorization", "Bearer ünïcødé-€".encode())]
+    )
+    assert_refused(response, INVALID_CHALLENGE)
+    assert guarded.reached == []
+
+
+def test_the_bare_prefix_is_guarded_too(make_guarded: Callable[..., Guarded]) -> None:
+    guarded = make_guarded()
+    assert_refused(guarded.client().get("/vault"))
+    assert guarded.reached == []
+
+
+def test_paths_outside_the_prefixes_are_open(make_guarded: Callable[..., Guarded]) -> None:
+    guarded = make_guarded()
+    client = guarded.client()
+    assert client.get("/docs").status_code == 200
+    assert client.get("/metrics").status_code == 200  # no metrics token configured
+    assert guarded.reached == [("/docs", None), ("/metrics", None)]
+
+
+def test_health_endpoints_stay_open_even_under_a_root_prefix(
+    make_guarded: Callable[..., Guarded],
+) -> None:
+    guarded = make_guarded(protected_prefixes=("/",))
+    client = guarded.client()
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz", headers=bearer("wrong" * 8)).status_code == 200
+    assert_refused(client.get("/docs"))
+    assert guarded.reached == [("/healthz", None), ("/readyz", None)]
+
+
+def test_metrics_token_guards_metrics_only(make_guarded: Callable[..., Guarded]) -> None:
+    guarded = make_guarded(metrics_token=METRICS)
+    client = guarded.client()
+
+    missing = client.get("/metrics")
+    assert_refused(missing)
+    assert "metrics token" in missing.json()["detail"]
+    # An API key is not a metrics token, nor the other way round.
+    assert_refused(client.get("/metrics", headers=bearer(ALICE)), INVALID_CHALLENGE)
+    assert_refused(client.post("/vault/secret/create/", headers=bearer(METRICS)), INVALID_CHALLENGE)
+    assert guarded.reached == []
+
+    assert client.get("/metrics", headers=bearer(METRICS)).status_code == 200
+    # The scraper is not an API key: nothing is put in the state for the audit log.
+    assert guarded.reached == [("/metrics", None)]
+
+
+def test_metrics_token_alone_leaves_the_vault_open(make_guarded: Callable[..., Guarded]) -> None:
+    guarded = make_guarded({}, metrics_token=METRICS, protected_prefixes=())
+    client = guarded.client()
+    assert client.post("/vault/secret/create/").status_code == 200
+    assert_refused(client.get("/metrics"))
+    assert client.get("/metrics", headers=bearer(METRICS)).status_code == 200
+
+
+# --- the guard at the ASGI level ---------------------------------------------------------
+
+
+async def run_raw(middleware: APIKeyMiddleware, scope: Scope) -> tuple[list[Message], list[Scope]]:
+    """Call the middleware with a hand-made scope; what it sent, and what reached the app."""
+    sent: list[Message] = []
+    reached: list[Scope] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(scope)
+
+    middleware.app = app
+    await middleware(scope, receive, send)
+    return sent, reached
+
+
+def raw_scope(path: str, headers: list[tuple[bytes, bytes]], **extra: object) -> Scope:
+    return {"type": "http", "method": "POST", "path": path, "headers": headers, **extra}
+
+
+def guard() -> APIKeyMiddleware:
+    return APIKeyMiddleware(
+        JSONResponse({}), keys={"alice": token_digest(ALICE)}, metrics_token_digest=None
+    )
+
+
+@pytest.mark.anyio
+async def test_bytes_that_are_not_text_get_401_not_500() -> None:
+    sent, reached = await run_raw(
+        guard(),
+        raw_scope("/vault/secret/create/", [(b"authorization", b"Bearer \xff\xfe\x80\x00")]),
+    )
+    assert sent[0]["status"] == 401
+    assert reached == []
+
+
+@pytest.mark.anyio
+async def test_root_path_does_not_hide_a_protected_path() -> None:
+    # A server mounted under a root path puts it in front of the path the router sees.
+    scope = raw_scope("/api/vault/secret/create/", [], root_path="/api")
+    sent, reached = await run_raw(guard(), scope)
+    assert sent[0]["status"] == 401
+    assert reached == []
+
+
+@pytest.mark.anyio
+async def test_state_gets_the_name_and_other_scopes_pass_through() -> None:
+    scope = raw_scope("/vault/secret/create/", [(b"authorization", f"Bearer {ALICE}".encode())])
+    sent, reached = await run_raw(guard(), scope)
+    assert sent == []
+    assert reached[0]["state"] == {API_KEY_NAME_KEY: "alice"}
+
+    sent, reached = await run_raw(guard(), {"type": "lifespan"})
+    assert (sent, reached) == ([], [{"type": "lifespan"}])
+
+
+def test_every_key_is_compared_even_after_a_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[bytes] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)  # as apikeys sees it
+    keys = {"alice": token_digest(ALICE), "bob": token_digest(BOB), "carol": token_digest(CAROL)}
+    assert APIKeyMiddleware._match(ALICE.encode(), tuple(keys.items())) == "alice"
+    assert compared == list(keys.values())
+
+
+def test_only_digests_are_kept() -> None:
+    keys = parse_api_keys(KEYS_FILE, source="API_KEYS_FILE")
+    middleware = APIKeyMiddleware(
+        JSONResponse({}),
+        keys=keys,
+        metrics_token_digest=parse_token(METRICS, source="METRICS_TOKEN"),
+    )
+    kept = repr(vars(middleware)) + repr(keys)
+    for token in (ALICE, BOB, METRICS):
+        assert token not in kept
+        assert repr(token.encode()) not in kept
+        assert repr(token.encode())[2:-1] not in kept
+    assert keys == {"alice": hashlib.sha256(ALICE.encode()).digest(), "bob": token_digest(BOB)}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"keys": {}}, "keys is empty"),
+        ({"keys": {}, "protected_prefixes": ()}, "nothing to guard"),
+        ({"keys": {"alice": ALICE.encode()}}, "SHA-256 digest"),  # a token, not its digest
+        ({"keys": {"bad name": token_digest(ALICE)}}, "1-64 characters"),
+        ({"keys": {"a": token_digest(ALICE), "b": token_digest(ALICE)}}, "same token"),
+        ({"keys": {"a": token_digest(ALICE)}, "metrics_token_digest": b"short"}, "SHA-256"),
+        ({"keys": {"a": token_digest(ALICE)}, "realm": 'a"b'}, "realm"),
+        ({"keys": {"a": token_digest(ALICE)}, "protected_prefixes": ("vault/",)}, "start with"),
+    ],
+)
+def test_constructor_refuses_what_would_guard_nothing_or_wrongly(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        APIKeyMiddleware(JSONResponse({}), **options)  # type: ignore[arg-type]
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+def test_parse_file_with_comments_blank_lines_and_crlf() -> None:
+    text = "\ufeff" + KEYS_FILE.replace("\n", "\r\n") + f"\n\n  carol:{CAROL}  \n"
+    assert parse_api_keys(text, source="API_KEYS_FILE") == {
+        "alice": token_digest(ALICE),
+        "bob": token_digest(BOB),
+        "carol": token_digest(CAROL),
+    }
+
+
+def test_parse_comma_separated_variable() -> None:
+    text = f"alice:{ALICE}, bob:{BOB},"
+    assert parse_api_keys(text, source="API_KEYS") == {
+        "alice": token_digest(ALICE),
+        "bob": token_digest(BOB),
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "reason"),
+    [
+        (f"# keys\nalice:{ALICE}\nalice:{BOB}\n", "line 3", "already used at line 2"),
+        (f"alice:{ALICE}\nbob:{ALICE}\n", "line 2", "token is already used at line 1"),
+        (f"\n\nalice:{ALICE[:31]}\n", "line 3", "shorter than 32"),
+        (f"alice:{ALICE} trailing\n", "line 1", "characters a Bearer header cannot carry"),
+        (f"alice:{ALICE[:20]} {ALICE[20:]}\n", "line 1", "cannot carry"),
+        (f"alice:{ALICE}é\n", "line 1", "cannot carry"),
+        ("alice:\n", "line 1", "token is empty"),
+        (f"{ALICE}\n", "line 1", "no ':' found"),
+        (f"al ice:{ALICE}\n", "line 1", "key name is 1-64"),
+        (f"{'a' * 65}:{ALICE}\n", "line 1", "key name is 1-64"),
+        (f":{ALICE}\n", "line 1", "key name is 1-64"),
+        (f"alice/1:{ALICE}\n", "line 1", "key name is 1-64"),
+        (f"{ALICE}:alice\n", "line 1", "shorter than 32"),  # swapped: the token is the name
+    ],
+)
+@pytest.mark.parametrize("source", ["API_KEYS_FILE", "API_KEYS"])
+def test_parse_errors_name_source_and_line_never_the_token(
+    text: str, where: str, reason: str, source: str
+) -> None:
+    with pytest.raises(InvalidAPIKeys) as caught:
+        parse_api_keys(text, source=source)
+    message = str(caught.value)
+    assert message.startswith(f"{source} {where}: ")
+    assert reason in message
+    for token in (ALICE, BOB):
+        assert token not in message
+        assert token[:20] not in message and token[20:] not in message
+
+
+def test_parse_error_in_comma_form_names_the_entry() -> None:
+    with pytest.raises(InvalidAPIKeys, match=r"^API_KEYS line 1, entry 2: .*shorter than 32"):
+        parse_api_keys(f"alice:{ALICE},bob:{BOB[:10]}", source="API_KEYS")
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "# alice:only-a-comment\n", " , ,"])
+def test_parse_refuses_a_setting_without_keys(text: str) -> None:
+    # Set but empty is a mistake, not a way to turn the keys off: fail closed.
+    with pytest.raises(InvalidAPIKeys, match=r"^API_KEYS_FILE holds no keys"):
+        parse_api_keys(text, source="API_KEYS_FILE")
+
+
+def test_parse_token() -> None:
+    assert parse_token(f"  {METRICS}\n", source="METRICS_TOKEN") == token_digest(METRICS)
+    with pytest.raises(InvalidAPIKeys, match=r"^METRICS_TOKEN: .*shorter than 32") as caught:
+        parse_token(METRICS[:31], source="METRICS_TOKEN")
+    assert METRICS[:31] not in str(caught.value)
+    assert issubclass(InvalidAPIKeys, ValueError)

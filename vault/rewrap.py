@@ -1,0 +1,283 @@
+"""Key rotation: re-encrypt under the active key every record that another key sealed.
+
+A pass pages through those records in secret id order, opens each with the keyring and
+swaps in a fresh sealing under the active key, with a compare-and-swap on the record's key
+id and nonce. Every swap is atomic, so a pass may stop anywhere (Ctrl-C, a crash,
+``--max-batches``) and the next one simply continues: rewrapped records no longer match. A
+record that changed meanwhile is skipped, never overwritten. Replicas serving traffic read
+either the old record or the new one, and both open while the old key is still configured
+as a previous key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vault.crypto import DecryptionFailed, Keyring, UnknownKey
+from vault.stores.base import SealedSecret, SecretStore, StoreUnavailable
+
+DEFAULT_BATCH_SIZE = 500
+# Swaps in flight at once: each one waits for a durable write, so they overlap well.
+CONCURRENCY = 8
+# Past this many, records left untouched are only counted, not listed one by one.
+MAX_PROBLEM_LINES = 100
+
+EXIT_REMAINING = 1
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class Counts:
+    """What happened to the records of one batch, or of a whole pass."""
+
+    examined: int = 0
+    rewrapped: int = 0
+    changed: int = 0
+    unknown_key: int = 0
+    failed_authentication: int = 0
+
+    def add(self, other: Counts) -> None:
+        for item in dataclasses.fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+
+
+@dataclass
+class RewrapReport:
+    """The outcome of a pass; ``ok`` means no record needs any key but the active one."""
+
+    dry_run: bool = False
+    totals: Counts = field(default_factory=Counts)
+    batches: int = 0
+    finished: bool = False  # reached the last record (not stopped by max_batches)
+    remaining: int | None = None  # records sealed by other keys, counted after the pass
+
+    @property
+    def ok(self) -> bool:
+        return self.remaining == 0
+
+    def summary(self) -> list[str]:
+        """The final table, one ``label  number`` per line."""
+        t = self.totals
+        rows = [
+            ("examined", t.examined),
+            ("would rewrap" if self.dry_run else "rewrapped", t.rewrapped),
+            ("changed concurrently", t.changed),
+            ("unknown key", t.unknown_key),
+            ("failed authentication", t.failed_authentication),
+        ]
+        if self.remaining is not None:
+            rows.append(("remaining under other keys", self.remaining))
+        state = "finished" if self.finished else "stopped"
+        plural = "" if self.batches == 1 else "es"
+        head = f"rewrap {state} after {self.batches} batch{plural}"
+        return [f"{head}{' (dry run: nothing written)' if self.dry_run else ''}:"] + [
+            f"  {label:<28}{number:>10}" for label, number in rows
+        ]
+
+
+def _quiet(line: str) -> None:
+    """Print nothing (the default ``echo``)."""
+
+
+async def rewrap(
+    store: SecretStore,
+    keyring: Keyring,
+    *,
+    hash_secret_id: Callable[[str], str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dry_run: bool = False,
+    max_batches: int | None = None,
+    echo: Callable[[str], None] = _quiet,
+    report: RewrapReport | None = None,
+) -> RewrapReport:
+    """One pass over an opened store; ``echo`` gets a progress line per batch and a line per
+    record left untouched. ``report`` (if given) is filled in as the pass goes, so a caller
+    that is interrupted still knows what was done. Raises StoreUnavailable if the store goes.
+
+    Records left untouched are named by their position in this pass and by
+    ``hash_secret_id`` (the audit log's HMAC), never by their id.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    report = RewrapReport(dry_run=dry_run) if report is None else report
+    active = keyring.active_key_id
+    listed = 0
+
+    def untouched(position: int, record: SealedSecret, why: str) -> None:
+        nonlocal listed
+        listed += 1
+        if listed <= MAX_PROBLEM_LINES:
+            name = hash_secret_id(record.secret_id)
+            echo(f"record {position}: {why}; left untouched (secret_id_hmac {name})")
+        elif listed == MAX_PROBLEM_LINES + 1:
+            echo(f"more than {MAX_PROBLEM_LINES} records left untouched: only counting now")
+
+    async def batch(records: list[SealedSecret], first_position: int) -> Counts:
+        counts = Counts(examined=len(records))
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(position: int, record: SealedSecret) -> None:
+            try:
+                plaintext = keyring.open(record)
+            except UnknownKey:
+                counts.unknown_key += 1
+                untouched(position, record, f"sealed by key {record.key_id}, not configured")
+                return
+            except DecryptionFailed:
+                counts.failed_authentication += 1
+                untouched(position, record, f"fails authentication under key {record.key_id}")
+                return
+            if dry_run:
+                counts.rewrapped += 1
+                return
+            async with gate:
+                swapped = await store.replace_sealed(
+                    record, keyring.seal(record.secret_id, plaintext)
+                )
+            if swapped:
+                counts.rewrapped += 1
+            else:
+                counts.changed += 1  # picked up by the next pass if still under an old key
+
+        outcomes = await asyncio.gather(
+            *(one(first_position + i, r) for i, r in enumerate(records)),
+            return_exceptions=True,
+        )
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            report.totals.add(counts)
+            raise failures[0]
+        return counts
+
+    if not dry_run:
+        await store.prepare_rewrap()
+    after = ""
+    while max_batches is None or report.batches < max_batches:
+        records = await store.records_not_sealed_by(active, after, batch_size)
+        if not records:
+            report.finished = True
+            break
+        counts = await batch(records, report.totals.examined + 1)
+        report.batches += 1
+        report.totals.add(counts)
+        after = records[-1].secret_id
+        echo(
+            f"batch {report.batches}: examined {counts.examined}, "
+            f"{'would rewrap' if dry_run else 'rewrapped'} {counts.rewrapped}, "
+            f"changed concurrently {counts.changed}, unknown key {counts.unknown_key}, "
+            f"failed authentication {counts.failed_authentication} "
+            f"({report.totals.examined} examined in all)"
+        )
+        if len(records) < batch_size:
+            report.finished = True
+            break
+    report.remaining = await store.count_not_sealed_by(active)
+    return report
+
+
+def _verdict(report: RewrapReport, active: str) -> tuple[int, str]:
+    """The exit status and the last line: what the operator should do next."""
+    remaining = report.remaining or 0
+    if report.ok:
+        if report.dry_run:
+            return 0, f"every record is already sealed by the active key {active}"
+        return 0, (
+            f"every record is now sealed by the active key {active}: the previous keys are "
+            "no longer needed by any record; remove them from MASTER_KEY_PREVIOUS"
+        )
+    if report.dry_run:
+        return EXIT_REMAINING, (
+            f"secret-manager: dry run: {remaining} records are sealed by other keys; "
+            "run rewrap without --dry-run to re-encrypt them"
+        )
+    if not report.finished:
+        return EXIT_REMAINING, (
+            f"secret-manager: stopped after {report.batches} batches (--max-batches); "
+            f"{remaining} records are still sealed by other keys: run rewrap again to continue"
+        )
+    t = report.totals
+    unreadable = t.unknown_key + t.failed_authentication
+    message = f"secret-manager: {remaining} records are still sealed by other keys"
+    if unreadable:
+        message += (
+            f"; {unreadable} cannot be opened with the configured keys (listed above): keep "
+            "every key that may have sealed them in MASTER_KEY_PREVIOUS and run rewrap again"
+        )
+    if remaining > unreadable:
+        message += (
+            "; others were written or changed during this pass (is a replica still sealing "
+            "with an old MASTER_KEY?): run rewrap again"
+        )
+    return EXIT_REMAINING, message
+
+
+def command(
+    store: SecretStore,
+    keyring: Keyring,
+    *,
+    store_label: str,
+    hash_secret_id: Callable[[str], str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dry_run: bool = False,
+    max_batches: int | None = None,
+) -> int:
+    """``secret-manager rewrap``: one pass, printed as it goes; the exit status says whether
+    any record still needs a previous key (0: none does)."""
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+
+    previous = [kid for kid in keyring.key_ids if kid != keyring.active_key_id]
+    echo(
+        f"rewrap: {store_label}; active key {keyring.active_key_id}; previous keys "
+        f"{', '.join(previous) or 'none'}; batches of {batch_size}"
+        + ("; dry run: nothing is written" if dry_run else "")
+    )
+    report = RewrapReport(dry_run=dry_run)
+
+    async def run() -> None:
+        await store.open()
+        try:
+            await rewrap(
+                store,
+                keyring,
+                hash_secret_id=hash_secret_id,
+                batch_size=batch_size,
+                dry_run=dry_run,
+                max_batches=max_batches,
+                echo=echo,
+                report=report,
+            )
+        finally:
+            await store.close()
+
+    untouched = "every record is either rewrapped or untouched"
+    status = EXIT_REMAINING
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        status = EXIT_INTERRUPTED
+        message = f"secret-manager: interrupted; {untouched}: run rewrap again to continue"
+    except StoreUnavailable as exc:
+        message = (
+            f"secret-manager: the store stopped answering ({exc}); {untouched}: "
+            "run rewrap again once it is back"
+        )
+    except Exception as exc:
+        # Driver errors can quote documents: name the error by its type and place only.
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        message = (
+            f"secret-manager: rewrap stopped by {type(exc).__name__} at "
+            f"{frame.filename}:{frame.lineno}; {untouched}: run rewrap again once it is fixed"
+        )
+    else:
+        status, message = _verdict(report, keyring.active_key_id)
+    for line in report.summary():
+        echo(line)
+    print(message, file=sys.stderr if status else sys.stdout, flush=True)
+    return status
