@@ -122,23 +122,23 @@ async def rewrap(
         gate = asyncio.Semaphore(CONCURRENCY)
 
         async def one(position: int, record: SealedSecret) -> None:
-            try:
-                plaintext = keyring.open(record)
-            except UnknownKey:
-                counts.unknown_key += 1
-                untouched(position, record, f"sealed by key {record.key_id}, not configured")
-                return
-            except DecryptionFailed:
-                counts.failed_authentication += 1
-                untouched(position, record, f"fails authentication under key {record.key_id}")
-                return
-            if dry_run:
-                counts.rewrapped += 1
-                return
-            async with gate:
-                swapped = await store.replace_sealed(
-                    record, keyring.seal(record.secret_id, plaintext)
-                )
+            async with gate:  # also bounds how many plaintexts are in memory at once
+                try:
+                    plaintext = keyring.open(record)
+                except UnknownKey:
+                    counts.unknown_key += 1
+                    untouched(position, record, f"sealed by key {record.key_id}, not configured")
+                    return
+                except DecryptionFailed:
+                    counts.failed_authentication += 1
+                    untouched(position, record, f"fails authentication under key {record.key_id}")
+                    return
+                if dry_run:
+                    counts.rewrapped += 1
+                    return
+                fresh = keyring.seal(record.secret_id, plaintext)
+                del plaintext
+                swapped = await store.replace_sealed(record, fresh)
             if swapped:
                 counts.rewrapped += 1
             else:
@@ -197,7 +197,8 @@ def _verdict(report: RewrapReport, active: str) -> tuple[int, str]:
         )
     if not report.finished:
         return EXIT_REMAINING, (
-            f"secret-manager: stopped after {report.batches} batches (--max-batches); "
+            f"secret-manager: stopped after {report.batches} "
+            f"batch{'' if report.batches == 1 else 'es'} (--max-batches); "
             f"{remaining} records are still sealed by other keys: run rewrap again to continue"
         )
     t = report.totals

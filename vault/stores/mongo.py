@@ -194,14 +194,7 @@ class MongoStore:
         return result
 
     def _replace_sync(self, old: SealedSecret, new: SealedSecret) -> bool:
-        update = {
-            "$set": {
-                "kid": new.key_id,
-                "nonce": new.nonce,
-                "ct": new.ciphertext,
-                "rewrapped_at": dt.datetime.now(dt.UTC),
-            }
-        }
+        update = {"$set": {"kid": new.key_id, "nonce": new.nonce, "ct": new.ciphertext}}
         swap = {"_id": old.secret_id, "kid": old.key_id, "nonce": old.nonce}
         if self._secrets.update_one(swap, update).matched_count == 1:
             return True

@@ -1,0 +1,429 @@
+"""vault/rewrap.py and ``secret-manager rewrap``: key rotation on both stores, while serving."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import functools
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+from starlette.testclient import TestClient
+
+from tests.conftest import RawRecords, b64, clean_env
+from vault.app import build_keyring, build_store
+from vault.crypto import derive_audit_key, generate_key, key_id, parse_key, secret_id_hmac
+from vault.rewrap import rewrap
+from vault.settings import Settings
+from vault.stores.base import SecretStore
+
+_SUMMARY = re.compile(
+    r"^  (examined|rewrapped|would rewrap|changed concurrently|unknown key"
+    r"|failed authentication|remaining under other keys) +(\d+)$",
+    re.MULTILINE,
+)
+
+
+def run_rewrap(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vault", "rewrap", *args],
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def summary(output: str) -> dict[str, int]:
+    return {label: int(number) for label, number in _SUMMARY.findall(output)}
+
+
+def kid(key: str) -> str:
+    return key_id(parse_key(key))
+
+
+def create(client: TestClient, count: int) -> dict[str, bytes]:
+    secrets = {}
+    for i in range(count):
+        data = os.urandom(1 + i * 37)
+        response = client.post("/vault/secret/create", json={"secret": b64(data)})
+        assert response.status_code == 200, response.text
+        secrets[response.json()["secret_id"]] = data
+    return secrets
+
+
+def assert_fetches(client: TestClient, secrets: dict[str, bytes]) -> None:
+    for secret_id, data in secrets.items():
+        response = client.post("/vault/secret/fetch", json={"secret_id": secret_id})
+        assert response.status_code == 200, response.text
+        assert base64.b64decode(response.json()["secret"]) == data
+
+
+def key_ids(raw: RawRecords) -> dict[str, str]:
+    return {secret_id: raw.get(secret_id)["key_id"] for secret_id in raw.secret_ids()}
+
+
+@pytest.fixture
+def rotated(store_env: dict[str, str]) -> dict[str, str]:
+    """The rotation's environment: a new active key, the old one (store_env's) previous."""
+    return {
+        **store_env,
+        "MASTER_KEY": generate_key(),
+        "MASTER_KEY_PREVIOUS": store_env["MASTER_KEY"],
+    }
+
+
+def with_store(env: dict[str, str], work: Callable[[SecretStore], Any]) -> Any:
+    """Run ``await work(store)`` on a real store opened from ``env``."""
+
+    async def main() -> Any:
+        store = build_store(Settings.from_env(env))
+        await store.open()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def has_kid_index(store_kind: str, env: dict[str, str]) -> bool:
+    if store_kind == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(Path(env["DATA_DIR"]) / "vault.db") as conn:
+            rows = conn.execute("PRAGMA index_list(secrets)").fetchall()
+            columns = [conn.execute(f"PRAGMA index_info({row[1]})").fetchall() for row in rows]
+        return any([c[2] for c in cols] == ["key_id"] for cols in columns)
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(env["MONGO_URI"])
+    try:
+        indexes = client[env["MONGO_DB"]]["secrets"].index_information()
+    finally:
+        client.close()
+    return any(list(index["key"]) == [("kid", 1)] for index in indexes.values())
+
+
+# --- the command, end to end ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_rewrap_moves_every_record_to_the_active_key_and_the_old_key_can_go(
+    make_client: Callable[..., TestClient],
+    rotated: dict[str, str],
+    raw_records: RawRecords,
+    store_kind: str,
+) -> None:
+    old = create(make_client(), 7)
+    # Replicas already rolled over seal new secrets with the new key: nothing to rewrap there.
+    fresh = create(make_client(**rotated), 2)
+
+    result = run_rewrap(rotated, "--batch-size", "3")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert summary(result.stdout) == {
+        "examined": 7,
+        "rewrapped": 7,
+        "changed concurrently": 0,
+        "unknown key": 0,
+        "failed authentication": 0,
+        "remaining under other keys": 0,
+    }
+    assert [
+        line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("batch")
+    ] == [
+        "batch 1",
+        "batch 2",
+        "batch 3",
+    ]
+    assert "remove them from MASTER_KEY_PREVIOUS" in result.stdout
+    assert set(key_ids(raw_records).values()) == {kid(rotated["MASTER_KEY"])}
+    assert has_kid_index(store_kind, rotated)
+    # The old key is no longer needed by any record.
+    only_new_key = make_client(MASTER_KEY=rotated["MASTER_KEY"])
+    assert_fetches(only_new_key, old | fresh)
+
+    again = run_rewrap(rotated)
+    assert again.returncode == 0, again.stderr
+    assert summary(again.stdout)["examined"] == 0
+
+
+@pytest.mark.slow
+def test_a_run_stopped_part_way_is_continued_by_the_next(
+    make_client: Callable[..., TestClient], rotated: dict[str, str], raw_records: RawRecords
+) -> None:
+    secrets = create(make_client(), 7)
+    new_kid = kid(rotated["MASTER_KEY"])
+
+    first = run_rewrap(rotated, "--batch-size", "2", "--max-batches", "1")
+
+    assert first.returncode == 1
+    counts = summary(first.stdout)
+    assert (counts["examined"], counts["rewrapped"], counts["remaining under other keys"]) == (
+        2,
+        2,
+        5,
+    )
+    assert "run rewrap again to continue" in first.stderr
+    kids = key_ids(raw_records)
+    # In secret id order: the two lowest ids are done, the rest wait, none is half done.
+    assert [kids[i] == new_kid for i in sorted(kids)] == [True, True] + [False] * 5
+
+    second = run_rewrap(rotated, "--batch-size", "2")
+
+    assert second.returncode == 0, second.stderr
+    counts = summary(second.stdout)
+    assert (counts["examined"], counts["rewrapped"], counts["remaining under other keys"]) == (
+        5,
+        5,
+        0,
+    )
+    assert set(key_ids(raw_records).values()) == {new_kid}
+    assert_fetches(make_client(MASTER_KEY=rotated["MASTER_KEY"]), secrets)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_between_atomic_swaps_and_a_new_run_finishes(
+    store_env: dict[str, str], rotated: dict[str, str], raw_records: RawRecords
+) -> None:
+    keyring = build_keyring(Settings.from_env(store_env))
+    secrets = {str(i).zfill(36): os.urandom(32) for i in range(150)}
+
+    async def fill(store: SecretStore) -> None:
+        for secret_id, data in secrets.items():
+            await store.insert(keyring.seal(secret_id, data))
+
+    with_store(store_env, fill)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vault", "rewrap", "--batch-size", "1"],
+        env=clean_env(**rotated),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("batch 1:"):
+            process.send_signal(signal.SIGINT)
+            break
+    out, err = process.communicate(timeout=60)
+
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "run rewrap again" in err
+    assert "Traceback" not in err
+    done = summary(out)["rewrapped"]
+    assert 0 < done < len(secrets)
+
+    second = run_rewrap(rotated)
+    assert second.returncode == 0, second.stderr
+    assert set(key_ids(raw_records).values()) == {kid(rotated["MASTER_KEY"])}
+    new_keyring = build_keyring(
+        Settings.from_env({**store_env, "MASTER_KEY": rotated["MASTER_KEY"]})
+    )
+
+    async def read_all(store: SecretStore) -> dict[str, bytes]:
+        records = {i: await store.get(i) for i in secrets}
+        return {i: new_keyring.open(r) for i, r in records.items() if r is not None}
+
+    assert with_store(store_env, read_all) == secrets
+
+
+@pytest.mark.slow
+def test_records_the_keyring_cannot_open_are_reported_and_left_alone(
+    make_client: Callable[..., TestClient], rotated: dict[str, str], raw_records: RawRecords
+) -> None:
+    readable = create(make_client(), 3)
+    lost_key = generate_key()
+    (orphan,) = create(make_client(MASTER_KEY=lost_key), 1)
+    tampered = next(iter(readable))
+    record = raw_records.get(tampered)
+    flipped = bytes([record["ciphertext"][0] ^ 1]) + record["ciphertext"][1:]
+    raw_records.put(tampered, {**record, "ciphertext": flipped})
+    before = {i: raw_records.get(i) for i in (orphan, tampered)}
+
+    result = run_rewrap(rotated)
+
+    assert result.returncode == 1
+    assert summary(result.stdout) == {
+        "examined": 4,
+        "rewrapped": 2,
+        "changed concurrently": 0,
+        "unknown key": 1,
+        "failed authentication": 1,
+        "remaining under other keys": 2,
+    }
+    assert {i: raw_records.get(i) for i in (orphan, tampered)} == before
+    # Named as the audit log names them, never in clear.
+    audit_key = derive_audit_key(parse_key(rotated["MASTER_KEY"]))
+    output = result.stdout + result.stderr
+    assert f"key {kid(lost_key)}, not configured" in output
+    assert secret_id_hmac(audit_key, orphan) in output
+    assert secret_id_hmac(audit_key, tampered) in output
+    assert not any(secret_id in output for secret_id in readable | {orphan: b""})
+    assert "keep every key that may have sealed them in MASTER_KEY_PREVIOUS" in result.stderr
+
+    # The operator finds the lost key and adds it: only the tampered record is left.
+    with_lost_key = {
+        **rotated,
+        "MASTER_KEY_PREVIOUS": f"{rotated['MASTER_KEY_PREVIOUS']},{lost_key}",
+    }
+    result = run_rewrap(with_lost_key)
+    assert result.returncode == 1
+    counts = summary(result.stdout)
+    assert (counts["rewrapped"], counts["unknown key"], counts["failed authentication"]) == (
+        1,
+        0,
+        1,
+    )
+    assert raw_records.get(orphan)["key_id"] == kid(rotated["MASTER_KEY"])
+    assert raw_records.get(tampered) == before[tampered]
+
+
+@pytest.mark.slow
+def test_dry_run_counts_and_writes_nothing(
+    make_client: Callable[..., TestClient], rotated: dict[str, str], raw_records: RawRecords
+) -> None:
+    secrets = create(make_client(), 3)
+    before = {i: raw_records.get(i) for i in secrets}
+
+    result = run_rewrap(rotated, "--dry-run")
+
+    assert result.returncode == 1
+    counts = summary(result.stdout)
+    assert (counts["examined"], counts["would rewrap"], counts["remaining under other keys"]) == (
+        3,
+        3,
+        0 + 3,
+    )
+    assert "run rewrap without --dry-run" in result.stderr
+    assert {i: raw_records.get(i) for i in secrets} == before
+
+    assert run_rewrap(rotated).returncode == 0
+    after = run_rewrap(rotated, "--dry-run")
+    assert after.returncode == 0
+    assert "already sealed by the active key" in after.stdout
+
+
+@pytest.mark.slow
+def test_start_up_problems_end_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    no_key = run_rewrap({"DATA_DIR": str(tmp_path)})
+    assert no_key.returncode == 2
+    assert no_key.stderr.startswith("secret-manager: MASTER_KEY is not set")
+    assert len(no_key.stderr.splitlines()) == 1
+
+    wrong_dir = run_rewrap({"MASTER_KEY": generate_key(), "DATA_DIR": str(tmp_path / "empty")})
+    assert wrong_dir.returncode == 2
+    assert "holds no vault.db" in wrong_dir.stderr
+    assert len(wrong_dir.stderr.splitlines()) == 1
+    assert not (tmp_path / "empty" / "vault.db").exists()
+
+
+# --- while replicas serve, and the store operations it relies on -------------------------
+
+
+def test_the_service_keeps_creating_and_fetching_while_rewrap_runs(
+    make_client: Callable[..., TestClient],
+    store_env: dict[str, str],
+    rotated: dict[str, str],
+    raw_records: RawRecords,
+) -> None:
+    old = create(make_client(), 24)
+    replica = make_client(**rotated)
+    settings = Settings.from_env(rotated)
+    keyring = build_keyring(settings)
+    hash_id = functools.partial(secret_id_hmac, derive_audit_key(parse_key(rotated["MASTER_KEY"])))
+    batch_done, served = threading.Semaphore(0), threading.Semaphore(0)
+    outcome: dict[str, Any] = {}
+
+    def echo(line: str) -> None:
+        # After every batch, let the replica serve a round before the next batch starts.
+        if line.startswith("batch"):
+            batch_done.release()
+            assert served.acquire(timeout=30)
+
+    def run() -> None:
+        try:
+            outcome["report"] = with_store(
+                rotated,
+                functools.partial(
+                    rewrap, keyring=keyring, hash_secret_id=hash_id, batch_size=5, echo=echo
+                ),
+            )
+        except BaseException as exc:
+            outcome["error"] = exc
+            batch_done.release()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    created: dict[str, bytes] = {}
+    rounds = 0
+    while thread.is_alive():
+        if not batch_done.acquire(timeout=0.05):
+            continue
+        if "error" in outcome:
+            break
+        created |= create(replica, 2)
+        assert_fetches(replica, {i: old[i] for i in list(old)[rounds::5]} | created)
+        rounds += 1
+        served.release()
+    thread.join(30)
+
+    assert "error" not in outcome, outcome.get("error")
+    report = outcome["report"]
+    assert report.ok and report.totals.rewrapped == 24 and report.totals.changed == 0
+    assert rounds == report.batches == 5
+    assert set(key_ids(raw_records).values()) == {kid(rotated["MASTER_KEY"])}
+    assert_fetches(make_client(MASTER_KEY=rotated["MASTER_KEY"]), old | created)
+
+
+def test_replace_sealed_never_overwrites_a_record_that_changed(
+    make_client: Callable[..., TestClient], rotated: dict[str, str], raw_records: RawRecords
+) -> None:
+    (secret_id,) = create(make_client(), 1)
+    keyring = build_keyring(Settings.from_env(rotated))
+
+    async def work(store: SecretStore) -> None:
+        read = await store.get(secret_id)
+        assert read is not None
+        plaintext = keyring.open(read)
+        first = keyring.seal(secret_id, plaintext)
+        assert await store.replace_sealed(read, first) is True
+        # A second rewrap holding the same stale read: the key id has changed since.
+        assert await store.replace_sealed(read, keyring.seal(secret_id, plaintext)) is False
+        # Same key id as stored, another nonce: a change the key id alone would not show.
+        stale = dataclasses.replace(first, nonce=os.urandom(12))
+        assert await store.replace_sealed(stale, keyring.seal(secret_id, plaintext)) is False
+        assert await store.get(secret_id) == first
+
+    with_store(rotated, work)
+    assert raw_records.get(secret_id)["key_id"] == kid(rotated["MASTER_KEY"])
+
+
+def test_records_not_sealed_by_pages_in_secret_id_order(
+    make_client: Callable[..., TestClient], rotated: dict[str, str]
+) -> None:
+    old = create(make_client(), 5)
+    create(make_client(**rotated), 2)
+    active = kid(rotated["MASTER_KEY"])
+
+    async def work(store: SecretStore) -> tuple[list[list[str]], int]:
+        pages, after = [], ""
+        while page := await store.records_not_sealed_by(active, after, 2):
+            assert all(record.key_id != active for record in page)
+            pages.append([record.secret_id for record in page])
+            after = page[-1].secret_id
+        return pages, await store.count_not_sealed_by(active)
+
+    pages, count = with_store(rotated, work)
+    assert pages == [sorted(old)[0:2], sorted(old)[2:4], sorted(old)[4:]]
+    assert count == 5
