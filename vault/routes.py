@@ -46,7 +46,25 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def _check_content_type(request: Request) -> None:
+    """JSON in UTF-8, or no Content-Type at all (old clients that never set one)."""
+    header = request.headers.get("content-type")
+    if header is None:
+        return
+    media_type, *params = (part.strip() for part in header.split(";"))
+    charsets = [
+        value.strip().strip('"').lower()
+        for key, _, value in (param.partition("=") for param in params)
+        if key.strip().lower() == "charset"
+    ]
+    if media_type.lower() != "application/json" or any(c != "utf-8" for c in charsets):
+        raise HTTPException(
+            415, "send the body as JSON with the header Content-Type: application/json"
+        )
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
+    _check_content_type(request)
     body = await request.body()
     try:
         data = json.loads(body, object_pairs_hook=_reject_duplicates)
