@@ -7,6 +7,8 @@ type and where it was raised are logged, with the request id.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import traceback
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+SHUTTING_DOWN_DETAIL = "the server is shutting down and did not finish this request; retry"
 GENERIC_DETAIL = "internal error; the request id in X-Request-ID identifies it in the server log"
 
 
@@ -37,6 +40,17 @@ class InternalErrorMiddleware:
 
         try:
             await self.app(scope, receive, watch_send)
+        except asyncio.CancelledError:
+            # The server's graceful timeout ran out for this request: tell the client to
+            # retry instead of letting the server answer a bare 500, then stop as asked.
+            if not response_started:
+                with contextlib.suppress(Exception):
+                    await JSONResponse(
+                        {"detail": SHUTTING_DOWN_DETAIL},
+                        status_code=503,
+                        headers={"Retry-After": "5", "Connection": "close"},
+                    )(scope, receive, send)
+            raise
         except Exception as exc:
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             self.logger.error(

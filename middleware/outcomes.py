@@ -18,6 +18,7 @@ _BY_STATUS = {
     400: "invalid",
     401: "unauthorized",
     404: "not_found",
+    408: "invalid",
     413: "too_large",
     429: "rate_limited",
     503: "unavailable",

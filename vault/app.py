@@ -210,7 +210,12 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         )
     middleware += [
         Middleware(InternalErrorMiddleware),
-        Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, detail=too_large),
+        Middleware(
+            BodyLimitMiddleware,
+            max_body_bytes=settings.max_body_bytes,
+            detail=too_large,
+            body_timeout=settings.read_timeout_seconds,
+        ),
     ]
 
     metrics = (

@@ -45,6 +45,7 @@ def build_openapi(
             f"The decoded secret exceeds {max_secret_bytes} bytes, "
             f"or the body exceeds {max_body_bytes} bytes."
         ),
+        "408": _error("The body did not arrive whole in time."),
         "415": _error("The body was not sent as application/json."),
         "429": _error(
             "Too many requests from this client; see Retry-After and RateLimit-* headers.",

@@ -14,7 +14,7 @@ from typing import Any
 
 import swagger_ui_bundle
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -65,10 +65,21 @@ def _check_content_type(request: Request) -> None:
 
 async def _json_object(request: Request) -> dict[str, Any]:
     _check_content_type(request)
-    body = await request.body()
     try:
-        data = json.loads(body, object_pairs_hook=_reject_duplicates)
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, duplicates
+        body = await request.body()
+    except ClientDisconnect:
+        # The client stalled past the read timeout or went away mid-body: its fault, not
+        # ours, and the 400 is what the audit log records (the client will not read it).
+        raise HTTPException(
+            400, "the request body did not arrive completely; send the whole body"
+        ) from None
+    try:
+        # Strict UTF-8 (json.loads on bytes would also take UTF-16 and encoded surrogates),
+        # then a re-encoding that refuses what JSON cannot carry: NaN, infinities and lone
+        # surrogates, wherever they stand in the document.
+        data = json.loads(body.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        json.dumps(data, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeError, duplicates, NaN
         raise HTTPException(
             400, "request body must be a UTF-8 JSON object without duplicate keys"
         ) from None

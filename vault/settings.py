@@ -40,7 +40,7 @@ class Settings:
     data_dir: Path = Path("data")
     max_secret_bytes: int = DEFAULT_MAX_SECRET_BYTES
     graceful_timeout_seconds: float = 10.0
-    read_timeout_seconds: int = 30
+    read_timeout_seconds: int = 10
     keep_alive_timeout_seconds: float = 5.0
     api_keys: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
     metrics_token_digest: bytes | None = field(default=None, repr=False)
@@ -93,7 +93,7 @@ class Settings:
             data_dir=Path(env.get("DATA_DIR", "data") or "data"),
             max_secret_bytes=_int(env, "MAX_SECRET_BYTES", DEFAULT_MAX_SECRET_BYTES, minimum=1),
             graceful_timeout_seconds=_float(env, "GRACEFUL_TIMEOUT_SECONDS", 10.0, minimum=0),
-            read_timeout_seconds=_int(env, "READ_TIMEOUT_SECONDS", 30, minimum=1),
+            read_timeout_seconds=_int(env, "READ_TIMEOUT_SECONDS", 10, minimum=1),
             keep_alive_timeout_seconds=_float(env, "KEEP_ALIVE_TIMEOUT_SECONDS", 5.0, minimum=0.1),
             api_keys=_api_keys(env),
             metrics_token_digest=_metrics_token(env),
