@@ -9,11 +9,9 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,17 +23,12 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
+from loadtests.cluster import ClusterError, free_port, wait_for
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -47,12 +40,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """The harness's poll loop, failing the test (not the harness) when time runs out."""
+    try:
+        wait_for(predicate, timeout, what)
+    except ClusterError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 class MongoWireServer:
