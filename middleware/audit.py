@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from middleware.headers import request_header
 from middleware.outcomes import (
     API_KEY_NAME_KEY,
     OP_KEY,
@@ -68,7 +68,7 @@ class AuditMiddleware:
     def _record(self, scope: Scope, status: int, started: float) -> AuditRecord:
         state = state_of(scope)
         secret_id = state.get(SECRET_ID_KEY)
-        user_agent = Headers(scope=scope).get("user-agent")
+        user_agent = request_header(scope, b"user-agent")
         client = scope.get("client")
         return AuditRecord(
             ts=dt.datetime.now(dt.UTC),

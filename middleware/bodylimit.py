@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from middleware.headers import request_header
 
 
 class _BodyTooLarge(Exception):
@@ -55,7 +56,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        declared = Headers(scope=scope).get("content-length", "")
+        declared = request_header(scope, b"content-length") or ""
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._refusal()(scope, receive, send)
             return

@@ -61,6 +61,7 @@ class PrometheusMiddleware:
         self.exempt_paths = frozenset(path.rstrip("/") or "/" for path in exempt_paths)
         self._gauges: dict[str, Any] = {}
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._fetched: dict[str, Any] = {}
 
     # labels() validates and locks on every call; the label sets here are few and fixed
     # (methods x route templates x statuses), so each child is looked up once and kept.
@@ -112,4 +113,8 @@ class PrometheusMiddleware:
             if op == "create" and status == 200:
                 SECRETS_CREATED.inc()
             elif op == "fetch":
-                SECRETS_FETCHED.labels(outcome_for_status(status)).inc()
+                outcome = outcome_for_status(status)
+                fetched = self._fetched.get(outcome)
+                if fetched is None:
+                    fetched = self._fetched[outcome] = SECRETS_FETCHED.labels(outcome)
+                fetched.inc()

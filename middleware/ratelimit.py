@@ -17,11 +17,11 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from middleware.clientip import client_ip
+from middleware.headers import encode_pairs, set_response_headers
 
 log = logging.getLogger("secret_manager.ratelimit")
 
@@ -189,11 +189,11 @@ class RateLimitMiddleware:
             return
 
         nearest = min(usage, key=lambda u: (u.remaining, -u.reset))
-        headers = nearest.headers()
+        pairs = encode_pairs(nearest.headers().items())
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).update(headers)
+                set_response_headers(message, pairs)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -121,4 +121,4 @@ def derive_audit_key(master_key: bytes) -> bytes:
 
 def secret_id_hmac(audit_key: bytes, secret_id: str) -> str:
     """How a secret id appears in the audit log: HMAC-SHA256, hex. Ids are lower-cased."""
-    return hmac.new(audit_key, secret_id.lower().encode("ascii"), hashlib.sha256).hexdigest()
+    return hmac.digest(audit_key, secret_id.lower().encode("ascii"), "sha256").hex()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import uuid
 from typing import Any
 
@@ -46,6 +47,17 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to infinity, which JSON cannot carry
+        raise ValueError("number out of range")
+    return value
+
+
 def _check_content_type(request: Request) -> None:
     """JSON in UTF-8, or no Content-Type at all (old clients that never set one)."""
     header = request.headers.get("content-type")
@@ -75,10 +87,17 @@ async def _json_object(request: Request) -> dict[str, Any]:
         ) from None
     try:
         # Strict UTF-8 (json.loads on bytes would also take UTF-16 and encoded surrogates),
-        # then a re-encoding that refuses what JSON cannot carry: NaN, infinities and lone
-        # surrogates, wherever they stand in the document.
-        data = json.loads(body.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-        json.dumps(data, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        # and nothing JSON cannot carry, wherever it stands in the document: NaN,
+        # infinities, and lone surrogates, which only a \u escape can produce (so only a
+        # body with one pays for the re-encoding that finds them).
+        data = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+            parse_float=_finite,
+        )
+        if b"\\u" in body:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeError, duplicates, NaN
         raise HTTPException(
             400, "request body must be a UTF-8 JSON object without duplicate keys"
