@@ -72,9 +72,15 @@ AUDIT_BATCH_SIZE = Histogram(
 )
 STORE_OPERATION_SECONDS = Histogram(
     "vault_store_operation_seconds",
-    "Time the secret store took per operation (insert, get, ping), failures included.",
+    "Time the store took per call (insert, get, ping, ...; a batch once), failures included.",
     ["operation"],
     buckets=LATENCY_BUCKETS,
+)
+STORE_BATCH_SIZE = Histogram(
+    "vault_store_batch_size",
+    "Requests carried by one store call (group commit), by operation (insert, get).",
+    ["operation"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 
 

@@ -19,13 +19,21 @@ from typing import Any
 import pymongo
 from pymongo import MongoClient
 from pymongo.collection import Collection
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    PyMongoError,
+    WriteConcernError,
+    WriteError,
+)
 from pymongo.write_concern import WriteConcern
 
 from observability.audit import AuditRecord
 from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop, store_executor
+from vault.stores.batching import Batcher
 
 _FORMAT_VERSION = 1
+_DUPLICATE_KEY = 11000
 _TTL_INDEX = "ts_ttl"
 _KID_INDEX = "kid"
 PING_TIMEOUT_SECONDS = 2.0
@@ -130,23 +138,46 @@ class MongoStore:
             "secrets", write_concern=durable
         )
         self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
+        # Concurrent creates share one insert_many, concurrent fetches one find (group commit).
+        self._inserts = Batcher(self._insert_batch, operation="insert")
+        self._gets = Batcher(self._get_batch, operation="get")
 
     async def open(self) -> None:
         await self._mongo.open()
 
     async def close(self) -> None:
+        await self._inserts.close()
+        await self._gets.close()
         await self._mongo.close()
 
-    def _insert_sync(self, doc: dict[str, Any]) -> None:
+    def _insert_many_sync(self, docs: list[dict[str, Any]]) -> list[Exception | None]:
+        """Insert a batch; one entry per document: None when it is stored, else its error."""
         try:
-            self._secrets.insert_one(doc)
-        except DuplicateKeyError:
-            # A retried insert whose first attempt landed: the same record is already
-            # there, which is success. Anything else under this id is a real conflict.
-            existing = self._secrets.find_one({"_id": doc["_id"]})
-            if existing is None or any(existing.get(k) != doc[k] for k in ("nonce", "ct")):
-                raise
-            return
+            self._secrets.insert_many(docs, ordered=False)
+            return [None] * len(docs)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                # Written perhaps, but not confirmed durable: nobody may be acknowledged.
+                raise WriteConcernError("write concern not satisfied") from None
+            results: list[Exception | None] = [None] * len(docs)
+            for error in exc.details.get("writeErrors", []):
+                doc = docs[error["index"]]
+                if error.get("code") == _DUPLICATE_KEY and self._already_stored(doc):
+                    continue
+                results[error["index"]] = WriteError(error.get("errmsg"), error.get("code"))
+            return results
+
+    def _already_stored(self, doc: Mapping[str, Any]) -> bool:
+        # A retried insert whose first attempt landed: the same record is already there,
+        # which is success. Anything else under this id is a real conflict.
+        existing = self._secrets.find_one({"_id": doc["_id"]})
+        return existing is not None and all(existing.get(k) == doc[k] for k in ("nonce", "ct"))
+
+    async def _insert_batch(self, docs: list[dict[str, Any]]) -> list[Exception | None]:
+        results: list[Exception | None] = await self._mongo.run(
+            "insert", self._insert_many_sync, docs
+        )
+        return results
 
     async def insert(self, record: SealedSecret) -> None:
         doc = {
@@ -157,13 +188,26 @@ class MongoStore:
             "ct": record.ciphertext,
             "created_at": dt.datetime.now(dt.UTC),
         }
-        await self._mongo.run("insert", self._insert_sync, doc)
+        await self._inserts.submit(doc)
+
+    def _find_many_sync(self, secret_ids: list[str]) -> list[SealedSecret | None]:
+        wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
+        if len(wanted) == 1:
+            doc = self._secrets.find_one({"_id": wanted[0]})
+            found = {} if doc is None else {wanted[0]: _sealed(doc)}
+        else:
+            cursor = self._secrets.find({"_id": {"$in": wanted}})
+            found = {str(doc["_id"]): _sealed(doc) for doc in cursor}
+        return [found.get(secret_id) for secret_id in secret_ids]
+
+    async def _get_batch(self, secret_ids: list[str]) -> list[SealedSecret | None]:
+        results: list[SealedSecret | None] = await self._mongo.run(
+            "get", self._find_many_sync, secret_ids
+        )
+        return results
 
     async def get(self, secret_id: str) -> SealedSecret | None:
-        doc: Mapping[str, Any] | None = await self._mongo.run(
-            "get", self._secrets.find_one, {"_id": secret_id}
-        )
-        return None if doc is None else _sealed(doc)
+        return await self._gets.submit(secret_id)
 
     def _create_kid_index_sync(self) -> None:
         with pymongo.timeout(INDEX_BUILD_TIMEOUT_SECONDS):

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from observability.audit import AuditRecord
 from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop, store_executor
+from vault.stores.batching import Batcher
 
 T = TypeVar("T")
 
@@ -49,6 +50,7 @@ CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE INDEX IF NOT EXISTS audit_secret_id_hmac ON audit (secret_id_hmac);
 """
 
+_INSERT_RECORD = "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext) VALUES (?, ?, ?, ?)"
 _INSERT_AUDIT = (
     "INSERT INTO audit (ts, op, status, outcome, client_ip, request_id, secret_id_hmac,"
     " latency_ms, user_agent, api_key_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -76,6 +78,9 @@ class SQLiteStore:
         self._size = connections
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._executor: ThreadPoolExecutor | None = None
+        # Concurrent creates share one transaction, concurrent fetches one query.
+        self._inserts = Batcher(self._insert_batch, operation="insert")
+        self._gets = Batcher(self._get_batch, operation="get")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -101,6 +106,8 @@ class SQLiteStore:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._open_sync)
 
     async def close(self) -> None:
+        await self._inserts.close()
+        await self._gets.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         while not self._pool.empty():
@@ -134,28 +141,45 @@ class SQLiteStore:
             # Locked, read-only, out of disk or unreadable: transient from the caller's view.
             raise StoreUnavailable(f"sqlite: {exc.sqlite_errorname}") from None
 
-    async def insert(self, record: SealedSecret) -> None:
-        def insert(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext) VALUES (?, ?, ?, ?)",
-                (record.secret_id, record.key_id, record.nonce, record.ciphertext),
-            )
+    async def _insert_batch(self, records: list[SealedSecret]) -> list[Exception | None]:
+        def insert(conn: sqlite3.Connection) -> list[Exception | None]:
+            results: list[Exception | None] = []
+            with conn:  # one transaction, one fsync, for the whole batch
+                conn.execute("BEGIN IMMEDIATE")
+                for r in records:
+                    try:
+                        conn.execute(_INSERT_RECORD, (r.secret_id, r.key_id, r.nonce, r.ciphertext))
+                    except sqlite3.IntegrityError as exc:  # only this row is rolled back
+                        results.append(exc)
+                    else:
+                        results.append(None)
+            return results
 
-        await self._run("insert", insert)
+        return await self._run("insert", insert)
+
+    async def insert(self, record: SealedSecret) -> None:
+        await self._inserts.submit(record)
+
+    async def _get_batch(self, secret_ids: list[str]) -> list[SealedSecret | None]:
+        wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
+
+        def select(conn: sqlite3.Connection) -> list[tuple[str, str, bytes, bytes]]:
+            placeholders = ", ".join("?" * len(wanted))  # at most MAX_BATCH, under SQLite's cap
+            rows: list[tuple[str, str, bytes, bytes]] = conn.execute(
+                "SELECT secret_id, key_id, nonce, ciphertext FROM secrets"  # noqa: S608 - "?"s only
+                f" WHERE secret_id IN ({placeholders})",
+                wanted,
+            ).fetchall()
+            return rows
+
+        found = {
+            secret_id: SealedSecret(secret_id, key_id, nonce, ciphertext)
+            for secret_id, key_id, nonce, ciphertext in await self._run("get", select)
+        }
+        return [found.get(secret_id) for secret_id in secret_ids]
 
     async def get(self, secret_id: str) -> SealedSecret | None:
-        def get(conn: sqlite3.Connection) -> tuple[str, bytes, bytes] | None:
-            row: tuple[str, bytes, bytes] | None = conn.execute(
-                "SELECT key_id, nonce, ciphertext FROM secrets WHERE secret_id = ?",
-                (secret_id,),
-            ).fetchone()
-            return row
-
-        row = await self._run("get", get)
-        if row is None:
-            return None
-        key_id, nonce, ciphertext = row
-        return SealedSecret(secret_id=secret_id, key_id=key_id, nonce=nonce, ciphertext=ciphertext)
+        return await self._gets.submit(secret_id)
 
     async def prepare_rewrap(self) -> None:
         """Nothing to do: the schema already indexes ``key_id``."""

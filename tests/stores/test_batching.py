@@ -1,0 +1,112 @@
+"""Group commit: concurrent calls share one store call, and each caller gets its own answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from vault.stores.batching import Batcher
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    """A batch call that remembers each batch it was given and takes ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.01) -> None:
+        self.delay = delay
+        self.batches: list[list[int]] = []
+
+    async def __call__(self, items: list[int]) -> list[int | Exception]:
+        self.batches.append(list(items))
+        await asyncio.sleep(self.delay)
+        return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
+
+
+async def test_concurrent_calls_share_batches_and_each_gets_its_own_result() -> None:
+    call = Recorder()
+    batcher = Batcher(call, operation="test")
+    results = await asyncio.gather(
+        *(batcher.submit(i) for i in range(0, 100, 2)), return_exceptions=True
+    )
+    assert results == [i * 10 for i in range(0, 100, 2)]
+    assert sorted(i for batch in call.batches for i in batch) == list(range(0, 100, 2))
+    # The first goes out alone at once; the rest gather while it runs.
+    assert call.batches[0] == [0]
+    assert len(call.batches) <= 3
+
+
+async def test_an_idle_service_sends_each_call_at_once() -> None:
+    call = Recorder(delay=0)
+    batcher = Batcher(call, operation="test")
+    for i in (2, 4, 6):
+        assert await batcher.submit(i) == i * 10
+    assert call.batches == [[2], [4], [6]]
+
+
+async def test_an_item_that_fails_alone_fails_only_its_own_caller() -> None:
+    batcher = Batcher(Recorder(), operation="test")
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(6)), return_exceptions=True)
+    assert [r for r in results if not isinstance(r, Exception)] == [0, 20, 40]
+    assert [str(r) for r in results if isinstance(r, Exception)] == ["odd 1", "odd 3", "odd 5"]
+
+
+async def test_a_failed_call_fails_its_batch_and_the_next_batch_goes_out() -> None:
+    calls = 0
+
+    async def flaky(items: list[int]) -> list[int | Exception]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        if calls == 1:
+            raise ConnectionError("store down")
+        return list(items)
+
+    batcher = Batcher(flaky, operation="test")
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0)  # the first batch is out; these queue behind it
+    rest = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3)]
+    with pytest.raises(ConnectionError):
+        await first
+    assert await asyncio.gather(*rest) == [2, 3]
+    assert calls == 2
+
+
+async def test_a_caller_that_gave_up_while_queued_is_not_sent() -> None:
+    call = Recorder()
+    batcher = Batcher(call, operation="test")
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0)
+    abandoned = asyncio.ensure_future(batcher.submit(2))
+    kept = asyncio.ensure_future(batcher.submit(4))
+    await asyncio.sleep(0)
+    abandoned.cancel()
+    assert await first == 0
+    assert await kept == 40
+    assert call.batches == [[0], [4]]
+
+
+async def test_batches_are_capped_and_several_may_run_at_once() -> None:
+    call = Recorder()
+    batcher = Batcher(call, operation="test", max_batch=4, max_in_flight=2)
+    await asyncio.gather(*(batcher.submit(i) for i in range(0, 40, 2)))
+    assert max(len(batch) for batch in call.batches) == 4
+    assert call.batches[:2] == [[0], [2]]  # two calls went out before any returned
+
+
+async def test_close_waits_for_the_calls_already_running() -> None:
+    call = Recorder(delay=0.05)
+    batcher = Batcher(call, operation="test")
+    pending = asyncio.ensure_future(batcher.submit(8))
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert pending.done()
+    assert pending.result() == 80
+
+
+def test_limits_below_one_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Batcher(Recorder(), operation="test", max_batch=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        Batcher(Recorder(), operation="test", max_in_flight=0)

@@ -1,0 +1,94 @@
+"""Both stores group concurrent creates and fetches, and still answer each request alone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+from prometheus_client import REGISTRY
+
+from vault.app import build_store
+from vault.settings import Settings
+from vault.stores.base import SealedSecret, SecretStore
+
+
+def record(secret_id: str | None = None) -> SealedSecret:
+    return SealedSecret(
+        secret_id=secret_id or str(uuid.uuid4()),
+        key_id="0123456789abcdef",
+        nonce=os.urandom(12),
+        ciphertext=os.urandom(40),
+    )
+
+
+def store_calls(operation: str) -> float:
+    value = REGISTRY.get_sample_value("vault_store_batch_size_count", {"operation": operation})
+    return value or 0.0
+
+
+def run_on_store(env: dict[str, str], work: object) -> None:
+    async def main() -> None:
+        store: SecretStore = build_store(Settings.from_env(env))
+        await store.open()
+        try:
+            await work(store)  # type: ignore[operator]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_concurrent_creates_and_fetches_share_calls_and_get_their_own_records(
+    store_env: dict[str, str],
+) -> None:
+    records = [record() for _ in range(64)]
+    unknown = [str(uuid.uuid4()) for _ in range(8)]
+
+    async def work(store: SecretStore) -> None:
+        inserts_before = store_calls("insert")
+        await asyncio.gather(*(store.insert(r) for r in records))
+        assert store_calls("insert") - inserts_before < len(records)
+
+        gets_before = store_calls("get")
+        wanted = [r.secret_id for r in records] + unknown + [records[0].secret_id] * 4
+        found = await asyncio.gather(*(store.get(secret_id) for secret_id in wanted))
+        assert store_calls("get") - gets_before < len(wanted)
+        assert found[: len(records)] == records
+        assert found[len(records) : len(records) + len(unknown)] == [None] * len(unknown)
+        assert found[-4:] == [records[0]] * 4
+
+    run_on_store(store_env, work)
+
+
+def test_a_conflicting_insert_fails_alone_and_its_batch_mates_are_stored(
+    store_env: dict[str, str],
+) -> None:
+    taken = record()
+    others = [record() for _ in range(10)]
+
+    async def work(store: SecretStore) -> None:
+        await store.insert(taken)
+        results = await asyncio.gather(
+            *(store.insert(r) for r in [*others[:5], record(taken.secret_id), *others[5:]]),
+            return_exceptions=True,
+        )
+        assert [isinstance(r, Exception) for r in results] == [False] * 5 + [True] + [False] * 5
+        assert await store.get(taken.secret_id) == taken  # the first record is untouched
+        assert await asyncio.gather(*(store.get(r.secret_id) for r in others)) == others
+
+    run_on_store(store_env, work)
+
+
+@pytest.mark.parametrize("store_kind", ["mongo"], indirect=True)
+def test_an_insert_retried_after_it_landed_counts_as_stored(store_env: dict[str, str]) -> None:
+    # pymongo retries a write whose answer was lost; the retry finds the record it wrote.
+    same = record()
+
+    async def work(store: SecretStore) -> None:
+        await store.insert(same)
+        await asyncio.gather(store.insert(same), store.insert(record()))
+        assert await store.get(same.secret_id) == same
+
+    run_on_store(store_env, work)
