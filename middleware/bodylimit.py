@@ -4,16 +4,44 @@ A declared Content-Length over the cap is refused before a byte of the body is r
 chunked body is counted as it arrives and refused the moment it passes the cap. Either way
 the answer is ``413 {"detail": ...}``. With ``body_timeout``, a body that has not arrived
 whole in that time is answered ``408``.
+
+The unread rest of a refused body still has to go somewhere. Over HTTP/1.1 the refusal
+closes the connection (``Connection: close``), and whatever the server has queued for the
+app meanwhile is discarded while the answer goes out: Hypercorn (0.18) queues at most ten
+body chunks per request and then blocks its reader, and the ``http.disconnect`` it queues
+when the response ends, until the app reads, so a refused upload nobody read would hold its
+connection until shutdown. HTTP/2 has no connection to close for one stream, and Hypercorn
+0.18 drops the connection when data arrives for a stream that has already been answered, so
+there the rest of the body is read and discarded first (within the body deadline and a
+bound on bytes), then the refusal is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from middleware.headers import request_header
+
+# After the refusal is sent, the server's end-of-request message follows at once.
+DRAIN_AFTER_ANSWER_SECONDS = 1.0
+DRAIN_BEFORE_ANSWER_SECONDS = 10.0  # HTTP/2 without a body_timeout
+DRAIN_BYTES_PER_CAP = 4  # HTTP/2: read at most this many caps' worth before answering anyway
+
+
+async def _discard_rest(receive: Receive, max_bytes: int | None = None) -> None:
+    """Read and drop the request's remaining messages until its body or the stream ends."""
+    discarded = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        discarded += len(message.get("body", b""))
+        if max_bytes is not None and discarded > max_bytes:
+            return
 
 
 class _BodyTooLarge(Exception):
@@ -44,12 +72,30 @@ class BodyLimitMiddleware:
         # would hold a connection forever, so the whole body gets one deadline.
         self.body_timeout = body_timeout
 
-    def _refusal(self, status: int = 413) -> JSONResponse:
-        # Close the connection: the rest of the body is never read.
+    async def _refuse(self, status: int, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer 413 or 408 without reading the rest of the body; see the module docstring."""
         detail = self.detail
         if status == 408:
             detail = f"the request body took longer than {self.body_timeout:g} s to arrive"
-        return JSONResponse({"detail": detail}, status_code=status, headers={"Connection": "close"})
+        if scope.get("http_version") == "2":
+            if status == 413:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.body_timeout or DRAIN_BEFORE_ANSWER_SECONDS):
+                        await _discard_rest(receive, DRAIN_BYTES_PER_CAP * self.max_body_bytes)
+            # Connection-specific headers are not allowed in HTTP/2.
+            await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+            return
+        refusal = JSONResponse(
+            {"detail": detail}, status_code=status, headers={"Connection": "close"}
+        )
+        drain = asyncio.create_task(_discard_rest(receive))
+        try:
+            await refusal(scope, receive, send)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_AFTER_ANSWER_SECONDS):
+                    await drain
+        finally:
+            drain.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,7 +104,7 @@ class BodyLimitMiddleware:
 
         declared = request_header(scope, b"content-length") or ""
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._refusal()(scope, receive, send)
+            await self._refuse(413, scope, receive, send)
             return
 
         received = 0
@@ -94,5 +140,4 @@ class BodyLimitMiddleware:
         except (_BodyTooLarge, _BodyTooSlow) as exc:
             if response_started:
                 raise
-            status = 408 if isinstance(exc, _BodyTooSlow) else 413
-            await self._refusal(status)(scope, receive, send)
+            await self._refuse(408 if isinstance(exc, _BodyTooSlow) else 413, scope, receive, send)

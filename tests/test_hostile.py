@@ -431,13 +431,9 @@ def test_protocol_garbage_is_never_a_server_error(server: ServerProcess, name: s
     assert not re.search(rb"^server:", raw, re.I | re.M), raw[:400]
 
 
-# Known defect of Hypercorn 0.18.0 (protocol/http_stream.py): when the app answers before
-# reading a chunked body, Hypercorn blocks putting http.disconnect into a full receive queue
-# and the connection is never released. Strict: this test must start failing (XPASS) the
-# day the fix (drain the queue on close, or draining receive() while sending the 413) lands.
-@pytest.mark.xfail(
-    strict=True, reason="Hypercorn 0.18 keeps a connection whose chunked body was refused"
-)
+# Hypercorn 0.18 (protocol/http_stream.py) blocks putting http.disconnect into a full
+# receive queue when the app answers before reading a chunked body, and the connection was
+# never released; the body limit now discards what is queued while its 413 goes out.
 def test_chunked_uploads_over_the_cap_leave_nothing_behind(
     start_server: StartServer, tmp_path: Path, master_key: str
 ) -> None:
@@ -491,12 +487,8 @@ def test_http2_clients_get_the_same_answers(server: ServerProcess) -> None:
         assert fetched.json() == {"secret": "aGk="}
 
 
-# Known defect of Hypercorn 0.18.0 (protocol/h2.py raises KeyError on data for a finished
-# stream): racy, hence not strict. Fix: patch or report upstream; with TLS, offer only
-# http/1.1 in ALPN until then.
-@pytest.mark.xfail(
-    strict=False, reason="Hypercorn 0.18 h2: data after an early 413 breaks the connection"
-)
+# Hypercorn 0.18 (protocol/h2.py) raises KeyError on data for a stream already answered and
+# drops the connection; over HTTP/2 the body limit reads the rest of the body before its 413.
 def test_http2_body_over_the_cap_is_413_not_a_broken_connection(server: ServerProcess) -> None:
     # Several tries: the failure is a race between the early answer and the upload.
     before_log = len(server.output())

@@ -146,14 +146,8 @@ STORES = [
 ]
 
 
-# Known race in Hypercorn 0.18.0's asyncio TCP server (tcp_server.py: _idle_timeout closes a
-# connection whose request just started; _read_data keeps feeding a closed connection): a
-# request arriving as SIGTERM lands can be processed and audited but never answered.
-# Nothing acknowledged is lost (no answer was sent), but the client sees a closed
-# connection. Racy, hence not strict; the fix is sketched in the issue-6 note.
-@pytest.mark.xfail(
-    strict=False, reason="Hypercorn 0.18 race: a request at SIGTERM can go unanswered"
-)
+# Hypercorn 0.18's asyncio TCP server could close a connection whose request had just
+# started as SIGTERM landed (processed and audited, never answered): vault/hypercorn_fixes.py.
 @pytest.mark.parametrize(("store", "audit_mode"), STORES)
 def test_sigterm_under_load_loses_nothing(
     request: pytest.FixtureRequest,

@@ -28,6 +28,7 @@ from observability.audit import GroupCommitWriter, stdout_stream
 from observability.logging import configure_logging
 from observability.metrics import AUDIT_BATCH_SIZE, AUDIT_RECORDS, RATE_LIMITED, metrics_app
 from observability.tracing import configure_tracing, shutdown_tracing
+from vault import hypercorn_fixes
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
 from vault.routes import OPERATIONS, VaultAPI, unavailable_response
 from vault.settings import ConfigError, Settings
@@ -241,7 +242,9 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
 
 
 def app_from_environment() -> Starlette:
-    """What each Hypercorn worker loads: logging and settings from the environment."""
+    """What each Hypercorn worker loads: logging and settings from the environment, and the
+    server's shutdown race fix (in every worker process, where its TCP server runs)."""
     settings = Settings.from_env()
     configure_logging(settings.log_level)
+    hypercorn_fixes.apply()
     return create_app(settings)

@@ -1,0 +1,82 @@
+"""A fix for Hypercorn 0.18's asyncio TCP server, applied by ``secret-manager serve``.
+
+At SIGTERM Hypercorn closes every keep-alive connection that is idle. A request that
+arrives on one of them in the same instant could be read, processed (stored and audited)
+and then never answered, because the connection was closed under it: the idle timer's
+wake-up races the request's start, and Python 3.11's ``asyncio.wait_for`` can swallow the
+cancellation meant to stop the timer. A client then sees a dropped connection for a create
+that did happen.
+
+The fix keeps Hypercorn's behaviour and closes the race: the connection's idle state is
+recorded synchronously when the protocol reports it, the timer closes only a connection that
+is still idle when it acts, and bytes read after that decision are not served (the client
+sees its connection closed before an answer, for a request that was never processed, which
+HTTP clients know how to treat). Applied only to the Hypercorn versions it was written
+against; anything else is left alone with a warning, so an upgrade cannot be silently
+patched with code written for other internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import ssl
+from typing import Any
+
+log = logging.getLogger("secret_manager.serve")
+
+PATCHED_VERSIONS = ("0.18.",)
+
+
+def apply() -> bool:
+    """Patch Hypercorn's TCP server once; True if the fix is (now) in place."""
+    from hypercorn.asyncio import tcp_server
+    from hypercorn.events import Closed, RawData, Updated
+
+    server = tcp_server.TCPServer
+    if getattr(server, "_secret_manager_fixed", False):
+        return True
+    version = importlib.metadata.version("hypercorn")
+    if not version.startswith(PATCHED_VERSIONS):
+        log.warning(
+            "hypercorn %s: the shutdown race fix (written for %s) is not applied",
+            version,
+            ", ".join(v + "x" for v in PATCHED_VERSIONS),
+        )
+        return False
+
+    original_protocol_send = server.protocol_send
+
+    async def protocol_send(self: Any, event: Any) -> None:
+        if isinstance(event, Updated):
+            self._secret_manager_idle = event.idle  # before any await: the timer reads it
+        await original_protocol_send(self, event)
+
+    async def _idle_timeout(self: Any) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.context.terminated.wait(), self.config.keep_alive_timeout)
+        if not getattr(self, "_secret_manager_idle", True):
+            return  # a request began meanwhile: it is answered, then the connection closes
+        self._secret_manager_closing = True
+        await asyncio.shield(self._initiate_server_close())
+
+    async def _read_data(self: Any) -> None:
+        while not self.reader.at_eof():
+            try:
+                data = await asyncio.wait_for(
+                    self.reader.read(tcp_server.MAX_RECV), self.config.read_timeout
+                )
+            except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
+                break
+            if getattr(self, "_secret_manager_closing", False):
+                break  # the server is closing this idle connection: nothing new is served
+            await self.protocol.handle(RawData(data))
+        await self.protocol.handle(Closed())
+
+    server.protocol_send = protocol_send  # type: ignore[method-assign]
+    server._idle_timeout = _idle_timeout  # type: ignore[method-assign]
+    server._read_data = _read_data  # type: ignore[method-assign]
+    server._secret_manager_fixed = True  # type: ignore[attr-defined]
+    return True
