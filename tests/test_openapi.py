@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import re
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.routing import Route
 from starlette.testclient import TestClient
+
+from vault.openapi import BASE64_PATTERN
+from vault.validation import InvalidValue, decode_secret
+
+
+def _encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def test_spec_describes_every_endpoint_with_errors(client: TestClient) -> None:
@@ -32,8 +42,23 @@ def test_spec_patterns_match_what_the_server_accepts(client: TestClient) -> None
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     b64 = re.compile(schemas["CreateRequest"]["properties"]["secret"]["pattern"])
     assert b64.match("aGk=") and not b64.match("aGk") and not b64.match("-_-_")
+    assert not b64.match("") and not b64.match("ab==") and b64.match("aQ==")
     uuid_re = re.compile(schemas["FetchRequest"]["properties"]["secret_id"]["pattern"])
     assert uuid_re.match("123e4567-e89b-42d3-a456-426614174000")
+
+
+def _accepted(value: str) -> bool:
+    try:
+        decode_secret(value)
+    except InvalidValue:
+        return False
+    return True
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet="AQgwaGk+/9=", max_size=12) | st.binary(max_size=9).map(_encode))
+def test_the_base64_pattern_accepts_exactly_what_the_server_accepts(value: str) -> None:
+    assert bool(re.fullmatch(BASE64_PATTERN, value)) == _accepted(value), value
 
 
 def test_docs_page_loads_its_assets_locally(client: TestClient) -> None:

@@ -10,7 +10,12 @@ from typing import Any
 from vault import __version__
 
 _UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-_BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+# Exactly what the server accepts: canonical standard base64 of at least one byte (the bits
+# a padded last group leaves unused must be zero, so "ab==" is refused and "aQ==" is not).
+BASE64_PATTERN = (
+    "^(?:[A-Za-z0-9+/]{4})*"
+    "(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$"
+)
 
 
 def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
@@ -154,7 +159,7 @@ def build_openapi(
                             "type": "string",
                             "format": "byte",
                             "minLength": 4,
-                            "pattern": _BASE64_PATTERN,
+                            "pattern": BASE64_PATTERN,
                             "description": (
                                 "Standard base64 with padding, no whitespace; "
                                 f"at most {max_secret_bytes} bytes once decoded."
