@@ -81,6 +81,7 @@ class Cell:
     p99_ms: float
     cpu_us: float
     errors: int
+    db_cpu_us: float | None = None  # the MongoDB-wire server's, when the bench started it
 
 
 def cpu_seconds(pid: int) -> float:
@@ -162,10 +163,14 @@ def hey(url: str, body: str, requests: int, concurrency: int) -> list[tuple[floa
     return rows
 
 
-def measure(url: str, pid: int, path: str, body: str, requests: int, concurrency: int) -> Cell:
+def measure(
+    url: str, pid: int, path: str, body: str, requests: int, concurrency: int, db_pid: int | None
+) -> Cell:
     before = cpu_seconds(pid)
+    db_before = cpu_seconds(db_pid) if db_pid else 0.0
     rows = hey(url + path, body, requests, concurrency)
     cpu = cpu_seconds(pid) - before
+    db_cpu = cpu_seconds(db_pid) - db_before if db_pid else None
     ok = sorted(rt for _, rt, status in rows if status == 200)
     wall = max(offset + rt for offset, rt, _ in rows) - min(offset for offset, _, _ in rows)
     quantiles = statistics.quantiles(ok, n=100) if len(ok) > 1 else [0.0] * 99
@@ -176,11 +181,17 @@ def measure(url: str, pid: int, path: str, body: str, requests: int, concurrency
         p99_ms=quantiles[98] * 1000,
         cpu_us=cpu / len(rows) * 1e6,
         errors=len(rows) - len(ok),
+        db_cpu_us=None if db_cpu is None else db_cpu / len(rows) * 1e6,
     )
 
 
 def bench_config(
-    config: Config, env: dict[str, str], workdir: Path, requests: int, concurrency: int
+    config: Config,
+    env: dict[str, str],
+    workdir: Path,
+    requests: int,
+    concurrency: int,
+    db_pid: int | None = None,
 ) -> dict[str, Cell]:
     env = {**env, "MONGO_DB": "bench" + uuid.uuid4().hex[:8]}
     with server(config, env, workdir) as (url, pid):
@@ -190,8 +201,8 @@ def bench_config(
         create_body = f'{{"secret": "{SECRET}"}}'
         hey(url + "/vault/secret/fetch", fetch_body, min(500, requests), concurrency)  # warm up
         return {
-            "create": measure(url, pid, "/vault/secret/create", create_body, requests, concurrency),
-            "fetch": measure(url, pid, "/vault/secret/fetch", fetch_body, requests, concurrency),
+            op: measure(url, pid, f"/vault/secret/{op}", body, requests, concurrency, db_pid)
+            for op, body in (("create", create_body), ("fetch", fetch_body))
         }
 
 
@@ -206,6 +217,9 @@ def median_cell(cells: list[Cell]) -> Cell:
         p99_ms=med([c.p99_ms for c in cells]),
         cpu_us=med([c.cpu_us for c in cells]),
         errors=sum(c.errors for c in cells),
+        db_cpu_us=None
+        if any(c.db_cpu_us is None for c in cells)
+        else med([c.db_cpu_us for c in cells if c.db_cpu_us is not None]),
     )
 
 
@@ -214,16 +228,17 @@ def table(results: dict[str, dict[str, Cell]]) -> str:
     naive = results.get("naive (2 sync inserts)")
     lines = [
         "| configuration | op | req/s | p50 ms | p95 ms | p99 ms | CPU µs/req "
-        "| CPU vs echo | req/s vs naive | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU vs echo | req/s vs naive | DB CPU µs/req | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, cells in results.items():
         for op, cell in cells.items():
             vs_naive = f"{cell.rps / naive[op].rps:.2f}x" if naive else "-"
+            db_cpu = "-" if cell.db_cpu_us is None else f"{cell.db_cpu_us:.0f}"
             lines.append(
                 f"| {name} | {op} | {cell.rps:.0f} | {cell.p50_ms:.1f} | {cell.p95_ms:.1f} "
                 f"| {cell.p99_ms:.1f} | {cell.cpu_us:.0f} | {cell.cpu_us / floor[op].cpu_us:.2f}x "
-                f"| {vs_naive} | {cell.errors} |"
+                f"| {vs_naive} | {db_cpu} | {cell.errors} |"
             )
     return "\n".join(lines)
 
@@ -260,11 +275,15 @@ def main(argv: list[str] | None = None) -> int:
                 LOG_LEVEL="WARNING",
                 OTEL_EXPORTER_OTLP_ENDPOINT=sink,
             )
+            pid_file = workdir / "nx" / "nx.pid"  # present when the bench started nx-27017
+            db_pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
             for round_number in range(args.rounds):
                 for config in configs:
                     print(f"round {round_number + 1}: {config.name}", file=sys.stderr)
                     runs[config.name].append(
-                        bench_config(config, base_env, workdir, args.requests, args.concurrency)
+                        bench_config(
+                            config, base_env, workdir, args.requests, args.concurrency, db_pid
+                        )
                     )
     results = {
         name: {op: median_cell([r[op] for r in rounds]) for op in ("create", "fetch")}
