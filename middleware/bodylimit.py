@@ -10,10 +10,11 @@ closes the connection (``Connection: close``), and whatever the server has queue
 app meanwhile is discarded while the answer goes out: Hypercorn (0.18) queues at most ten
 body chunks per request and then blocks its reader, and the ``http.disconnect`` it queues
 when the response ends, until the app reads, so a refused upload nobody read would hold its
-connection until shutdown. HTTP/2 has no connection to close for one stream, and Hypercorn
-0.18 drops the connection when data arrives for a stream that has already been answered, so
-there the rest of the body is read and discarded first (within the body deadline and a
-bound on bytes), then the refusal is sent.
+connection until shutdown. HTTP/2 has no connection to close for one stream, and some
+clients (httpx among them) cannot read an answer that arrives while they are still
+uploading, so there the rest of the body is read and discarded first, within the body
+deadline and four caps' worth of bytes; past that bound the refusal is sent at once and the
+server resets the stream (RST_STREAM, NO_ERROR: ``vault/hypercorn_fixes.py``).
 """
 
 from __future__ import annotations

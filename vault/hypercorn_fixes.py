@@ -1,19 +1,29 @@
-"""A fix for Hypercorn 0.18's asyncio TCP server, applied by ``secret-manager serve``.
+"""Two fixes for Hypercorn 0.18, applied by ``secret-manager serve`` in every worker.
 
-At SIGTERM Hypercorn closes every keep-alive connection that is idle. A request that
-arrives on one of them in the same instant could be read, processed (stored and audited)
-and then never answered, because the connection was closed under it: the idle timer's
-wake-up races the request's start, and Python 3.11's ``asyncio.wait_for`` can swallow the
-cancellation meant to stop the timer. A client then sees a dropped connection for a create
-that did happen.
+**Shutdown race (asyncio TCP server).** At SIGTERM Hypercorn closes every keep-alive
+connection that is idle. A request that arrives on one of them in the same instant could be
+read, processed (stored and audited) and then never answered, because the connection was
+closed under it: the idle timer's wake-up races the request's start, and Python 3.11's
+``asyncio.wait_for`` can swallow the cancellation meant to stop the timer. A client then
+sees a dropped connection for a create that did happen.
 
 The fix keeps Hypercorn's behaviour and closes the race: the connection's idle state is
 recorded synchronously when the protocol reports it, the timer closes only a connection that
 is still idle when it acts, and bytes read after that decision are not served (the client
 sees its connection closed before an answer, for a request that was never processed, which
-HTTP clients know how to treat). Applied only to the Hypercorn versions it was written
-against; anything else is left alone with a warning, so an upgrade cannot be silently
-patched with code written for other internals.
+HTTP clients know how to treat).
+
+**Early answers over HTTP/2.** When the app answers before reading the whole request body
+(a 413 for an upload over the cap), Hypercorn forgets the stream once the answer is sent,
+and the client's next DATA frame for it raises KeyError and drops the whole connection with
+an error logged. RFC 9113 (8.1) gives the server a clean way out: after a complete response
+it may send RST_STREAM with NO_ERROR to stop the upload. The fix does exactly that when a
+stream closes while the client is still sending; the h2 library then discards frames
+already in flight for it, keeping the connection's flow-control window intact.
+
+Applied only to the Hypercorn versions they were written against; anything else is left
+alone with a warning, so an upgrade cannot be silently patched with code written for other
+internals.
 """
 
 from __future__ import annotations
@@ -32,8 +42,10 @@ PATCHED_VERSIONS = ("0.18.",)
 
 def apply() -> bool:
     """Patch Hypercorn's TCP server once; True if the fix is (now) in place."""
+    from h2.errors import ErrorCodes
     from hypercorn.asyncio import tcp_server
     from hypercorn.events import Closed, RawData, Updated
+    from hypercorn.protocol.h2 import H2Protocol
 
     server = tcp_server.TCPServer
     if getattr(server, "_secret_manager_fixed", False):
@@ -75,6 +87,17 @@ def apply() -> bool:
             await self.protocol.handle(RawData(data))
         await self.protocol.handle(Closed())
 
+    original_close_stream = H2Protocol._close_stream
+
+    async def _close_stream(self: Any, stream_id: int) -> None:
+        await original_close_stream(self, stream_id)
+        h2_stream = self.connection.streams.get(stream_id)
+        if h2_stream is not None and not h2_stream.closed and not self.closed:
+            # Answered while the client still sends: ask it to stop, without an error.
+            self.connection.reset_stream(stream_id, error_code=ErrorCodes.NO_ERROR)
+            await self._flush()
+
+    H2Protocol._close_stream = _close_stream  # type: ignore[method-assign]
     server.protocol_send = protocol_send  # type: ignore[method-assign]
     server._idle_timeout = _idle_timeout  # type: ignore[method-assign]
     server._read_data = _read_data  # type: ignore[method-assign]
