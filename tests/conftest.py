@@ -23,7 +23,7 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from loadtests.cluster import ClusterError, free_port, wait_for
+from loadtests.cluster import ClusterError, free_port, mongo_answers, wait_for
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.settings import Settings
@@ -59,18 +59,6 @@ class MongoWireServer:
     def uri(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}/"
 
-    def _answers(self) -> bool:
-        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-            self.uri, serverSelectionTimeoutMS=300, connectTimeoutMS=300
-        )
-        try:
-            client.admin.command("ping")
-            return True
-        except pymongo.errors.PyMongoError:
-            return False
-        finally:
-            client.close()
-
     def start(self) -> None:
         d = self.directory
         self.process = subprocess.Popen(
@@ -85,7 +73,7 @@ class MongoWireServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        wait_until(self._answers, 20, "nx-27017 to answer ping")
+        wait_until(lambda: mongo_answers(self.uri), 20, "nx-27017 to answer ping")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -249,15 +249,20 @@ def _refused(port: int) -> bool:
     return False
 
 
-def test_a_request_in_flight_at_sigterm_completes_and_is_kept(
-    start_server: StartServer, tmp_path: Path, master_key: str
-) -> None:
-    env = {
+@pytest.fixture
+def graceful_env(tmp_path: Path, master_key: str) -> dict[str, str]:
+    """A SQLite server's environment with the short graceful timeout these tests wait out."""
+    return {
         "MASTER_KEY": master_key,
         "DATA_DIR": str(tmp_path / "data"),
         "GRACEFUL_TIMEOUT_SECONDS": str(GRACEFUL),
     }
-    server = start_server(env)
+
+
+def test_a_request_in_flight_at_sigterm_completes_and_is_kept(
+    start_server: StartServer, graceful_env: dict[str, str]
+) -> None:
+    server = start_server(graceful_env)
     secret = b64(b"in flight at SIGTERM")
     body = f'{{"secret": "{secret}"}}'.encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
@@ -275,18 +280,13 @@ def test_a_request_in_flight_at_sigterm_completes_and_is_kept(
     code = server.process.wait(GRACEFUL + EXIT_SLACK)
     assert code == 0
     assert time.monotonic() - sent < GRACEFUL + EXIT_SLACK
-    check_everything_acknowledged_is_kept(start_server, env, {secret_id: secret})
+    check_everything_acknowledged_is_kept(start_server, graceful_env, {secret_id: secret})
 
 
 def test_a_request_cut_off_by_the_graceful_timeout_gets_503_not_500(
-    start_server: StartServer, tmp_path: Path, master_key: str
+    start_server: StartServer, graceful_env: dict[str, str]
 ) -> None:
-    env = {
-        "MASTER_KEY": master_key,
-        "DATA_DIR": str(tmp_path / "data"),
-        "GRACEFUL_TIMEOUT_SECONDS": str(GRACEFUL),
-    }
-    server = start_server(env)
+    server = start_server(graceful_env)
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(_request_head(100) + b'{"secret": "')  # and the rest never comes
         time.sleep(0.3)
