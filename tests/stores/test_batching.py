@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from vault.stores.base import StoreUnavailable
 from vault.stores.batching import Batcher
 
 pytestmark = pytest.mark.anyio
@@ -105,8 +106,31 @@ async def test_close_waits_for_the_calls_already_running() -> None:
     assert pending.result() == 80
 
 
+async def test_a_caller_queued_behind_a_hung_call_gives_up_within_its_own_budget() -> None:
+    started = asyncio.Event()
+
+    async def hangs(items: list[int]) -> list[int | Exception]:
+        started.set()
+        await asyncio.sleep(1.0)
+        return list(items)
+
+    batcher = Batcher(hangs, operation="test", timeout=0.3)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await started.wait()
+    loop = asyncio.get_running_loop()
+    queued_at = loop.time()
+    with pytest.raises(StoreUnavailable):
+        await batcher.submit(2)  # behind the hung call: never sent
+    assert loop.time() - queued_at < 0.6  # its own budget, not the hung call's and then its own
+    with pytest.raises(StoreUnavailable):
+        await first
+    await batcher.close()
+
+
 def test_limits_below_one_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Batcher(Recorder(), operation="test", max_batch=0)
     with pytest.raises(ValueError, match="at least 1"):
         Batcher(Recorder(), operation="test", max_in_flight=0)
+    with pytest.raises(ValueError, match="positive"):
+        Batcher(Recorder(), operation="test", timeout=0)

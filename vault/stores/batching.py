@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from observability.metrics import STORE_BATCH_SIZE
+from vault.stores.base import StoreUnavailable
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -28,6 +29,8 @@ class Batcher(Generic[Item, Result]):
 
     ``call`` returns one entry per item, in order: the item's result, or the exception that
     item alone failed with. An exception raised by ``call`` itself fails the whole batch.
+    A caller waits at most ``timeout`` seconds, time queued behind a running call included,
+    then gets StoreUnavailable: a hung database answers 503 in one budget, not two.
     """
 
     def __init__(
@@ -35,12 +38,16 @@ class Batcher(Generic[Item, Result]):
         call: Callable[[list[Item]], Awaitable[Sequence[Result | Exception]]],
         *,
         operation: str,
+        timeout: float | None = None,
         max_batch: int = MAX_BATCH,
         max_in_flight: int = 1,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be at least 1")
+        if timeout is not None and not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
         self._call = call
+        self._timeout = timeout
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._size = STORE_BATCH_SIZE.labels(operation)
@@ -54,7 +61,12 @@ class Batcher(Generic[Item, Result]):
         self._pending.append((item, future))
         if self._in_flight < self._max_in_flight:
             self._launch()
-        return await future
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await future
+        except TimeoutError:
+            # Not sent yet: it never will be. Sent: its call may still land, unacknowledged.
+            raise StoreUnavailable(f"store did not answer within {self._timeout:g}s") from None
 
     def _launch(self) -> None:
         # Requests that gave up while queued (their client went away) are not sent.

@@ -139,8 +139,9 @@ class MongoStore:
         )
         self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
         # Concurrent creates share one insert_many, concurrent fetches one find (group commit).
-        self._inserts = Batcher(self._insert_batch, operation="insert")
-        self._gets = Batcher(self._get_batch, operation="get")
+        deadline = timeout + 1.0  # as for each call: the driver's own timeout ends first
+        self._inserts = Batcher(self._insert_batch, operation="insert", timeout=deadline)
+        self._gets = Batcher(self._get_batch, operation="get", timeout=deadline)
 
     async def open(self) -> None:
         await self._mongo.open()

@@ -79,8 +79,8 @@ class SQLiteStore:
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._executor: ThreadPoolExecutor | None = None
         # Concurrent creates share one transaction, concurrent fetches one query.
-        self._inserts = Batcher(self._insert_batch, operation="insert")
-        self._gets = Batcher(self._get_batch, operation="get")
+        self._inserts = Batcher(self._insert_batch, operation="insert", timeout=timeout + 1.0)
+        self._gets = Batcher(self._get_batch, operation="get", timeout=timeout + 1.0)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
