@@ -12,12 +12,13 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import Context, ContextVar
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
 log = logging.getLogger("secret_manager.tracing")
 
@@ -105,12 +106,31 @@ def store_span(
     return _store_span(tracer, operation, system)
 
 
+# Set by a group-commit batch for its database call: the contexts of every request it
+# carries, the first being the one the call runs in (its span's parent).
+BATCH_CONTEXTS: ContextVar[tuple[Context, ...]] = ContextVar("store_batch_contexts", default=())
+
+
+def _batch_links() -> list[Link]:
+    """Links to the requests a batched call carries besides its parent, when it is one."""
+    links = []
+    for context in BATCH_CONTEXTS.get()[1:]:
+        span_context = context.run(trace.get_current_span).get_span_context()
+        if span_context.is_valid:
+            links.append(Link(span_context))
+    return links
+
+
 @contextmanager
 def _store_span(tracer: Tracer, operation: str, system: str) -> Iterator[Span]:
+    attributes: dict[str, str | int] = {"db.system": system, "db.operation": operation}
+    if batch := BATCH_CONTEXTS.get():
+        attributes["vault.batch_size"] = len(batch)
     with tracer.start_as_current_span(
         f"store.{operation}",
         kind=SpanKind.INTERNAL,
-        attributes={"db.system": system, "db.operation": operation},
+        attributes=attributes,
+        links=_batch_links(),
         record_exception=False,
         set_status_on_exception=False,
     ) as span:

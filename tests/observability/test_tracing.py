@@ -6,6 +6,7 @@ subprocesses here; in-process tests hand store_span a provider of their own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from observability.tracing import store_span
 from tests.conftest import ROOT, clean_env
+from vault.stores.batching import Batcher
 
 
 @pytest.fixture
@@ -205,3 +207,39 @@ def test_otlp_exporter_sends_to_the_standard_endpoint_variable() -> None:
     assert path == "/v1/traces"
     assert b"hello-collector" in body
     assert b"vault-eu" in body
+
+
+def test_a_batched_store_call_is_its_first_requests_child_and_links_the_others(
+    provider: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    tracer_provider, exporter = provider
+    tracer = tracer_provider.get_tracer("test")
+
+    async def call(items: list[int]) -> list[int | Exception]:
+        with store_span("insert", system="test", tracer_provider=tracer_provider):
+            await asyncio.sleep(0.01)
+        return list(items)
+
+    async def main() -> dict[int, int]:
+        batcher = Batcher(call, operation="test")
+        span_ids: dict[int, int] = {}
+
+        async def request(n: int) -> None:
+            with tracer.start_as_current_span(f"request {n}") as span:
+                span_ids[n] = span.get_span_context().span_id
+                await batcher.submit(n)
+
+        first = asyncio.ensure_future(request(0))
+        await asyncio.sleep(0)  # request 0's call is out; 1 and 2 share the next one
+        await asyncio.gather(first, request(1), request(2))
+        return span_ids
+
+    span_ids = asyncio.run(main())
+    calls = [span for span in exporter.get_finished_spans() if span.name == "store.insert"]
+    assert len(calls) == 2
+    alone, shared = calls
+    assert alone.parent is not None and alone.parent.span_id == span_ids[0]
+    assert alone.links == () and alone.attributes["vault.batch_size"] == 1  # type: ignore[index]
+    assert shared.parent is not None and shared.parent.span_id == span_ids[1]
+    assert [link.context.span_id for link in shared.links] == [span_ids[2]]
+    assert shared.attributes["vault.batch_size"] == 2  # type: ignore[index]

@@ -11,10 +11,12 @@ no timer adding latency, and a busy one sends fewer, larger calls: the CPU a cal
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from observability.metrics import STORE_BATCH_SIZE
+from observability.tracing import BATCH_CONTEXTS
 from vault.stores.base import StoreUnavailable
 
 Item = TypeVar("Item")
@@ -51,14 +53,14 @@ class Batcher(Generic[Item, Result]):
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._size = STORE_BATCH_SIZE.labels(operation)
-        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._pending: list[tuple[Item, asyncio.Future[Result], contextvars.Context]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and return its result once the call that carried it returned."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        self._pending.append((item, future, contextvars.copy_context()))
         if self._in_flight < self._max_in_flight:
             self._launch()
         try:
@@ -76,29 +78,32 @@ class Batcher(Generic[Item, Result]):
         batch = self._pending[: self._max_batch]
         del self._pending[: len(batch)]
         self._in_flight += 1
-        # The task runs in the context of the request that launched it: the database
-        # call's span (when tracing) is that request's child.
-        task = asyncio.create_task(self._run(batch))
+        # The call runs in the context of the batch's first request, so its span (when
+        # tracing) is that request's child, and it links the others (BATCH_CONTEXTS).
+        task = asyncio.create_task(self._run(batch), context=batch[0][2])
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+    async def _run(
+        self, batch: list[tuple[Item, asyncio.Future[Result], contextvars.Context]]
+    ) -> None:
         self._size.observe(len(batch))
+        BATCH_CONTEXTS.set(tuple(context for _, _, context in batch))
         try:
-            results = await self._call([item for item, _ in batch])
+            results = await self._call([item for item, _, _ in batch])
         except asyncio.CancelledError:
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.cancel()
             raise
         except Exception as exc:  # every waiter fails as the call did; the caller maps it
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
         else:
             if len(results) != len(batch):  # pragma: no cover - a store bug, not an input
                 results = [RuntimeError("a batch call returned the wrong number of results")]
                 results *= len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, Exception):
