@@ -37,6 +37,10 @@ class Counter(Protocol):
         ``expires_at`` (unix time)."""
         ...
 
+    async def increment_many(self, keys: Sequence[tuple[str, float]]) -> list[int]:
+        """``increment`` for each ``(key, expires_at)``, together (one request's windows)."""
+        ...
+
 
 class MemoryCounter:
     """Counts in this process only: each worker process has a limit of its own."""
@@ -63,6 +67,9 @@ class MemoryCounter:
             count = 0
         self._counts[key] = (count + 1, expires_at)
         return count + 1
+
+    async def increment_many(self, keys: Sequence[tuple[str, float]]) -> list[int]:
+        return [await self.increment(key, expires_at) for key, expires_at in keys]
 
 
 def _per(period: int) -> str:
@@ -139,14 +146,13 @@ class RateLimitMiddleware:
 
     async def _usage(self, ip: str) -> list[_Usage]:
         now = time.time()
-        usage = []
-        for limit, period in self.limits:
-            window = int(now // period)
-            ends = (window + 1) * period
-            count = await self.counter.increment(f"{ip}:{period}:{window}", ends)
-            reset = max(math.ceil(ends - now), 1)
-            usage.append(_Usage(limit, count, reset, self._details[limit, period]))
-        return usage
+        windows = [(period, int(now // period)) for _, period in self.limits]
+        keys = [(f"{ip}:{period}:{window}", (window + 1) * period) for period, window in windows]
+        counts = await self.counter.increment_many(keys)
+        return [
+            _Usage(limit, count, max(math.ceil(ends - now), 1), self._details[limit, period])
+            for (limit, period), (_, ends), count in zip(self.limits, keys, counts, strict=True)
+        ]
 
     def _counter_failed(self, exc: Exception) -> None:
         now = time.monotonic()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_network
 
@@ -208,6 +208,9 @@ class DownCounter:
     async def increment(self, key: str, expires_at: float) -> int:
         self.calls += 1
         raise StoreUnavailable(f"cannot count {key}")
+
+    async def increment_many(self, keys: Sequence[tuple[str, float]]) -> list[int]:
+        return [await self.increment(key, expires_at) for key, expires_at in keys]
 
 
 @pytest.fixture

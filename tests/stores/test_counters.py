@@ -13,6 +13,7 @@ import anyio
 import httpx2 as httpx
 import pymongo
 import pytest
+from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
@@ -109,6 +110,33 @@ async def test_concurrent_increments_are_never_lost(
     name, client = database
     doc = client[name]["rate_limits"].find_one({"_id": "203.0.113.7:3600:1"})
     assert doc is not None and doc["n"] == 200
+
+
+def counter_calls() -> float:
+    value = REGISTRY.get_sample_value(
+        "vault_store_batch_size_count", {"operation": "rate_limit_increment"}
+    )
+    return value or 0.0
+
+
+async def test_concurrent_requests_share_calls_and_each_gets_its_own_counts(
+    counters: MakeCounter,
+) -> None:
+    counter = await opened(counters)
+    before = counter_calls()
+    results: list[list[int]] = []
+
+    async def request() -> None:
+        # One request's two windows (a per-second and a per-minute limit) count together.
+        results.append(await counter.increment_many([("ip:1:5", LATER), ("ip:60:9", LATER)]))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(60):
+            group.start_soon(request)
+
+    assert sorted(r[0] for r in results) == list(range(1, 61))
+    assert sorted(r[1] for r in results) == list(range(1, 61))
+    assert counter_calls() - before < 30  # 60 requests, 120 increments, far fewer calls
 
 
 async def test_open_creates_a_ttl_index_on_the_expiry(

@@ -19,6 +19,7 @@ from observability.metrics import STORE_BATCH_SIZE
 from observability.tracing import BATCH_CONTEXTS
 from vault.stores.base import StoreUnavailable
 
+T = TypeVar("T")
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -59,13 +60,32 @@ class Batcher(Generic[Item, Result]):
 
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and return its result once the call that carried it returned."""
+        future = self._enqueue(item)
+        self._kick()
+        result: Result = await self._within_budget(future)
+        return result
+
+    async def submit_many(self, items: Sequence[Item]) -> list[Result]:
+        """Queue several items at once (they go out in the same call) and return their
+        results in order; the first item's failure, if any, is raised."""
+        futures = [self._enqueue(item) for item in items]
+        self._kick()
+        results: list[Result] = await self._within_budget(asyncio.gather(*futures))
+        return results
+
+    def _enqueue(self, item: Item) -> asyncio.Future[Result]:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future, contextvars.copy_context()))
+        return future
+
+    def _kick(self) -> None:
         if self._in_flight < self._max_in_flight:
             self._launch()
+
+    async def _within_budget(self, waiter: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self._timeout):
-                return await future
+                return await waiter
         except TimeoutError:
             # Not sent yet: it never will be. Sent: its call may still land, unacknowledged.
             raise StoreUnavailable(f"store did not answer within {self._timeout:g}s") from None
