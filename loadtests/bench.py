@@ -4,7 +4,9 @@ In one run, on one MongoDB-wire server, each configuration is started as a real 
 process (one Hypercorn worker, as in a container) and loaded with ``hey`` (Debian package):
 
 - ``echo``: a bare Starlette JSON echo endpoint on the same Hypercorn: the stack's floor;
-- ``full stack``: the service as deployed (audit in sync mode, rate limiting, metrics);
+- ``full stack``: the service with its defaults (audit in sync mode, rate limiting with
+  in-process counters, metrics);
+- ``+ shared counters``: rate-limit counters in MongoDB, as ``stack.yml`` deploys it;
 - the full stack with each middleware switched off in turn, and with all of them off;
 - ``+ tracing``: the full stack exporting every span over OTLP/HTTP to a local sink;
 - ``naive``: two synchronous, unbatched inserts per request (secret, then audit record).
@@ -60,6 +62,7 @@ FULL = {"RATE_LIMIT": "1000000/second"}  # the limiter runs but never refuses th
 CONFIGS = [
     Config("echo (floor)", "echo"),
     Config("full stack", "serve", FULL),
+    Config("full stack + shared counters", "serve", {**FULL, "RATE_LIMIT_STORAGE": "$MONGO_URI"}),
     Config("full stack - audit", "serve", {**FULL, "AUDIT_ENABLED": "false"}),
     Config("full stack - rate limit", "serve", {"RATE_LIMIT": "off"}),
     Config("full stack - metrics", "serve", {**FULL, "METRICS_ENABLED": "false"}),
@@ -194,7 +197,8 @@ def bench_config(
     db_pid: int | None = None,
 ) -> dict[str, Cell]:
     env = {**env, "MONGO_DB": "bench" + uuid.uuid4().hex[:8]}
-    with server(config, env, workdir) as (url, pid):
+    config_env = {k: v.replace("$MONGO_URI", env["MONGO_URI"]) for k, v in config.env.items()}
+    with server(Config(config.name, config.command, config_env), env, workdir) as (url, pid):
         created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
         secret_id = created.json().get("secret_id", str(uuid.uuid4()))
         fetch_body = f'{{"secret_id": "{secret_id}"}}'
