@@ -78,17 +78,16 @@ class BodyLimitMiddleware:
         detail = self.detail
         if status == 408:
             detail = f"the request body took longer than {self.body_timeout:g} s to arrive"
-        if scope.get("http_version") == "2":
-            if status == 413:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.body_timeout or DRAIN_BEFORE_ANSWER_SECONDS):
-                        await _discard_rest(receive, DRAIN_BYTES_PER_CAP * self.max_body_bytes)
-            # Connection-specific headers are not allowed in HTTP/2.
-            await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
-            return
-        refusal = JSONResponse(
-            {"detail": detail}, status_code=status, headers={"Connection": "close"}
-        )
+        http1 = str(scope.get("http_version", "1.1")).startswith("1")
+        if not http1 and status == 413:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.body_timeout or DRAIN_BEFORE_ANSWER_SECONDS):
+                    await _discard_rest(receive, DRAIN_BYTES_PER_CAP * self.max_body_bytes)
+        # Connection-specific headers are not allowed in HTTP/2 (or 3).
+        headers = {"Connection": "close"} if http1 else None
+        refusal = JSONResponse({"detail": detail}, status_code=status, headers=headers)
+        # Whatever still arrives is dropped while the answer goes out, over every version:
+        # a full queue would block the server's end of the stream (see the module docstring).
         drain = asyncio.create_task(_discard_rest(receive))
         try:
             await refusal(scope, receive, send)
