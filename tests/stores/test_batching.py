@@ -121,7 +121,7 @@ async def test_a_caller_queued_behind_a_hung_call_gives_up_within_its_own_budget
     queued_at = loop.time()
     with pytest.raises(StoreUnavailable):
         await batcher.submit(2)  # behind the hung call: never sent
-    assert loop.time() - queued_at < 0.6  # its own budget, not the hung call's and then its own
+    assert loop.time() - queued_at < 0.8  # its own budget, not the end of the hung call (1 s)
     with pytest.raises(StoreUnavailable):
         await first
     await batcher.close()
