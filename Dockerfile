@@ -11,7 +11,9 @@ COPY pyproject.toml README.md ./
 COPY vault ./vault
 COPY middleware ./middleware
 COPY observability ./observability
-RUN /opt/venv/bin/pip install --no-cache-dir .
+# pip older than 25.1 (this image ships 24.0) gives up resolving OpenTelemetry's lockstep pins.
+RUN /opt/venv/bin/pip install --no-cache-dir "pip>=25.1,<27" \
+    && /opt/venv/bin/pip install --no-cache-dir .
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 vault \
