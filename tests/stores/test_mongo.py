@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from tests.conftest import MongoWireServer, b64, wait_until
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.settings import Settings
+from vault.stores.base import StoreUnavailable
+from vault.stores.mongo import MongoStore
 
 
 @pytest.fixture
@@ -28,6 +31,24 @@ def outage_client(own_mongo: MongoWireServer, tmp_path: Path) -> Iterator[TestCl
     )
     with TestClient(create_app(settings)) as client:
         yield client
+
+
+def test_a_store_whose_database_is_down_closes_in_seconds(own_mongo: MongoWireServer) -> None:
+    """Shutting down during an outage: pymongo's close() alone waits 30 s to end sessions."""
+    store = MongoStore(own_mongo.uri, "closing", timeout=1.0)
+
+    async def main() -> float:
+        await store.open()
+        # Served for a while: the client's pool holds server sessions to end at close.
+        await asyncio.gather(*(store.get(str(uuid.uuid4())) for _ in range(8)), store.ping())
+        own_mongo.stop()
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        started = time.monotonic()
+        await store.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 5
 
 
 def timed_post(client: TestClient, path: str, payload: dict[str, str]) -> tuple[int, float, dict]:  # type: ignore[type-arg]

@@ -10,6 +10,7 @@ of pymongo's 30 s.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ _DUPLICATE_KEY = 11000
 _TTL_INDEX = "ts_ttl"
 _KID_INDEX = "kid"
 PING_TIMEOUT_SECONDS = 2.0
+CLOSE_TIMEOUT_SECONDS = 2.0
 # Building the key id index reads the whole collection: it gets far more than a request's budget.
 INDEX_BUILD_TIMEOUT_SECONDS = 600.0
 
@@ -91,10 +93,17 @@ class MongoConnection:
     async def open(self) -> None:
         self._executor = store_executor(self._pool_size, "mongo")
 
+    def _close_sync(self) -> None:
+        # close() ends the client's server sessions, selecting a server for that under
+        # serverSelectionTimeoutMS (30 s), not timeoutMS: with the database down it would
+        # hold a shutdown past any graceful timeout. Ending sessions is best effort anyway.
+        with pymongo.timeout(min(self.timeout, CLOSE_TIMEOUT_SECONDS)):
+            self.client.close()
+
     async def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        self.client.close()
+        await asyncio.get_running_loop().run_in_executor(None, self._close_sync)
 
     async def run(
         self, operation: str, func: Any, *args: object, timeout: float | None = None
