@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import Context, ContextVar
@@ -26,6 +27,7 @@ log = logging.getLogger("secret_manager.tracing")
 # second app built in the same process, tests) gets the first provider back.
 _configured: tuple[TracerProvider, str, str] | None = None
 _store_tracer: Tracer | None = None
+SHUTDOWN_TIMEOUT_SECONDS = 2.0
 # With tracing off a store call pays for one function call, not for a no-op span.
 _NO_SPAN: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)
 
@@ -50,7 +52,11 @@ def configure_tracing(*, exporter: str, service_name: str) -> TracerProvider | N
             )
         return provider
 
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    # No atexit shutdown: shutdown_tracing does it, bounded in time (the SDK's own would
+    # wait out the exporter's retries at exit).
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name}), shutdown_on_exit=False
+    )
     provider.add_span_processor(BatchSpanProcessor(_exporter(exporter)))
     trace.set_tracer_provider(provider)
 
@@ -83,12 +89,26 @@ def _scrub_failed_command(span: Span, event: object) -> None:
     span.set_status(Status(StatusCode.ERROR, str(failure.get("codeName", "CommandFailed"))))
 
 
-def shutdown_tracing(provider: TracerProvider | None) -> None:
-    """Export the spans still queued and stop the exporter; nothing to do for None."""
+def shutdown_tracing(
+    provider: TracerProvider | None, *, timeout: float = SHUTDOWN_TIMEOUT_SECONDS
+) -> None:
+    """Export the spans still queued and stop the exporter, within about ``timeout`` seconds.
+
+    Tracing is best effort: with the collector unreachable, the OTLP exporter retries for
+    up to its own timeout (10 s by default), which would hold the process's exit past a
+    graceful stop. Whatever is not exported in time is dropped.
+    """
     if provider is None:
         return
-    provider.force_flush()
-    provider.shutdown()
+
+    def flush_and_stop() -> None:
+        provider.force_flush()
+        provider.shutdown()
+
+    # The SDK's own timeouts do not bound an export that is retrying: a daemon thread does.
+    stopping = threading.Thread(target=flush_and_stop, name="tracing-shutdown", daemon=True)
+    stopping.start()
+    stopping.join(timeout)
 
 
 def store_span(

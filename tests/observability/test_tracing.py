@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -207,6 +208,23 @@ def test_otlp_exporter_sends_to_the_standard_endpoint_variable() -> None:
     assert path == "/v1/traces"
     assert b"hello-collector" in body
     assert b"vault-eu" in body
+
+
+def test_an_unreachable_collector_does_not_hold_up_the_exit() -> None:
+    started = time.monotonic()
+    run_python(
+        """
+        from opentelemetry import trace
+        from observability.tracing import configure_tracing, shutdown_tracing
+
+        provider = configure_tracing(exporter="otlp", service_name="vault-eu")
+        with trace.get_tracer("t").start_as_current_span("nobody-listens"):
+            pass
+        shutdown_tracing(provider)
+        """,
+        env=otel_free_env(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"),  # nothing there
+    )
+    assert time.monotonic() - started < 6  # an interpreter start, and at most 2 s of export
 
 
 def test_a_batched_store_call_is_its_first_requests_child_and_links_the_others(
