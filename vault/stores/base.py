@@ -34,6 +34,11 @@ class SealedSecret:
 class StoreUnavailable(Exception):
     """The store did not answer in time or refused the connection; the caller may retry."""
 
+    @classmethod
+    def after(cls, timeout: float | None) -> StoreUnavailable:
+        """The error for a store call, or a wait for one, that ran out of its budget."""
+        return cls(f"store did not answer within {timeout:g}s")
+
 
 class SecretStore(Protocol):
     """What the routes need from a store. Every method runs its I/O off the event loop."""
@@ -106,6 +111,6 @@ async def run_off_loop(
             async with asyncio.timeout(timeout):
                 return await asyncio.get_running_loop().run_in_executor(executor, call)
     except TimeoutError:
-        raise StoreUnavailable(f"store did not answer within {timeout:g}s") from None
+        raise StoreUnavailable.after(timeout) from None
     finally:
         observe_store_operation(operation, time.perf_counter() - started)

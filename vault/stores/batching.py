@@ -88,7 +88,7 @@ class Batcher(Generic[Item, Result]):
                 return await waiter
         except TimeoutError:
             # Not sent yet: it never will be. Sent: its call may still land, unacknowledged.
-            raise StoreUnavailable(f"store did not answer within {self._timeout:g}s") from None
+            raise StoreUnavailable.after(self._timeout) from None
 
     def _launch(self) -> None:
         # Requests that gave up while queued (their client went away) are not sent.
