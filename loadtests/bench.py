@@ -1,7 +1,8 @@
 """Benchmark: create and fetch through the full stack, beside its floor and its baseline.
 
 In one run, on one MongoDB-wire server, each configuration is started as a real server
-process (one Hypercorn worker, as in a container) and loaded with ``hey`` (Debian package):
+process (one Hypercorn worker, as in a container) and loaded with ``wrk`` (Debian package)
+through ``loadtests/bench.lua``:
 
 - ``echo``: a bare Starlette JSON echo endpoint on the same Hypercorn: the stack's floor;
 - ``full stack``: the service with its defaults (audit in sync mode, rate limiting with
@@ -11,11 +12,13 @@ process (one Hypercorn worker, as in a container) and loaded with ``hey`` (Debia
 - ``+ tracing``: the full stack exporting every span over OTLP/HTTP to a local sink;
 - ``naive``: two synchronous, unbatched inserts per request (secret, then audit record).
 
-For each it reports throughput, p50/p95/p99 latency and the server process's CPU time per
-request (steadier than wall time on a shared machine), and prints a markdown table::
+Each configuration first takes creates, then fetches of the secrets those creates stored,
+each request a different id in turn (so concurrent fetches never share a read). For each it
+reports throughput, p50/p95/p99 latency and the server process's CPU time per request
+(steadier than wall time on a shared machine), and prints a markdown table::
 
-    python -m loadtests.bench                      # 3000 requests per cell, 20 connections
-    python -m loadtests.bench --requests 1000 --rounds 3 --mongo-uri mongodb://...
+    python -m loadtests.bench                      # 5 s per cell, 20 connections
+    python -m loadtests.bench --duration 10 --rounds 3 --mongo-uri mongodb://...
 
 Without ``--mongo-uri`` it starts an nx-27017 server. Rounds interleave the configurations;
 each cell is the median of the rounds.
@@ -25,8 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import csv
-import io
+import json
 import os
 import signal
 import statistics
@@ -43,12 +45,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx2 as httpx
+import pymongo
 
 from loadtests.cluster import ClusterError, executable, free_port, mongodb
 from vault.crypto import generate_key
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SECRET = base64.b64encode(b"benchmark secret: 32 bytes long!").decode()
+SCRIPT = Path(__file__).with_name("bench.lua")
+FETCH_IDS = 5000  # distinct secret ids the fetch cells cycle through, at most
 
 
 @dataclass(frozen=True)
@@ -153,46 +158,62 @@ def server(config: Config, env: dict[str, str], workdir: Path) -> Iterator[tuple
         log.close()
 
 
-def hey(url: str, body: str, requests: int, concurrency: int) -> list[tuple[float, float, int]]:
-    """Run hey; return (offset s, response time s, status) per request."""
+def wrk(
+    url: str, bodies: list[str], seconds: float, concurrency: int, workdir: Path
+) -> dict[str, int]:
+    """Run wrk for ``seconds``, sending ``bodies`` in turn; return bench.lua's summary."""
+    bodies_file = workdir / "bodies.jsonl"
+    bodies_file.write_text("".join(body + "\n" for body in bodies))
     result = subprocess.run(  # noqa: S603 - our own arguments, no shell
-        [executable("hey"), "-n", str(requests), "-c", str(concurrency), "-m", "POST",
-         "-T", "application/json", "-d", body, "-o", "csv", url],
-        capture_output=True, text=True, timeout=600, check=True,
+        [executable("wrk"), "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-s", str(SCRIPT),
+         url, "--", str(bodies_file)],
+        capture_output=True, text=True, timeout=seconds + 60, check=True,
     )  # fmt: skip
-    rows = []
-    for row in csv.DictReader(io.StringIO(result.stdout)):
-        rows.append((float(row["offset"]), float(row["response-time"]), int(row["status-code"])))
-    return rows
+    summary: dict[str, int] = json.loads(result.stdout.strip().splitlines()[-1])
+    return summary
 
 
 def measure(
-    url: str, pid: int, path: str, body: str, requests: int, concurrency: int, db_pid: int | None
+    url: str,
+    pid: int,
+    bodies: list[str],
+    seconds: float,
+    concurrency: int,
+    workdir: Path,
+    db_pid: int | None,
 ) -> Cell:
     before = cpu_seconds(pid)
     db_before = cpu_seconds(db_pid) if db_pid else 0.0
-    rows = hey(url + path, body, requests, concurrency)
+    summary = wrk(url, bodies, seconds, concurrency, workdir)
     cpu = cpu_seconds(pid) - before
     db_cpu = cpu_seconds(db_pid) - db_before if db_pid else None
-    ok = sorted(rt for _, rt, status in rows if status == 200)
-    wall = max(offset + rt for offset, rt, _ in rows) - min(offset for offset, _, _ in rows)
-    quantiles = statistics.quantiles(ok, n=100) if len(ok) > 1 else [0.0] * 99
+    requests = max(summary["requests"], 1)
     return Cell(
-        rps=len(ok) / wall,
-        p50_ms=quantiles[49] * 1000,
-        p95_ms=quantiles[94] * 1000,
-        p99_ms=quantiles[98] * 1000,
-        cpu_us=cpu / len(rows) * 1e6,
-        errors=len(rows) - len(ok),
-        db_cpu_us=None if db_cpu is None else db_cpu / len(rows) * 1e6,
+        rps=summary["requests"] / (summary["duration_us"] / 1e6),
+        p50_ms=summary["p50_us"] / 1000,
+        p95_ms=summary["p95_us"] / 1000,
+        p99_ms=summary["p99_us"] / 1000,
+        cpu_us=cpu / requests * 1e6,
+        errors=summary["status_errors"] + summary["socket_errors"],
+        db_cpu_us=None if db_cpu is None else db_cpu / requests * 1e6,
     )
+
+
+def stored_ids(mongo_uri: str, database: str, limit: int) -> list[str]:
+    """Ids of secrets the service (or the naive app) stored: what the fetch cells ask for."""
+    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(mongo_uri)
+    try:
+        cursor = client[database]["secrets"].find({}, {"_id": 1}).limit(limit)
+        return [str(doc["_id"]) for doc in cursor]
+    finally:
+        client.close()
 
 
 def bench_config(
     config: Config,
     env: dict[str, str],
     workdir: Path,
-    requests: int,
+    seconds: float,
     concurrency: int,
     db_pid: int | None = None,
 ) -> dict[str, Cell]:
@@ -201,13 +222,19 @@ def bench_config(
     with server(Config(config.name, config.command, config_env), env, workdir) as (url, pid):
         created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
         secret_id = created.json().get("secret_id", str(uuid.uuid4()))
-        fetch_body = f'{{"secret_id": "{secret_id}"}}'
-        create_body = f'{{"secret": "{SECRET}"}}'
-        hey(url + "/vault/secret/fetch", fetch_body, min(500, requests), concurrency)  # warm up
-        return {
-            op: measure(url, pid, f"/vault/secret/{op}", body, requests, concurrency, db_pid)
-            for op, body in (("create", create_body), ("fetch", fetch_body))
-        }
+        fetch_url, create_url = url + "/vault/secret/fetch", url + "/vault/secret/create"
+        wrk(fetch_url, [json.dumps({"secret_id": secret_id})], 1, concurrency, workdir)  # warm up
+        cells = {
+            "create": measure(
+                create_url, pid, [json.dumps({"secret": SECRET})], seconds, concurrency,
+                workdir, db_pid,
+            )
+        }  # fmt: skip
+        # Every secret the creates stored, each fetched in turn (the echo stored none).
+        ids = stored_ids(env["MONGO_URI"], env["MONGO_DB"], FETCH_IDS) or [secret_id]
+        bodies = [json.dumps({"secret_id": i}) for i in ids]
+        cells["fetch"] = measure(fetch_url, pid, bodies, seconds, concurrency, workdir, db_pid)
+        return cells
 
 
 def median_cell(cells: list[Cell]) -> Cell:
@@ -249,14 +276,14 @@ def table(results: dict[str, dict[str, Cell]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000, help="requests per cell (3000)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per cell (5)")
     parser.add_argument("--concurrency", type=int, default=20, help="connections (20)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (1)")
     parser.add_argument("--mongo-uri", default=os.environ.get("MONGO_URI"))
     parser.add_argument("--only", nargs="*", help="configuration names to run (all)")
     args = parser.parse_args(argv)
     try:
-        executable("hey")
+        executable("wrk")
     except ClusterError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
@@ -286,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {round_number + 1}: {config.name}", file=sys.stderr)
                     runs[config.name].append(
                         bench_config(
-                            config, base_env, workdir, args.requests, args.concurrency, db_pid
+                            config, base_env, workdir, args.duration, args.concurrency, db_pid
                         )
                     )
     results = {

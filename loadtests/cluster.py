@@ -167,7 +167,7 @@ def executable(name: str, *fallbacks: str) -> str:
             return path
     hint = {
         "haproxy": "apt-get install haproxy",
-        "hey": "apt-get install hey",
+        "wrk": "apt-get install wrk",
         "nx-27017": "pip install nx-27017",
     }[name]
     raise ClusterError(f"{name} is not installed ({hint})")

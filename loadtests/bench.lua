@@ -1,0 +1,33 @@
+-- wrk script for loadtests/bench.py: POST the JSON bodies of a file (one per line) in turn,
+-- then print one JSON line of results. Run with one wrk thread, so requests in flight
+-- together carry different bodies: concurrent fetches ask for different secret ids, as
+-- real clients do, and no batch of fetches collapses into one read.
+--
+--   wrk -t1 -c20 -d5s -s loadtests/bench.lua URL -- BODIES_FILE
+
+function init(args)
+  local headers = { ["Content-Type"] = "application/json" }
+  requests = {}
+  for line in io.lines(args[1]) do
+    if line ~= "" then
+      table.insert(requests, wrk.format("POST", nil, headers, line))
+    end
+  end
+  assert(#requests > 0, "no request bodies in " .. args[1])
+  index = 0
+end
+
+function request()
+  index = index % #requests + 1
+  return requests[index]
+end
+
+function done(summary, latency, _)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, ' ..
+    '"status_errors": %d, "socket_errors": %d}\n',
+    summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    e.status, e.connect + e.read + e.write + e.timeout))
+end
