@@ -665,14 +665,21 @@ def read_locust_stats(run_dir: Path) -> tuple[int, int, list[FailureKind]]:
 
 
 def counts_at(run_dir: Path, wall_time: float) -> tuple[int, int] | None:
-    """Requests and failures Locust had counted by ``wall_time``, from its per-second history."""
+    """Requests and failures Locust had surely counted before ``wall_time``, from its
+    per-second history.
+
+    A history row is stamped with the whole second it was written in, at any moment of that
+    second: the row of the kill's own second may already hold the requests the kill cut
+    off. Only rows of earlier seconds are counted, so every failure the kill caused falls
+    after it (and up to a second of requests before it does too).
+    """
     path = run_dir / "locust_stats_history.csv"
     if not path.exists():
         return None
     counts = (0, 0)
     with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
-            if row["Name"] == "Aggregated" and int(row["Timestamp"]) <= wall_time:
+            if row["Name"] == "Aggregated" and int(row["Timestamp"]) < int(wall_time):
                 counts = (int(row["Total Request Count"]), int(row["Total Failure Count"]))
     return counts
 

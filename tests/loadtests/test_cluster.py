@@ -22,7 +22,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from loadtests.cluster import read_acks, verify
+from loadtests.cluster import counts_at, read_acks, verify
 from tests.conftest import ROOT, ServerProcess, b64, clean_env
 
 pytestmark = pytest.mark.slow
@@ -104,6 +104,22 @@ def test_killing_a_replica_under_load_loses_no_acknowledged_secret(tmp_path: Pat
         f"in all); r1 marked down after {kill['marked_down_after_seconds']}s; "
         f"{summary['acknowledged']} acknowledged, {summary['lost']} lost"
     )
+
+
+def test_failures_in_the_second_of_the_kill_count_as_after_it(tmp_path: Path) -> None:
+    # Locust's history as it was written in a real run: the row stamped with the kill's own
+    # second was written after the kill and already holds the 4 creates it cut off.
+    rows = [("1795885764", "Aggregated", 778, 0), ("1795885765", "Aggregated", 1048, 0),
+            ("1795885765", "POST create", 524, 0), ("1795885766", "Aggregated", 1347, 4),
+            ("1795885767", "Aggregated", 1628, 4)]  # fmt: skip
+    (tmp_path / "locust_stats_history.csv").write_text(
+        "Timestamp,Name,Total Request Count,Total Failure Count\n"
+        + "".join(f"{t},{name},{n},{f}\n" for t, name, n, f in rows)
+    )
+    assert counts_at(tmp_path, 1795885766.05) == (1048, 0)  # so all 4 fall after the kill
+    assert counts_at(tmp_path, 1795885767.0) == (1347, 4)
+    assert counts_at(tmp_path, 1795885764.5) == (0, 0)  # nothing surely counted before it
+    assert counts_at(tmp_path / "missing", 1795885766.0) is None
 
 
 def test_the_loss_check_catches_a_missing_or_altered_secret(
