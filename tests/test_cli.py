@@ -100,6 +100,37 @@ def test_create_and_fetch_round_trip(server: Any) -> None:
     assert len({secret_id, other_id, piped_id}) == 3
 
 
+def test_create_takes_base64_wrapped_the_way_the_base64_tool_wraps_it(server: Any) -> None:
+    # GNU base64 breaks its output every 76 columns: any secret over 57 bytes.
+    plaintext = os.urandom(200)
+    encoded = base64.b64encode(plaintext).decode()
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76)) + "\n"
+    assert wrapped.count("\n") == 4
+
+    piped_id = _json_line(cli("create", "--url", server.url, "-", stdin=wrapped))["secret_id"]
+    argument_id = _json_line(cli("create", "--url", server.url, wrapped))["secret_id"]
+    for secret_id in (piped_id, argument_id):
+        assert _json_line(cli("fetch", "--url", server.url, secret_id)) == {"secret": encoded}
+
+
+def test_a_token_a_header_cannot_carry_is_refused_without_quoting_it(server: Any) -> None:
+    token = "t0ken-" + "x" * 40
+    # A CRLF env file leaves a carriage return behind: dropped like other surrounding space.
+    env = clean_env(SECRET_MANAGER_URL=server.url, SECRET_MANAGER_TOKEN=token + "\r")
+    created = cli("create", base64.b64encode(b"crlf").decode(), env=env)
+    assert _json_line(created).keys() == {"secret_id"}
+
+    broken = clean_env(SECRET_MANAGER_URL=server.url, SECRET_MANAGER_TOKEN=token + "\x7f!")
+    for args in (("create", "aGk="), ("fetch", str(uuid.uuid4()))):
+        result = cli(*args, env=broken)
+        assert result.returncode != 0
+        assert "SECRET_MANAGER_TOKEN" in result.stderr
+        assert token not in result.stderr
+        assert "x" * 20 not in result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stdout == ""
+
+
 def test_http_errors_exit_nonzero_with_the_servers_detail(server: Any) -> None:
     missing = cli("fetch", "--url", server.url, str(uuid.uuid4()))
     assert missing.returncode != 0

@@ -224,13 +224,17 @@ def _post(url: str, path: str, payload: dict[str, str]) -> int:
     if not url.startswith(("http://", "https://")):
         return _fail(f"the URL (--url or SECRET_MANAGER_URL) must start with http://, got {url!r}")
     try:
+        token = client_token()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    try:
         request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
             url.rstrip("/") + path,
             data=json.dumps(payload).encode("utf-8"),
             headers={
                 "Content-Type": "application/json",
                 "Accept": "application/json",
-                **({"Authorization": f"Bearer {token}"} if (token := client_token()) else {}),
+                **({"Authorization": f"Bearer {token}"} if token else {}),
             },
             method="POST",
         )
@@ -305,7 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     default_url = client_url()
-    create_cmd = commands.add_parser("create", help="store a secret, print its secret_id")
+    create_cmd = commands.add_parser("create", help="store a secret, print the JSON answer")
     create_cmd.add_argument("secret", help="the secret, standard base64; '-' reads it from stdin")
     create_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
 
@@ -338,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "rewrap":
         return rewrap(args)
     if args.command == "create":
-        secret = sys.stdin.read().strip() if args.secret == "-" else args.secret  # noqa: S105
+        text = sys.stdin.read() if args.secret == "-" else args.secret  # noqa: S105
+        # `base64` wraps its output every 76 columns; whitespace is never part of the secret.
+        secret = "".join(text.split())
         return _post(args.url, "/vault/secret/create", {"secret": secret})
     return _post(args.url, "/vault/secret/fetch", {"secret_id": args.secret_id})

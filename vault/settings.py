@@ -319,9 +319,20 @@ def _write_concern(raw: str) -> str | int:
 
 
 def client_token(environ: Mapping[str, str] | None = None) -> str | None:
-    """The API key the ``create`` and ``fetch`` commands send: SECRET_MANAGER_TOKEN."""
+    """The API key the ``create`` and ``fetch`` commands send: SECRET_MANAGER_TOKEN.
+
+    Surrounding whitespace (a CRLF env file) is dropped; a token a Bearer header cannot carry
+    is a ConfigError that never quotes it, instead of an HTTP library error that would.
+    """
     env = os.environ if environ is None else environ
-    return env.get("SECRET_MANAGER_TOKEN") or None
+    token = env.get("SECRET_MANAGER_TOKEN", "").strip()
+    if not token:
+        return None
+    try:
+        parse_token(token, source="SECRET_MANAGER_TOKEN")
+    except InvalidAPIKeys as exc:
+        raise ConfigError(str(exc)) from None
+    return token
 
 
 def client_url(environ: Mapping[str, str] | None = None) -> str:
