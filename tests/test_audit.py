@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 
 from tests.conftest import b64, clean_env
 from vault.app import create_app
-from vault.crypto import derive_audit_key, secret_id_hmac
+from vault.crypto import derive_audit_key, generate_key, secret_id_hmac
 from vault.settings import Settings
 from vault.stores.sqlite import sqlite_timestamp
 
@@ -87,6 +87,32 @@ def test_audit_hash_command_finds_the_records(
     assert [r["op"] for r in audit_records(store_env) if r["secret_id_hmac"] == digest] == [
         "create"
     ]
+
+
+def test_audit_hash_still_finds_records_written_before_a_key_rotation(
+    make_client: Callable[..., TestClient], store_env: dict[str, str]
+) -> None:
+    old_key = store_env["MASTER_KEY"]
+    before = make_client()
+    secret_id = before.post("/vault/secret/create", json={"secret": b64(b"x")}).json()["secret_id"]
+    new_key = generate_key()
+    after = make_client(MASTER_KEY=new_key, MASTER_KEY_PREVIOUS=old_key)
+    assert after.post("/vault/secret/fetch", json={"secret_id": secret_id}).status_code == 200
+
+    rotated = {**store_env, "MASTER_KEY": new_key, "MASTER_KEY_PREVIOUS": old_key}
+    result = subprocess.run(
+        [sys.executable, "-m", "vault", "audit-hash", secret_id],
+        env=clean_env(**rotated),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    digests = result.stdout.split()
+    assert len(digests) == 2  # the active key's first, then the previous key's
+    records = audit_records(store_env)
+    assert [r["op"] for r in records if r["secret_id_hmac"] == digests[0]] == ["fetch"]
+    assert [r["op"] for r in records if r["secret_id_hmac"] == digests[1]] == ["create"]
 
 
 def test_explicit_audit_key_is_used(

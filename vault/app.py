@@ -75,6 +75,18 @@ def audit_hmac_key(settings: Settings) -> bytes:
     return derive_audit_key(settings.master_key)
 
 
+def audit_hmac_keys(settings: Settings) -> tuple[bytes, ...]:
+    """Every key the audit log may have named secret ids under, the one in use first.
+
+    Without AUDIT_HMAC_KEY the audit key follows the master key, so records written before
+    a rotation carry HMACs under a key derived from a previous master key.
+    """
+    active = audit_hmac_key(settings)
+    if settings.audit_hmac_key is not None:
+        return (active,)
+    return (active, *(derive_audit_key(key) for key in settings.previous_keys))
+
+
 def build_audit_writer(settings: Settings, store: SecretStore) -> GroupCommitWriter:
     """Group commit into the service's own store; its outcomes counted in the metrics."""
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from observability.metrics import prepare_multiprocess_dir
-from vault.app import audit_hmac_key, build_keyring
+from vault.app import audit_hmac_key, audit_hmac_keys, build_keyring
 from vault.crypto import generate_key, secret_id_hmac
 from vault.settings import ConfigError, Settings, client_token, client_url
 from vault.validation import InvalidValue, normalize_secret_id
@@ -164,7 +164,8 @@ def _prepare_metrics_dir(settings: Settings, workers: int) -> Path | None:
 
 
 def audit_hash(args: argparse.Namespace) -> int:
-    """The HMAC under which the audit log names a secret id, from the server's settings."""
+    """The HMACs under which the audit log names a secret id: the active key's, then those of
+    the previous master keys (records written before a rotation), one per line."""
     try:
         secret_id = normalize_secret_id(args.secret_id)
     except InvalidValue as exc:
@@ -175,10 +176,11 @@ def audit_hash(args: argparse.Namespace) -> int:
             settings = Settings.from_env(
                 {**os.environ, "MASTER_KEY_FILE": str(settings.dev_key_path)}
             )
-        key = audit_hmac_key(settings)
+        keys = audit_hmac_keys(settings)
     except ConfigError as exc:
         return _fail(str(exc))
-    print(secret_id_hmac(key, secret_id))
+    for key in keys:
+        print(secret_id_hmac(key, secret_id))
     return 0
 
 
