@@ -70,6 +70,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+# Libraries whose DEBUG lines quote the data they handle: pymongo's command log prints every
+# command and reply, so secret ids (and sealed records) in clear. Never below INFO.
+_QUOTING_LOGGERS = ("pymongo",)
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send every logger, Hypercorn's included, to stderr as JSON lines."""
     install_trace_id_stamp()
@@ -78,3 +83,6 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    floor = max(logging.getLevelName(level), logging.INFO)
+    for name in _QUOTING_LOGGERS:
+        logging.getLogger(name).setLevel(floor)

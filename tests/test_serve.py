@@ -317,11 +317,10 @@ def test_response_headers(start_server: StartServer, tmp_path: Path, master_key:
 
 
 def test_logs_carry_no_secret_material(
-    start_server: StartServer, tmp_path: Path, master_key: str
+    start_server: StartServer, store_env: dict[str, str], master_key: str
 ) -> None:
-    server = start_server(
-        {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data"), "LOG_LEVEL": "DEBUG"}
-    )
+    # DEBUG, on both stores: pymongo's own DEBUG command log quotes every document sent.
+    server = start_server({**store_env, "LOG_LEVEL": "DEBUG"})
     plaintext = b"canary-plaintext-" + uuid.uuid4().hex.encode()
     secret = b64(plaintext)
     secret_id = create(server.url, secret)
