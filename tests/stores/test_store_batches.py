@@ -9,9 +9,10 @@ import uuid
 import pytest
 from prometheus_client import REGISTRY
 
+from tests.conftest import RawRecords
 from vault.app import build_store
 from vault.settings import Settings
-from vault.stores.base import SealedSecret, SecretStore
+from vault.stores.base import CorruptRecord, SealedSecret, SecretStore
 
 
 def record(secret_id: str | None = None) -> SealedSecret:
@@ -90,5 +91,32 @@ def test_an_insert_retried_after_it_landed_counts_as_stored(store_env: dict[str,
         await store.insert(same)
         await asyncio.gather(store.insert(same), store.insert(record()))
         assert await store.get(same.secret_id) == same
+
+    run_on_store(store_env, work)
+
+
+@pytest.mark.parametrize("store_kind", ["mongo"], indirect=True)
+def test_a_malformed_record_fails_only_its_own_fetch(
+    store_env: dict[str, str], raw_records: RawRecords
+) -> None:
+    # Records edited outside the service: one lost its key id, one has text for a nonce.
+    records = [record() for _ in range(12)]
+    missing_kid, text_nonce = records[3], records[7]
+
+    async def work(store: SecretStore) -> None:
+        await asyncio.gather(*(store.insert(r) for r in records))
+        collection = raw_records._mongo()
+        collection.update_one({"_id": missing_kid.secret_id}, {"$unset": {"kid": ""}})
+        collection.update_one({"_id": text_nonce.secret_id}, {"$set": {"nonce": 12}})
+
+        found = await asyncio.gather(
+            *(store.get(r.secret_id) for r in records), return_exceptions=True
+        )
+        for index, (wanted, got) in enumerate(zip(records, found, strict=True)):
+            if wanted in (missing_kid, text_nonce):
+                assert isinstance(got, CorruptRecord), index
+                assert wanted.secret_id not in str(got)
+            else:
+                assert got == wanted, index
 
     run_on_store(store_env, work)

@@ -31,6 +31,11 @@ class SealedSecret:
     ciphertext: bytes
 
 
+class CorruptRecord(Exception):
+    """A stored record lacks a field or holds one of the wrong type (edited outside the
+    service): its own request gets 500; requests read in the same call are unaffected."""
+
+
 class StoreUnavailable(Exception):
     """The store did not answer in time or refused the connection; the caller may retry."""
 

@@ -30,7 +30,13 @@ from pymongo.errors import (
 from pymongo.write_concern import WriteConcern
 
 from observability.audit import AuditRecord
-from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop, store_executor
+from vault.stores.base import (
+    CorruptRecord,
+    SealedSecret,
+    StoreUnavailable,
+    run_off_loop,
+    store_executor,
+)
 from vault.stores.batching import Batcher
 
 _FORMAT_VERSION = 1
@@ -49,12 +55,22 @@ def _is_unavailable(exc: PyMongoError) -> bool:
 
 
 def _sealed(doc: Mapping[str, Any]) -> SealedSecret:
+    """The record a document holds; TypeError or KeyError when a field is missing or of
+    the wrong type (``bytes(12)`` would quietly make twelve zero bytes of an int)."""
+    key_id, nonce, ciphertext = doc["kid"], doc["nonce"], doc["ct"]
+    if not (isinstance(key_id, str) and isinstance(nonce, bytes) and isinstance(ciphertext, bytes)):
+        raise TypeError("a field of a stored secret record has the wrong type")
     return SealedSecret(
-        secret_id=str(doc["_id"]),
-        key_id=str(doc["kid"]),
-        nonce=bytes(doc["nonce"]),
-        ciphertext=bytes(doc["ct"]),
+        secret_id=str(doc["_id"]), key_id=key_id, nonce=bytes(nonce), ciphertext=bytes(ciphertext)
     )
+
+
+def _sealed_or_corrupt(doc: Mapping[str, Any]) -> SealedSecret | CorruptRecord:
+    try:
+        return _sealed(doc)
+    except (KeyError, TypeError, ValueError):
+        # The message names no field values: the document may hold anything.
+        return CorruptRecord("a stored secret record is malformed")
 
 
 def _sealed_by(doc: Mapping[str, Any]) -> tuple[object, bytes | None]:
@@ -200,18 +216,20 @@ class MongoStore:
         }
         await self._inserts.submit(doc)
 
-    def _find_many_sync(self, secret_ids: list[str]) -> list[SealedSecret | None]:
+    def _find_many_sync(self, secret_ids: list[str]) -> list[SealedSecret | Exception | None]:
+        """One entry per id: its record, None when there is none, or CorruptRecord for a
+        malformed one, which fails only the requests for that id."""
         wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
         if len(wanted) == 1:
             doc = self._secrets.find_one({"_id": wanted[0]})
-            found = {} if doc is None else {wanted[0]: _sealed(doc)}
+            found = {} if doc is None else {wanted[0]: _sealed_or_corrupt(doc)}
         else:
             cursor = self._secrets.find({"_id": {"$in": wanted}})
-            found = {str(doc["_id"]): _sealed(doc) for doc in cursor}
+            found = {str(doc["_id"]): _sealed_or_corrupt(doc) for doc in cursor}
         return [found.get(secret_id) for secret_id in secret_ids]
 
-    async def _get_batch(self, secret_ids: list[str]) -> list[SealedSecret | None]:
-        results: list[SealedSecret | None] = await self._mongo.run(
+    async def _get_batch(self, secret_ids: list[str]) -> list[SealedSecret | Exception | None]:
+        results: list[SealedSecret | Exception | None] = await self._mongo.run(
             "get", self._find_many_sync, secret_ids
         )
         return results
