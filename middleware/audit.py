@@ -1,5 +1,8 @@
 """Audit every ``/vault`` request, and send no answer before its record is written.
 
+Every path under the prefix is covered: the operations' own, and any other (``op`` is then
+``other``), so probing unknown ``/vault`` paths leaves records as well.
+
 The record is built when the response starts (status known) from what the handler put in
 the request state (operation, secret id) and what the outer layers resolved (client IP,
 request id). The response start is held until the sink accepts the record; if the sink
@@ -12,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Protocol
 
 from starlette.responses import JSONResponse
@@ -28,6 +32,7 @@ from middleware.outcomes import (
 from observability.audit import AuditRecord
 
 MAX_USER_AGENT = 256
+OTHER_OP = "other"  # the op of a path under the prefix that is no operation (404, 405, ...)
 UNAVAILABLE_DETAIL = "the audit log is unavailable, so the request was not served; retry later"
 
 
@@ -42,6 +47,9 @@ class AuditSink(Protocol):
     def submit(self, record: AuditRecord) -> None:
         """Queue the record without waiting for it."""
 
+    def spill(self, record: AuditRecord) -> None:
+        """Log a record the store could not take (a JSON line), so it is not lost."""
+
 
 class AuditMiddleware:
     def __init__(
@@ -51,11 +59,15 @@ class AuditMiddleware:
         sink: AuditSink,
         operations: Mapping[str, str],
         hash_secret_id: Callable[[str], str],
+        prefix: str = "/vault",
         retry_after: int = 5,
     ) -> None:
         if not operations:
             raise ValueError("operations must map at least one path to an operation")
+        if not prefix.startswith("/") or prefix.endswith("/"):
+            raise ValueError(f"prefix {prefix!r} must start with '/' and not end with one")
         self.app = app
+        self.prefix = prefix
         self.sink = sink
         self.operations = dict(operations)
         self.hash_secret_id = hash_secret_id
@@ -72,7 +84,7 @@ class AuditMiddleware:
         client = scope.get("client")
         return AuditRecord(
             ts=dt.datetime.now(dt.UTC),
-            op=str(state.get(OP_KEY) or self.operations[scope["path"]]),
+            op=str(state.get(OP_KEY) or self.operations.get(scope["path"], OTHER_OP)),
             status=status,
             outcome=outcome_for_status(status),
             client_ip=str(state.get("client_ip") or (client[0] if client else "unknown")),
@@ -83,8 +95,12 @@ class AuditMiddleware:
             api_key_name=_optional_str(state.get(API_KEY_NAME_KEY)),
         )
 
+    def _covers(self, path: str) -> bool:
+        # Every path under the prefix: a scan of unknown /vault paths leaves a trail too.
+        return path in self.operations or path == self.prefix or path.startswith(self.prefix + "/")
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.operations:
+        if scope["type"] != "http" or not self._covers(scope["path"]):
             await self.app(scope, receive, send)
             return
 
@@ -107,6 +123,9 @@ class AuditMiddleware:
                     await self.sink.write(record)
                 except Exception:
                     refused = True
+                    # The trail must say what the caller got: the refusal, not the answer it
+                    # replaced. The store just failed it, so it goes to the log as a line.
+                    self.sink.spill(replace(record, status=503, outcome=outcome_for_status(503)))
                     await self.refusal(scope, receive, send)
                     return
             await send(message)

@@ -18,8 +18,10 @@ _BY_STATUS = {
     400: "invalid",
     401: "unauthorized",
     404: "not_found",
+    405: "invalid",  # a method the path does not take: the caller's mistake, not ours
     408: "invalid",
     413: "too_large",
+    415: "invalid",
     429: "rate_limited",
     503: "unavailable",
 }

@@ -158,7 +158,9 @@ class GroupCommitWriter:
                 "audit store refused a batch of %d records: %s", len(records), type(exc).__name__
             )
             if self._wait:
-                self._spill(records, "audit store failed")
+                # Records someone waits on are refused to their callers, who log that refusal
+                # instead (AuditMiddleware); the rest go to the log, not nowhere.
+                self._spill([record for record, future in batch if future is None], "store failed")
             failure = AuditUnavailable(type(exc).__name__)
             for _, future in batch:
                 if future is not None and not future.done():
@@ -174,6 +176,10 @@ class GroupCommitWriter:
             if future is not None and not future.done():
                 future.set_result(None)
         return True
+
+    def spill(self, record: AuditRecord) -> None:
+        """Log a record the store did not take, as a JSON line, instead of dropping it."""
+        self._spill([record], "store failed")
 
     @staticmethod
     def _spill(records: Sequence[AuditRecord], why: str) -> None:

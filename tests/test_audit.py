@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -47,6 +48,9 @@ def test_every_vault_request_is_recorded(client: TestClient, store_env: dict[str
     client.post("/vault/secret/fetch", json={"secret_id": missing})
     client.post("/vault/secret/create", content=b"nope")
     client.post("/vault/secret/create", content=b"x" * 200_000)
+    client.post("/vault/secret/create", content=b"a=b", headers={"Content-Type": "text/plain"})
+    client.get("/vault/secret/fetch")  # wrong method
+    client.post("/vault/secret/list", json={})  # no such operation: probed, still recorded
     client.get("/healthz")  # not a /vault call: not audited
 
     records = audit_records(store_env)
@@ -57,6 +61,9 @@ def test_every_vault_request_is_recorded(client: TestClient, store_env: dict[str
         ("fetch", 404, "not_found"),
         ("create", 400, "invalid"),
         ("create", 413, "too_large"),
+        ("create", 415, "invalid"),
+        ("fetch", 405, "invalid"),
+        ("other", 404, "not_found"),
     ]
     key = derive_audit_key(Settings.from_env(store_env).master_key or b"")
     assert records[0]["secret_id_hmac"] == secret_id_hmac(key, secret_id)
@@ -152,17 +159,25 @@ def test_concurrent_requests_are_group_committed(store_env: dict[str, str]) -> N
     assert app.state.audit_writer.batches < count
 
 
-def test_audit_store_failure_fails_closed(tmp_path: Path, master_key: str) -> None:
+def test_audit_store_failure_fails_closed(
+    tmp_path: Path, master_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
     env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path)}
     with TestClient(create_app(Settings.from_env(env))) as client:
         assert client.post("/vault/secret/create", json={"secret": b64(b"x")}).status_code == 200
         with contextlib.closing(sqlite3.connect(tmp_path / "vault.db")) as conn:
             conn.execute("DROP TABLE audit")
-        response = client.post("/vault/secret/create", json={"secret": b64(b"y")})
-        assert response.status_code == 503
-        assert "secret_id" not in response.json()
-        assert response.headers["retry-after"]
-        assert client.get("/healthz").status_code == 200
+        with caplog.at_level(logging.ERROR, logger="secret_manager.audit"):
+            response = client.post("/vault/secret/create", json={"secret": b64(b"y")})
+            assert response.status_code == 503
+            assert "secret_id" not in response.json()
+            assert response.headers["retry-after"]
+            assert client.get("/healthz").status_code == 200
+            client.__exit__(None, None, None)  # shutdown: the queued refusal record is done
+    # The record the store could not take is logged as what the caller got: one 503.
+    logged = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
+    assert len(logged) == 1
+    assert '"status":503' in logged[0] and '"outcome":"unavailable"' in logged[0]
 
 
 def test_sqlite_retention_purges_old_records(tmp_path: Path, master_key: str) -> None:

@@ -21,6 +21,7 @@ class ListSink:
     def __init__(self) -> None:
         self.records: list[AuditRecord] = []
         self.submitted: list[AuditRecord] = []
+        self.spilled: list[AuditRecord] = []
         self.broken = False
 
     async def write(self, record: AuditRecord) -> None:
@@ -30,6 +31,9 @@ class ListSink:
 
     def submit(self, record: AuditRecord) -> None:
         self.submitted.append(record)
+
+    def spill(self, record: AuditRecord) -> None:
+        self.spilled.append(record)
 
 
 async def fetch(request: Request) -> Response:
@@ -46,7 +50,11 @@ async def other(request: Request) -> Response:
 
 def make(sink: ListSink) -> TestClient:
     app = Starlette(
-        routes=[Route("/fetch", fetch, methods=["POST"]), Route("/other", other)],
+        routes=[
+            Route("/fetch", fetch, methods=["POST"]),
+            Route("/other", other),
+            Route("/api/status", other),
+        ],
         middleware=[
             Middleware(RequestIdMiddleware),
             Middleware(
@@ -54,6 +62,7 @@ def make(sink: ListSink) -> TestClient:
                 sink=sink,
                 operations={"/fetch": "fetch"},
                 hash_secret_id=lambda secret_id: "hmac-of-" + secret_id[::-1],
+                prefix="/api",
             ),
         ],
     )
@@ -83,8 +92,23 @@ def test_record_fields() -> None:
 
 def test_other_paths_are_not_audited() -> None:
     sink = ListSink()
-    assert make(sink).get("/other").status_code == 200
+    client = make(sink)
+    assert client.get("/other").status_code == 200
+    assert client.get("/apix").status_code == 404  # shares the prefix's letters, not its path
     assert sink.records == []
+
+
+def test_every_path_under_the_prefix_is_audited_even_unknown_ones() -> None:
+    sink = ListSink()
+    client = make(sink)
+    assert client.get("/api/status").status_code == 200
+    assert client.post("/api/secret/other", json={}).status_code == 404
+    assert client.get("/api").status_code == 404
+    assert [(r.op, r.status, r.outcome) for r in sink.records] == [
+        ("other", 200, "success"),
+        ("other", 404, "not_found"),
+        ("other", 404, "not_found"),
+    ]
 
 
 def test_rejected_before_the_handler_still_recorded_with_path_operation() -> None:
@@ -92,7 +116,7 @@ def test_rejected_before_the_handler_still_recorded_with_path_operation() -> Non
     assert make(sink).get("/fetch").status_code == 405  # handler never ran
     (record,) = sink.records
     assert record.op == "fetch"
-    assert record.outcome == "error"
+    assert record.outcome == "invalid"  # the caller's mistake, not a failure of ours
     assert record.secret_id_hmac is None
     assert OP_KEY == "vault_op"
 
@@ -105,6 +129,9 @@ def test_audit_failure_closes_the_door_with_503() -> None:
     assert response.headers["retry-after"]
     assert "secret" not in response.json()
     assert "audit" in response.json()["detail"]
+    # What is recorded (or logged, when the store cannot take it) is what the caller got.
+    assert sink.records == sink.submitted == []
+    assert [(r.status, r.outcome) for r in sink.spilled] == [(503, "unavailable")]
 
 
 def test_a_503_is_not_held_for_the_audit_write() -> None:
