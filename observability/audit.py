@@ -16,8 +16,10 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TextIO
+
+from bson import ObjectId
 
 log = logging.getLogger("secret_manager.audit")
 
@@ -38,8 +40,13 @@ class AuditRecord:
     latency_ms: float
     user_agent: str | None
     api_key_name: str | None = None
+    # Fixed when the record is made, so writing it again (a retry after a timeout whose
+    # first attempt landed after all) finds it stored instead of storing it twice. An
+    # ObjectId's hex: MongoDB's _id of the record, in time order.
+    record_id: str = field(default_factory=lambda: str(ObjectId()))
 
     def as_document(self) -> dict[str, Any]:
+        """The fields as stored; the record_id is the store's key, not among them."""
         # Shallow on purpose: every field is immutable, and dataclasses.asdict deep-copies
         # each one (measured at about a tenth of a request's CPU in the audit path).
         return {name: getattr(self, name) for name in _FIELDS}
@@ -47,17 +54,21 @@ class AuditRecord:
     def as_json(self) -> str:
         document = self.as_document()
         document["ts"] = self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        document["record_id"] = self.record_id
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
-_FIELDS = tuple(field.name for field in fields(AuditRecord))
+_FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "record_id")
 
 
 class AuditUnavailable(Exception):
     """The audit store did not take the record; the request must not be acknowledged."""
 
 
-Insert = Callable[[Sequence[AuditRecord]], Awaitable[None]]
+# One entry per record: None once it is stored (now, or by an earlier attempt), else the
+# error that record alone failed with and will fail with again (a unique index it breaks,
+# a validator): it is not retried. A failure of the whole call raises instead.
+Insert = Callable[[Sequence[AuditRecord]], Awaitable[Sequence[Exception | None]]]
 
 
 def _noop(count: int) -> None:
@@ -151,7 +162,7 @@ class GroupCommitWriter:
     async def _commit(self, batch: list[tuple[AuditRecord, asyncio.Future[None] | None]]) -> bool:
         records = [record for record, _ in batch]
         try:
-            await self._insert(records)
+            errors = await self._insert(records)
         except Exception as exc:  # any store failure: the requests must not be acknowledged
             self._on_failed(len(records))
             log.error(
@@ -167,15 +178,38 @@ class GroupCommitWriter:
                     future.set_exception(failure)
             return False
         self.batches += 1
-        self._on_written(len(records))
-        if self._stdout is not None:
+        stored = [record for record, error in zip(records, errors, strict=True) if error is None]
+        self._on_written(len(stored))
+        if len(stored) < len(records):
+            self._refuse_alone(batch, errors)
+        if self._stdout is not None and stored:
             with contextlib.suppress(OSError, ValueError):
-                self._stdout.write("".join(record.as_json() + "\n" for record in records))
+                self._stdout.write("".join(record.as_json() + "\n" for record in stored))
                 self._stdout.flush()
-        for _, future in batch:
-            if future is not None and not future.done():
+        for (_, future), error in zip(batch, errors, strict=True):
+            if future is not None and not future.done() and error is None:
                 future.set_result(None)
         return True
+
+    def _refuse_alone(
+        self,
+        batch: list[tuple[AuditRecord, asyncio.Future[None] | None]],
+        errors: Sequence[Exception | None],
+    ) -> None:
+        """Records the store refused one by one: never retried (they would block every
+        record behind them), refused to their waiting callers, or else logged."""
+        failed = [(entry, error) for entry, error in zip(batch, errors, strict=True) if error]
+        self._on_failed(len(failed))
+        log.error(
+            "audit store refused %d records of a batch: %s",
+            len(failed),
+            ", ".join(sorted({type(error).__name__ for _, error in failed})),
+        )
+        for (record, future), error in failed:
+            if future is None:
+                self._spill([record], "refused by the store")
+            elif not future.done():
+                future.set_exception(AuditUnavailable(type(error).__name__))
 
     def spill(self, record: AuditRecord) -> None:
         """Log a record the store did not take, as a JSON line, instead of dropping it."""

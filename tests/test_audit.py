@@ -19,10 +19,12 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
+from observability.audit import AuditRecord, GroupCommitWriter
 from tests.conftest import b64, clean_env
-from vault.app import create_app
+from vault.app import build_store, create_app
 from vault.crypto import derive_audit_key, generate_key, secret_id_hmac
 from vault.settings import Settings
+from vault.stores.base import SecretStore
 from vault.stores.sqlite import sqlite_timestamp
 
 
@@ -157,6 +159,78 @@ def test_concurrent_requests_are_group_committed(store_env: dict[str, str]) -> N
     assert asyncio.run(main()) == [404] * count
     assert len(audit_records(store_env)) == count
     assert app.state.audit_writer.batches < count
+
+
+def _record(request_id: str) -> AuditRecord:
+    return AuditRecord(
+        ts=dt.datetime.now(dt.UTC),
+        op="fetch",
+        status=404,
+        outcome="not_found",
+        client_ip="10.0.0.1",
+        request_id=request_id,
+        secret_id_hmac=None,
+        latency_ms=1.0,
+        user_agent=None,
+    )
+
+
+def _on_store(store_env: dict[str, str], work: Callable[[SecretStore], Any]) -> None:
+    async def main() -> None:
+        store = build_store(Settings.from_env(store_env))
+        await store.open()
+        try:
+            await work(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_record_written_again_is_stored_once(store_env: dict[str, str]) -> None:
+    # A retry after a timeout whose first attempt landed after all: no duplicate records.
+    records = [_record(f"r{i}") for i in range(5)]
+    extra = _record("r-extra")
+
+    async def work(store: SecretStore) -> None:
+        assert await store.insert_audit(records) == [None] * 5
+        assert await store.insert_audit([*records[2:], extra]) == [None] * 4
+
+    _on_store(store_env, work)
+    stored = sorted(r["request_id"] for r in audit_records(store_env))
+    assert stored == sorted(r.request_id for r in [*records, extra])
+
+
+@pytest.mark.parametrize("store_kind", ["mongo"], indirect=True)
+def test_a_record_the_store_refuses_alone_never_holds_up_the_rest(
+    store_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator's unique index on request_id, and a caller that reuses its X-Request-ID.
+    with pymongo.MongoClient(store_env["MONGO_URI"]) as client:
+        client[store_env["MONGO_DB"]]["audit"].create_index("request_id", unique=True)
+    written: list[int] = []
+    failed: list[int] = []
+
+    async def work(store: SecretStore) -> None:
+        writer = GroupCommitWriter(
+            store.insert_audit, wait=False, on_written=written.append, on_failed=failed.append
+        )
+        await writer.start()
+        await writer.write(_record("reused"))
+        await asyncio.sleep(0.5)
+        for record in [_record("a"), _record("reused"), _record("b")]:
+            await writer.write(record)
+        await asyncio.sleep(1.0)
+        await writer.write(_record("c"))  # later records are not stuck behind it
+        await writer.close()
+
+    with caplog.at_level(logging.ERROR, logger="secret_manager.audit"):
+        _on_store(store_env, work)
+    assert sorted(r["request_id"] for r in audit_records(store_env)) == ["a", "b", "c", "reused"]
+    assert sum(written) == 4
+    assert failed == [1]  # tried once, not again and again
+    logged = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
+    assert len(logged) == 1 and '"request_id":"reused"' in logged[0]
 
 
 def test_audit_store_failure_fails_closed(

@@ -36,11 +36,12 @@ class SlowStore:
         self.batches: list[list[str]] = []
         self.failing = False
 
-    async def insert(self, records: Sequence[AuditRecord]) -> None:
+    async def insert(self, records: Sequence[AuditRecord]) -> list[Exception | None]:
         await asyncio.sleep(self.delay)
         if self.failing:
             raise OSError("disk on fire")
         self.batches.append([r.request_id for r in records])
+        return [None] * len(records)
 
 
 def test_concurrent_writes_share_batches_and_all_land() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import stat
 import time
+from contextlib import closing
 from pathlib import Path
 
 from starlette.testclient import TestClient
@@ -44,3 +45,31 @@ def test_locked_database_answers_503_in_bounded_time_then_recovers(tmp_path: Pat
             blocker.execute("ROLLBACK")
             blocker.close()
         assert client.post("/vault/secret/create", json={"secret": b64(b"x")}).status_code == 200
+
+
+def test_a_file_from_an_earlier_version_is_upgraded_and_keeps_its_records(
+    tmp_path: Path,
+) -> None:
+    # The audit table as the first release wrote it: no api_key_name, no record_id.
+    tmp_path.mkdir(exist_ok=True, mode=0o700)
+    with closing(sqlite3.connect(tmp_path / "vault.db")) as conn, conn:
+        conn.execute(
+            "CREATE TABLE audit (id INTEGER PRIMARY KEY, ts TEXT NOT NULL, op TEXT NOT NULL,"
+            " status INTEGER NOT NULL, outcome TEXT NOT NULL, client_ip TEXT NOT NULL,"
+            " request_id TEXT NOT NULL, secret_id_hmac TEXT, latency_ms REAL NOT NULL,"
+            " user_agent TEXT)"
+        )
+        conn.execute(
+            "INSERT INTO audit (ts, op, status, outcome, client_ip, request_id, latency_ms)"
+            " VALUES ('2026-01-01T00:00:00.000000Z', 'fetch', 404, 'not_found', 'x', 'old', 1)"
+        )
+    with _client(tmp_path) as client:
+        assert client.post("/vault/secret/fetch", json={"secret_id": "nope"}).status_code == 400
+        assert client.post("/vault/secret/create", json={"secret": b64(b"x")}).status_code == 200
+    with closing(sqlite3.connect(tmp_path / "vault.db")) as conn:
+        rows = conn.execute(
+            "SELECT request_id, status, record_id FROM audit ORDER BY id"
+        ).fetchall()
+    assert [(row[0] == "old", row[1]) for row in rows] == [(True, 404), (False, 400), (False, 200)]
+    assert rows[0][2] is None
+    assert rows[1][2] and rows[2][2] and rows[1][2] != rows[2][2]

@@ -63,8 +63,9 @@ class SecretStore(Protocol):
     async def ping(self) -> None:
         """Return if the store answers, else raise StoreUnavailable."""
 
-    async def insert_audit(self, records: Sequence[AuditRecord]) -> None:
-        """Durably store a batch of audit records in one write."""
+    async def insert_audit(self, records: Sequence[AuditRecord]) -> list[Exception | None]:
+        """Durably store a batch of audit records in one write; one entry per record: None
+        when it is stored (a record_id already stored counts), else its own error."""
 
     async def apply_audit_retention(self, ttl_days: int) -> None:
         """Keep audit records ``ttl_days`` days (0: forever); called at start and hourly."""

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pymongo
+from bson import ObjectId
 from pymongo import MongoClient
 from pymongo.collection import Collection
 from pymongo.errors import (
@@ -293,11 +293,34 @@ class MongoStore:
         )
         return count
 
-    async def insert_audit(self, records: Sequence[AuditRecord]) -> None:
-        documents = [record.as_document() for record in records]
-        await self._mongo.run(
-            "insert_audit", functools.partial(self._audit.insert_many, documents, ordered=False)
+    def _insert_audit_sync(self, documents: list[dict[str, Any]]) -> list[Exception | None]:
+        try:
+            self._audit.insert_many(documents, ordered=False)
+            return [None] * len(documents)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise WriteConcernError("write concern not satisfied") from None
+            failed = {error["index"]: error for error in exc.details.get("writeErrors", [])}
+        # A duplicate _id is this very record, stored by an attempt whose answer was lost;
+        # a duplicate under another unique index (or any other error) is a real refusal.
+        dup = [documents[i]["_id"] for i, e in failed.items() if e.get("code") == _DUPLICATE_KEY]
+        stored = (
+            {doc["_id"] for doc in self._audit.find({"_id": {"$in": dup}}, {"_id": 1})}
+            if dup
+            else set()
         )
+        results: list[Exception | None] = [None] * len(documents)
+        for index, error in failed.items():
+            if documents[index]["_id"] not in stored or error.get("code") != _DUPLICATE_KEY:
+                results[index] = WriteError(error.get("errmsg"), error.get("code"))
+        return results
+
+    async def insert_audit(self, records: Sequence[AuditRecord]) -> list[Exception | None]:
+        documents = [{"_id": ObjectId(r.record_id), **r.as_document()} for r in records]
+        results: list[Exception | None] = await self._mongo.run(
+            "insert_audit", self._insert_audit_sync, documents
+        )
+        return results
 
     def _retention_sync(self, ttl_days: int) -> None:
         self._audit.create_index("secret_id_hmac", name="secret_id_hmac")

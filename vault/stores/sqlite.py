@@ -44,16 +44,20 @@ CREATE TABLE IF NOT EXISTS audit (
     secret_id_hmac TEXT,
     latency_ms     REAL NOT NULL,
     user_agent     TEXT,
-    api_key_name   TEXT
+    api_key_name   TEXT,
+    record_id      TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE INDEX IF NOT EXISTS audit_secret_id_hmac ON audit (secret_id_hmac);
 """
 
 _INSERT_RECORD = "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext) VALUES (?, ?, ?, ?)"
+# A record_id already stored is a retry whose first attempt landed: nothing to do. Only
+# that conflict is ignored (not OR IGNORE, which would also drop a row breaking NOT NULL).
 _INSERT_AUDIT = (
     "INSERT INTO audit (ts, op, status, outcome, client_ip, request_id, secret_id_hmac,"
-    " latency_ms, user_agent, api_key_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " latency_ms, user_agent, api_key_name, record_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (record_id) DO NOTHING"
 )
 
 
@@ -62,6 +66,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(audit)")}
     if "api_key_name" not in columns:
         conn.execute("ALTER TABLE audit ADD COLUMN api_key_name TEXT")
+    if "record_id" not in columns:
+        conn.execute("ALTER TABLE audit ADD COLUMN record_id TEXT")  # NULL in older rows
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS audit_record_id ON audit (record_id)")
 
 
 def sqlite_timestamp(value: dt.datetime) -> str:
@@ -226,10 +233,10 @@ class SQLiteStore:
 
         return await self._run("rewrap_count", count)
 
-    async def insert_audit(self, records: Sequence[AuditRecord]) -> None:
+    async def insert_audit(self, records: Sequence[AuditRecord]) -> list[Exception | None]:
         rows = [
             (sqlite_timestamp(r.ts), r.op, r.status, r.outcome, r.client_ip, r.request_id,
-             r.secret_id_hmac, r.latency_ms, r.user_agent, r.api_key_name)
+             r.secret_id_hmac, r.latency_ms, r.user_agent, r.api_key_name, r.record_id)
             for r in records
         ]  # fmt: skip
 
@@ -239,6 +246,7 @@ class SQLiteStore:
                 conn.executemany(_INSERT_AUDIT, rows)
 
         await self._run("insert_audit", insert)
+        return [None] * len(rows)  # one transaction: all stored, or an exception
 
     async def apply_audit_retention(self, ttl_days: int) -> None:
         """Delete records older than the retention (SQLite has no TTL index)."""
