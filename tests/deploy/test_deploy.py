@@ -153,6 +153,7 @@ def test_monitoring_scrapes_every_replica_and_loads_the_rules(services: dict[str
     names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
     assert names == {
         "SecretManagerInstanceDown",
+        "SecretManagerNoReplicaUp",
         "SecretManagerHigh5xxRatio",
         "SecretManagerHighP99Latency",
         "SecretManagerAuditWriteFailures",
