@@ -167,7 +167,7 @@ def _refusals(realm: str, what: str) -> dict[str, JSONResponse]:
             headers={"WWW-Authenticate": challenge},
         ),
         _INVALID: JSONResponse(
-            {"detail": f"the token is not a valid {what.removeprefix('an ')}; check it"},
+            {"detail": f"the token is not {what} this service knows; check it"},
             status_code=401,
             headers={"WWW-Authenticate": f'{challenge}, error="invalid_token"'},
         ),

@@ -22,7 +22,7 @@ from prometheus_client import (
     multiprocess,
     values,
 )
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
@@ -119,8 +119,10 @@ class _MetricsApp:
         if scope["type"] != "http":
             return
         if scope["method"] not in ("GET", "HEAD"):
-            response = PlainTextResponse(
-                "use GET to read metrics", status_code=405, headers={"Allow": "GET, HEAD"}
+            response = JSONResponse(  # every error of the service is JSON
+                {"detail": "use GET to read metrics"},
+                status_code=405,
+                headers={"Allow": "GET, HEAD"},
             )
             await response(scope, receive, send)
             return

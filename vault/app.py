@@ -43,7 +43,7 @@ def build_keyring(settings: Settings) -> Keyring:
     if settings.master_key is None:
         raise ConfigError(
             "MASTER_KEY is not set: set MASTER_KEY or MASTER_KEY_FILE to a key from "
-            "`secret-manager genkey`, or run `secret-manager serve --dev` on a laptop"
+            "`secret-manager genkey`, or on a laptop add --dev to use DATA_DIR/master.key"
         )
     return Keyring(settings.master_key, settings.previous_keys)
 

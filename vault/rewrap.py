@@ -144,10 +144,14 @@ async def rewrap(
             else:
                 counts.changed += 1  # picked up by the next pass if still under an old key
 
-        outcomes = await asyncio.gather(
-            *(one(first_position + i, r) for i, r in enumerate(records)),
-            return_exceptions=True,
-        )
+        try:
+            outcomes = await asyncio.gather(
+                *(one(first_position + i, r) for i, r in enumerate(records)),
+                return_exceptions=True,
+            )
+        except BaseException:  # Ctrl-C cancels the batch: count the records already done
+            report.totals.add(counts)
+            raise
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:
             report.totals.add(counts)

@@ -156,7 +156,7 @@ def test_wrong_token_is_refused_as_invalid(
     guarded = make_guarded(metrics_token=METRICS)
     response = guarded.client().post("/vault/secret/create/", headers=bearer(token))
     assert_refused(response, INVALID_CHALLENGE)
-    assert "not a valid API key" in response.json()["detail"]
+    assert response.json()["detail"] == "the token is not an API key this service knows; check it"
     assert guarded.reached == []
 
 
@@ -227,7 +227,9 @@ def test_metrics_token_guards_metrics_only(make_guarded: Callable[..., Guarded])
     assert_refused(missing)
     assert "metrics token" in missing.json()["detail"]
     # An API key is not a metrics token, nor the other way round.
-    assert_refused(client.get("/metrics", headers=bearer(ALICE)), INVALID_CHALLENGE)
+    wrong = client.get("/metrics", headers=bearer(ALICE))
+    assert_refused(wrong, INVALID_CHALLENGE)
+    assert wrong.json()["detail"] == "the token is not a metrics token this service knows; check it"
     assert_refused(client.post("/vault/secret/create/", headers=bearer(METRICS)), INVALID_CHALLENGE)
     assert guarded.reached == []
 

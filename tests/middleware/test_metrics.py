@@ -266,4 +266,5 @@ def test_metrics_endpoint_answers_only_reads(client: TestClient) -> None:
     response = client.post("/metrics")
     assert response.status_code == 405
     assert response.headers["allow"] == "GET, HEAD"
+    assert response.json() == {"detail": "use GET to read metrics"}  # JSON, as every error
     assert client.head("/metrics").status_code == 200
