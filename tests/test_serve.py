@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import subprocess
@@ -176,6 +177,30 @@ def test_two_workers_serve_and_stop_on_sigterm(
     started = time.monotonic()
     assert server.stop(timeout=20) == 0
     assert time.monotonic() - started < 20
+    assert not _answers(server.url)
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes of a server (not multiprocessing's resource tracker)."""
+    children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_a_worker_that_dies_stops_the_server_with_a_failure_code(
+    start_server: StartServer, tmp_path: Path, master_key: str
+) -> None:
+    # A supervisor that restarts on failure (systemd Restart=on-failure) must see one.
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")}
+    server = start_server({**env, "GRACEFUL_TIMEOUT_SECONDS": "3"}, "--workers", "2")
+    workers = _workers(server.process.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        code = server.process.wait(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server kept running with a worker gone")
+    assert code == 1
+    assert "exited with code -9: stopping the others" in server.output()
     assert not _answers(server.url)
 
 

@@ -98,6 +98,7 @@ def serve(args: argparse.Namespace) -> int:
     from hypercorn.run import run
 
     from observability.logging import configure_logging
+    from vault.workers import serve_workers
 
     try:
         settings = Settings.from_env()
@@ -134,7 +135,8 @@ def serve(args: argparse.Namespace) -> int:
         config.certfile = str(settings.tls_certfile)
         config.keyfile = str(settings.tls_keyfile)
     try:
-        return run(config)
+        # More than one worker: our supervisor, which drains them all (vault/workers.py).
+        return run(config) if args.workers == 1 else serve_workers(config, args.workers)
     except OSError as exc:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     finally:
