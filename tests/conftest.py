@@ -7,6 +7,7 @@ server (a MongoDB wire-protocol server over SQLite) started here on a free port.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import os
 import signal
 import sqlite3
@@ -24,6 +25,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from loadtests.cluster import ClusterError, free_port, mongo_answers, wait_for
+from observability.audit import AuditRecord
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.settings import Settings
@@ -314,3 +316,18 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in servers:
         server.stop()
+
+
+def audit_record(request_id: str) -> AuditRecord:
+    """An audit record of a refused fetch, told apart by its request id."""
+    return AuditRecord(
+        ts=dt.datetime.now(dt.UTC),
+        op="fetch",
+        status=404,
+        outcome="not_found",
+        client_ip="10.0.0.1",
+        request_id=request_id,
+        secret_id_hmac=None,
+        latency_ms=1.0,
+        user_agent=None,
+    )

@@ -19,8 +19,8 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from observability.audit import AuditRecord, GroupCommitWriter
-from tests.conftest import b64, clean_env
+from observability.audit import GroupCommitWriter
+from tests.conftest import audit_record, b64, clean_env
 from vault.app import build_store, create_app
 from vault.crypto import derive_audit_key, generate_key, secret_id_hmac
 from vault.settings import Settings
@@ -80,19 +80,24 @@ def test_every_vault_request_is_recorded(client: TestClient, store_env: dict[str
     assert secret_id not in text and missing not in text
 
 
-def test_audit_hash_command_finds_the_records(
-    client: TestClient, store_env: dict[str, str]
-) -> None:
-    secret_id = client.post("/vault/secret/create", json={"secret": b64(b"x")}).json()["secret_id"]
+def audit_hash(env: dict[str, str], secret_id: str) -> list[str]:
+    """What `secret-manager audit-hash` prints with this environment, line by line."""
     result = subprocess.run(
-        [sys.executable, "-m", "vault", "audit-hash", secret_id.upper()],
-        env=clean_env(**store_env),
+        [sys.executable, "-m", "vault", "audit-hash", secret_id],
+        env=clean_env(**env),
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
     )
-    digest = result.stdout.strip()
+    return result.stdout.split()
+
+
+def test_audit_hash_command_finds_the_records(
+    client: TestClient, store_env: dict[str, str]
+) -> None:
+    secret_id = client.post("/vault/secret/create", json={"secret": b64(b"x")}).json()["secret_id"]
+    (digest,) = audit_hash(store_env, secret_id.upper())
     assert [r["op"] for r in audit_records(store_env) if r["secret_id_hmac"] == digest] == [
         "create"
     ]
@@ -109,15 +114,7 @@ def test_audit_hash_still_finds_records_written_before_a_key_rotation(
     assert after.post("/vault/secret/fetch", json={"secret_id": secret_id}).status_code == 200
 
     rotated = {**store_env, "MASTER_KEY": new_key, "MASTER_KEY_PREVIOUS": old_key}
-    result = subprocess.run(
-        [sys.executable, "-m", "vault", "audit-hash", secret_id],
-        env=clean_env(**rotated),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    digests = result.stdout.split()
+    digests = audit_hash(rotated, secret_id)
     assert len(digests) == 2  # the active key's first, then the previous key's
     records = audit_records(store_env)
     assert [r["op"] for r in records if r["secret_id_hmac"] == digests[0]] == ["fetch"]
@@ -161,20 +158,6 @@ def test_concurrent_requests_are_group_committed(store_env: dict[str, str]) -> N
     assert app.state.audit_writer.batches < count
 
 
-def _record(request_id: str) -> AuditRecord:
-    return AuditRecord(
-        ts=dt.datetime.now(dt.UTC),
-        op="fetch",
-        status=404,
-        outcome="not_found",
-        client_ip="10.0.0.1",
-        request_id=request_id,
-        secret_id_hmac=None,
-        latency_ms=1.0,
-        user_agent=None,
-    )
-
-
 def _on_store(store_env: dict[str, str], work: Callable[[SecretStore], Any]) -> None:
     async def main() -> None:
         store = build_store(Settings.from_env(store_env))
@@ -189,8 +172,8 @@ def _on_store(store_env: dict[str, str], work: Callable[[SecretStore], Any]) -> 
 
 def test_a_record_written_again_is_stored_once(store_env: dict[str, str]) -> None:
     # A retry after a timeout whose first attempt landed after all: no duplicate records.
-    records = [_record(f"r{i}") for i in range(5)]
-    extra = _record("r-extra")
+    records = [audit_record(f"r{i}") for i in range(5)]
+    extra = audit_record("r-extra")
 
     async def work(store: SecretStore) -> None:
         assert await store.insert_audit(records) == [None] * 5
@@ -216,12 +199,12 @@ def test_a_record_the_store_refuses_alone_never_holds_up_the_rest(
             store.insert_audit, wait=False, on_written=written.append, on_failed=failed.append
         )
         await writer.start()
-        await writer.write(_record("reused"))
+        await writer.write(audit_record("reused"))
         await asyncio.sleep(0.5)
-        for record in [_record("a"), _record("reused"), _record("b")]:
+        for record in [audit_record("a"), audit_record("reused"), audit_record("b")]:
             await writer.write(record)
         await asyncio.sleep(1.0)
-        await writer.write(_record("c"))  # later records are not stuck behind it
+        await writer.write(audit_record("c"))  # later records are not stuck behind it
         await writer.close()
 
     with caplog.at_level(logging.ERROR, logger="secret_manager.audit"):

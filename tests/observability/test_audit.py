@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import io
 import json
 import logging
@@ -12,20 +11,7 @@ from collections.abc import Sequence
 import pytest
 
 from observability.audit import AuditRecord, AuditUnavailable, GroupCommitWriter
-
-
-def record(n: int) -> AuditRecord:
-    return AuditRecord(
-        ts=dt.datetime.now(dt.UTC),
-        op="create",
-        status=200,
-        outcome="success",
-        client_ip="10.0.0.1",
-        request_id=f"r{n}",
-        secret_id_hmac=None,
-        latency_ms=1.0,
-        user_agent=None,
-    )
+from tests.conftest import audit_record
 
 
 class SlowStore:
@@ -51,7 +37,7 @@ def test_concurrent_writes_share_batches_and_all_land() -> None:
     async def main() -> GroupCommitWriter:
         writer = GroupCommitWriter(store.insert, on_written=written.append)
         await writer.start()
-        await asyncio.gather(*(writer.write(record(i)) for i in range(200)))
+        await asyncio.gather(*(writer.write(audit_record(f"r{i}")) for i in range(200)))
         await writer.close()
         return writer
 
@@ -72,7 +58,7 @@ def test_failed_batch_raises_for_every_waiter_and_counts() -> None:
         writer = GroupCommitWriter(store.insert, on_failed=failed.append)
         await writer.start()
         results = await asyncio.gather(
-            *(writer.write(record(i)) for i in range(5)), return_exceptions=True
+            *(writer.write(audit_record(f"r{i}")) for i in range(5)), return_exceptions=True
         )
         await writer.close()
         return results
@@ -91,7 +77,7 @@ def test_async_mode_returns_at_once_and_close_flushes_everything() -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         for i in range(100):
-            await writer.write(record(i))
+            await writer.write(audit_record(f"r{i}"))
         queued_in = loop.time() - started
         await writer.close()
         return queued_in
@@ -109,7 +95,7 @@ def test_async_mode_retries_until_the_store_is_back() -> None:
         writer = GroupCommitWriter(store.insert, wait=False, retry_delay=0.05)
         await writer.start()
         for i in range(10):
-            await writer.write(record(i))
+            await writer.write(audit_record(f"r{i}"))
         await asyncio.sleep(0.2)
         store.failing = False
         await asyncio.sleep(0.2)
@@ -131,7 +117,7 @@ def test_records_the_store_never_took_are_logged_not_dropped(
     async def main() -> None:
         writer = GroupCommitWriter(store.insert, wait=False, retry_delay=0.01)
         await writer.start()
-        await writer.write(record(7))
+        await writer.write(audit_record("r7"))
         await asyncio.sleep(0.05)
         await writer.close()
 
@@ -146,7 +132,7 @@ def test_stdout_gets_one_json_line_per_stored_record() -> None:
     async def main() -> None:
         writer = GroupCommitWriter(store.insert, stdout=out)
         await writer.start()
-        await asyncio.gather(*(writer.write(record(i)) for i in range(3)))
+        await asyncio.gather(*(writer.write(audit_record(f"r{i}")) for i in range(3)))
         await writer.close()
 
     asyncio.run(main())
@@ -161,6 +147,6 @@ def test_writes_after_close_are_refused() -> None:
         await writer.start()
         await writer.close()
         with pytest.raises(AuditUnavailable):
-            await writer.write(record(1))
+            await writer.write(audit_record("r1"))
 
     asyncio.run(main())

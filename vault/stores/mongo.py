@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -71,6 +71,32 @@ def _sealed_or_corrupt(doc: Mapping[str, Any]) -> SealedSecret | CorruptRecord:
     except (KeyError, TypeError, ValueError):
         # The message names no field values: the document may hold anything.
         return CorruptRecord("a stored secret record is malformed")
+
+
+def _insert_each(
+    collection: Collection[dict[str, Any]],
+    docs: list[dict[str, Any]],
+    already_stored: Callable[[list[dict[str, Any]]], set[object]],
+) -> list[Exception | None]:
+    """An unordered ``insert_many``; one entry per document: None when it is stored, else
+    its own error. Of the documents refused as duplicate keys, those ``already_stored``
+    names (by ``_id``) count as stored: retries of writes whose first attempt landed."""
+    try:
+        collection.insert_many(docs, ordered=False)
+        return [None] * len(docs)
+    except BulkWriteError as exc:
+        if exc.details.get("writeConcernErrors"):
+            # Written perhaps, but not confirmed durable: nobody may be acknowledged.
+            raise WriteConcernError("write concern not satisfied") from None
+        failed = {error["index"]: error for error in exc.details.get("writeErrors", [])}
+    duplicates = [docs[i] for i, error in failed.items() if error.get("code") == _DUPLICATE_KEY]
+    stored = already_stored(duplicates) if duplicates else set()
+    results: list[Exception | None] = [None] * len(docs)
+    for index, error in failed.items():
+        if error.get("code") == _DUPLICATE_KEY and docs[index]["_id"] in stored:
+            continue
+        results[index] = WriteError(error.get("errmsg"), error.get("code"))
+    return results
 
 
 def _sealed_by(doc: Mapping[str, Any]) -> tuple[object, bytes | None]:
@@ -178,26 +204,17 @@ class MongoStore:
 
     def _insert_many_sync(self, docs: list[dict[str, Any]]) -> list[Exception | None]:
         """Insert a batch; one entry per document: None when it is stored, else its error."""
-        try:
-            self._secrets.insert_many(docs, ordered=False)
-            return [None] * len(docs)
-        except BulkWriteError as exc:
-            if exc.details.get("writeConcernErrors"):
-                # Written perhaps, but not confirmed durable: nobody may be acknowledged.
-                raise WriteConcernError("write concern not satisfied") from None
-            results: list[Exception | None] = [None] * len(docs)
-            for error in exc.details.get("writeErrors", []):
-                doc = docs[error["index"]]
-                if error.get("code") == _DUPLICATE_KEY and self._already_stored(doc):
-                    continue
-                results[error["index"]] = WriteError(error.get("errmsg"), error.get("code"))
-            return results
+        return _insert_each(self._secrets, docs, self._already_stored)
 
-    def _already_stored(self, doc: Mapping[str, Any]) -> bool:
+    def _already_stored(self, docs: list[dict[str, Any]]) -> set[object]:
         # A retried insert whose first attempt landed: the same record is already there,
         # which is success. Anything else under this id is a real conflict.
-        existing = self._secrets.find_one({"_id": doc["_id"]})
-        return existing is not None and all(existing.get(k) == doc[k] for k in ("nonce", "ct"))
+        wanted = {doc["_id"]: doc for doc in docs}
+        return {
+            existing["_id"]
+            for existing in self._secrets.find({"_id": {"$in": list(wanted)}})
+            if all(existing.get(k) == wanted[existing["_id"]][k] for k in ("nonce", "ct"))
+        }
 
     async def _insert_batch(self, docs: list[dict[str, Any]]) -> list[Exception | None]:
         results: list[Exception | None] = await self._mongo.run(
@@ -294,26 +311,13 @@ class MongoStore:
         return count
 
     def _insert_audit_sync(self, documents: list[dict[str, Any]]) -> list[Exception | None]:
-        try:
-            self._audit.insert_many(documents, ordered=False)
-            return [None] * len(documents)
-        except BulkWriteError as exc:
-            if exc.details.get("writeConcernErrors"):
-                raise WriteConcernError("write concern not satisfied") from None
-            failed = {error["index"]: error for error in exc.details.get("writeErrors", [])}
-        # A duplicate _id is this very record, stored by an attempt whose answer was lost;
-        # a duplicate under another unique index (or any other error) is a real refusal.
-        dup = [documents[i]["_id"] for i, e in failed.items() if e.get("code") == _DUPLICATE_KEY]
-        stored = (
-            {doc["_id"] for doc in self._audit.find({"_id": {"$in": dup}}, {"_id": 1})}
-            if dup
-            else set()
-        )
-        results: list[Exception | None] = [None] * len(documents)
-        for index, error in failed.items():
-            if documents[index]["_id"] not in stored or error.get("code") != _DUPLICATE_KEY:
-                results[index] = WriteError(error.get("errmsg"), error.get("code"))
-        return results
+        # A duplicate _id is this very record (ids are made with the record), stored by an
+        # attempt whose answer was lost; a duplicate under another unique index is a refusal.
+        def stored(docs: list[dict[str, Any]]) -> set[object]:
+            ids = [doc["_id"] for doc in docs]
+            return {doc["_id"] for doc in self._audit.find({"_id": {"$in": ids}}, {"_id": 1})}
+
+        return _insert_each(self._audit, documents, stored)
 
     async def insert_audit(self, records: Sequence[AuditRecord]) -> list[Exception | None]:
         documents = [{"_id": ObjectId(r.record_id), **r.as_document()} for r in records]
