@@ -47,7 +47,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pymongo
 
-from loadtests.cluster import ClusterError, executable, free_port, mongodb
+from loadtests.cluster import ClusterError, executable, free_port, mongodb, positive_int
 from vault.crypto import generate_key
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -278,11 +278,17 @@ def table(results: dict[str, dict[str, Cell]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per cell (5)")
-    parser.add_argument("--concurrency", type=int, default=20, help="connections (20)")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (1)")
+    parser.add_argument("--concurrency", type=positive_int, default=20, help="connections (20)")
+    parser.add_argument("--rounds", type=positive_int, default=1, help="interleaved rounds (1)")
     parser.add_argument("--mongo-uri", default=os.environ.get("MONGO_URI"))
     parser.add_argument("--only", nargs="*", help="configuration names to run (all)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - {c.name for c in CONFIGS})
+    if unknown:
+        names = ", ".join(repr(c.name) for c in CONFIGS)
+        parser.error(f"--only: no configuration named {', '.join(map(repr, unknown))} ({names})")
+    if not args.duration > 0:
+        parser.error("--duration must be a positive number of seconds")
     try:
         executable("wrk")
     except ClusterError as exc:

@@ -10,11 +10,13 @@ and reports how many were lost (must be 0) and how many requests failed after th
     python -m loadtests.cluster --replicas 2 --duration 8 --kill-replica-after 3 --users 5 --json
     python -m loadtests.cluster --scenario RoundtripUser --users 20 --spawn-rate 5 --duration 60
     python -m loadtests.cluster --mongo-uri 'mongodb://db1,db2,db3/?replicaSet=rs0'
-    python -m loadtests.cluster --locust-args '--max-p95-ms 250' --max-failures 0
+    python -m loadtests.cluster --max-p95-ms 250 --max-failures 0
 
 The killed replica is ``r1``, S seconds after the first request reaches the balancer.
 Locust's own exit status (non-zero on any failed request) is reported, not obeyed: requests
-cut off by the kill are expected to fail; ``--max-failures`` sets a limit on them. Replicas
+cut off by the kill are expected to fail; ``--max-failures`` sets a limit on them, and
+``--max-p95-ms`` one on the p95 of all requests (a ``--max-p95-ms`` passed to Locust
+through ``--locust-args`` only shows in Locust's exit status). Replicas
 run with ``RATE_LIMIT=off`` and ``LOG_LEVEL=WARNING``; other settings in the environment
 (``AUDIT_MODE``, ``MONGO_WRITE_CONCERN``, ...) pass through to them.
 
@@ -48,6 +50,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -190,7 +193,7 @@ def mongo_answers(uri: str) -> bool:
 def mongodb(uri: str | None, run_dir: Path) -> Iterator[str]:
     """The given MongoDB once it answers, else an nx-27017 server of this run."""
     if uri:
-        wait_for(lambda: mongo_answers(uri), 15, "the MongoDB at MONGO_URI to answer ping")
+        wait_for(lambda: mongo_answers(uri), 15, "the MongoDB of --mongo-uri to answer ping")
         yield uri
         return
     directory = run_dir / "nx"
@@ -199,7 +202,8 @@ def mongodb(uri: str | None, run_dir: Path) -> Iterator[str]:
     server = Process(
         "nx-27017",
         [
-            executable("nx-27017"),
+            # The one beside this Python first: a venv's scripts need not be on PATH.
+            executable("nx-27017", str(Path(sys.executable).with_name("nx-27017"))),
             "--data-dir", str(directory / "data"),
             "-p", str(port),
             "--log-file", str(directory / "nx.log"),
@@ -465,6 +469,7 @@ class Summary:
     requests_after_kill: int | None
     failures_after_kill: int | None
     failures_by_kind: list[FailureKind]
+    p95_ms: float | None  # of all requests, from Locust's statistics
     stored: int | None
     locust_exit_code: int
     replica_exits: dict[str, int | None]
@@ -628,8 +633,23 @@ def verify(url: str, acks: list[tuple[str, str]]) -> tuple[list[str], list[str]]
     return lost, unverified
 
 
-def read_locust_stats(run_dir: Path) -> tuple[int, int, list[FailureKind]]:
-    """Requests and failures of the whole run, and the failures by kind.
+def _p95(entries: list[dict[str, Any]]) -> float | None:
+    """The p95 of every request of Locust's final JSON (its response_times histograms)."""
+    counts: Counter[float] = Counter()
+    for entry in entries:
+        for milliseconds, count in entry.get("response_times", {}).items():
+            counts[float(milliseconds)] += int(count)
+    total = sum(counts.values())
+    seen = 0
+    for milliseconds in sorted(counts):
+        seen += counts[milliseconds]
+        if seen >= 0.95 * total:
+            return milliseconds
+    return None
+
+
+def read_locust_stats(run_dir: Path) -> tuple[int, int, list[FailureKind], float | None]:
+    """Requests and failures of the whole run, the failures by kind, and the p95 in ms.
 
     Locust rewrites its CSV files once a second and not at exit, so they miss the last
     second; the totals come from the JSON it writes at exit (``--json-file``), and failures
@@ -640,6 +660,7 @@ def read_locust_stats(run_dir: Path) -> tuple[int, int, list[FailureKind]]:
         entries = json.loads(final.read_text())
         requests = sum(int(entry["num_requests"]) for entry in entries)
         failures = sum(int(entry["num_failures"]) for entry in entries)
+        p95 = _p95(entries)
     else:
         stats_path = run_dir / "locust_stats.csv"
         if not stats_path.exists():
@@ -650,6 +671,7 @@ def read_locust_stats(run_dir: Path) -> tuple[int, int, list[FailureKind]]:
             rows = [row for row in csv.DictReader(handle) if row["Name"] == "Aggregated"]
         requests = int(rows[0]["Request Count"]) if rows else 0
         failures = int(rows[0]["Failure Count"]) if rows else 0
+        p95 = float(rows[0]["95%"]) if rows and rows[0].get("95%") not in (None, "N/A") else None
     kinds: list[FailureKind] = []
     failures_path = run_dir / "locust_failures.csv"
     if failures_path.exists():
@@ -661,7 +683,7 @@ def read_locust_stats(run_dir: Path) -> tuple[int, int, list[FailureKind]]:
     unlisted = failures - sum(kind.occurrences for kind in kinds)
     if unlisted > 0:
         kinds.append(FailureKind("", "", "in Locust's last second (not in its CSV)", unlisted))
-    return requests, failures, kinds
+    return requests, failures, kinds, p95
 
 
 def counts_at(run_dir: Path, wall_time: float) -> tuple[int, int] | None:
@@ -687,6 +709,8 @@ def counts_at(run_dir: Path, wall_time: float) -> tuple[int, int] | None:
 def run(args: argparse.Namespace, run_dir: Path) -> Summary:
     """Set up the cluster, load it, kill a replica if asked, tear down, verify, summarise."""
     haproxy = args.haproxy or executable("haproxy", "/usr/sbin/haproxy")
+    if not (os.path.isfile(haproxy) and os.access(haproxy, os.X_OK)):
+        raise ClusterError(f"--haproxy {haproxy} is not an executable file")
     if not Path(args.locustfile).exists():
         raise ClusterError(f"no locustfile at {args.locustfile}")
     with contextlib.ExitStack() as stack:
@@ -695,7 +719,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> Summary:
         backends = stack.enter_context(replicas(args.replicas, mongo_uri, mongo_db, run_dir))
         lb = stack.enter_context(balancer(haproxy, backends, run_dir))
         locust_code, kill = run_load(args, lb, backends, run_dir)
-        requests, failures, kinds = read_locust_stats(run_dir)
+        requests, failures, kinds, p95 = read_locust_stats(run_dir)
         acks, malformed = read_acks(run_dir / "acked.txt")
         log(f"verifying {len(acks)} acknowledged secrets through the balancer")
         lost, unverified = verify(lb.url, acks)
@@ -720,6 +744,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> Summary:
         requests_after_kill=None if at_kill is None else requests - at_kill[0],
         failures_after_kill=None if at_kill is None else failures - at_kill[1],
         failures_by_kind=kinds,
+        p95_ms=p95,
         stored=stored,
         locust_exit_code=locust_code,
         replica_exits=exits,
@@ -745,6 +770,11 @@ def judge(summary: Summary, args: argparse.Namespace) -> None:
         problems.append(f"{summary.malformed_ack_lines} unreadable lines in the ack file")
     if args.max_failures is not None and summary.failures > args.max_failures:
         problems.append(f"{summary.failures} failed requests (at most {args.max_failures})")
+    if args.max_p95_ms is not None:
+        if summary.p95_ms is None:
+            problems.append("no p95 in Locust's statistics to hold to --max-p95-ms")
+        elif summary.p95_ms > args.max_p95_ms:
+            problems.append(f"p95 {summary.p95_ms:g} ms (at most {args.max_p95_ms:g})")
     if args.kill_replica_after is not None and summary.kill is None:
         problems.append("the replica kill did not happen before the load ended")
     killed = summary.kill.replica if summary.kill else None
@@ -772,7 +802,8 @@ def report(summary: Summary) -> str:
             f"killed {kill.replica} (pid {kill.pid}) {kill.at_seconds}s into the load: "
             f"exit {kill.returncode} ({kill.signal}); {down}"
         )
-    lines.append(f"requests: {summary.requests}, failed: {summary.failures}")
+    p95 = "-" if summary.p95_ms is None else f"{summary.p95_ms:g} ms"
+    lines.append(f"requests: {summary.requests}, failed: {summary.failures}, p95: {p95}")
     if summary.requests_after_kill is not None:
         lines.append(
             f"after the kill: {summary.requests_after_kill} requests,"
@@ -791,6 +822,10 @@ def report(summary: Summary) -> str:
             f"secrets stored: {summary.stored} "
             f"({summary.stored - summary.acknowledged} never acknowledged)"
         )
+    lines.append(
+        f"locust exit status: {summary.locust_exit_code} (reported, not obeyed; "
+        "see --max-failures and --max-p95-ms)"
+    )
     lines.append(f"run directory: {summary.run_dir}")
     lines.extend(f"FAIL: {problem}" for problem in summary.problems)
     lines.append("OK: nothing acknowledged was lost" if summary.ok else "FAILED")
@@ -833,6 +868,12 @@ def parser() -> argparse.ArgumentParser:
         "--max-failures", type=int, metavar="N", help="also fail when over N requests failed"
     )
     p.add_argument(
+        "--max-p95-ms",
+        type=float,
+        metavar="MS",
+        help="also fail when the p95 of all requests is over MS milliseconds",
+    )
+    p.add_argument(
         "--mongo-uri",
         default=os.environ.get("MONGO_URI"),
         help="MongoDB to use (default: MONGO_URI, else an nx-27017 server of this run)",
@@ -856,7 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.replicas < 2:
             parser().error("--kill-replica-after needs at least 2 replicas")
         if not 0 <= args.kill_replica_after < args.duration:
-            parser().error("--kill-replica-after must be between 0 and --duration")
+            parser().error("--kill-replica-after must be at least 0 and less than --duration")
     if args.run_dir is None:
         run_dir = Path(tempfile.mkdtemp(prefix="secret-manager-cluster-"))
     else:

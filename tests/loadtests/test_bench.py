@@ -37,3 +37,17 @@ def test_a_short_bench_run_prints_every_row_with_zero_errors() -> None:
     # The database's CPU is read from the nx-27017 the bench started; the echo touches none.
     assert float(cells["full stack", "create"][-2]) > 0
     assert cells["echo (floor)", "create"][-2] == "0"
+
+
+def test_a_configuration_name_that_does_not_exist_is_refused() -> None:
+    # A typo used to benchmark the echo floor alone and exit 0.
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests.bench", "--only", "fullstack"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "no configuration named 'fullstack'" in result.stderr
+    assert "'full stack'" in result.stderr  # the names it knows

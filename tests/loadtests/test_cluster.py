@@ -155,3 +155,27 @@ def test_the_loss_check_catches_a_missing_or_altered_secret(
     # No answer at all is not "intact" either.
     server.stop()
     assert verify(server.url, acks[:1]) == ([], [kept_id])
+
+
+def test_a_p95_over_the_limit_fails_the_run_and_locust_status_is_shown(tmp_path: Path) -> None:
+    result = run_cluster(
+        "--replicas", "1",
+        "--duration", "3",
+        "--users", "2",
+        "--max-p95-ms", "0.001",
+        "--run-dir", str(tmp_path / "run"),
+        "--haproxy", haproxy(),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "FAIL: p95 " in result.stdout and "(at most 0.001)" in result.stdout
+    assert "lost: 0" in result.stdout  # latency alone failed it
+    assert "locust exit status: 0" in result.stdout
+
+
+def test_a_haproxy_that_is_not_there_is_a_set_up_error(tmp_path: Path) -> None:
+    result = run_cluster(
+        "--replicas", "1", "--duration", "2", "--haproxy", str(tmp_path / "nowhere"),
+    )  # fmt: skip
+    assert result.returncode == 2  # set-up, not "a secret was lost"
+    assert "is not an executable file" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -232,12 +232,23 @@ def test_an_oversized_secret_the_server_accepts_is_a_failure_and_acknowledged(
     assert hashlib.sha256(plaintext).hexdigest() == digest
 
 
+def test_users_whose_tasks_crash_fail_the_run(
+    start_server: StartServer, master_key: str, tmp_path: Path
+) -> None:
+    # A mistyped tag leaves every user without a task: each one raises, nothing is sent.
+    server = start_server(server_env(master_key, tmp_path))
+    run = run_locust(tmp_path, server.url, "--tags", "roundtrp", users=2, seconds=2)
+
+    assert run.returncode == 1, explain(run, server)
+    assert "exceptions in the users' tasks" in run.output
+    assert run.failed("Aggregated") == 0  # no request failed: the crashes alone fail it
+
+
 def test_a_rate_limited_run_fails_and_says_why(
     start_server: StartServer, master_key: str, tmp_path: Path
 ) -> None:
     server = start_server(server_env(master_key, tmp_path, RATE_LIMIT="5/second"))
-    # Selected by tag: only CreateBurstUser's creates run.
-    run = run_locust(tmp_path, server.url, "--tags", "burst", users=2, seconds=3)
+    run = run_locust(tmp_path, server.url, "CreateBurstUser", users=2, seconds=3)
 
     assert run.returncode == 1, explain(run, server)
     assert set(run.csv_stats) == {"create", "Aggregated"}
@@ -291,4 +302,7 @@ def test_a_wrong_byte_fails_the_run(bit_flipping_server: str, tmp_path: Path) ->
     assert run.failed("fetch") == run.requests("fetch") > 0
     assert run.failed("create") == 0
     assert {row["Name"] for row in run.failures} == {"fetch"}
-    assert all("a different secret came back" in row["Error"] for row in run.failures)
+    # One row: one bit flipped keeps the length, and no size or byte is in the message.
+    assert [row["Error"] for row in run.failures] == [
+        "CatchResponseError('fetch: a different secret came back (same length)')"
+    ]
