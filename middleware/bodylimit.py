@@ -1,7 +1,9 @@
 """Refuse request bodies over a hard cap while they are read, never buffering them whole.
 
 A declared Content-Length over the cap is refused before a byte of the body is read; a
-chunked body is counted as it arrives and refused the moment it passes the cap. Either way
+chunked body is counted as it arrives and refused the moment it passes the cap. A request
+declaring both a Content-Length and a Transfer-Encoding is refused with 400 and its
+connection closed (request smuggling: RFC 9112 section 6.1). Either way
 the answer is ``413 {"detail": ...}``. With ``body_timeout``, a body that has not arrived
 whole in that time is answered ``408``.
 
@@ -31,6 +33,7 @@ from middleware.headers import request_header
 DRAIN_AFTER_ANSWER_SECONDS = 1.0
 DRAIN_BEFORE_ANSWER_SECONDS = 10.0  # HTTP/2 without a body_timeout
 DRAIN_BYTES_PER_CAP = 4  # HTTP/2: read at most this many caps' worth before answering anyway
+AMBIGUOUS_FRAMING = "a request must not carry both Content-Length and Transfer-Encoding"
 
 
 async def _discard_rest(receive: Receive, max_bytes: int | None = None) -> None:
@@ -73,9 +76,11 @@ class BodyLimitMiddleware:
         # would hold a connection forever, so the whole body gets one deadline.
         self.body_timeout = body_timeout
 
-    async def _refuse(self, status: int, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer 413 or 408 without reading the rest of the body; see the module docstring."""
-        detail = self.detail
+    async def _refuse(
+        self, status: int, scope: Scope, receive: Receive, send: Send, detail: str | None = None
+    ) -> None:
+        """Answer 413, 408 or 400 without reading the rest of the body (module docstring)."""
+        detail = detail or self.detail
         if status == 408:
             detail = f"the request body took longer than {self.body_timeout:g} s to arrive"
         http1 = str(scope.get("http_version", "1.1")).startswith("1")
@@ -103,6 +108,11 @@ class BodyLimitMiddleware:
             return
 
         declared = request_header(scope, b"content-length") or ""
+        if declared and request_header(scope, b"transfer-encoding") is not None:
+            # Two framings: a proxy in front may have read the other one, and what follows
+            # on this connection may be a smuggled request. RFC 9112 6.1: close after this.
+            await self._refuse(400, scope, receive, send, detail=AMBIGUOUS_FRAMING)
+            return
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._refuse(413, scope, receive, send)
             return

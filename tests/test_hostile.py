@@ -14,6 +14,7 @@ connection opens until its request head is complete) so these tests finish in se
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import re
@@ -429,6 +430,36 @@ def test_protocol_garbage_is_never_a_server_error(server: ServerProcess, name: s
     assert status is None or status < 500, raw[:400]
     assert b"Traceback" not in raw
     assert not re.search(rb"^server:", raw, re.I | re.M), raw[:400]
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"Content-Length: 5\r\nTransfer-Encoding:\r\n chunked\r\n",  # obs-fold
+    ],
+    ids=["CL+TE", "TE+CL", "CL+folded-TE"],
+)
+def test_two_body_framings_are_refused_and_nothing_after_them_is_served(
+    server: ServerProcess, framing: bytes
+) -> None:
+    # A proxy honouring Content-Length would forward the GET as part of this body; a server
+    # honouring the chunked framing, and keeping the connection, would answer it too.
+    smuggled = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    data = (
+        b"POST /vault/secret/create HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n" + framing + b"\r\n0\r\n\r\n" + smuggled
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(data)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                received += chunk
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3})", received)
+    assert statuses == [b"400"], received[:600]
+    assert b"Content-Length and Transfer-Encoding" in received
 
 
 # Hypercorn 0.18 (protocol/http_stream.py) blocks putting http.disconnect into a full
