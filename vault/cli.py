@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import sys
 import tempfile
 import urllib.error
@@ -57,6 +58,39 @@ def _dev_key(path: Path) -> Path:
         path,
     )
     return path
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    # Called by OpenSSL for an encrypted key: refuse, instead of a prompt that would hang a
+    # server started from a terminal (or read a passphrase in clear from one).
+    raise _EncryptedKey
+
+
+def _check_tls(certfile: Path, keyfile: Path) -> None:
+    """Load the pair as Hypercorn will, so a bad one is one line naming the variables."""
+    where = f"TLS_CERT_FILE={str(certfile)!r} and TLS_KEY_FILE={str(keyfile)!r}"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            certfile, keyfile, password=_no_passphrase
+        )
+    except _EncryptedKey:
+        raise ConfigError(
+            f"TLS_KEY_FILE={str(keyfile)!r} is encrypted: give serve an unencrypted key "
+            "(a Docker secret, readable by the service only)"
+        ) from None
+    except ssl.SSLError as exc:
+        # OpenSSL's reason (KEY_VALUES_MISMATCH, PEM lib, ...): never any of the key itself.
+        reason = exc.reason or "not a PEM certificate chain and private key"
+        raise ConfigError(
+            f"{where} cannot be used together ({reason}): the certificate chain and its "
+            "private key, both PEM"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}") from None
 
 
 def _check_data_dir(settings: Settings) -> None:
@@ -113,6 +147,8 @@ def serve(args: argparse.Namespace) -> int:
             _check_mongo_uri(settings.mongo_uri)
         else:
             _check_data_dir(settings)
+        if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+            _check_tls(settings.tls_certfile, settings.tls_keyfile)
     except ConfigError as exc:
         return _fail(str(exc))
 
@@ -134,6 +170,9 @@ def serve(args: argparse.Namespace) -> int:
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:
         config.certfile = str(settings.tls_certfile)
         config.keyfile = str(settings.tls_keyfile)
+        # Hypercorn's default is 60 s: a client that opens a connection and never completes
+        # its handshake would hold it twelve times as long as an idle plain one.
+        config.ssl_handshake_timeout = settings.read_timeout_seconds
     try:
         # More than one worker: our supervisor, which drains them all (vault/workers.py).
         return run(config) if args.workers == 1 else serve_workers(config, args.workers)
