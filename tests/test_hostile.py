@@ -607,6 +607,43 @@ def test_an_http2_upload_far_over_the_cap_is_answered_and_reset_not_a_broken_con
     assert not error_lines(server.output()[before_log:])
 
 
+# Hypercorn 0.18 (protocol/h2.py) left a stream waiting forever for its send buffer once the
+# connection had closed: the 408's stream never ended, nor did the connection's task.
+def test_an_http2_stream_whose_body_never_comes_gets_408_and_its_connection_ends(
+    server: ServerProcess,
+) -> None:
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=1) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(
+            1,
+            [(":method", "POST"), (":path", CREATE), (":scheme", "http"),
+             (":authority", "127.0.0.1"), ("content-type", "application/json")],
+        )  # fmt: skip
+        sock.sendall(conn.data_to_send())  # and no body, ever
+        opened, statuses, closed_after = time.monotonic(), [], None
+        limit = READ_TIMEOUT + KEEP_ALIVE + 3 * SLACK
+        while time.monotonic() - opened < limit:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                closed_after = time.monotonic() - opened
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses.append(dict(event.headers)[b":status"])
+    assert statuses == [b"408"]
+    assert closed_after is not None, f"the connection was still open after {limit:.1f}s"
+
+
 # --- response hygiene on every class of /vault answer -----------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Two fixes for Hypercorn 0.18, applied by ``secret-manager serve`` in every worker.
+"""Three fixes for Hypercorn 0.18, applied by ``secret-manager serve`` in every worker.
 
 **Shutdown race (asyncio TCP server).** At SIGTERM Hypercorn closes every keep-alive
 connection that is idle. A request that arrives on one of them in the same instant could be
@@ -20,6 +20,14 @@ an error logged. RFC 9113 (8.1) gives the server a clean way out: after a comple
 it may send RST_STREAM with NO_ERROR to stop the upload. The fix does exactly that when a
 stream closes while the client is still sending; the h2 library then discards frames
 already in flight for it, keeping the connection's flow-control window intact.
+
+**HTTP/2 connections that end mid-answer.** When an HTTP/2 connection is closed (the client
+went away, or it sent nothing for ``read_timeout``) while a stream's answer still waits in
+its send buffer, Hypercorn stops the task that sends buffers but leaves the stream waiting
+for its buffer to drain: the app task never ends, the connection is never closed, and it is
+only cancelled, with an error logged, at shutdown. A stream refused with 408 (its body never
+came) met exactly this, as the body deadline and the read timeout are the same setting. The
+fix releases those buffers when the connection closes.
 
 Applied only to the Hypercorn versions they were written against; anything else is left
 alone with a warning, so an upgrade cannot be silently patched with code written for other
@@ -97,7 +105,18 @@ def apply() -> bool:
             self.connection.reset_stream(stream_id, error_code=ErrorCodes.NO_ERROR)
             await self._flush()
 
+    original_h2_handle = H2Protocol.handle
+
+    async def handle(self: Any, event: Any) -> None:
+        await original_h2_handle(self, event)
+        if isinstance(event, Closed):
+            # The sending task stops with the connection: release every stream still
+            # waiting for its buffer to drain, or its app task (and the connection) hangs.
+            for buffer in list(self.stream_buffers.values()):
+                await buffer.close()
+
     H2Protocol._close_stream = _close_stream  # type: ignore[method-assign]
+    H2Protocol.handle = handle  # type: ignore[method-assign]
     server.protocol_send = protocol_send  # type: ignore[method-assign]
     server._idle_timeout = _idle_timeout  # type: ignore[method-assign]
     server._read_data = _read_data  # type: ignore[method-assign]
