@@ -215,7 +215,8 @@ DOCS_HTML = """<!DOCTYPE html>
   <div id="swagger-ui"></div>
   <script src="/docs/assets/swagger-ui-bundle.js"></script>
   <script>
-    window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});
+    // validatorUrl: null keeps Swagger UI from sending this URL to validator.swagger.io.
+    window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", validatorUrl: null});
   </script>
 </body>
 </html>
