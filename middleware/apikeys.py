@@ -244,7 +244,12 @@ class APIKeyMiddleware:
         if path in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        metrics = path == METRICS_PATH and bool(self.metrics_keys)
+        # Only reads of /metrics are guarded: any other method gets its 405 (no data either way).
+        metrics = (
+            path == METRICS_PATH
+            and bool(self.metrics_keys)
+            and scope.get("method") in ("GET", "HEAD")
+        )
         if metrics:
             keys, refusals = self.metrics_keys, self.metrics_refusals
         elif self._protected(path):

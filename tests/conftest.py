@@ -295,6 +295,7 @@ class ServerProcess(HTTPProcess):
     """A real ``secret-manager serve`` subprocess."""
 
     def __init__(self, env: dict[str, str], args: list[str], cwd: Path) -> None:
+        self.env = env  # what it was started with, beyond the clean environment
         super().__init__(
             [sys.executable, "-m", "vault", "serve", "--port", "{port}", *args],
             log=cwd / f"serve-{uuid.uuid4().hex[:8]}.log",

@@ -32,13 +32,18 @@ pytestmark = pytest.mark.slow
 
 # Per operation and generation mode; the whole module stays well under a minute.
 MAX_EXAMPLES = 25
+API_KEY = "k" * 40  # of the guarded server
 
 
-@pytest.fixture(scope="module", params=["sqlite", "mongo"])
+@pytest.fixture(scope="module", params=["sqlite", "mongo", "sqlite-guarded"])
 def fuzz_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    """A real server per store; rate limiting off so the fuzzer measures the API, not 429s."""
+    """A real server per store; rate limiting off so the fuzzer measures the API, not 429s.
+
+    ``sqlite-guarded`` has API keys and a metrics token, and the fuzzer sends no token: its
+    401s must be the documented ones.
+    """
     directory = tmp_path_factory.mktemp(f"fuzz-{request.param}")
     env = {
         "MASTER_KEY": generate_key(),
@@ -46,6 +51,9 @@ def fuzz_server(
         "RATE_LIMIT": "off",
         "MAX_SECRET_BYTES": "1024",
     }
+    if request.param == "sqlite-guarded":
+        env["API_KEYS"] = "fuzz:" + API_KEY
+        env["METRICS_TOKEN"] = "m" * 40
     if request.param == "mongo":
         env["MONGO_URI"] = request.getfixturevalue("mongo_uri")
         env["MONGO_DB"] = "t" + uuid.uuid4().hex[:16]
@@ -126,6 +134,8 @@ def test_hostile_answers_are_documented(
     api_schema: OpenApiSchema, fuzz_server: ServerProcess, name: str
 ) -> None:
     path, body, headers, expected = HOSTILE_REQUESTS[name]
+    if "API_KEYS" in fuzz_server.env:  # past the key check, to the answer under test
+        headers = {**headers, "Authorization": f"Bearer {API_KEY}"}
     response = httpx.post(fuzz_server.url + path, content=body, headers=headers, timeout=10)
     assert response.status_code == expected, response.text
     case = api_schema[path]["POST"].Case(body={})

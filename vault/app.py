@@ -241,6 +241,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
             max_body_bytes=settings.max_body_bytes,
             metrics=metrics,
             api_keys=bool(settings.api_keys),
+            metrics_token=settings.metrics_token_digest is not None,
         ),
         middleware=middleware,
         exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable},

@@ -18,11 +18,21 @@ BASE64_PATTERN = (
 )
 
 
-def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
+def _error(
+    description: str, *, retry_after: bool = False, challenge: bool = False
+) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
+    if challenge:
+        response["headers"] = {
+            "WWW-Authenticate": {
+                "description": 'Bearer realm="secret-manager", with error="invalid_token" '
+                "when a token was sent but is wrong.",
+                "schema": {"type": "string"},
+            }
+        }
     if retry_after:
         response["headers"] = {
             "Retry-After": {
@@ -41,15 +51,17 @@ def _json(ref: str, description: str) -> dict[str, Any]:
 
 
 def build_openapi(
-    *, max_secret_bytes: int, max_body_bytes: int, metrics: bool = False, api_keys: bool = False
+    *,
+    max_secret_bytes: int,
+    max_body_bytes: int,
+    metrics: bool = False,
+    api_keys: bool = False,
+    metrics_token: bool = False,
 ) -> dict[str, Any]:
     """The whole document; the limits in it are the ones this server enforces."""
     common_errors = {
         "400": _error("The body is not a JSON object, or a field is missing or malformed."),
-        "413": _error(
-            f"The decoded secret exceeds {max_secret_bytes} bytes, "
-            f"or the body exceeds {max_body_bytes} bytes."
-        ),
+        "413": _error(f"The request body exceeds {max_body_bytes} bytes."),
         "408": _error("The body did not arrive whole in time."),
         "415": _error("The body was not sent as application/json."),
         "429": _error(
@@ -58,7 +70,11 @@ def build_openapi(
         ),
         "500": _error("Internal error; the X-Request-ID header identifies it in the log."),
         **(
-            {"401": _error("Missing or unknown API key (Authorization: Bearer <token>).")}
+            {
+                "401": _error(
+                    "Missing or unknown API key (Authorization: Bearer <token>).", challenge=True
+                )
+            }
             if api_keys
             else {}
         ),
@@ -76,7 +92,14 @@ def build_openapi(
                 "application/json": {"schema": {"$ref": "#/components/schemas/CreateRequest"}}
             },
         },
-        "responses": {"200": _json("CreateResponse", "Stored."), **common_errors},
+        "responses": {
+            "200": _json("CreateResponse", "Stored."),
+            **common_errors,
+            "413": _error(
+                f"The decoded secret exceeds {max_secret_bytes} bytes, "
+                f"or the request body exceeds {max_body_bytes} bytes."
+            ),
+        },
     }
     fetch: dict[str, Any] = {
         **security,
@@ -103,16 +126,31 @@ def build_openapi(
     if metrics:
         paths["/metrics"] = {
             "get": {
+                **({"security": [{"metricsToken": []}]} if metrics_token else {}),
                 "summary": "Prometheus metrics",
                 "operationId": "metrics",
                 "responses": {
                     "200": {
                         "description": "Prometheus text exposition.",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    **(
+                        {
+                            "401": _error(
+                                "Missing or wrong METRICS_TOKEN (Authorization: Bearer <token>).",
+                                challenge=True,
+                            )
+                        }
+                        if metrics_token
+                        else {}
+                    ),
                 },
             }
         }
+    schemes = {
+        **({"apiKey": {"type": "http", "scheme": "bearer"}} if api_keys else {}),
+        **({"metricsToken": {"type": "http", "scheme": "bearer"}} if metrics_token else {}),
+    }
     return {
         "openapi": "3.0.3",
         "info": {
@@ -142,14 +180,34 @@ def build_openapi(
                     },
                 }
             },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "operationId": "openapi",
+                    "responses": {
+                        "200": {
+                            "description": "The OpenAPI document.",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/docs": {
+                "get": {
+                    "summary": "Swagger UI for this document, served from packaged assets",
+                    "operationId": "docs",
+                    "responses": {
+                        "200": {
+                            "description": "The Swagger UI page.",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             **paths,
         },
         "components": {
-            **(
-                {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}}
-                if api_keys
-                else {}
-            ),
+            **({"securitySchemes": schemes} if schemes else {}),
             "schemas": {
                 "CreateRequest": {
                     "type": "object",

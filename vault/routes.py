@@ -171,7 +171,12 @@ class VaultAPI:
         return JSONResponse({"status": "ready"})
 
     def routes(
-        self, *, max_body_bytes: int, metrics: ASGIApp | None = None, api_keys: bool = False
+        self,
+        *,
+        max_body_bytes: int,
+        metrics: ASGIApp | None = None,
+        api_keys: bool = False,
+        metrics_token: bool = False,
     ) -> list[BaseRoute]:
         """The route table; ``metrics`` is the /metrics app when metrics are enabled."""
         spec = build_openapi(
@@ -179,6 +184,7 @@ class VaultAPI:
             max_body_bytes=max_body_bytes,
             metrics=metrics is not None,
             api_keys=api_keys,
+            metrics_token=metrics_token,
         )
 
         async def openapi(request: Request) -> Response:
