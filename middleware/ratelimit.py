@@ -5,7 +5,10 @@ Counter: in this process (MemoryCounter) or in a database shared by every replic
 over any limit is answered ``429`` with ``Retry-After`` and never reaches the app; the others
 get ``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset`` for the limit nearest
 to running out. If the counter fails (its database is down), requests are let through: an
-outage of the rate-limit store must not become an outage of the vault.
+outage of the rate-limit store must not become an outage of the vault, nor slow it down, so
+after a failure the counter is skipped for ``retry_counter_after`` seconds, then one request
+tries it again. Every request counts, refused ones included: a client that keeps sending
+while refused spends the budgets of its longer windows too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from middleware.headers import encode_pairs, set_response_headers
 log = logging.getLogger("secret_manager.ratelimit")
 
 WARNING_INTERVAL_SECONDS = 10.0
+COUNTER_RETRY_SECONDS = 5.0  # after a counter failure, requests skip it this long
 _UNITS = ((86400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
 
 
@@ -109,7 +113,10 @@ class RateLimitMiddleware:
         counter: Counter,
         exempt_paths: Collection[str] = ("/healthz", "/readyz", "/metrics"),
         on_limited: Callable[[], None] | None = None,
+        retry_counter_after: float = COUNTER_RETRY_SECONDS,
     ) -> None:
+        if not retry_counter_after >= 0:
+            raise ValueError("retry_counter_after must be a number of seconds, at least 0")
         limits = tuple(limits)
         if not limits:
             raise ValueError(
@@ -143,6 +150,12 @@ class RateLimitMiddleware:
         # Shared by every request on purpose: it throttles the outage warning.
         self._next_warning = 0.0
         self._unlogged_failures = 0
+        # After a failure the counter is left alone for a while (a circuit breaker): each
+        # call to a database that is down costs its whole timeout, and every request would
+        # pay it. Then one request tries it again while the others still go through.
+        self.retry_counter_after = retry_counter_after
+        self._skip_until = 0.0
+        self._probing = False
 
     async def _usage(self, ip: str) -> list[_Usage]:
         now = time.time()
@@ -162,9 +175,10 @@ class RateLimitMiddleware:
         # Only the error type: a counter's message may carry its key, and the key holds
         # the client's address.
         log.warning(
-            "rate limit counter failed (%s); letting requests through unlimited "
-            "(%d more failures since the last warning)",
+            "rate limit counter failed (%s); letting requests through unlimited, trying it "
+            "again every %g s (%d more failures since the last warning)",
             type(exc).__name__,
+            self.retry_counter_after,
             self._unlogged_failures,
         )
         self._next_warning = now + WARNING_INTERVAL_SECONDS
@@ -175,12 +189,22 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
+        if self._probing or time.monotonic() < self._skip_until:
+            await self.app(scope, receive, send)  # the counter is down: fail open at once
+            return
+        probe = self._skip_until > 0.0
+        self._probing = probe
         try:
             usage = await self._usage(client_ip(scope))
         except Exception as exc:  # any counter failure: fail open, never fail the request
             self._counter_failed(exc)
+            self._skip_until = time.monotonic() + self.retry_counter_after
             await self.app(scope, receive, send)
             return
+        finally:
+            if probe:
+                self._probing = False
+        self._skip_until = 0.0
 
         exceeded = [u for u in usage if u.count > u.limit]
         if exceeded:

@@ -48,6 +48,7 @@ def make_limited() -> Callable[..., Limited]:
         limits: tuple[tuple[int, int], ...],
         counter: Counter | None = None,
         trusted: tuple[str, ...] = (),
+        retry_counter_after: float = 5.0,
     ) -> Limited:
         reached: list[str] = []
         limited: list[int] = []
@@ -65,6 +66,7 @@ def make_limited() -> Callable[..., Limited]:
                     limits=limits,
                     counter=counter or MemoryCounter(),
                     on_limited=lambda: limited.append(1),
+                    retry_counter_after=retry_counter_after,
                 ),
             ],
         )
@@ -230,12 +232,51 @@ def test_counter_outage_lets_requests_through_with_one_warning(
     assert [r.status_code for r in responses] == [200] * 5
     assert all(rate_headers(r) == (None, None, None) for r in responses)
     assert len(limited.reached) == 5 and limited.limited == []
-    assert counter.calls == 5
+    assert counter.calls == 1  # the others skip the counter that just failed
     warnings = [r for r in ratelimit_log.records if r.name == "secret_manager.ratelimit"]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING
     assert "StoreUnavailable" in warnings[0].getMessage()
     assert CLIENT[0] not in ratelimit_log.text
+
+
+def test_a_counter_that_failed_is_skipped_for_a_while_then_tried_again(
+    make_limited: Callable[..., Limited],
+) -> None:
+    # Each call to a database that is down costs its timeout (2 s for the MongoDB counter):
+    # every request paid it while the counter store was away.
+    counter = SwitchableCounter()
+    limited = make_limited(((1, 3600),), counter=counter, retry_counter_after=0.3)
+    client = limited.client()
+    assert [client.get("/").status_code for _ in range(4)] == [200] * 4
+    assert counter.calls == 1
+    time.sleep(0.35)
+    assert [client.get("/").status_code for _ in range(3)] == [200] * 3
+    assert counter.calls == 2  # one request tried it again; it failed, so skipped again
+
+    counter.down = False  # back: the next try succeeds and the limit holds again
+    time.sleep(0.35)
+    assert [client.get("/").status_code for _ in range(3)] == [200, 429, 429]
+    assert counter.calls == 5
+
+
+class SwitchableCounter:
+    """A memory counter behind a database that can be down (every call fails) or up."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryCounter()
+        self.down = True
+        self.calls = 0
+
+    async def increment(self, key: str, expires_at: float) -> int:
+        (count,) = await self.increment_many([(key, expires_at)])
+        return count
+
+    async def increment_many(self, keys: Sequence[tuple[str, float]]) -> list[int]:
+        self.calls += 1
+        if self.down:
+            raise StoreUnavailable("cannot count")
+        return await self.inner.increment_many(keys)
 
 
 @pytest.mark.parametrize(
