@@ -251,6 +251,23 @@ def test_sqlite_retention_purges_old_records(tmp_path: Path, master_key: str) ->
     assert records[0]["ts"] > old
 
 
+def test_mongo_retention_follows_the_setting_across_restarts(
+    mongo_uri: str, master_key: str
+) -> None:
+    env = {"MASTER_KEY": master_key, "MONGO_URI": mongo_uri, "MONGO_DB": "t" + uuid.uuid4().hex}
+    seen = []
+    for ttl_days in ("7", "30", "0", "7"):
+        app = create_app(Settings.from_env({**env, "AUDIT_TTL_DAYS": ttl_days}))
+        with TestClient(app) as client:  # retention is applied once the store answers
+            client.post("/vault/secret/create", json={"secret": b64(b"x")})
+        with pymongo.MongoClient(mongo_uri) as mongo:
+            indexes = mongo[env["MONGO_DB"]]["audit"].index_information()
+        seen.append(sorted(i["expireAfterSeconds"] for i in indexes.values()
+                           if "expireAfterSeconds" in i))  # fmt: skip
+    # 0 means forever: the TTL index of 30 days must go, or records would still expire.
+    assert seen == [[7 * 86400], [30 * 86400], [], [7 * 86400]]
+
+
 @pytest.mark.parametrize("ttl_days", ["0", "7"])
 def test_mongo_retention_is_a_ttl_index(mongo_uri: str, master_key: str, ttl_days: str) -> None:
     env = {

@@ -328,12 +328,22 @@ class MongoStore:
 
     def _retention_sync(self, ttl_days: int) -> None:
         self._audit.create_index("secret_id_hmac", name="secret_id_hmac")
-        existing = self._audit.index_information().get(_TTL_INDEX)
         wanted = ttl_days * 86400 if ttl_days else None
-        if existing is not None and existing.get("expireAfterSeconds") != wanted:
-            self._audit.drop_index(_TTL_INDEX)
-            existing = None
-        if wanted is not None and existing is None:
+        # Found by its key, not its name: some servers (nx-27017) name indexes their own way,
+        # and an index on ts made by hand counts as well.
+        ttl = {
+            name: info.get("expireAfterSeconds")
+            for name, info in self._audit.index_information().items()
+            if [field for field, _ in info.get("key", [])] == ["ts"]
+            and "expireAfterSeconds" in info
+        }
+        kept = False
+        for name, seconds in ttl.items():
+            if seconds == wanted and not kept:
+                kept = True
+            else:
+                self._audit.drop_index(name)
+        if wanted is not None and not kept:
             self._audit.create_index("ts", name=_TTL_INDEX, expireAfterSeconds=wanted)
 
     async def apply_audit_retention(self, ttl_days: int) -> None:
