@@ -117,6 +117,24 @@ def has_kid_index(store_kind: str, env: dict[str, str]) -> bool:
 # --- the command, end to end ------------------------------------------------------------
 
 
+def test_the_documented_two_step_roll_never_leaves_a_replica_unable_to_open(
+    make_client: Callable[..., TestClient], rotated: dict[str, str]
+) -> None:
+    old_key, new_key = rotated["MASTER_KEY_PREVIOUS"], rotated["MASTER_KEY"]
+    not_rolled = make_client()  # the old key alone
+    step_one = make_client(MASTER_KEY=old_key, MASTER_KEY_PREVIOUS=new_key)
+    step_two = make_client(MASTER_KEY=new_key, MASTER_KEY_PREVIOUS=old_key)
+    before = create(not_rolled, 2)
+    sealed_new = create(step_two, 2)
+
+    # Rolling straight to step two: a replica not yet rolled cannot open what it sealed.
+    refused = not_rolled.post("/vault/secret/fetch", json={"secret_id": next(iter(sealed_new))})
+    assert refused.status_code == 500
+    # Step one everywhere first: every replica opens both, whichever step it is at.
+    for replica in (step_one, step_two):
+        assert_fetches(replica, before | sealed_new | create(step_one, 1))
+
+
 @pytest.mark.slow
 def test_rewrap_moves_every_record_to_the_active_key_and_the_old_key_can_go(
     make_client: Callable[..., TestClient],
