@@ -68,6 +68,7 @@ class AuditMiddleware:
             raise ValueError(f"prefix {prefix!r} must start with '/' and not end with one")
         self.app = app
         self.prefix = prefix
+        self._under_prefix = prefix + "/"
         self.sink = sink
         self.operations = dict(operations)
         self.hash_secret_id = hash_secret_id
@@ -97,7 +98,7 @@ class AuditMiddleware:
 
     def _covers(self, path: str) -> bool:
         # Every path under the prefix: a scan of unknown /vault paths leaves a trail too.
-        return path in self.operations or path == self.prefix or path.startswith(self.prefix + "/")
+        return path in self.operations or path == self.prefix or path.startswith(self._under_prefix)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._covers(scope["path"]):

@@ -189,10 +189,11 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        if self._probing or time.monotonic() < self._skip_until:
+        # _skip_until is 0 unless the counter failed: the healthy path reads no clock here.
+        probe = self._skip_until > 0.0
+        if probe and (self._probing or time.monotonic() < self._skip_until):
             await self.app(scope, receive, send)  # the counter is down: fail open at once
             return
-        probe = self._skip_until > 0.0
         self._probing = probe
         try:
             usage = await self._usage(client_ip(scope))

@@ -25,8 +25,9 @@ def _error(
         "description": description,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
+    headers: dict[str, Any] = {}
     if challenge:
-        response["headers"] = {
+        headers = {
             "WWW-Authenticate": {
                 "description": 'Bearer realm="secret-manager", with error="invalid_token" '
                 "when a token was sent but is wrong.",
@@ -34,12 +35,12 @@ def _error(
             }
         }
     if retry_after:
-        response["headers"] = {
-            "Retry-After": {
-                "description": "Seconds to wait before retrying.",
-                "schema": {"type": "integer"},
-            }
+        headers["Retry-After"] = {
+            "description": "Seconds to wait before retrying.",
+            "schema": {"type": "integer"},
         }
+    if headers:
+        response["headers"] = headers
     return response
 
 
