@@ -333,6 +333,24 @@ def test_dry_run_counts_and_writes_nothing(
 
 
 @pytest.mark.slow
+def test_dry_run_says_when_no_configured_key_opens_a_record(
+    make_client: Callable[..., TestClient], rotated: dict[str, str]
+) -> None:
+    (orphan,) = create(make_client(MASTER_KEY=generate_key()), 1)
+
+    result = run_rewrap(rotated, "--dry-run")
+
+    assert result.returncode == 1
+    assert summary(result.stdout)["unknown key"] == 1
+    (last,) = result.stderr.splitlines()[-1:]
+    assert "1 cannot be opened with the configured keys" in last
+    assert "rewrap cannot re-encrypt them" in last
+    # Nothing here that a real run could re-encrypt: it must not be suggested.
+    assert "without --dry-run" not in result.stderr
+    assert orphan not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
 def test_start_up_problems_end_with_one_line_and_exit_2(tmp_path: Path) -> None:
     no_key = run_rewrap({"DATA_DIR": str(tmp_path)})
     assert no_key.returncode == 2

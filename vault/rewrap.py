@@ -194,25 +194,26 @@ def _verdict(report: RewrapReport, active: str) -> tuple[int, str]:
             f"every record is now sealed by the active key {active}: the previous keys are "
             "no longer needed by any record; remove them from MASTER_KEY_PREVIOUS"
         )
-    if report.dry_run:
-        return EXIT_REMAINING, (
-            f"secret-manager: dry run: {remaining} records are sealed by other keys; "
-            "run rewrap without --dry-run to re-encrypt them"
-        )
-    if not report.finished:
-        return EXIT_REMAINING, (
-            f"secret-manager: stopped after {report.batches} "
-            f"batch{'' if report.batches == 1 else 'es'} (--max-batches); "
-            f"{remaining} records are still sealed by other keys: run rewrap again to continue"
-        )
     t = report.totals
     unreadable = t.unknown_key + t.failed_authentication
-    message = f"secret-manager: {remaining} records are still sealed by other keys"
+    if not report.finished:
+        return EXIT_REMAINING, (
+            f"secret-manager: {'dry run ' if report.dry_run else ''}stopped after "
+            f"{report.batches} batch{'' if report.batches == 1 else 'es'} (--max-batches); "
+            f"{remaining} records are still sealed by other keys: run rewrap again to continue"
+        )
+    state = "dry run: {} records are" if report.dry_run else "{} records are still"
+    message = f"secret-manager: {state.format(remaining)} sealed by other keys"
     if unreadable:
         message += (
-            f"; {unreadable} cannot be opened with the configured keys (listed above): keep "
-            "every key that may have sealed them in MASTER_KEY_PREVIOUS and run rewrap again"
+            f"; {unreadable} cannot be opened with the configured keys (listed above): "
+            "rewrap cannot re-encrypt them; keep every key that may have sealed them in "
+            "MASTER_KEY_PREVIOUS and run rewrap again"
         )
+    if report.dry_run:
+        if remaining > unreadable:
+            message += "; run rewrap without --dry-run to re-encrypt the others"
+        return EXIT_REMAINING, message
     if remaining > unreadable:
         message += (
             "; others were written or changed during this pass (is a replica still sealing "
