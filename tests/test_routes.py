@@ -272,3 +272,25 @@ def test_old_key_still_opens_after_rotation(
     only_new = make_client(MASTER_KEY=new_key)
     assert fetch(only_new, new_secret) == b"sealed by the new key"
     assert only_new.post("/vault/secret/fetch", json={"secret_id": old_secret}).status_code == 500
+
+
+def test_unknown_paths_and_wrong_methods_say_what_to_do(client: TestClient) -> None:
+    unknown = client.post("/vault/secret/list", json={})
+    assert unknown.status_code == 404
+    assert unknown.json() == {
+        "detail": "no such path: this service answers POST /vault/secret/create/ and "
+        "POST /vault/secret/fetch (GET /docs describes them all)"
+    }
+
+    wrong = client.get("/vault/secret/create/")
+    assert wrong.status_code == 405
+    assert wrong.headers["allow"] == "POST"
+    assert wrong.json() == {"detail": "GET is not allowed on this path; use POST"}
+
+    probe = client.delete("/healthz")
+    assert probe.status_code == 405
+    assert probe.json() == {"detail": "DELETE is not allowed on this path; use GET"}
+
+    # A 404 of the API itself keeps its own words.
+    missing = client.post("/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())})
+    assert missing.json()["detail"].startswith("no secret has this secret_id")

@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from middleware.apikeys import APIKeyMiddleware
 from middleware.audit import AuditMiddleware
@@ -30,7 +30,7 @@ from observability.metrics import AUDIT_BATCH_SIZE, AUDIT_RECORDS, RATE_LIMITED,
 from observability.tracing import configure_tracing, shutdown_tracing
 from vault import hypercorn_fixes
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
-from vault.routes import OPERATIONS, VaultAPI, unavailable_response
+from vault.routes import OPERATIONS, VaultAPI, http_error, unavailable_response
 from vault.settings import ConfigError, Settings
 from vault.stores.base import SecretStore, StoreUnavailable
 from vault.stores.counters import MongoCounter
@@ -142,13 +142,6 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         f"request body is larger than {settings.max_body_bytes} bytes; "
         f"secrets may be at most {settings.max_secret_bytes} bytes once decoded"
     )
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        if not isinstance(exc, HTTPException):  # pragma: no cover - registered for it only
-            raise exc
-        return JSONResponse(
-            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
-        )
 
     async def store_unavailable(request: Request, exc: Exception) -> Response:
         log.warning("store unavailable: %s", exc, extra={"request_id": request.state.request_id})

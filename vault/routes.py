@@ -206,6 +206,35 @@ class VaultAPI:
         ]
 
 
+def _api_paths() -> str:
+    """``POST /vault/secret/create/ and POST /vault/secret/fetch``: one spelling each."""
+    canonical: dict[str, str] = {}
+    for path, op in OPERATIONS.items():
+        canonical.setdefault(op, path)
+    return " and ".join(f"POST {path}" for path in canonical.values())
+
+
+NOT_FOUND_DETAIL = (
+    f"no such path: this service answers {_api_paths()} (GET /docs describes them all)"
+)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Every HTTPException as ``{"detail": ...}``; the router's bare 404 and 405 say what to
+    do instead, like every other error, rather than just "Not Found"."""
+    if not isinstance(exc, HTTPException):  # pragma: no cover - registered for it only
+        raise exc
+    detail = exc.detail
+    headers = exc.headers
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = NOT_FOUND_DETAIL
+    elif exc.status_code == 405 and detail == "Method Not Allowed":
+        allowed = (headers or {}).get("Allow", "")
+        use = " or ".join(m for m in allowed.split(", ") if m and m != "HEAD") or "another method"
+        detail = f"{request.method} is not allowed on this path; use {use}"
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
+
+
 def unavailable_response() -> Response:
     return JSONResponse(
         {"detail": UNAVAILABLE_DETAIL},
