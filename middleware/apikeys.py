@@ -3,7 +3,7 @@
 Keys come from ``API_KEYS_FILE`` or ``API_KEYS`` as ``name:token`` entries. Only the SHA-256
 digest of each token is kept; a request's token is hashed and compared in constant time with
 every stored digest. A caller that is let through has the key's name (never its token) in
-``scope["state"]["api_key_name"]`` for the audit log; any other caller gets ``401`` with
+the request context (``api_key_name``) for the audit log; any other caller gets ``401`` with
 ``WWW-Authenticate`` and the app is not called. ``/healthz`` and ``/readyz`` are always open;
 ``/metrics`` needs its own token when one is configured.
 """
@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from middleware.outcomes import API_KEY_NAME_KEY, state_of
+from middleware.context import request_context
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 METRICS_PATH = "/metrics"
@@ -267,5 +267,5 @@ class APIKeyMiddleware:
             await refusals[_INVALID](scope, receive, send)
             return
         if not metrics:
-            state_of(scope)[API_KEY_NAME_KEY] = name
+            request_context(scope).api_key_name = name
         await self.app(scope, receive, send)

@@ -10,8 +10,8 @@ leave its inner route there, without the Mount's prefix; the vault app has none.
 router has run, and the request is in progress before that. Methods outside the standard
 set are labelled ``other`` so a caller cannot mint new series.
 
-After each response, the handler's ``state["vault_op"]`` feeds the vault counters: a
-successful create, and every fetch by outcome.
+After each response, the operation the handler put in the request context feeds the vault
+counters: a successful create, and every fetch by outcome.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from middleware.outcomes import OP_KEY, outcome_for_status
+from middleware.context import request_context
+from middleware.outcomes import outcome_for_status
 from observability.metrics import (
     HTTP_REQUEST_DURATION,
     HTTP_REQUESTS,
@@ -109,7 +110,7 @@ class PrometheusMiddleware:
             requests, duration = self._series(method, _route_template(scope), status)
             requests.inc()
             duration.observe(elapsed)
-            op = scope.get("state", {}).get(OP_KEY)
+            op = request_context(scope).op
             if op == "create" and status == 200:
                 SECRETS_CREATED.inc()
             elif op == "fetch":
