@@ -3,9 +3,9 @@
 Keys come from ``API_KEYS_FILE`` or ``API_KEYS`` as ``name:token`` entries. Only the SHA-256
 digest of each token is kept; a request's token is hashed and compared in constant time with
 every stored digest. A caller that is let through has the key's name (never its token) in
-``scope["state"]["api_key_name"]`` for the audit log; any other caller gets ``401`` with
-``WWW-Authenticate`` and the app is not called. ``/healthz`` and ``/readyz`` are always open;
-``/metrics`` needs its own token when one is configured.
+the request context (``api_key_name``) for the audit log; any other caller gets ``401`` with
+``WWW-Authenticate`` and the app is not called. The health probes are always open;
+``/metrics`` needs its own token when one is configured (paths in middleware/paths.py).
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from collections.abc import Collection, Mapping
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from middleware.outcomes import API_KEY_NAME_KEY, state_of
+from middleware.context import request_context
+from middleware.paths import KEYLESS_PATHS, METRICS_PATH, route_path
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-METRICS_PATH = "/metrics"
 MIN_TOKEN_LENGTH = 32
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -118,15 +117,6 @@ def parse_token(text: str, *, source: str) -> bytes:
     """One bearer token (``METRICS_TOKEN``) → its SHA-256; InvalidAPIKeys naming ``source``."""
     _check_token(text.strip(), source)
     return token_digest(text.strip())
-
-
-def _route_path(scope: Scope) -> str:
-    """The path the router matches (``root_path`` removed), so no prefix slips past us."""
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path + "/"):
-        return path[len(root_path) :]
-    return path
 
 
 def _bearer_token(scope: Scope) -> bytes | str:
@@ -240,8 +230,8 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
 
-        path = _route_path(scope)
-        if path in OPEN_PATHS:
+        path = route_path(scope)
+        if path in KEYLESS_PATHS:
             await self.app(scope, receive, send)
             return
         # Only reads of /metrics are guarded: any other method gets its 405 (no data either way).
@@ -267,5 +257,5 @@ class APIKeyMiddleware:
             await refusals[_INVALID](scope, receive, send)
             return
         if not metrics:
-            state_of(scope)[API_KEY_NAME_KEY] = name
+            request_context(scope).api_key_name = name
         await self.app(scope, receive, send)

@@ -21,14 +21,10 @@ from typing import Protocol
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from middleware.clientip import client_ip
+from middleware.context import request_context
 from middleware.headers import request_header
-from middleware.outcomes import (
-    API_KEY_NAME_KEY,
-    OP_KEY,
-    SECRET_ID_KEY,
-    outcome_for_status,
-    state_of,
-)
+from middleware.outcomes import outcome_for_status
 from observability.audit import AuditRecord
 
 MAX_USER_AGENT = 256
@@ -79,21 +75,20 @@ class AuditMiddleware:
         )
 
     def _record(self, scope: Scope, status: int, started: float) -> AuditRecord:
-        state = state_of(scope)
-        secret_id = state.get(SECRET_ID_KEY)
+        context = request_context(scope)
+        secret_id = context.secret_id
         user_agent = request_header(scope, b"user-agent")
-        client = scope.get("client")
         return AuditRecord(
             ts=dt.datetime.now(dt.UTC),
-            op=str(state.get(OP_KEY) or self.operations.get(scope["path"], OTHER_OP)),
+            op=context.op or self.operations.get(scope["path"], OTHER_OP),
             status=status,
             outcome=outcome_for_status(status),
-            client_ip=str(state.get("client_ip") or (client[0] if client else "unknown")),
-            request_id=str(state.get("request_id") or ""),
-            secret_id_hmac=self.hash_secret_id(secret_id) if isinstance(secret_id, str) else None,
+            client_ip=client_ip(scope),  # resolved and normalised in one place, clientip.py
+            request_id=context.request_id or "",
+            secret_id_hmac=self.hash_secret_id(secret_id) if secret_id is not None else None,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
             user_agent=user_agent[:MAX_USER_AGENT] if user_agent is not None else None,
-            api_key_name=_optional_str(state.get(API_KEY_NAME_KEY)),
+            api_key_name=context.api_key_name,
         )
 
     def _covers(self, path: str) -> bool:

@@ -4,7 +4,8 @@ X-Forwarded-For is only believed when the TCP peer is one of ``trusted_proxies``
 entries are read right to left (the order proxies appended them), skipping our own proxies,
 and the first address not in a trusted network is the client. Entries left of that were
 written by the client itself and are ignored, so a caller cannot choose its own address.
-The result is put in ``scope["state"]["client_ip"]`` for the rate limiter and audit log.
+The result is put in the request context for the rate limiter and the audit log, which read
+it through ``client_ip(scope)``: the one place the client address comes from.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from middleware.outcomes import state_of
+from middleware.context import request_context
 
-CLIENT_IP_KEY = "client_ip"
 _XFF = b"x-forwarded-for"
 
 _Address = IPv4Address | IPv6Address
@@ -46,9 +46,10 @@ def _peer(scope: Scope) -> str:
 
 
 def client_ip(scope: Scope) -> str:
-    """The client address ClientIPMiddleware resolved, or the peer if it did not run."""
-    resolved = scope.get("state", {}).get(CLIENT_IP_KEY)
-    return resolved if isinstance(resolved, str) else _peer(scope)
+    """The client address ClientIPMiddleware resolved, or the normalised peer if it did not
+    run (IPv4-mapped IPv6 as IPv4, "unknown" without a peer)."""
+    resolved = request_context(scope).client_ip
+    return resolved if resolved is not None else _peer(scope)
 
 
 class ClientIPMiddleware:
@@ -90,5 +91,5 @@ class ClientIPMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state_of(scope)[CLIENT_IP_KEY] = self._resolve(scope)
+        request_context(scope).client_ip = self._resolve(scope)
         await self.app(scope, receive, send)

@@ -16,6 +16,8 @@ from pathlib import Path
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from middleware.context import request_context
+
 SHUTTING_DOWN_DETAIL = "the server is shutting down and did not finish this request; retry"
 GENERIC_DETAIL = "internal error; the request id in X-Request-ID identifies it in the server log"
 
@@ -59,7 +61,7 @@ class InternalErrorMiddleware:
                 Path(frame.filename).name,
                 frame.lineno,
                 frame.name,
-                extra={"request_id": scope.get("state", {}).get("request_id")},
+                extra={"request_id": request_context(scope).request_id},
             )
             if not response_started:
                 await JSONResponse({"detail": GENERIC_DETAIL}, status_code=500)(

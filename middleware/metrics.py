@@ -1,17 +1,16 @@
 """Count and time every HTTP request by method, route template and status.
 
 The ``route`` label is the path template of the route that matched (``/items/{item_id}``,
-or a Mount's path), read from ``scope["route"]`` after the app ran, so labels never carry
-a raw path or a secret id. Requests no route matched share ``route="unmatched"`` (this
-includes requests refused by a middleware before the router ran). A nested router would
-leave its inner route there, without the Mount's prefix; the vault app has none.
+or a Mount's path), from ``paths.route_template`` after the app ran, so labels never carry
+a raw path or a secret id. Requests no route matches share ``route="unmatched"``. A nested
+router would leave its inner route there, without the Mount's prefix; the vault app has none.
 
 ``http_requests_in_progress`` is labelled by method only: the route is not known until the
 router has run, and the request is in progress before that. Methods outside the standard
 set are labelled ``other`` so a caller cannot mint new series.
 
-After each response, the handler's ``state["vault_op"]`` feeds the vault counters: a
-successful create, and every fetch by outcome.
+After each response, the operation the handler put in the request context feeds the vault
+counters: a successful create, and every fetch by outcome.
 """
 
 from __future__ import annotations
@@ -20,10 +19,11 @@ from collections.abc import Collection
 from time import perf_counter
 from typing import Any
 
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from middleware.outcomes import OP_KEY, outcome_for_status
+from middleware.context import request_context
+from middleware.outcomes import outcome_for_status
+from middleware.paths import UNMATCHED, UNMEASURED_PATHS, is_exempt, route_template
 from observability.metrics import (
     HTTP_REQUEST_DURATION,
     HTTP_REQUESTS,
@@ -32,33 +32,13 @@ from observability.metrics import (
     SECRETS_FETCHED,
 )
 
-UNMATCHED = "unmatched"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
 
 
-def _route_template(scope: Scope) -> str:
-    """The matched route's path template; a Mount at the root has the path ``""``.
-
-    A request refused before routing (rate limited, body too large) has no ``route`` in its
-    scope; it is matched here against the app's routes so it is counted under its template.
-    """
-    route = scope.get("route")
-    if route is None:
-        for candidate in getattr(scope.get("app"), "routes", ()):
-            if candidate.matches(scope)[0] is Match.FULL:
-                route = candidate
-                break
-    path = getattr(route, "path", None)
-    if not isinstance(path, str):
-        return UNMATCHED
-    return path or "/"
-
-
 class PrometheusMiddleware:
-    def __init__(self, app: ASGIApp, *, exempt_paths: Collection[str] = ("/metrics",)) -> None:
+    def __init__(self, app: ASGIApp, *, exempt_paths: Collection[str] = UNMEASURED_PATHS) -> None:
         self.app = app
-        # A trailing slash does not matter: "/metrics" also exempts "/metrics/".
-        self.exempt_paths = frozenset(path.rstrip("/") or "/" for path in exempt_paths)
+        self.exempt_paths = frozenset(exempt_paths)
         self._gauges: dict[str, Any] = {}
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._fetched: dict[str, Any] = {}
@@ -82,7 +62,7 @@ class PrometheusMiddleware:
         return series
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope["path"].rstrip("/") or "/") in self.exempt_paths:
+        if scope["type"] != "http" or is_exempt(scope, self.exempt_paths):
             await self.app(scope, receive, send)
             return
 
@@ -106,10 +86,11 @@ class PrometheusMiddleware:
         finally:
             elapsed = perf_counter() - start
             in_progress.dec()
-            requests, duration = self._series(method, _route_template(scope), status)
+            template = route_template(scope) or UNMATCHED
+            requests, duration = self._series(method, template, status)
             requests.inc()
             duration.observe(elapsed)
-            op = scope.get("state", {}).get(OP_KEY)
+            op = request_context(scope).op
             if op == "create" and status == 200:
                 SECRETS_CREATED.inc()
             elif op == "fetch":

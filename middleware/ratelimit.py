@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from middleware.clientip import client_ip
 from middleware.headers import encode_pairs, set_response_headers
+from middleware.paths import UNLIMITED_PATHS, is_exempt
 
 log = logging.getLogger("secret_manager.ratelimit")
 
@@ -111,7 +112,7 @@ class RateLimitMiddleware:
         *,
         limits: Sequence[tuple[int, int]],
         counter: Counter,
-        exempt_paths: Collection[str] = ("/healthz", "/readyz", "/metrics"),
+        exempt_paths: Collection[str] = UNLIMITED_PATHS,
         on_limited: Callable[[], None] | None = None,
         retry_counter_after: float = COUNTER_RETRY_SECONDS,
     ) -> None:
@@ -185,7 +186,7 @@ class RateLimitMiddleware:
         self._unlogged_failures = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
+        if scope["type"] != "http" or is_exempt(scope, self.exempt_paths):
             await self.app(scope, receive, send)
             return
 

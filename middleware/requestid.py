@@ -1,7 +1,7 @@
 """Give every request an id: the caller's X-Request-ID when well formed, else a new one.
 
-The id is put in ``scope["state"]["request_id"]`` for handlers and later middleware, in a
-context variable for log lines, and echoed in the X-Request-ID response header.
+The id is put in the request context for handlers and later middleware, in a context
+variable for log lines, and echoed in the X-Request-ID response header.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from middleware.context import request_context
 from middleware.headers import request_header, set_response_headers
 from observability.logging import REQUEST_ID
 
@@ -32,7 +33,7 @@ class RequestIdMiddleware:
         given = request_header(scope, self._name)
         # A new id is 128 random bits in hex, the shape of a UUID's hex without its fixed bits.
         request_id = given if given and _WELL_FORMED.fullmatch(given) else os.urandom(16).hex()
-        scope.setdefault("state", {})["request_id"] = request_id
+        request_context(scope).request_id = request_id
         token = REQUEST_ID.set(request_id)
 
         async def send_with_id(message: Message) -> None:

@@ -2,10 +2,11 @@
 
 OpenTelemetry's ASGI middleware does the work; the Starlette instrumentor would add it
 after start-up, which Starlette refuses, so it is wrapped here and placed in the stack like
-any other layer. Health probes and /metrics are not traced. Spans carry no body and no
-query string; of the headers, only Host and User-Agent unless an operator opts in to more
-with the standard ``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*`` variables, and even then
-credentials are redacted. An exception escaping the app is recorded by its type only.
+any other layer. Health probes and /metrics are not traced (middleware/paths.py). Spans
+carry no body and no query string; of the headers, only Host and User-Agent unless an
+operator opts in to more with the standard ``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*``
+variables, and even then credentials are redacted. An exception escaping the app is
+recorded by its type only.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from opentelemetry.util.http import (
     OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS,
     get_custom_headers,
 )
-from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from middleware.paths import UNTRACED_PATHS, is_exempt, route_template
 
 # Redacted whatever header capture an operator turns on.
 ALWAYS_REDACTED = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
@@ -34,11 +36,10 @@ class TracingMiddleware:
         app: ASGIApp,
         *,
         tracer_provider: TracerProvider,
-        excluded_paths: Collection[str] = ("/healthz", "/readyz", "/metrics"),
+        excluded_paths: Collection[str] = UNTRACED_PATHS,
     ) -> None:
         self.app = app
         self.excluded = frozenset(excluded_paths)
-        self.excluded_prefixes = tuple(path.rstrip("/") + "/" for path in excluded_paths)
         sanitize = [
             *ALWAYS_REDACTED,
             *get_custom_headers(OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS),
@@ -54,11 +55,7 @@ class TracingMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        if path in self.excluded or path.startswith(self.excluded_prefixes):
+        if scope["type"] != "http" or is_exempt(scope, self.excluded):
             await self.app(scope, receive, send)
             return
         await self.traced(scope, receive, send)
@@ -79,20 +76,16 @@ class TracingMiddleware:
 
 
 def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``METHOD /route/template`` and http.route; just the method for an unknown path."""
+    """``METHOD /route/template`` and http.route; just the method for an unknown path.
+
+    OpenTelemetry's HTTP conventions name a span without a known route by its method alone
+    and leave http.route out, rather than carry the raw path.
+    """
     method = str(scope.get("method", "HTTP"))
-    app = scope.get("app")
-    route_path: str | None = None
-    for route in getattr(app, "routes", ()):
-        match, _ = route.matches(scope)
-        if match is Match.NONE:
-            continue
-        route_path = getattr(route, "path", None)
-        if match is Match.FULL:
-            break
-    if route_path is None:
+    template = route_template(scope)
+    if template is None:
         return method, {}
-    return f"{method} {route_path}", {"http.route": route_path}
+    return f"{method} {template}", {"http.route": template}
 
 
 def _drop_query(span: trace.Span, scope: dict[str, Any]) -> None:

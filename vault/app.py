@@ -18,6 +18,7 @@ from middleware.apikeys import APIKeyMiddleware
 from middleware.audit import AuditMiddleware
 from middleware.bodylimit import BodyLimitMiddleware
 from middleware.clientip import ClientIPMiddleware
+from middleware.context import request_context
 from middleware.errors import InternalErrorMiddleware
 from middleware.metrics import PrometheusMiddleware
 from middleware.ratelimit import Counter, MemoryCounter, RateLimitMiddleware
@@ -144,7 +145,8 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     )
 
     async def store_unavailable(request: Request, exc: Exception) -> Response:
-        log.warning("store unavailable: %s", exc, extra={"request_id": request.state.request_id})
+        request_id = request_context(request.scope).request_id
+        log.warning("store unavailable: %s", exc, extra={"request_id": request_id})
         return unavailable_response()
 
     @asynccontextmanager

@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from middleware.outcomes import OP_KEY, SECRET_ID_KEY, state_of
+from middleware.context import request_context
 from vault.crypto import Keyring
 from vault.openapi import DOCS_HTML, build_openapi
 from vault.stores.base import SecretStore, StoreUnavailable
@@ -127,8 +127,8 @@ class VaultAPI:
         self.max_secret_bytes = max_secret_bytes
 
     async def create_secret(self, request: Request) -> Response:
-        state = state_of(request.scope)
-        state[OP_KEY] = "create"
+        context = request_context(request.scope)
+        context.op = "create"
         data = await _json_object(request)
         try:
             plaintext = decode_secret(_string_field(data, "secret"))
@@ -142,18 +142,18 @@ class VaultAPI:
             )
         secret_id = str(uuid.uuid4())
         await self.store.insert(self.keyring.seal(secret_id, plaintext))
-        state[SECRET_ID_KEY] = secret_id
+        context.secret_id = secret_id
         return JSONResponse({"secret_id": secret_id})
 
     async def fetch_secret(self, request: Request) -> Response:
-        state = state_of(request.scope)
-        state[OP_KEY] = "fetch"
+        context = request_context(request.scope)
+        context.op = "fetch"
         data = await _json_object(request)
         try:
             secret_id = normalize_secret_id(_string_field(data, "secret_id"))
         except InvalidValue as exc:
             raise HTTPException(400, str(exc)) from None
-        state[SECRET_ID_KEY] = secret_id
+        context.secret_id = secret_id
         record = await self.store.get(secret_id)
         if record is None:
             raise HTTPException(404, "no secret has this secret_id; check the id you were given")

@@ -19,13 +19,13 @@ from starlette.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
 from middleware.apikeys import (
-    API_KEY_NAME_KEY,
     APIKeyMiddleware,
     InvalidAPIKeys,
     parse_api_keys,
     parse_token,
     token_digest,
 )
+from middleware.context import request_context
 
 ALICE = "alice-token-0123456789abcdefghijklmnopqrstuvwxyz"
 BOB = "bob+token/0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ=="
@@ -63,7 +63,8 @@ def make_guarded() -> Callable[..., Guarded]:
         keys = {"alice": ALICE, "bob": BOB} if keys is None else keys
 
         async def handle(request: Request) -> Response:
-            guarded.reached.append((request.url.path, getattr(request.state, "api_key_name", None)))
+            name = request_context(request.scope).api_key_name
+            guarded.reached.append((request.url.path, name))
             return JSONResponse({"ok": True})
 
         paths = ["/vault/secret/create/", "/vault", "/healthz", "/readyz", "/metrics", "/docs"]
@@ -302,7 +303,7 @@ async def test_state_gets_the_name_and_other_scopes_pass_through() -> None:
     scope = raw_scope("/vault/secret/create/", [(b"authorization", f"Bearer {ALICE}".encode())])
     sent, reached = await run_raw(guard(), scope)
     assert sent == []
-    assert reached[0]["state"] == {API_KEY_NAME_KEY: "alice"}
+    assert request_context(reached[0]).api_key_name == "alice"
 
     sent, reached = await run_raw(guard(), {"type": "lifespan"})
     assert (sent, reached) == ([], [{"type": "lifespan"}])

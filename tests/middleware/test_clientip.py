@@ -15,13 +15,14 @@ from starlette.testclient import TestClient
 from starlette.types import Message, Scope
 
 from middleware.clientip import ClientIPMiddleware, client_ip
+from middleware.context import request_context
 
 Resolve = Callable[..., str]
 TRUSTED = ("10.0.0.0/8", "fd00::/8")
 
 
 async def echo(request: Request) -> Response:
-    return PlainTextResponse(request.state.client_ip)
+    return PlainTextResponse(client_ip(request.scope))
 
 
 def echo_app(trusted: tuple[str, ...]) -> Starlette:
@@ -109,7 +110,7 @@ async def test_a_request_without_a_peer_is_unknown() -> None:
     seen: list[str] = []
 
     async def app(scope: Scope, receive: object, send: object) -> None:
-        seen.append(scope["state"]["client_ip"])
+        seen.append(client_ip(scope))
 
     async def receive() -> Message:
         return {"type": "http.request", "body": b""}
@@ -131,5 +132,6 @@ async def test_a_request_without_a_peer_is_unknown() -> None:
 def test_client_ip_falls_back_to_the_peer_without_the_middleware() -> None:
     assert client_ip({"type": "http", "client": ("::ffff:198.51.100.4", 1)}) == "198.51.100.4"
     assert client_ip({"type": "http", "client": ("10.0.0.5", 1), "state": {}}) == "10.0.0.5"
-    resolved = {"type": "http", "client": ("10.0.0.5", 1), "state": {"client_ip": "203.0.113.7"}}
+    resolved: Scope = {"type": "http", "client": ("10.0.0.5", 1)}
+    request_context(resolved).client_ip = "203.0.113.7"
     assert client_ip(resolved) == "203.0.113.7"

@@ -19,8 +19,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
+from middleware.context import request_context
 from middleware.metrics import PrometheusMiddleware
-from middleware.outcomes import OP_KEY, state_of
 from observability.metrics import metrics_app
 
 
@@ -73,14 +73,14 @@ async def boom(request: Request) -> Response:
 
 
 async def create(request: Request) -> Response:
-    state_of(request.scope)[OP_KEY] = "create"
+    request_context(request.scope).op = "create"
     if (await request.json()).get("secret") is None:
         raise HTTPException(400, "field 'secret' is missing")
     return JSONResponse({"secret_id": "0b6c3f5e-5a1d-4c8e-9d1e-2f4a6b8c0d1e"})
 
 
 async def fetch(request: Request) -> Response:
-    state_of(request.scope)[OP_KEY] = "fetch"
+    request_context(request.scope).op = "fetch"
     if (await request.json()).get("secret_id") != "known":
         raise HTTPException(404, "no secret has this secret_id")
     return JSONResponse({"secret": "aGk="})
@@ -200,7 +200,6 @@ def test_metrics_endpoint_is_not_measured(client: TestClient) -> None:
         response = client.get("/metrics")
         assert response.status_code == 200
         assert "http_requests_total" in response.text
-    assert client.get("/metrics/").status_code == 404  # exempt with or without the slash
 
     assert requests() == 0
     assert timed() == 0

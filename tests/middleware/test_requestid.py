@@ -9,12 +9,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from middleware.context import request_context
 from middleware.requestid import RequestIdMiddleware
 from observability.logging import REQUEST_ID
 
 
 async def show(request: Request) -> Response:
-    return JSONResponse({"state": request.state.request_id, "context": REQUEST_ID.get()})
+    return JSONResponse(
+        {"state": request_context(request.scope).request_id, "context": REQUEST_ID.get()}
+    )
 
 
 client = TestClient(

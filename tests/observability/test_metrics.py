@@ -21,8 +21,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp
 
+from middleware.context import request_context
 from middleware.metrics import PrometheusMiddleware
-from middleware.outcomes import OP_KEY, state_of
 from observability.metrics import (
     AUDIT_BATCH_SIZE,
     AUDIT_RECORDS,
@@ -53,7 +53,7 @@ async def item(request: Request) -> Response:
 
 
 async def fetch(request: Request) -> Response:
-    state_of(request.scope)[OP_KEY] = "fetch"
+    request_context(request.scope).op = "fetch"
     return JSONResponse({"detail": "no secret has this secret_id"}, status_code=404)
 
 

@@ -1,0 +1,38 @@
+"""What the layers and the handlers share about one request, as one typed object.
+
+Each layer fills in what it resolves (the request id, the client address, the caller's key
+name) and the handler what only it knows (the operation, the secret id once well formed);
+audit, metrics, the rate limiter and the error logger read them from here. The object lives
+in the request's ``scope["state"]`` (where Starlette keeps per-request state) under one key
+that only this module knows, so no other module writes a string key for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.types import Scope
+
+# The servers hand every request a shallow copy of the lifespan state as scope["state"];
+# nothing puts a RequestContext in the lifespan state, so each request creates its own.
+_STATE_KEY = "secret_manager.request_context"
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One request's shared state; ``None`` until the layer that knows it has run."""
+
+    request_id: str | None = None  # RequestIdMiddleware: the caller's X-Request-ID or a new id
+    client_ip: str | None = None  # ClientIPMiddleware: read it through clientip.client_ip()
+    op: str | None = None  # the handler: "create" | "fetch", set before it reads the body
+    secret_id: str | None = None  # the handler: the id, only once it is well formed
+    api_key_name: str | None = None  # APIKeyMiddleware: the caller's key name, never its token
+
+
+def request_context(scope: Scope) -> RequestContext:
+    """The one RequestContext of this request, created on first use."""
+    state: dict[str, object] = scope.setdefault("state", {})
+    context = state.get(_STATE_KEY)
+    if not isinstance(context, RequestContext):
+        context = state[_STATE_KEY] = RequestContext()
+    return context
