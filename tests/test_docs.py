@@ -146,10 +146,8 @@ def test_every_relative_link_and_anchor_in_the_docs_resolves() -> None:
 
 def test_the_check_covers_the_readme_security_and_every_docs_page() -> None:
     checked = {path.relative_to(ROOT).as_posix() for path in doc_files(ROOT)}
-    pages = {f"docs/{name}.md" for name in ("api", "configuration", "operations")} | {
-        f"docs/{name}.md" for name in ("load-testing", "performance", "architecture")
-    }
-    assert {"README.md", "SECURITY.md", *pages} <= checked
+    pages = ("api", "configuration", "operations", "load-testing", "performance", "architecture")
+    assert {"README.md", "SECURITY.md", *(f"docs/{page}.md" for page in pages)} <= checked
 
 
 def test_the_readme_links_every_docs_page() -> None:
