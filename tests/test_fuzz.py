@@ -4,7 +4,7 @@ Every operation of the document is exercised with its examples, the coverage pha
 cases (wrong methods, missing bodies, unsupported media types) and generated valid and
 invalid bodies. Every response must be documented (status, content type, body schema,
 headers), no request may get a server error, and every /vault answer must keep the
-response hygiene the README promises.
+response hygiene docs/api.md promises.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each property is checked on many generated inputs, not on a handful of hand-picked ones: any
 bytes up to the limit come back byte for byte, any single flipped bit in a stored record is
-detected, and the validators accept exactly the strict spellings the README promises.
+detected, and the validators accept exactly the strict spellings docs/api.md promises.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The benchmark runs as the README says and prints its table (speed is never gated)."""
+"""The benchmark runs as docs/performance.md says and prints its table (speed is never gated)."""
 
 from __future__ import annotations
 
