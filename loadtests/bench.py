@@ -47,7 +47,8 @@ from pathlib import Path
 import httpx2 as httpx
 import pymongo
 
-from loadtests.cluster import ClusterError, executable, free_port, mongodb, positive_int
+from loadtests.mongo import mongodb
+from loadtests.processes import ClusterError, executable, free_port, positive_int
 from vault.crypto import generate_key
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -24,7 +24,8 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from loadtests.cluster import ClusterError, free_port, mongo_answers, wait_for
+from loadtests.mongo import mongo_answers
+from loadtests.processes import ClusterError, free_port, wait_for
 from observability.audit import AuditRecord
 from vault.app import create_app
 from vault.crypto import generate_key

@@ -9,6 +9,7 @@ import logging
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ def audit_records(store_env: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def test_every_vault_request_is_recorded(client: TestClient, store_env: dict[str, str]) -> None:
+    started = time.perf_counter()
     created = client.post(
         "/vault/secret/create", json={"secret": b64(b"x")}, headers={"User-Agent": "ua/1"}
     )
@@ -54,6 +56,7 @@ def test_every_vault_request_is_recorded(client: TestClient, store_env: dict[str
     client.get("/vault/secret/fetch")  # wrong method
     client.post("/vault/secret/list", json={})  # no such operation: probed, still recorded
     client.get("/healthz")  # not a /vault call: not audited
+    elapsed_ms = (time.perf_counter() - started) * 1000
 
     records = audit_records(store_env)
     summary = [(r["op"], r["status"], r["outcome"]) for r in records]
@@ -74,8 +77,10 @@ def test_every_vault_request_is_recorded(client: TestClient, store_env: dict[str
     assert records[3]["secret_id_hmac"] is None
     assert records[0]["request_id"] == created.headers["x-request-id"]
     assert records[0]["user_agent"] == "ua/1"
-    assert records[0]["client_ip"]
-    assert all(r["latency_ms"] >= 0 for r in records)
+    assert records[0]["client_ip"] == "testclient"  # the TestClient's peer address
+    # Each in milliseconds, together within the time the client spent on all of them.
+    assert all(r["latency_ms"] > 0 for r in records)
+    assert sum(r["latency_ms"] for r in records) <= elapsed_ms
     text = repr(records)
     assert secret_id not in text and missing not in text
 
@@ -228,7 +233,7 @@ def test_audit_store_failure_fails_closed(
             response = client.post("/vault/secret/create", json={"secret": b64(b"y")})
             assert response.status_code == 503
             assert "secret_id" not in response.json()
-            assert response.headers["retry-after"]
+            assert response.headers["retry-after"] == "5"
             assert client.get("/healthz").status_code == 200
             client.__exit__(None, None, None)  # shutdown: the queued refusal record is done
     # The record the store could not take is logged as what the caller got: one 503.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -71,11 +73,14 @@ def make(sink: ListSink) -> TestClient:
 
 def test_record_fields() -> None:
     sink = ListSink()
-    response = make(sink).post(
+    client = make(sink)
+    started = time.perf_counter()
+    response = client.post(
         "/fetch?status=404",
         json={"secret_id": "abc-123"},
         headers={"User-Agent": "curl/8", "X-Request-ID": "rid-1"},
     )
+    elapsed_ms = (time.perf_counter() - started) * 1000
     assert response.status_code == 404
     (record,) = sink.records
     assert record.op == "fetch"
@@ -85,7 +90,8 @@ def test_record_fields() -> None:
     assert record.request_id == "rid-1"
     assert record.secret_id_hmac == "hmac-of-321-cba"
     assert record.user_agent == "curl/8"
-    assert record.latency_ms >= 0
+    # In milliseconds, of the time the request spent in the app: within what the client saw.
+    assert 0 < record.latency_ms <= elapsed_ms
     assert record.ts.tzinfo is not None
     assert "abc-123" not in record.as_json()
 
@@ -125,7 +131,7 @@ def test_audit_failure_closes_the_door_with_503() -> None:
     sink.broken = True
     response = make(sink).post("/fetch", json={"secret_id": "abc"})
     assert response.status_code == 503
-    assert response.headers["retry-after"]
+    assert response.headers["retry-after"] == "5"  # the middleware's default
     assert "secret" not in response.json()
     assert "audit" in response.json()["detail"]
     # What is recorded (or logged, when the store cannot take it) is what the caller got.

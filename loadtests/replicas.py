@@ -1,0 +1,81 @@
+"""The replicas: real ``secret-manager serve`` processes sharing one master key and database."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadtests.processes import Process, answers_200, free_port, log, wait_for
+from vault.crypto import generate_key
+
+
+@dataclass
+class Replica:
+    """One started replica: its name (``r1``...), port and process."""
+
+    name: str
+    port: int
+    process: Process
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def replica_env(mongo_uri: str, mongo_db: str, master_key: str, data_dir: Path) -> dict[str, str]:
+    """This process's environment with the settings the harness owns replaced.
+
+    Other settings (``AUDIT_MODE``, ``MONGO_WRITE_CONCERN``, ...) pass through, so a run can
+    try them; ``*_FILE`` variants of the replaced ones are dropped, as both forms conflict.
+    """
+    owned = ("MASTER_KEY", "MONGO_URI", "AUDIT_HMAC_KEY")
+    exact = {"MONGO_DB", "RATE_LIMIT", "LOG_LEVEL", "DATA_DIR"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(owned) and k not in exact}
+    env.update(
+        MASTER_KEY=master_key,
+        MONGO_URI=mongo_uri,
+        MONGO_DB=mongo_db,
+        # All the load comes from one address; a per-IP limit would refuse most of it.
+        RATE_LIMIT="off",
+        LOG_LEVEL="WARNING",
+        DATA_DIR=str(data_dir),
+    )
+    return env
+
+
+@contextlib.contextmanager
+def replicas(count: int, mongo_uri: str, mongo_db: str, run_dir: Path) -> Iterator[list[Replica]]:
+    """``count`` real ``secret-manager serve`` processes on one key and one database."""
+    master_key = generate_key()
+    started: list[Replica] = []
+    try:
+        for index in range(1, count + 1):
+            name = f"r{index}"
+            port = free_port()
+            env = replica_env(mongo_uri, mongo_db, master_key, run_dir / f"{name}-data")
+            command = [sys.executable, "-m", "vault", "serve", "--port", str(port)]
+            process = Process(name, command, run_dir / f"{name}.log", env)
+            started.append(Replica(name, port, process))
+        for replica in started:
+
+            def ready(replica: Replica = replica) -> bool:
+                replica.process.check_alive()
+                return answers_200(replica.url + "/readyz")
+
+            wait_for(ready, 30, f"replica {replica.name} on {replica.url} to be ready")
+        log(
+            f"{count} replicas on database {mongo_db}: "
+            + ", ".join(f"{r.name} {r.url} (pid {r.process.pid})" for r in started)
+        )
+        yield started
+    finally:
+        # Stop them together: each may take its graceful timeout.
+        for replica in started:
+            replica.process.send(signal.SIGTERM)
+        for replica in started:
+            replica.process.reap(15)
