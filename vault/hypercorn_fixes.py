@@ -172,10 +172,11 @@ def apply() -> None:
         await self.protocol.handle(Closed())
 
     # Fix 2: DATA for a stream already answered raises KeyError and drops the connection.
-    # Upstream: https://github.com/pgjones/hypercorn/issues/329; the open pull requests
+    # Upstream: https://github.com/pgjones/hypercorn/issues/329. The pull requests for it,
     # https://github.com/pgjones/hypercorn/pull/334 and
-    # https://github.com/pgjones/hypercorn/pull/312 ignore such DATA in
-    # H2Protocol._handle_events, where this also asks the client to stop sending it.
+    # https://github.com/pgjones/hypercorn/pull/312 (open as of 2026-12), skip such DATA in
+    # H2Protocol._handle_events; this wraps _close_stream instead and resets the stream, so
+    # the client stops sending and h2 discards what is already in flight.
     original_close_stream = CLOSE_STREAM.resolve()
 
     async def _close_stream(self: Any, stream_id: int) -> None:
