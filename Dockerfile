@@ -6,14 +6,19 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
-# Dependencies come from the project's own metadata (pyproject.toml), nothing else.
+# Every package, the build backend included, at the version and hashes requirements.lock
+# pins (made from pyproject.toml by the command in its header): nothing is resolved here,
+# and a file whose hash differs stops the build. The image's own pip is enough for that.
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY vault ./vault
 COPY middleware ./middleware
 COPY observability ./observability
-# pip older than 25.1 (this image ships 24.0) gives up resolving OpenTelemetry's lockstep pins.
-RUN /opt/venv/bin/pip install --no-cache-dir "pip>=25.1,<27" \
-    && /opt/venv/bin/pip install --no-cache-dir .
+# The project itself, built with the locked setuptools; pip check fails the build if the
+# lock ever misses a dependency.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && /opt/venv/bin/pip check
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 vault \

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import clean_env, free_port
 from vault.crypto import generate_key
+from vault.hypercorn_fixes import HYPERCORN_VERSION
 
 pytestmark = pytest.mark.slow
 
@@ -237,6 +238,20 @@ def test_refuses_a_port_in_use(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert str(port) in lines[0]
+
+
+def test_refuses_a_hypercorn_other_than_the_one_its_fixes_are_written_for(tmp_path: Path) -> None:
+    """Another release's metadata ahead of the installed one on the path, as an upgrade
+    would leave it: serve stops before it binds, in one line naming both releases."""
+    metadata = tmp_path / "site" / "hypercorn-0.17.3.dist-info"
+    metadata.mkdir(parents=True)
+    (metadata / "METADATA").write_text("Metadata-Version: 2.1\nName: hypercorn\nVersion: 0.17.3\n")
+    line = _refusal(tmp_path, MASTER_KEY=generate_key(), PYTHONPATH=str(tmp_path / "site"))
+    assert line == (
+        f"secret-manager: Hypercorn 0.17.3 is installed, but vault/hypercorn_fixes.py is "
+        f"written for Hypercorn {HYPERCORN_VERSION} exactly: install "
+        f"hypercorn=={HYPERCORN_VERSION}"
+    )
 
 
 # --- accepted key spellings ---------------------------------------------------------------

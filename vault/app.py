@@ -251,7 +251,8 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
 
 def app_from_environment() -> Starlette:
     """What each Hypercorn worker loads: logging and settings from the environment, and the
-    server's shutdown race fix (in every worker process, where its TCP server runs)."""
+    server's fixes (in every worker process, where its TCP server runs), which refuse with a
+    ConfigError a Hypercorn release they were not written for."""
     settings = Settings.from_env()
     configure_logging(settings.log_level)
     hypercorn_fixes.apply()

@@ -1,7 +1,8 @@
 """The ``secret-manager`` command: serve, genkey, rewrap, and the create/fetch client.
 
-Start-up problems a user can fix (a missing key, a malformed variable, a busy port) end
-with one line naming the cause and a non-zero exit, never a traceback.
+Start-up problems a user can fix (a missing key, a malformed variable, a busy port, a
+Hypercorn release other than the one vault/hypercorn_fixes.py is written for) end with one
+line naming the cause and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -128,13 +129,12 @@ def _check_mongo_uri(uri: str) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Validate everything, then hand over to Hypercorn (which handles SIGTERM/SIGINT)."""
-    from hypercorn.config import Config
-    from hypercorn.run import run
-
     from observability.logging import configure_logging
-    from vault.workers import serve_workers
+    from vault import hypercorn_fixes
 
     try:
+        # First: the fixes every worker applies are written for one Hypercorn release.
+        hypercorn_fixes.check()
         settings = Settings.from_env()
         configure_logging(settings.log_level)
         if settings.master_key is None and args.dev:
@@ -151,6 +151,11 @@ def serve(args: argparse.Namespace) -> int:
             _check_tls(settings.tls_certfile, settings.tls_keyfile)
     except ConfigError as exc:
         return _fail(str(exc))
+
+    from hypercorn.config import Config
+    from hypercorn.run import run
+
+    from vault.workers import serve_workers
 
     created_metrics_dir = _prepare_metrics_dir(settings, args.workers)
     config = Config()

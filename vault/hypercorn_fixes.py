@@ -29,45 +29,123 @@ only cancelled, with an error logged, at shutdown. A stream refused with 408 (it
 came) met exactly this, as the body deadline and the read timeout are the same setting. The
 fix releases those buffers when the connection closes.
 
-Applied only to the Hypercorn versions they were written against; anything else is left
-alone with a warning, so an upgrade cannot be silently patched with code written for other
-internals.
+Written for one Hypercorn release, ``HYPERCORN_VERSION`` (pinned exactly in pyproject.toml).
+``check()`` refuses any other release, or one that lacks an attribute in ``REQUIRED``, with a
+``ConfigError`` of one line naming it: ``serve`` runs it before it binds, and ``apply()`` runs
+it again in every worker, so code written for other internals is never patched in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import importlib.metadata
-import logging
 import ssl
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
-log = logging.getLogger("secret_manager.serve")
+from vault.settings import ConfigError
 
-PATCHED_VERSIONS = ("0.18.",)
+HYPERCORN_VERSION = "0.18.0"
 
 
-def apply() -> bool:
-    """Patch Hypercorn's TCP server once; True if the fix is (now) in place."""
-    from h2.errors import ErrorCodes
-    from hypercorn.asyncio import tcp_server
-    from hypercorn.events import Closed, RawData, Updated
-    from hypercorn.protocol.h2 import H2Protocol
+class Target(NamedTuple):
+    """One attribute the fixes replace or call: a module and a dotted path inside it."""
 
-    server = tcp_server.TCPServer
-    if getattr(server, "_secret_manager_fixed", False):
-        return True
-    version = importlib.metadata.version("hypercorn")
-    if not version.startswith(PATCHED_VERSIONS):
-        log.warning(
-            "hypercorn %s: the shutdown race fix (written for %s) is not applied",
-            version,
-            ", ".join(v + "x" for v in PATCHED_VERSIONS),
+    module: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.module}.{self.path}"
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition(".")[2]
+
+    def resolve(self) -> Any:
+        """The attribute itself; ImportError or AttributeError when it is not there."""
+        value: Any = importlib.import_module(self.module)
+        for part in self.path.split("."):
+            value = getattr(value, part)
+        return value
+
+    def owner(self) -> Any:
+        """The class (or module) that holds the attribute, where a replacement is set."""
+        parent = self.path.rpartition(".")[0]
+        return (
+            Target(self.module, parent).resolve()
+            if parent
+            else importlib.import_module(self.module)
         )
-        return False
 
-    original_protocol_send = server.protocol_send
+
+_TCP_SERVER = "hypercorn.asyncio.tcp_server"
+_H2 = "hypercorn.protocol.h2"
+
+# The attributes apply() replaces, then those its replacements call besides the originals
+# they wrap (private too): check() and the tests read these, apply() patches PATCHED.
+PROTOCOL_SEND = Target(_TCP_SERVER, "TCPServer.protocol_send")
+IDLE_TIMEOUT = Target(_TCP_SERVER, "TCPServer._idle_timeout")
+READ_DATA = Target(_TCP_SERVER, "TCPServer._read_data")
+CLOSE_STREAM = Target(_H2, "H2Protocol._close_stream")
+H2_HANDLE = Target(_H2, "H2Protocol.handle")
+PATCHED = (PROTOCOL_SEND, IDLE_TIMEOUT, READ_DATA, CLOSE_STREAM, H2_HANDLE)
+MAX_RECV = Target(_TCP_SERVER, "MAX_RECV")
+CALLED = (
+    MAX_RECV,
+    Target(_TCP_SERVER, "TCPServer._initiate_server_close"),
+    Target(_H2, "H2Protocol._flush"),
+)
+REQUIRED = PATCHED + CALLED
+
+
+def check(version: str | None = None, required: Iterable[Target] = REQUIRED) -> None:
+    """Refuse, with a ConfigError of one line, a Hypercorn the fixes were not written for.
+
+    ``version`` is the installed release (looked up when None); ``required`` the attributes
+    that must exist in it.
+    """
+    if version is None:
+        try:
+            version = importlib.metadata.version("hypercorn")
+        except importlib.metadata.PackageNotFoundError:
+            raise ConfigError(
+                f"Hypercorn is not installed: install hypercorn=={HYPERCORN_VERSION}"
+            ) from None
+    if version != HYPERCORN_VERSION:
+        raise ConfigError(
+            f"Hypercorn {version} is installed, but vault/hypercorn_fixes.py is written for "
+            f"Hypercorn {HYPERCORN_VERSION} exactly: install hypercorn=={HYPERCORN_VERSION}"
+        )
+    for target in required:
+        try:
+            target.resolve()
+        except (ImportError, AttributeError):
+            raise ConfigError(
+                f"{target} is missing from the installed Hypercorn {version}, and "
+                f"vault/hypercorn_fixes.py relies on it: reinstall hypercorn=={HYPERCORN_VERSION}"
+            ) from None
+
+
+def apply() -> None:
+    """Check the installed Hypercorn (ConfigError if it is not the one), then patch it once."""
+    check()
+    from h2.errors import ErrorCodes
+    from hypercorn.events import Closed, RawData, Updated
+
+    server = PROTOCOL_SEND.owner()
+    if getattr(server, "_secret_manager_fixed", False):
+        return
+    max_recv = MAX_RECV.resolve()
+
+    # Fix 1: the shutdown race on idle keep-alive connections. Upstream: no Hypercorn issue
+    # or pull request reports this race (tracker searched 2026-12). These three replace
+    # TCPServer.protocol_send, _read_data and _idle_timeout as of 0.18.0:
+    # https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/asyncio/tcp_server.py#L79-L141
+    # (the idle close at shutdown came with
+    # https://github.com/pgjones/hypercorn/commit/df569bd992b1b41ecf44b6fc96679be2f0f17a64).
+    original_protocol_send = PROTOCOL_SEND.resolve()
 
     async def protocol_send(self: Any, event: Any) -> None:
         if isinstance(event, Updated):
@@ -85,9 +163,7 @@ def apply() -> bool:
     async def _read_data(self: Any) -> None:
         while not self.reader.at_eof():
             try:
-                data = await asyncio.wait_for(
-                    self.reader.read(tcp_server.MAX_RECV), self.config.read_timeout
-                )
+                data = await asyncio.wait_for(self.reader.read(max_recv), self.config.read_timeout)
             except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
                 break
             if getattr(self, "_secret_manager_closing", False):
@@ -95,7 +171,13 @@ def apply() -> bool:
             await self.protocol.handle(RawData(data))
         await self.protocol.handle(Closed())
 
-    original_close_stream = H2Protocol._close_stream
+    # Fix 2: DATA for a stream already answered raises KeyError and drops the connection.
+    # Upstream: https://github.com/pgjones/hypercorn/issues/329. The pull requests for it,
+    # https://github.com/pgjones/hypercorn/pull/334 and
+    # https://github.com/pgjones/hypercorn/pull/312 (open as of 2026-12), skip such DATA in
+    # H2Protocol._handle_events; this wraps _close_stream instead and resets the stream, so
+    # the client stops sending and h2 discards what is already in flight.
+    original_close_stream = CLOSE_STREAM.resolve()
 
     async def _close_stream(self: Any, stream_id: int) -> None:
         await original_close_stream(self, stream_id)
@@ -105,7 +187,11 @@ def apply() -> bool:
             self.connection.reset_stream(stream_id, error_code=ErrorCodes.NO_ERROR)
             await self._flush()
 
-    original_h2_handle = H2Protocol.handle
+    # Fix 3: stream buffers left waiting when an HTTP/2 connection closes. Upstream: no
+    # Hypercorn issue or pull request reports it (tracker searched 2026-12). This wraps
+    # H2Protocol.handle as of 0.18.0, whose Closed branch stops the sending task only:
+    # https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h2.py#L182-L196
+    original_h2_handle = H2_HANDLE.resolve()
 
     async def handle(self: Any, event: Any) -> None:
         await original_h2_handle(self, event)
@@ -115,10 +201,13 @@ def apply() -> bool:
             for buffer in list(self.stream_buffers.values()):
                 await buffer.close()
 
-    H2Protocol._close_stream = _close_stream  # type: ignore[method-assign]
-    H2Protocol.handle = handle  # type: ignore[method-assign]
-    server.protocol_send = protocol_send  # type: ignore[method-assign]
-    server._idle_timeout = _idle_timeout  # type: ignore[method-assign]
-    server._read_data = _read_data  # type: ignore[method-assign]
-    server._secret_manager_fixed = True  # type: ignore[attr-defined]
-    return True
+    replacements: dict[Target, Callable[..., Any]] = {
+        PROTOCOL_SEND: protocol_send,
+        IDLE_TIMEOUT: _idle_timeout,
+        READ_DATA: _read_data,
+        CLOSE_STREAM: _close_stream,
+        H2_HANDLE: handle,
+    }
+    for target, replacement in replacements.items():
+        setattr(target.owner(), target.name, replacement)
+    server._secret_manager_fixed = True

@@ -201,11 +201,31 @@ def test_image_is_multi_stage_pinned_and_runs_as_non_root() -> None:
     assert ignored.index("*") < min(i for i, line in enumerate(ignored) if line.startswith("!"))
     assert {line for line in ignored if line.startswith("!")} == {
         "!pyproject.toml",
+        "!requirements.lock",
         "!README.md",
         "!vault/",
         "!middleware/",
         "!observability/",
     }
+
+
+def test_image_installs_the_hash_locked_requirements_and_resolves_nothing() -> None:
+    """Every pip install in the image takes no dependencies of its own accord: the lock,
+    checked against its hashes, brings them all (tests/test_dependencies.py keeps the lock
+    in step with pyproject.toml)."""
+    installs = [
+        shlex.split(command)
+        for op, arg in dockerfile_instructions()
+        if op == "RUN"
+        for command in arg.split("&&")
+        if "pip install" in command
+    ]
+    locked = [words for words in installs if "requirements.lock" in words]
+    assert len(locked) == 1
+    assert {"--require-hashes", "--no-deps", "-r"} <= set(locked[0])
+    assert all("--no-deps" in words for words in installs)
+    copied = [arg.split()[0] for op, arg in dockerfile_instructions() if op == "COPY"]
+    assert "requirements.lock" in copied
 
 
 def test_the_healthcheck_command_follows_readiness(
