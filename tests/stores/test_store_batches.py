@@ -11,8 +11,9 @@ from prometheus_client import REGISTRY
 
 from tests.conftest import RawRecords
 from vault.app import build_store
+from vault.records import SealedSecret
 from vault.settings import Settings
-from vault.stores.base import CorruptRecord, SealedSecret, SecretStore
+from vault.stores.base import CorruptRecord, SecretStore
 
 
 def record(secret_id: str | None = None) -> SealedSecret:

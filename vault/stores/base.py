@@ -1,6 +1,7 @@
-"""The small storage interface the routes depend on, and the record it stores.
+"""The small storage interface the routes depend on, and the errors a store raises.
 
-A store only ever sees sealed records: nonce, ciphertext and key id, never plaintext.
+A store only ever sees sealed records (vault/records.py): nonce, ciphertext and key id,
+never plaintext.
 """
 
 from __future__ import annotations
@@ -11,24 +12,14 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from observability.audit import AuditRecord
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
+from vault.records import SealedSecret
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class SealedSecret:
-    """One encrypted secret as it is stored."""
-
-    secret_id: str
-    key_id: str
-    nonce: bytes
-    ciphertext: bytes
 
 
 class CorruptRecord(Exception):

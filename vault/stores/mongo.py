@@ -30,13 +30,8 @@ from pymongo.errors import (
 from pymongo.write_concern import WriteConcern
 
 from observability.audit import AuditRecord
-from vault.stores.base import (
-    CorruptRecord,
-    SealedSecret,
-    StoreUnavailable,
-    run_off_loop,
-    store_executor,
-)
+from vault.records import SealedSecret
+from vault.stores.base import CorruptRecord, StoreUnavailable, run_off_loop, store_executor
 from vault.stores.batching import Batcher
 
 _FORMAT_VERSION = 1

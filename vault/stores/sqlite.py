@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from observability.audit import AuditRecord
-from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop, store_executor
+from vault.records import SealedSecret
+from vault.stores.base import StoreUnavailable, run_off_loop, store_executor
 from vault.stores.batching import Batcher
 
 T = TypeVar("T")
