@@ -25,7 +25,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from loadtests.cluster import ClusterError, free_port, mongo_answers, wait_for
-from observability.audit import AuditRecord
+from middleware.audit.record import AuditRecord
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.settings import Settings

@@ -1,4 +1,4 @@
-"""middleware/audit.py on a tiny app: every request recorded, nothing answered before it."""
+"""AuditMiddleware on a tiny app: every request recorded, nothing answered before it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from middleware.audit import AuditMiddleware
+from middleware.audit import AuditMiddleware, AuditRecord, AuditUnavailable
 from middleware.outcomes import OP_KEY, SECRET_ID_KEY
 from middleware.requestid import RequestIdMiddleware
-from observability.audit import AuditRecord, AuditUnavailable
 
 
 class ListSink:
