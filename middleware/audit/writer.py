@@ -190,12 +190,10 @@ class AuditWriter:
         for record, result in zip(records, results, strict=True):
             if result is None:
                 stored.append(record)
-            elif isinstance(result, AuditUnavailable):
-                unsent.append((record, result))
-            elif isinstance(result, Exception):
+            elif isinstance(result, AuditUnavailable) or not isinstance(result, Exception):
+                unsent.append((record, result))  # the call failed, or was cancelled: retry
+            else:
                 refused.append((record, result))
-            else:  # cancelled: the writer itself is being torn down
-                raise result
         if stored:
             self._stored(stored)
         if refused:
