@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vault.crypto import Keyring, parse_key
-from vault.stores.base import SealedSecret
+from vault.records import SealedSecret
 
 
 async def _echo(request: Request) -> Response:

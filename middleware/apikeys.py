@@ -1,18 +1,18 @@
 """Optional API keys: ``/vault`` calls need ``Authorization: Bearer <token>`` of a known key.
 
-Keys come from ``API_KEYS_FILE`` or ``API_KEYS`` as ``name:token`` entries. Only the SHA-256
-digest of each token is kept; a request's token is hashed and compared in constant time with
-every stored digest. A caller that is let through has the key's name (never its token) in
-the request context (``api_key_name``) for the audit log; any other caller gets ``401`` with
-``WWW-Authenticate`` and the app is not called. The health probes are always open;
-``/metrics`` needs its own token when one is configured (paths in middleware/paths.py).
+The keys come already parsed (vault/apikeys.py, from ``API_KEYS_FILE`` or ``API_KEYS``): a
+name and the SHA-256 digest of each token, never the token. A request's token is hashed and
+compared in constant time with every stored digest. A caller that is let through has the
+key's name (never its token) in the request context (``api_key_name``) for the audit log;
+any other caller gets ``401`` with ``WWW-Authenticate`` and the app is not called. The
+health probes are always open; ``/metrics`` needs its own token when one is configured
+(paths in middleware/paths.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from collections.abc import Collection, Mapping
 
 from starlette.responses import JSONResponse
@@ -20,103 +20,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from middleware.context import request_context
 from middleware.paths import KEYLESS_PATHS, METRICS_PATH, route_path
-
-MIN_TOKEN_LENGTH = 32
-
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# RFC 6750's b64token: exactly what a client may put after "Bearer ". It excludes commas,
-# colons and whitespace, so entries split unambiguously, and non-ASCII, so the bytes a
-# client sends are the bytes hashed here.
-_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
-_TOKEN_ADVICE = (
-    f"a token is at least {MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / "
-    "(then optionally =), for example from "
-    "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-)
+from vault.apikeys import KEY_NAME, token_digest
 
 _MISSING = "missing"
 _MALFORMED = "malformed"
 _INVALID = "invalid"
-
-
-class InvalidAPIKeys(ValueError):
-    """API keys or the metrics token are malformed. The message names the variable and the
-    line, and never quotes the text, which may hold a token."""
-
-
-def token_digest(token: str | bytes) -> bytes:
-    """SHA-256 of a token: what is kept in memory and compared, never the token itself."""
-    # Tokens are long and random (at least 32 characters), so a fast unsalted hash cannot be
-    # brute-forced; a slow password hash would only add latency to every request.
-    data = token.encode("ascii") if isinstance(token, str) else token
-    return hashlib.sha256(data).digest()
-
-
-def _check_token(token: str, where: str) -> None:
-    if not token:
-        raise InvalidAPIKeys(f"{where}: the token is empty; {_TOKEN_ADVICE}")
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise InvalidAPIKeys(
-            f"{where}: the token is shorter than {MIN_TOKEN_LENGTH} characters; {_TOKEN_ADVICE}"
-        )
-    if not _TOKEN.fullmatch(token):
-        raise InvalidAPIKeys(
-            f"{where}: the token has characters a Bearer header cannot carry; {_TOKEN_ADVICE}"
-        )
-
-
-def parse_api_keys(text: str, *, source: str) -> dict[str, bytes]:
-    """``name:token`` entries → {name: SHA-256 of token}; raise InvalidAPIKeys naming ``source``.
-
-    Entries are separated by newlines or commas (the file and the variable read alike);
-    blank lines and lines starting with ``#`` are skipped. Names are 1-64 characters of
-    ``A-Z a-z 0-9 . _ -`` and unique; tokens are unique and at least 32 characters.
-    """
-    keys: dict[str, bytes] = {}
-    name_lines: dict[str, str] = {}
-    token_lines: dict[bytes, str] = {}
-    for line_number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
-        if line.strip().startswith("#"):
-            continue
-        entries = [entry.strip() for entry in line.split(",")]
-        for entry_number, entry in enumerate(entries, start=1):
-            if not entry:
-                continue
-            where = f"{source} line {line_number}"
-            if len(entries) > 1:
-                where += f", entry {entry_number}"
-            name, colon, token = (part.strip() for part in entry.partition(":"))
-            if not colon:
-                raise InvalidAPIKeys(f"{where}: expected name:token (no ':' found)")
-            if not _NAME.fullmatch(name):
-                raise InvalidAPIKeys(
-                    f"{where}: a key name is 1-64 characters of A-Z a-z 0-9 . _ - before the ':'"
-                )
-            _check_token(token, where)
-            if name in name_lines:
-                raise InvalidAPIKeys(
-                    f"{where}: the key name is already used at {name_lines[name]}; "
-                    "give every key its own name"
-                )
-            digest = token_digest(token)
-            if digest in token_lines:
-                raise InvalidAPIKeys(
-                    f"{where}: the token is already used at {token_lines[digest]}; "
-                    "give every key its own token"
-                )
-            keys[name] = digest
-            name_lines[name] = token_lines[digest] = where.removeprefix(f"{source} ")
-    if not keys:
-        raise InvalidAPIKeys(
-            f"{source} holds no keys: add lines name:token, or unset {source} to turn API keys off"
-        )
-    return keys
-
-
-def parse_token(text: str, *, source: str) -> bytes:
-    """One bearer token (``METRICS_TOKEN``) → its SHA-256; InvalidAPIKeys naming ``source``."""
-    _check_token(text.strip(), source)
-    return token_digest(text.strip())
 
 
 def _bearer_token(scope: Scope) -> bytes | str:
@@ -182,7 +90,7 @@ class APIKeyMiddleware:
         if not protected_prefixes and metrics_token_digest is None:
             raise ValueError("nothing to guard: no protected prefixes and no metrics token")
         for name, digest in keys.items():
-            if not _NAME.fullmatch(name):
+            if not KEY_NAME.fullmatch(name):
                 raise ValueError(f"key name {name!r} is not 1-64 characters of A-Z a-z 0-9 . _ -")
             if not isinstance(digest, bytes) or len(digest) != hashlib.sha256().digest_size:
                 raise ValueError(

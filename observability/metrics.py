@@ -65,11 +65,6 @@ AUDIT_RECORDS = Counter(
     "Audit records, by result: written to the audit sink, or failed to be written.",
     ["result"],
 )
-AUDIT_BATCH_SIZE = Histogram(
-    "vault_audit_batch_size",
-    "Audit records written per batch.",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-)
 STORE_OPERATION_SECONDS = Histogram(
     "vault_store_operation_seconds",
     "Time the store took per call (insert, get, ping, ...; a batch once), failures included.",
@@ -78,7 +73,7 @@ STORE_OPERATION_SECONDS = Histogram(
 )
 STORE_BATCH_SIZE = Histogram(
     "vault_store_batch_size",
-    "Requests carried by one store call (group commit), by operation (insert, get).",
+    "Records carried by one store call (group commit), by operation (insert, get, insert_audit).",
     ["operation"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )

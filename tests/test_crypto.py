@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import subprocess
+import sys
 import uuid
 
 import pytest
 
+from tests.conftest import ROOT, clean_env
 from vault.crypto import (
     NONCE_BYTES,
     DecryptionFailed,
@@ -118,3 +121,23 @@ def test_generated_keys_are_random_32_bytes() -> None:
     keys = {generate_key() for _ in range(5)}
     assert len(keys) == 5
     assert all(len(base64.b64decode(k, validate=True)) == 32 for k in keys)
+
+
+def test_importing_crypto_loads_no_driver_metrics_or_tracing() -> None:
+    # The keyring is what the rewrap and genkey paths load: it must stay light, so the
+    # stored shape it produces lives in vault/records.py, apart from the stores.
+    heavy = ("prometheus_client", "opentelemetry", "bson", "pymongo")
+    probe = (
+        "import sys, vault.crypto; "
+        f"print(','.join(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.strip() == ""

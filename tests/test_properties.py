@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from vault.crypto import DecryptionFailed, Keyring, UnknownKey
-from vault.stores.base import SealedSecret
+from vault.records import SealedSecret
 from vault.validation import InvalidValue, decode_secret, normalize_secret_id
 
 # A small limit keeps every example fast; the boundary behaves the same at any size.

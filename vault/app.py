@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from middleware.apikeys import APIKeyMiddleware
-from middleware.audit import AuditMiddleware
+from middleware.audit import AuditMiddleware, AuditWriter, stdout_stream
 from middleware.bodylimit import BodyLimitMiddleware
 from middleware.clientip import ClientIPMiddleware
 from middleware.context import request_context
@@ -25,9 +25,8 @@ from middleware.ratelimit import Counter, MemoryCounter, RateLimitMiddleware
 from middleware.requestid import RequestIdMiddleware
 from middleware.securityheaders import SecurityHeadersMiddleware
 from middleware.tracing import TracingMiddleware
-from observability.audit import GroupCommitWriter, stdout_stream
 from observability.logging import configure_logging
-from observability.metrics import AUDIT_BATCH_SIZE, AUDIT_RECORDS, RATE_LIMITED, metrics_app
+from observability.metrics import AUDIT_RECORDS, RATE_LIMITED, metrics_app
 from observability.tracing import configure_tracing, shutdown_tracing
 from vault import hypercorn_fixes
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
@@ -88,18 +87,14 @@ def audit_hmac_keys(settings: Settings) -> tuple[bytes, ...]:
     return (active, *(derive_audit_key(key) for key in settings.previous_keys))
 
 
-def build_audit_writer(settings: Settings, store: SecretStore) -> GroupCommitWriter:
-    """Group commit into the service's own store; its outcomes counted in the metrics."""
-
-    def written(count: int) -> None:
-        AUDIT_RECORDS.labels("written").inc(count)
-        AUDIT_BATCH_SIZE.observe(count)
-
-    return GroupCommitWriter(
+def build_audit_writer(settings: Settings, store: SecretStore) -> AuditWriter:
+    """Records go to the service's own store, whose batched insert groups concurrent ones
+    into one write; their outcomes are counted in the metrics."""
+    return AuditWriter(
         store.insert_audit,
         wait=settings.audit_mode == "sync",
         stdout=stdout_stream() if settings.audit_stdout else None,
-        on_written=written,
+        on_written=AUDIT_RECORDS.labels("written").inc,
         on_failed=AUDIT_RECORDS.labels("failed").inc,
     )
 

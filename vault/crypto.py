@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from vault.stores.base import SealedSecret
+from vault.records import SealedSecret
 
 KEY_BYTES = 32
 NONCE_BYTES = 12  # 96 bits, the size GCM is specified for

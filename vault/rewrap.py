@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vault.crypto import DecryptionFailed, Keyring, UnknownKey
-from vault.stores.base import SealedSecret, SecretStore, StoreUnavailable
+from vault.records import SealedSecret
+from vault.stores.base import SecretStore, StoreUnavailable
 
 DEFAULT_BATCH_SIZE = 500
 # Swaps in flight at once: each one waits for a durable write, so they overlap well.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
-from middleware.apikeys import InvalidAPIKeys, parse_api_keys, parse_token
+from vault.apikeys import InvalidAPIKeys, parse_api_keys, parse_token
 from vault.crypto import MalformedKey, parse_key
 
 DEFAULT_MAX_SECRET_BYTES = 65536

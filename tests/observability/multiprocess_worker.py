@@ -1,6 +1,6 @@
 """A stand-in for one Hypercorn worker, run as a subprocess by test_metrics.py.
 
-``record N``: add N created secrets and one audit batch of N records, then exit.
+``record N``: add N created secrets and one store call carrying N audit records, then exit.
 ``keep-own-files N DIR``: record N, then run prepare_multiprocess_dir(DIR) and record 1 more.
 ``scrape DIR``: print what GET /metrics answers when it aggregates the files in DIR.
 PROMETHEUS_MULTIPROC_DIR is set by the caller before this process imports prometheus_client.
@@ -16,8 +16,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from observability.metrics import (
-    AUDIT_BATCH_SIZE,
     SECRETS_CREATED,
+    STORE_BATCH_SIZE,
     metrics_app,
     prepare_multiprocess_dir,
 )
@@ -26,7 +26,7 @@ from observability.metrics import (
 def record(count: int) -> None:
     for _ in range(count):
         SECRETS_CREATED.inc()
-    AUDIT_BATCH_SIZE.observe(count)
+    STORE_BATCH_SIZE.labels("insert_audit").observe(count)
 
 
 def main(argv: list[str]) -> None:

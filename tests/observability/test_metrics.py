@@ -24,10 +24,10 @@ from starlette.types import ASGIApp
 from middleware.context import request_context
 from middleware.metrics import PrometheusMiddleware
 from observability.metrics import (
-    AUDIT_BATCH_SIZE,
     AUDIT_RECORDS,
     RATE_LIMITED,
     SECRETS_CREATED,
+    STORE_BATCH_SIZE,
     metrics_app,
     observe_store_operation,
     prepare_multiprocess_dir,
@@ -43,7 +43,7 @@ FAMILIES = (
     "vault_secrets_fetched",
     "vault_rate_limited",
     "vault_audit_records",
-    "vault_audit_batch_size",
+    "vault_store_batch_size",
     "vault_store_operation_seconds",
 )
 
@@ -100,7 +100,7 @@ def test_exposition_after_traffic_passes_promtool() -> None:
         RATE_LIMITED.inc()
         AUDIT_RECORDS.labels("written").inc(3)
         AUDIT_RECORDS.labels("failed").inc()
-        AUDIT_BATCH_SIZE.observe(3)
+        STORE_BATCH_SIZE.labels("insert_audit").observe(3)
         observe_store_operation("insert", 0.004)
         exposition = client.get("/metrics").text
 
@@ -159,10 +159,11 @@ def test_values_of_every_worker_process_are_summed(tmp_path: Path) -> None:
     exposition = scrape(directory)
 
     assert sample(exposition, "vault_secrets_created_total") == 7
-    assert sample(exposition, "vault_audit_batch_size_count") == 2
-    assert sample(exposition, "vault_audit_batch_size_sum") == 7
-    assert sample(exposition, "vault_audit_batch_size_bucket", le="2.0") == 0
-    assert sample(exposition, "vault_audit_batch_size_bucket", le="4.0") == 2
+    batches = {"operation": "insert_audit"}
+    assert sample(exposition, "vault_store_batch_size_count", **batches) == 2
+    assert sample(exposition, "vault_store_batch_size_sum", **batches) == 7
+    assert sample(exposition, "vault_store_batch_size_bucket", le="2.0", **batches) == 0
+    assert sample(exposition, "vault_store_batch_size_bucket", le="4.0", **batches) == 2
     checked = promtool_check(exposition)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 

@@ -8,10 +8,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import MongoWireServer, b64, wait_until
+from middleware.audit import AuditWriter
+from tests.conftest import MongoWireServer, audit_record, b64, wait_until
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.settings import Settings
@@ -49,6 +51,35 @@ def test_a_store_whose_database_is_down_closes_in_seconds(own_mongo: MongoWireSe
         return time.monotonic() - started
 
     assert asyncio.run(main()) < 5
+
+
+def test_async_audit_records_wait_out_an_outage_and_land_once(own_mongo: MongoWireServer) -> None:
+    """A write the database failed as a whole is StoreUnavailable, which the async writer
+    retries: records made during an outage are stored once it is over, none twice."""
+    store = MongoStore(own_mongo.uri, "audit_outage", timeout=1.0)
+
+    async def main() -> None:
+        await store.open()
+        writer = AuditWriter(store.insert_audit, wait=False, retry_delay=0.2)
+        await writer.start()
+        try:
+            await writer.write(audit_record("before"))
+            own_mongo.stop()
+            with pytest.raises(StoreUnavailable):
+                await store.insert_audit(audit_record("direct").as_document())
+            for i in range(5):
+                await writer.write(audit_record(f"during-{i}"))
+            await asyncio.sleep(1.5)  # several attempts fail meanwhile
+            own_mongo.start()
+            await asyncio.sleep(3)  # the next attempts find the database back
+        finally:
+            await writer.close()
+            await store.close()
+
+    asyncio.run(main())
+    with pymongo.MongoClient(own_mongo.uri) as client:
+        stored = [doc["request_id"] for doc in client["audit_outage"]["audit"].find()]
+    assert sorted(stored) == ["before", *(f"during-{i}" for i in range(5))]
 
 
 def timed_post(client: TestClient, path: str, payload: dict[str, str]) -> tuple[int, float, dict]:  # type: ignore[type-arg]

@@ -1,18 +1,23 @@
-"""Both stores group concurrent creates and fetches, and still answer each request alone."""
+"""Both stores group concurrent creates, fetches and audit inserts, and still answer each
+request alone."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 import uuid
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.conftest import RawRecords
+from tests.conftest import RawRecords, audit_record
 from vault.app import build_store
+from vault.records import SealedSecret
 from vault.settings import Settings
-from vault.stores.base import CorruptRecord, SealedSecret, SecretStore
+from vault.stores.base import CorruptRecord, SecretStore, StoreUnavailable
 
 
 def record(secret_id: str | None = None) -> SealedSecret:
@@ -118,5 +123,40 @@ def test_a_malformed_record_fails_only_its_own_fetch(
                 assert wanted.secret_id not in str(got)
             else:
                 assert got == wanted, index
+
+    run_on_store(store_env, work)
+
+
+def test_concurrent_audit_inserts_share_calls_and_a_malformed_one_is_refused_alone(
+    store_env: dict[str, str],
+) -> None:
+    # The store takes plain documents (AUDIT_FIELDS); one without its op is refused by
+    # itself, as a value (not worth retrying), and the others are stored.
+    documents = [audit_record(f"r{i}").as_document() for i in range(32)]
+    malformed = {k: v for k, v in audit_record("bad").as_document().items() if k != "op"}
+
+    async def work(store: SecretStore) -> None:
+        calls_before = store_calls("insert_audit")
+        results = await asyncio.gather(
+            *(store.insert_audit(d) for d in [*documents[:16], malformed, *documents[16:]])
+        )
+        assert store_calls("insert_audit") - calls_before < len(documents)
+        assert [result is None for result in results] == [True] * 16 + [False] + [True] * 16
+        assert isinstance(results[16], KeyError)
+
+    run_on_store(store_env, work)
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite"], indirect=True)
+def test_an_audit_write_that_fails_as_a_whole_raises_store_unavailable(
+    store_env: dict[str, str],
+) -> None:
+    # What a writer retries: the store failed the call, not this record.
+    async def work(store: SecretStore) -> None:
+        db = Path(store_env["DATA_DIR"]) / "vault.db"
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute("DROP TABLE audit")
+        with pytest.raises(StoreUnavailable):
+            await store.insert_audit(audit_record("r1").as_document())
 
     run_on_store(store_env, work)

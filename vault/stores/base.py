@@ -1,6 +1,7 @@
-"""The small storage interface the routes depend on, and the record it stores.
+"""The small storage interface the routes depend on, and the errors a store raises.
 
-A store only ever sees sealed records: nonce, ciphertext and key id, never plaintext.
+A store only ever sees sealed records (vault/records.py): nonce, ciphertext and key id,
+never plaintext.
 """
 
 from __future__ import annotations
@@ -9,26 +10,35 @@ import asyncio
 import contextvars
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from observability.audit import AuditRecord
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
+from vault.records import SealedSecret
 
 T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class SealedSecret:
-    """One encrypted secret as it is stored."""
-
-    secret_id: str
-    key_id: str
-    nonce: bytes
-    ciphertext: bytes
+# An audit record as a store takes it: a plain mapping with these keys, so the stores need
+# nothing from the middleware that makes the records. ``ts`` is an aware datetime, ``status``
+# an int, ``latency_ms`` a float, ``secret_id_hmac``/``user_agent``/``api_key_name`` a str or
+# None, the rest str. ``record_id`` (24 hex digits, an ObjectId's) is fixed when the record
+# is made, so a record written twice (a retry whose first attempt landed) is stored once.
+AUDIT_FIELDS = (
+    "ts",
+    "op",
+    "status",
+    "outcome",
+    "client_ip",
+    "request_id",
+    "secret_id_hmac",
+    "latency_ms",
+    "user_agent",
+    "api_key_name",
+    "record_id",
+)
+AuditDocument = Mapping[str, Any]
 
 
 class CorruptRecord(Exception):
@@ -63,9 +73,11 @@ class SecretStore(Protocol):
     async def ping(self) -> None:
         """Return if the store answers, else raise StoreUnavailable."""
 
-    async def insert_audit(self, records: Sequence[AuditRecord]) -> list[Exception | None]:
-        """Durably store a batch of audit records in one write; one entry per record: None
-        when it is stored (a record_id already stored counts), else its own error."""
+    async def insert_audit(self, document: AuditDocument) -> Exception | None:
+        """Durably store one audit record (``AUDIT_FIELDS``); concurrent calls share one
+        write (group commit). None once stored (a record_id already stored counts), else the
+        error this record alone failed with, which a retry would meet again. Raises
+        StoreUnavailable when the write failed as a whole: a retry may succeed."""
 
     async def apply_audit_retention(self, ttl_days: int) -> None:
         """Keep audit records ``ttl_days`` days (0: forever); called at start and hourly."""
@@ -120,3 +132,23 @@ async def run_off_loop(
         raise StoreUnavailable.after(timeout) from None
     finally:
         observe_store_operation(operation, time.perf_counter() - started)
+
+
+async def stored_or_refused(write: Awaitable[object]) -> Exception | None:
+    """Await one record's batched write: None once stored, the record's own error when the
+    store refused it alone; StoreUnavailable (the whole write failed) is raised."""
+    try:
+        await write
+    except StoreUnavailable:
+        raise
+    except Exception as exc:  # set by the batch call for this record alone
+        return exc
+    return None
+
+
+def unavailable(exc: Exception) -> StoreUnavailable:
+    """A whole batch call's failure as StoreUnavailable, so that each waiter can tell it
+    from a refusal of its own record (any other exception)."""
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    return StoreUnavailable(type(exc).__name__)

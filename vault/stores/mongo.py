@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pymongo
 from bson import ObjectId
+from bson.errors import InvalidId
 from pymongo import MongoClient
 from pymongo.collection import Collection
 from pymongo.errors import (
@@ -29,13 +30,16 @@ from pymongo.errors import (
 )
 from pymongo.write_concern import WriteConcern
 
-from observability.audit import AuditRecord
+from vault.records import SealedSecret
 from vault.stores.base import (
+    AUDIT_FIELDS,
+    AuditDocument,
     CorruptRecord,
-    SealedSecret,
     StoreUnavailable,
     run_off_loop,
     store_executor,
+    stored_or_refused,
+    unavailable,
 )
 from vault.stores.batching import Batcher
 
@@ -193,6 +197,7 @@ class MongoStore:
         deadline = timeout + 1.0  # as for each call: the driver's own timeout ends first
         self._inserts = Batcher(self._insert_batch, operation="insert", timeout=deadline)
         self._gets = Batcher(self._get_batch, operation="get", timeout=deadline)
+        self._audits = Batcher(self._insert_audit_batch, operation="insert_audit", timeout=deadline)
 
     async def open(self) -> None:
         await self._mongo.open()
@@ -200,6 +205,7 @@ class MongoStore:
     async def close(self) -> None:
         await self._inserts.close()
         await self._gets.close()
+        await self._audits.close()
         await self._mongo.close()
 
     def _insert_many_sync(self, docs: list[dict[str, Any]]) -> list[Exception | None]:
@@ -319,12 +325,22 @@ class MongoStore:
 
         return _insert_each(self._audit, documents, stored)
 
-    async def insert_audit(self, records: Sequence[AuditRecord]) -> list[Exception | None]:
-        documents = [{"_id": ObjectId(r.record_id), **r.as_document()} for r in records]
-        results: list[Exception | None] = await self._mongo.run(
-            "insert_audit", self._insert_audit_sync, documents
-        )
+    async def _insert_audit_batch(self, documents: list[dict[str, Any]]) -> list[Exception | None]:
+        try:
+            results: list[Exception | None] = await self._mongo.run(
+                "insert_audit", self._insert_audit_sync, documents
+            )
+        except Exception as exc:  # the whole call failed: every record in it may be retried
+            raise unavailable(exc) from exc
         return results
+
+    async def insert_audit(self, document: AuditDocument) -> Exception | None:
+        try:
+            record_id = ObjectId(document["record_id"])  # the _id: a retry finds it stored
+            fields = {name: document[name] for name in AUDIT_FIELDS if name != "record_id"}
+        except (KeyError, TypeError, InvalidId) as exc:  # malformed: refused alone
+            return exc
+        return await stored_or_refused(self._audits.submit({"_id": record_id, **fields}))
 
     def _retention_sync(self, ttl_days: int) -> None:
         self._audit.create_index("secret_id_hmac", name="secret_id_hmac")

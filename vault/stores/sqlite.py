@@ -12,14 +12,22 @@ import datetime as dt
 import os
 import queue
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from observability.audit import AuditRecord
-from vault.stores.base import SealedSecret, StoreUnavailable, run_off_loop, store_executor
+from vault.records import SealedSecret
+from vault.stores.base import (
+    AUDIT_FIELDS,
+    AuditDocument,
+    StoreUnavailable,
+    run_off_loop,
+    store_executor,
+    stored_or_refused,
+    unavailable,
+)
 from vault.stores.batching import Batcher
 
 T = TypeVar("T")
@@ -55,10 +63,20 @@ _INSERT_RECORD = "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext) VAL
 # A record_id already stored is a retry whose first attempt landed: nothing to do. Only
 # that conflict is ignored (not OR IGNORE, which would also drop a row breaking NOT NULL).
 _INSERT_AUDIT = (
-    "INSERT INTO audit (ts, op, status, outcome, client_ip, request_id, secret_id_hmac,"
-    " latency_ms, user_agent, api_key_name, record_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO audit ({', '.join(AUDIT_FIELDS)})"  # noqa: S608 - fixed column names only
+    f" VALUES ({', '.join('?' * len(AUDIT_FIELDS))})"
     " ON CONFLICT (record_id) DO NOTHING"
 )
+AuditRow = tuple[object, ...]
+
+
+def _audit_row(document: AuditDocument) -> AuditRow:
+    """The row for a document, in AUDIT_FIELDS order; KeyError or AttributeError when a
+    field is missing or ``ts`` is no datetime."""
+    return tuple(
+        sqlite_timestamp(document[name]) if name == "ts" else document[name]
+        for name in AUDIT_FIELDS
+    )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -88,6 +106,9 @@ class SQLiteStore:
         # Concurrent creates share one transaction, concurrent fetches one query.
         self._inserts = Batcher(self._insert_batch, operation="insert", timeout=timeout + 1.0)
         self._gets = Batcher(self._get_batch, operation="get", timeout=timeout + 1.0)
+        self._audits = Batcher(
+            self._insert_audit_batch, operation="insert_audit", timeout=timeout + 1.0
+        )
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -115,6 +136,7 @@ class SQLiteStore:
     async def close(self) -> None:
         await self._inserts.close()
         await self._gets.close()
+        await self._audits.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         while not self._pool.empty():
@@ -233,20 +255,31 @@ class SQLiteStore:
 
         return await self._run("rewrap_count", count)
 
-    async def insert_audit(self, records: Sequence[AuditRecord]) -> list[Exception | None]:
-        rows = [
-            (sqlite_timestamp(r.ts), r.op, r.status, r.outcome, r.client_ip, r.request_id,
-             r.secret_id_hmac, r.latency_ms, r.user_agent, r.api_key_name, r.record_id)
-            for r in records
-        ]  # fmt: skip
-
-        def insert(conn: sqlite3.Connection) -> None:
+    async def _insert_audit_batch(self, rows: list[AuditRow]) -> list[Exception | None]:
+        def insert(conn: sqlite3.Connection) -> list[Exception | None]:
+            results: list[Exception | None] = []
             with conn:  # one transaction, one fsync, for the whole batch
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(_INSERT_AUDIT, rows)
+                for row in rows:
+                    try:
+                        conn.execute(_INSERT_AUDIT, row)
+                    except sqlite3.IntegrityError as exc:  # only this row is rolled back
+                        results.append(exc)
+                    else:
+                        results.append(None)
+            return results
 
-        await self._run("insert_audit", insert)
-        return [None] * len(rows)  # one transaction: all stored, or an exception
+        try:
+            return await self._run("insert_audit", insert)
+        except Exception as exc:  # the whole call failed: every record in it may be retried
+            raise unavailable(exc) from exc
+
+    async def insert_audit(self, document: AuditDocument) -> Exception | None:
+        try:
+            row = _audit_row(document)
+        except (KeyError, AttributeError, TypeError) as exc:  # malformed: refused alone
+            return exc
+        return await stored_or_refused(self._audits.submit(row))
 
     async def apply_audit_retention(self, ttl_days: int) -> None:
         """Delete records older than the retention (SQLite has no TTL index)."""

@@ -1,4 +1,4 @@
-"""middleware/audit.py on a tiny app: every request recorded, nothing answered before it."""
+"""AuditMiddleware on a tiny app: every request recorded, nothing answered before it."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from middleware.audit import AuditMiddleware
+from middleware.audit import AuditMiddleware, AuditRecord, AuditUnavailable
 from middleware.context import request_context
 from middleware.requestid import RequestIdMiddleware
-from observability.audit import AuditRecord, AuditUnavailable
 
 
 class ListSink:

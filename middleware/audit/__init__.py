@@ -1,5 +1,8 @@
 """Audit every ``/vault`` request, and send no answer before its record is written.
 
+The package holds the audit log's three parts: this middleware, the record it builds
+(record.py) and the writer that stores it through the store's batched insert (writer.py).
+
 Every path under the prefix is covered: the operations' own, and any other (``op`` is then
 ``other``), so probing unknown ``/vault`` paths leaves records as well.
 
@@ -21,11 +24,21 @@ from typing import Protocol
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from middleware.audit.record import AuditRecord
+from middleware.audit.writer import AuditUnavailable, AuditWriter, stdout_stream
 from middleware.clientip import client_ip
 from middleware.context import request_context
 from middleware.headers import request_header
 from middleware.outcomes import outcome_for_status
-from observability.audit import AuditRecord
+
+__all__ = [
+    "AuditMiddleware",
+    "AuditRecord",
+    "AuditSink",
+    "AuditUnavailable",
+    "AuditWriter",
+    "stdout_stream",
+]
 
 MAX_USER_AGENT = 256
 OTHER_OP = "other"  # the op of a path under the prefix that is no operation (404, 405, ...)

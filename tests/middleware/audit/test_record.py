@@ -1,0 +1,29 @@
+"""middleware/audit/record.py: the record's document is the shape the stores take."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.conftest import audit_record
+from vault.stores.base import AUDIT_FIELDS
+
+
+def test_document_has_exactly_the_fields_the_stores_take() -> None:
+    # The store defines the shape and never imports the record: this is where they meet.
+    assert tuple(audit_record("r1").as_document()) == AUDIT_FIELDS
+
+
+def test_record_id_is_fixed_at_creation_and_unique() -> None:
+    record = audit_record("r1")
+    assert re.fullmatch(r"[0-9a-f]{24}", record.record_id)  # an ObjectId's hex
+    assert record.as_document()["record_id"] == record.as_document()["record_id"]
+    assert len({audit_record("r1").record_id for _ in range(1000)}) == 1000
+
+
+def test_json_line_is_utc_with_a_z_and_carries_the_record_id() -> None:
+    record = audit_record("r1")
+    line = json.loads(record.as_json())
+    assert line["ts"].endswith("Z") and "+00:00" not in line["ts"]
+    assert line["record_id"] == record.record_id
+    assert line["request_id"] == "r1"
