@@ -17,9 +17,7 @@ from vault.settings import Settings
 from vault.stores.base import DeleteResult, SecretStore
 
 
-def record(
-    *, expires_at: dt.datetime | None = None, reads_left: int | None = None
-) -> SealedSecret:
+def record(*, expires_at: dt.datetime | None = None, reads_left: int | None = None) -> SealedSecret:
     return SealedSecret(
         secret_id=str(uuid.uuid4()),
         key_id="0123456789abcdef",
