@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from vault import __version__
+from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
 
 _UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 # Exactly what the server accepts: canonical standard base64 of at least one byte (the bits
@@ -18,9 +19,6 @@ BASE64_PATTERN = (
 )
 # RFC 3339 as the API writes it: UTC ("Z"), whole seconds.
 _UTC_SECONDS_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
-# The defaults of SECRET_MAX_TTL_SECONDS (ten years) and the fixed cap on max_reads.
-DEFAULT_MAX_TTL_SECONDS = 315_360_000
-MAX_READS = 1_000_000
 
 
 def _error(
