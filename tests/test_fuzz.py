@@ -33,6 +33,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from tests.conftest import ServerProcess, b64
 from vault.crypto import generate_key
+from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,7 @@ def assert_hygiene(response: schemathesis.Response, path: str) -> None:
 # What the fuzzer sent and got, per server (url): read back by the test after it, which
 # shows that the run reached the lifecycle and did not only pass by missing it.
 SENT: dict[str, Counter[str]] = {}
-LIFECYCLE_FIELDS = {"ttl_seconds": 315_360_000, "max_reads": 1_000_000}  # the default maxima
+LIFECYCLE_FIELDS = {"ttl_seconds": DEFAULT_MAX_TTL_SECONDS, "max_reads": MAX_READS}
 
 
 def _record(server: ServerProcess, case: schemathesis.Case, status: int) -> None:
@@ -274,7 +275,7 @@ HOSTILE_REQUESTS: dict[str, tuple[str, bytes, dict[str, str], int]] = {
     ),
     "ttl_seconds past the cap": (
         "/vault/secret/create",
-        b'{"secret": "aGk=", "ttl_seconds": 315360001}',
+        b'{"secret": "aGk=", "ttl_seconds": %d}' % (DEFAULT_MAX_TTL_SECONDS + 1),
         {"Content-Type": "application/json"},
         400,
     ),
