@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import clean_env, free_port
+from vault.cli import parse_duration, parse_max_reads
 from vault.crypto import generate_key
 from vault.hypercorn_fixes import HYPERCORN_VERSION
 
@@ -122,7 +124,7 @@ def test_a_token_a_header_cannot_carry_is_refused_without_quoting_it(server: Any
     assert _json_line(created).keys() == {"secret_id"}
 
     broken = clean_env(SECRET_MANAGER_URL=server.url, SECRET_MANAGER_TOKEN=token + "\x7f!")
-    for args in (("create", "aGk="), ("fetch", str(uuid.uuid4()))):
+    for args in (("create", "aGk="), ("fetch", str(uuid.uuid4())), ("delete", str(uuid.uuid4()))):
         result = cli(*args, env=broken)
         assert result.returncode != 0
         assert "SECRET_MANAGER_TOKEN" in result.stderr
@@ -150,13 +152,234 @@ def test_http_errors_exit_nonzero_with_the_servers_detail(server: Any) -> None:
 
 def test_unreachable_server_is_one_clear_message() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    for args in (("fetch", "--url", url, str(uuid.uuid4())), ("create", "--url", url, "aGk=")):
+    for args in (
+        ("fetch", "--url", url, str(uuid.uuid4())),
+        ("create", "--url", url, "aGk="),
+        ("delete", "--url", url, str(uuid.uuid4())),
+    ):
         result = cli(*args)
         assert result.returncode != 0
         assert "cannot reach" in result.stderr
         assert url in result.stderr
         assert "Traceback" not in result.stderr
         assert result.stdout == ""
+
+
+# --- lifecycle: --ttl, --max-reads and delete --------------------------------------------
+
+
+def test_help_names_the_lifecycle_options_and_delete() -> None:
+    top = cli("--help")
+    assert top.returncode == 0 and "delete" in top.stdout
+    create = cli("create", "--help")
+    assert create.returncode == 0
+    assert "--ttl DURATION" in create.stdout and "--max-reads N" in create.stdout
+    assert "90 or 90s, 15m, 2h, 7d" in " ".join(create.stdout.split())  # wrapped to the width
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90),
+        ("90s", 90),
+        ("1", 1),
+        ("1s", 1),
+        ("15m", 900),
+        ("2h", 7200),
+        ("7d", 604800),
+        ("0090", 90),
+        ("3650d", 315360000),
+    ],
+)
+def test_a_duration_is_a_whole_number_of_one_unit(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "s",
+        "m",
+        "1.5h",
+        "1,5h",
+        "1h30m",
+        "2H",
+        "2 h",
+        " 2h",
+        "2h ",
+        "+2h",
+        "2w",
+        "2hours",
+        "1e3",
+        "0x10",
+        "\u0661\u0662h",
+        "٩٠",
+        "inf",
+        "90ss",
+    ],
+)
+def test_anything_but_a_number_and_one_unit_is_not_a_duration(text: str) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"^--ttl must be a whole number of seconds.*like 90, 90s, 15m, 2h or 7d; got ",
+    ):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "00", "0m", "0d", "-1", "-5m", "-2h"])
+def test_a_duration_is_at_least_one_second(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^--ttl must be at least 1 second, got "):
+        parse_duration(text)
+
+
+def test_a_duration_past_what_python_converts_is_refused_not_a_crash() -> None:
+    with pytest.raises(ValueError, match=r"^--ttl is far too long"):
+        parse_duration("9" * 5000 + "d")
+
+
+def test_max_reads_is_a_whole_number_from_one() -> None:
+    assert parse_max_reads("1") == 1
+    assert parse_max_reads("1000000") == 1000000
+    for text in ("0", "00", "-1", "1.0", "1e3", "", "one", " 1", "+1", "٣"):
+        with pytest.raises(ValueError, match=r"^--max-reads must be a whole number of reads"):
+            parse_max_reads(text)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--ttl", "0"), "secret-manager: --ttl must be at least 1 second, got '0'"),
+        (("--ttl=-5m",), "secret-manager: --ttl must be at least 1 second, got '-5m'"),
+        (("--ttl", "-5"), "secret-manager: --ttl must be at least 1 second, got '-5'"),
+        (
+            ("--ttl", "1.5h"),
+            "secret-manager: --ttl must be a whole number of seconds, or of "
+            "minutes, hours or days with their unit, like 90, 90s, 15m, 2h or 7d; got '1.5h'",
+        ),
+        (
+            ("--ttl", "-5m"),
+            "secret-manager create: argument --ttl: expected one argument "
+            "(see secret-manager create --help)",
+        ),
+        (
+            ("--max-reads", "0"),
+            "secret-manager: --max-reads must be a whole number of reads, at least 1; got '0'",
+        ),
+        (
+            ("--ttl", "2h", "--max-reads", "-1"),
+            "secret-manager: --max-reads must be a whole number of reads, at least 1; got '-1'",
+        ),
+    ],
+)
+def test_a_bad_ttl_or_max_reads_is_one_line_and_exit_2_before_any_request(
+    args: tuple[str, ...], expected: str
+) -> None:
+    with socket.socket() as listener:  # a server that would see any connection attempt
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        result = cli("create", "--url", url, *args, "-", stdin="aGk=")
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [expected]
+
+
+def _utc(text: str) -> dt.datetime:
+    """An RFC 3339 UTC time in whole seconds, as the API writes it: 2026-12-01T15:04:05Z."""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", text), text
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+def test_create_with_ttl_and_max_reads_then_one_fetch_then_404(server: Any) -> None:
+    secret = base64.b64encode(b"deploy credential").decode()
+    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    created = _json_line(
+        cli("create", "--url", server.url, "--ttl", "2h", "--max-reads", "1", secret)
+    )
+    after = dt.datetime.now(dt.UTC)
+    assert set(created) == {"secret_id", "expires_at", "reads_left"}
+    assert created["reads_left"] == 1
+    expires_at = _utc(created["expires_at"])
+    # It lives at least the 2 hours asked for, and not much longer.
+    assert before + dt.timedelta(hours=2) <= expires_at <= after + dt.timedelta(hours=2, seconds=1)
+
+    fetched = _json_line(cli("fetch", "--url", server.url, created["secret_id"]))
+    assert fetched == {"secret": secret, "reads_left": 0, "expires_at": created["expires_at"]}
+    gone = cli("fetch", "--url", server.url, created["secret_id"])
+    assert gone.returncode == 1 and gone.stdout == ""
+    assert gone.stderr.splitlines() == [
+        "secret-manager: HTTP 404: no secret has this secret_id; check the id you were given"
+    ]
+
+
+def test_each_duration_unit_reaches_the_server_as_seconds(server: Any) -> None:
+    for ttl, seconds in (("90", 90), ("90s", 90), ("15m", 900), ("7d", 604800)):
+        before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        created = _json_line(cli("create", "--url", server.url, "--ttl", ttl, "aGk="))
+        after = dt.datetime.now(dt.UTC)
+        assert set(created) == {"secret_id", "expires_at"}, ttl
+        expires_at = _utc(created["expires_at"])
+        span = dt.timedelta(seconds=seconds)
+        assert before + span <= expires_at <= after + span + dt.timedelta(seconds=1), ttl
+    limited = _json_line(cli("create", "--url", server.url, "--max-reads", "3", "aGk="))
+    assert set(limited) == {"secret_id", "reads_left"} and limited["reads_left"] == 3
+
+
+def test_the_servers_own_limits_come_back_as_its_detail(server: Any) -> None:
+    too_many = cli("create", "--url", server.url, "--max-reads", "1000001", "aGk=")
+    assert too_many.returncode == 1 and too_many.stdout == ""
+    assert "HTTP 400" in too_many.stderr and "max_reads" in too_many.stderr
+    too_long = cli("create", "--url", server.url, "--ttl", "3651d", "aGk=")
+    assert too_long.returncode == 1 and too_long.stdout == ""
+    assert "HTTP 400" in too_long.stderr and "ttl_seconds" in too_long.stderr
+
+
+def test_delete_answers_deleted_then_404(server: Any) -> None:
+    secret = base64.b64encode(b"leaked").decode()
+    secret_id = _json_line(cli("create", "--url", server.url, secret))["secret_id"]
+    assert _json_line(cli("delete", "--url", server.url, secret_id)) == {
+        "secret_id": secret_id,
+        "deleted": True,
+    }
+    not_found = [
+        "secret-manager: HTTP 404: no secret has this secret_id; check the id you were given"
+    ]
+    for command in ("fetch", "delete"):
+        result = cli(command, "--url", server.url, secret_id)
+        assert result.returncode == 1 and result.stdout == "", command
+        assert result.stderr.splitlines() == not_found, command
+
+    # SECRET_MANAGER_URL instead of --url; a malformed id is the server's 400.
+    env = clean_env(SECRET_MANAGER_URL=server.url)
+    other = _json_line(cli("create", "aGk=", env=env))["secret_id"]
+    assert _json_line(cli("delete", other.upper(), env=env)) == {
+        "secret_id": other,
+        "deleted": True,
+    }
+    malformed = cli("delete", "not-a-uuid", env=env)
+    assert malformed.returncode == 1 and malformed.stdout == ""
+    assert "HTTP 400" in malformed.stderr and "secret_id must be a UUID" in malformed.stderr
+
+
+def test_delete_sends_the_api_key(
+    start_server: Callable[..., Any], tmp_path: Path, master_key: str
+) -> None:
+    token = "d" * 40
+    guarded = start_server(
+        {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data"), "API_KEYS": f"ops:{token}"}
+    )
+    env = clean_env(SECRET_MANAGER_URL=guarded.url, SECRET_MANAGER_TOKEN=token)
+    secret_id = _json_line(cli("create", "aGk=", env=env))["secret_id"]
+    refused = cli("delete", secret_id, env=clean_env(SECRET_MANAGER_URL=guarded.url))
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr
+    assert _json_line(cli("delete", secret_id, env=env)) == {
+        "secret_id": secret_id,
+        "deleted": True,
+    }
 
 
 # --- serve refuses to start on configuration a user can fix -------------------------------

@@ -209,3 +209,29 @@ def test_repeated_headings_are_numbered() -> None:
         "setup-2",
         "setup-1-1",
     }
+
+
+def test_every_setting_is_in_the_settings_table() -> None:
+    """A variable vault/settings.py reads and docs/configuration.md does not name is a
+    setting nobody can find."""
+    source = (ROOT / "vault" / "settings.py").read_text(encoding="utf-8")
+    read = set(re.findall(r'env(?:\.get\(|, )"([A-Z][A-Z0-9_]*)"', source))
+    assert {"MASTER_KEY", "SECRET_MAX_TTL_SECONDS", "SECRET_MANAGER_URL"} <= read  # the walk
+    table = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert {name for name in read if f"`{name}`" not in table} == set()
+
+
+def test_every_metric_is_in_the_metrics_table() -> None:
+    """Each series observability/metrics.py defines has its row in docs/operations.md."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    import observability.metrics as metrics
+
+    names = {
+        metric._name + ("_total" if metric._type == "counter" else "")
+        for metric in vars(metrics).values()
+        if isinstance(metric, MetricWrapperBase)
+    }
+    assert {"vault_secrets_deleted_total", "http_request_duration_seconds"} <= names  # the walk
+    table = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    assert {name for name in names if f"| `{name}` |" not in table} == set()

@@ -1,22 +1,28 @@
 """schemathesis against the service's own /openapi.json, on a real server for each store.
 
 Every operation of the document is exercised with its examples, the coverage phase's edge
-cases (wrong methods, missing bodies, unsupported media types) and generated valid and
-invalid bodies. Every response must be documented (status, content type, body schema,
-headers), no request may get a server error, and every /vault answer must keep the
-response hygiene docs/api.md promises.
+cases (wrong methods, missing bodies, unsupported media types, each field at and past its
+bounds) and generated valid and invalid bodies; then a stateful run follows the document's
+links from create to fetch and delete, so expiring, read-limited and deleted secrets are
+met too. Every response must be documented (status, content type, body schema, headers),
+no request may get a server error, and every /vault answer must keep the response hygiene
+docs/api.md promises.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import httpx2 as httpx
 import pytest
 import schemathesis
 from hypothesis import settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_headers_conformance,
@@ -27,6 +33,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from tests.conftest import ServerProcess, b64
 from vault.crypto import generate_key
+from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
 
 pytestmark = pytest.mark.slow
 
@@ -80,17 +87,133 @@ def assert_hygiene(response: schemathesis.Response, path: str) -> None:
     assert "Traceback" not in text and 'File "' not in text, text
 
 
+# What the fuzzer sent and got, per server (url): read back by the test after it, which
+# shows that the run reached the lifecycle and did not only pass by missing it.
+SENT: dict[str, Counter[str]] = {}
+LIFECYCLE_FIELDS = {"ttl_seconds": DEFAULT_MAX_TTL_SECONDS, "max_reads": MAX_READS}
+
+
+def _record(server: ServerProcess, case: schemathesis.Case, status: int) -> None:
+    seen = SENT.setdefault(server.url, Counter())
+    seen[f"{case.operation.path} {status}"] += 1
+    if isinstance(case.body, dict):
+        for field, maximum in LIFECYCLE_FIELDS.items():
+            if field in case.body:
+                value = case.body[field]
+                valid = type(value) is int and 1 <= value <= maximum
+                seen[f"{field} {'valid' if valid else 'invalid'}"] += 1
+
+
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
-def test_api_conforms_to_its_openapi_document(case: schemathesis.Case) -> None:
+def test_api_conforms_to_its_openapi_document(
+    case: schemathesis.Case, fuzz_server: ServerProcess
+) -> None:
     # All of schemathesis's checks: not_a_server_error, status_code_conformance,
     # content_type_conformance, response_schema_conformance, response_headers_conformance,
     # negative_data_rejection, positive_data_acceptance, unsupported_method, ...
-    response = case.call_and_validate(timeout=10)
+    response = case.call(timeout=10)
+    _record(fuzz_server, case, response.status_code)
+    case.validate_response(response)
     assert_hygiene(response, case.operation.path)
 
 
+def test_the_fuzzer_sent_delete_and_the_lifecycle_fields(fuzz_server: ServerProcess) -> None:
+    """After the run above on this server: each delete spelling was called, and creates
+    carried ttl_seconds and max_reads both in range (accepted) and out of it (refused)."""
+    seen = SENT.get(fuzz_server.url)
+    if seen is None:
+        pytest.skip("the schemathesis run was not selected")
+    for path in ("/vault/secret/delete", "/vault/secret/delete/"):
+        assert any(key.startswith(path + " ") for key in seen), sorted(seen)
+    for field in LIFECYCLE_FIELDS:
+        assert seen[f"{field} valid"] > 0 and seen[f"{field} invalid"] > 0, sorted(seen)
+
+
+def test_lifecycle_workflows_conform_to_its_openapi_document(fuzz_server: ServerProcess) -> None:
+    """schemathesis's stateful run: create, then fetch and delete the id it answered (the
+    document's links), in generated orders, so expiring, read-limited, used-up and deleted
+    secrets answer too, each answer checked against the document."""
+    # On the guarded server the key is configured, so schemathesis knows calls carry it.
+    headers = {"Authorization": f"Bearer {API_KEY}"} if "API_KEYS" in fuzz_server.env else {}
+    config = SchemathesisConfig.from_dict({"headers": headers})
+    workflow_schema = schemathesis.openapi.from_url(
+        fuzz_server.url + "/openapi.json", config=config
+    )
+    statuses: Counter[str] = Counter()
+
+    class Workflow(workflow_schema.as_state_machine()):
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"timeout": 10}
+
+        def after_call(self, response: schemathesis.Response, case: schemathesis.Case) -> None:
+            super().after_call(response, case)
+            statuses[f"{case.operation.path} {response.status_code}"] += 1
+            if response.status_code == 200 and case.operation.path.startswith("/vault"):
+                statuses[f"{case.operation.path} 200 {sorted(json.loads(response.content))}"] += 1
+            assert_hygiene(response, case.operation.path)
+
+    Workflow.run(
+        settings=settings(
+            max_examples=MAX_EXAMPLES, stateful_step_count=8, deadline=None, database=None
+        )
+    )
+    # The links were followed to a secret that was there: fetched, and deleted.
+    assert any(k.startswith("/vault/secret/fetch 200 ") for k in statuses), sorted(statuses)
+    assert any(k.startswith("/vault/secret/delete 200 ") for k in statuses), sorted(statuses)
+
+
 # --- the answers the fuzzer rarely reaches, checked against the document too ----------------
+
+
+def _documented(api_schema: OpenApiSchema, path: str, response: httpx.Response) -> None:
+    case = api_schema[path]["POST"].Case(body={})
+    # The status is documented for the operation, and so are the content type, the body
+    # and the headers.
+    case.validate_response(
+        response,
+        checks=[
+            not_a_server_error,
+            status_code_conformance,
+            content_type_conformance,
+            response_schema_conformance,
+            response_headers_conformance,
+        ],
+    )
+    assert_hygiene(schemathesis.Response.from_any(response), path)
+
+
+def test_every_lifecycle_answer_is_documented(
+    api_schema: OpenApiSchema, fuzz_server: ServerProcess
+) -> None:
+    """One of each, whatever the fuzzer happened to reach: an expiring read-limited create,
+    its fetches until it is used up, and a delete before and after."""
+    headers = {"Authorization": f"Bearer {API_KEY}"} if "API_KEYS" in fuzz_server.env else {}
+    with httpx.Client(base_url=fuzz_server.url, headers=headers, timeout=10) as client:
+
+        def post(path: str, body: dict[str, Any], status: int) -> dict[str, Any]:
+            response = client.post(path, json=body)
+            assert response.status_code == status, (path, body, response.text)
+            _documented(api_schema, path, response)
+            answer = response.json()
+            assert isinstance(answer, dict)
+            return answer
+
+        secret = {"secret": b64(b"one time"), "ttl_seconds": 3600, "max_reads": 2}
+        created = post("/vault/secret/create/", secret, 200)
+        assert set(created) == {"secret_id", "expires_at", "reads_left"}
+        secret_id = {"secret_id": created["secret_id"]}
+        assert post("/vault/secret/fetch", secret_id, 200)["reads_left"] == 1
+        assert post("/vault/secret/fetch/", secret_id, 200)["reads_left"] == 0
+        post("/vault/secret/fetch", secret_id, 404)
+        post("/vault/secret/delete", secret_id, 404)
+
+        kept = post("/vault/secret/create", {"secret": b64(b"kept")}, 200)
+        assert set(kept) == {"secret_id"}
+        deleted = post("/vault/secret/delete/", kept, 200)
+        assert deleted == {"secret_id": kept["secret_id"], "deleted": True}
+        post("/vault/secret/delete", kept, 404)
+        post("/vault/secret/fetch", kept, 404)
 
 
 HOSTILE_REQUESTS: dict[str, tuple[str, bytes, dict[str, str], int]] = {
@@ -126,6 +249,48 @@ HOSTILE_REQUESTS: dict[str, tuple[str, bytes, dict[str, str], int]] = {
         {"Content-Type": "application/json"},
         404,
     ),
+    "delete of an unknown id": (
+        "/vault/secret/delete",
+        b'{"secret_id": "00000000-0000-4000-8000-000000000000"}',
+        {"Content-Type": "application/json"},
+        404,
+    ),
+    "delete of a malformed id": (
+        "/vault/secret/delete/",
+        b'{"secret_id": "/vault/secret/delete?id=1"}',
+        {"Content-Type": "application/json"},
+        400,
+    ),
+    "form content type on delete": (
+        "/vault/secret/delete",
+        b"secret_id=00000000-0000-4000-8000-000000000000",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        415,
+    ),
+    "ttl_seconds as a float": (
+        "/vault/secret/create/",
+        b'{"secret": "aGk=", "ttl_seconds": 60.0}',
+        {"Content-Type": "application/json"},
+        400,
+    ),
+    "ttl_seconds past the cap": (
+        "/vault/secret/create",
+        b'{"secret": "aGk=", "ttl_seconds": %d}' % (DEFAULT_MAX_TTL_SECONDS + 1),
+        {"Content-Type": "application/json"},
+        400,
+    ),
+    "max_reads as a boolean": (
+        "/vault/secret/create",
+        b'{"secret": "aGk=", "max_reads": true}',
+        {"Content-Type": "application/json"},
+        400,
+    ),
+    "max_reads of zero": (
+        "/vault/secret/create/",
+        b'{"secret": "aGk=", "max_reads": 0}',
+        {"Content-Type": "application/json"},
+        400,
+    ),
 }
 
 
@@ -138,20 +303,7 @@ def test_hostile_answers_are_documented(
         headers = {**headers, "Authorization": f"Bearer {API_KEY}"}
     response = httpx.post(fuzz_server.url + path, content=body, headers=headers, timeout=10)
     assert response.status_code == expected, response.text
-    case = api_schema[path]["POST"].Case(body={})
-    # The status is documented for the operation, and so are the content type, the body
-    # (the Error schema) and the headers.
-    case.validate_response(
-        response,
-        checks=[
-            not_a_server_error,
-            status_code_conformance,
-            content_type_conformance,
-            response_schema_conformance,
-            response_headers_conformance,
-        ],
-    )
-    assert_hygiene(schemathesis.Response.from_any(response), path)
+    _documented(api_schema, path, response)
 
 
 def test_the_server_logged_no_error_and_no_traceback(fuzz_server: ServerProcess) -> None:

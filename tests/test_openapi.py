@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from vault.openapi import BASE64_PATTERN
+from vault.openapi import BASE64_PATTERN, build_openapi
 from vault.validation import InvalidValue, decode_secret
 
 
@@ -88,3 +88,131 @@ def test_docs_page_loads_its_assets_locally(client: TestClient) -> None:
         asset = client.get(source)
         assert asset.status_code == 200
         assert len(asset.content) > 1000
+
+
+# --- the lifecycle: ttl_seconds, max_reads, expires_at, reads_left, delete -------------------
+
+
+def test_spec_describes_delete_like_fetch_under_both_spellings(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path, operation_id in (
+        ("/vault/secret/delete", "deleteSecret"),
+        ("/vault/secret/delete/", "deleteSecretSlash"),
+    ):
+        delete = spec["paths"][path]["post"]
+        assert delete["operationId"] == operation_id
+        assert set(delete["responses"]) == set(
+            spec["paths"]["/vault/secret/fetch"]["post"]["responses"]
+        )
+        assert {"200", "400", "404", "415", "429", "503"} <= set(delete["responses"])
+        body = delete["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": "#/components/schemas/DeleteRequest"}
+        ok = delete["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": "#/components/schemas/DeleteResponse"}
+    schemas = spec["components"]["schemas"]
+    # The id in the body, never in the URL (it is a bearer capability that proxies would log).
+    assert "parameters" not in spec["paths"]["/vault/secret/delete"]["post"]
+    assert schemas["DeleteRequest"]["required"] == ["secret_id"]
+    assert schemas["DeleteRequest"]["properties"] == schemas["FetchRequest"]["properties"]
+    assert schemas["DeleteResponse"] == {
+        "type": "object",
+        "required": ["secret_id", "deleted"],
+        "properties": {
+            "secret_id": {"type": "string", "format": "uuid"},
+            "deleted": {"type": "boolean", "enum": [True]},
+        },
+    }
+    # Expired, used up, deleted and unknown look the same, and the document says so.
+    not_found = spec["paths"]["/vault/secret/fetch"]["post"]["responses"]["404"]
+    assert not_found == spec["paths"]["/vault/secret/delete"]["post"]["responses"]["404"]
+    for word in ("expired", "reads", "deleted"):
+        assert word in not_found["description"]
+
+
+def test_delete_needs_the_api_key_in_the_spec_when_keys_are_on(
+    make_client: Callable[..., TestClient],
+) -> None:
+    spec = make_client(API_KEYS="ops:" + "a" * 40).get("/openapi.json").json()
+    for path in ("/vault/secret/delete", "/vault/secret/delete/"):
+        delete = spec["paths"][path]["post"]
+        assert delete["security"] == [{"apiKey": []}]
+        assert "WWW-Authenticate" in delete["responses"]["401"]["headers"]
+
+
+def test_spec_describes_the_optional_create_fields(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    create = schemas["CreateRequest"]
+    assert create["required"] == ["secret"]  # both new fields are optional
+    ttl = create["properties"]["ttl_seconds"]
+    assert (ttl["type"], ttl["minimum"], ttl["maximum"]) == ("integer", 1, 315360000)
+    reads = create["properties"]["max_reads"]
+    assert (reads["type"], reads["minimum"], reads["maximum"]) == ("integer", 1, 1000000)
+    assert "SECRET_DEFAULT_TTL_SECONDS" in ttl["description"]
+
+
+def test_the_ttl_maximum_is_the_configured_one(make_client: Callable[..., TestClient]) -> None:
+    spec = make_client(SECRET_MAX_TTL_SECONDS="86400").get("/openapi.json").json()
+    ttl = spec["components"]["schemas"]["CreateRequest"]["properties"]["ttl_seconds"]
+    assert ttl["maximum"] == 86400
+
+
+def test_build_openapi_defaults_to_a_ten_year_ttl_cap() -> None:
+    spec = build_openapi(max_secret_bytes=10, max_body_bytes=100)
+    ttl = spec["components"]["schemas"]["CreateRequest"]["properties"]["ttl_seconds"]
+    assert ttl["maximum"] == 315360000 == 10 * 365 * 86400
+    capped = build_openapi(max_secret_bytes=10, max_body_bytes=100, max_ttl_seconds=60)
+    assert capped["components"]["schemas"]["CreateRequest"]["properties"]["ttl_seconds"] == {
+        **ttl,
+        "maximum": 60,
+    }
+
+
+def test_spec_describes_the_new_answer_fields(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("CreateResponse", "FetchResponse"):
+        properties = schemas[name]["properties"]
+        assert properties["expires_at"]["type"] == "string"
+        assert properties["expires_at"]["format"] == "date-time"
+        assert properties["reads_left"]["type"] == "integer"
+        # Present only when the secret expires or is read-limited: old answers are unchanged.
+        assert "expires_at" not in schemas[name]["required"]
+        assert "reads_left" not in schemas[name]["required"]
+    assert schemas["CreateResponse"]["properties"]["reads_left"]["minimum"] == 1
+    assert schemas["FetchResponse"]["properties"]["reads_left"]["minimum"] == 0
+    utc = re.compile(schemas["FetchResponse"]["properties"]["expires_at"]["pattern"])
+    assert utc.match("2026-12-01T15:04:05Z")
+    for other in ("2026-12-01T15:04:05.5Z", "2026-12-01T15:04:05+00:00", "2026-12-01 15:04:05Z"):
+        assert not utc.match(other), other
+
+
+def test_create_links_its_id_into_fetch_and_delete(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    operation_ids = {
+        operation["operationId"]
+        for methods in spec["paths"].values()
+        for operation in methods.values()
+    }
+    for path in ("/vault/secret/create/", "/vault/secret/create"):
+        links = spec["paths"][path]["post"]["responses"]["200"]["links"]
+        assert {link["operationId"] for link in links.values()} == {"fetchSecret", "deleteSecret"}
+        for link in links.values():
+            assert link["operationId"] in operation_ids
+            assert link["requestBody"] == {"secret_id": "$response.body#/secret_id"}
+
+
+def test_the_documented_ranges_are_what_the_server_accepts(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(SECRET_MAX_TTL_SECONDS="3600")
+    properties = client.get("/openapi.json").json()["components"]["schemas"]["CreateRequest"][
+        "properties"
+    ]
+    for field in ("ttl_seconds", "max_reads"):
+        low, high = properties[field]["minimum"], properties[field]["maximum"]
+        probes: list[object] = [low - 1, low, high, high + 1, -1, 1.0, 2.5, True, "5", None]
+        for value in probes:
+            answer = client.post("/vault/secret/create", json={"secret": "aGk=", field: value})
+            documented = type(value) is int and low <= value <= high
+            assert answer.status_code == (200 if documented else 400), (field, value)
+            if not documented:
+                assert field in answer.json()["detail"], (field, value)

@@ -1,4 +1,4 @@
-"""The ``secret-manager`` command: serve, genkey, rewrap, and the create/fetch client.
+"""The ``secret-manager`` command: serve, genkey, rewrap, and the create/fetch/delete client.
 
 Start-up problems a user can fix (a missing key, a malformed variable, a busy port, a
 Hypercorn release other than the one vault/hypercorn_fixes.py is written for) end with one
@@ -13,6 +13,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import ssl
 import sys
@@ -23,6 +24,7 @@ import urllib.request
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from observability.metrics import prepare_multiprocess_dir
 from vault.app import audit_hmac_key, audit_hmac_keys, build_keyring
@@ -268,7 +270,45 @@ def rewrap(args: argparse.Namespace) -> int:
     )
 
 
-def _post(url: str, path: str, payload: dict[str, str]) -> int:
+# A duration: a whole number of seconds, or of minutes, hours or days with their unit. The
+# sign is matched only to say "at least 1 second" rather than "not a duration".
+_DURATION = re.compile(r"(-?)([0-9]+)([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``90``, ``90s``, ``15m``, ``2h`` or ``7d``; ValueError naming what is wanted.
+
+    Only whole numbers of one unit, at least one second: anything else (``1.5h``, ``1h30m``,
+    ``0``, ``-5m``) is refused here rather than sent for the server to interpret.
+    """
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"--ttl must be a whole number of seconds, or of minutes, hours or days with their "
+            f"unit, like 90, 90s, 15m, 2h or 7d; got {text!r}"
+        )
+    sign, digits, unit = match.groups()
+    if sign or not digits.strip("0"):
+        raise ValueError(f"--ttl must be at least 1 second, got {text!r}")
+    try:
+        number = int(digits)
+    except ValueError:  # more digits than Python converts: no ttl is that long anyway
+        raise ValueError(f"--ttl is far too long: {text[:20]}...") from None
+    return number * _UNIT_SECONDS[unit]
+
+
+def parse_max_reads(text: str) -> int:
+    """A whole number of reads, at least 1; the server enforces its own maximum."""
+    if not re.fullmatch(r"[0-9]+", text) or not text.strip("0"):
+        raise ValueError(f"--max-reads must be a whole number of reads, at least 1; got {text!r}")
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--max-reads is far too large: {text[:20]}...") from None
+
+
+def _post(url: str, path: str, payload: dict[str, str | int]) -> int:
     if not url.startswith(("http://", "https://")):
         return _fail(f"the URL (--url or SECRET_MANAGER_URL) must start with http://, got {url!r}")
     try:
@@ -304,8 +344,15 @@ def _post(url: str, path: str, payload: dict[str, str]) -> int:
         return 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (like every other refusal) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="secret-manager",
         description="Store secrets encrypted with AES-256-GCM and hand them back by id.",
     )
@@ -360,10 +407,26 @@ def _parser() -> argparse.ArgumentParser:
     create_cmd = commands.add_parser("create", help="store a secret, print the JSON answer")
     create_cmd.add_argument("secret", help="the secret, standard base64; '-' reads it from stdin")
     create_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
+    # Checked in main(), not by argparse, so a refusal is one line like every other one.
+    create_cmd.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        help="the secret expires this long after it is stored: 90 or 90s, 15m, 2h, 7d "
+        "(default: the server's SECRET_DEFAULT_TTL_SECONDS, normally never)",
+    )
+    create_cmd.add_argument(
+        "--max-reads",
+        metavar="N",
+        help="the secret is deleted by its Nth fetch (default: no limit)",
+    )
 
     fetch_cmd = commands.add_parser("fetch", help="print the secret stored under an id")
     fetch_cmd.add_argument("secret_id", help="the id printed by create")
     fetch_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
+
+    delete_cmd = commands.add_parser("delete", help="delete the secret stored under an id")
+    delete_cmd.add_argument("secret_id", help="the id printed by create")
+    delete_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
     return parser
 
 
@@ -390,8 +453,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "rewrap":
         return rewrap(args)
     if args.command == "create":
-        text = sys.stdin.read() if args.secret == "-" else args.secret  # noqa: S105
-        # `base64` wraps its output every 76 columns; whitespace is never part of the secret.
-        secret = "".join(text.split())
-        return _post(args.url, "/vault/secret/create", {"secret": secret})
+        return create(args)
+    if args.command == "delete":
+        # The id goes in the body, never in the URL: it is a bearer capability.
+        return _post(args.url, "/vault/secret/delete", {"secret_id": args.secret_id})
     return _post(args.url, "/vault/secret/fetch", {"secret_id": args.secret_id})
+
+
+def create(args: argparse.Namespace) -> int:
+    """Store a secret; --ttl and --max-reads are checked before stdin is read or a request sent."""
+    payload: dict[str, str | int] = {}
+    try:
+        if args.ttl is not None:
+            payload["ttl_seconds"] = parse_duration(args.ttl)
+        if args.max_reads is not None:
+            payload["max_reads"] = parse_max_reads(args.max_reads)
+    except ValueError as exc:
+        return _fail(str(exc))
+    text = sys.stdin.read() if args.secret == "-" else args.secret  # noqa: S105
+    # `base64` wraps its output every 76 columns; whitespace is never part of the secret.
+    return _post(args.url, "/vault/secret/create", {"secret": "".join(text.split()), **payload})

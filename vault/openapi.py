@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from vault import __version__
+from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
 
 _UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 # Exactly what the server accepts: canonical standard base64 of at least one byte (the bits
@@ -16,6 +17,8 @@ BASE64_PATTERN = (
     "^(?:[A-Za-z0-9+/]{4})*"
     "(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$"
 )
+# RFC 3339 as the API writes it: UTC ("Z"), whole seconds.
+_UTC_SECONDS_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
 
 
 def _error(
@@ -58,6 +61,7 @@ def build_openapi(
     metrics: bool = False,
     api_keys: bool = False,
     metrics_token: bool = False,
+    max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
 ) -> dict[str, Any]:
     """The whole document; the limits in it are the ones this server enforces."""
     common_errors = {
@@ -82,10 +86,37 @@ def build_openapi(
         "503": _error("The store is unreachable; retry later.", retry_after=True),
     }
     security: dict[str, Any] = {"security": [{"apiKey": []}]} if api_keys else {}
+    expires_at = {
+        "type": "string",
+        "format": "date-time",
+        "pattern": _UTC_SECONDS_PATTERN,
+        "description": (
+            "When the secret expires: RFC 3339, UTC, whole seconds, e.g. 2026-12-01T15:04:05Z. "
+            "Only for an expiring secret."
+        ),
+    }
+    reads_left = {"type": "integer", "maximum": MAX_READS}
+    # The id a create answers with, carried into the body of a fetch or a delete: Swagger UI
+    # shows these, and schemathesis's stateful run follows them through the lifecycle.
+    links = {
+        name: {
+            "operationId": operation_id,
+            "requestBody": {"secret_id": "$response.body#/secret_id"},
+            "description": description,
+        }
+        for name, operation_id, description in (
+            ("FetchSecret", "fetchSecret", "Fetch the secret just stored."),
+            ("DeleteSecret", "deleteSecret", "Delete the secret just stored."),
+        )
+    }
     create: dict[str, Any] = {
         **security,
         "summary": "Store a secret",
-        "description": "Encrypts the secret and returns the id that fetches it back.",
+        "description": (
+            "Encrypts the secret and returns the id that fetches it back. With `ttl_seconds` "
+            "it expires that long after it is stored (the answer says when, in `expires_at`); "
+            "with `max_reads` the fetch that uses the last read deletes it."
+        ),
         "operationId": "createSecret",
         "requestBody": {
             "required": True,
@@ -94,18 +125,30 @@ def build_openapi(
             },
         },
         "responses": {
-            "200": _json("CreateResponse", "Stored."),
+            "200": {**_json("CreateResponse", "Stored."), "links": links},
             **common_errors,
+            "400": _error(
+                "The body is not a JSON object, `secret` is missing or not strict base64, or "
+                "`ttl_seconds` or `max_reads` is not a JSON integer in its range (the detail "
+                "names the field and the range)."
+            ),
             "413": _error(
                 f"The decoded secret exceeds {max_secret_bytes} bytes, "
                 f"or the request body exceeds {max_body_bytes} bytes."
             ),
         },
     }
+    not_found = _error(
+        "No secret has this id: it never existed, expired, had its reads used up or was "
+        "deleted (the same answer for all four)."
+    )
     fetch: dict[str, Any] = {
         **security,
         "summary": "Fetch a secret",
-        "description": "Returns the secret stored under the id.",
+        "description": (
+            "Returns the secret stored under the id, with `reads_left` (the reads remaining "
+            "after this one) for a read-limited secret and `expires_at` for an expiring one."
+        ),
         "operationId": "fetchSecret",
         "requestBody": {
             "required": True,
@@ -115,7 +158,27 @@ def build_openapi(
         },
         "responses": {
             "200": _json("FetchResponse", "The secret."),
-            "404": _error("No secret has this id."),
+            "404": not_found,
+            **common_errors,
+        },
+    }
+    delete: dict[str, Any] = {
+        **security,
+        "summary": "Delete a secret",
+        "description": (
+            "Removes the secret stored under the id from the store (its ciphertext is gone, "
+            "not flagged). The id travels in the body, never in the URL."
+        ),
+        "operationId": "deleteSecret",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/DeleteRequest"}}
+            },
+        },
+        "responses": {
+            "200": _json("DeleteResponse", "Deleted."),
+            "404": not_found,
             **common_errors,
         },
     }
@@ -164,6 +227,8 @@ def build_openapi(
             "/vault/secret/create": {"post": variant(create, "NoSlash")},
             "/vault/secret/fetch": {"post": fetch},
             "/vault/secret/fetch/": {"post": variant(fetch, "Slash")},
+            "/vault/secret/delete": {"post": delete},
+            "/vault/secret/delete/": {"post": variant(delete, "Slash")},
             "/healthz": {
                 "get": {
                     "summary": "Liveness",
@@ -223,13 +288,41 @@ def build_openapi(
                                 "Standard base64 with padding, no whitespace; "
                                 f"at most {max_secret_bytes} bytes once decoded."
                             ),
-                        }
+                        },
+                        "ttl_seconds": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": max_ttl_seconds,
+                            "description": (
+                                "Seconds the secret lives at least; after that it is never "
+                                "served again. A JSON integer (not 1.0, not a string). "
+                                "Without it, the server's SECRET_DEFAULT_TTL_SECONDS applies "
+                                "(by default none: the secret never expires)."
+                            ),
+                        },
+                        "max_reads": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_READS,
+                            "description": (
+                                "Fetches allowed; the one that uses the last read deletes the "
+                                "secret. Exact, however many fetches race. A JSON integer."
+                            ),
+                        },
                     },
                 },
                 "CreateResponse": {
                     "type": "object",
                     "required": ["secret_id"],
-                    "properties": {"secret_id": {"type": "string", "format": "uuid"}},
+                    "properties": {
+                        "secret_id": {"type": "string", "format": "uuid"},
+                        "expires_at": expires_at,
+                        "reads_left": {
+                            **reads_left,
+                            "minimum": 1,
+                            "description": "The reads allowed (max_reads); only when limited.",
+                        },
+                    },
                 },
                 "FetchRequest": {
                     "type": "object",
@@ -241,7 +334,33 @@ def build_openapi(
                 "FetchResponse": {
                     "type": "object",
                     "required": ["secret"],
-                    "properties": {"secret": {"type": "string", "format": "byte"}},
+                    "properties": {
+                        "secret": {"type": "string", "format": "byte"},
+                        "expires_at": expires_at,
+                        "reads_left": {
+                            **reads_left,
+                            "minimum": 0,
+                            "description": (
+                                "Reads remaining after this one; only for a read-limited "
+                                "secret (0: this was the last, and the secret is gone)."
+                            ),
+                        },
+                    },
+                },
+                "DeleteRequest": {
+                    "type": "object",
+                    "required": ["secret_id"],
+                    "properties": {
+                        "secret_id": {"type": "string", "format": "uuid", "pattern": _UUID_PATTERN}
+                    },
+                },
+                "DeleteResponse": {
+                    "type": "object",
+                    "required": ["secret_id", "deleted"],
+                    "properties": {
+                        "secret_id": {"type": "string", "format": "uuid"},
+                        "deleted": {"type": "boolean", "enum": [True]},
+                    },
                 },
                 "Status": {
                     "type": "object",
