@@ -27,6 +27,9 @@ class RequestContext:
     op: str | None = None  # the handler: "create" | "fetch", set before it reads the body
     secret_id: str | None = None  # the handler: the id, only once it is well formed
     api_key_name: str | None = None  # APIKeyMiddleware: the caller's key name, never its token
+    # The handler: a finer outcome of its own 404 than the status tells ("expired": the
+    # record is still stored, past its expiry). The caller sees the same 404 either way.
+    outcome: str | None = None
 
 
 def request_context(scope: Scope) -> RequestContext:

@@ -22,13 +22,15 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from middleware.context import request_context
-from middleware.outcomes import outcome_for_status
+from middleware.outcomes import outcome_of
 from middleware.paths import UNMATCHED, UNMEASURED_PATHS, is_exempt, route_template
 from observability.metrics import (
     HTTP_REQUEST_DURATION,
     HTTP_REQUESTS,
     HTTP_REQUESTS_IN_PROGRESS,
     SECRETS_CREATED,
+    SECRETS_DELETED,
+    SECRETS_EXPIRED,
     SECRETS_FETCHED,
 )
 
@@ -94,8 +96,16 @@ class PrometheusMiddleware:
             if op == "create" and status == 200:
                 SECRETS_CREATED.inc()
             elif op == "fetch":
-                outcome = outcome_for_status(status)
+                outcome = outcome_of(scope, status)
                 fetched = self._fetched.get(outcome)
                 if fetched is None:
                     fetched = self._fetched[outcome] = SECRETS_FETCHED.labels(outcome)
                 fetched.inc()
+                if outcome == "expired":
+                    SECRETS_EXPIRED.labels("fetch").inc()
+            elif op == "delete":
+                outcome = outcome_of(scope, status)
+                if status == 200:
+                    SECRETS_DELETED.labels("request").inc()
+                elif outcome == "expired":
+                    SECRETS_EXPIRED.labels("delete").inc()

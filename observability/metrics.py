@@ -53,8 +53,23 @@ SECRETS_CREATED = Counter(
 )
 SECRETS_FETCHED = Counter(
     "vault_secrets_fetched_total",
-    "Fetch requests, by outcome (success, not_found, invalid, rate_limited, ...).",
+    "Fetch requests, by outcome (success, not_found, expired, invalid, rate_limited, ...).",
     ["outcome"],
+)
+SECRETS_DELETED = Counter(
+    "vault_secrets_deleted_total",
+    "Secrets removed before their time: by a delete request, or by the fetch that used "
+    "their last read.",
+    ["reason"],
+)
+SECRETS_EXPIRED = Counter(
+    "vault_secrets_expired_total",
+    "Requests that found a secret past its expiry (answered 404), by operation.",
+    ["op"],
+)
+SECRETS_PURGED = Counter(
+    "vault_secrets_purged_total",
+    "Expired or used-up records removed by the periodic purge.",
 )
 RATE_LIMITED = Counter(
     "vault_rate_limited_total",

@@ -283,8 +283,8 @@ def test_unknown_paths_and_wrong_methods_say_what_to_do(client: TestClient) -> N
     unknown = client.post("/vault/secret/list", json={})
     assert unknown.status_code == 404
     assert unknown.json() == {
-        "detail": "no such path: this service answers POST /vault/secret/create/ and "
-        "POST /vault/secret/fetch (GET /docs describes them all)"
+        "detail": "no such path: this service answers POST /vault/secret/create/, "
+        "POST /vault/secret/fetch and POST /vault/secret/delete (GET /docs describes them all)"
     }
 
     wrong = client.get("/vault/secret/create/")

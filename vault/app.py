@@ -26,7 +26,7 @@ from middleware.requestid import RequestIdMiddleware
 from middleware.securityheaders import SecurityHeadersMiddleware
 from middleware.tracing import TracingMiddleware
 from observability.logging import configure_logging
-from observability.metrics import AUDIT_RECORDS, RATE_LIMITED, metrics_app
+from observability.metrics import AUDIT_RECORDS, RATE_LIMITED, SECRETS_PURGED, metrics_app
 from observability.tracing import configure_tracing, shutdown_tracing
 from vault import hypercorn_fixes
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
@@ -122,6 +122,23 @@ async def _keep_audit_retention(store: SecretStore, ttl_days: int) -> None:
         await asyncio.sleep(delay)
 
 
+async def _keep_purging(store: SecretStore, interval: float) -> None:
+    """Remove expired and used-up records at start, then every ``interval`` seconds.
+
+    Only tidiness: an expired secret is refused on read whether or not it was purged.
+    """
+    while True:
+        try:
+            purged = await store.purge_expired()
+        except Exception as exc:  # the store may be down; the next round tries again
+            log.warning("expired secrets not purged yet: %s", type(exc).__name__)
+        else:
+            if purged:
+                SECRETS_PURGED.inc(purged)
+                log.info("purged %d expired or used-up secrets", purged)
+        await asyncio.sleep(interval)
+
+
 def create_app(settings: Settings | None = None, *, store: SecretStore | None = None) -> Starlette:
     """Build the ASGI app. With no arguments, everything comes from the environment."""
     settings = Settings.from_env() if settings is None else settings
@@ -133,7 +150,13 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     store = build_store(settings) if store is None else store
     writer = build_audit_writer(settings, store) if settings.audit_enabled else None
     counter = build_counter(settings) if settings.rate_limits else None
-    api = VaultAPI(keyring, store, max_secret_bytes=settings.max_secret_bytes)
+    api = VaultAPI(
+        keyring,
+        store,
+        max_secret_bytes=settings.max_secret_bytes,
+        max_ttl_seconds=settings.max_ttl_seconds,
+        default_ttl_seconds=settings.default_ttl_seconds,
+    )
     too_large = (
         f"request body is larger than {settings.max_body_bytes} bytes; "
         f"secrets may be at most {settings.max_secret_bytes} bytes once decoded"
@@ -150,12 +173,14 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         if isinstance(counter, MongoCounter):
             await counter.open()
         retention = None
+        purging = asyncio.create_task(_keep_purging(store, settings.purge_interval_seconds))
         if writer is not None:
             await writer.start()
             retention = asyncio.create_task(_keep_audit_retention(store, settings.audit_ttl_days))
         try:
             yield
         finally:
+            purging.cancel()
             if retention is not None:
                 retention.cancel()
             if writer is not None:

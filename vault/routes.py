@@ -7,10 +7,13 @@ as HTTPException with a detail that says what to do, and become ``{"detail": ...
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import logging
 import math
+import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import swagger_ui_bundle
@@ -22,9 +25,12 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from middleware.context import request_context
+from observability.metrics import SECRETS_DELETED
 from vault.crypto import Keyring
 from vault.openapi import DOCS_HTML, build_openapi
-from vault.stores.base import SecretStore, StoreUnavailable
+from vault.records import SealedSecret
+from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
+from vault.stores.base import DeleteResult, SecretStore, StoreUnavailable, utc_now
 from vault.validation import InvalidValue, decode_secret, normalize_secret_id
 
 log = logging.getLogger("secret_manager.routes")
@@ -36,7 +42,11 @@ OPERATIONS = {
     "/vault/secret/create": "create",
     "/vault/secret/fetch": "fetch",
     "/vault/secret/fetch/": "fetch",
+    "/vault/secret/delete": "delete",
+    "/vault/secret/delete/": "delete",
 }
+# Unknown, deleted, used up or expired: one answer, so it tells a caller nothing.
+NOT_FOUND = "no secret has this secret_id; check the id you were given"
 UNAVAILABLE_DETAIL = "the secret store is unavailable; retry after the time in Retry-After"
 
 
@@ -109,6 +119,34 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return data
 
 
+def _optional_count(data: dict[str, Any], name: str, maximum: int, unit: str) -> int | None:
+    """An optional JSON integer from 1 to ``maximum``: booleans, floats (``1.0`` too),
+    strings and null are refused, like 0, negatives and values past the cap."""
+    if name not in data:
+        return None
+    value = data[name]
+    if type(value) is not int or not 1 <= value <= maximum:
+        raise HTTPException(
+            400, f"field {name!r} must be a JSON integer{unit} from 1 to {maximum}, or left out"
+        )
+    return value
+
+
+def rfc3339(moment: dt.datetime) -> str:
+    """``2026-12-01T15:04:05Z``: UTC, whole seconds."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _lifecycle(record: SealedSecret) -> dict[str, Any]:
+    """The answer's lifecycle fields: present only for a secret that has them."""
+    fields: dict[str, Any] = {}
+    if record.expires_at is not None:
+        fields["expires_at"] = rfc3339(record.expires_at)
+    if record.reads_left is not None:
+        fields["reads_left"] = record.reads_left
+    return fields
+
+
 def _string_field(data: dict[str, Any], name: str) -> str:
     if name not in data:
         raise HTTPException(400, f"field {name!r} is missing")
@@ -121,10 +159,20 @@ def _string_field(data: dict[str, Any], name: str) -> str:
 class VaultAPI:
     """Endpoints bound to one keyring and one store."""
 
-    def __init__(self, keyring: Keyring, store: SecretStore, *, max_secret_bytes: int) -> None:
+    def __init__(
+        self,
+        keyring: Keyring,
+        store: SecretStore,
+        *,
+        max_secret_bytes: int,
+        max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
+        default_ttl_seconds: int = 0,
+    ) -> None:
         self.keyring = keyring
         self.store = store
         self.max_secret_bytes = max_secret_bytes
+        self.max_ttl_seconds = max_ttl_seconds
+        self.default_ttl_seconds = default_ttl_seconds
 
     async def create_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
@@ -140,10 +188,23 @@ class VaultAPI:
                 f"secret is {len(plaintext)} bytes once decoded; "
                 f"the limit is {self.max_secret_bytes} bytes",
             )
+        ttl = _optional_count(data, "ttl_seconds", self.max_ttl_seconds, " number of seconds")
+        max_reads = _optional_count(data, "max_reads", MAX_READS, "")
+        if ttl is None and self.default_ttl_seconds:
+            ttl = self.default_ttl_seconds
         secret_id = str(uuid.uuid4())
-        await self.store.insert(self.keyring.seal(secret_id, plaintext))
+        record = self.keyring.seal(secret_id, plaintext)
+        if ttl is not None or max_reads is not None:
+            # Whole seconds, rounded up: a secret lives at least ttl_seconds.
+            expires_at = (
+                dt.datetime.fromtimestamp(math.ceil(time.time()) + ttl, dt.UTC)
+                if ttl is not None
+                else None
+            )
+            record = replace(record, expires_at=expires_at, reads_left=max_reads)
+        await self.store.insert(record)
         context.secret_id = secret_id
-        return JSONResponse({"secret_id": secret_id})
+        return JSONResponse({"secret_id": secret_id, **_lifecycle(record)})
 
     async def fetch_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
@@ -155,10 +216,36 @@ class VaultAPI:
             raise HTTPException(400, str(exc)) from None
         context.secret_id = secret_id
         record = await self.store.get(secret_id)
+        if record is not None and record.expired(utc_now()):
+            context.outcome = "expired"  # still stored until the purge: never served
+            raise HTTPException(404, NOT_FOUND)
+        if record is not None and record.reads_left is not None:
+            # Read-limited: one atomic read of the store; the plain path above stays batched.
+            record = await self.store.consume(secret_id)
+            if record is not None and record.reads_left == 0:
+                SECRETS_DELETED.labels("last_read").inc()
         if record is None:
-            raise HTTPException(404, "no secret has this secret_id; check the id you were given")
+            raise HTTPException(404, NOT_FOUND)
         plaintext = self.keyring.open(record)
-        return JSONResponse({"secret": base64.b64encode(plaintext).decode("ascii")})
+        return JSONResponse(
+            {"secret": base64.b64encode(plaintext).decode("ascii"), **_lifecycle(record)}
+        )
+
+    async def delete_secret(self, request: Request) -> Response:
+        context = request_context(request.scope)
+        context.op = "delete"
+        data = await _json_object(request)
+        try:
+            secret_id = normalize_secret_id(_string_field(data, "secret_id"))
+        except InvalidValue as exc:
+            raise HTTPException(400, str(exc)) from None
+        context.secret_id = secret_id
+        result = await self.store.delete(secret_id)
+        if result is DeleteResult.EXPIRED:
+            context.outcome = "expired"
+        if result is not DeleteResult.DELETED:
+            raise HTTPException(404, NOT_FOUND)
+        return JSONResponse({"secret_id": secret_id, "deleted": True})
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -193,7 +280,11 @@ class VaultAPI:
         async def docs(request: Request) -> Response:
             return HTMLResponse(DOCS_HTML)
 
-        endpoints = {"create": self.create_secret, "fetch": self.fetch_secret}
+        endpoints = {
+            "create": self.create_secret,
+            "fetch": self.fetch_secret,
+            "delete": self.delete_secret,
+        }
         return [
             *(Route(path, endpoints[op], methods=["POST"]) for path, op in OPERATIONS.items()),
             Route("/healthz", self.healthz, methods=["GET"]),
@@ -207,11 +298,12 @@ class VaultAPI:
 
 
 def _api_paths() -> str:
-    """``POST /vault/secret/create/ and POST /vault/secret/fetch``: one spelling each."""
+    """``POST /vault/secret/create/, ... and POST /vault/secret/delete``: one spelling each."""
     canonical: dict[str, str] = {}
     for path, op in OPERATIONS.items():
         canonical.setdefault(op, path)
-    return " and ".join(f"POST {path}" for path in canonical.values())
+    spelled = [f"POST {path}" for path in canonical.values()]
+    return ", ".join(spelled[:-1]) + " and " + spelled[-1] if len(spelled) > 1 else spelled[0]
 
 
 NOT_FOUND_DETAIL = (

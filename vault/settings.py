@@ -16,6 +16,8 @@ from vault.apikeys import InvalidAPIKeys, parse_api_keys, parse_token
 from vault.crypto import MalformedKey, parse_key
 
 DEFAULT_MAX_SECRET_BYTES = 65536
+DEFAULT_MAX_TTL_SECONDS = 315_360_000  # ten years
+MAX_READS = 1_000_000
 DEFAULT_RATE_LIMIT = "100/second;3000/minute"
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 DEFAULT_RATE_LIMITS = ((100, 1), (3000, 60))
@@ -39,6 +41,9 @@ class Settings:
     store_timeout_seconds: float = 4.0
     data_dir: Path = Path("data")
     max_secret_bytes: int = DEFAULT_MAX_SECRET_BYTES
+    max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS
+    default_ttl_seconds: int = 0  # 0: a create that names no ttl_seconds never expires
+    purge_interval_seconds: float = 60.0
     graceful_timeout_seconds: float = 10.0
     read_timeout_seconds: int = 10
     keep_alive_timeout_seconds: float = 5.0
@@ -81,6 +86,13 @@ class Settings:
             for part in previous_raw.replace("\n", ",").split(",")
             if part.strip()
         )
+        max_ttl = _int(env, "SECRET_MAX_TTL_SECONDS", DEFAULT_MAX_TTL_SECONDS, minimum=1)
+        default_ttl = _int(env, "SECRET_DEFAULT_TTL_SECONDS", 0, minimum=0)
+        if default_ttl > max_ttl:
+            raise ConfigError(
+                f"SECRET_DEFAULT_TTL_SECONDS ({default_ttl}) must not exceed "
+                f"SECRET_MAX_TTL_SECONDS ({max_ttl}); use 0 for secrets that never expire"
+            )
         return cls(
             master_key=master_key,
             previous_keys=previous,
@@ -92,6 +104,9 @@ class Settings:
             store_timeout_seconds=_float(env, "STORE_TIMEOUT_SECONDS", 4.0, minimum=0.1),
             data_dir=Path(env.get("DATA_DIR", "data") or "data"),
             max_secret_bytes=_int(env, "MAX_SECRET_BYTES", DEFAULT_MAX_SECRET_BYTES, minimum=1),
+            max_ttl_seconds=max_ttl,
+            default_ttl_seconds=default_ttl,
+            purge_interval_seconds=_float(env, "SECRET_PURGE_INTERVAL_SECONDS", 60.0, minimum=1.0),
             graceful_timeout_seconds=_float(env, "GRACEFUL_TIMEOUT_SECONDS", 10.0, minimum=0),
             read_timeout_seconds=_int(env, "READ_TIMEOUT_SECONDS", 10, minimum=1),
             keep_alive_timeout_seconds=_float(env, "KEEP_ALIVE_TIMEOUT_SECONDS", 5.0, minimum=0.1),

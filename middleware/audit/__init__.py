@@ -29,7 +29,7 @@ from middleware.audit.writer import AuditUnavailable, AuditWriter, stdout_stream
 from middleware.clientip import client_ip
 from middleware.context import request_context
 from middleware.headers import request_header
-from middleware.outcomes import outcome_for_status
+from middleware.outcomes import outcome_for_status, outcome_of
 
 __all__ = [
     "AuditMiddleware",
@@ -95,7 +95,7 @@ class AuditMiddleware:
             ts=dt.datetime.now(dt.UTC),
             op=context.op or self.operations.get(scope["path"], OTHER_OP),
             status=status,
-            outcome=outcome_for_status(status),
+            outcome=outcome_of(scope, status),
             client_ip=client_ip(scope),  # resolved and normalised in one place, clientip.py
             request_id=context.request_id or "",
             secret_id_hmac=self.hash_secret_id(secret_id) if secret_id is not None else None,

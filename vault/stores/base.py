@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime as dt
+import enum
 import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -55,6 +57,19 @@ class StoreUnavailable(Exception):
         return cls(f"store did not answer within {timeout:g}s")
 
 
+class DeleteResult(enum.Enum):
+    """What a delete found."""
+
+    DELETED = "deleted"
+    EXPIRED = "expired"
+    MISSING = "missing"
+
+
+def utc_now() -> dt.datetime:
+    """The store's clock: UTC, aware. Expiry is decided against it, on read as well."""
+    return dt.datetime.now(dt.UTC)
+
+
 class SecretStore(Protocol):
     """What the routes need from a store. Every method runs its I/O off the event loop."""
 
@@ -68,7 +83,23 @@ class SecretStore(Protocol):
         """Durably store a new record; return only once it would survive a crash."""
 
     async def get(self, secret_id: str) -> SealedSecret | None:
-        """The record with this id, or None."""
+        """The record with this id, or None; expired or used-up records are returned too
+        (the caller decides, with its clock, and tells them apart in the audit log)."""
+
+    async def consume(self, secret_id: str) -> SealedSecret | None:
+        """Atomically take one read of a read-limited record and return it with the reads
+        left after this one; None when it is gone or its reads are used up. The read that
+        leaves none deletes the record before returning. Exact under any concurrency, across
+        processes and replicas sharing the store."""
+
+    async def delete(self, secret_id: str) -> DeleteResult:
+        """Remove the record (the row or document, not a flag): ``deleted``, ``expired``
+        (it was there but past its expiry, and is removed all the same), or ``missing``
+        (none, or its reads were used up)."""
+
+    async def purge_expired(self) -> int:
+        """Remove the records past their expiry (and any whose reads are used up); the
+        count removed. Called at start and every SECRET_PURGE_INTERVAL_SECONDS."""
 
     async def ping(self) -> None:
         """Return if the store answers, else raise StoreUnavailable."""

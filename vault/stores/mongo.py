@@ -35,17 +35,20 @@ from vault.stores.base import (
     AUDIT_FIELDS,
     AuditDocument,
     CorruptRecord,
+    DeleteResult,
     StoreUnavailable,
     run_off_loop,
     store_executor,
     stored_or_refused,
     unavailable,
+    utc_now,
 )
 from vault.stores.batching import Batcher
 
 _FORMAT_VERSION = 1
 _DUPLICATE_KEY = 11000
 _TTL_INDEX = "ts_ttl"
+_EXPIRY_INDEX = "expires_at_ttl"
 _KID_INDEX = "kid"
 PING_TIMEOUT_SECONDS = 2.0
 CLOSE_TIMEOUT_SECONDS = 2.0
@@ -64,8 +67,20 @@ def _sealed(doc: Mapping[str, Any]) -> SealedSecret:
     key_id, nonce, ciphertext = doc["kid"], doc["nonce"], doc["ct"]
     if not (isinstance(key_id, str) and isinstance(nonce, bytes) and isinstance(ciphertext, bytes)):
         raise TypeError("a field of a stored secret record has the wrong type")
+    expires_at, reads_left = doc.get("expires_at"), doc.get("reads_left")
+    if not (expires_at is None or isinstance(expires_at, dt.datetime)):
+        raise TypeError("a field of a stored secret record has the wrong type")
+    if reads_left is not None and (type(reads_left) is not int):  # bool is no count
+        raise TypeError("a field of a stored secret record has the wrong type")
+    if expires_at is not None and expires_at.tzinfo is None:  # a client without tz_aware
+        expires_at = expires_at.replace(tzinfo=dt.UTC)
     return SealedSecret(
-        secret_id=str(doc["_id"]), key_id=key_id, nonce=bytes(nonce), ciphertext=bytes(ciphertext)
+        secret_id=str(doc["_id"]),
+        key_id=key_id,
+        nonce=bytes(nonce),
+        ciphertext=bytes(ciphertext),
+        expires_at=expires_at,
+        reads_left=reads_left,
     )
 
 
@@ -198,6 +213,7 @@ class MongoStore:
         self._inserts = Batcher(self._insert_batch, operation="insert", timeout=deadline)
         self._gets = Batcher(self._get_batch, operation="get", timeout=deadline)
         self._audits = Batcher(self._insert_audit_batch, operation="insert_audit", timeout=deadline)
+        self._expiry_index = False  # the TTL index on expires_at, made by the first purge
 
     async def open(self) -> None:
         await self._mongo.open()
@@ -237,6 +253,11 @@ class MongoStore:
             "ct": record.ciphertext,
             "created_at": dt.datetime.now(dt.UTC),
         }
+        # Present only when set: the TTL index ignores documents without the field.
+        if record.expires_at is not None:
+            doc["expires_at"] = record.expires_at
+        if record.reads_left is not None:
+            doc["reads_left"] = record.reads_left
         await self._inserts.submit(doc)
 
     def _find_many_sync(self, secret_ids: list[str]) -> list[SealedSecret | Exception | None]:
@@ -259,6 +280,69 @@ class MongoStore:
 
     async def get(self, secret_id: str) -> SealedSecret | None:
         return await self._gets.submit(secret_id)
+
+    def _consume_sync(self, secret_id: str) -> SealedSecret | Exception | None:
+        # One atomic document update per read: concurrent readers on any replica each
+        # take a different count, and none gets past zero.
+        doc = self._secrets.find_one_and_update(
+            {"_id": secret_id, "reads_left": {"$gt": 0}},
+            {"$inc": {"reads_left": -1}},
+            return_document=pymongo.ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return None
+        if doc.get("reads_left") == 0:
+            # The last read: the ciphertext goes before the answer does. Matched on the
+            # count, so a record rewritten meanwhile is still removed only when used up.
+            self._secrets.delete_one({"_id": secret_id, "reads_left": 0})
+        return _sealed_or_corrupt(doc)
+
+    async def consume(self, secret_id: str) -> SealedSecret | None:
+        result: SealedSecret | Exception | None = await self._mongo.run(
+            "consume", self._consume_sync, secret_id
+        )
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _delete_sync(self, secret_id: str) -> dict[str, Any] | None:
+        doc: dict[str, Any] | None = self._secrets.find_one_and_delete(
+            {"_id": secret_id}, projection={"expires_at": 1, "reads_left": 1}
+        )
+        return doc
+
+    async def delete(self, secret_id: str) -> DeleteResult:
+        doc = await self._mongo.run("delete", self._delete_sync, secret_id)
+        if doc is None or doc.get("reads_left") == 0:
+            return DeleteResult.MISSING
+        expires_at = doc.get("expires_at")
+        if isinstance(expires_at, dt.datetime):
+            if expires_at.tzinfo is None:
+                expires_at = expires_at.replace(tzinfo=dt.UTC)
+            if utc_now() >= expires_at:
+                return DeleteResult.EXPIRED
+        return DeleteResult.DELETED
+
+    def _purge_sync(self, now: dt.datetime) -> int:
+        if not self._expiry_index:
+            # MongoDB's own TTL monitor removes expired documents (about once a minute);
+            # the explicit purge below makes removal prompt and countable on any server.
+            # Found by its key, as another replica (or nx-27017, which renames indexes)
+            # may have made it under another name.
+            if not any(
+                [field for field, _ in info.get("key", [])] == ["expires_at"]
+                and "expireAfterSeconds" in info
+                for info in self._secrets.index_information().values()
+            ):
+                self._secrets.create_index("expires_at", name=_EXPIRY_INDEX, expireAfterSeconds=0)
+            self._expiry_index = True
+        expired = self._secrets.delete_many({"expires_at": {"$lte": now}}).deleted_count
+        used_up = self._secrets.delete_many({"reads_left": 0}).deleted_count
+        return expired + used_up
+
+    async def purge_expired(self) -> int:
+        removed: int = await self._mongo.run("purge_expired", self._purge_sync, utc_now())
+        return removed
 
     def _create_kid_index_sync(self) -> None:
         with pymongo.timeout(INDEX_BUILD_TIMEOUT_SECONDS):

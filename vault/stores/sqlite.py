@@ -22,11 +22,13 @@ from vault.records import SealedSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     AuditDocument,
+    DeleteResult,
     StoreUnavailable,
     run_off_loop,
     store_executor,
     stored_or_refused,
     unavailable,
+    utc_now,
 )
 from vault.stores.batching import Batcher
 
@@ -38,7 +40,9 @@ CREATE TABLE IF NOT EXISTS secrets (
     key_id     TEXT NOT NULL,
     nonce      BLOB NOT NULL,
     ciphertext BLOB NOT NULL,
-    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    expires_at INTEGER,  -- Unix seconds; NULL: never expires
+    reads_left INTEGER   -- NULL: no read limit
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS secrets_key_id ON secrets (key_id);
 CREATE TABLE IF NOT EXISTS audit (
@@ -59,7 +63,12 @@ CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE INDEX IF NOT EXISTS audit_secret_id_hmac ON audit (secret_id_hmac);
 """
 
-_INSERT_RECORD = "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext) VALUES (?, ?, ?, ?)"
+_INSERT_RECORD = (
+    "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext, expires_at, reads_left)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_RECORD_COLUMNS = "secret_id, key_id, nonce, ciphertext, expires_at, reads_left"
+RecordRow = tuple[str, str, bytes, bytes, int | None, int | None]
 # A record_id already stored is a retry whose first attempt landed: nothing to do. Only
 # that conflict is ignored (not OR IGNORE, which would also drop a row breaking NOT NULL).
 _INSERT_AUDIT = (
@@ -79,8 +88,29 @@ def _audit_row(document: AuditDocument) -> AuditRow:
     )
 
 
+def _epoch(value: dt.datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def _sealed(row: RecordRow) -> SealedSecret:
+    secret_id, key_id, nonce, ciphertext, expires_at, reads_left = row
+    return SealedSecret(
+        secret_id,
+        key_id,
+        nonce,
+        ciphertext,
+        expires_at=None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC),
+        reads_left=reads_left,
+    )
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a file written by an earlier version up to the current schema."""
+    secret_columns = {row[1] for row in conn.execute("PRAGMA table_info(secrets)")}
+    for column in ("expires_at", "reads_left"):
+        if column not in secret_columns:
+            conn.execute(f"ALTER TABLE secrets ADD COLUMN {column} INTEGER")
+    conn.execute("CREATE INDEX IF NOT EXISTS secrets_expires_at ON secrets (expires_at)")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(audit)")}
     if "api_key_name" not in columns:
         conn.execute("ALTER TABLE audit ADD COLUMN api_key_name TEXT")
@@ -177,7 +207,17 @@ class SQLiteStore:
                 conn.execute("BEGIN IMMEDIATE")
                 for r in records:
                     try:
-                        conn.execute(_INSERT_RECORD, (r.secret_id, r.key_id, r.nonce, r.ciphertext))
+                        conn.execute(
+                            _INSERT_RECORD,
+                            (
+                                r.secret_id,
+                                r.key_id,
+                                r.nonce,
+                                r.ciphertext,
+                                _epoch(r.expires_at),
+                                r.reads_left,
+                            ),
+                        )
                     except sqlite3.IntegrityError as exc:  # only this row is rolled back
                         results.append(exc)
                     else:
@@ -192,23 +232,65 @@ class SQLiteStore:
     async def _get_batch(self, secret_ids: list[str]) -> list[SealedSecret | None]:
         wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
 
-        def select(conn: sqlite3.Connection) -> list[tuple[str, str, bytes, bytes]]:
+        def select(conn: sqlite3.Connection) -> list[RecordRow]:
             placeholders = ", ".join("?" * len(wanted))  # at most MAX_BATCH, under SQLite's cap
-            rows: list[tuple[str, str, bytes, bytes]] = conn.execute(
-                "SELECT secret_id, key_id, nonce, ciphertext FROM secrets"  # noqa: S608 - "?"s only
+            rows: list[RecordRow] = conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names and "?"s
                 f" WHERE secret_id IN ({placeholders})",
                 wanted,
             ).fetchall()
             return rows
 
-        found = {
-            secret_id: SealedSecret(secret_id, key_id, nonce, ciphertext)
-            for secret_id, key_id, nonce, ciphertext in await self._run("get", select)
-        }
+        found = {row[0]: _sealed(row) for row in await self._run("get", select)}
         return [found.get(secret_id) for secret_id in secret_ids]
 
     async def get(self, secret_id: str) -> SealedSecret | None:
         return await self._gets.submit(secret_id)
+
+    async def consume(self, secret_id: str) -> SealedSecret | None:
+        def take(conn: sqlite3.Connection) -> RecordRow | None:
+            # BEGIN IMMEDIATE takes SQLite's write lock first: the decrement and the delete
+            # of the last read are one transaction, exact across threads and processes.
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                row: RecordRow | None = conn.execute(
+                    "UPDATE secrets SET reads_left = reads_left - 1"  # noqa: S608 - fixed names
+                    f" WHERE secret_id = ? AND reads_left > 0 RETURNING {_RECORD_COLUMNS}",
+                    (secret_id,),
+                ).fetchone()
+                if row is not None and row[5] == 0:
+                    conn.execute("DELETE FROM secrets WHERE secret_id = ?", (secret_id,))
+            return row
+
+        row = await self._run("consume", take)
+        return None if row is None else _sealed(row)
+
+    async def delete(self, secret_id: str) -> DeleteResult:
+        def remove(conn: sqlite3.Connection) -> tuple[int | None, int | None] | None:
+            found: tuple[int | None, int | None] | None = conn.execute(
+                "DELETE FROM secrets WHERE secret_id = ? RETURNING expires_at, reads_left",
+                (secret_id,),
+            ).fetchone()
+            return found
+
+        found = await self._run("delete", remove)
+        if found is None or found[1] == 0:
+            return DeleteResult.MISSING
+        expires_at, _ = found
+        if expires_at is not None and utc_now().timestamp() >= expires_at:
+            return DeleteResult.EXPIRED
+        return DeleteResult.DELETED
+
+    async def purge_expired(self) -> int:
+        now = int(utc_now().timestamp())
+
+        def purge(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "DELETE FROM secrets WHERE expires_at <= ? OR reads_left = 0", (now,)
+            )
+            return cursor.rowcount
+
+        return await self._run("purge_expired", purge)
 
     async def prepare_rewrap(self) -> None:
         """Nothing to do: the schema already indexes ``key_id``."""
@@ -219,19 +301,15 @@ class SQLiteStore:
         if limit < 1:
             raise ValueError("limit must be at least 1")
 
-        def select(conn: sqlite3.Connection) -> list[tuple[str, str, bytes, bytes]]:
-            rows: list[tuple[str, str, bytes, bytes]] = conn.execute(
-                "SELECT secret_id, key_id, nonce, ciphertext FROM secrets"
+        def select(conn: sqlite3.Connection) -> list[RecordRow]:
+            rows: list[RecordRow] = conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names only
                 " WHERE key_id <> ? AND secret_id > ? ORDER BY secret_id LIMIT ?",
                 (key_id, after_secret_id, limit),
             ).fetchall()
             return rows
 
-        rows = await self._run("rewrap_find", select)
-        return [
-            SealedSecret(secret_id=secret_id, key_id=kid, nonce=nonce, ciphertext=ciphertext)
-            for secret_id, kid, nonce, ciphertext in rows
-        ]
+        return [_sealed(row) for row in await self._run("rewrap_find", select)]
 
     async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
         if new.secret_id != old.secret_id:

@@ -1,0 +1,161 @@
+"""Both stores keep a secret's expiry and read limit, take reads exactly, and remove what
+is deleted, used up or expired: the row or document is gone, not flagged."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tests.conftest import RawRecords
+from vault.app import build_store
+from vault.records import SealedSecret
+from vault.settings import Settings
+from vault.stores.base import DeleteResult, SecretStore
+
+
+def record(*, expires_at: dt.datetime | None = None, reads_left: int | None = None) -> SealedSecret:
+    return SealedSecret(
+        secret_id=str(uuid.uuid4()),
+        key_id="0123456789abcdef",
+        nonce=os.urandom(12),
+        ciphertext=os.urandom(40),
+        expires_at=expires_at,
+        reads_left=reads_left,
+    )
+
+
+def whole_seconds(delta: dt.timedelta) -> dt.datetime:
+    return (dt.datetime.now(dt.UTC) + delta).replace(microsecond=0)
+
+
+def on_store(env: dict[str, str], work: Callable[[SecretStore], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        store: SecretStore = build_store(Settings.from_env(env))
+        await store.open()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def test_expiry_and_read_limit_are_stored_and_read_back(store_env: dict[str, str]) -> None:
+    later = whole_seconds(dt.timedelta(hours=2))
+    both, plain = record(expires_at=later, reads_left=3), record()
+
+    async def work(store: SecretStore) -> tuple[SealedSecret | None, SealedSecret | None]:
+        await store.insert(both)
+        await store.insert(plain)
+        return await store.get(both.secret_id), await store.get(plain.secret_id)
+
+    got_both, got_plain = on_store(store_env, work)
+    assert got_both == both
+    assert got_plain == plain
+    assert (got_plain.expires_at, got_plain.reads_left) == (None, None)
+
+
+def test_concurrent_reads_take_exactly_the_limit_and_the_last_deletes(
+    store_env: dict[str, str], raw_records: RawRecords
+) -> None:
+    limited = record(reads_left=7)
+
+    async def work(store: SecretStore) -> list[SealedSecret | None]:
+        await store.insert(limited)
+        return await asyncio.gather(*(store.consume(limited.secret_id) for _ in range(40)))
+
+    taken = [r for r in on_store(store_env, work) if r is not None]
+    assert sorted(r.reads_left for r in taken) == [0, 1, 2, 3, 4, 5, 6]
+    assert all(r.ciphertext == limited.ciphertext for r in taken)
+    assert limited.secret_id not in raw_records.secret_ids()
+
+
+def test_a_record_without_a_limit_is_not_consumed(store_env: dict[str, str]) -> None:
+    plain = record()
+
+    async def work(store: SecretStore) -> tuple[SealedSecret | None, SealedSecret | None]:
+        await store.insert(plain)
+        return await store.consume(plain.secret_id), await store.get(plain.secret_id)
+
+    assert on_store(store_env, work) == (None, plain)
+
+
+def test_delete_removes_the_record_and_says_what_it_found(
+    store_env: dict[str, str], raw_records: RawRecords
+) -> None:
+    kept, deleted = record(), record(reads_left=2)
+    expired = record(expires_at=whole_seconds(dt.timedelta(seconds=-5)))
+
+    async def work(store: SecretStore) -> list[DeleteResult]:
+        for r in (kept, deleted, expired):
+            await store.insert(r)
+        return [
+            await store.delete(deleted.secret_id),
+            await store.delete(deleted.secret_id),
+            await store.delete(expired.secret_id),
+            await store.delete(str(uuid.uuid4())),
+        ]
+
+    assert on_store(store_env, work) == [
+        DeleteResult.DELETED,
+        DeleteResult.MISSING,
+        DeleteResult.EXPIRED,
+        DeleteResult.MISSING,
+    ]
+    assert raw_records.secret_ids() == {kept.secret_id}
+
+
+def test_purge_removes_expired_records_and_keeps_the_rest(
+    store_env: dict[str, str], raw_records: RawRecords
+) -> None:
+    expired = [record(expires_at=whole_seconds(dt.timedelta(seconds=-1))) for _ in range(3)]
+    living = [
+        record(),
+        record(expires_at=whole_seconds(dt.timedelta(hours=1))),
+        record(reads_left=1),
+    ]
+
+    async def work(store: SecretStore) -> tuple[int, int]:
+        for r in expired + living:
+            await store.insert(r)
+        return await store.purge_expired(), await store.purge_expired()
+
+    assert on_store(store_env, work) == (3, 0)
+    assert raw_records.secret_ids() == {r.secret_id for r in living}
+
+
+def test_rewrap_never_resets_a_read_count_nor_brings_back_a_deleted_record(
+    store_env: dict[str, str], raw_records: RawRecords
+) -> None:
+    later = whole_seconds(dt.timedelta(hours=1))
+    counted, gone = record(expires_at=later, reads_left=5), record(reads_left=5)
+
+    async def work(store: SecretStore) -> tuple[bool, bool, SealedSecret | None]:
+        await store.insert(counted)
+        await store.insert(gone)
+        # rewrap read both records, then requests read one and deleted the other ...
+        await store.consume(counted.secret_id)
+        await store.delete(gone.secret_id)
+        # ... before it wrote them back under the new key.
+        swapped = await store.replace_sealed(counted, _resealed(counted))
+        resurrected = await store.replace_sealed(gone, _resealed(gone))
+        return swapped, resurrected, await store.get(counted.secret_id)
+
+    swapped, resurrected, after = on_store(store_env, work)
+    assert (swapped, resurrected) == (True, False)
+    assert after is not None
+    assert (after.key_id, after.expires_at, after.reads_left) == ("fedcba9876543210", later, 4)
+    assert raw_records.secret_ids() == {counted.secret_id}
+
+
+def _resealed(old: SealedSecret) -> SealedSecret:
+    return SealedSecret(
+        secret_id=old.secret_id,
+        key_id="fedcba9876543210",
+        nonce=os.urandom(12),
+        ciphertext=os.urandom(40),
+    )
