@@ -57,6 +57,7 @@ class SecretResult:
     errors: int  # no answer, or any status but 200 and 404
     reads_left: list[Any]  # the "reads_left" of the 200s, sorted when they are all integers
     replicas: dict[str, int]  # answers by replica
+    served_by: dict[str, int]  # reads served by replica
     peak_in_flight: int  # most fetches of this secret written and not yet answered at once
 
     @property
@@ -81,7 +82,8 @@ class ReadLimitSummary:
     reads_served: int
     not_found: int
     errors: int
-    by_replica: dict[str, int]
+    by_replica: dict[str, int]  # answers, 200 or not
+    served_by_replica: dict[str, int]
     min_peak_in_flight: int
     stored_after: int | None  # secrets left in the database
     expected_stored_after: int  # the secrets whose reads were not all used
@@ -180,6 +182,7 @@ def tally(created: Created, fetches: Sequence[Fetch]) -> SecretResult:
         errors=sum(f.status not in (200, 404) for f in fetches),
         reads_left=reads_left,
         replicas=dict(sorted(Counter(f.replica or "?" for f in fetches if f.status).items())),
+        served_by=dict(sorted(Counter(f.replica or "?" for f in served).items())),
         peak_in_flight=peak_in_flight(fetches),
     )
 
@@ -271,8 +274,10 @@ def summarize(
 ) -> ReadLimitSummary:
     """The results added up, and judged."""
     by_replica: Counter[str] = Counter()
+    served_by: Counter[str] = Counter()
     for r in results:
         by_replica.update(r.replicas)
+        served_by.update(r.served_by)
     summary = ReadLimitSummary(
         replicas=replicas,
         secrets=len(results),
@@ -287,6 +292,7 @@ def summarize(
         not_found=sum(r.gone for r in results),
         errors=sum(r.errors for r in results),
         by_replica=dict(sorted(by_replica.items())),
+        served_by_replica=dict(sorted(served_by.items())),
         min_peak_in_flight=min((r.peak_in_flight for r in results), default=0),
         stored_after=stored_after,
         expected_stored_after=sum(r.fetches < r.max_reads for r in results),
@@ -306,11 +312,11 @@ def report(summary: ReadLimitSummary) -> str:
         f"fetches of each, {summary.secrets_at_once} secrets at once, {summary.seconds}s",
     ]
     for r in summary.results:
-        replicas = ", ".join(f"{name} {count}" for name, count in r.replicas.items())
+        served_by = ", ".join(f"{name} {count}" for name, count in r.served_by.items())
         lines.append(
             f"  secret #{r.number}: max_reads {r.max_reads}, served {r.served} of {r.allowed} "
-            f"allowed, {r.gone} x 404, {r.errors} errors; {r.peak_in_flight} of "
-            f"{r.fetches} in flight at once; {replicas}"
+            f"allowed ({served_by or 'none'}), {r.gone} x 404, {r.errors} errors; "
+            f"{r.peak_in_flight} of {r.fetches} in flight at once"
         )
     for k in sorted(set(summary.max_reads)):
         group = [r for r in summary.results if r.max_reads == k]
@@ -326,6 +332,8 @@ def report(summary: ReadLimitSummary) -> str:
     lines.append(
         "answers by replica: "
         + ", ".join(f"{name} {count}" for name, count in summary.by_replica.items())
+        + "; reads served by replica: "
+        + ", ".join(f"{name} {count}" for name, count in summary.served_by_replica.items())
     )
     lines.append(
         f"fetches of one secret in flight at once: at least {summary.min_peak_in_flight} "

@@ -161,6 +161,7 @@ def test_read_limits_hold_across_two_replicas_under_concurrent_fetches(
     print(
         f"read limits: served {summary['reads_served']} of {summary['reads_allowed']} allowed, "
         f"{summary['not_found']} x 404, answers by replica {summary['by_replica']}, "
+        f"reads served by replica {summary['served_by_replica']}, "
         f"at least {summary['min_peak_in_flight']} of 12 in flight at once"
     )
 
