@@ -463,3 +463,70 @@ def test_records_not_sealed_by_pages_in_secret_id_order(
     pages, count = with_store(rotated, work)
     assert pages == [sorted(old)[0:2], sorted(old)[2:4], sorted(old)[4:]]
     assert count == 5
+
+
+class RacingStore:
+    """A real store whose callers race rewrap: after each page rewrap reads, and before it
+    writes any record back, the records of that page are deleted, read or left alone."""
+
+    def __init__(self, store: SecretStore, deleted: set[str], read: set[str]) -> None:
+        self._store = store
+        self._deleted = deleted
+        self._read = read
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def records_not_sealed_by(self, key_id: str, after: str, limit: int) -> list[Any]:
+        page = await self._store.records_not_sealed_by(key_id, after, limit)
+        for record in page:
+            if record.secret_id in self._deleted:
+                assert await self._store.delete(record.secret_id) is not None
+            elif record.secret_id in self._read:
+                assert await self._store.consume(record.secret_id) is not None
+        return page
+
+
+@pytest.mark.slow
+def test_rewrap_keeps_lifecycles_and_never_brings_back_what_went_while_it_ran(
+    make_client: Callable[..., TestClient], rotated: dict[str, str], raw_records: RawRecords
+) -> None:
+    old = make_client()
+    made = {}
+    for n in range(30):
+        fields: dict[str, object] = {"secret": b64(f"s{n}".encode())}
+        if n % 3 == 0:
+            fields["max_reads"] = 3
+        if n % 5 == 0:
+            fields["ttl_seconds"] = 3600
+        made[old.post("/vault/secret/create", json=fields).json()["secret_id"]] = fields
+    ids = sorted(made)
+    limited = [i for i in ids if "max_reads" in made[i]]
+    deleted = set(ids[1::4])
+    read = {i for i in limited if i not in deleted}
+    one_read_left = {limited[0]} - deleted  # used up during the pass: gone for good
+    keyring = build_keyring(Settings.from_env(rotated))
+    hash_id = functools.partial(secret_id_hmac, b"k" * 32)
+
+    async def work(store: SecretStore) -> Any:
+        for secret_id in one_read_left:  # two of its three reads before rewrap starts
+            await store.consume(secret_id)
+            await store.consume(secret_id)
+        racing: Any = RacingStore(store, deleted, read)
+        return await rewrap(racing, keyring, hash_secret_id=hash_id, batch_size=4)
+
+    report = with_store(rotated, work)
+    assert report.ok
+    assert raw_records.secret_ids() == set(ids) - deleted - one_read_left
+    new = make_client(**rotated)
+    for secret_id in ids:
+        answer = new.post("/vault/secret/fetch", json={"secret_id": secret_id})
+        if secret_id in deleted | one_read_left:
+            assert answer.status_code == 404
+            continue
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["secret"] == made[secret_id]["secret"]
+        if "max_reads" in made[secret_id]:
+            assert body["reads_left"] == (1 if secret_id in read else 2)
+        assert ("expires_at" in body) == ("ttl_seconds" in made[secret_id])
