@@ -39,7 +39,7 @@ async def _echo(request: Request) -> Response:
 
 def echo_app() -> Starlette:
     """POST / (and the vault paths) answer the JSON body back."""
-    paths = ["/", "/vault/secret/create", "/vault/secret/fetch"]
+    paths = ["/", "/vault/secret/create", "/vault/secret/fetch", "/vault/secret/delete"]
     return Starlette(routes=[Route(path, _echo, methods=["POST"]) for path in paths])
 
 

@@ -13,9 +13,20 @@ through ``loadtests/bench.lua``:
 - ``naive``: two synchronous, unbatched inserts per request (secret, then audit record).
 
 Each configuration first takes creates, then fetches of the secrets those creates stored,
-each request a different id in turn (so concurrent fetches never share a read). For each it
-reports throughput, p50/p95/p99 latency and the server process's CPU time per request
-(steadier than wall time on a shared machine), and prints a markdown table::
+each request a different id in turn (so concurrent fetches never share a read). The
+service's configurations then take the lifecycle's own paths, each on secrets created for
+it before its timed cell (untimed):
+
+- ``fetch (max_reads 1000000)``: fetches of read-limited secrets that never run out (a pool
+  of ``FETCH_POOL`` asked in turn): the atomic take of one read, without a last read;
+- ``fetch (max_reads 1)``: one-time secrets, a fresh one per request: the take of the last
+  read, which also deletes the record before answering (the dearest read-limited fetch);
+- ``delete``: deletes of fresh secrets, one per request.
+
+The echo takes the same requests (it answers them back); the naive app only creates and
+fetches, so only those rows compare with it. For each cell it reports throughput,
+p50/p95/p99 latency and the server process's CPU time per request (steadier than wall time
+on a shared machine), and prints a markdown table::
 
     python -m loadtests.bench                      # 5 s per cell, 20 connections
     python -m loadtests.bench --duration 10 --rounds 3 --mongo-uri mongodb://...
@@ -29,6 +40,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import signal
 import statistics
@@ -38,7 +50,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,6 +67,14 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SECRET = base64.b64encode(b"benchmark secret: 32 bytes long!").decode()
 SCRIPT = Path(__file__).with_name("bench.lua")
 FETCH_IDS = 5000  # distinct secret ids the fetch cells cycle through, at most
+FETCH_POOL = 200  # read-limited secrets the max_reads 1000000 cell asks for in turn
+READS_THAT_LAST = 1_000_000  # the API's largest max_reads: no cell uses them up
+# Fresh secrets for a cell whose every request uses one up: this many times the requests
+# the cell is expected to take (from the plain fetch cell just before), and never fewer.
+POOL_MARGIN = 1.5
+MIN_POOL = 200
+BASE_OPS = ("create", "fetch")  # what every configuration, the naive app too, serves
+LIFECYCLE_OPS = ("fetch (max_reads 1000000)", "fetch (max_reads 1)", "delete")
 
 
 @dataclass(frozen=True)
@@ -201,14 +221,37 @@ def measure(
     )
 
 
-def stored_ids(mongo_uri: str, database: str, limit: int) -> list[str]:
-    """Ids of secrets the service (or the naive app) stored: what the fetch cells ask for."""
+def stored_ids(mongo_uri: str, database: str, limit: int = 0) -> list[str]:
+    """Ids of secrets the service (or the naive app) stored (``limit`` 0: all of them)."""
     client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(mongo_uri)
     try:
         cursor = client[database]["secrets"].find({}, {"_id": 1}).limit(limit)
         return [str(doc["_id"]) for doc in cursor]
     finally:
         client.close()
+
+
+def fresh_secrets(
+    url: str,
+    body: dict[str, object],
+    count: int,
+    rate: float,
+    concurrency: int,
+    workdir: Path,
+    ids: Callable[[], list[str]],
+) -> list[str]:
+    """Create at least ``count`` secrets with ``body`` (untimed, with wrk at about ``rate``
+    per second); the ids of those it stored."""
+    before = set(ids())
+    new: list[str] = []
+    while len(new) < count:
+        seconds = math.ceil((count - len(new)) / max(rate, 50.0) * 1.2)
+        wrk(url + "/vault/secret/create", [json.dumps(body)], seconds, concurrency, workdir)
+        stored = [i for i in ids() if i not in before]
+        if len(stored) == len(new):
+            raise ClusterError(f"{seconds}s of creates with {sorted(body)} stored nothing")
+        new = stored
+    return new
 
 
 def bench_config(
@@ -225,7 +268,13 @@ def bench_config(
         created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
         secret_id = created.json().get("secret_id", str(uuid.uuid4()))
         fetch_url, create_url = url + "/vault/secret/fetch", url + "/vault/secret/create"
+        delete_url = url + "/vault/secret/delete"
         wrk(fetch_url, [json.dumps({"secret_id": secret_id})], 1, concurrency, workdir)  # warm up
+
+        def cell(target: str, ids: list[str]) -> Cell:
+            bodies = [json.dumps({"secret_id": i}) for i in ids]
+            return measure(target, pid, bodies, seconds, concurrency, workdir, db_pid)
+
         cells = {
             "create": measure(
                 create_url, pid, [json.dumps({"secret": SECRET})], seconds, concurrency,
@@ -233,9 +282,30 @@ def bench_config(
             )
         }  # fmt: skip
         # Every secret the creates stored, each fetched in turn (the echo stored none).
-        ids = stored_ids(env["MONGO_URI"], env["MONGO_DB"], FETCH_IDS) or [secret_id]
-        bodies = [json.dumps({"secret_id": i}) for i in ids]
-        cells["fetch"] = measure(fetch_url, pid, bodies, seconds, concurrency, workdir, db_pid)
+        cells["fetch"] = cell(
+            fetch_url, stored_ids(env["MONGO_URI"], env["MONGO_DB"], FETCH_IDS) or [secret_id]
+        )
+        if config.command == "naive":
+            return cells
+        if config.command == "echo":
+            for op in LIFECYCLE_OPS:
+                cells[op] = cell(delete_url if op == "delete" else fetch_url, [secret_id])
+            return cells
+
+        def ids() -> list[str]:
+            return stored_ids(env["MONGO_URI"], env["MONGO_DB"])
+
+        rate = max(cells["create"].rps, 1.0)
+        # Each request of these cells uses a secret up: expect about the plain fetch's rate.
+        needed = max(MIN_POOL, math.ceil(cells["fetch"].rps * seconds * POOL_MARGIN))
+        lasting = {"secret": SECRET, "max_reads": READS_THAT_LAST}
+        pool = fresh_secrets(url, lasting, FETCH_POOL, rate, concurrency, workdir, ids)
+        cells["fetch (max_reads 1000000)"] = cell(fetch_url, pool[:FETCH_POOL])
+        one_time = {"secret": SECRET, "max_reads": 1}
+        pool = fresh_secrets(url, one_time, needed, rate, concurrency, workdir, ids)
+        cells["fetch (max_reads 1)"] = cell(fetch_url, pool)
+        pool = fresh_secrets(url, {"secret": SECRET}, needed, rate, concurrency, workdir, ids)
+        cells["delete"] = cell(delete_url, pool)
         return cells
 
 
@@ -266,7 +336,7 @@ def table(results: dict[str, dict[str, Cell]]) -> str:
     ]
     for name, cells in results.items():
         for op, cell in cells.items():
-            vs_naive = f"{cell.rps / naive[op].rps:.2f}x" if naive else "-"
+            vs_naive = f"{cell.rps / naive[op].rps:.2f}x" if naive and op in naive else "-"
             db_cpu = "-" if cell.db_cpu_us is None else f"{cell.db_cpu_us:.0f}"
             lines.append(
                 f"| {name} | {op} | {cell.rps:.0f} | {cell.p50_ms:.1f} | {cell.p95_ms:.1f} "
@@ -325,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
     results = {
-        name: {op: median_cell([r[op] for r in rounds]) for op in ("create", "fetch")}
+        name: {op: median_cell([r[op] for r in rounds]) for op in rounds[0]}
         for name, rounds in runs.items()
     }
     print(table(results))

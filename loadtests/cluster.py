@@ -12,6 +12,13 @@ and reports how many were lost (must be 0) and how many requests failed after th
     python -m loadtests.cluster --mongo-uri 'mongodb://db1,db2,db3/?replicaSet=rs0'
     python -m loadtests.cluster --max-p95-ms 250 --max-failures 0
 
+With ``--read-limit-check`` it runs no Locust: it creates read-limited secrets through the
+balancer and fetches each of them many times at once, then reports the reads served against
+the reads allowed, per secret and in total (``loadtests/readlimits.py``)::
+
+    python -m loadtests.cluster --read-limit-check --replicas 3
+    python -m loadtests.cluster --read-limit-check --secrets 60 --fetches 40 --max-reads 1 5 30
+
 The killed replica is ``r1``, S seconds after the first request reaches the balancer.
 Locust's own exit status (non-zero on any failed request) is reported, not obeyed: requests
 cut off by the kill are expected to fail; ``--max-failures`` sets a limit on them, and
@@ -27,13 +34,16 @@ HAProxy configuration, Locust's CSV files and the acknowledged ids. HAProxy's li
 page is at the ``stats`` URL printed at start-up.
 
 Exit status: 0 when every acknowledged secret came back intact (and failures stayed within
-``--max-failures``), 1 when not, 2 when the cluster could not be set up or run, 130 on Ctrl-C.
+``--max-failures``), or with ``--read-limit-check`` when every secret was served exactly
+min(fetches, max_reads) times; 1 when not; 2 when the cluster could not be set up or run;
+130 on Ctrl-C.
 Every process it started is stopped on the way out, whatever happened.
 
 This module is the command line and the order of things; each part lives beside it:
 ``processes`` (child processes, ports, programs), ``mongo`` (the database), ``replicas``,
-``haproxy`` (the balancer and its configuration), ``load`` (Locust and the kill) and
-``report`` (reading the results, the verdict, the printed summary).
+``haproxy`` (the balancer and its configuration), ``load`` (Locust and the kill),
+``report`` (reading the results, the verdict, the printed summary) and ``readlimits`` (the
+read-limit check's concurrent fetches, verdict and summary).
 """
 
 from __future__ import annotations
@@ -46,16 +56,17 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from loadtests.haproxy import balancer
+from loadtests import readlimits
+from loadtests.haproxy import Balancer, balancer
 from loadtests.load import run_load
 from loadtests.mongo import count_secrets, mongodb
 from loadtests.processes import ClusterError, executable, log, positive_int
-from loadtests.replicas import replicas
+from loadtests.replicas import Replica, replicas
 from loadtests.report import (
     Summary,
     counts_at,
@@ -69,18 +80,28 @@ from loadtests.report import (
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
-def run(args: argparse.Namespace, run_dir: Path) -> Summary:
-    """Set up the cluster, load it, kill a replica if asked, tear down, verify, summarise."""
+@contextlib.contextmanager
+def cluster(
+    args: argparse.Namespace, run_dir: Path
+) -> Iterator[tuple[str, str, list[Replica], Balancer]]:
+    """The database, the replicas on it and HAProxy in front, stopped in reverse on the way
+    out: the MongoDB URI, the run's database name, the replicas and the balancer."""
     haproxy = args.haproxy or executable("haproxy", "/usr/sbin/haproxy")
     if not (os.path.isfile(haproxy) and os.access(haproxy, os.X_OK)):
         raise ClusterError(f"--haproxy {haproxy} is not an executable file")
-    if not Path(args.locustfile).exists():
-        raise ClusterError(f"no locustfile at {args.locustfile}")
     with contextlib.ExitStack() as stack:
         mongo_uri = stack.enter_context(mongodb(args.mongo_uri, run_dir))
         mongo_db = "cluster_" + uuid.uuid4().hex[:12]
         backends = stack.enter_context(replicas(args.replicas, mongo_uri, mongo_db, run_dir))
         lb = stack.enter_context(balancer(haproxy, backends, run_dir))
+        yield mongo_uri, mongo_db, backends, lb
+
+
+def run(args: argparse.Namespace, run_dir: Path) -> Summary:
+    """Set up the cluster, load it, kill a replica if asked, tear down, verify, summarise."""
+    if not Path(args.locustfile).exists():
+        raise ClusterError(f"no locustfile at {args.locustfile}")
+    with cluster(args, run_dir) as (mongo_uri, mongo_db, backends, lb):
         locust_code, kill = run_load(args, lb, backends, run_dir)
         requests, failures, kinds, p95 = read_locust_stats(run_dir)
         acks, malformed = read_acks(run_dir / "acked.txt")
@@ -119,6 +140,40 @@ def run(args: argparse.Namespace, run_dir: Path) -> Summary:
             handle.writelines(f"{sid}\n" for sid in lost)
     judge(summary, args)
     return summary
+
+
+def run_read_limits(args: argparse.Namespace, run_dir: Path) -> readlimits.ReadLimitSummary:
+    """Set up the cluster, race fetches of read-limited secrets through it, summarise."""
+    with cluster(args, run_dir) as (mongo_uri, mongo_db, backends, lb):
+        log(
+            f"read-limit check: {args.secrets} secrets, {args.fetches} concurrent fetches "
+            f"of each, {args.secrets_at_once} secrets at once"
+        )
+        results, seconds = readlimits.check_read_limits(
+            lb.url, args.secrets, args.fetches, args.secrets_at_once, args.max_reads
+        )
+        exits = {r.name: r.process.popen.poll() for r in backends}
+        stored = count_secrets(mongo_uri, mongo_db)
+    return readlimits.summarize(
+        results,
+        replicas=args.replicas,
+        fetches=args.fetches,
+        at_once=args.secrets_at_once,
+        max_reads=list(args.max_reads),
+        run_dir=str(run_dir),
+        balancer_config=str(run_dir / "haproxy.cfg"),
+        stored_after=stored,
+        seconds=seconds,
+        replica_exits=exits,
+    )
+
+
+def max_reads(value: str) -> int:
+    """An argparse type for --max-reads: what the API accepts, 1 to 1,000,000."""
+    number = positive_int(value)
+    if number > 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be at most 1000000, not {value}")
+    return number
 
 
 def parser() -> argparse.ArgumentParser:
@@ -166,6 +221,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--locust-args", default="", help="more Locust options, one shell-quoted string")
     p.add_argument("--haproxy", help="path of the haproxy binary (found on PATH)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    check = p.add_argument_group(
+        "read-limit check",
+        "--read-limit-check runs no Locust: it fetches read-limited secrets concurrently "
+        "through the balancer and fails when one is served more (or less) than it allows",
+    )
+    check.add_argument(
+        "--read-limit-check", action="store_true", help="run the read-limit check instead"
+    )
+    check.add_argument(
+        "--secrets", type=positive_int, default=30, help="read-limited secrets to create (30)"
+    )
+    check.add_argument(
+        "--fetches", type=positive_int, default=20, help="concurrent fetches of each (20)"
+    )
+    check.add_argument(
+        "--max-reads",
+        type=max_reads,
+        nargs="+",
+        default=[1, 3, 10],
+        metavar="K",
+        help="the secrets' max_reads, in turn (1 3 10)",
+    )
+    check.add_argument(
+        "--secrets-at-once",
+        type=positive_int,
+        default=3,
+        metavar="S",
+        help="secrets whose fetches start together (3)",
+    )
     return p
 
 
@@ -177,6 +261,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the harness: 0 nothing acknowledged was lost, 1 something was, 2 set-up failed."""
     args = parser().parse_args(argv)
+    if args.read_limit_check and args.kill_replica_after is not None:
+        # A killed replica may use a read and never answer: exactness is for a healthy cluster.
+        parser().error("--read-limit-check runs no load to kill a replica in")
     if args.kill_replica_after is not None:
         if args.replicas < 2:
             parser().error("--kill-replica-after needs at least 2 replicas")
@@ -191,8 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser().error(f"--run-dir {run_dir} is not empty")
         run_dir.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    summary: Summary | readlimits.ReadLimitSummary
     try:
-        summary = run(args, run_dir)
+        summary = run_read_limits(args, run_dir) if args.read_limit_check else run(args, run_dir)
     except ClusterError as exc:
         log(f"error: {exc}")
         log(f"logs are in {run_dir}")
@@ -202,11 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+    text = (
+        readlimits.report(summary)
+        if isinstance(summary, readlimits.ReadLimitSummary)
+        else (report(summary))
+    )
     if args.json:
-        print(report(summary), file=sys.stderr)
+        print(text, file=sys.stderr)
         print(json.dumps({**asdict(summary), "ok": summary.ok}, indent=2))
     else:
-        print(report(summary))
+        print(text)
     return 0 if summary.ok else 1
 
 

@@ -74,6 +74,8 @@ backend {BACKEND}
     acl replay_safe method GET HEAD
     acl replay_safe path /vault/secret/fetch /vault/secret/fetch/
     http-request disable-l7-retry unless replay_safe
+    # Which replica answered, for the read-limit check's count of answers by replica.
+    http-response set-header X-Served-By %[srv_name]
 {servers}
 
 frontend stats

@@ -1,4 +1,5 @@
-"""Locust scenarios for secret-manager: roundtrip, create burst, read-heavy and negative mixes.
+"""Locust scenarios for secret-manager: roundtrip, create burst, read-heavy (with deletes),
+one-time secrets, and negative mixes.
 
 The server under test needs ``RATE_LIMIT=off`` (or a limit far above the load): its default,
 100 requests per second per client IP, refuses a load test that comes from one machine, and
@@ -15,9 +16,14 @@ Class              Tag            What each user does
 =================  =============  ==========================================================
 RoundtripUser      ``roundtrip``  create a random secret (1..4096 bytes), fetch it, compare
 CreateBurstUser    ``burst``      creates only; each must get 200 with a UUID secret_id
-ReadHeavyUser      ``readheavy``  about 9 fetches (verified) per create, from its own pool
-NegativeUser       ``negative``   bad base64, unknown or malformed ids, oversized secrets,
-                                  malformed JSON: each must get exactly its 400/404/413
+ReadHeavyUser      ``readheavy``  about 9 fetches (verified) per create, from its own pool;
+                                  1 time in 11 it creates a secret, deletes it (200), and
+                                  fetches it (404, counted as correct)
+OneTimeUser        ``onetime``    create with ``max_reads: 1``, fetch (200, the secret,
+                                  ``reads_left`` 0), fetch again (404, counted as correct)
+NegativeUser       ``negative``   bad base64, invalid ``max_reads``, unknown or malformed
+                                  ids (fetch and delete), oversized secrets, malformed JSON:
+                                  each must get exactly its 400/404/413
 =================  =============  ==========================================================
 
 Web UI (http://localhost:8089; ``--class-picker`` lets you choose the users there)::
@@ -33,13 +39,15 @@ the "20 concurrent creates" test is the CreateBurstUser line::
         --host http://127.0.0.1:8000 CreateBurstUser
     locust -f loadtests/locustfile.py --headless -u 20 -r 20 -t 60s \\
         --host http://127.0.0.1:8000 ReadHeavyUser
+    locust -f loadtests/locustfile.py --headless -u 10 -r 10 -t 30s \\
+        --host http://127.0.0.1:8000 OneTimeUser
     locust -f loadtests/locustfile.py --headless -u 5 -r 5 -t 30s \\
         --host http://127.0.0.1:8000 NegativeUser
 
-The CI gate (all four scenarios; exit code 1 on any failed request)::
+The CI gate (all five scenarios; exit code 1 on any failed request)::
 
     locust -f loadtests/locustfile.py --headless -u 10 -r 10 -t 10s --host http://127.0.0.1:8000 \\
-        RoundtripUser CreateBurstUser ReadHeavyUser NegativeUser
+        RoundtripUser CreateBurstUser ReadHeavyUser OneTimeUser NegativeUser
 
 Custom arguments (also editable in the web UI):
 
@@ -55,10 +63,12 @@ Custom arguments (also editable in the web UI):
 - ``--max-secret-bytes 65536``: the server's ``MAX_SECRET_BYTES``; NegativeUser sends one
   byte more and expects 413.
 
-``LOADTEST_ACK_FILE=acks.txt``: every create answered 200 appends one line
-``<secret_id> <sha256 hex of the plaintext>`` (one write and flush per line, append mode,
-file mode 0600 as the ids are bearer capabilities), so a harness can later fetch each
-acknowledged secret and prove none was lost.
+``LOADTEST_ACK_FILE=acks.txt``: every create answered 200 (request name ``create``)
+appends one line ``<secret_id> <sha256 hex of the plaintext>`` (one write and flush per
+line, append mode, file mode 0600 as the ids are bearer capabilities), so a harness can
+later fetch each acknowledged secret and prove none was lost. Secrets created to be deleted
+or read once are named apart (``create (to delete)``, ``create (max_reads 1)``) and never
+written there: they are meant to be gone when the run ends.
 """
 
 from __future__ import annotations
@@ -82,11 +92,14 @@ from locust.runners import WorkerRunner
 
 CREATE_PATH = "/vault/secret/create/"
 FETCH_PATH = "/vault/secret/fetch"
+DELETE_PATH = "/vault/secret/delete"
 ACK_FILE_VARIABLE = "LOADTEST_ACK_FILE"
 DEFAULT_MAX_SECRET_BYTES = 65536
 LARGEST_RANDOM_SECRET = 4096
 READ_POOL_SIZE = 100
 RATE_LIMITED = "rate limited: start the server with RATE_LIMIT=off"
+# A used-up, deleted or expired secret must get exactly an unknown id's 404: no oracle.
+UNKNOWN_ID_DETAIL = "no secret has this secret_id; check the id you were given"
 
 # Each of these must be refused with 400 by the create endpoint.
 INVALID_SECRETS: tuple[object, ...] = (
@@ -107,6 +120,8 @@ MALFORMED_IDS: tuple[object, ...] = (
     "00000000000040008000000000000000",
     None,
 )
+# Each of these must be refused with 400 as a create's max_reads (a JSON integer 1..1000000).
+INVALID_MAX_READS: tuple[object, ...] = (0, -1, 1000001, 1.0, 2.5, True, "1", None)
 # Bodies that are not a JSON object, or not valid JSON at all: 400 on both endpoints.
 MALFORMED_BODIES = (
     '{"secret": "aGk="',
@@ -180,6 +195,32 @@ def _json_string(response: ResponseContextManager, field: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _json_field(response: ResponseContextManager, field: str) -> object:
+    """The value of ``field`` in the response's JSON object; None when absent or no object."""
+    try:
+        body = json.loads(response.content or b"")
+    except ValueError:
+        return None
+    return body.get(field) if isinstance(body, dict) else None
+
+
+def _same_count(answered: object, expected: int | None) -> bool:
+    """Whether a JSON count is exactly ``expected`` (None: absent); ``true`` is not 1."""
+    if expected is None:
+        return answered is None
+    return type(answered) is int and answered == expected
+
+
+def _shape(value: object) -> str:
+    """``value`` for a failure message: a small count as is, anything else by its type only
+    (Locust reports one row per distinct message)."""
+    if value is None:
+        return "absent"
+    if type(value) is int and -10 <= value <= 10:
+        return str(value)
+    return f"a {type(value).__name__}"
+
+
 def _is_uuid4(text: str) -> bool:
     try:
         parsed = uuid.UUID(text)
@@ -208,44 +249,94 @@ class VaultUser(FastHttpUser):
     abstract = True
     wait_time = constant(0)
 
-    def create_secret(self, plaintext: bytes) -> str | None:
-        """Store ``plaintext``; its secret_id when acknowledged (and recorded), else None."""
-        body = {"secret": b64(plaintext)}
-        with self.client.post(CREATE_PATH, json=body, name="create", catch_response=True) as r:
+    def create_secret(
+        self, plaintext: bytes, *, max_reads: int | None = None, name: str = "create"
+    ) -> str | None:
+        """Store ``plaintext``; its secret_id when acknowledged, else None.
+
+        Only plain creates (``name`` "create") go to the ack file: a secret created to be
+        deleted or read up is meant to be gone when the run ends.
+        """
+        body: dict[str, object] = {"secret": b64(plaintext)}
+        if max_reads is not None:
+            body["max_reads"] = max_reads
+        with self.client.post(CREATE_PATH, json=body, name=name, catch_response=True) as r:
             if r.status_code != 200:
-                fail_unexpected(r, "create", 200)
+                fail_unexpected(r, name, 200)
                 return None
             secret_id = _json_string(r, "secret_id")
             if secret_id is None or not _is_uuid4(secret_id):
-                _fail(r, "create: HTTP 200 without a UUID secret_id")
+                _fail(r, f"{name}: HTTP 200 without a UUID secret_id")
                 return None
-            ACKS.record(secret_id, plaintext)
+            if name == "create":
+                ACKS.record(secret_id, plaintext)
+            reads_left = _json_field(r, "reads_left")
+            if not _same_count(reads_left, max_reads):
+                # Absent without max_reads (the answer old clients know), max_reads with it.
+                _fail(r, f"{name}: reads_left is {_shape(reads_left)}, not {_shape(max_reads)}")
+                return None
             _succeed(r)
             return secret_id
 
-    def fetch_secret(self, secret_id: str, plaintext: bytes) -> None:
-        """Fetch ``secret_id`` and check that it holds exactly ``plaintext``."""
+    def fetch_secret(
+        self,
+        secret_id: str,
+        plaintext: bytes,
+        *,
+        reads_left: int | None = None,
+        name: str = "fetch",
+    ) -> None:
+        """Fetch ``secret_id``: it must hold exactly ``plaintext`` and carry ``reads_left``
+        (no such field for a secret without a read limit)."""
         body = {"secret_id": secret_id}
-        with self.client.post(FETCH_PATH, json=body, name="fetch", catch_response=True) as r:
+        with self.client.post(FETCH_PATH, json=body, name=name, catch_response=True) as r:
             if r.status_code != 200:
-                fail_unexpected(r, "fetch", 200)
+                fail_unexpected(r, name, 200)
                 return
             encoded = _json_string(r, "secret")
             if encoded is None:
-                _fail(r, "fetch: HTTP 200 without a string field 'secret'")
+                _fail(r, f"{name}: HTTP 200 without a string field 'secret'")
                 return
             try:
                 fetched = base64.b64decode(encoded, validate=True)
             except binascii.Error:
-                _fail(r, "fetch: 'secret' is not valid base64")
+                _fail(r, f"{name}: 'secret' is not valid base64")
                 return
             if fetched != plaintext:
                 # Never the bytes (secret material), nor the sizes: Locust reports one row per
                 # distinct message, and random sizes would make thousands of rows.
                 same = "same length" if len(fetched) == len(plaintext) else "another length"
-                _fail(r, f"fetch: a different secret came back ({same})")
+                _fail(r, f"{name}: a different secret came back ({same})")
+                return
+            answered = _json_field(r, "reads_left")
+            if not _same_count(answered, reads_left):
+                _fail(r, f"{name}: reads_left is {_shape(answered)}, not {_shape(reads_left)}")
                 return
             _succeed(r)
+
+    def delete_secret(self, secret_id: str, name: str = "delete") -> bool:
+        """Delete ``secret_id``: 200 ``{"secret_id": ..., "deleted": true}``; whether it was."""
+        body = {"secret_id": secret_id}
+        with self.client.post(DELETE_PATH, json=body, name=name, catch_response=True) as r:
+            if r.status_code != 200:
+                fail_unexpected(r, name, 200)
+                return False
+            if _json_string(r, "secret_id") != secret_id or _json_field(r, "deleted") is not True:
+                _fail(r, f'{name}: HTTP 200 without its secret_id and "deleted": true')
+                return False
+            _succeed(r)
+            return True
+
+    def expect_gone(self, path: str, secret_id: str, name: str) -> None:
+        """``secret_id`` is used up or deleted: 404, told apart from an unknown id by nothing."""
+        body = {"secret_id": secret_id}
+        with self.client.post(path, json=body, name=name, catch_response=True) as r:
+            if r.status_code != 404:
+                fail_unexpected(r, name, 404)
+            elif _json_string(r, "detail") != UNKNOWN_ID_DETAIL:
+                _fail(r, f"{name}: 404 with another detail than an unknown id's")
+            else:
+                _succeed(r)
 
     def expect_status(self, path: str, name: str, expected: int, **request: Any) -> None:
         """Send a request that must be refused with exactly ``expected``."""
@@ -278,7 +369,8 @@ class CreateBurstUser(VaultUser):
 
 
 class ReadHeavyUser(VaultUser):
-    """About 9 verified fetches per create, from a pool of secrets this user created."""
+    """About 9 verified fetches per create, from a pool of secrets this user created; now and
+    then a secret created apart, deleted, and found gone."""
 
     def on_start(self) -> None:
         self.pool: list[tuple[str, bytes]] = []
@@ -307,6 +399,28 @@ class ReadHeavyUser(VaultUser):
             return
         self.fetch_secret(*secrets.choice(self.pool))
 
+    @tag("readheavy")
+    @task(1)
+    def delete(self) -> None:
+        """Create a secret apart from the pool, delete it, then find it gone."""
+        secret_id = self.create_secret(random_secret(), name="create (to delete)")
+        if secret_id is not None and self.delete_secret(secret_id):
+            self.expect_gone(FETCH_PATH, secret_id, "fetch (deleted)")
+
+
+class OneTimeUser(VaultUser):
+    """One-time secrets: create with max_reads 1, fetch it (200), fetch it again (404)."""
+
+    @tag("onetime")
+    @task
+    def read_once(self) -> None:
+        plaintext = random_secret()
+        secret_id = self.create_secret(plaintext, max_reads=1, name="create (max_reads 1)")
+        if secret_id is None:
+            return
+        self.fetch_secret(secret_id, plaintext, reads_left=0, name="fetch (max_reads 1)")
+        self.expect_gone(FETCH_PATH, secret_id, "fetch (used up)")
+
 
 class NegativeUser(VaultUser):
     """Requests the API must refuse with exactly 400, 404 or 413, never a 5xx."""
@@ -328,6 +442,18 @@ class NegativeUser(VaultUser):
     def unknown_id(self) -> None:
         body = {"secret_id": str(uuid.uuid4())}
         self.expect_status(FETCH_PATH, "fetch (unknown id)", 404, json=body)
+
+    @tag("negative")
+    @task(1)
+    def invalid_max_reads(self) -> None:
+        body = {"secret": b64(b"never stored"), "max_reads": secrets.choice(INVALID_MAX_READS)}
+        self.expect_status(CREATE_PATH, "create (invalid max_reads)", 400, json=body)
+
+    @tag("negative")
+    @task(1)
+    def delete_unknown_id(self) -> None:
+        body = {"secret_id": str(uuid.uuid4())}
+        self.expect_status(DELETE_PATH, "delete (unknown id)", 404, json=body)
 
     @tag("negative")
     @task(1)

@@ -1,14 +1,18 @@
-"""The cluster harness: replicas behind a real HAProxy, one SIGKILLed under load, no loss.
+"""The cluster harness: replicas behind a real HAProxy, one SIGKILLed under load, no loss;
+and read limits exact across replicas under concurrent fetches.
 
 The CI gate of the failover: ``python -m loadtests.cluster`` with 2 replicas for a few
 seconds including one replica kill must find every acknowledged secret intact. Requests
-that fail while the balancer takes the dead replica out are reported, not gated.
+that fail while the balancer takes the dead replica out are reported, not gated. The CI
+gate of read limits: ``--read-limit-check`` on 2 replicas must serve each secret exactly
+min(fetches, max_reads) times.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,3 +119,54 @@ def test_a_haproxy_that_is_not_there_is_a_set_up_error(tmp_path: Path) -> None:
     assert result.returncode == 2  # set-up, not "a secret was lost"
     assert "is not an executable file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_read_limits_hold_across_two_replicas_under_concurrent_fetches(
+    tmp_path: Path, haproxy: str
+) -> None:
+    result = run_cluster(
+        "--read-limit-check",
+        "--replicas", "2",
+        "--secrets", "9",
+        "--fetches", "12",
+        "--max-reads", "1", "2", "5",
+        "--secrets-at-once", "3",
+        "--json",
+        "--run-dir", str(tmp_path / "run"),
+        "--haproxy", haproxy,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary: dict[str, Any] = json.loads(result.stdout)
+
+    assert summary["ok"] is True, summary["problems"]
+    assert [r["max_reads"] for r in summary["results"]] == [1, 2, 5] * 3
+    for r in summary["results"]:
+        k = r["max_reads"]
+        assert r["served"] == k, r  # 12 fetches of each, more than any limit
+        assert r["gone"] == 12 - k, r
+        assert r["errors"] == r["wrong"] == 0, r
+        assert r["reads_left"] == list(range(k)), r  # each read answered its own count
+        # More fetches of the secret were on the wire together than it had reads.
+        assert r["peak_in_flight"] > k, r
+    assert summary["reads_served"] == summary["reads_allowed"] == 3 * (1 + 2 + 5)
+    # Both replicas answered, so reads of one secret raced across them.
+    assert set(summary["by_replica"]) == {"r1", "r2"}
+    assert min(summary["by_replica"].values()) > 0
+    assert summary["stored_after"] == summary["expected_stored_after"] == 0
+    assert "OK: no secret was served more" in result.stderr
+    # Secret ids are bearer capabilities: none is printed.
+    uuid_pattern = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    assert re.search(uuid_pattern, result.stdout + result.stderr) is None
+
+    print(
+        f"read limits: served {summary['reads_served']} of {summary['reads_allowed']} allowed, "
+        f"{summary['not_found']} x 404, answers by replica {summary['by_replica']}, "
+        f"reads served by replica {summary['served_by_replica']}, "
+        f"at least {summary['min_peak_in_flight']} of 12 in flight at once"
+    )
+
+
+def test_the_read_limit_check_refuses_a_replica_kill() -> None:
+    result = run_cluster("--read-limit-check", "--kill-replica-after", "1")
+    assert result.returncode == 2
+    assert "--read-limit-check runs no load to kill a replica in" in result.stderr

@@ -31,16 +31,22 @@ pytestmark = pytest.mark.slow
 StartServer = Callable[..., ServerProcess]
 
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
-ALL_USERS = ("RoundtripUser", "CreateBurstUser", "ReadHeavyUser", "NegativeUser")
+ALL_USERS = ("RoundtripUser", "CreateBurstUser", "ReadHeavyUser", "OneTimeUser", "NegativeUser")
 NEGATIVE_NAMES = {
     "create (invalid base64)",
+    "create (invalid max_reads)",
     "create (malformed JSON)",
     "create (oversized)",
+    "delete (unknown id)",
     "fetch (malformed JSON)",
     "fetch (malformed id)",
     "fetch (unknown id)",
 }
+# ReadHeavyUser's delete task and OneTimeUser: each step's request name, in order.
+DELETE_STEPS = ("create (to delete)", "delete", "fetch (deleted)")
+ONE_TIME_STEPS = ("create (max_reads 1)", "fetch (max_reads 1)", "fetch (used up)")
 RATE_LIMITED = "rate limited: start the server with RATE_LIMIT=off"
+UNKNOWN_ID_DETAIL = "no secret has this secret_id; check the id you were given"
 
 
 @dataclass
@@ -58,9 +64,13 @@ class LocustRun:
     def failed(self, name: str) -> int:
         return int(self.csv_stats[name]["Failure Count"])
 
+    def succeeded(self, name: str) -> int:
+        """Requests named ``name`` that passed, from the final counts."""
+        entry = self.final.get(name)
+        return 0 if entry is None else int(entry["num_requests"]) - int(entry["num_failures"])
+
     def acknowledged_creates(self) -> int:
-        entry = self.final["create"]
-        return int(entry["num_requests"]) - int(entry["num_failures"])
+        return self.succeeded("create")
 
 
 def explain(run: LocustRun, server: ServerProcess) -> str:
@@ -120,11 +130,20 @@ def fetch(url: str, secret_id: str) -> bytes:
     return base64.b64decode(response.json()["secret"], validate=True)
 
 
-def created_total(url: str) -> float:
+def metric(url: str, series: str) -> float:
+    """The value of one series (name and labels, as exposed) on the server's /metrics."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    match = re.search(r"^vault_secrets_created_total (\S+)$", text, re.MULTILINE)
-    assert match, "vault_secrets_created_total not in /metrics"
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{series} not in /metrics"
     return float(match.group(1))
+
+
+def created_total(url: str) -> float:
+    return metric(url, "vault_secrets_created_total")
+
+
+def deleted_total(url: str, reason: str) -> float:
+    return metric(url, f'vault_secrets_deleted_total{{reason="{reason}"}}')
 
 
 def server_env(master_key: str, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -136,7 +155,7 @@ def server_env(master_key: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def test_ci_gate_all_four_scenarios_without_failures(
+def test_ci_gate_all_five_scenarios_without_failures(
     start_server: StartServer, master_key: str, tmp_path: Path
 ) -> None:
     server = start_server(server_env(master_key, tmp_path))
@@ -149,12 +168,20 @@ def test_ci_gate_all_four_scenarios_without_failures(
     assert all(run.requests(name) > 0 for name in NEGATIVE_NAMES), run.csv_stats.keys()
     assert run.failed("Aggregated") == 0, explain(run, server)
     assert run.failures == []
+    # Users finish the task in hand: every secret deleted or read once was then found gone.
+    for steps in (DELETE_STEPS, ONE_TIME_STEPS):
+        assert len({run.succeeded(name) for name in steps}) == 1, run.final.keys()
+        assert run.succeeded(steps[0]) > 0, steps
 
     # One ack line per acknowledged create, and nothing the server stored is missing from it.
     ids = [secret_id for secret_id, _ in run.acks]
     assert len(ids) == run.acknowledged_creates() > 0
     assert len(set(ids)) == len(ids)
-    assert created_total(server.url) == len(ids)
+    deleted, read_up = run.succeeded("delete"), run.succeeded("fetch (max_reads 1)")
+    assert created_total(server.url) == len(ids) + deleted + read_up
+    # The secrets deleted or read up are the ones the server counts as gone, and no others.
+    assert deleted_total(server.url, "request") == deleted
+    assert deleted_total(server.url, "last_read") == read_up
     for secret_id, digest in random.sample(run.acks, min(50, len(run.acks))):
         assert hashlib.sha256(fetch(server.url, secret_id)).hexdigest() == digest
 
@@ -306,3 +333,117 @@ def test_a_wrong_byte_fails_the_run(bit_flipping_server: str, tmp_path: Path) ->
     assert [row["Error"] for row in run.failures] == [
         "CatchResponseError('fetch: a different secret came back (same length)')"
     ]
+
+
+def test_one_time_secrets_are_read_once_then_gone(
+    start_server: StartServer, master_key: str, tmp_path: Path
+) -> None:
+    server = start_server(server_env(master_key, tmp_path))
+    run = run_locust(tmp_path, server.url, "OneTimeUser", users=4, seconds=4)
+
+    assert run.returncode == 0, explain(run, server)
+    assert set(run.csv_stats) == {*ONE_TIME_STEPS, "Aggregated"}
+    assert run.failed("Aggregated") == 0, explain(run, server)
+    created = run.succeeded("create (max_reads 1)")
+    assert created > 0
+    assert run.succeeded("fetch (max_reads 1)") == run.succeeded("fetch (used up)") == created
+    # None of them is meant to survive the run, so none is acknowledged for a loss check...
+    assert run.acks == []
+    # ...and the server burnt each on its one read.
+    assert created_total(server.url) == deleted_total(server.url, "last_read") == created
+
+
+class UndeadVault(BaseHTTPRequestHandler):
+    """A stand-in server with the lifecycle's shapes that never forgets a secret: a second
+    read of a one-time secret, or a fetch after a delete, still gets it back. With
+    ``gone_detail`` set it forgets them, but its 404 says why (an oracle)."""
+
+    stored: ClassVar[dict[str, dict[str, Any]]] = {}  # the fetch answers, by id
+    gone: ClassVar[set[str]] = set()
+    gone_detail: ClassVar[str | None] = None
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        status = 200
+        answer: dict[str, Any] = {}
+        if self.path.startswith("/vault/secret/create"):
+            secret_id = str(uuid.uuid4())
+            answer = {"secret_id": secret_id}
+            self.stored[secret_id] = {"secret": body["secret"]}
+            if "max_reads" in body:
+                answer["reads_left"] = body["max_reads"]
+                self.stored[secret_id]["reads_left"] = body["max_reads"] - 1
+        elif self.gone_detail is not None and body["secret_id"] in self.gone:
+            status, answer = 404, {"detail": self.gone_detail}
+        elif self.path.startswith("/vault/secret/delete"):
+            self.gone.add(body["secret_id"])
+            answer = {"secret_id": body["secret_id"], "deleted": True}
+        else:
+            answer = self.stored[body["secret_id"]]
+            if "reads_left" in answer:
+                self.gone.add(body["secret_id"])
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve_undead(gone_detail: str | None) -> Iterator[str]:
+    handler = type(
+        "Handler", (UndeadVault,), {"stored": {}, "gone": set(), "gone_detail": gone_detail}
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def undead_server() -> Iterator[str]:
+    yield from serve_undead(None)
+
+
+@pytest.fixture
+def oracle_server() -> Iterator[str]:
+    yield from serve_undead("this secret was already read")
+
+
+def test_a_secret_served_after_its_last_read_or_its_delete_fails_the_run(
+    undead_server: str, tmp_path: Path
+) -> None:
+    run = run_locust(tmp_path, undead_server, "OneTimeUser", "ReadHeavyUser", users=4, seconds=4)
+
+    assert run.returncode == 1, run.output
+    assert {row["Name"] for row in run.failures} == {"fetch (used up)", "fetch (deleted)"}
+    errors = {row["Name"]: row["Error"] for row in run.failures}
+    assert "fetch (used up): expected HTTP 404, got 200" in errors["fetch (used up)"]
+    assert "fetch (deleted): expected HTTP 404, got 200" in errors["fetch (deleted)"]
+    assert run.failed("fetch (used up)") == run.requests("fetch (used up)") > 0
+    assert run.failed("fetch (deleted)") == run.requests("fetch (deleted)") > 0
+    # Everything else the stand-in answers as the contract says.
+    assert run.failed("Aggregated") == run.failed("fetch (used up)") + run.failed("fetch (deleted)")
+
+
+def test_a_404_that_tells_a_used_up_secret_from_an_unknown_one_fails_the_run(
+    oracle_server: str, tmp_path: Path
+) -> None:
+    run = run_locust(tmp_path, oracle_server, "OneTimeUser", users=2, seconds=3)
+
+    assert run.returncode == 1, run.output
+    assert [(row["Name"], row["Error"]) for row in run.failures] == [
+        (
+            "fetch (used up)",
+            'CatchResponseError("fetch (used up): 404 with another detail than an unknown id\'s")',
+        )
+    ]
+    assert run.failed("fetch (used up)") == run.requests("fetch (used up)") > 0
