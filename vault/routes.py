@@ -268,6 +268,7 @@ class VaultAPI:
         """The route table; ``metrics`` is the /metrics app when metrics are enabled."""
         spec = build_openapi(
             max_secret_bytes=self.max_secret_bytes,
+            max_ttl_seconds=self.max_ttl_seconds,
             max_body_bytes=max_body_bytes,
             metrics=metrics is not None,
             api_keys=api_keys,

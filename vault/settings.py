@@ -334,7 +334,7 @@ def _write_concern(raw: str) -> str | int:
 
 
 def client_token(environ: Mapping[str, str] | None = None) -> str | None:
-    """The API key the ``create`` and ``fetch`` commands send: SECRET_MANAGER_TOKEN.
+    """The API key the ``create``, ``fetch`` and ``delete`` commands send: SECRET_MANAGER_TOKEN.
 
     Surrounding whitespace (a CRLF env file) is dropped; a token a Bearer header cannot carry
     is a ConfigError that never quotes it, instead of an HTTP library error that would.
@@ -351,6 +351,6 @@ def client_token(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def client_url(environ: Mapping[str, str] | None = None) -> str:
-    """Where the ``create`` and ``fetch`` commands send requests: SECRET_MANAGER_URL."""
+    """Where the ``create``, ``fetch`` and ``delete`` commands send requests: SECRET_MANAGER_URL."""
     env = os.environ if environ is None else environ
     return env.get("SECRET_MANAGER_URL") or "http://localhost:8000"
