@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
 from middleware.audit import AuditWriter
-from tests.conftest import audit_record, b64, clean_env
+from tests.conftest import audit_record, b64, clean_env, wait_until
 from vault.app import build_store, create_app
 from vault.crypto import derive_audit_key, generate_key, secret_id_hmac
 from vault.settings import Settings
@@ -293,6 +293,8 @@ def test_sqlite_retention_purges_old_records(tmp_path: Path, master_key: str) ->
         conn.execute("UPDATE audit SET ts = ?", (old,))
     with TestClient(create_app(Settings.from_env({**env, "AUDIT_TTL_DAYS": "2"}))) as client:
         client.post("/vault/secret/create", json={"secret": b64(b"y")})
+        # The purge runs in a task at start, beside the request: wait for it.
+        wait_until(lambda: len(audit_records(env)) == 1, 10, "the old record to be purged")
     records = audit_records(env)
     assert len(records) == 1
     assert records[0]["ts"] > old
@@ -302,17 +304,22 @@ def test_mongo_retention_follows_the_setting_across_restarts(
     mongo_uri: str, master_key: str
 ) -> None:
     env = {"MASTER_KEY": master_key, "MONGO_URI": mongo_uri, "MONGO_DB": "t" + uuid.uuid4().hex}
-    seen = []
-    for ttl_days in ("7", "30", "0", "7"):
-        app = create_app(Settings.from_env({**env, "AUDIT_TTL_DAYS": ttl_days}))
-        with TestClient(app) as client:  # retention is applied once the store answers
-            client.post("/vault/secret/create", json={"secret": b64(b"x")})
+
+    def ttl_indexes() -> list[int]:
         with pymongo.MongoClient(mongo_uri) as mongo:
             indexes = mongo[env["MONGO_DB"]]["audit"].index_information()
-        seen.append(sorted(i["expireAfterSeconds"] for i in indexes.values()
-                           if "expireAfterSeconds" in i))  # fmt: skip
+        return sorted(i["expireAfterSeconds"] for i in indexes.values()
+                      if "expireAfterSeconds" in i)  # fmt: skip
+
     # 0 means forever: the TTL index of 30 days must go, or records would still expire.
-    assert seen == [[7 * 86400], [30 * 86400], [], [7 * 86400]]
+    steps = [("7", [7 * 86400]), ("30", [30 * 86400]), ("0", []), ("7", [7 * 86400])]
+    for ttl_days, wanted in steps:
+        app = create_app(Settings.from_env({**env, "AUDIT_TTL_DAYS": ttl_days}))
+        with TestClient(app) as client:
+            client.post("/vault/secret/create", json={"secret": b64(b"x")})
+            # Retention is applied by a task at start, beside the request: wait for it.
+            wait_until(lambda wanted=wanted: ttl_indexes() == wanted, 10, f"TTL index {wanted}")
+        assert ttl_indexes() == wanted
 
 
 @pytest.mark.parametrize("ttl_days", ["0", "7"])
@@ -323,9 +330,15 @@ def test_mongo_retention_is_a_ttl_index(mongo_uri: str, master_key: str, ttl_day
         "MONGO_DB": "t" + uuid.uuid4().hex[:16],
         "AUDIT_TTL_DAYS": ttl_days,
     }
+    wanted = [int(ttl_days) * 86400] if ttl_days != "0" else []
+
+    def ttl() -> list[int]:
+        with pymongo.MongoClient(mongo_uri) as mongo:
+            indexes = mongo[env["MONGO_DB"]]["audit"].index_information()
+        return [i.get("expireAfterSeconds") for i in indexes.values() if i["key"][0][0] == "ts"]
+
     with TestClient(create_app(Settings.from_env(env))) as client:
         client.post("/vault/secret/create", json={"secret": b64(b"x")})
-    with pymongo.MongoClient(mongo_uri) as mongo:
-        indexes = mongo[env["MONGO_DB"]]["audit"].index_information()
-    ttl = [i.get("expireAfterSeconds") for i in indexes.values() if i["key"][0][0] == "ts"]
-    assert ttl == ([int(ttl_days) * 86400] if ttl_days != "0" else [])
+        # Retention is applied by a task at start, beside the request: give it the time.
+        wait_until(lambda: ttl() == wanted and len(audit_records(env)) == 1, 10, "retention")
+    assert ttl() == wanted

@@ -224,6 +224,9 @@ class VaultAPI:
             record = await self.store.consume(secret_id)
             if record is not None and record.reads_left == 0:
                 SECRETS_DELETED.labels("last_read").inc()
+            if record is not None and record.expired(utc_now()):
+                context.outcome = "expired"  # expired between the read and the update
+                raise HTTPException(404, NOT_FOUND)
         if record is None:
             raise HTTPException(404, NOT_FOUND)
         plaintext = self.keyring.open(record)
