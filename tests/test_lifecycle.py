@@ -8,8 +8,11 @@ replicas sharing MongoDB, and across two workers sharing one SQLite file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 import re
+import sqlite3
 import threading
 import time
 import uuid
@@ -24,6 +27,8 @@ from starlette.testclient import TestClient
 
 from tests.conftest import RawRecords, ServerProcess, b64
 from tests.test_audit import audit_records
+from vault.app import create_app
+from vault.settings import Settings
 
 NOT_FOUND = {"detail": "no secret has this secret_id; check the id you were given"}
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -331,3 +336,30 @@ def test_exactly_k_reads_across_two_workers_on_the_embedded_store(
         "2",
     )
     assert served_per_secret([server.url]) == [READS_ALLOWED] * SECRETS
+
+
+def stored_ciphertext(data_dir: Path, secret_id: str) -> bytes:
+    with contextlib.closing(sqlite3.connect(data_dir / "vault.db")) as conn:
+        (ciphertext,) = conn.execute(
+            "SELECT ciphertext FROM secrets WHERE secret_id = ?", (secret_id,)
+        ).fetchone()
+    return bytes(ciphertext)
+
+
+def test_a_deleted_secret_leaves_no_ciphertext_in_the_sqlite_file(
+    tmp_path: Path, master_key: str
+) -> None:
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path)}
+    with TestClient(create_app(Settings.from_env(env))) as client:
+        ids = [create(client, os.urandom(512))["secret_id"] for _ in range(3)]
+        ciphertexts = {i: stored_ciphertext(tmp_path, i) for i in ids}
+        assert delete(client, ids[0]).status_code == 200
+        one_time = create(client, os.urandom(512), max_reads=1)["secret_id"]
+        ciphertexts[one_time] = stored_ciphertext(tmp_path, one_time)
+        assert fetch(client, one_time).status_code == 200
+    # The server has stopped: its write-ahead log is checkpointed into the file and removed.
+    assert not (tmp_path / "vault.db-wal").exists()
+    data = (tmp_path / "vault.db").read_bytes()
+    assert ciphertexts[ids[0]] not in data
+    assert ciphertexts[one_time] not in data
+    assert ciphertexts[ids[1]] in data  # the check can see a ciphertext that is there

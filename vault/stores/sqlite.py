@@ -146,6 +146,9 @@ class SQLiteStore:
         )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        # A deleted secret's row (delete, last read, purge) is overwritten with zeros in the
+        # database file instead of lingering in a free page until it is reused.
+        conn.execute("PRAGMA secure_delete=ON")
         return conn
 
     def _open_sync(self) -> None:
