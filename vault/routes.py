@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from middleware.context import request_context
+from middleware.context import RequestContext, request_context
 from observability.metrics import SECRETS_DELETED
 from vault.crypto import Keyring
 from vault.openapi import DOCS_HTML, build_openapi
@@ -156,6 +156,19 @@ def _string_field(data: dict[str, Any], name: str) -> str:
     return value
 
 
+async def _secret_id_of(request: Request, context: RequestContext, op: str) -> str:
+    """The well-formed secret_id of a fetch or delete body (400 otherwise), named in the
+    request context for the audit log; ``op`` is set first, so a refusal is audited too."""
+    context.op = op
+    data = await _json_object(request)
+    try:
+        secret_id = normalize_secret_id(_string_field(data, "secret_id"))
+    except InvalidValue as exc:
+        raise HTTPException(400, str(exc)) from None
+    context.secret_id = secret_id
+    return secret_id
+
+
 class VaultAPI:
     """Endpoints bound to one keyring and one store."""
 
@@ -208,13 +221,7 @@ class VaultAPI:
 
     async def fetch_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
-        context.op = "fetch"
-        data = await _json_object(request)
-        try:
-            secret_id = normalize_secret_id(_string_field(data, "secret_id"))
-        except InvalidValue as exc:
-            raise HTTPException(400, str(exc)) from None
-        context.secret_id = secret_id
+        secret_id = await _secret_id_of(request, context, "fetch")
         record = await self.store.get(secret_id)
         if record is not None and record.expired(utc_now()):
             context.outcome = "expired"  # still stored until the purge: never served
@@ -236,13 +243,7 @@ class VaultAPI:
 
     async def delete_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
-        context.op = "delete"
-        data = await _json_object(request)
-        try:
-            secret_id = normalize_secret_id(_string_field(data, "secret_id"))
-        except InvalidValue as exc:
-            raise HTTPException(400, str(exc)) from None
-        context.secret_id = secret_id
+        secret_id = await _secret_id_of(request, context, "delete")
         result = await self.store.delete(secret_id)
         if result is DeleteResult.EXPIRED:
             context.outcome = "expired"
