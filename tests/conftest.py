@@ -6,6 +6,7 @@ server (a MongoDB wire-protocol server over SQLite) started here on a free port.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import os
@@ -14,7 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from starlette.testclient import TestClient
 from loadtests.mongo import mongo_answers
 from loadtests.processes import ClusterError, free_port, wait_for
 from middleware.audit.record import AuditRecord
-from vault.app import create_app
+from vault.app import build_store, create_app
 from vault.crypto import generate_key
 from vault.settings import Settings
+from vault.stores.base import SecretStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -333,3 +335,17 @@ def audit_record(request_id: str) -> AuditRecord:
         latency_ms=1.0,
         user_agent=None,
     )
+
+
+def on_store(env: dict[str, str], work: Callable[[SecretStore], Awaitable[Any]]) -> Any:
+    """Run ``await work(store)`` on a real store opened from ``env``, and close it."""
+
+    async def main() -> Any:
+        store: SecretStore = build_store(Settings.from_env(env))
+        await store.open()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())

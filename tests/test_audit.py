@@ -22,8 +22,8 @@ from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
 from middleware.audit import AuditWriter
-from tests.conftest import audit_record, b64, clean_env, wait_until
-from vault.app import build_store, create_app
+from tests.conftest import audit_record, b64, clean_env, on_store, wait_until
+from vault.app import create_app
 from vault.crypto import derive_audit_key, generate_key, secret_id_hmac
 from vault.settings import Settings
 from vault.stores.base import SecretStore
@@ -186,23 +186,11 @@ def test_concurrent_writes_go_out_in_few_store_calls(store_env: dict[str, str]) 
         await asyncio.gather(*(writer.write(audit_record(f"r{i}")) for i in range(count)))
         await writer.close()
 
-    _on_store(store_env, work)
+    on_store(store_env, work)
     assert len(audit_records(store_env)) == count
     calls, records = audit_calls()
     assert records - records_before == count
     assert calls - calls_before < 20  # 200 records, far fewer database calls
-
-
-def _on_store(store_env: dict[str, str], work: Callable[[SecretStore], Any]) -> None:
-    async def main() -> None:
-        store = build_store(Settings.from_env(store_env))
-        await store.open()
-        try:
-            await work(store)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
 
 
 def test_a_record_written_again_is_stored_once(store_env: dict[str, str]) -> None:
@@ -217,7 +205,7 @@ def test_a_record_written_again_is_stored_once(store_env: dict[str, str]) -> Non
         results = await asyncio.gather(*(store.insert_audit(r.as_document()) for r in again))
         assert results == [None] * 4
 
-    _on_store(store_env, work)
+    on_store(store_env, work)
     stored = sorted(r["request_id"] for r in audit_records(store_env))
     assert stored == sorted(r.request_id for r in [*records, extra])
 
@@ -255,7 +243,7 @@ def test_a_record_the_store_refuses_alone_never_holds_up_the_rest(
         await writer.close()
 
     with caplog.at_level(logging.ERROR, logger="secret_manager.audit"):
-        _on_store(store_env, work)
+        on_store(store_env, work)
     assert sorted(r["request_id"] for r in audit_records(store_env)) == ["a", "b", "c", "reused"]
     assert sum(written) == 4
     assert failed == [1]  # tried once, not again and again

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import functools
@@ -20,8 +19,8 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import RawRecords, b64, clean_env
-from vault.app import build_keyring, build_store
+from tests.conftest import RawRecords, b64, clean_env, on_store
+from vault.app import build_keyring
 from vault.crypto import derive_audit_key, generate_key, key_id, parse_key, secret_id_hmac
 from vault.rewrap import rewrap
 from vault.settings import Settings
@@ -82,20 +81,6 @@ def rotated(store_env: dict[str, str]) -> dict[str, str]:
         "MASTER_KEY": generate_key(),
         "MASTER_KEY_PREVIOUS": store_env["MASTER_KEY"],
     }
-
-
-def with_store(env: dict[str, str], work: Callable[[SecretStore], Any]) -> Any:
-    """Run ``await work(store)`` on a real store opened from ``env``."""
-
-    async def main() -> Any:
-        store = build_store(Settings.from_env(env))
-        await store.open()
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
 
 
 def has_kid_index(store_kind: str, env: dict[str, str]) -> bool:
@@ -221,7 +206,7 @@ def test_ctrl_c_stops_between_atomic_swaps_and_a_new_run_finishes(
         for secret_id, data in secrets.items():
             await store.insert(keyring.seal(secret_id, data))
 
-    with_store(store_env, fill)
+    on_store(store_env, fill)
     process = subprocess.Popen(
         [sys.executable, "-m", "vault", "rewrap", "--batch-size", "1"],
         env=clean_env(**rotated),
@@ -253,7 +238,7 @@ def test_ctrl_c_stops_between_atomic_swaps_and_a_new_run_finishes(
         records = {i: await store.get(i) for i in secrets}
         return {i: new_keyring.open(r) for i, r in records.items() if r is not None}
 
-    assert with_store(store_env, read_all) == secrets
+    assert on_store(store_env, read_all) == secrets
 
 
 @pytest.mark.slow
@@ -389,7 +374,7 @@ def test_the_service_keeps_creating_and_fetching_while_rewrap_runs(
 
     def run() -> None:
         try:
-            outcome["report"] = with_store(
+            outcome["report"] = on_store(
                 rotated,
                 functools.partial(
                     rewrap, keyring=keyring, hash_secret_id=hash_id, batch_size=5, echo=echo
@@ -441,7 +426,7 @@ def test_replace_sealed_never_overwrites_a_record_that_changed(
         assert await store.replace_sealed(stale, keyring.seal(secret_id, plaintext)) is False
         assert await store.get(secret_id) == first
 
-    with_store(rotated, work)
+    on_store(rotated, work)
     assert raw_records.get(secret_id)["key_id"] == kid(rotated["MASTER_KEY"])
 
 
@@ -460,7 +445,7 @@ def test_records_not_sealed_by_pages_in_secret_id_order(
             after = page[-1].secret_id
         return pages, await store.count_not_sealed_by(active)
 
-    pages, count = with_store(rotated, work)
+    pages, count = on_store(rotated, work)
     assert pages == [sorted(old)[0:2], sorted(old)[2:4], sorted(old)[4:]]
     assert count == 5
 
@@ -515,7 +500,7 @@ def test_rewrap_keeps_lifecycles_and_never_brings_back_what_went_while_it_ran(
         racing: Any = RacingStore(store, deleted, read)
         return await rewrap(racing, keyring, hash_secret_id=hash_id, batch_size=4)
 
-    report = with_store(rotated, work)
+    report = on_store(rotated, work)
     assert report.ok
     assert raw_records.secret_ids() == set(ids) - deleted - one_read_left
     new = make_client(**rotated)

@@ -7,13 +7,9 @@ import asyncio
 import datetime as dt
 import os
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
 
-from tests.conftest import RawRecords
-from vault.app import build_store
+from tests.conftest import RawRecords, on_store
 from vault.records import SealedSecret
-from vault.settings import Settings
 from vault.stores.base import DeleteResult, SecretStore
 
 
@@ -30,18 +26,6 @@ def record(*, expires_at: dt.datetime | None = None, reads_left: int | None = No
 
 def whole_seconds(delta: dt.timedelta) -> dt.datetime:
     return (dt.datetime.now(dt.UTC) + delta).replace(microsecond=0)
-
-
-def on_store(env: dict[str, str], work: Callable[[SecretStore], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        store: SecretStore = build_store(Settings.from_env(env))
-        await store.open()
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
 
 
 def test_expiry_and_read_limit_are_stored_and_read_back(store_env: dict[str, str]) -> None:

@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.conftest import RawRecords, audit_record
-from vault.app import build_store
+from tests.conftest import RawRecords, audit_record, on_store
 from vault.records import SealedSecret
-from vault.settings import Settings
 from vault.stores.base import CorruptRecord, SecretStore, StoreUnavailable
 
 
@@ -32,18 +30,6 @@ def record(secret_id: str | None = None) -> SealedSecret:
 def store_calls(operation: str) -> float:
     value = REGISTRY.get_sample_value("vault_store_batch_size_count", {"operation": operation})
     return value or 0.0
-
-
-def run_on_store(env: dict[str, str], work: object) -> None:
-    async def main() -> None:
-        store: SecretStore = build_store(Settings.from_env(env))
-        await store.open()
-        try:
-            await work(store)  # type: ignore[operator]
-        finally:
-            await store.close()
-
-    asyncio.run(main())
 
 
 def test_concurrent_creates_and_fetches_share_calls_and_get_their_own_records(
@@ -65,7 +51,7 @@ def test_concurrent_creates_and_fetches_share_calls_and_get_their_own_records(
         assert found[len(records) : len(records) + len(unknown)] == [None] * len(unknown)
         assert found[-4:] == [records[0]] * 4
 
-    run_on_store(store_env, work)
+    on_store(store_env, work)
 
 
 def test_a_conflicting_insert_fails_alone_and_its_batch_mates_are_stored(
@@ -84,7 +70,7 @@ def test_a_conflicting_insert_fails_alone_and_its_batch_mates_are_stored(
         assert await store.get(taken.secret_id) == taken  # the first record is untouched
         assert await asyncio.gather(*(store.get(r.secret_id) for r in others)) == others
 
-    run_on_store(store_env, work)
+    on_store(store_env, work)
 
 
 @pytest.mark.parametrize("store_kind", ["mongo"], indirect=True)
@@ -97,7 +83,7 @@ def test_an_insert_retried_after_it_landed_counts_as_stored(store_env: dict[str,
         await asyncio.gather(store.insert(same), store.insert(record()))
         assert await store.get(same.secret_id) == same
 
-    run_on_store(store_env, work)
+    on_store(store_env, work)
 
 
 @pytest.mark.parametrize("store_kind", ["mongo"], indirect=True)
@@ -124,7 +110,7 @@ def test_a_malformed_record_fails_only_its_own_fetch(
             else:
                 assert got == wanted, index
 
-    run_on_store(store_env, work)
+    on_store(store_env, work)
 
 
 def test_concurrent_audit_inserts_share_calls_and_a_malformed_one_is_refused_alone(
@@ -144,7 +130,7 @@ def test_concurrent_audit_inserts_share_calls_and_a_malformed_one_is_refused_alo
         assert [result is None for result in results] == [True] * 16 + [False] + [True] * 16
         assert isinstance(results[16], KeyError)
 
-    run_on_store(store_env, work)
+    on_store(store_env, work)
 
 
 @pytest.mark.parametrize("store_kind", ["sqlite"], indirect=True)
@@ -159,4 +145,4 @@ def test_an_audit_write_that_fails_as_a_whole_raises_store_unavailable(
         with pytest.raises(StoreUnavailable):
             await store.insert_audit(audit_record("r1").as_document())
 
-    run_on_store(store_env, work)
+    on_store(store_env, work)
