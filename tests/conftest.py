@@ -251,6 +251,20 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux): a server's workers and resource tracker."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process; an exited one may linger as a zombie unreaped."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat_line.rpartition(")")[2].split()[0] != "Z"
+
+
 class HTTPProcess:
     """A server subprocess on a free loopback port, its output in a log file."""
 

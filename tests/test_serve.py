@@ -21,7 +21,7 @@ import httpx2 as httpx
 import pytest
 
 from middleware.errors import GENERIC_DETAIL
-from tests.conftest import b64, clean_env, free_port
+from tests.conftest import b64, children, clean_env, free_port, running
 from vault.crypto import generate_key
 from vault.settings import Settings
 
@@ -183,8 +183,7 @@ def test_two_workers_serve_and_stop_on_sigterm(
 
 def _workers(pid: int) -> list[int]:
     """The worker processes of a server (not multiprocessing's resource tracker)."""
-    children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [c for c in children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 def test_a_worker_that_dies_stops_the_server_with_a_failure_code(
@@ -203,6 +202,79 @@ def test_a_worker_that_dies_stops_the_server_with_a_failure_code(
     assert code == 1
     assert "exited with code -9: stopping the others" in server.output()
     assert not _answers(server.url)
+
+
+def _bindable(port: int) -> bool:
+    """Whether a new listener can take the port, as ``serve`` binds it (no SO_REUSEPORT)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            return False
+    return True
+
+
+def test_sigkill_of_the_supervisor_stops_its_workers_and_frees_the_port(
+    start_server: StartServer, tmp_path: Path, master_key: str
+) -> None:
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")}
+    server = start_server({**env, "GRACEFUL_TIMEOUT_SECONDS": "3"}, "--workers", "2")
+    assert len(_workers(server.process.pid)) == 2
+    processes = children(server.process.pid)
+    assert not _bindable(server.port)  # the check below can tell a held port
+    server.process.kill()
+    killed = time.monotonic()
+    server.process.wait(5)
+    # Measured: every child gone 0.1 to 0.2 s after the SIGKILL; generous for a loaded CI.
+    while any(running(child) for child in processes) and time.monotonic() - killed < 10:
+        time.sleep(0.05)
+    left = [child for child in processes if running(child)]
+    assert not left, f"processes {left} still running 10s after their supervisor's SIGKILL"
+    assert _bindable(server.port)
+    assert not _answers(server.url)
+    assert "the supervisor is gone, shutting down" in server.output()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_server_on_a_held_port_fails_and_the_first_keeps_serving(
+    start_server: StartServer, tmp_path: Path, master_key: str, workers: int
+) -> None:
+    # Two workers: the port was bound with SO_REUSEPORT, so a second server with two
+    # workers bound it too and the kernel split connections between the two.
+    first = start_server(
+        {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "first")}, "--workers", "2"
+    )
+    secret = b64(os.urandom(16))
+    secret_id = create(first.url, secret)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vault",
+            "serve",
+            "--port",
+            str(first.port),
+            "--workers",
+            str(workers),
+        ],
+        env=clean_env(MASTER_KEY=generate_key(), DATA_DIR=str(tmp_path / "second")),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert second.returncode == 2
+    assert second.stdout == ""
+    assert second.stderr == (
+        f"secret-manager: cannot listen on 127.0.0.1:{first.port}: Address already in use\n"
+    )
+    # Every fresh connection still reaches the first server (its key, its data).
+    for _ in range(10):
+        assert fetch(first.url, create(first.url, secret)).json() == {"secret": secret}
+    assert fetch(first.url, secret_id).json() == {"secret": secret}
+    assert first.stop() == 0
 
 
 def test_sigterm_exits_zero_within_the_graceful_timeout(

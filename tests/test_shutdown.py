@@ -27,7 +27,7 @@ import httpx2 as httpx
 import pymongo
 import pytest
 
-from tests.conftest import ServerProcess, b64
+from tests.conftest import ServerProcess, b64, children, running
 from vault.crypto import derive_audit_key, secret_id_hmac
 from vault.settings import Settings
 
@@ -287,6 +287,34 @@ def test_a_request_in_flight_at_sigterm_completes_and_is_kept(
     code = server.process.wait(GRACEFUL + EXIT_SLACK)
     assert code == 0
     assert time.monotonic() - sent < GRACEFUL + EXIT_SLACK
+    check_everything_acknowledged_is_kept(start_server, graceful_env, {secret_id: secret})
+
+
+def test_a_request_in_flight_when_the_supervisor_is_killed_completes_and_is_kept(
+    start_server: StartServer, graceful_env: dict[str, str]
+) -> None:
+    # SIGKILL leaves the supervisor no chance to stop its workers: they see its end of a
+    # pipe close and drain as they would at SIGTERM, instead of serving on as orphans.
+    server = start_server(graceful_env, "--workers", "2")
+    processes = children(server.process.pid)
+    secret = b64(b"in flight at the supervisor's SIGKILL")
+    body = f'{{"secret": "{secret}"}}'.encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(_request_head(len(body)) + body[:10])
+        time.sleep(0.3)  # the app is reading the body
+        killed = time.monotonic()
+        server.process.kill()
+        server.process.wait(5)
+        while not _refused(server.port):  # measured: under 0.2 s
+            assert time.monotonic() - killed < 2, "still accepting connections after the SIGKILL"
+            time.sleep(0.05)
+        sock.sendall(body[10:])
+        received = _read_response(sock, GRACEFUL + 2)
+    assert received.startswith(b"HTTP/1.1 200"), received[:300]
+    secret_id = received.split(b'"secret_id":"')[1].split(b'"')[0].decode()
+    while any(running(child) for child in processes):
+        assert time.monotonic() - killed < GRACEFUL + EXIT_SLACK, "workers outlived the drain"
+        time.sleep(0.05)
     check_everything_acknowledged_is_kept(start_server, graceful_env, {secret_id: secret})
 
 

@@ -12,16 +12,38 @@ Here every worker stops on the shared event alone (they ignore SIGINT and SIGTER
 terminal or a process manager may send to the whole group), the supervisor waits for all
 of them up to the graceful timeout plus a margin, and a worker that exits before shutdown
 was asked for stops the others gracefully and makes the server exit 1.
+
+Two more guarantees an operator relies on when restarting the service:
+- **Workers never outlive the supervisor.** Each worker holds the read end of a pipe whose
+  only write end the supervisor holds. However the supervisor dies (SIGKILL included), the
+  kernel closes that end, and a thread in each worker that waits on the pipe sees
+  end-of-file and starts the worker's graceful shutdown: in-flight requests finish (up to
+  the graceful timeout) and pending audit records are written. A pipe was chosen over
+  ``prctl(PR_SET_PDEATHSIG)``: it is portable, and its end-of-file leads to the same drain
+  as SIGTERM, where a death signal would either kill the worker mid-request (SIGKILL) or be
+  ignored (the workers ignore SIGTERM and SIGINT, see above). A worker still running
+  ``graceful_timeout`` + ``EXIT_MARGIN_SECONDS`` later exits anyway, as the supervisor
+  would have killed it.
+- **No silent port sharing.** The supervisor binds each address once, without
+  ``SO_REUSEPORT`` (Hypercorn sets it whenever ``workers > 1``), and the workers inherit
+  that one socket. A second server on a held address then fails to bind ("Address already
+  in use", exit 2 from ``serve``) instead of having the kernel split connections between
+  the old server and the new one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+import os
 import signal
+import threading
 import time
 from multiprocessing import get_context
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from types import FrameType
 
 from hypercorn.config import Config, Sockets
@@ -35,13 +57,13 @@ EXIT_MARGIN_SECONDS = 5.0
 
 def serve_workers(config: Config, count: int) -> int:
     """Run ``count`` workers until SIGTERM/SIGINT; 0 after a clean stop, 1 if one died."""
-    from hypercorn.asyncio.run import asyncio_worker
-
     if count < 2:
         raise ValueError("serve_workers is for two or more workers")
     context = get_context("spawn")
-    sockets = config.create_sockets()
+    sockets = _bind(config)
     shutdown = context.Event()
+    # Only this process ever holds the write end: its death is the workers' end-of-file.
+    parent_gone, parent_alive = context.Pipe(duplex=False)
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -55,14 +77,20 @@ def serve_workers(config: Config, count: int) -> int:
     try:
         for _ in range(count):
             process: BaseProcess = context.Process(
-                target=asyncio_worker,
-                kwargs={"config": config, "sockets": sockets, "shutdown_event": shutdown},
+                target=_worker,
+                kwargs={
+                    "config": config,
+                    "sockets": sockets,
+                    "shutdown": shutdown,
+                    "parent_gone": parent_gone,
+                },
             )
             process.start()
             alive.append(process)
         # The workers hold the listening sockets now; ours would keep the port accepting
         # connections into the backlog after every worker has stopped listening.
         _close(sockets)
+        parent_gone.close()
         for number in STOP_SIGNALS:
             signal.signal(number, stop)
 
@@ -102,6 +130,56 @@ def serve_workers(config: Config, count: int) -> int:
         for number, handler in previous.items():
             signal.signal(number, handler)
         _close(sockets)
+        parent_gone.close()
+        parent_alive.close()
+
+
+def _bind(config: Config) -> Sockets:
+    """Bind every address once, without ``SO_REUSEPORT``, for all the workers to share.
+
+    Hypercorn's ``create_sockets`` sets ``SO_REUSEPORT`` when ``config.workers > 1``; with it
+    a second server on the same port binds as well and the kernel splits connections
+    between the two. One socket inherited by every worker needs no such option.
+    """
+    single = copy.copy(config)
+    single.workers = 1
+    return single.create_sockets()
+
+
+def _worker(config: Config, sockets: Sockets, shutdown: Event, parent_gone: Connection) -> None:
+    """One worker process: Hypercorn's asyncio worker, also stopped by the supervisor's death."""
+    from hypercorn.asyncio.run import asyncio_worker
+
+    threading.Thread(
+        target=_watch_parent,
+        args=(parent_gone, shutdown, config.graceful_timeout + EXIT_MARGIN_SECONDS),
+        name="watch-supervisor",
+        daemon=True,  # it must not keep a worker that has stopped from exiting
+    ).start()
+    asyncio_worker(config, sockets, shutdown)
+
+
+def _watch_parent(parent_gone: Connection, shutdown: Event, limit: float) -> None:
+    """Wait for the supervisor's end of the pipe to close, then stop this worker gracefully.
+
+    Nothing is ever sent on the pipe: ``recv_bytes`` returns only with end-of-file, when
+    the supervisor has exited (after its workers, normally) or died.
+    """
+    with contextlib.suppress(EOFError, OSError):
+        parent_gone.recv_bytes()
+    log.warning("worker %s: the supervisor is gone, shutting down", os.getpid())
+    # Armed before the event is set: a supervisor killed while holding the event's lock
+    # would leave set() (and the worker's own polling of it) blocked for good.
+    deadline = threading.Timer(limit, _exit_late, args=(limit,))
+    deadline.daemon = True
+    deadline.start()
+    shutdown.set()  # the same graceful path as SIGTERM to the supervisor
+
+
+def _exit_late(limit: float) -> None:
+    """Leave without the supervisor that would have killed a worker this slow to stop."""
+    log.error("worker %s did not stop within %.0fs of its supervisor: exiting", os.getpid(), limit)
+    os._exit(1)
 
 
 def _close(sockets: Sockets) -> None:
