@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -201,8 +201,6 @@ def test_mongo_away_makes_readyz_503_until_it_is_back(
 
 def test_readiness_probe_writes_no_secret(start_server: StartServer, tmp_path: Path) -> None:
     """Probing alone leaves the secrets table empty: its write goes to ``readiness``."""
-    import sqlite3
-
     data_dir = tmp_path / "data"
     server = start_server({"MASTER_KEY": generate_key(), "DATA_DIR": str(data_dir)})
     with httpx.Client(base_url=server.url, timeout=15) as client:
@@ -210,11 +208,9 @@ def test_readiness_probe_writes_no_secret(start_server: StartServer, tmp_path: P
             assert _readyz(client).status_code == 200
             time.sleep(1.1)
     server.stop()
-    db = next(data_dir.glob("*.db"))
-    conn = sqlite3.connect(db)
+    conn = sqlite3.connect(data_dir / "vault.db")
     try:
         assert conn.execute("SELECT count(*) FROM secrets").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM readiness").fetchone()[0] == 1
     finally:
         conn.close()
-    shutil.rmtree(data_dir)

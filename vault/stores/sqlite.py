@@ -234,6 +234,9 @@ class SQLiteStore:
                 try:
                     return func(conn)
                 except sqlite3.OperationalError as exc:
+                    if conn.in_transaction:  # a failed COMMIT may leave one open: not pooled
+                        with suppress(sqlite3.Error):
+                            conn.rollback()
                     if exc.sqlite_errorname == "SQLITE_FULL":
                         # Frees what the WAL holds, so space an operator frees stays free.
                         _checkpoint(conn)
