@@ -32,7 +32,8 @@ for _reason in REASONS:  # every series from the start, so an alert sees its fir
 
 
 class NotReady(StoreUnavailable):
-    """The store answers but its recent writes failed; ``reason`` is one of REASONS."""
+    """What a store's ping raises when the replica is not ready: ``reason``, one of
+    REASONS, says why (the last write failed, or the store did not answer)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
