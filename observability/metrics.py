@@ -80,6 +80,18 @@ AUDIT_RECORDS = Counter(
     "Audit records, by result: written to the audit sink, or failed to be written.",
     ["result"],
 )
+# Set by the stores on each write outcome; livemin: one worker whose writes fail makes the
+# replica read 0, as its /readyz answers 503 then.
+STORE_WRITABLE = Gauge(
+    "vault_store_writable",
+    "1 when the store's last write (or readiness probe write) succeeded, 0 when it failed.",
+    multiprocess_mode="livemin",
+)
+NOT_READY = Counter(
+    "vault_readyz_not_ready_total",
+    "GET /readyz answers of 503, by reason (store unreachable, store refusing writes, disk full).",
+    ["reason"],
+)
 STORE_OPERATION_SECONDS = Histogram(
     "vault_store_operation_seconds",
     "Time the store took per call (insert, get, ping, ...; a batch once), failures included.",

@@ -241,8 +241,12 @@ def build_openapi(
                     "summary": "Readiness",
                     "operationId": "readyz",
                     "responses": {
-                        "200": _json("Status", "The store answers."),
-                        "503": _error("The store does not answer.", retry_after=True),
+                        "200": _json("Status", "The store answers and takes writes."),
+                        "503": _error(
+                            "Not ready: the body's `reason` is `store unreachable`,"
+                            " `store refusing writes` or `disk full`.",
+                            retry_after=True,
+                        ),
                     },
                 }
             },

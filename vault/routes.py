@@ -25,12 +25,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from middleware.context import RequestContext, request_context
-from observability.metrics import SECRETS_DELETED
+from observability.metrics import NOT_READY, SECRETS_DELETED
 from vault.crypto import Keyring
 from vault.openapi import DOCS_HTML, build_openapi
 from vault.records import SealedSecret
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
 from vault.stores.base import DeleteResult, SecretStore, StoreUnavailable, utc_now
+from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE, NotReady
 from vault.validation import InvalidValue, decode_secret, normalize_secret_id
 
 log = logging.getLogger("secret_manager.routes")
@@ -48,6 +49,12 @@ OPERATIONS = {
 # Unknown, deleted, used up or expired: one answer, so it tells a caller nothing.
 NOT_FOUND = "no secret has this secret_id; check the id you were given"
 UNAVAILABLE_DETAIL = "the secret store is unavailable; retry after the time in Retry-After"
+# What a 503 from /readyz says, by reason: what an operator reads, and what to look at.
+NOT_READY_DETAIL = {
+    UNREACHABLE: "the secret store does not answer; check that the database is up and reachable",
+    REFUSING_WRITES: "the secret store answers but its recent writes failed; check the database",
+    DISK_FULL: "the data directory's disk is full; free space and this replica recovers by itself",
+}
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -255,10 +262,17 @@ class VaultAPI:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
+        """200 when the store answers and its last write succeeded; else 503 saying why."""
         try:
             await self.store.ping()
-        except StoreUnavailable:
-            return unavailable_response()
+        except StoreUnavailable as exc:
+            reason = exc.reason if isinstance(exc, NotReady) else UNREACHABLE
+            NOT_READY.labels(reason=reason).inc()
+            return JSONResponse(
+                {"status": "not ready", "reason": reason, "detail": NOT_READY_DETAIL[reason]},
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         return JSONResponse({"status": "ready"})
 
     def routes(

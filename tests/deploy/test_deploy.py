@@ -158,6 +158,7 @@ def test_monitoring_scrapes_every_replica_and_loads_the_rules(services: dict[str
         "SecretManagerHighP99Latency",
         "SecretManagerAuditWriteFailures",
         "SecretManagerRateLimitSurge",
+        "SecretManagerReplicaNotReady",
     }
 
 

@@ -102,7 +102,10 @@ class SecretStore(Protocol):
         count removed. Called at start and every SECRET_PURGE_INTERVAL_SECONDS."""
 
     async def ping(self) -> None:
-        """Return if the store answers, else raise StoreUnavailable."""
+        """Return if the store answers and its last write succeeded, else raise
+        StoreUnavailable (vault.stores.health.NotReady, naming the reason, for a failing
+        write). May write one harmless readiness record, never a secret, at most once a
+        second."""
 
     async def insert_audit(self, document: AuditDocument) -> Exception | None:
         """Durably store one audit record (``AUDIT_FIELDS``); concurrent calls share one

@@ -11,6 +11,7 @@ of pymongo's 30 s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from vault.stores.base import (
     utc_now,
 )
 from vault.stores.batching import Batcher
+from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE, NotReady, WriteHealth
 
 _FORMAT_VERSION = 1
 _DUPLICATE_KEY = 11000
@@ -59,6 +61,19 @@ INDEX_BUILD_TIMEOUT_SECONDS = 600.0
 def _is_unavailable(exc: PyMongoError) -> bool:
     """Errors that mean 'the database is not reachable or not writable right now'."""
     return isinstance(exc, ConnectionFailure | WriteConcernError) or bool(exc.timeout)
+
+
+_OUT_OF_DISK_SPACE = 14031  # the server's own error code when its disk is full
+
+
+def _reason(exc: Exception) -> str:
+    """What /readyz says when a write failed with ``exc``."""
+    if isinstance(exc, StoreUnavailable):
+        # Written perhaps, but not confirmed: the server answers yet does not take writes.
+        return REFUSING_WRITES if "WriteConcernError" in str(exc) else UNREACHABLE
+    if isinstance(exc, PyMongoError) and getattr(exc, "code", None) == _OUT_OF_DISK_SPACE:
+        return DISK_FULL
+    return REFUSING_WRITES
 
 
 def _sealed(doc: Mapping[str, Any]) -> SealedSecret:
@@ -208,6 +223,11 @@ class MongoStore:
             "secrets", write_concern=durable
         )
         self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
+        # One document the readiness probe rewrites to learn whether writes work; no secret.
+        self._readiness: Collection[dict[str, Any]] = db.get_collection(
+            "readiness", write_concern=durable
+        )
+        self.health = WriteHealth()  # what /readyz reports: did the last write succeed?
         # Concurrent creates share one insert_many, concurrent fetches one find (group commit).
         deadline = timeout + 1.0  # as for each call: the driver's own timeout ends first
         self._inserts = Batcher(self._insert_batch, operation="insert", timeout=deadline)
@@ -238,10 +258,12 @@ class MongoStore:
             if all(existing.get(k) == wanted[existing["_id"]][k] for k in ("nonce", "ct"))
         }
 
+    async def _write(self, operation: str, func: Callable[..., Any], *args: object) -> Any:
+        """``self._mongo.run`` for a write, its outcome reported to ``self.health``."""
+        return await self.health.track(self._mongo.run(operation, func, *args), _reason)
+
     async def _insert_batch(self, docs: list[dict[str, Any]]) -> list[Exception | None]:
-        results: list[Exception | None] = await self._mongo.run(
-            "insert", self._insert_many_sync, docs
-        )
+        results: list[Exception | None] = await self._write("insert", self._insert_many_sync, docs)
         return results
 
     async def insert(self, record: SealedSecret) -> None:
@@ -298,7 +320,7 @@ class MongoStore:
         return _sealed_or_corrupt(doc)
 
     async def consume(self, secret_id: str) -> SealedSecret | None:
-        result: SealedSecret | Exception | None = await self._mongo.run(
+        result: SealedSecret | Exception | None = await self._write(
             "consume", self._consume_sync, secret_id
         )
         if isinstance(result, Exception):
@@ -312,7 +334,7 @@ class MongoStore:
         return doc
 
     async def delete(self, secret_id: str) -> DeleteResult:
-        doc = await self._mongo.run("delete", self._delete_sync, secret_id)
+        doc = await self._write("delete", self._delete_sync, secret_id)
         if doc is None or doc.get("reads_left") == 0:
             return DeleteResult.MISSING
         expires_at = doc.get("expires_at")
@@ -341,7 +363,7 @@ class MongoStore:
         return expired + used_up
 
     async def purge_expired(self) -> int:
-        removed: int = await self._mongo.run("purge_expired", self._purge_sync, utc_now())
+        removed: int = await self._write("purge_expired", self._purge_sync, utc_now())
         return removed
 
     def _create_kid_index_sync(self) -> None:
@@ -391,7 +413,7 @@ class MongoStore:
     async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
         if new.secret_id != old.secret_id:
             raise ValueError("a record can only be replaced by a record with its own id")
-        swapped: bool = await self._mongo.run("rewrap_replace", self._replace_sync, old, new)
+        swapped: bool = await self._write("rewrap_replace", self._replace_sync, old, new)
         return swapped
 
     async def count_not_sealed_by(self, key_id: str) -> int:
@@ -411,7 +433,7 @@ class MongoStore:
 
     async def _insert_audit_batch(self, documents: list[dict[str, Any]]) -> list[Exception | None]:
         try:
-            results: list[Exception | None] = await self._mongo.run(
+            results: list[Exception | None] = await self._write(
                 "insert_audit", self._insert_audit_sync, documents
             )
         except Exception as exc:  # the whole call failed: every record in it may be retried
@@ -448,12 +470,31 @@ class MongoStore:
 
     async def apply_audit_retention(self, ttl_days: int) -> None:
         """A TTL index on ``ts``: MongoDB itself deletes records older than the retention."""
-        await self._mongo.run("audit_retention", self._retention_sync, ttl_days)
+        await self._write("audit_retention", self._retention_sync, ttl_days)
 
     def _ping_sync(self) -> None:
         # Readiness probes (Swarm, a load balancer) time out in a few seconds themselves.
         with pymongo.timeout(min(self._mongo.timeout, PING_TIMEOUT_SECONDS)):
             self._mongo.client.admin.command("ping")
 
+    def _probe_sync(self) -> None:
+        with pymongo.timeout(min(self._mongo.timeout, PING_TIMEOUT_SECONDS)):
+            self._readiness.update_one(
+                {"_id": "readyz"}, {"$set": {"checked_at": utc_now()}}, upsert=True
+            )
+
     async def ping(self) -> None:
-        await self._mongo.run("ping", self._ping_sync)
+        """Raise StoreUnavailable unless the database answers and the last write succeeded
+        (NotReady then, with the reason). With no write in the last second, the probe
+        rewrites one ``readiness`` document itself, so it sees writes work again (or not)
+        while no traffic comes."""
+        if self.health.claim_probe():
+            # A failure is not raised here: its reason is in self.health, raised below.
+            with contextlib.suppress(StoreUnavailable, PyMongoError):
+                await self._write("readiness_probe", self._probe_sync)
+        else:
+            try:
+                await self._mongo.run("ping", self._ping_sync)
+            except StoreUnavailable:
+                raise NotReady(UNREACHABLE) from None
+        self.health.raise_if_failing()

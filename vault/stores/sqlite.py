@@ -14,7 +14,7 @@ import queue
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +31,7 @@ from vault.stores.base import (
     utc_now,
 )
 from vault.stores.batching import Batcher
+from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE, NotReady, WriteHealth
 
 T = TypeVar("T")
 
@@ -60,6 +61,11 @@ CREATE TABLE IF NOT EXISTS audit (
     record_id      TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+-- One row the readiness probe rewrites to learn whether writes work; never a secret.
+CREATE TABLE IF NOT EXISTS readiness (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS audit_secret_id_hmac ON audit (secret_id_hmac);
 """
 
@@ -77,6 +83,30 @@ _INSERT_AUDIT = (
     " ON CONFLICT (record_id) DO NOTHING"
 )
 AuditRow = tuple[object, ...]
+# The WAL is cut back to this size whenever a checkpoint resets it, so the space a burst of
+# writes took is given back instead of held by a WAL file that only ever grows.
+JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
+PING_TIMEOUT_SECONDS = 2.0  # readiness probes (a balancer, Swarm) give up after a few seconds
+_PROBE = (
+    "INSERT INTO readiness (id, checked_at) VALUES (1, ?)"
+    " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at"
+)
+
+
+def _reason(exc: Exception) -> str:
+    """What /readyz says when a write failed with ``exc``."""
+    if isinstance(exc, sqlite3.Error) and exc.sqlite_errorname == "SQLITE_FULL":
+        return DISK_FULL
+    if isinstance(exc, StoreUnavailable) and "SQLITE_FULL" in str(exc):
+        return DISK_FULL
+    return REFUSING_WRITES
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database file and truncate it to zero bytes, giving its space
+    back to the file system; best effort (it cannot run while another connection writes)."""
+    with suppress(sqlite3.Error):
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def _audit_row(document: AuditDocument) -> AuditRow:
@@ -133,6 +163,7 @@ class SQLiteStore:
         self._size = connections
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._executor: ThreadPoolExecutor | None = None
+        self.health = WriteHealth()  # what /readyz reports: did the last write succeed?
         # Concurrent creates share one transaction, concurrent fetches one query.
         self._inserts = Batcher(self._insert_batch, operation="insert", timeout=timeout + 1.0)
         self._gets = Batcher(self._get_batch, operation="get", timeout=timeout + 1.0)
@@ -149,6 +180,7 @@ class SQLiteStore:
         # A deleted secret's row (delete, last read, purge) is overwritten with zeros in the
         # database file instead of lingering in a free page until it is reused.
         conn.execute("PRAGMA secure_delete=ON")
+        conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
         return conn
 
     def _open_sync(self) -> None:
@@ -183,25 +215,49 @@ class SQLiteStore:
         finally:
             self._pool.put(conn)
 
-    async def _run(self, operation: str, func: Callable[[sqlite3.Connection], T]) -> T:
-        if self._executor is None:
+    async def _run(
+        self,
+        operation: str,
+        func: Callable[[sqlite3.Connection], T],
+        *,
+        write: bool = False,
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``func`` on a pooled connection off the loop; a ``write``'s outcome is
+        reported to ``self.health``."""
+        executor = self._executor
+        if executor is None:
             raise RuntimeError("store used before open()")
 
         def call() -> T:
             with self._connection() as conn:
-                return func(conn)
+                try:
+                    return func(conn)
+                except sqlite3.OperationalError as exc:
+                    if conn.in_transaction:  # a failed COMMIT may leave one open: not pooled
+                        with suppress(sqlite3.Error):
+                            conn.rollback()
+                    if exc.sqlite_errorname == "SQLITE_FULL":
+                        # Frees what the WAL holds, so space an operator frees stays free.
+                        _checkpoint(conn)
+                    raise
 
-        try:
-            return await run_off_loop(
-                call,
-                executor=self._executor,
-                timeout=self._timeout + 1.0,
-                operation=operation,
-                system="sqlite",
-            )
-        except sqlite3.OperationalError as exc:
-            # Locked, read-only, out of disk or unreadable: transient from the caller's view.
-            raise StoreUnavailable(f"sqlite: {exc.sqlite_errorname}") from None
+        async def run() -> T:
+            try:
+                return await run_off_loop(
+                    call,
+                    executor=executor,
+                    timeout=self._timeout + 1.0 if timeout is None else timeout,
+                    operation=operation,
+                    system="sqlite",
+                )
+            except sqlite3.OperationalError as exc:
+                # Locked, read-only, out of disk or unreadable: transient from the caller's view.
+                raise StoreUnavailable(f"sqlite: {exc.sqlite_errorname}") from None
+
+        if write:
+            return await self.health.track(run(), _reason)
+        return await run()
 
     async def _insert_batch(self, records: list[SealedSecret]) -> list[Exception | None]:
         def insert(conn: sqlite3.Connection) -> list[Exception | None]:
@@ -227,7 +283,7 @@ class SQLiteStore:
                         results.append(None)
             return results
 
-        return await self._run("insert", insert)
+        return await self._run("insert", insert, write=True)
 
     async def insert(self, record: SealedSecret) -> None:
         await self._inserts.submit(record)
@@ -265,7 +321,7 @@ class SQLiteStore:
                     conn.execute("DELETE FROM secrets WHERE secret_id = ?", (secret_id,))
             return row
 
-        row = await self._run("consume", take)
+        row = await self._run("consume", take, write=True)
         return None if row is None else _sealed(row)
 
     async def delete(self, secret_id: str) -> DeleteResult:
@@ -276,7 +332,7 @@ class SQLiteStore:
             ).fetchone()
             return found
 
-        found = await self._run("delete", remove)
+        found = await self._run("delete", remove, write=True)
         if found is None or found[1] == 0:
             return DeleteResult.MISSING
         expires_at, _ = found
@@ -291,9 +347,10 @@ class SQLiteStore:
             cursor = conn.execute(
                 "DELETE FROM secrets WHERE expires_at <= ? OR reads_left = 0", (now,)
             )
+            _checkpoint(conn)  # periodically, so the WAL gives its space back between bursts
             return cursor.rowcount
 
-        return await self._run("purge_expired", purge)
+        return await self._run("purge_expired", purge, write=True)
 
     async def prepare_rewrap(self) -> None:
         """Nothing to do: the schema already indexes ``key_id``."""
@@ -327,7 +384,7 @@ class SQLiteStore:
             )
             return cursor.rowcount == 1
 
-        return await self._run("rewrap_replace", replace)
+        return await self._run("rewrap_replace", replace, write=True)
 
     async def count_not_sealed_by(self, key_id: str) -> int:
         def count(conn: sqlite3.Connection) -> int:
@@ -351,7 +408,7 @@ class SQLiteStore:
             return results
 
         try:
-            return await self._run("insert_audit", insert)
+            return await self._run("insert_audit", insert, write=True)
         except Exception as exc:  # the whole call failed: every record in it may be retried
             raise unavailable(exc) from exc
 
@@ -370,7 +427,32 @@ class SQLiteStore:
         await self._run(
             "audit_retention",
             lambda conn: conn.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)),
+            write=True,
         )
 
     async def ping(self) -> None:
-        await self._run("ping", lambda conn: conn.execute("SELECT 1").fetchone())
+        """Raise StoreUnavailable unless the file answers and the last write succeeded
+        (NotReady then, with the reason). With no write in the last second, the probe
+        writes the one row of ``readiness`` itself, so it sees writes work again (or not)
+        while no traffic comes."""
+        if self.health.claim_probe():
+            stamp = sqlite_timestamp(utc_now())
+
+            def probe(conn: sqlite3.Connection) -> None:
+                if self.health.failing == DISK_FULL:
+                    _checkpoint(conn)  # give back what the WAL holds before trying again
+                conn.execute(_PROBE, (stamp,))
+
+            # A failure is not raised here: its reason is in self.health, raised below.
+            with suppress(StoreUnavailable):
+                await self._run("readiness_probe", probe, write=True, timeout=PING_TIMEOUT_SECONDS)
+        else:
+            try:
+                await self._run(
+                    "ping",
+                    lambda conn: conn.execute("SELECT 1").fetchone(),
+                    timeout=PING_TIMEOUT_SECONDS,
+                )
+            except StoreUnavailable:
+                raise NotReady(UNREACHABLE) from None
+        self.health.raise_if_failing()
