@@ -141,14 +141,35 @@ def wait_for_answers(load: Load, predicate: Callable[[list[Answer]], bool], what
     wait_until(lambda: predicate(load.snapshot()), 30, what)
 
 
-def outage(load: Load, begin: Callable[[], None], end: Callable[[], None]) -> dict[str, float]:
+def breaker_metrics(url: str) -> tuple[float, float, float]:
+    """The secret store's breaker as /metrics shows it: open (0 or 1), openings, refusals."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = {}
+    for name in ("vault_store_breaker_open", "vault_store_breaker_opened_total",
+                 "vault_store_short_circuited_total"):  # fmt: skip
+        prefix = f'{name}{{store="secrets"}} '
+        line = next(line for line in text.splitlines() if line.startswith(prefix))
+        values[name] = float(line.removeprefix(prefix))
+    return (
+        values["vault_store_breaker_open"],
+        values["vault_store_breaker_opened_total"],
+        values["vault_store_short_circuited_total"],
+    )
+
+
+def outage(
+    url: str, load: Load, begin: Callable[[], None], end: Callable[[], None]
+) -> dict[str, float]:
     """Run the load through an outage; return what was measured (seconds)."""
+    assert breaker_metrics(url) == (0, 0, 0)
     wait_for_answers(load, lambda a: sum(x.status == 200 for x in a) >= 20, "the load to run")
     began = time.monotonic()
     begin()
     wait_for_answers(load, lambda a: any(x.status == 503 for x in after(a, began)), "the first 503")
     first_503 = min(x.ended for x in after(load.snapshot(), began) if x.status == 503)
     time.sleep(2.0)  # the breaker is open: these answers are the ones that must be fast
+    is_open, opened, refused = breaker_metrics(url)
+    assert is_open == 1 and opened >= 1 and refused >= 20
 
     end_started = time.monotonic()
     end()
@@ -159,6 +180,7 @@ def outage(load: Load, begin: Callable[[], None], end: Callable[[], None]) -> di
     first_success = min(x.ended for x in load.snapshot() if x.status == 200 and x.ended >= back)
     time.sleep(1.0)
     answers = load.snapshot()
+    assert breaker_metrics(url)[0] == 0
 
     # Every request sent between the first 503 and the end of the fault; one of them at a
     # time is the probe, which waits for the database (and may end after its return).
@@ -210,7 +232,7 @@ def test_a_killed_database_is_answered_503_at_once_and_service_resumes_on_its_re
     loaded_server: tuple[ServerProcess, Load], own_mongo: MongoWireServer
 ) -> None:
     server, load = loaded_server
-    measured = outage(load, lambda: own_mongo.stop(signal.SIGKILL), own_mongo.start)
+    measured = outage(server.url, load, lambda: own_mongo.stop(signal.SIGKILL), own_mongo.start)
     report("nx-27017 killed (connections refused), then restarted", measured)
     assert measured["p99 latency"] < FAST_503_BOUND
     assert measured["recovery after the database answers"] < RECOVERY_BOUND
@@ -221,7 +243,7 @@ def test_a_frozen_database_is_answered_503_at_once_after_the_first_timeout(
     loaded_server: tuple[ServerProcess, Load], own_mongo: MongoWireServer
 ) -> None:
     server, load = loaded_server
-    measured = outage(load, own_mongo.pause, own_mongo.resume)
+    measured = outage(server.url, load, own_mongo.pause, own_mongo.resume)
     report("nx-27017 frozen (SIGSTOP), then thawed (SIGCONT)", measured)
     # The first 503s wait out the store's budget: a frozen database is only known to be
     # down once a call has timed out.
