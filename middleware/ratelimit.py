@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from middleware.clientip import client_ip
 from middleware.headers import encode_pairs, set_response_headers
 from middleware.paths import UNLIMITED_PATHS, is_exempt
+from vault.breaker import CircuitBreaker
 
 log = logging.getLogger("secret_manager.ratelimit")
 
@@ -155,8 +156,7 @@ class RateLimitMiddleware:
         # call to a database that is down costs its whole timeout, and every request would
         # pay it. Then one request tries it again while the others still go through.
         self.retry_counter_after = retry_counter_after
-        self._skip_until = 0.0
-        self._probing = False
+        self._breaker = CircuitBreaker(retry_after=retry_counter_after)
 
     async def _usage(self, ip: str) -> list[_Usage]:
         now = time.time()
@@ -190,23 +190,21 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        # _skip_until is 0 unless the counter failed: the healthy path reads no clock here.
-        probe = self._skip_until > 0.0
-        if probe and (self._probing or time.monotonic() < self._skip_until):
+        call = self._breaker.try_call()
+        if call is None:
             await self.app(scope, receive, send)  # the counter is down: fail open at once
             return
-        self._probing = probe
         try:
             usage = await self._usage(client_ip(scope))
         except Exception as exc:  # any counter failure: fail open, never fail the request
+            self._breaker.failed(call)
             self._counter_failed(exc)
-            self._skip_until = time.monotonic() + self.retry_counter_after
             await self.app(scope, receive, send)
             return
-        finally:
-            if probe:
-                self._probing = False
-        self._skip_until = 0.0
+        except BaseException:
+            self._breaker.abandoned(call)
+            raise
+        self._breaker.succeeded(call)
 
         exceeded = [u for u in usage if u.count > u.limit]
         if exceeded:

@@ -105,6 +105,25 @@ STORE_BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 
+# One breaker per database connection of each worker: 1 while it is open (the store is known
+# down and calls are answered 503 at once), 0 when closed; the highest of the live workers.
+STORE_BREAKER_OPEN = Gauge(
+    "vault_store_breaker_open",
+    "1 while calls to the store are refused at once because it is known down, else 0.",
+    ["store"],
+    multiprocess_mode="livemax",
+)
+STORE_BREAKER_OPENED = Counter(
+    "vault_store_breaker_opened_total",
+    "Times the store was found down (a connection-level failure) and its breaker opened.",
+    ["store"],
+)
+STORE_SHORT_CIRCUITED = Counter(
+    "vault_store_short_circuited_total",
+    "Store calls refused at once, without trying the store, while its breaker was open.",
+    ["store"],
+)
+
 
 def observe_store_operation(operation: str, seconds: float) -> None:
     """Record how long one store operation (``insert``, ``get``, ``ping``) took."""

@@ -133,3 +133,24 @@ def test_limits_below_one_are_refused() -> None:
         Batcher(Recorder(), operation="test", max_in_flight=0)
     with pytest.raises(ValueError, match="positive"):
         Batcher(Recorder(), operation="test", timeout=0)
+
+
+async def test_while_the_store_is_known_down_submissions_fail_at_once_and_queue_nothing() -> None:
+    # A slow call is running (the breaker's probe): a record queued behind it would wait.
+    call = Recorder(delay=1.0)
+    down = False
+    batcher = Batcher(call, operation="test", refuse_now=lambda: down)
+    running = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.05)
+    down = True
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(StoreUnavailable):
+        await batcher.submit(4)
+    with pytest.raises(StoreUnavailable):
+        await batcher.submit_many([6, 8])
+    assert loop.time() - started < 0.5
+    assert await running == 20
+    assert call.batches == [[2]]  # the refused ones were never sent
+    down = False
+    assert await batcher.submit(10) == 100

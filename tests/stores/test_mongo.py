@@ -16,6 +16,7 @@ from middleware.audit import AuditWriter
 from tests.conftest import MongoWireServer, audit_record, b64, wait_until
 from vault.app import create_app
 from vault.crypto import generate_key
+from vault.records import SealedSecret
 from vault.settings import Settings
 from vault.stores.base import StoreUnavailable
 from vault.stores.mongo import MongoStore
@@ -51,6 +52,56 @@ def test_a_store_whose_database_is_down_closes_in_seconds(own_mongo: MongoWireSe
         return time.monotonic() - started
 
     assert asyncio.run(main()) < 5
+
+
+def test_once_the_database_is_known_down_every_call_fails_at_once_audit_writes_too(
+    own_mongo: MongoWireServer,
+) -> None:
+    """The breaker: after one connection-level failure secret and audit calls raise
+    StoreUnavailable without trying the database, until a probe finds it back."""
+    store = MongoStore(own_mongo.uri, "breaker_calls", timeout=2.0)
+
+    async def main() -> tuple[float, float]:
+        await store.open()
+        try:
+            stored = SealedSecret("a" * 32, "k1", bytes(12), b"ct")
+            await store.insert(stored)
+            # A refusal of one record is an answer: the database is up, nothing opens.
+            clash = SealedSecret("a" * 32, "k1", bytes(12), b"other")
+            with pytest.raises(pymongo.errors.WriteError):
+                await store.insert(clash)
+            assert await store.get("a" * 32) == stored
+
+            own_mongo.stop()
+            with pytest.raises(StoreUnavailable):
+                await store.get("a" * 32)  # the first failure: pymongo's own time
+            started = time.monotonic()
+            for _ in range(20):
+                with pytest.raises(StoreUnavailable):
+                    await store.get("a" * 32)
+                with pytest.raises(StoreUnavailable):
+                    await store.insert_audit(audit_record("during").as_document())
+                with pytest.raises(StoreUnavailable):
+                    await store.delete("a" * 32)
+            refused_in = time.monotonic() - started
+
+            own_mongo.start()
+            back = time.monotonic()
+            while True:  # each try is either refused at once or the probe
+                try:
+                    found = await store.get("a" * 32)
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() - back < 10, "the store never came back"
+                    await asyncio.sleep(0.05)
+            assert found == stored
+            return refused_in, time.monotonic() - back
+        finally:
+            await store.close()
+
+    refused_in, recovered_in = asyncio.run(main())
+    assert refused_in < 2.0  # 60 calls; each alone would have taken the 2 s budget
+    assert recovered_in < 5.0
 
 
 def test_async_audit_records_wait_out_an_outage_and_land_once(own_mongo: MongoWireServer) -> None:

@@ -33,7 +33,9 @@ class Batcher(Generic[Item, Result]):
     ``call`` returns one entry per item, in order: the item's result, or the exception that
     item alone failed with. An exception raised by ``call`` itself fails the whole batch.
     A caller waits at most ``timeout`` seconds, time queued behind a running call included,
-    then gets StoreUnavailable: a hung database answers 503 in one budget, not two.
+    then gets StoreUnavailable: a hung database answers 503 in one budget, not two. While
+    ``refuse_now()`` is true (the store's breaker is open) submissions fail with
+    StoreUnavailable at once instead of queueing behind a call that will most likely fail.
     """
 
     def __init__(
@@ -44,12 +46,14 @@ class Batcher(Generic[Item, Result]):
         timeout: float | None = None,
         max_batch: int = MAX_BATCH,
         max_in_flight: int = 1,
+        refuse_now: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be at least 1")
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
         self._call = call
+        self._refuse_now = refuse_now
         self._timeout = timeout
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
@@ -60,6 +64,7 @@ class Batcher(Generic[Item, Result]):
 
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and return its result once the call that carried it returned."""
+        self._check_open()
         future = self._enqueue(item)
         self._kick()
         result: Result = await self._within_budget(future)
@@ -68,10 +73,15 @@ class Batcher(Generic[Item, Result]):
     async def submit_many(self, items: Sequence[Item]) -> list[Result]:
         """Queue several items at once (they go out in the same call) and return their
         results in order; the first item's failure, if any, is raised."""
+        self._check_open()
         futures = [self._enqueue(item) for item in items]
         self._kick()
         results: list[Result] = await self._within_budget(asyncio.gather(*futures))
         return results
+
+    def _check_open(self) -> None:
+        if self._refuse_now is not None and self._refuse_now():
+            raise StoreUnavailable("the store is known to be down; not tried")
 
     def _enqueue(self, item: Item) -> asyncio.Future[Result]:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()

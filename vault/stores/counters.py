@@ -46,12 +46,15 @@ class MongoCounter:
         timeout: float = 2.0,
         pool_size: int = 16,
     ) -> None:
-        self._mongo = MongoConnection(uri, pool_size=pool_size, timeout=timeout)
+        self._mongo = MongoConnection(uri, pool_size=pool_size, timeout=timeout, store="rate_limit")
         self._counts: Collection[dict[str, Any]] = self._mongo.client[database][collection]
         self._index_ready = False
         self._index_retry_at = 0.0
         self._increments = Batcher(
-            self._increment_batch, operation="rate_limit_increment", timeout=timeout + 1.0
+            self._increment_batch,
+            operation="rate_limit_increment",
+            timeout=timeout + 1.0,
+            refuse_now=self._mongo.breaker.refuses_now,
         )
 
     async def open(self) -> None:

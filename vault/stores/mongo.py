@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,6 +32,8 @@ from pymongo.errors import (
 )
 from pymongo.write_concern import WriteConcern
 
+from observability.metrics import STORE_BREAKER_OPEN, STORE_BREAKER_OPENED, STORE_SHORT_CIRCUITED
+from vault.breaker import Call, CircuitBreaker
 from vault.records import SealedSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
@@ -54,8 +57,14 @@ _EXPIRY_INDEX = "expires_at_ttl"
 _KID_INDEX = "kid"
 PING_TIMEOUT_SECONDS = 2.0
 CLOSE_TIMEOUT_SECONDS = 2.0
+# While the database is known down, one request tries it again this often (the others are
+# answered 503 at once): short, so that service resumes well within a second of its return.
+BREAKER_RETRY_SECONDS = 0.2
 # Building the key id index reads the whole collection: it gets far more than a request's budget.
 INDEX_BUILD_TIMEOUT_SECONDS = 600.0
+
+
+log = logging.getLogger("secret_manager.store")
 
 
 def _is_unavailable(exc: PyMongoError) -> bool:
@@ -74,6 +83,38 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, PyMongoError) and getattr(exc, "code", None) == _OUT_OF_DISK_SPACE:
         return DISK_FULL
     return REFUSING_WRITES
+def _is_down(exc: PyMongoError) -> bool:
+    """Connection-level failures (refused, reset, no server selectable, a timeout): the
+    database did not answer, so the next call would most likely not be answered either."""
+    return isinstance(exc, ConnectionFailure) or bool(exc.timeout)
+
+
+def store_breaker(store: str) -> CircuitBreaker:
+    """The breaker of one database connection, reported as ``store`` in the metrics."""
+    is_open = STORE_BREAKER_OPEN.labels(store)
+    opened = STORE_BREAKER_OPENED.labels(store)
+    refused = STORE_SHORT_CIRCUITED.labels(store)
+    is_open.set(0)
+
+    def on_open() -> None:
+        is_open.set(1)
+        opened.inc()
+        log.warning(
+            "store %s is down; answering 503 at once, one request trying it every %g s",
+            store,
+            BREAKER_RETRY_SECONDS,
+        )
+
+    def on_close() -> None:
+        is_open.set(0)
+        log.warning("store %s answers again", store)
+
+    return CircuitBreaker(
+        retry_after=BREAKER_RETRY_SECONDS,
+        on_open=on_open,
+        on_close=on_close,
+        on_refused=refused.inc,
+    )
 
 
 def _sealed(doc: Mapping[str, Any]) -> SealedSecret:
@@ -143,9 +184,11 @@ class MongoConnection:
 
     Shared by the secret store and the rate-limit counters; ``run`` turns errors that mean
     "not reachable or not writable now" into StoreUnavailable and lets the rest through.
+    Its ``breaker`` opens on a connection-level failure: calls then raise StoreUnavailable at
+    once, without a thread hand-off, while one probe at a time tries the database.
     """
 
-    def __init__(self, uri: str, *, pool_size: int, timeout: float) -> None:
+    def __init__(self, uri: str, *, pool_size: int, timeout: float, store: str = "secrets") -> None:
         if not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
         if pool_size < 1:
@@ -165,6 +208,7 @@ class MongoConnection:
             connect=False,
         )
         self._executor: ThreadPoolExecutor | None = None
+        self.breaker = store_breaker(store)
 
     async def open(self) -> None:
         self._executor = store_executor(self._pool_size, "mongo")
@@ -188,8 +232,11 @@ class MongoConnection:
         that wrap themselves in a longer ``pymongo.timeout``."""
         if self._executor is None:
             raise RuntimeError("MongoDB used before open()")
+        call = self.breaker.try_call()
+        if call is None:
+            raise StoreUnavailable("the database is known to be down; not tried")
         try:
-            return await run_off_loop(
+            result = await run_off_loop(
                 func,
                 *args,
                 executor=self._executor,
@@ -198,9 +245,24 @@ class MongoConnection:
                 system="mongodb",
             )
         except PyMongoError as exc:
+            self._judge(call, exc)
             if _is_unavailable(exc):
                 raise StoreUnavailable(type(exc).__name__) from None
             raise
+        except StoreUnavailable:  # the outer deadline: the driver did not end the call
+            self.breaker.failed(call)
+            raise
+        except BaseException:  # cancelled, or not the database's doing
+            self.breaker.abandoned(call)
+            raise
+        self.breaker.succeeded(call)
+        return result
+
+    def _judge(self, call: Call, exc: PyMongoError) -> None:
+        if _is_down(exc):
+            self.breaker.failed(call)
+        else:  # the database answered, if only to refuse: it is up
+            self.breaker.succeeded(call)
 
 
 class MongoStore:
@@ -230,9 +292,16 @@ class MongoStore:
         self.health = WriteHealth()  # what /readyz reports: did the last write succeed?
         # Concurrent creates share one insert_many, concurrent fetches one find (group commit).
         deadline = timeout + 1.0  # as for each call: the driver's own timeout ends first
-        self._inserts = Batcher(self._insert_batch, operation="insert", timeout=deadline)
-        self._gets = Batcher(self._get_batch, operation="get", timeout=deadline)
-        self._audits = Batcher(self._insert_audit_batch, operation="insert_audit", timeout=deadline)
+        # While the database is known down they refuse at once rather than queue behind the
+        # probe (audit records too: the writer spills them to the log, as for any outage).
+        down = self._mongo.breaker.refuses_now
+        self._inserts = Batcher(
+            self._insert_batch, operation="insert", timeout=deadline, refuse_now=down
+        )
+        self._gets = Batcher(self._get_batch, operation="get", timeout=deadline, refuse_now=down)
+        self._audits = Batcher(
+            self._insert_audit_batch, operation="insert_audit", timeout=deadline, refuse_now=down
+        )
         self._expiry_index = False  # the TTL index on expires_at, made by the first purge
 
     async def open(self) -> None:
