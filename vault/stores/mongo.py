@@ -83,6 +83,8 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, PyMongoError) and getattr(exc, "code", None) == _OUT_OF_DISK_SPACE:
         return DISK_FULL
     return REFUSING_WRITES
+
+
 def _is_down(exc: PyMongoError) -> bool:
     """Connection-level failures (refused, reset, no server selectable, a timeout): the
     database did not answer, so the next call would most likely not be answered either."""
