@@ -32,7 +32,7 @@ from vault import hypercorn_fixes
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
 from vault.routes import OPERATIONS, VaultAPI, http_error, unavailable_response
 from vault.settings import ConfigError, Settings
-from vault.stores.base import SecretStore, StoreUnavailable
+from vault.stores.base import SecretStore, StoreKnownDown, StoreUnavailable
 from vault.stores.counters import MongoCounter
 
 log = logging.getLogger("secret_manager.app")
@@ -174,7 +174,10 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
 
     async def store_unavailable(request: Request, exc: Exception) -> Response:
         request_id = request_context(request.scope).request_id
-        log.warning("store unavailable: %s", exc, extra={"request_id": request_id})
+        # An outage is logged when the breaker opens and closes, not once per refusal: at
+        # request rate those lines would bury everything else in the log.
+        level = logging.DEBUG if isinstance(exc, StoreKnownDown) else logging.WARNING
+        log.log(level, "store unavailable: %s", exc, extra={"request_id": request_id})
         return unavailable_response()
 
     @asynccontextmanager

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from vault.stores.base import StoreUnavailable
+from vault.breaker import CircuitBreaker
+from vault.stores.base import StoreKnownDown, StoreUnavailable
 from vault.stores.batching import Batcher
 
 pytestmark = pytest.mark.anyio
@@ -138,19 +139,25 @@ def test_limits_below_one_are_refused() -> None:
 async def test_while_the_store_is_known_down_submissions_fail_at_once_and_queue_nothing() -> None:
     # A slow call is running (the breaker's probe): a record queued behind it would wait.
     call = Recorder(delay=1.0)
-    down = False
-    batcher = Batcher(call, operation="test", refuse_now=lambda: down)
+    breaker = CircuitBreaker(retry_after=0.0)
+    batcher = Batcher(call, operation="test", breaker=breaker)
     running = asyncio.ensure_future(batcher.submit(2))
     await asyncio.sleep(0.05)
-    down = True
+    # The store was found down meanwhile, and no probe is due (retry_after 0 would allow
+    # one): the running call alone decides; nothing queues behind it.
+    ticket = breaker.try_call()
+    assert ticket is not None
+    breaker.failed(ticket)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreKnownDown):
         await batcher.submit(4)
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreKnownDown):
         await batcher.submit_many([6, 8])
     assert loop.time() - started < 0.5
     assert await running == 20
     assert call.batches == [[2]]  # the refused ones were never sent
-    down = False
+    # Nothing running and the probe due: this one goes out, and its success closes it.
     assert await batcher.submit(10) == 100
+    breaker.succeeded(breaker.try_call() or pytest.fail("a probe is due"))
+    assert not breaker.is_open

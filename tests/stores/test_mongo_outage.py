@@ -218,6 +218,10 @@ def check_nothing_lost(server: ServerProcess, own_mongo: MongoWireServer, load: 
     log = server.output()
     spilled = {request_id for request_id in refused - stored if request_id in log}
     assert refused and refused <= stored | spilled
+    # The outage is in the log once (opened, answering again), not once per refusal.
+    warned = log.count('"message": "store unavailable')
+    assert log.count("is down; answering 503 at once") >= 1
+    assert warned < len(refused) / 4, f"{warned} warnings for {len(refused)} refusals"
 
 
 def report(title: str, measured: dict[str, float]) -> None:

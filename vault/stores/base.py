@@ -57,6 +57,11 @@ class StoreUnavailable(Exception):
         return cls(f"store did not answer within {timeout:g}s")
 
 
+class StoreKnownDown(StoreUnavailable):
+    """Refused without trying: the store's circuit breaker knows it is down. The breaker
+    logs the outage once (opened, answering again); each refusal is only counted."""
+
+
 class DeleteResult(enum.Enum):
     """What a delete found."""
 

@@ -17,7 +17,8 @@ from typing import Generic, TypeVar
 
 from observability.metrics import STORE_BATCH_SIZE
 from observability.tracing import BATCH_CONTEXTS
-from vault.stores.base import StoreUnavailable
+from vault.breaker import CircuitBreaker
+from vault.stores.base import StoreKnownDown, StoreUnavailable
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -34,8 +35,9 @@ class Batcher(Generic[Item, Result]):
     item alone failed with. An exception raised by ``call`` itself fails the whole batch.
     A caller waits at most ``timeout`` seconds, time queued behind a running call included,
     then gets StoreUnavailable: a hung database answers 503 in one budget, not two. While
-    ``refuse_now()`` is true (the store's breaker is open) submissions fail with
-    StoreUnavailable at once instead of queueing behind a call that will most likely fail.
+    the store's ``breaker`` is open, submissions fail with StoreKnownDown at once instead of
+    queueing: between probes, and during a probe too, since a record queued behind the probe
+    would wait for it (seconds, against a database that does not answer).
     """
 
     def __init__(
@@ -46,14 +48,14 @@ class Batcher(Generic[Item, Result]):
         timeout: float | None = None,
         max_batch: int = MAX_BATCH,
         max_in_flight: int = 1,
-        refuse_now: Callable[[], bool] | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be at least 1")
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds")
         self._call = call
-        self._refuse_now = refuse_now
+        self._breaker = breaker
         self._timeout = timeout
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
@@ -80,8 +82,13 @@ class Batcher(Generic[Item, Result]):
         return results
 
     def _check_open(self) -> None:
-        if self._refuse_now is not None and self._refuse_now():
-            raise StoreUnavailable("the store is known to be down; not tried")
+        breaker = self._breaker
+        if breaker is None or not breaker.is_open:
+            return
+        # Known down: refused between probes; and while a call is running (the probe, or
+        # one that will fail), since queueing behind it would mean waiting for it.
+        if breaker.refuses_now() or self._in_flight:
+            raise StoreKnownDown("the store is known to be down; not tried")
 
     def _enqueue(self, item: Item) -> asyncio.Future[Result]:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()

@@ -54,7 +54,7 @@ class MongoCounter:
             self._increment_batch,
             operation="rate_limit_increment",
             timeout=timeout + 1.0,
-            refuse_now=self._mongo.breaker.refuses_now,
+            breaker=self._mongo.breaker,
         )
 
     async def open(self) -> None:

@@ -40,6 +40,7 @@ from vault.stores.base import (
     AuditDocument,
     CorruptRecord,
     DeleteResult,
+    StoreKnownDown,
     StoreUnavailable,
     run_off_loop,
     store_executor,
@@ -236,7 +237,7 @@ class MongoConnection:
             raise RuntimeError("MongoDB used before open()")
         call = self.breaker.try_call()
         if call is None:
-            raise StoreUnavailable("the database is known to be down; not tried")
+            raise StoreKnownDown("the database is known to be down; not tried")
         try:
             result = await run_off_loop(
                 func,
@@ -296,13 +297,13 @@ class MongoStore:
         deadline = timeout + 1.0  # as for each call: the driver's own timeout ends first
         # While the database is known down they refuse at once rather than queue behind the
         # probe (audit records too: the writer spills them to the log, as for any outage).
-        down = self._mongo.breaker.refuses_now
+        breaker = self._mongo.breaker
         self._inserts = Batcher(
-            self._insert_batch, operation="insert", timeout=deadline, refuse_now=down
+            self._insert_batch, operation="insert", timeout=deadline, breaker=breaker
         )
-        self._gets = Batcher(self._get_batch, operation="get", timeout=deadline, refuse_now=down)
+        self._gets = Batcher(self._get_batch, operation="get", timeout=deadline, breaker=breaker)
         self._audits = Batcher(
-            self._insert_audit_batch, operation="insert_audit", timeout=deadline, refuse_now=down
+            self._insert_audit_batch, operation="insert_audit", timeout=deadline, breaker=breaker
         )
         self._expiry_index = False  # the TTL index on expires_at, made by the first purge
 
