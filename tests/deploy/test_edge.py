@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 import ssl
 import subprocess
 import uuid
@@ -119,6 +120,17 @@ def edge(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
                 process.wait()
 
 
+def alpn_choice(port: int, cafile: Path) -> str | None:
+    """The protocol the edge picks when a client offers HTTP/2 and HTTP/1.1."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        return tls.selected_alpn_protocol()
+
+
 def test_the_edge_terminates_tls_and_overwrites_the_clients_forwarded_for(
     start_server: Any, master_key: str, certificate: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -131,11 +143,11 @@ def test_the_edge_terminates_tls_and_overwrites_the_clients_forwarded_for(
             "DATA_DIR": str(tmp_path / "data"),
         }
     )
-    https_port, metrics_port = free_port(), free_port()
+    https_port, http_port, metrics_port = free_port(), free_port(), free_port()
     env = {
         "EDGE_TLS_PEM": str(certificate[1]),
         "EDGE_HTTPS_BIND": f"127.0.0.1:{https_port}",
-        "EDGE_HTTP_BIND": f"127.0.0.1:{free_port()}",
+        "EDGE_HTTP_BIND": f"127.0.0.1:{http_port}",
         "EDGE_METRICS_BIND": f"127.0.0.1:{metrics_port}",
         "EDGE_BACKEND": f"127.0.0.1:{server.port}",
         "EDGE_BACKEND_SLOTS": "1",
@@ -165,6 +177,13 @@ def test_the_edge_terminates_tls_and_overwrites_the_clients_forwarded_for(
         )
         assert answer.status_code == 404
         assert answer.headers["X-Request-ID"] == request_id  # passed through the edge
+        # Plain HTTP is redirected, never forwarded.
+        plain = httpx.get(f"http://localhost:{http_port}/readyz", timeout=5)
+        assert (plain.status_code, plain.headers["Location"]) == (
+            308,
+            f"https://localhost:{http_port}/readyz",
+        )
+        assert alpn_choice(https_port, certificate[0]) == "h2"
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         assert 'haproxy_backend_active_servers{proxy="secret-manager"} 1' in metrics
     assert server.stop() == 0
