@@ -7,6 +7,7 @@ Dockerfile, and the YAML itself is checked for the properties high availability 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -82,7 +83,7 @@ def test_app_service_is_replicated_and_rolls_safely(services: dict[str, Any]) ->
     assert deploy["resources"]["limits"]["memory"]
     assert deploy["resources"]["limits"]["cpus"]
     assert app["healthcheck"]["test"] == ["CMD", "python", "-c", HEALTHCHECK_PYTHON]
-    assert [(p["target"], p["published"]) for p in app["ports"]] == [(8000, 8000)]
+    assert "ports" not in app  # reached through the edge only
 
 
 def test_master_key_comes_from_a_docker_secret(
@@ -134,6 +135,42 @@ def test_one_encrypted_overlay_network_for_everything(
     assert network["driver"] == "overlay"
     assert network["driver_opts"]["encrypted"] == "true"
     assert all(list(service["networks"]) == ["vault"] for service in services.values())
+    # Pinned, so that secret-manager believes X-Forwarded-For from this network only.
+    (pool,) = network["ipam"]["config"]
+    trusted = services["secret-manager"]["environment"]["TRUSTED_PROXIES"]
+    assert trusted == pool["subnet"]
+    assert ipaddress.ip_network(trusted).is_private
+
+
+def test_the_edge_is_published_on_each_node_and_terminates_tls(
+    stack: dict[str, Any], services: dict[str, Any]
+) -> None:
+    edge = services["edge"]
+    assert re.fullmatch(r"haproxy:2\.6\.\d+-alpine", edge["image"])  # CI checks with 2.6
+    assert edge["deploy"]["mode"] == "global"
+    # Host mode: HAProxy sees the client's address, not the routing mesh's.
+    assert sorted((p["published"], p["target"], p["mode"]) for p in edge["ports"]) == [
+        (80, 8080, "host"),
+        (443, 8443, "host"),
+    ]
+    text = (ROOT / "haproxy.cfg").read_text()
+    assert '"${EDGE_HTTPS_BIND-:8443}"' in text
+    assert '"${EDGE_HTTP_BIND-:8080}"' in text
+    (config,) = edge["configs"]
+    assert config["target"] == "/usr/local/etc/haproxy/haproxy.cfg"  # the image's default
+    assert stack["configs"][config["source"]]["file"].endswith("/haproxy.cfg")
+    (secret,) = edge["secrets"]
+    assert f"/run/secrets/{secret['target']}" == "/run/secrets/edge_tls.pem"
+    assert '"${EDGE_TLS_PEM-/run/secrets/edge_tls.pem}"' in text
+    assert stack["secrets"][secret["source"]]["external"] is True
+    assert secret["uid"] == "99"  # the image's user haproxy, and no one else
+    assert "ports" not in services["secret-manager"]
+
+
+def test_rate_limits_are_per_client_on_the_shared_counters(services: dict[str, Any]) -> None:
+    env = services["secret-manager"]["environment"]
+    assert env["RATE_LIMIT_STORAGE"] == env["MONGO_URI"]
+    assert env["RATE_LIMIT"] not in ("", "off")
 
 
 def test_monitoring_scrapes_every_replica_and_loads_the_rules(services: dict[str, Any]) -> None:
@@ -159,7 +196,13 @@ def test_monitoring_scrapes_every_replica_and_loads_the_rules(services: dict[str
         "SecretManagerAuditWriteFailures",
         "SecretManagerRateLimitSurge",
         "SecretManagerReplicaNotReady",
+        "SecretManagerEdgeNoHealthyBackend",
     }
+    (edge_job,) = [j for j in config["scrape_configs"] if j["job_name"] == "edge"]
+    # Each edge task's exporter, on the port haproxy.cfg binds it to.
+    assert edge_job["dns_sd_configs"][0]["names"] == ["tasks.edge"]
+    assert edge_job["dns_sd_configs"][0]["port"] == 8405
+    assert '"${EDGE_METRICS_BIND-:8405}"' in (ROOT / "haproxy.cfg").read_text()
 
 
 def test_traces_go_to_the_collector(services: dict[str, Any]) -> None:
