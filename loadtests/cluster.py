@@ -24,11 +24,15 @@ Locust's own exit status (non-zero on any failed request) is reported, not obeye
 cut off by the kill are expected to fail; ``--max-failures`` sets a limit on them, and
 ``--max-p95-ms`` one on the p95 of all requests (a ``--max-p95-ms`` passed to Locust
 through ``--locust-args`` only shows in Locust's exit status). Replicas
-run with ``RATE_LIMIT=off`` and ``LOG_LEVEL=WARNING``; other settings in the environment
-(``AUDIT_MODE``, ``MONGO_WRITE_CONCERN``, ...) pass through to them.
+run with ``RATE_LIMIT=off``, ``LOG_LEVEL=WARNING`` and ``TRUSTED_PROXIES`` the edge's
+address; other settings in the environment (``AUDIT_MODE``, ``MONGO_WRITE_CONCERN``, ...)
+pass through to them.
 
-It needs HAProxy (Debian: ``apt-get install haproxy``) and the ``loadtest`` extra
-(``pip install -e '.[loadtest]'``). Everything listens on 127.0.0.1. The run directory
+HAProxy runs the shipped haproxy.cfg (the Swarm edge) with only its addresses and ports
+substituted: TLS with a throwaway certificate, the replicas found through a DNS server of the
+run on their own loopback addresses (127.0.0.11, ...). It needs HAProxy (Debian:
+``apt-get install haproxy``), openssl and the ``loadtest`` extra
+(``pip install -e '.[loadtest]'``). Everything listens on loopback. The run directory
 (``--run-dir``, else a new temporary one; printed at the end) keeps every process's log, the
 HAProxy configuration, Locust's CSV files and the acknowledged ids. HAProxy's live statistics
 page is at the ``stats`` URL printed at start-up.
@@ -41,7 +45,7 @@ Every process it started is stopped on the way out, whatever happened.
 
 This module is the command line and the order of things; each part lives beside it:
 ``processes`` (child processes, ports, programs), ``mongo`` (the database), ``replicas``,
-``haproxy`` (the balancer and its configuration), ``load`` (Locust and the kill),
+``haproxy`` (the edge and its substitutions), ``dns``, ``load`` (Locust and the kill),
 ``report`` (reading the results, the verdict, the printed summary) and ``readlimits`` (the
 read-limit check's concurrent fetches, verdict and summary).
 """
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> Summary:
         requests, failures, kinds, p95 = read_locust_stats(run_dir)
         acks, malformed = read_acks(run_dir / "acked.txt")
         log(f"verifying {len(acks)} acknowledged secrets through the balancer")
-        lost, unverified = verify(lb.url, acks)
+        lost, unverified = verify(lb.url, acks, lb.tls)
         exits = {r.name: r.process.popen.poll() for r in backends}
         stored = count_secrets(mongo_uri, mongo_db)
     at_kill = counts_at(run_dir, kill.unix_time) if kill is not None else None
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> Summary:
         duration_seconds=args.duration,
         scenario=list(args.scenario),
         run_dir=str(run_dir),
-        balancer_config=str(run_dir / "haproxy.cfg"),
+        balancer_config=str(lb.config_path),
         kill=kill,
         acknowledged=len(acks),
         verified=len(acks) - len(lost) - len(unverified),
@@ -150,7 +154,13 @@ def run_read_limits(args: argparse.Namespace, run_dir: Path) -> readlimits.ReadL
             f"of each, {args.secrets_at_once} secrets at once"
         )
         results, seconds = readlimits.check_read_limits(
-            lb.url, args.secrets, args.fetches, args.secrets_at_once, args.max_reads
+            lb.url,
+            args.secrets,
+            args.fetches,
+            args.secrets_at_once,
+            args.max_reads,
+            lb.tls,
+            lb.server_names(),
         )
         exits = {r.name: r.process.popen.poll() for r in backends}
         stored = count_secrets(mongo_uri, mongo_db)
@@ -161,7 +171,7 @@ def run_read_limits(args: argparse.Namespace, run_dir: Path) -> readlimits.ReadL
         at_once=args.secrets_at_once,
         max_reads=list(args.max_reads),
         run_dir=str(run_dir),
-        balancer_config=str(run_dir / "haproxy.cfg"),
+        balancer_config=str(lb.config_path),
         stored_after=stored,
         seconds=seconds,
         replica_exits=exits,

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from loadtests.processes import ClusterError
 
 CREATE_PATH = "/vault/secret/create"
 FETCH_PATH = "/vault/secret/fetch"
-# Set by the harness's HAProxy on every answer a replica gave (see loadtests/haproxy.py).
+# Set by the edge (haproxy.cfg) on every answer a replica gave: its server name there.
 SERVED_BY = "X-Served-By"
 
 
@@ -188,12 +189,17 @@ def tally(created: Created, fetches: Sequence[Fetch]) -> SecretResult:
 
 
 async def _check(
-    url: str, secrets: int, fetches: int, at_once: int, max_reads: Sequence[int]
+    url: str,
+    secrets: int,
+    fetches: int,
+    at_once: int,
+    max_reads: Sequence[int],
+    tls: ssl.SSLContext | bool,
 ) -> list[SecretResult]:
     # One connection per fetch in flight, opened before the first burst.
     connections = fetches * at_once
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, verify=tls) as client:
         await asyncio.gather(*(client.get("/healthz") for _ in range(connections)))
         results: list[SecretResult] = []
         for first in range(0, secrets, at_once):
@@ -214,13 +220,32 @@ async def _check(
 
 
 def check_read_limits(
-    url: str, secrets: int, fetches: int, at_once: int, max_reads: Sequence[int]
+    url: str,
+    secrets: int,
+    fetches: int,
+    at_once: int,
+    max_reads: Sequence[int],
+    tls: ssl.SSLContext | bool = True,
+    names: Mapping[str, str] | None = None,
 ) -> tuple[list[SecretResult], float]:
     """Create ``secrets`` read-limited secrets (``max_reads`` in turn) and fetch each
-    ``fetches`` times at once, ``at_once`` secrets together; the results and the seconds."""
+    ``fetches`` times at once, ``at_once`` secrets together; the results and the seconds.
+
+    ``names`` renames the balancer's server names in X-Served-By (``replica1``) to the
+    harness's replica names (``r1``)."""
     started = time.monotonic()
-    results = asyncio.run(_check(url, secrets, fetches, at_once, max_reads))
+    results = asyncio.run(_check(url, secrets, fetches, at_once, max_reads, tls))
+    for r in results:
+        r.replicas = _renamed(r.replicas, names or {})
+        r.served_by = _renamed(r.served_by, names or {})
     return results, round(time.monotonic() - started, 2)
+
+
+def _renamed(counts: dict[str, int], names: Mapping[str, str]) -> dict[str, int]:
+    renamed: Counter[str] = Counter()
+    for name, count in counts.items():
+        renamed[names.get(name, name)] += count
+    return dict(sorted(renamed.items()))
 
 
 def judge(summary: ReadLimitSummary) -> None:

@@ -16,15 +16,22 @@ from vault.crypto import generate_key
 
 @dataclass
 class Replica:
-    """One started replica: its name (``r1``...), port and process."""
+    """One started replica: its name (``r1``...), loopback address, port and process."""
 
     name: str
+    host: str
     port: int
     process: Process
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
+
+
+def replica_host(index: int) -> str:
+    """Replica ``index``'s own loopback address (r1 127.0.0.11, r2 127.0.0.12, ...): the edge
+    finds them all under one DNS name and one port, as it finds Swarm's tasks."""
+    return f"127.0.0.{10 + index}"
 
 
 def replica_env(mongo_uri: str, mongo_db: str, master_key: str, data_dir: Path) -> dict[str, str]:
@@ -34,7 +41,7 @@ def replica_env(mongo_uri: str, mongo_db: str, master_key: str, data_dir: Path) 
     try them; ``*_FILE`` variants of the replaced ones are dropped, as both forms conflict.
     """
     owned = ("MASTER_KEY", "MONGO_URI", "AUDIT_HMAC_KEY")
-    exact = {"MONGO_DB", "RATE_LIMIT", "LOG_LEVEL", "DATA_DIR"}
+    exact = {"MONGO_DB", "RATE_LIMIT", "LOG_LEVEL", "DATA_DIR", "TRUSTED_PROXIES"}
     env = {k: v for k, v in os.environ.items() if not k.startswith(owned) and k not in exact}
     env.update(
         MASTER_KEY=master_key,
@@ -42,6 +49,9 @@ def replica_env(mongo_uri: str, mongo_db: str, master_key: str, data_dir: Path) 
         MONGO_DB=mongo_db,
         # All the load comes from one address; a per-IP limit would refuse most of it.
         RATE_LIMIT="off",
+        # The edge connects from 127.0.0.1 (the replicas are on 127.0.0.11 and up): only its
+        # X-Forwarded-For is believed, so the audit log records the client, as in Swarm.
+        TRUSTED_PROXIES="127.0.0.1/32",
         LOG_LEVEL="WARNING",
         DATA_DIR=str(data_dir),
     )
@@ -53,14 +63,14 @@ def replicas(count: int, mongo_uri: str, mongo_db: str, run_dir: Path) -> Iterat
     """``count`` real ``secret-manager serve`` processes on one key and one database."""
     master_key = generate_key()
     started: list[Replica] = []
+    port = free_port()  # one port on every replica's address, as in Swarm
     try:
         for index in range(1, count + 1):
-            name = f"r{index}"
-            port = free_port()
+            name, host = f"r{index}", replica_host(index)
             env = replica_env(mongo_uri, mongo_db, master_key, run_dir / f"{name}-data")
-            command = [sys.executable, "-m", "vault", "serve", "--port", str(port)]
+            command = [sys.executable, "-m", "vault", "serve", "--host", host, "--port", str(port)]
             process = Process(name, command, run_dir / f"{name}.log", env)
-            started.append(Replica(name, port, process))
+            started.append(Replica(name, host, port, process))
         for replica in started:
 
             def ready(replica: Replica = replica) -> bool:

@@ -13,6 +13,7 @@ import concurrent.futures
 import csv
 import hashlib
 import json
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -85,7 +86,9 @@ def read_acks(path: Path) -> tuple[list[tuple[str, str]], int]:
     return acks, malformed
 
 
-def verify(url: str, acks: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+def verify(
+    url: str, acks: list[tuple[str, str]], tls: ssl.SSLContext | bool = True
+) -> tuple[list[str], list[str]]:
     """Fetch every acknowledged secret through the balancer: the (lost, unverified) ids.
 
     Lost: the service answered and the secret is missing or its bytes differ. Unverified: no
@@ -114,7 +117,7 @@ def verify(url: str, acks: list[tuple[str, str]]) -> tuple[list[str], list[str]]
     lost: list[str] = []
     unverified: list[str] = []
     with (
-        httpx.Client(base_url=url, timeout=10) as client,
+        httpx.Client(base_url=url, timeout=10, verify=tls) as client,
         concurrent.futures.ThreadPoolExecutor(8) as pool,
     ):
         futures = {pool.submit(check, client, sid, digest): sid for sid, digest in acks}
