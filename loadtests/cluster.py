@@ -96,7 +96,9 @@ def cluster(
     with contextlib.ExitStack() as stack:
         mongo_uri = stack.enter_context(mongodb(args.mongo_uri, run_dir))
         mongo_db = "cluster_" + uuid.uuid4().hex[:12]
-        backends = stack.enter_context(replicas(args.replicas, mongo_uri, mongo_db, run_dir))
+        backends = stack.enter_context(
+            replicas(args.replicas, mongo_uri, mongo_db, run_dir, args.rate_limit)
+        )
         lb = stack.enter_context(balancer(haproxy, backends, run_dir))
         yield mongo_uri, mongo_db, backends, lb
 
@@ -225,6 +227,13 @@ def parser() -> argparse.ArgumentParser:
         "--mongo-uri",
         default=os.environ.get("MONGO_URI"),
         help="MongoDB to use (default: MONGO_URI, else an nx-27017 server of this run)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        default="off",
+        metavar="SPEC",
+        help="the replicas' RATE_LIMIT (e.g. 30/hour), on counters shared through the "
+        "database (off: Locust's load comes from one address)",
     )
     p.add_argument("--run-dir", type=Path, help="where logs and results go (a new temp dir)")
     p.add_argument("--locustfile", type=Path, default=LOCUSTFILE, help="(loadtests/locustfile.py)")

@@ -34,32 +34,44 @@ def replica_host(index: int) -> str:
     return f"127.0.0.{10 + index}"
 
 
-def replica_env(mongo_uri: str, mongo_db: str, master_key: str, data_dir: Path) -> dict[str, str]:
+def replica_env(
+    mongo_uri: str, mongo_db: str, master_key: str, data_dir: Path, rate_limit: str = "off"
+) -> dict[str, str]:
     """This process's environment with the settings the harness owns replaced.
+
+    ``rate_limit`` other than ``off`` is the replicas' ``RATE_LIMIT``, on counters shared
+    through the run's database (``RATE_LIMIT_STORAGE``), the stack's default.
 
     Other settings (``AUDIT_MODE``, ``MONGO_WRITE_CONCERN``, ...) pass through, so a run can
     try them; ``*_FILE`` variants of the replaced ones are dropped, as both forms conflict.
     """
     owned = ("MASTER_KEY", "MONGO_URI", "AUDIT_HMAC_KEY")
-    exact = {"MONGO_DB", "RATE_LIMIT", "LOG_LEVEL", "DATA_DIR", "TRUSTED_PROXIES"}
+    exact = {
+        *("MONGO_DB", "RATE_LIMIT", "RATE_LIMIT_STORAGE", "LOG_LEVEL", "DATA_DIR"),
+        "TRUSTED_PROXIES",
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith(owned) and k not in exact}
     env.update(
         MASTER_KEY=master_key,
         MONGO_URI=mongo_uri,
         MONGO_DB=mongo_db,
-        # All the load comes from one address; a per-IP limit would refuse most of it.
-        RATE_LIMIT="off",
+        # All Locust's load comes from one address; a per-IP limit would refuse most of it.
+        RATE_LIMIT=rate_limit,
         # The edge connects from 127.0.0.1 (the replicas are on 127.0.0.11 and up): only its
         # X-Forwarded-For is believed, so the audit log records the client, as in Swarm.
         TRUSTED_PROXIES="127.0.0.1/32",
         LOG_LEVEL="WARNING",
         DATA_DIR=str(data_dir),
     )
+    if rate_limit != "off":
+        env["RATE_LIMIT_STORAGE"] = mongo_uri
     return env
 
 
 @contextlib.contextmanager
-def replicas(count: int, mongo_uri: str, mongo_db: str, run_dir: Path) -> Iterator[list[Replica]]:
+def replicas(
+    count: int, mongo_uri: str, mongo_db: str, run_dir: Path, rate_limit: str = "off"
+) -> Iterator[list[Replica]]:
     """``count`` real ``secret-manager serve`` processes on one key and one database."""
     master_key = generate_key()
     started: list[Replica] = []
@@ -67,7 +79,8 @@ def replicas(count: int, mongo_uri: str, mongo_db: str, run_dir: Path) -> Iterat
     try:
         for index in range(1, count + 1):
             name, host = f"r{index}", replica_host(index)
-            env = replica_env(mongo_uri, mongo_db, master_key, run_dir / f"{name}-data")
+            data_dir = run_dir / f"{name}-data"
+            env = replica_env(mongo_uri, mongo_db, master_key, data_dir, rate_limit)
             command = [sys.executable, "-m", "vault", "serve", "--host", host, "--port", str(port)]
             process = Process(name, command, run_dir / f"{name}.log", env)
             started.append(Replica(name, host, port, process))

@@ -16,13 +16,18 @@ import re
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
+import pymongo
 import pytest
 
+from loadtests.cluster import cluster, parser
+from loadtests.haproxy import Balancer
 from loadtests.report import read_acks
-from tests.conftest import ROOT, clean_env
+from tests.conftest import ROOT, clean_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -174,3 +179,73 @@ def test_the_read_limit_check_refuses_a_replica_kill() -> None:
     result = run_cluster("--read-limit-check", "--kill-replica-after", "1")
     assert result.returncode == 2
     assert "--read-limit-check runs no load to kill a replica in" in result.stderr
+
+
+def test_through_the_edge_the_audit_log_and_the_rate_limit_see_the_client_not_the_edge(
+    tmp_path: Path, haproxy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients bound to 127.0.0.2 and 127.0.0.3 while HAProxy connects from 127.0.0.1, over
+    TLS with HTTP/1.1 and HTTP/2: every audit record carries the client's address, and a
+    client's own X-Forwarded-For neither changes it nor escapes the per-client rate limit."""
+    for name in ("MASTER_KEY", "MONGO_URI", "MONGO_DB", "RATE_LIMIT", "RATE_LIMIT_STORAGE"):
+        monkeypatch.delenv(name, raising=False)
+    limit = 30  # per client per hour, on counters shared by both replicas
+    args = parser().parse_args(
+        ["--replicas", "2", "--rate-limit", f"{limit}/hour", "--haproxy", haproxy]
+    )
+    args.mongo_uri = os.environ.get("TEST_MONGO_URI") or None
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    def client(lb: Balancer, address: str, http2: bool, spoof: str | None) -> httpx.Client:
+        transport = httpx.HTTPTransport(verify=lb.tls, local_address=address, http2=http2)
+        headers = {"X-Forwarded-For": spoof} if spoof else {}
+        return httpx.Client(base_url=lb.url, transport=transport, headers=headers, timeout=30)
+
+    with cluster(args, run_dir) as (mongo_uri, mongo_db, _backends, lb):
+        versions: set[str] = set()
+        roundtrips = 0
+        for http2, spoof in ((False, None), (True, None), (False, "203.0.113.9"), (True, "::1")):
+            with client(lb, "127.0.0.2", http2, spoof) as c:
+                for _ in range(2):
+                    created = c.post("/vault/secret/create", json={"secret": "aGk="})
+                    assert created.status_code == 200, created.text
+                    secret_id = created.json()["secret_id"]
+                    fetched = c.post("/vault/secret/fetch", json={"secret_id": secret_id})
+                    assert fetched.status_code == 200, fetched.text
+                    versions.add(fetched.http_version)
+                    roundtrips += 1
+        # The same client, now claiming a new address with every request: still limited.
+        statuses: list[int] = []
+        with client(lb, "127.0.0.2", True, None) as c:
+            for number in range(3 * limit):
+                answer = c.post(
+                    "/vault/secret/fetch",
+                    json={"secret_id": str(uuid.uuid4())},
+                    headers={"X-Forwarded-For": f"198.51.100.{number % 250}"},
+                )
+                statuses.append(answer.status_code)
+        with client(lb, "127.0.0.3", False, None) as c:
+            other = c.post("/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())})
+        with pymongo.MongoClient(mongo_uri) as mongo:
+            audit = mongo[mongo_db]["audit"]
+            # One record per /vault request, 429s included.
+            sent = 2 * roundtrips + 3 * limit + 1
+            wait_until(lambda: audit.count_documents({}) >= sent, 30, "every audit record")
+            addresses = sorted(audit.distinct("client_ip"))
+            records = audit.count_documents({})
+
+    assert versions == {"HTTP/1.1", "HTTP/2"}  # TLS through the edge, ALPN both ways
+    # Never the edge's 127.0.0.1, never an address a client wrote.
+    assert addresses == ["127.0.0.2", "127.0.0.3"]
+    assert records == sent
+    assert set(statuses) <= {404, 429}
+    accepted = statuses.count(404) + 2 * roundtrips
+    # Within one hour window at most `limit`; a window boundary in the middle doubles it.
+    assert accepted <= 2 * limit
+    assert statuses.count(429) >= limit
+    assert other.status_code == 404  # another client has its own limit: not a shared ceiling
+    print(
+        f"edge: {records} audit records, addresses {addresses}; spoofing client: "
+        f"{statuses.count(404)} answered, {statuses.count(429)} x 429 (limit {limit}/hour)"
+    )
