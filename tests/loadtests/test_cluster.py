@@ -89,10 +89,13 @@ def test_killing_a_replica_under_load_loses_no_acknowledged_secret(
     assert kill["marked_down_after_seconds"] is not None
     assert summary["replica_exits"] == {"r1": -signal.SIGKILL, "r2": None}
     # HAProxy's name for it is its server-template slot (replica1, replica2), not r1.
-    downs = re.findall(
-        r"Server secret-manager/(replica\d+) is DOWN", (run_dir / "haproxy.log").read_text()
-    )
+    edge_log = (run_dir / "haproxy.log").read_text()
+    downs = re.findall(r"Server secret-manager/(replica\d+) is DOWN", edge_log)
     assert len(set(downs)) == 1, downs
+    # The load went through the edge's TLS frontend ("https~" in its request log).
+    api_requests = [line for line in edge_log.splitlines() if '"POST /vault/secret/' in line]
+    assert api_requests
+    assert all(" https~ " in line for line in api_requests)
     assert summary["requests_after_kill"] > 0
 
     # Reported, not gated: the price of the failover in failed requests.
