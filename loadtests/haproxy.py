@@ -96,6 +96,12 @@ class Balancer:
         self.url = f"https://127.0.0.1:{self.port}"
         self.stats_url = f"http://127.0.0.1:{self.stats_port}/stats"
         self.config_path = EDGE_CONFIG
+        if not self.config_path.is_file():
+            # The file ships beside the packages, not in them: a plain pip install lacks it.
+            raise ClusterError(
+                f"no edge configuration at {self.config_path}: run the harness from a source "
+                "checkout (pip install -e '.[loadtest]')"
+            )
         self.stats_config_path = run_dir / "haproxy-stats.cfg"
         self.stats_config_path.write_text(stats_config(self.stats_port))
         ports = {b.port for b in backends}
