@@ -13,11 +13,10 @@ import random
 import re
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +24,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import ROOT, ServerProcess, clean_env
+from tests.loadtests.conftest import stand_in_server
 
 pytestmark = pytest.mark.slow
 
@@ -311,15 +311,8 @@ class BitFlippingVault(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def bit_flipping_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BitFlippingVault)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with stand_in_server(BitFlippingVault) as url:
+        yield url
 
 
 def test_a_wrong_byte_fails_the_run(bit_flipping_server: str, tmp_path: Path) -> None:
@@ -397,15 +390,8 @@ def serve_undead(gone_detail: str | None) -> Iterator[str]:
     handler = type(
         "Handler", (UndeadVault,), {"stored": {}, "gone": set(), "gone_detail": gone_detail}
     )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with stand_in_server(handler) as url:
+        yield url
 
 
 @pytest.fixture

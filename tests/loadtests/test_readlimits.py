@@ -12,12 +12,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar
 
 import pytest
 
 from loadtests.readlimits import Fetch, check_read_limits, peak_in_flight, summarize
+from tests.loadtests.conftest import stand_in_server
 
 MAX_READS = [1, 3]
 
@@ -68,16 +69,8 @@ class ReadLimitedVault(BaseHTTPRequestHandler):
 
 def serve(racy: bool) -> Iterator[str]:
     handler = type("Handler", (ReadLimitedVault,), {"racy": racy, "reads": {}})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with stand_in_server(handler) as url:
+        yield url
 
 
 @pytest.fixture
