@@ -45,10 +45,6 @@ OTHER_OP = "other"  # the op of a path under the prefix that is no operation (40
 UNAVAILABLE_DETAIL = "the audit log is unavailable, so the request was not served; retry later"
 
 
-def _optional_str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
 class AuditSink(Protocol):
     async def write(self, record: AuditRecord) -> None:
         """Store the record (or queue it, in async mode); raise if it cannot be taken."""
