@@ -12,7 +12,7 @@ import datetime as dt
 import enum
 import functools
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -138,6 +138,13 @@ class SecretStore(Protocol):
 
     async def count_not_sealed_by(self, key_id: str) -> int:
         """How many records are sealed by any key but ``key_id``."""
+
+    # The key guard (vault/keyguard.py): at start-up and periodically while serving.
+
+    async def unknown_key_counts(self, known_key_ids: Collection[str]) -> dict[str, int]:
+        """For each key id that seals a live record (not expired, reads not used up) and is
+        not in ``known_key_ids``: how many live records it seals. Found through the key id
+        index (distinct ids by index seeks, then a count per unknown id), never a scan."""
 
 
 def store_executor(threads: int, name: str) -> ThreadPoolExecutor:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -63,6 +63,9 @@ CLOSE_TIMEOUT_SECONDS = 2.0
 BREAKER_RETRY_SECONDS = 0.2
 # Building the key id index reads the whole collection: it gets far more than a request's budget.
 INDEX_BUILD_TIMEOUT_SECONDS = 600.0
+# Counting the live records of each unknown key id, through the index: several reads in one
+# budget, which a key sealing millions of records may need more than a request's for.
+KEY_COUNT_TIMEOUT_SECONDS = 60.0
 
 
 log = logging.getLogger("secret_manager.store")
@@ -306,6 +309,7 @@ class MongoStore:
             self._insert_audit_batch, operation="insert_audit", timeout=deadline, breaker=breaker
         )
         self._expiry_index = False  # the TTL index on expires_at, made by the first purge
+        self._kid_index = False  # the index on kid, made by the first key guard check
 
     async def open(self) -> None:
         await self._mongo.open()
@@ -493,6 +497,54 @@ class MongoStore:
             "rewrap_count", self._secrets.count_documents, {"kid": {"$ne": key_id}}
         )
         return count
+
+    def _ensure_kid_index_sync(self) -> None:
+        # Reachability first, under the store's own timeout: with the database down this
+        # fails in seconds rather than waiting out the index build's long budget.
+        self._mongo.client.admin.command("ping")
+        # Found by its key, not its name: rewrap, another replica or an operator may have
+        # made it, and some servers (nx-27017) name indexes their own way. An index that
+        # starts with kid serves distinct and the counts as well.
+        if any(
+            [field for field, _ in info.get("key", [])][:1] == ["kid"]
+            for info in self._secrets.index_information().values()
+        ):
+            return
+        log.info("building the index on the secrets' key ids (once per database)")
+        self._create_kid_index_sync()
+
+    def _unknown_key_counts_sync(self, known: frozenset[str], now: dt.datetime) -> dict[str, int]:
+        live = {
+            "$and": [
+                {"$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}]},
+                {"$or": [{"reads_left": None}, {"reads_left": {"$gt": 0}}]},
+            ]
+        }
+        counts: dict[str, int] = {}
+        with pymongo.timeout(KEY_COUNT_TIMEOUT_SECONDS):
+            for kid in self._secrets.distinct("kid"):  # a DISTINCT_SCAN of the kid index
+                # A kid that is not a string is a malformed record: CorruptRecord on read.
+                if not isinstance(kid, str) or kid in known:
+                    continue
+                found = self._secrets.count_documents({"kid": kid, **live})
+                if found:
+                    counts[kid] = found
+        return counts
+
+    async def unknown_key_counts(self, known_key_ids: Iterable[str]) -> dict[str, int]:
+        if not self._kid_index:
+            await self._mongo.run(
+                "key_id_index", self._ensure_kid_index_sync, timeout=INDEX_BUILD_TIMEOUT_SECONDS
+            )
+            self._kid_index = True
+        counts: dict[str, int] = await self._mongo.run(
+            "key_id_counts",
+            self._unknown_key_counts_sync,
+            frozenset(known_key_ids),
+            utc_now(),
+            timeout=KEY_COUNT_TIMEOUT_SECONDS,
+        )
+        return counts
 
     def _insert_audit_sync(self, documents: list[dict[str, Any]]) -> list[Exception | None]:
         # A duplicate _id is this very record (ids are made with the record), stored by an
