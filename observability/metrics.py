@@ -87,6 +87,14 @@ STORE_WRITABLE = Gauge(
     "1 when the store's last write (or readiness probe write) succeeded, 0 when it failed.",
     multiprocess_mode="livemin",
 )
+# Every worker counts the same store, so the highest live value is the store's (a sum would
+# multiply it). No key id label: the ids are logged, and a count is what an alert needs.
+RECORDS_UNREADABLE = Gauge(
+    "vault_records_unreadable",
+    "Live records sealed by a key that is not configured, which no configured key can open "
+    "(counted at start and every SECRET_PURGE_INTERVAL_SECONDS).",
+    multiprocess_mode="livemax",
+)
 NOT_READY = Counter(
     "vault_readyz_not_ready_total",
     "GET /readyz answers of 503, by reason (store unreachable, store refusing writes, disk full).",

@@ -86,7 +86,7 @@ def test_full_disk_makes_readyz_say_so_and_freed_space_recovers(
     server = start_server({"MASTER_KEY": generate_key(), "DATA_DIR": str(data_dir)})
     client = httpx.Client(base_url=server.url, timeout=15)
     try:
-        assert _readyz(client).json() == {"status": "ready"}
+        assert _readyz(client).json() == {"status": "ready", "records_unreadable": 0}
         acknowledged: dict[str, bytes] = {}
         for _ in range(20):
             secret = os.urandom(200)
@@ -162,7 +162,7 @@ def test_mongo_away_makes_readyz_503_until_it_is_back(
     client = httpx.Client(base_url=server.url, timeout=15)
     try:
         wait_until(lambda: _readyz(client).status_code == 200, 20, "/readyz 200")
-        assert _readyz(client).json() == {"status": "ready"}
+        assert _readyz(client).json() == {"status": "ready", "records_unreadable": 0}
         secret = os.urandom(64)
         created = _create(client, secret)
         assert created.status_code == 200

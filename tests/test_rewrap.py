@@ -254,7 +254,18 @@ def test_records_the_keyring_cannot_open_are_reported_and_left_alone(
     raw_records.put(tampered, {**record, "ciphertext": flipped})
     before = {i: raw_records.get(i) for i in (orphan, tampered)}
 
-    result = run_rewrap(rotated)
+    # The key guard refuses a pass while a record's key is not configured ...
+    refused = run_rewrap(rotated)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.splitlines()
+    assert f"1 record sealed by key {kid(lost_key)}" in line
+    assert "set MASTER_KEY_PREVIOUS to the key(s) that sealed them" in line
+    assert refused.stdout == ""  # no pass began
+    # Nothing rewrapped: every record is still sealed as it was.
+    assert {raw_records.get(i)["key_id"] for i in readable} == {kid(rotated["MASTER_KEY_PREVIOUS"])}
+
+    # ... unless it was retired on purpose: then the pass leaves those records alone.
+    result = run_rewrap({**rotated, "RETIRED_KEY_IDS": kid(lost_key)})
 
     assert result.returncode == 1
     assert summary(result.stdout) == {

@@ -180,7 +180,7 @@ def test_request_id_is_returned_and_a_callers_well_formed_one_kept(client: TestC
 
 def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.get("/readyz").json() == {"status": "ready", "records_unreadable": 0}
 
 
 def test_plaintext_never_reaches_the_store(client: TestClient, raw_records: RawRecords) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from middleware.errors import GENERIC_DETAIL
 from tests.conftest import b64, children, clean_env, free_port, running
-from vault.crypto import generate_key
+from vault.crypto import generate_key, key_id, parse_key
 from vault.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -142,8 +142,11 @@ def test_key_rotation(start_server: StartServer, tmp_path: Path) -> None:
     assert fetch(rotated.url, new_id).json() == {"secret": new_secret}
     assert rotated.stop() == 0
 
-    # K1 dropped: the old secret can no longer be opened, and says so generically.
-    only_k2 = start_server({"MASTER_KEY": k2, "DATA_DIR": data_dir})
+    # K1 dropped while a record still needs it: serve refuses (tests/test_keyguard.py) unless
+    # K1 is retired on purpose; then the old secret cannot be opened, and says so generically.
+    only_k2 = start_server(
+        {"MASTER_KEY": k2, "DATA_DIR": data_dir, "RETIRED_KEY_IDS": key_id(parse_key(k1))}
+    )
     response = fetch(only_k2.url, old_id)
     assert response.status_code == 500
     body = response.json()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vault.crypto import generate_key
+from vault.crypto import generate_key, key_id, parse_key
 from vault.settings import ConfigError, Settings, client_url
 
 
@@ -111,3 +111,32 @@ def test_typed_values_are_parsed() -> None:
 def test_client_url_default_and_override() -> None:
     assert client_url({}) == "http://localhost:8000"
     assert client_url({"SECRET_MANAGER_URL": "http://vault:9000"}) == "http://vault:9000"
+
+
+def test_retired_key_ids_are_a_precise_list_of_key_ids() -> None:
+    settings = Settings.from_env(
+        {"MASTER_KEY": generate_key(), "RETIRED_KEY_IDS": " F3B719AA7B4E3EAB, 0011223344556677,"}
+    )
+    # As the guard and rewrap print them: lower case; blanks and a trailing comma ignored.
+    assert settings.retired_key_ids == ("f3b719aa7b4e3eab", "0011223344556677")
+    assert Settings.from_env({"MASTER_KEY": generate_key()}).retired_key_ids == ()
+
+
+@pytest.mark.parametrize(
+    "value", ["all", "true", "f3b719aa7b4e3ea", "f3b719aa7b4e3eabc", "g3b719aa7b4e3eab"]
+)
+def test_retired_key_ids_refuses_anything_but_key_ids(value: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"MASTER_KEY": generate_key(), "RETIRED_KEY_IDS": value})
+    assert str(refused.value).startswith("RETIRED_KEY_IDS must be comma-separated key ids")
+
+
+def test_retired_key_ids_refuses_a_configured_keys_id() -> None:
+    active, previous = generate_key(), generate_key()
+    for key in (active, previous):
+        kid = key_id(parse_key(key))
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env(
+                {"MASTER_KEY": active, "MASTER_KEY_PREVIOUS": previous, "RETIRED_KEY_IDS": kid}
+            )
+        assert f"RETIRED_KEY_IDS lists {kid}, the id of a configured key" in str(refused.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -30,12 +31,16 @@ from observability.metrics import AUDIT_RECORDS, RATE_LIMITED, SECRETS_PURGED, m
 from observability.tracing import configure_tracing, shutdown_tracing
 from vault import hypercorn_fixes
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
+from vault.keyguard import UnreadableRecords
 from vault.routes import OPERATIONS, VaultAPI, http_error, unavailable_response
 from vault.settings import ConfigError, Settings
 from vault.stores.base import SecretStore, StoreKnownDown, StoreUnavailable
 from vault.stores.counters import MongoCounter
 
 log = logging.getLogger("secret_manager.app")
+
+# How long start-up waits for the first count of records no configured key can open.
+FIRST_COUNT_SECONDS = 2.0
 
 
 def build_keyring(settings: Settings) -> Keyring:
@@ -132,8 +137,11 @@ def body_deadline(read_timeout: float) -> float:
     return max(read_timeout - 0.5, read_timeout / 2)
 
 
-async def _keep_purging(store: SecretStore, interval: float) -> None:
-    """Remove expired and used-up records at start, then every ``interval`` seconds.
+async def _keep_purging(
+    store: SecretStore, interval: float, unreadable: UnreadableRecords | None = None
+) -> None:
+    """Remove expired and used-up records at start, then every ``interval`` seconds; after
+    each round, count again the records no configured key can open (``unreadable``).
 
     Only tidiness: an expired secret is refused on read whether or not it was purged.
     """
@@ -146,6 +154,13 @@ async def _keep_purging(store: SecretStore, interval: float) -> None:
             if purged:
                 SECRETS_PURGED.inc(purged)
                 log.info("purged %d expired or used-up secrets", purged)
+        if unreadable is not None:
+            try:
+                await unreadable.refresh()
+            except Exception as exc:  # down at start: counted by the first round it answers
+                log.warning(
+                    "records no configured key can open not counted yet: %s", type(exc).__name__
+                )
         await asyncio.sleep(interval)
 
 
@@ -160,9 +175,11 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     store = build_store(settings) if store is None else store
     writer = build_audit_writer(settings, store) if settings.audit_enabled else None
     counter = build_counter(settings) if settings.rate_limits else None
+    unreadable = UnreadableRecords(store, keyring.key_ids, settings.retired_key_ids)
     api = VaultAPI(
         keyring,
         store,
+        unreadable=unreadable,
         max_secret_bytes=settings.max_secret_bytes,
         max_ttl_seconds=settings.max_ttl_seconds,
         default_ttl_seconds=settings.default_ttl_seconds,
@@ -183,10 +200,17 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
+        # Counted before the first request when the store answers at once; one that is down
+        # or slow is counted by the purge loop instead: start-up is not held for it.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(FIRST_COUNT_SECONDS):
+                await unreadable.refresh()
         if isinstance(counter, MongoCounter):
             await counter.open()
         retention = None
-        purging = asyncio.create_task(_keep_purging(store, settings.purge_interval_seconds))
+        purging = asyncio.create_task(
+            _keep_purging(store, settings.purge_interval_seconds, unreadable)
+        )
         if writer is not None:
             await writer.start()
             retention = asyncio.create_task(_keep_audit_retention(store, settings.audit_ttl_days))

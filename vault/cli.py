@@ -8,6 +8,7 @@ line naming the cause and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import http.client
 import json
@@ -22,13 +23,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from observability.metrics import prepare_multiprocess_dir
-from vault.app import audit_hmac_key, audit_hmac_keys, build_keyring
-from vault.crypto import generate_key, secret_id_hmac
+from vault.app import audit_hmac_key, audit_hmac_keys, build_keyring, build_store
+from vault.crypto import generate_key, key_id, secret_id_hmac
+from vault.keyguard import describe, dev_refusal, refusal, refused
 from vault.settings import ConfigError, Settings, client_token, client_url
 from vault.validation import InvalidValue, normalize_secret_id
 
@@ -140,17 +142,21 @@ def serve(args: argparse.Namespace) -> int:
         settings = Settings.from_env()
         configure_logging(settings.log_level)
         if settings.master_key is None and args.dev:
+            if not settings.dev_key_path.exists():
+                # Before a new key is written: a lost key file must not be replaced silently.
+                _guard_fresh_dev_key(settings)
             key_path = _dev_key(settings.dev_key_path)
             # Hand the key to the workers (separate processes) the way production does.
             os.environ["MASTER_KEY_FILE"] = str(key_path)
             settings = Settings.from_env()
-        build_keyring(settings)
+        keyring = build_keyring(settings)
         if settings.mongo_uri:
             _check_mongo_uri(settings.mongo_uri)
         else:
             _check_data_dir(settings)
         if settings.tls_certfile is not None and settings.tls_keyfile is not None:
             _check_tls(settings.tls_certfile, settings.tls_keyfile)
+        _guard_keys(settings, keyring.key_ids, on_unchecked=_serve_unchecked)
     except ConfigError as exc:
         return _fail(str(exc))
 
@@ -188,6 +194,79 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         if created_metrics_dir is not None:
             shutil.rmtree(created_metrics_dir, ignore_errors=True)
+
+
+def _store_label(settings: Settings) -> str:
+    """How the one-line refusals name the configured store."""
+    if settings.mongo_uri:
+        return f"MongoDB database {settings.mongo_db!r}"
+    return f"SQLite file {str(settings.data_dir / 'vault.db')!r}"
+
+
+def _unknown_key_counts(settings: Settings, known_key_ids: Collection[str]) -> dict[str, int]:
+    """Open the configured store briefly and ask it which key ids, not in ``known_key_ids``,
+    seal live records, and how many each (through the key id index). An SQLite file that
+    does not exist yet holds none, and is not created here. Raises what the store raises
+    when it cannot answer (StoreUnavailable), within the store's own timeouts."""
+    if not settings.mongo_uri and not (settings.data_dir / "vault.db").is_file():
+        return {}
+
+    async def ask() -> dict[str, int]:
+        store = build_store(settings)
+        await store.open()
+        try:
+            return await store.unknown_key_counts(known_key_ids)
+        finally:
+            await store.close()
+
+    return asyncio.run(ask())
+
+
+def _serve_unchecked(reason: str) -> None:
+    log.warning(
+        "key check not run: the store did not answer (%s); starting anyway. Records no "
+        "configured key can open are reported by /readyz (records_unreadable) and the "
+        "vault_records_unreadable metric once the store answers",
+        reason,
+    )
+
+
+def _guard_keys(
+    settings: Settings, configured: Collection[str], *, on_unchecked: Callable[[str], None]
+) -> None:
+    """The key guard before serve or rewrap starts: ConfigError, one line naming the key
+    ids no configured key matches and the records each seals, unless every such id is in
+    RETIRED_KEY_IDS. A store that cannot answer is left to ``on_unchecked``."""
+    try:
+        counts = _unknown_key_counts(settings, configured)
+    except Exception as exc:  # down, or unreadable: the command meets it again and says so
+        on_unchecked(type(exc).__name__)
+        return
+    blocking = refused(counts, settings.retired_key_ids)
+    if blocking:
+        raise ConfigError(refusal(_store_label(settings), blocking, configured))
+    if counts:
+        log.warning(
+            "starting although %s (RETIRED_KEY_IDS): they cannot be opened and answer 500",
+            describe(counts),
+        )
+
+
+def _guard_fresh_dev_key(settings: Settings) -> None:
+    """``serve --dev`` with no DATA_DIR/master.key: refuse to generate a new key when the
+    store holds live records that neither it nor MASTER_KEY_PREVIOUS could open (the key
+    file was deleted, or DATA_DIR points at another server's data)."""
+    if settings.mongo_uri:
+        _check_mongo_uri(settings.mongo_uri)
+    previous = [key_id(key) for key in settings.previous_keys]
+    try:
+        counts = _unknown_key_counts(settings, previous)
+    except Exception as exc:  # a new key is written all the same; the app counts later
+        _serve_unchecked(type(exc).__name__)
+        return
+    blocking = refused(counts, settings.retired_key_ids)
+    if blocking:
+        raise ConfigError(dev_refusal(str(settings.dev_key_path), _store_label(settings), blocking))
 
 
 def _prepare_metrics_dir(settings: Settings, workers: int) -> Path | None:
@@ -257,6 +336,10 @@ def rewrap(args: argparse.Namespace) -> int:
                     "the server's DATA_DIR (or its MONGO_URI)"
                 )
             label = f"SQLite file {str(database)!r}"
+        if not args.dry_run:
+            # A dry run goes on: it writes nothing, and lists each such record by the
+            # HMAC the audit log names it by, with the key id that sealed it.
+            _guard_keys(settings, keyring.key_ids, on_unchecked=_rewrap_unchecked)
     except ConfigError as exc:
         return _fail(str(exc))
     return command(
@@ -267,6 +350,14 @@ def rewrap(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dry_run=args.dry_run,
         max_batches=args.max_batches,
+    )
+
+
+def _rewrap_unchecked(reason: str) -> None:
+    # The pass itself meets the same outage and says what to do; this only says why the
+    # guard did not speak.
+    print(
+        f"secret-manager: key check not run: the store did not answer ({reason})", file=sys.stderr
     )
 
 

@@ -241,7 +241,12 @@ def build_openapi(
                     "summary": "Readiness",
                     "operationId": "readyz",
                     "responses": {
-                        "200": _json("Status", "The store answers and takes writes."),
+                        "200": _json(
+                            "ReadyStatus",
+                            "The store answers and takes writes; `records_unreadable` counts"
+                            " the live records no configured key can open (null until first"
+                            " counted): information, readiness does not depend on it.",
+                        ),
                         "503": _error(
                             "Not ready: the body's `reason` is `store unreachable`,"
                             " `store refusing writes` or `disk full`.",
@@ -370,6 +375,14 @@ def build_openapi(
                     "type": "object",
                     "required": ["status"],
                     "properties": {"status": {"type": "string"}},
+                },
+                "ReadyStatus": {
+                    "type": "object",
+                    "required": ["status", "records_unreadable"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["ready"]},
+                        "records_unreadable": {"type": "integer", "minimum": 0, "nullable": True},
+                    },
                 },
                 "Error": {
                     "type": "object",

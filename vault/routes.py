@@ -27,6 +27,7 @@ from starlette.types import ASGIApp
 from middleware.context import RequestContext, request_context
 from observability.metrics import NOT_READY, SECRETS_DELETED
 from vault.crypto import Keyring
+from vault.keyguard import UnreadableRecords
 from vault.openapi import DOCS_HTML, build_openapi
 from vault.records import SealedSecret
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
@@ -187,9 +188,11 @@ class VaultAPI:
         max_secret_bytes: int,
         max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
         default_ttl_seconds: int = 0,
+        unreadable: UnreadableRecords | None = None,
     ) -> None:
         self.keyring = keyring
         self.store = store
+        self.unreadable = unreadable
         self.max_secret_bytes = max_secret_bytes
         self.max_ttl_seconds = max_ttl_seconds
         self.default_ttl_seconds = default_ttl_seconds
@@ -262,7 +265,11 @@ class VaultAPI:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        """200 when the store answers and its last write succeeded; else 503 saying why."""
+        """200 when the store answers and its last write succeeded; else 503 saying why.
+
+        A 200 also says how many records no configured key can open (null until counted):
+        information for the operator, not a reason to take the replica out of service.
+        """
         try:
             await self.store.ping()
         except StoreUnavailable as exc:
@@ -273,7 +280,8 @@ class VaultAPI:
                 status_code=503,
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
-        return JSONResponse({"status": "ready"})
+        count = None if self.unreadable is None else self.unreadable.count
+        return JSONResponse({"status": "ready", "records_unreadable": count})
 
     def routes(
         self,

@@ -7,13 +7,14 @@ malformed value stops start-up with a message naming the variable.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 from vault.apikeys import InvalidAPIKeys, parse_api_keys, parse_token
-from vault.crypto import MalformedKey, parse_key
+from vault.crypto import MalformedKey, key_id, parse_key
 
 DEFAULT_MAX_SECRET_BYTES = 65536
 DEFAULT_MAX_TTL_SECONDS = 315_360_000  # ten years
@@ -33,6 +34,9 @@ class Settings:
 
     master_key: bytes | None = field(default=None, repr=False)
     previous_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    # Key ids whose records may stay unreadable on purpose: the key guard lets serve and
+    # rewrap start despite them (and still refuses any other key id it cannot open).
+    retired_key_ids: tuple[str, ...] = ()
     mongo_uri: str | None = field(default=None, repr=False)
     mongo_db: str = "vault"
     mongo_write_concern: str | int = "majority"
@@ -96,6 +100,7 @@ class Settings:
         return cls(
             master_key=master_key,
             previous_keys=previous,
+            retired_key_ids=_retired_key_ids(env, master_key, previous),
             mongo_uri=_secret_value(env, "MONGO_URI", strip=True) or None,
             mongo_db=_name(env, "MONGO_DB", "vault"),
             mongo_write_concern=_write_concern(env.get("MONGO_WRITE_CONCERN", "majority")),
@@ -151,6 +156,35 @@ def _secret_value(env: Mapping[str, str], name: str, *, strip: bool) -> str | No
     if direct is None:
         return None
     return direct.strip() if strip else direct
+
+
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def _retired_key_ids(
+    env: Mapping[str, str], master_key: bytes | None, previous: tuple[bytes, ...]
+) -> tuple[str, ...]:
+    """RETIRED_KEY_IDS: key ids as the key guard and rewrap print them, comma-separated.
+
+    A configured key's id is refused: its records open, so listing it would only hide a
+    later mistake (that key removed by accident) from the guard.
+    """
+    raw = env.get("RETIRED_KEY_IDS") or ""
+    ids = [part.strip().lower() for part in raw.replace("\n", ",").split(",") if part.strip()]
+    for kid in ids:
+        if not _KEY_ID.fullmatch(kid):
+            raise ConfigError(
+                "RETIRED_KEY_IDS must be comma-separated key ids of 16 hex digits, as the "
+                f"start-up refusal and rewrap print them; got {kid[:40]!r}"
+            )
+    configured = {key_id(key) for key in (master_key, *previous) if key is not None}
+    for kid in ids:
+        if kid in configured:
+            raise ConfigError(
+                f"RETIRED_KEY_IDS lists {kid}, the id of a configured key (MASTER_KEY or "
+                "MASTER_KEY_PREVIOUS), whose records open: remove it from RETIRED_KEY_IDS"
+            )
+    return tuple(dict.fromkeys(ids))
 
 
 def parse_rate_limits(text: str) -> tuple[tuple[int, int], ...]:

@@ -84,7 +84,7 @@ def test_sqlite_readyz_follows_writes_refused_by_a_lock_and_recovers(tmp_path: P
         {"MASTER_KEY": generate_key(), "DATA_DIR": str(tmp_path), "STORE_TIMEOUT_SECONDS": "0.5"}
     )
     with TestClient(create_app(settings)) as client:
-        assert client.get("/readyz").json() == {"status": "ready"}
+        assert client.get("/readyz").json() == {"status": "ready", "records_unreadable": 0}
         blocker = sqlite3.connect(tmp_path / "vault.db", isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
         try:
@@ -103,6 +103,6 @@ def test_sqlite_readyz_follows_writes_refused_by_a_lock_and_recovers(tmp_path: P
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() - started < 10, "readiness never came back"
             time.sleep(0.1)
-        assert client.get("/readyz").json() == {"status": "ready"}
+        assert client.get("/readyz").json() == {"status": "ready", "records_unreadable": 0}
         with sqlite3.connect(tmp_path / "vault.db") as conn:
             assert conn.execute("SELECT count(*) FROM secrets").fetchone()[0] == 0
