@@ -215,7 +215,7 @@ def test_a_store_down_at_start_is_checked_once_it_answers(
 
     server = start_server({**env, "MASTER_KEY": key})
 
-    assert "key check not run: the store did not answer" in server.output()
+    assert "key check not run: the store could not be asked" in server.output()
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 503
     own_mongo.start()
     counted(server.url, 2)

@@ -224,7 +224,7 @@ def _unknown_key_counts(settings: Settings, known_key_ids: Collection[str]) -> d
 
 def _serve_unchecked(reason: str) -> None:
     log.warning(
-        "key check not run: the store did not answer (%s); starting anyway. Records no "
+        "key check not run: the store could not be asked (%s); starting anyway. Records no "
         "configured key can open are reported by /readyz (records_unreadable) and the "
         "vault_records_unreadable metric once the store answers",
         reason,
@@ -247,7 +247,8 @@ def _guard_keys(
         raise ConfigError(refusal(_store_label(settings), blocking, configured))
     if counts:
         log.warning(
-            "starting although %s (RETIRED_KEY_IDS): they cannot be opened and answer 500",
+            "starting although %s (RETIRED_KEY_IDS): no configured key opens them; a fetch "
+            "of one answers 500",
             describe(counts),
         )
 
@@ -357,7 +358,8 @@ def _rewrap_unchecked(reason: str) -> None:
     # The pass itself meets the same outage and says what to do; this only says why the
     # guard did not speak.
     print(
-        f"secret-manager: key check not run: the store did not answer ({reason})", file=sys.stderr
+        f"secret-manager: key check not run: the store could not be asked ({reason})",
+        file=sys.stderr,
     )
 
 
