@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import RawRecords, b64, clean_env, on_store
+from tests.conftest import RawRecords, b64, clean_env, free_port, on_store
 from vault.app import build_keyring
 from vault.crypto import derive_audit_key, generate_key, key_id, parse_key, secret_id_hmac
 from vault.rewrap import rewrap
@@ -358,6 +359,24 @@ def test_start_up_problems_end_with_one_line_and_exit_2(tmp_path: Path) -> None:
     assert "holds no vault.db" in wrong_dir.stderr
     assert len(wrong_dir.stderr.splitlines()) == 1
     assert not (tmp_path / "empty" / "vault.db").exists()
+
+
+@pytest.mark.slow
+def test_a_database_that_does_not_answer_stops_rewrap_in_seconds() -> None:
+    env = {
+        "MASTER_KEY": generate_key(),
+        "MONGO_URI": f"mongodb://127.0.0.1:{free_port()}/",  # nothing listens there
+        "STORE_TIMEOUT_SECONDS": "1",
+    }
+    started = time.monotonic()
+    result = run_rewrap(env)
+    # Found by the key guard's first call, not after the index build's ten-minute budget.
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("secret-manager: rewrap did not start: the store could not be asked")
+    assert "run rewrap again once it answers" in last
+    assert result.stdout == ""
 
 
 # --- while replicas serve, and the store operations it relies on -------------------------

@@ -314,8 +314,7 @@ def audit_hash(args: argparse.Namespace) -> int:
 
 def rewrap(args: argparse.Namespace) -> int:
     """Re-encrypt under the active key every record a previous key sealed (key rotation)."""
-    from vault.app import build_store
-    from vault.rewrap import command
+    from vault.rewrap import EXIT_REMAINING, command
 
     try:
         settings = Settings.from_env()
@@ -343,6 +342,13 @@ def rewrap(args: argparse.Namespace) -> int:
             _guard_keys(settings, keyring.key_ids, on_unchecked=_rewrap_unchecked)
     except ConfigError as exc:
         return _fail(str(exc))
+    except _NotAsked as exc:
+        print(
+            f"secret-manager: rewrap did not start: the store could not be asked ({exc}); "
+            "nothing was written: run rewrap again once it answers",
+            file=sys.stderr,
+        )
+        return EXIT_REMAINING
     return command(
         build_store(settings),
         keyring,
@@ -354,13 +360,14 @@ def rewrap(args: argparse.Namespace) -> int:
     )
 
 
+class _NotAsked(Exception):
+    """The key guard could not ask the store; the argument names the error's type."""
+
+
 def _rewrap_unchecked(reason: str) -> None:
-    # The pass itself meets the same outage and says what to do; this only says why the
-    # guard did not speak.
-    print(
-        f"secret-manager: key check not run: the store could not be asked ({reason})",
-        file=sys.stderr,
-    )
+    # Unlike serve, rewrap can do nothing without the store, and a pass started now would
+    # wait out the index build's long budget (prepare_rewrap) before saying so.
+    raise _NotAsked(reason)
 
 
 # A duration: a whole number of seconds, or of minutes, hours or days with their unit. The
