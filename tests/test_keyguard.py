@@ -220,3 +220,21 @@ def test_a_store_down_at_start_is_checked_once_it_answers(
     own_mongo.start()
     counted(server.url, 2)
     assert unreadable_metric(server.url) == 2
+
+
+def test_every_worker_counts_the_same_store_and_the_metric_shows_it_once(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    retired, key = generate_key(), generate_key()
+    env = {"DATA_DIR": str(tmp_path / "data"), "MASTER_KEY": retired}
+    with TestClient(create_app(Settings.from_env(env))) as client:
+        create(client, 2)
+
+    server = start_server(
+        {**env, "MASTER_KEY": key, "RETIRED_KEY_IDS": kid(retired)}, "--workers", "2"
+    )
+
+    counted(server.url, 2)
+    # Both workers report 2 (livemax), not their sum: scrape a few times, whichever answers.
+    for _ in range(5):
+        assert unreadable_metric(server.url) == 2
