@@ -239,7 +239,7 @@ def _guard_keys(
     RETIRED_KEY_IDS. A store that cannot answer is left to ``on_unchecked``."""
     try:
         counts = _unknown_key_counts(settings, configured)
-    except Exception as exc:  # down, or unreadable: the command meets it again and says so
+    except Exception as exc:  # down, refusing credentials, an unreadable file: not ours to judge
         on_unchecked(type(exc).__name__)
         return
     blocking = refused(counts, settings.retired_key_ids)
