@@ -564,7 +564,7 @@ def _parser() -> argparse.ArgumentParser:
         "export", help="write the store's records, sealed as stored, to a file (no key needed)"
     )
     export_cmd.add_argument(
-        "--output", type=Path, metavar="FILE", help="write to FILE (default: standard output)"
+        "-o", "--output", type=Path, metavar="FILE", help="write to FILE (default: standard output)"
     )
     export_cmd.add_argument("--audit", action="store_true", help="include the audit log")
 
@@ -572,7 +572,7 @@ def _parser() -> argparse.ArgumentParser:
         "import", help="add the records of an export file to the store (no key needed)"
     )
     import_cmd.add_argument(
-        "--input", type=Path, metavar="FILE", help="read FILE (default: standard input)"
+        "-i", "--input", type=Path, metavar="FILE", help="read FILE (default: standard input)"
     )
 
     default_url = client_url()
