@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import http.client
 import json
@@ -19,11 +20,12 @@ import shutil
 import ssl
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -370,6 +372,161 @@ def _rewrap_unchecked(reason: str) -> None:
     raise _NotAsked(reason)
 
 
+@contextlib.contextmanager
+def _progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """Records, rate and time left on standard error, while it is a terminal."""
+    if not sys.stderr.isatty():
+        yield lambda done: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total,
+        desc=description,
+        unit=" records",
+        unit_scale=True,
+        file=sys.stderr,
+        leave=False,  # the summary line stays, the bar goes
+        mininterval=0.5,
+    ) as bar:
+
+        def advance(done: int) -> None:
+            bar.update(done)
+
+        yield advance
+
+
+def _transfer_settings() -> Settings:
+    settings = Settings.from_env()
+    if settings.mongo_uri:
+        _check_mongo_uri(settings.mongo_uri)
+    return settings
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """Write the store's live records, sealed, to --output or standard output."""
+    from vault import transfer
+
+    try:
+        settings = _transfer_settings()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.output is None and sys.stdout.isatty():
+        return _fail(
+            "export: standard output is a terminal: give --output FILE, or pipe it "
+            "(secret-manager export | secret-manager import)"
+        )
+    try:
+        store = transfer.open_bulk_store(settings, create=False)
+    except FileNotFoundError:
+        return _fail(
+            f"export: DATA_DIR={str(settings.data_dir)!r} holds no vault.db: run export with "
+            "the server's DATA_DIR (or its MONGO_URI)"
+        )
+    except transfer.failures() as exc:
+        return _fail(f"export: cannot open the store: {exc}")
+    name = "standard output" if args.output is None else str(args.output)
+    partial = None if args.output is None else args.output.with_name(args.output.name + ".partial")
+    write = functools.partial(
+        transfer.export, store, audit=args.audit, store_kind=_kind(settings), bar=_progress
+    )
+    started = time.perf_counter()
+    try:
+        if partial is None:
+            counts = write(sys.stdout.buffer)
+        else:
+            # Written beside the target and renamed when whole: a backup file that exists is
+            # complete, and readable by this user only (it holds every sealed secret).
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                counts = write(out)
+                os.fsync(out.fileno())
+            os.replace(partial, args.output)
+    except transfer.failures() as exc:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        print(f"secret-manager: export to {name} failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(
+        f"secret-manager: exported {counts.secrets} secrets and {counts.audit} audit records "
+        f"from {store.label} to {name} in {transfer.elapsed_since(started)} "
+        f"({counts.left_out} expired or used up, left out); SHA-256 {counts.sha256}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# Conflicts named one per line, up to this many; the summary gives their number.
+_CONFLICTS_SHOWN = 20
+
+
+def import_command(args: argparse.Namespace) -> int:
+    """Check a file from export whole, then add its records to the configured store."""
+    from vault import transfer
+
+    try:
+        settings = _transfer_settings()
+        if not settings.mongo_uri:
+            _check_data_dir(settings)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.input is None and sys.stdin.isatty():
+        return _fail(
+            "import: standard input is a terminal: give --input FILE, or pipe an export into it"
+        )
+    name = "standard input" if args.input is None else str(args.input)
+    try:
+        source = sys.stdin.buffer if args.input is None else args.input.open("rb")
+    except OSError as exc:
+        return _fail(f"import: cannot read {name}: {exc.strerror}")
+    conflicts = 0
+
+    def conflict(line: int) -> None:
+        nonlocal conflicts
+        conflicts += 1
+        if conflicts <= _CONFLICTS_SHOWN:
+            print(
+                f"secret-manager: import: conflict at line {line} of {name}: the store holds "
+                "a different secret under that record's id; left it untouched",
+                file=sys.stderr,
+            )
+
+    started = time.perf_counter()
+    try:
+        counts = transfer.import_(
+            functools.partial(transfer.open_bulk_store, settings, create=True),
+            source,
+            bar=_progress,
+            conflict=conflict,
+        )
+    except transfer.Refused as exc:
+        return _fail(f"import: refused {name}: {exc}; nothing was written")
+    except transfer.failures() as exc:
+        print(
+            f"secret-manager: import from {name} stopped: {exc}; the records written so far "
+            "stay, and importing the file again carries on where this stopped",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        source.close()
+    print(
+        f"secret-manager: imported {name} into {counts.store} in "
+        f"{transfer.elapsed_since(started)}: secrets {counts.new} new, {counts.present} "
+        f"already there, {counts.fewer_reads} with fewer reads left, {counts.left_out} expired "
+        f"since the export, {counts.conflicts} conflicts; audit records {counts.audit_new} new, "
+        f"{counts.audit - counts.audit_new} already there",
+        file=sys.stderr,
+    )
+    return 1 if counts.conflicts else 0
+
+
+def _kind(settings: Settings) -> str:
+    return "mongodb" if settings.mongo_uri else "sqlite"
+
+
 # A duration: a whole number of seconds, or of minutes, hours or days with their unit. The
 # sign is matched only to say "at least 1 second" rather than "not a duration".
 _DURATION = re.compile(r"(-?)([0-9]+)([smhd]?)")
@@ -503,6 +660,21 @@ def _parser() -> argparse.ArgumentParser:
         "--dev", action="store_true", help="use DATA_DIR/master.key, as `serve --dev` does"
     )
 
+    export_cmd = commands.add_parser(
+        "export", help="write the store's records, sealed as stored, to a file (no key needed)"
+    )
+    export_cmd.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write to FILE (default: standard output)"
+    )
+    export_cmd.add_argument("--audit", action="store_true", help="include the audit log")
+
+    import_cmd = commands.add_parser(
+        "import", help="add the records of an export file to the store (no key needed)"
+    )
+    import_cmd.add_argument(
+        "-i", "--input", type=Path, metavar="FILE", help="read FILE (default: standard input)"
+    )
+
     default_url = client_url()
     create_cmd = commands.add_parser("create", help="store a secret, print the JSON answer")
     create_cmd.add_argument("secret", help="the secret, standard base64; '-' reads it from stdin")
@@ -552,6 +724,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return audit_hash(args)
     if args.command == "rewrap":
         return rewrap(args)
+    if args.command == "export":
+        return export_command(args)
+    if args.command == "import":
+        return import_command(args)
     if args.command == "create":
         return create(args)
     if args.command == "delete":

@@ -31,3 +31,14 @@ class SealedSecret:
     def expired(self, now: dt.datetime) -> bool:
         """True once ``now`` has reached the expiry: the secret is never served again."""
         return self.expires_at is not None and now >= self.expires_at
+
+
+@dataclass(frozen=True)
+class StoredSecret:
+    """A record with the time it was stored, as export and import carry it between stores.
+
+    ``created_at`` is None only for a record written before stores kept that time.
+    """
+
+    sealed: SealedSecret
+    created_at: dt.datetime | None

@@ -8,12 +8,15 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import pytest
 from starlette.testclient import TestClient
 
 from tests.conftest import b64
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.settings import Settings
+from vault.stores.base import utc_now
+from vault.stores.sqlite import SQLiteBulk
 
 
 def _client(data_dir: Path, **env: str) -> TestClient:
@@ -73,3 +76,34 @@ def test_a_file_from_an_earlier_version_is_upgraded_and_keeps_its_records(
     assert [(row[0] == "old", row[1]) for row in rows] == [(True, 404), (False, 400), (False, 200)]
     assert rows[0][2] is None
     assert rows[1][2] and rows[2][2] and rows[1][2] != rows[2][2]
+
+
+def test_an_export_reads_one_instant_of_a_store_written_meanwhile(tmp_path: Path) -> None:
+    """SQLiteBulk.snapshot: records created during an export are not half in the file."""
+    data_dir = tmp_path / "data"
+    with _client(data_dir, RATE_LIMIT="off") as client:
+        for n in range(1200):  # more than one fetchmany page
+            client.post("/vault/secret/create", json={"secret": b64(b"%d" % n)})
+        bulk = SQLiteBulk(data_dir / "vault.db", create=False)
+        with closing(bulk) as store, store.snapshot():
+            held = store.count_secrets()
+            records = store.secrets(utc_now())
+            first = next(records)
+            for _ in range(50):  # acknowledged while the export runs
+                assert (
+                    client.post("/vault/secret/create", json={"secret": b64(b"x")}).status_code
+                    == 200
+                )
+            exported = [first, *records]
+            audited = sum(1 for _ in store.audit())
+        assert held == len(exported) == 1200
+        assert audited == 1200
+        assert len({record.sealed.secret_id for record in exported}) == 1200
+    with closing(SQLiteBulk(data_dir / "vault.db", create=False)) as store, store.snapshot():
+        assert store.count_secrets() == 1250
+
+
+def test_export_refuses_a_missing_file_rather_than_create_an_empty_store(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        SQLiteBulk(tmp_path / "vault.db", create=False)
+    assert not (tmp_path / "vault.db").exists()

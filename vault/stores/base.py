@@ -11,14 +11,17 @@ import contextvars
 import datetime as dt
 import enum
 import functools
+import hashlib
+import json
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
-from vault.records import SealedSecret
+from vault.records import SealedSecret, StoredSecret
 
 T = TypeVar("T")
 
@@ -145,6 +148,88 @@ class SecretStore(Protocol):
         """For each key id that seals a live record (not expired, reads not used up) and is
         not in ``known_key_ids``: how many live records it seals. Found through the key id
         index (distinct ids by index seeks, then a count per unknown id), never a scan."""
+
+
+class Imported(enum.Enum):
+    """What importing one secret record did to the store."""
+
+    NEW = "new"  # stored: the store had no record under its id
+    PRESENT = "present"  # the store holds this very record already: nothing written
+    FEWER_READS = "fewer_reads"  # held already, with more reads left: lowered to the file's
+    CONFLICT = "conflict"  # the store holds a different record under its id: left untouched
+
+
+class BulkStore(Protocol):
+    """Whole-store reads and writes for ``secret-manager export`` and ``import``.
+
+    Synchronous, on a connection of its own (a command, not a request path). Records go
+    in and out sealed, exactly as stored: no master key is needed.
+    """
+
+    label: str  # names the store in messages: "SQLite file 'data/vault.db'"
+
+    def close(self) -> None:
+        """Release the connection."""
+
+    def snapshot(self) -> AbstractContextManager[None]:
+        """Reads inside see one instant of the store where it can offer that (SQLite);
+        elsewhere each record is read whole, and records written meanwhile may be missed."""
+
+    def count_secrets(self) -> int:
+        """How many secret records the store holds (an estimate of what an export carries)."""
+
+    def count_audit(self) -> int:
+        """How many audit records the store holds."""
+
+    def secrets(self, now: dt.datetime) -> Iterator[StoredSecret]:
+        """Every record neither expired at ``now`` nor used up, in secret id order, each
+        whole. Streamed: memory does not grow with the store."""
+
+    def audit(self) -> Iterator[dict[str, Any]]:
+        """Every audit record as a document with ``AUDIT_FIELDS``; ``record_id`` is always
+        set (derived from the record's content where an old row has none)."""
+
+    def add_secrets(self, records: Sequence[StoredSecret]) -> list[Imported]:
+        """Store the records the store does not hold, durably, in one transaction or batch;
+        one outcome per record, in order. Never raises a record's read count."""
+
+    def add_audit(self, documents: Iterable[Mapping[str, Any]]) -> int:
+        """Store the audit records whose ``record_id`` is not stored yet; how many were new."""
+
+
+def same_secret(stored: SealedSecret, incoming: SealedSecret) -> bool:
+    """The same record, whatever reads it has had since: sealed alike, same expiry, and a
+    read limit on both or on neither."""
+    return (
+        stored.key_id == incoming.key_id
+        and stored.nonce == incoming.nonce
+        and stored.ciphertext == incoming.ciphertext
+        and stored.expires_at == incoming.expires_at
+        and (stored.reads_left is None) == (incoming.reads_left is None)
+    )
+
+
+def import_outcome(stored: SealedSecret | None, incoming: SealedSecret) -> Imported:
+    """What importing ``incoming`` does where the store holds ``stored`` under its id."""
+    if stored is None:
+        return Imported.NEW
+    if not same_secret(stored, incoming):
+        return Imported.CONFLICT
+    if (
+        incoming.reads_left is not None
+        and stored.reads_left is not None
+        and incoming.reads_left < stored.reads_left
+    ):
+        return Imported.FEWER_READS  # taken since: a read is never given back
+    return Imported.PRESENT
+
+
+def derived_record_id(document: Mapping[str, Any]) -> str:
+    """A stable ``record_id`` for an audit record stored before records carried one: the
+    first 24 hex digits of a SHA-256 of its fields, so every export names it alike."""
+    fields = {name: str(document.get(name)) for name in AUDIT_FIELDS if name != "record_id"}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()[:24]
 
 
 def store_executor(threads: int, name: str) -> ThreadPoolExecutor:

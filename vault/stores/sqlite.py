@@ -12,18 +12,21 @@ import datetime as dt
 import os
 import queue
 import sqlite3
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from vault.records import SealedSecret
+from vault.records import SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     AuditDocument,
     DeleteResult,
+    Imported,
     StoreUnavailable,
+    derived_record_id,
+    import_outcome,
     run_off_loop,
     store_executor,
     stored_or_refused,
@@ -157,6 +160,23 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS audit_record_id ON audit (record_id)")
 
 
+def _connect(path: Path, timeout: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    # A deleted secret's row (delete, last read, purge) is overwritten with zeros in the
+    # database file instead of lingering in a free page until it is reused.
+    conn.execute("PRAGMA secure_delete=ON")
+    conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
+    return conn
+
+
+def _create_file(path: Path) -> None:
+    """The database file, readable by this user only, with the current schema."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+
+
 def sqlite_timestamp(value: dt.datetime) -> str:
     """UTC, fixed width, so timestamps compare correctly as text."""
     return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -180,21 +200,10 @@ class SQLiteStore:
         )
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        # A deleted secret's row (delete, last read, purge) is overwritten with zeros in the
-        # database file instead of lingering in a free page until it is reused.
-        conn.execute("PRAGMA secure_delete=ON")
-        conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
-        return conn
+        return _connect(self._path, self._timeout)
 
     def _open_sync(self) -> None:
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o600)
-        os.close(fd)
+        _create_file(self._path)
         first = self._connect()
         first.executescript(_SCHEMA)
         _migrate(first)
@@ -482,3 +491,137 @@ class SQLiteStore:
             except StoreUnavailable:
                 raise NotReady(UNREACHABLE) from None
         self.health.raise_if_failing()
+
+
+# Rows per statement when importing: under SQLite's 999 host parameters in one IN (...).
+_IMPORT_BATCH = 500
+
+
+def _created_text(value: dt.datetime) -> str:
+    """``created_at`` as the column's default writes it: UTC, milliseconds."""
+    utc = value.astimezone(dt.UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _parse_utc(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text).astimezone(dt.UTC)
+
+
+class SQLiteBulk:
+    """Export from and import into one SQLite file (``BulkStore``), on its own connection.
+
+    An export reads inside one read transaction: WAL gives it a snapshot, so a file taken
+    while the server writes is the store as of one instant. Imports write a batch per
+    transaction, each durable (``synchronous=FULL``) before the next begins.
+    """
+
+    def __init__(self, path: Path, *, create: bool, timeout: float = 4.0) -> None:
+        """Open ``path``; when it does not exist, create it only if ``create`` (an import),
+        else FileNotFoundError (an export of nothing is a mistake, not an empty file)."""
+        if not path.is_file():
+            if not create:
+                raise FileNotFoundError(path)
+            _create_file(path)
+        self.label = f"SQLite file {str(path)!r}"
+        self._conn = _connect(path, timeout)
+        self._conn.executescript(_SCHEMA)
+        _migrate(self._conn)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Everything read inside sees the store as of one instant."""
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
+
+    def count_secrets(self) -> int:
+        count: int = self._conn.execute("SELECT COUNT(*) FROM secrets").fetchone()[0]
+        return count
+
+    def count_audit(self) -> int:
+        count: int = self._conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+        return count
+
+    def secrets(self, now: dt.datetime) -> Iterator[StoredSecret]:
+        cursor = self._conn.execute(
+            f"SELECT {_RECORD_COLUMNS}, created_at FROM secrets"  # noqa: S608 - fixed names
+            " WHERE (expires_at IS NULL OR expires_at > ?)"
+            " AND (reads_left IS NULL OR reads_left > 0) ORDER BY secret_id",
+            (int(now.timestamp()),),
+        )
+        while rows := cursor.fetchmany(_IMPORT_BATCH):
+            for row in rows:
+                created = None if row[6] is None else _parse_utc(row[6])
+                yield StoredSecret(_sealed(row[:6]), created)
+
+    def audit(self) -> Iterator[dict[str, Any]]:
+        cursor = self._conn.execute(
+            f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit ORDER BY id"  # noqa: S608
+        )
+        while rows := cursor.fetchmany(_IMPORT_BATCH):
+            for row in rows:
+                document = dict(zip(AUDIT_FIELDS, row, strict=True))
+                if document["record_id"] is None:  # written before records carried one
+                    document["record_id"] = derived_record_id(document)
+                document["ts"] = _parse_utc(document["ts"])
+                yield document
+
+    def add_secrets(self, records: Sequence[StoredSecret]) -> list[Imported]:
+        outcomes: list[Imported] = []
+        for start in range(0, len(records), _IMPORT_BATCH):
+            outcomes += self._add_secret_batch(records[start : start + _IMPORT_BATCH])
+        return outcomes
+
+    def _add_secret_batch(self, records: Sequence[StoredSecret]) -> list[Imported]:
+        ids = [record.sealed.secret_id for record in records]
+        outcomes = []
+        with self._conn:  # one transaction, one fsync, for the whole batch
+            self._conn.execute("BEGIN IMMEDIATE")
+            stored = {
+                row[0]: _sealed(row)
+                for row in self._conn.execute(
+                    f"SELECT {_RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names, "?"s
+                    f" WHERE secret_id IN ({', '.join('?' * len(ids))})",
+                    ids,
+                )
+            }
+            for record in records:
+                sealed = record.sealed
+                outcome = import_outcome(stored.get(sealed.secret_id), sealed)
+                if outcome is Imported.NEW:
+                    self._conn.execute(
+                        "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext, expires_at,"
+                        " reads_left, created_at) VALUES (?, ?, ?, ?, ?, ?,"
+                        " coalesce(?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+                        (
+                            sealed.secret_id,
+                            sealed.key_id,
+                            sealed.nonce,
+                            sealed.ciphertext,
+                            _epoch(sealed.expires_at),
+                            sealed.reads_left,
+                            None if record.created_at is None else _created_text(record.created_at),
+                        ),
+                    )
+                    stored[sealed.secret_id] = sealed  # the same id twice in one file
+                elif outcome is Imported.FEWER_READS:
+                    self._conn.execute(
+                        "UPDATE secrets SET reads_left = ? WHERE secret_id = ?",
+                        (sealed.reads_left, sealed.secret_id),
+                    )
+                    stored[sealed.secret_id] = sealed
+                outcomes.append(outcome)
+        return outcomes
+
+    def add_audit(self, documents: Iterable[Mapping[str, Any]]) -> int:
+        rows = [_audit_row(document) for document in documents]
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            before = self._conn.total_changes
+            self._conn.executemany(_INSERT_AUDIT, rows)  # a stored record_id: DO NOTHING
+            return self._conn.total_changes - before

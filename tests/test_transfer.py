@@ -1,0 +1,621 @@
+"""``secret-manager export`` and ``import``, run as a user runs them, on both stores.
+
+Records are created through the service, carried by real subprocesses over real files and
+pipes, and served again afterwards under the same key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pymongo
+import pytest
+from starlette.testclient import TestClient
+
+from tests.conftest import b64, clean_env, on_store, wait_until
+from vault.crypto import Keyring, parse_key
+from vault.stores.base import SecretStore
+
+EXPORT_FIELDS = {
+    "type",
+    "secret_id",
+    "key_id",
+    "nonce",
+    "ciphertext",
+    "created_at",
+    "expires_at",
+    "reads_left",
+}
+
+
+def cli(
+    env: dict[str, str], *args: str, cwd: Path, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """``secret-manager ARGS`` with only ``env`` configured (no master key unless given)."""
+    return subprocess.run(
+        [sys.executable, "-m", "vault", *args],
+        env=clean_env(**env),
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def pipe(source: dict[str, str], target: dict[str, str], *, cwd: Path) -> tuple[str, str]:
+    """``export --audit | import`` between two stores; both summaries. Both must succeed."""
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "vault", "export", "--audit"],
+        env=clean_env(**source),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    importer = subprocess.run(
+        [sys.executable, "-m", "vault", "import"],
+        env=clean_env(**target),
+        cwd=cwd,
+        stdin=exporter.stdout,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert exporter.stdout is not None and exporter.stderr is not None
+    exporter.stdout.close()
+    exported = exporter.stderr.read().decode()
+    exporter.stderr.close()
+    assert exporter.wait(30) == 0, exported
+    assert importer.returncode == 0, importer.stderr.decode()
+    return exported, importer.stderr.decode()
+
+
+def without_keys(env: dict[str, str]) -> dict[str, str]:
+    """Where the store is, and nothing else: export and import need no master key."""
+    return {k: v for k, v in env.items() if k in ("DATA_DIR", "MONGO_URI", "MONGO_DB")}
+
+
+def other_store(kind: str, tmp_path: Path, mongo_uri: str, name: str) -> dict[str, str]:
+    """A fresh, empty store of ``kind``."""
+    if kind == "sqlite":
+        return {"DATA_DIR": str(tmp_path / name)}
+    return {"MONGO_URI": mongo_uri, "MONGO_DB": "t" + uuid.uuid4().hex[:16]}
+
+
+def lines(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def secret_lines(data: bytes) -> list[dict[str, Any]]:
+    return [line for line in lines(data) if line.get("type") == "secret"]
+
+
+def stored_ids(env: dict[str, str]) -> set[str]:
+    """Ids of every secret record in the store ``env`` names (read below the service)."""
+    if "MONGO_URI" in env:
+        with pymongo.MongoClient(env["MONGO_URI"]) as client:
+            return {str(doc["_id"]) for doc in client[env["MONGO_DB"]]["secrets"].find({})}
+    import sqlite3
+
+    database = Path(env["DATA_DIR"]) / "vault.db"
+    with sqlite3.connect(database) as conn:
+        return {row[0] for row in conn.execute("SELECT secret_id FROM secrets")}
+
+
+def store_is_untouched(env: dict[str, str]) -> bool:
+    """Nothing was written: no SQLite file, or no MongoDB collection."""
+    if "MONGO_URI" in env:
+        with pymongo.MongoClient(env["MONGO_URI"]) as client:
+            return client[env["MONGO_DB"]].list_collection_names() == []
+    return not (Path(env["DATA_DIR"]) / "vault.db").exists()
+
+
+@dataclasses.dataclass
+class Population:
+    """Secrets created through the service: id -> (plaintext, the create's answer)."""
+
+    secrets: dict[str, tuple[bytes, dict[str, Any]]]
+    expired_id: str
+    used_up: int
+
+
+def populate(client: TestClient, env: dict[str, str], count: int = 12) -> Population:
+    """Plain, expiring and read-limited secrets, one with a read taken, one used up, and one
+    expired (written below the service, so no wait is needed)."""
+    secrets: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    for n in range(count):
+        plaintext = os.urandom(8 + n)
+        fields: dict[str, Any] = {}
+        if n % 3 == 1:
+            fields["ttl_seconds"] = 3600
+        if n % 3 == 2:
+            fields["max_reads"] = 5
+        answer = client.post(
+            "/vault/secret/create", json={"secret": b64(plaintext), **fields}
+        ).json()
+        secrets[answer["secret_id"]] = (plaintext, answer)
+    limited = next(i for i, (_, a) in secrets.items() if "reads_left" in a)
+    read = client.post("/vault/secret/fetch", json={"secret_id": limited}).json()
+    secrets[limited] = (secrets[limited][0], {**secrets[limited][1], "reads_left": 4})
+    assert read["reads_left"] == 4
+    one_time = client.post("/vault/secret/create", json={"secret": b64(b"x"), "max_reads": 1})
+    client.post("/vault/secret/fetch", json={"secret_id": one_time.json()["secret_id"]})
+
+    keyring = Keyring(parse_key(env["MASTER_KEY"]))
+    expired_id = str(uuid.uuid4())
+    sealed = dataclasses.replace(
+        keyring.seal(expired_id, b"gone"),
+        expires_at=dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=5),
+    )
+
+    async def insert(store: SecretStore) -> None:
+        await store.insert(sealed)
+
+    on_store(env, insert)
+    return Population(secrets, expired_id, used_up=1)
+
+
+@pytest.fixture
+def population(
+    make_client: Callable[..., TestClient], store_env: dict[str, str]
+) -> Iterator[Population]:
+    client = make_client()
+    yield populate(client, store_env)
+
+
+def test_export_writes_every_live_record_sealed_with_a_closing_sha256(
+    population: Population, store_env: dict[str, str], tmp_path: Path
+) -> None:
+    held = len(stored_ids(store_env))  # with the expired one, unless already purged
+    result = cli(without_keys(store_env), "export", "--audit", "--output", "b.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = (tmp_path / "b.jsonl").read_bytes()
+    assert (tmp_path / "b.jsonl").stat().st_mode & 0o777 == 0o600
+    assert not list(tmp_path.glob("*.partial"))
+
+    header, *body, end = lines(data)
+    assert header["format"] == "secret-manager-export" and header["version"] == 1
+    secrets = [line for line in body if line["type"] == "secret"]
+    audit = [line for line in body if line["type"] == "audit"]
+    # Expired and used-up records are left out; every other one is there, whole.
+    assert {line["secret_id"] for line in secrets} == set(population.secrets)
+    assert all(set(line) == EXPORT_FIELDS for line in secrets)
+    for line in secrets:
+        answer = population.secrets[line["secret_id"]][1]
+        assert line["expires_at"] == answer.get("expires_at")
+        assert line["reads_left"] == answer.get("reads_left")
+        assert line["created_at"].endswith("Z")
+    assert len(audit) >= len(population.secrets) + 3  # creates, the fetches, ...
+    assert end == {
+        "type": "end",
+        "secrets": len(secrets),
+        "audit": len(audit),
+        "sha256": hashlib.sha256(data[: data.rindex(b'{"type":"end"')]).hexdigest(),
+    }
+    # Sealed, never plaintext.
+    for plaintext, _ in population.secrets.values():
+        assert plaintext not in data and b64(plaintext).encode() not in data
+    summary = result.stderr.decode().strip()
+    assert summary.count("\n") == 0
+    assert f"exported {len(secrets)} secrets and {len(audit)} audit records" in summary
+    assert f"({held - len(secrets)} expired or used up, left out)" in summary
+    assert end["sha256"] in summary
+
+
+def test_without_audit_the_file_holds_only_secrets(
+    population: Population, store_env: dict[str, str], tmp_path: Path
+) -> None:
+    result = cli(without_keys(store_env), "export", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    kinds = {line.get("type") for line in lines(result.stdout)[1:]}
+    assert kinds == {"secret", "end"}
+
+
+def test_import_into_the_other_store_serves_every_secret_and_twice_adds_nothing(
+    population: Population,
+    store_kind: str,
+    store_env: dict[str, str],
+    tmp_path: Path,
+    mongo_uri: str,
+    make_client: Callable[..., TestClient],
+) -> None:
+    exported = cli(
+        without_keys(store_env), "export", "--audit", "--output", "b.jsonl", cwd=tmp_path
+    )
+    assert exported.returncode == 0
+    target = other_store("mongo" if store_kind == "sqlite" else "sqlite", tmp_path, mongo_uri, "t")
+
+    first = cli(target, "import", "--input", "b.jsonl", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    count = len(population.secrets)
+    assert f"secrets {count} new, 0 already there" in first.stderr.decode()
+    second = cli(target, "import", "--input", "b.jsonl", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    summary = second.stderr.decode()
+    assert f"secrets 0 new, {count} already there" in summary
+    assert "audit records 0 new" in summary
+    assert stored_ids(target) == set(population.secrets)
+
+    # The same file again, exported from the target: the records are exactly as they were.
+    again = cli(target, "export", "--audit", cwd=tmp_path)
+    source_lines = secret_lines((tmp_path / "b.jsonl").read_bytes())
+    assert sorted(map(json.dumps, secret_lines(again.stdout))) == sorted(
+        map(json.dumps, source_lines)
+    )
+
+    served = make_client(**target, MASTER_KEY=store_env["MASTER_KEY"])
+    for secret_id, (plaintext, answer) in population.secrets.items():
+        got = served.post("/vault/secret/fetch", json={"secret_id": secret_id})
+        assert got.status_code == 200
+        assert got.json()["secret"] == b64(plaintext)
+        if "reads_left" in answer:
+            assert got.json()["reads_left"] == answer["reads_left"] - 1
+
+
+DAMAGE: dict[str, Callable[[bytes], bytes]] = {
+    "empty": lambda data: b"",
+    "cut mid-line": lambda data: data[: len(data) // 2],
+    "cut at a line end": lambda data: data[: data.rindex(b'{"type":"end"')],
+    "one byte altered": lambda data: data.replace(b'"status":200', b'"status":500', 1),
+    "a line dropped": lambda data: b"\n".join(
+        line for n, line in enumerate(data.split(b"\n")) if n != 2
+    ),
+    "foreign JSON": lambda data: b'{"secrets": []}\n',
+    "not JSON": lambda data: b"\x89PNG\r\n\x1a\n" + data,
+    "newer version": lambda data: data.replace(b'"version":1', b'"version":2', 1),
+    "data after the end": lambda data: data + data.split(b"\n")[1] + b"\n",
+}
+REASON = {
+    "empty": "it is empty",
+    "cut mid-line": "it is truncated",
+    "cut at a line end": "it is truncated",
+    "one byte altered": "its SHA-256 does not match",
+    "a line dropped": "it is damaged: its end line counts",
+    "foreign JSON": "it is not a secret-manager export",
+    "not JSON": "it is not a secret-manager export",
+    "newer version": "written by a newer secret-manager (export format version 2",
+    "data after the end": "more follows its end line",
+}
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_file_is_refused_in_one_line_and_nothing_is_written(
+    population: Population, store_env: dict[str, str], tmp_path: Path, damage: str
+) -> None:
+    data = cli(without_keys(store_env), "export", "--audit", cwd=tmp_path).stdout
+    target = {"DATA_DIR": str(tmp_path / "target")}
+    result = cli(target, "import", cwd=tmp_path, stdin=DAMAGE[damage](data))
+    assert result.returncode == 2
+    message = result.stderr.decode()
+    assert message.count("\n") == 1, message
+    assert message.startswith("secret-manager: import: refused standard input: ")
+    assert REASON[damage] in message
+    assert message.rstrip().endswith("nothing was written")
+    assert store_is_untouched(target)
+
+
+@pytest.mark.parametrize("store_kind", ["mongo"], indirect=True)
+def test_a_truncated_file_writes_nothing_to_mongodb(
+    population: Population, store_env: dict[str, str], tmp_path: Path, mongo_uri: str
+) -> None:
+    data = cli(without_keys(store_env), "export", "--audit", cwd=tmp_path).stdout
+    target = other_store("mongo", tmp_path, mongo_uri, "t")
+    cut = data[: data.rindex(b'{"type":"end"')]  # every record whole, the end line missing
+    result = cli(target, "import", cwd=tmp_path, stdin=cut)
+    assert result.returncode == 2
+    assert "it is truncated" in result.stderr.decode()
+    assert store_is_untouched(target)
+
+
+def test_a_different_record_under_the_same_id_is_a_conflict_left_untouched(
+    population: Population,
+    store_kind: str,
+    store_env: dict[str, str],
+    tmp_path: Path,
+    mongo_uri: str,
+) -> None:
+    data = cli(without_keys(store_env), "export", cwd=tmp_path).stdout
+    target = other_store(store_kind, tmp_path, mongo_uri, "t")
+    victim = secret_lines(data)[0]
+    # The target already holds another record under the first record's id.
+    other = {**victim, "nonce": b64(b"\x01" * 12), "ciphertext": b64(b"\x02" * 20)}
+    forged = b"\n".join(
+        [
+            json.dumps({"format": "secret-manager-export", "version": 1}).encode(),
+            json.dumps(other, separators=(",", ":")).encode(),
+        ]
+    )
+    forged += b"\n"
+    forged += json.dumps(
+        {"type": "end", "secrets": 1, "audit": 0, "sha256": hashlib.sha256(forged).hexdigest()}
+    ).encode()
+    forged += b"\n"
+    assert cli(target, "import", cwd=tmp_path, stdin=forged).returncode == 0
+
+    result = cli(target, "import", cwd=tmp_path, stdin=data)
+    assert result.returncode == 1
+    message = result.stderr.decode()
+    assert "conflict at line 2 of standard input" in message
+    assert victim["secret_id"] not in message  # a secret id is a bearer capability
+    count = len(population.secrets)
+    assert f"secrets {count - 1} new, 0 already there, 0 with fewer reads left" in message
+    assert "1 conflicts" in message
+    # The record that was there is still there, unchanged.
+    kept = [line for line in secret_lines(cli(target, "export", cwd=tmp_path).stdout)]
+    assert [line for line in kept if line["secret_id"] == victim["secret_id"]] == [other]
+
+
+def test_import_takes_reads_since_the_export_and_never_gives_one_back(
+    make_client: Callable[..., TestClient],
+    store_kind: str,
+    store_env: dict[str, str],
+    tmp_path: Path,
+    mongo_uri: str,
+) -> None:
+    client = make_client()
+    secret_id = client.post(
+        "/vault/secret/create", json={"secret": b64(b"limited"), "max_reads": 5}
+    ).json()["secret_id"]
+    early = cli(without_keys(store_env), "export", cwd=tmp_path).stdout
+    for _ in range(2):
+        client.post("/vault/secret/fetch", json={"secret_id": secret_id})
+    late = cli(without_keys(store_env), "export", cwd=tmp_path).stdout
+    target = other_store(store_kind, tmp_path, mongo_uri, "t")
+
+    assert cli(target, "import", cwd=tmp_path, stdin=early).returncode == 0
+    taken = cli(target, "import", cwd=tmp_path, stdin=late)
+    assert "0 new, 0 already there, 1 with fewer reads left" in taken.stderr.decode()
+    assert cli(target, "import", cwd=tmp_path, stdin=early).returncode == 0
+    (line,) = secret_lines(cli(target, "export", cwd=tmp_path).stdout)
+    assert line["reads_left"] == 3
+
+
+def test_a_secret_that_expired_since_the_export_is_not_imported(
+    make_client: Callable[..., TestClient], store_env: dict[str, str], tmp_path: Path
+) -> None:
+    client = make_client()
+    client.post("/vault/secret/create", json={"secret": b64(b"brief"), "ttl_seconds": 1})
+    data = cli(without_keys(store_env), "export", cwd=tmp_path).stdout
+    (line,) = secret_lines(data)
+    deadline = dt.datetime.fromisoformat(line["expires_at"])
+    while dt.datetime.now(dt.UTC) < deadline:
+        select.select([], [], [], 0.1)
+    target = {"DATA_DIR": str(tmp_path / "target")}
+    result = cli(target, "import", cwd=tmp_path, stdin=data)
+    assert result.returncode == 0
+    assert "secrets 0 new, 0 already there, 0 with fewer reads left, 1 expired" in (
+        result.stderr.decode()
+    )
+    assert stored_ids(target) == set()
+
+
+def test_export_of_a_data_dir_without_a_store_is_refused_and_writes_no_file(
+    tmp_path: Path,
+) -> None:
+    result = cli({"DATA_DIR": str(tmp_path / "nothing")}, "export", "-o", "x", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "holds no vault.db" in result.stderr.decode()
+    assert not (tmp_path / "nothing").exists()
+    assert not list(tmp_path.glob("x*"))
+
+
+def run_on_terminal(env: dict[str, str], *args: str, cwd: Path) -> tuple[int, str]:
+    """Run with standard error on a pseudo-terminal; exit code and what it showed there."""
+    controller, terminal = pty.openpty()
+    # A terminal 120 columns wide (a new pseudo-terminal has none, and draws no bar).
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vault", *args],
+        env=clean_env(**env),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    shown = b""
+    while True:
+        ready, _, _ = select.select([controller], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the process has exited
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    return process.wait(30), shown.decode(errors="replace")
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite"], indirect=True)
+def test_progress_shows_on_a_terminal_and_the_summary_stays(
+    population: Population, store_env: dict[str, str], tmp_path: Path
+) -> None:
+    code, shown = run_on_terminal(
+        without_keys(store_env), "export", "--audit", "--output", "b.jsonl", cwd=tmp_path
+    )
+    assert code == 0, shown
+    assert "exporting" in shown and "records" in shown and "/s" in shown
+    assert shown.rstrip().splitlines()[-1].startswith("secret-manager: exported ")
+    # Not a terminal: the summary alone.
+    result = cli({"DATA_DIR": str(tmp_path / "t")}, "import", "--input", "b.jsonl", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stderr.decode().count("\n") == 1
+
+
+def create_over_http(url: str, count: int) -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """``count`` secrets, a third expiring, a third read-limited (3 reads, one taken)."""
+    made: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for n in range(count):
+            plaintext = os.urandom(16)
+            fields: dict[str, Any] = (
+                {"ttl_seconds": 3600} if n % 3 == 1 else {"max_reads": 3} if n % 3 == 2 else {}
+            )
+            answer = client.post("/vault/secret/create", json={"secret": b64(plaintext), **fields})
+            assert answer.status_code == 200
+            made[answer.json()["secret_id"]] = (plaintext, answer.json())
+            if "max_reads" in fields:
+                read = client.post(
+                    "/vault/secret/fetch", json={"secret_id": answer.json()["secret_id"]}
+                )
+                assert read.json()["reads_left"] == 2
+    return made
+
+
+def fetch_all(url: str, made: dict[str, tuple[bytes, dict[str, Any]]]) -> dict[str, int]:
+    """Fetch every secret once; assert each is served as created. Reads left, by id."""
+    reads: dict[str, int] = {}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for secret_id, (plaintext, created) in made.items():
+            got = client.post("/vault/secret/fetch", json={"secret_id": secret_id})
+            assert got.status_code == 200, (got.status_code, got.text)
+            assert got.json()["secret"] == b64(plaintext)
+            assert got.json().get("expires_at") == created.get("expires_at")
+            if "reads_left" in got.json():
+                reads[secret_id] = got.json()["reads_left"]
+    return reads
+
+
+def summary_counts(summary: str) -> dict[str, int]:
+    """The numbers of an import's summary line, by what they count."""
+    found = re.search(
+        r"secrets (\d+) new, (\d+) already there, (\d+) with fewer reads left, (\d+) expired "
+        r"since the export, (\d+) conflicts; audit records (\d+) new, (\d+) already there",
+        summary,
+    )
+    assert found is not None, summary
+    names = ("new", "present", "fewer_reads", "expired", "conflicts", "audit_new", "audit_present")
+    return dict(zip(names, map(int, found.groups()), strict=True))
+
+
+def test_migration_sqlite_to_mongodb_and_back_serves_every_secret(
+    start_server: Callable[..., Any], tmp_path: Path, mongo_uri: str, master_key: str
+) -> None:
+    sqlite_env = {"DATA_DIR": str(tmp_path / "laptop")}
+    mongo_env = other_store("mongo", tmp_path, mongo_uri, "")
+    back_env = {"DATA_DIR": str(tmp_path / "back")}
+    key = {"MASTER_KEY": master_key}
+
+    laptop = start_server({**sqlite_env, **key})
+    made = create_over_http(laptop.url, 60)
+    laptop.stop()
+
+    _, to_mongo = pipe(sqlite_env, mongo_env, cwd=tmp_path)
+    counts = summary_counts(to_mongo)
+    assert counts["new"] == 60 and counts["present"] == counts["conflicts"] == 0
+    assert counts["audit_new"] == 80  # 60 creates and 20 fetches
+    swarm = start_server({**mongo_env, **key})
+    reads = fetch_all(swarm.url, made)
+    assert len(reads) == 20 and set(reads.values()) == {1}  # 3 reads, one taken before
+    swarm.stop()
+
+    _, back = pipe(mongo_env, back_env, cwd=tmp_path)
+    counts = summary_counts(back)
+    assert counts["new"] == 60 and counts["audit_new"] >= 80 + 60
+    laptop_again = start_server({**back_env, **key})
+    reads = fetch_all(laptop_again.url, made)
+    assert set(reads.values()) == {0}  # the last read of each, which deletes it
+    print(f"migration: sqlite->mongodb {to_mongo.strip()}\nmongodb->sqlite {back.strip()}")
+
+
+def test_a_live_export_is_whole_and_a_second_pass_carries_what_came_after(
+    start_server: Callable[..., Any], tmp_path: Path, mongo_uri: str, master_key: str
+) -> None:
+    source = {"DATA_DIR": str(tmp_path / "old")}
+    target = other_store("mongo", tmp_path, mongo_uri, "")
+    server = start_server({**source, "MASTER_KEY": master_key, "RATE_LIMIT": "off"})
+    made: dict[str, bytes] = {}
+    stop = threading.Event()
+
+    def keep_creating() -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            while not stop.is_set():
+                plaintext = os.urandom(16)
+                answer = client.post("/vault/secret/create", json={"secret": b64(plaintext)})
+                if answer.status_code == 200:
+                    made[answer.json()["secret_id"]] = plaintext
+
+    creator = threading.Thread(target=keep_creating)
+    creator.start()
+    try:
+        wait_until(lambda: len(made) >= 50, 30, "50 creates")
+        _, first = pipe(source, target, cwd=tmp_path)  # while creates keep coming
+        after_first = len(made)
+        wait_until(lambda: len(made) >= after_first + 20, 30, "20 more creates")
+    finally:
+        stop.set()
+        creator.join()
+    assert server.stop() == 0  # the cut-over: writes stop here
+    first_counts = summary_counts(first)
+    assert first_counts["new"] >= 50 and first_counts["conflicts"] == 0
+
+    _, second = pipe(source, target, cwd=tmp_path)
+    second_counts = summary_counts(second)
+    assert second_counts["present"] == first_counts["new"]
+    assert second_counts["new"] == len(made) - first_counts["new"] >= 20
+    new_home = start_server({**target, "MASTER_KEY": master_key, "RATE_LIMIT": "off"})
+    with httpx.Client(base_url=new_home.url, timeout=10) as client:
+        for secret_id, plaintext in made.items():
+            got = client.post("/vault/secret/fetch", json={"secret_id": secret_id})
+            assert got.status_code == 200 and got.json()["secret"] == b64(plaintext)
+    print(
+        f"live migration: {len(made)} acknowledged; pass 1 {first.strip()}; pass 2 {second.strip()}"
+    )
+
+
+def destroy(env: dict[str, str]) -> None:
+    """Lose the store: the SQLite directory, or the MongoDB database."""
+    if "MONGO_URI" in env:
+        with pymongo.MongoClient(env["MONGO_URI"]) as client:
+            client.drop_database(env["MONGO_DB"])
+    else:
+        shutil.rmtree(env["DATA_DIR"])
+
+
+def test_restore_drill_back_up_destroy_restore_fetch_everything(
+    start_server: Callable[..., Any],
+    store_kind: str,
+    tmp_path: Path,
+    mongo_uri: str,
+    master_key: str,
+) -> None:
+    store = other_store(store_kind, tmp_path, mongo_uri, "data")
+    server = start_server({**store, "MASTER_KEY": master_key})
+    made = create_over_http(server.url, 30)
+    backup = cli(store, "export", "--audit", "--output", "backup.jsonl", cwd=tmp_path)
+    assert backup.returncode == 0, backup.stderr
+    server.stop()
+
+    destroy(store)
+    assert store_is_untouched(store)
+    restored = cli(store, "import", "--input", "backup.jsonl", cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    counts = summary_counts(restored.stderr.decode())
+    assert counts["new"] == 30 and counts["audit_new"] == 40
+
+    server = start_server({**store, "MASTER_KEY": master_key})
+    reads = fetch_all(server.url, made)
+    assert set(reads.values()) == {1}

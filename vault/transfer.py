@@ -1,0 +1,484 @@
+"""``secret-manager export`` and ``import``: a store's records in a file, sealed as stored.
+
+The file is JSON Lines (docs/operations.md#export-file-format): a header naming the format
+and its version, one line per secret record, then per audit record, and an end line with
+the counts and a SHA-256 of every byte before it, so that a truncated or altered file is
+refused. Records stay sealed (nonce, ciphertext, key id): neither command needs a master
+key, and nothing in the file is plaintext.
+
+Both stream. An import checks the whole file, copying it to an unnamed temporary file as it
+goes, before it writes anything; only a file that passes is then read back into the store.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import IO, Any
+
+from vault.records import SealedSecret, StoredSecret
+from vault.settings import Settings
+from vault.stores.base import AUDIT_FIELDS, BulkStore, Imported, utc_now
+from vault.validation import InvalidValue, normalize_secret_id
+
+FORMAT = "secret-manager-export"
+VERSION = 1
+BATCH = 1000  # records per store call
+# No record comes near this (a secret is at most MAX_SECRET_BYTES): a longer line is damage,
+# and reading it whole would let a broken file take any amount of memory.
+MAX_LINE_BYTES = 1 << 20
+NONCE_BYTES = 12
+TAG_BYTES = 16
+_HEX = frozenset("0123456789abcdef")
+
+
+class Refused(Exception):
+    """The file cannot be imported (damaged, truncated, foreign, newer); nothing was written."""
+
+
+@dataclasses.dataclass
+class Counts:
+    """What a command did, for its summary line."""
+
+    secrets: int = 0
+    audit: int = 0
+    left_out: int = 0  # export: expired, used up or malformed; import: expired since export
+    new: int = 0
+    present: int = 0
+    fewer_reads: int = 0
+    conflicts: int = 0
+    audit_new: int = 0
+    sha256: str = ""
+    store: str = ""  # the store's label, for the summary
+
+
+Progress = Callable[[int], None]
+# A progress display for one pass: ``bar(description, total or None)`` as a context manager
+# whose value is called with each number of records done.
+Bar = Callable[[str, "int | None"], AbstractContextManager[Progress]]
+
+
+@contextmanager
+def no_bar(description: str, total: int | None) -> Iterator[Progress]:
+    """No progress display (not a terminal)."""
+    yield lambda done: None
+
+
+def _timestamp(moment: dt.datetime) -> str:
+    """RFC 3339, UTC, microseconds: every audit record's time, exactly."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _seconds(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def secret_line(record: StoredSecret) -> dict[str, Any]:
+    """A secret record as the file holds it."""
+    sealed = record.sealed
+    return {
+        "type": "secret",
+        "secret_id": sealed.secret_id,
+        "key_id": sealed.key_id,
+        "nonce": _b64(sealed.nonce),
+        "ciphertext": _b64(sealed.ciphertext),
+        "created_at": None if record.created_at is None else _timestamp(record.created_at),
+        "expires_at": None if sealed.expires_at is None else _seconds(sealed.expires_at),
+        "reads_left": sealed.reads_left,
+    }
+
+
+def audit_line(document: dict[str, Any]) -> dict[str, Any]:
+    """An audit record as the file holds it."""
+    line: dict[str, Any] = {"type": "audit"}
+    for name in AUDIT_FIELDS:
+        line[name] = _timestamp(document[name]) if name == "ts" else document[name]
+    return line
+
+
+class Writer:
+    """Writes the file: header, records, and the end line with counts and SHA-256."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._hash = hashlib.sha256()
+        self.secrets = 0
+        self.audit = 0
+
+    def _line(self, value: dict[str, Any]) -> None:
+        data = json.dumps(value, separators=(",", ":")).encode("utf-8") + b"\n"
+        self._hash.update(data)
+        self._out.write(data)
+
+    def header(self, *, store: str, audit: bool) -> None:
+        self._line(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "exported_at": _timestamp(utc_now()),
+                "store": store,
+                "audit": audit,
+            }
+        )
+
+    def secret(self, record: StoredSecret) -> None:
+        self._line(secret_line(record))
+        self.secrets += 1
+
+    def audit_record(self, document: dict[str, Any]) -> None:
+        self._line(audit_line(document))
+        self.audit += 1
+
+    def end(self) -> str:
+        """Write the end line (not itself hashed); the SHA-256 it carries."""
+        digest = self._hash.hexdigest()
+        end = {"type": "end", "secrets": self.secrets, "audit": self.audit, "sha256": digest}
+        self._out.write(json.dumps(end, separators=(",", ":")).encode("utf-8") + b"\n")
+        self._out.flush()
+        return digest
+
+
+def export(store: BulkStore, out: IO[bytes], *, audit: bool, store_kind: str, bar: Bar) -> Counts:
+    """Write every live record (and with ``audit`` the audit log) of ``store`` to ``out``."""
+    writer = Writer(out)
+    counts = Counts()
+    now = utc_now()
+    with store.snapshot():
+        stored = store.count_secrets()
+        total = stored + (store.count_audit() if audit else 0)
+        writer.header(store=store_kind, audit=audit)
+        with bar("exporting", total) as advance:
+            for record in store.secrets(now):
+                writer.secret(record)
+                advance(1)
+            advance(stored - writer.secrets)  # left out: expired, used up or malformed
+            if audit:
+                for document in store.audit():
+                    writer.audit_record(document)
+                    advance(1)
+    counts.sha256 = writer.end()
+    counts.secrets, counts.audit = writer.secrets, writer.audit
+    counts.left_out = max(stored - writer.secrets, 0)
+    return counts
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+
+def _fields(value: Any, line: int, kind: str, names: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != {"type", *names}:
+        raise Refused(
+            f"line {line} is not a whole {kind} record (its fields are not the ones "
+            "this format has)"
+        )
+    return value
+
+
+def _bytes(value: Any, line: int, name: str) -> bytes:
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            pass
+    raise Refused(f"line {line}: {name} is not base64")
+
+
+def _time(value: Any, line: int, name: str) -> dt.datetime:
+    if isinstance(value, str) and value.endswith("Z"):
+        try:
+            return dt.datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    raise Refused(f"line {line}: {name} is not an RFC 3339 UTC time")
+
+
+def _text(value: Any, line: int, name: str, *, optional: bool = False) -> Any:
+    if isinstance(value, str) or (optional and value is None):
+        return value
+    raise Refused(f"line {line}: {name} is not {'text or null' if optional else 'text'}")
+
+
+def parse_secret(value: Any, line: int) -> StoredSecret:
+    """The record a secret line holds; Refused naming the line (never a value) if malformed."""
+    names = ("secret_id", "key_id", "nonce", "ciphertext", "created_at", "expires_at")
+    fields = _fields(value, line, "secret", (*names, "reads_left"))
+    secret_id = _text(fields["secret_id"], line, "secret_id")
+    try:
+        if normalize_secret_id(secret_id) != secret_id:
+            raise InvalidValue(secret_id)
+    except InvalidValue:
+        raise Refused(f"line {line}: secret_id is not a lower-case UUID") from None
+    key_id = _text(fields["key_id"], line, "key_id")
+    if len(key_id) != 16 or not set(key_id) <= _HEX:
+        raise Refused(f"line {line}: key_id is not 16 hex digits")
+    nonce = _bytes(fields["nonce"], line, "nonce")
+    if len(nonce) != NONCE_BYTES:
+        raise Refused(f"line {line}: nonce is not {NONCE_BYTES} bytes")
+    ciphertext = _bytes(fields["ciphertext"], line, "ciphertext")
+    if len(ciphertext) < TAG_BYTES:
+        raise Refused(f"line {line}: ciphertext is shorter than its authentication tag")
+    created = fields["created_at"]
+    expires = fields["expires_at"]
+    reads_left = fields["reads_left"]
+    if reads_left is not None and (type(reads_left) is not int or reads_left < 1):
+        raise Refused(f"line {line}: reads_left is not a whole number of reads, at least 1")
+    sealed = SealedSecret(
+        secret_id,
+        key_id,
+        nonce,
+        ciphertext,
+        expires_at=None if expires is None else _time(expires, line, "expires_at"),
+        reads_left=reads_left,
+    )
+    return StoredSecret(sealed, None if created is None else _time(created, line, "created_at"))
+
+
+def parse_audit(value: Any, line: int) -> dict[str, Any]:
+    """The document an audit line holds; Refused naming the line if malformed."""
+    fields = _fields(value, line, "audit", AUDIT_FIELDS)
+    document = {name: fields[name] for name in AUDIT_FIELDS}
+    record_id = _text(document["record_id"], line, "record_id")
+    if len(record_id) != 24 or not set(record_id) <= _HEX:
+        raise Refused(f"line {line}: record_id is not 24 hex digits")
+    document["ts"] = _time(document["ts"], line, "ts")
+    for name in ("op", "outcome", "client_ip", "request_id"):
+        _text(document[name], line, name)
+    for name in ("secret_id_hmac", "user_agent", "api_key_name"):
+        _text(document[name], line, name, optional=True)
+    if type(document["status"]) is not int:
+        raise Refused(f"line {line}: status is not a whole number")
+    if type(document["latency_ms"]) not in (int, float):
+        raise Refused(f"line {line}: latency_ms is not a number")
+    return document
+
+
+def _json(data: bytes, line: int) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        raise Refused(f"line {line} is not JSON") from None
+
+
+def _lines(source: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines, each with its newline; Refused for an over-long one."""
+    number = 0
+    while data := source.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(data) > MAX_LINE_BYTES:
+            raise Refused(f"line {number} is longer than any record can be")
+        yield number, data
+
+
+def check_header(data: bytes) -> dict[str, Any]:
+    """The header, or Refused: a foreign file, or one from a newer secret-manager."""
+    try:
+        header = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        header = None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise Refused("it is not a secret-manager export (its first line is no export header)")
+    version = header.get("version")
+    if type(version) is not int or version < 1:
+        raise Refused("its header is damaged (no valid format version)")
+    if version > VERSION:
+        raise Refused(
+            f"it was written by a newer secret-manager (export format version {version}; this "
+            f"one reads version {VERSION}): import it with that release or a later one"
+        )
+    return header
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """A file that passed every check: its counts and SHA-256."""
+
+    secrets: int
+    audit: int
+    sha256: str
+
+
+def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Checked:
+    """Read the whole file, checking every line, the counts and the SHA-256, and copy its
+    record lines to ``copy``; Refused, naming what is wrong, at the first problem."""
+    lines = _lines(source)
+    first = next(lines, None)
+    if first is None:
+        raise Refused("it is empty: not a secret-manager export")
+    check_header(first[1])
+    digest = hashlib.sha256(first[1])
+    secrets = audit = 0
+    number = 1
+    for number, data in lines:
+        if not data.endswith(b"\n"):
+            raise Refused(f"it is truncated: line {number} is cut off, and no end line follows")
+        value = _json(data, number)
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "secret":
+            parse_secret(value, number)
+            secrets += 1
+        elif kind == "audit":
+            parse_audit(value, number)
+            audit += 1
+        elif kind == "end":
+            _check_end(value, Checked(secrets, audit, digest.hexdigest()))
+            if next(lines, None) is not None:
+                raise Refused(f"it is damaged: more follows its end line (line {number})")
+            return Checked(secrets, audit, digest.hexdigest())
+        else:
+            raise Refused(f"line {number} is not a record of this format")
+        digest.update(data)
+        copy.write(data)
+        progress(1)
+    raise Refused(
+        f"it is truncated: it ends after line {number} without the end line that closes "
+        "every export"
+    )
+
+
+def _check_end(value: dict[str, Any], found: Checked) -> None:
+    if set(value) != {"type", "secrets", "audit", "sha256"}:
+        raise Refused("its end line is damaged")
+    if value["secrets"] != found.secrets or value["audit"] != found.audit:
+        raise Refused(
+            f"it is damaged: its end line counts {value['secrets']} secrets and "
+            f"{value['audit']} audit records, the file holds {found.secrets} and {found.audit}"
+        )
+    if value["sha256"] != found.sha256:
+        raise Refused("it is damaged or altered: its SHA-256 does not match its end line")
+
+
+def _records(copy: IO[bytes]) -> Iterator[tuple[int, StoredSecret | dict[str, Any]]]:
+    """The records of a checked copy, with their line numbers in the original file."""
+    for number, data in _lines(copy):
+        value = json.loads(data)
+        line = number + 1  # the copy has no header line
+        if value["type"] == "secret":
+            yield line, parse_secret(value, line)
+        else:
+            yield line, parse_audit(value, line)
+
+
+def import_(
+    open_store: Callable[[], BulkStore],
+    source: IO[bytes],
+    *,
+    bar: Bar,
+    conflict: Callable[[int], None],
+) -> Counts:
+    """Check ``source`` whole, then open the store and add its records; ``conflict(line)``
+    is called for each record left untouched because the store holds another under its id.
+    A file refused leaves the store as it was (not even created)."""
+    counts = Counts()
+    with tempfile.TemporaryFile(prefix="secret-manager-import-") as copy:
+        with bar("checking", None) as advance:
+            checked = check_and_copy(source, copy, advance)
+        counts.sha256 = checked.sha256
+        copy.seek(0)
+        store = open_store()
+        counts.store = store.label
+        try:
+            _add(store, copy, checked, counts, bar=bar, conflict=conflict)
+        finally:
+            store.close()
+    return counts
+
+
+def _add(
+    store: BulkStore,
+    copy: IO[bytes],
+    checked: Checked,
+    counts: Counts,
+    *,
+    bar: Bar,
+    conflict: Callable[[int], None],
+) -> None:
+    """Add the checked records in ``copy`` to ``store``, a batch at a time."""
+    now = utc_now()
+    secrets: list[tuple[int, StoredSecret]] = []
+    audit: list[dict[str, Any]] = []
+    with bar("importing", checked.secrets + checked.audit) as advance:
+
+        def flush() -> None:
+            if secrets:
+                outcomes = store.add_secrets([record for _, record in secrets])
+                for (line, _), outcome in zip(secrets, outcomes, strict=True):
+                    _count(counts, outcome)
+                    if outcome is Imported.CONFLICT:
+                        conflict(line)
+                advance(len(secrets))
+                secrets.clear()
+            if audit:
+                counts.audit_new += store.add_audit(audit)
+                advance(len(audit))
+                audit.clear()
+
+        for line, record in _records(copy):
+            if isinstance(record, StoredSecret):
+                counts.secrets += 1
+                if record.sealed.expired(now):
+                    counts.left_out += 1  # expired since the export: never served again
+                    advance(1)
+                    continue
+                secrets.append((line, record))
+            else:
+                counts.audit += 1
+                audit.append(record)
+            if len(secrets) + len(audit) >= BATCH:
+                flush()
+        flush()
+
+
+def _count(counts: Counts, outcome: Imported) -> None:
+    if outcome is Imported.NEW:
+        counts.new += 1
+    elif outcome is Imported.PRESENT:
+        counts.present += 1
+    elif outcome is Imported.FEWER_READS:
+        counts.fewer_reads += 1
+    else:
+        counts.conflicts += 1
+
+
+def open_bulk_store(settings: Settings, *, create: bool) -> BulkStore:
+    """The configured store for export (``create`` False: it must exist) or import."""
+    if settings.mongo_uri:
+        from vault.stores.mongo import MongoBulk
+
+        return MongoBulk(
+            settings.mongo_uri,
+            settings.mongo_db,
+            write_concern=settings.mongo_write_concern,
+            journal=settings.mongo_journal,
+            timeout=settings.store_timeout_seconds,
+        )
+    from vault.stores.sqlite import SQLiteBulk
+
+    return SQLiteBulk(
+        settings.data_dir / "vault.db", create=create, timeout=settings.store_timeout_seconds
+    )
+
+
+def failures() -> tuple[type[Exception], ...]:
+    """What a command can meet that is no fault of the file: a store that fails (unreachable,
+    refusing, disk full) or a file system error."""
+    from pymongo.errors import PyMongoError
+
+    return (sqlite3.Error, PyMongoError, OSError)
+
+
+def elapsed_since(started: float) -> str:
+    """Seconds since ``started`` (perf_counter) for a summary line."""
+    return f"{time.perf_counter() - started:.1f} s"
