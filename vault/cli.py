@@ -450,7 +450,8 @@ def export_command(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(
-        f"secret-manager: exported {counts.secrets} secrets and {counts.audit} audit records "
+        f"secret-manager: exported {_plural(counts.secrets, 'secret')} and "
+        f"{_plural(counts.audit, 'audit record')} "
         f"from {store.label} to {name} in {transfer.elapsed_since(started)} "
         f"({counts.left_out} expired or used up, left out); SHA-256 {counts.sha256}",
         file=sys.stderr,
@@ -521,6 +522,10 @@ def import_command(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1 if counts.conflicts else 0
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _kind(settings: Settings) -> str:
