@@ -17,8 +17,9 @@ Besides wall time and peak RSS it reports each step's CPU time (user + system) a
 it started the nx-27017 server itself, that server's CPU during the step: which of the two
 sets the rate. Every count in the summary lines must equal the size, the stores must hold
 that many records, and the files exported from SQLite and from MongoDB must carry the same
-secret lines and audit record ids; any difference fails the run. It prints a markdown
-table::
+secret lines and audit record ids (not the same audit lines: MongoDB keeps an audit
+record's time to the millisecond only); any difference fails the run. It prints a
+markdown table::
 
     python -m loadtests.transfer                          # 200,000 records
     python -m loadtests.transfer --sizes 20000,200000     # is peak memory flat as N grows?
