@@ -122,11 +122,11 @@ def stored_ids(env: dict[str, str]) -> set[str]:
 
 
 def store_is_untouched(env: dict[str, str]) -> bool:
-    """Nothing was written: no SQLite file, or no MongoDB collection."""
+    """Nothing was written: no data directory at all, or no MongoDB collection."""
     if "MONGO_URI" in env:
         with pymongo.MongoClient(env["MONGO_URI"]) as client:
             return client[env["MONGO_DB"]].list_collection_names() == []
-    return not (Path(env["DATA_DIR"]) / "vault.db").exists()
+    return not Path(env["DATA_DIR"]).exists()
 
 
 @dataclasses.dataclass

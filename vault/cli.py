@@ -110,6 +110,16 @@ def _check_data_dir(settings: Settings) -> None:
         raise ConfigError(f"DATA_DIR={str(data_dir)!r} is not writable by this user")
 
 
+def _check_data_dir_creatable(settings: Settings) -> None:
+    """Like _check_data_dir, without creating anything: an import checks its file before
+    it writes even a directory."""
+    data_dir = settings.data_dir.absolute()
+    existing = next(path for path in (data_dir, *data_dir.parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == data_dir else f"cannot be created in {existing}"
+        raise ConfigError(f"DATA_DIR={str(settings.data_dir)!r} {what} by this user")
+
+
 def _check_mongo_uri(uri: str) -> None:
     """Parse the URI the way pymongo will, without connecting; never echo its password."""
     from pymongo import MongoClient
@@ -470,7 +480,7 @@ def import_command(args: argparse.Namespace) -> int:
     try:
         settings = _transfer_settings()
         if not settings.mongo_uri:
-            _check_data_dir(settings)
+            _check_data_dir_creatable(settings)
     except ConfigError as exc:
         return _fail(str(exc))
     if args.input is None and sys.stdin.isatty():
