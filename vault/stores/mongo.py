@@ -456,9 +456,10 @@ class MongoStore:
             self._secrets.create_index("kid", name=_KID_INDEX)
 
     async def prepare_rewrap(self) -> None:
-        """An index on ``kid``, built by the rewrap command rather than at every start."""
+        """An index on ``kid`` unless one exists (under any name), built by the rewrap
+        command or the key guard rather than at every start."""
         await self._mongo.run(
-            "rewrap_index", self._create_kid_index_sync, timeout=INDEX_BUILD_TIMEOUT_SECONDS
+            "rewrap_index", self._ensure_kid_index_sync, timeout=INDEX_BUILD_TIMEOUT_SECONDS
         )
 
     def _not_sealed_by_sync(self, key_id: str, after: str, limit: int) -> list[SealedSecret]:
