@@ -538,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: no configuration named {', '.join(map(repr, unknown))} ({names})")
     if not args.duration > 0:
         parser.error("--duration must be a positive number of seconds")
+    if args.duration != int(args.duration):
+        # wrk's -d takes whole seconds only: "2.5s" is a usage error after the servers started.
+        parser.error("--duration must be a whole number of seconds (wrk takes no fractions)")
     try:
         executable("wrk")
     except ClusterError as exc:

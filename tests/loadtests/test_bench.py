@@ -279,6 +279,13 @@ def test_the_issue17_preset_refuses_flags_it_sets_itself(args: list[str]) -> Non
     assert "--issue17 sets" in result.stderr
 
 
+def test_a_fraction_of_a_second_is_refused_before_anything_starts() -> None:
+    # wrk would refuse "-d2.5s" with its usage text, once nx-27017 and a server were up.
+    result = run_bench("--duration", "2.5", timeout=60)
+    assert result.returncode == 2
+    assert "--duration must be a whole number of seconds" in result.stderr
+
+
 @pytest.mark.slow
 def test_a_configuration_name_that_does_not_exist_is_refused() -> None:
     # A typo used to benchmark the echo floor alone and exit 0.
