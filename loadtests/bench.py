@@ -28,11 +28,22 @@ fetches, so only those rows compare with it. For each cell it reports throughput
 p50/p95/p99 latency and the server process's CPU time per request (steadier than wall time
 on a shared machine), and prints a markdown table::
 
-    python -m loadtests.bench                      # 5 s per cell, 20 connections
-    python -m loadtests.bench --duration 10 --rounds 3 --mongo-uri mongodb://...
+    python -m loadtests.bench                      # 5 s per cell, 20 connections, 3 rounds
+    python -m loadtests.bench --duration 10 --concurrency 1,20,100 --mongo-uri mongodb://...
+    python -m loadtests.bench --issue17            # exactly the table issue #17 asks for
 
-Without ``--mongo-uri`` it starts an nx-27017 server. Rounds interleave the configurations;
-each cell is the median of the rounds.
+Without ``--mongo-uri`` it starts an nx-27017 server. ``--concurrency`` takes a comma list;
+every configuration is measured at every concurrency, each (configuration, concurrency) on
+a fresh server and database. Rounds interleave them: per round, each concurrency in turn
+(in an order rotated from round to round) has every configuration measured one after the
+other (also rotated), so the cells compared with each other are measured minutes apart at
+most. Each cell is the median of the rounds. A cell at one connection runs
+``LOW_CONCURRENCY_FACTOR`` times ``--duration``: requests there come one at a time, and its
+p50 is the number compared.
+
+When the run has both the full stack and the naive app, a second table gives their ratios
+per cell (full stack / naive: throughput, p50, p99, server CPU per request) beside the
+targets of issue #17, each marked met or not met.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 import httpx2 as httpx
 import pymongo
@@ -63,6 +75,7 @@ from loadtests.mongo import mongodb
 from loadtests.processes import ClusterError, executable, free_port, positive_int
 from vault.crypto import generate_key
 
+T = TypeVar("T")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SECRET = base64.b64encode(b"benchmark secret: 32 bytes long!").decode()
 SCRIPT = Path(__file__).with_name("bench.lua")
@@ -75,6 +88,12 @@ POOL_MARGIN = 1.5
 MIN_POOL = 200
 BASE_OPS = ("create", "fetch")  # what every configuration, the naive app too, serves
 LIFECYCLE_OPS = ("fetch (max_reads 1000000)", "fetch (max_reads 1)", "delete")
+LOW_CONCURRENCY_FACTOR = 2  # a cell at one connection runs this many times --duration
+FULL_STACK = "full stack"
+NAIVE = "naive (2 sync inserts)"
+ECHO = "echo (floor)"
+ISSUE17_CONCURRENCY = (1, 20, 100)
+ISSUE17_CONFIGS = (ECHO, FULL_STACK, NAIVE)
 
 
 @dataclass(frozen=True)
@@ -261,7 +280,10 @@ def bench_config(
     seconds: float,
     concurrency: int,
     db_pid: int | None = None,
+    lifecycle: bool = True,
 ) -> dict[str, Cell]:
+    """Serve ``config`` on a fresh database and measure its cells at ``concurrency``:
+    create and fetch, then (``lifecycle``, the service only) the lifecycle's requests."""
     env = {**env, "MONGO_DB": "bench" + uuid.uuid4().hex[:8]}
     config_env = {k: v.replace("$MONGO_URI", env["MONGO_URI"]) for k, v in config.env.items()}
     with server(Config(config.name, config.command, config_env), env, workdir) as (url, pid):
@@ -285,7 +307,7 @@ def bench_config(
         cells["fetch"] = cell(
             fetch_url, stored_ids(env["MONGO_URI"], env["MONGO_DB"], FETCH_IDS) or [secret_id]
         )
-        if config.command == "naive":
+        if config.command == "naive" or not lifecycle:
             return cells
         if config.command == "echo":
             for op in LIFECYCLE_OPS:
@@ -326,50 +348,209 @@ def median_cell(cells: list[Cell]) -> Cell:
     )
 
 
-def table(results: dict[str, dict[str, Cell]]) -> str:
-    floor = results["echo (floor)"]
-    naive = results.get("naive (2 sync inserts)")
+# results[concurrency][configuration][op]: one run's cells (or their medians)
+Results = dict[int, dict[str, dict[str, Cell]]]
+
+
+def table(results: Results) -> str:
+    """Every cell, by concurrency, then configuration, then op; ratios within a concurrency."""
     lines = [
-        "| configuration | op | req/s | p50 ms | p95 ms | p99 ms | CPU µs/req "
+        "| connections | configuration | op | req/s | p50 ms | p95 ms | p99 ms | CPU µs/req "
         "| CPU vs echo | req/s vs naive | DB CPU µs/req | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, cells in results.items():
-        for op, cell in cells.items():
-            vs_naive = f"{cell.rps / naive[op].rps:.2f}x" if naive and op in naive else "-"
-            db_cpu = "-" if cell.db_cpu_us is None else f"{cell.db_cpu_us:.0f}"
-            lines.append(
-                f"| {name} | {op} | {cell.rps:.0f} | {cell.p50_ms:.1f} | {cell.p95_ms:.1f} "
-                f"| {cell.p99_ms:.1f} | {cell.cpu_us:.0f} | {cell.cpu_us / floor[op].cpu_us:.2f}x "
-                f"| {vs_naive} | {db_cpu} | {cell.errors} |"
-            )
+    for concurrency, by_config in results.items():
+        floor = by_config[ECHO]
+        naive = by_config.get(NAIVE)
+        for name, cells in by_config.items():
+            for op, cell in cells.items():
+                vs_naive = (
+                    f"{ratio(cell.rps, naive[op].rps):.2f}x" if naive and op in naive else "-"
+                )
+                db_cpu = "-" if cell.db_cpu_us is None else f"{cell.db_cpu_us:.0f}"
+                lines.append(
+                    f"| {concurrency} | {name} | {op} | {cell.rps:.0f} | {cell.p50_ms:.1f} "
+                    f"| {cell.p95_ms:.1f} | {cell.p99_ms:.1f} | {cell.cpu_us:.0f} "
+                    f"| {ratio(cell.cpu_us, floor[op].cpu_us):.2f}x | {vs_naive} | {db_cpu} "
+                    f"| {cell.errors} |"
+                )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of issue #17's targets: the full stack's ratio to the naive app on ``metric``
+    must be at least (``at_least``) or at most ``bound``."""
+
+    metric: str  # "req/s", "p50", "p99" or "CPU/req"
+    bound: float
+    at_least: bool
+
+    def met(self, value: float) -> bool:
+        """Whether a measured ratio meets the target (a ratio on the bound meets it)."""
+        return value >= self.bound if self.at_least else value <= self.bound
+
+    def __str__(self) -> str:
+        return f"{'≥' if self.at_least else '≤'} {self.bound:g}x"
+
+
+# Issue #17's targets per connection count: full stack against the naive app, both ops.
+_UNDER_LOAD = (Target("req/s", 1.5, True), Target("p99", 1.0, False), Target("CPU/req", 0.6, False))
+TARGETS: dict[int, tuple[Target, ...]] = {
+    1: (Target("req/s", 1.0, True), Target("p50", 1.0, False)),
+    20: _UNDER_LOAD,
+    100: _UNDER_LOAD,
+}
+RATIO_METRICS = ("req/s", "p50", "p99", "CPU/req")
+
+
+def ratio(value: float, base: float) -> float:
+    """``value / base``; infinite when the base is 0 (a cell that measured nothing)."""
+    return value / base if base else math.inf
+
+
+def ratios(full: Cell, naive: Cell) -> dict[str, float]:
+    """The full stack's cell against the naive app's, per metric of RATIO_METRICS, to the
+    two decimals the table prints: a verdict follows the number the reader sees."""
+    return {
+        "req/s": round(ratio(full.rps, naive.rps), 2),
+        "p50": round(ratio(full.p50_ms, naive.p50_ms), 2),
+        "p99": round(ratio(full.p99_ms, naive.p99_ms), 2),
+        "CPU/req": round(ratio(full.cpu_us, naive.cpu_us), 2),
+    }
+
+
+def verdicts(concurrency: int, measured: dict[str, float]) -> dict[str, bool]:
+    """Met (True) or not, for each target issue #17 sets at ``concurrency`` (none: empty)."""
+    return {t.metric: t.met(measured[t.metric]) for t in TARGETS.get(concurrency, ())}
+
+
+def ratio_table(results: Results) -> str | None:
+    """Full stack / naive per op and concurrency, beside #17's targets, each met or not met;
+    None when the run lacks one of the two."""
+    rows: list[str] = []
+    for op in BASE_OPS:  # the only ops the naive app serves
+        for concurrency, by_config in results.items():
+            if FULL_STACK not in by_config or NAIVE not in by_config:
+                continue
+            measured = ratios(by_config[FULL_STACK][op], by_config[NAIVE][op])
+            met = verdicts(concurrency, measured)
+            targets = {t.metric: t for t in TARGETS.get(concurrency, ())}
+            cells = []
+            for metric in RATIO_METRICS:
+                text = f"{measured[metric]:.2f}x"
+                if metric in targets:
+                    text += f" ({targets[metric]}: {'met' if met[metric] else 'not met'})"
+                cells.append(text)
+            summary = f"{sum(met.values())} of {len(met)}" if met else "-"
+            rows.append(f"| {op} | {concurrency} | {' | '.join(cells)} | {summary} |")
+    if not rows:
+        return None
+    return "\n".join(
+        [
+            "| op | connections | req/s vs naive | p50 vs naive | p99 vs naive "
+            "| CPU/req vs naive | targets met |",
+            "|---|---:|---|---|---|---|---:|",
+            *rows,
+        ]
+    )
+
+
+def concurrency_list(text: str) -> list[int]:
+    """``--concurrency``: one positive number of connections or a comma list of them."""
+    try:
+        values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected a number of connections, or a comma list")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r} names a number of connections twice")
+    return values
+
+
+def rotated(items: list[T], by: int) -> list[T]:
+    """``items`` starting at position ``by`` (modulo their number), wrapping around."""
+    if not items:
+        return items
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def schedule(configs: list[T], concurrencies: list[int], rounds: int) -> list[tuple[int, T, int]]:
+    """(round, configuration, concurrency) in the order the run measures them.
+
+    Per round, each concurrency in turn has every configuration measured one after the
+    other, so the cells compared with each other are close in time; both orders rotate
+    from round to round, so none always goes first (on a cold or a busy machine)."""
+    return [
+        (number, config, concurrency)
+        for number in range(rounds)
+        for concurrency in rotated(concurrencies, number)
+        for config in rotated(configs, number)
+    ]
+
+
+def cell_seconds(duration: float, concurrency: int) -> float:
+    """A cell's length: one connection takes requests one at a time, so it runs longer."""
+    return duration * LOW_CONCURRENCY_FACTOR if concurrency == 1 else duration
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per cell (5)")
-    parser.add_argument("--concurrency", type=positive_int, default=20, help="connections (20)")
-    parser.add_argument("--rounds", type=positive_int, default=1, help="interleaved rounds (1)")
+    parser.add_argument(
+        "--duration", type=float, default=5.0,
+        help=f"seconds of load per cell (5; {LOW_CONCURRENCY_FACTOR}x that at 1 connection)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--concurrency", type=concurrency_list, default=None,
+        help="connections, or a comma list of them, e.g. 1,20,100 (20)",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (3)")
     parser.add_argument("--mongo-uri", default=os.environ.get("MONGO_URI"))
     parser.add_argument("--only", nargs="*", help="configuration names to run (all)")
+    parser.add_argument(
+        "--lifecycle", action=argparse.BooleanOptionalAction, default=None,
+        help="also measure the lifecycle's requests on the service (on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--issue17", action="store_true",
+        help="issue #17's table: --concurrency 1,20,100 --only "
+        f"{' '.join(repr(n) for n in ISSUE17_CONFIGS)} --no-lifecycle",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.issue17:
+        given = [
+            flag
+            for flag, value in (("--concurrency", args.concurrency), ("--only", args.only),
+                                ("--lifecycle", args.lifecycle))
+            if value is not None
+        ]  # fmt: skip
+        if given:
+            parser.error(f"--issue17 sets {', '.join(given)} itself")
+        args.concurrency, args.lifecycle = list(ISSUE17_CONCURRENCY), False
+        args.only = list(ISSUE17_CONFIGS)
+    concurrencies: list[int] = args.concurrency or [20]
+    lifecycle: bool = args.lifecycle is not False
     unknown = sorted(set(args.only or ()) - {c.name for c in CONFIGS})
     if unknown:
         names = ", ".join(repr(c.name) for c in CONFIGS)
         parser.error(f"--only: no configuration named {', '.join(map(repr, unknown))} ({names})")
     if not args.duration > 0:
         parser.error("--duration must be a positive number of seconds")
+    if args.duration != int(args.duration):
+        # wrk's -d takes whole seconds only: "2.5s" is a usage error after the servers started.
+        parser.error("--duration must be a whole number of seconds (wrk takes no fractions)")
     try:
         executable("wrk")
     except ClusterError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
 
-    configs = [
-        c for c in CONFIGS if not args.only or c.name in args.only or c.name == "echo (floor)"
-    ]
-    runs: dict[str, list[dict[str, Cell]]] = {c.name: [] for c in configs}
+    configs = [c for c in CONFIGS if not args.only or c.name in args.only or c.name == ECHO]
+    runs: dict[tuple[int, str], list[dict[str, Cell]]] = {
+        (n, c.name): [] for n in concurrencies for c in configs
+    }
     with tempfile.TemporaryDirectory(prefix="secret-manager-bench-") as tmp:
         workdir = Path(tmp)
         with mongodb(args.mongo_uri, workdir) as mongo_uri, otlp_sink() as sink:
@@ -386,19 +567,27 @@ def main(argv: list[str] | None = None) -> int:
             )
             pid_file = workdir / "nx" / "nx.pid"  # present when the bench started nx-27017
             db_pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
-            for round_number in range(args.rounds):
-                for config in configs:
-                    print(f"round {round_number + 1}: {config.name}", file=sys.stderr)
-                    runs[config.name].append(
-                        bench_config(
-                            config, base_env, workdir, args.duration, args.concurrency, db_pid
-                        )
-                    )
-    results = {
-        name: {op: median_cell([r[op] for r in rounds]) for op in rounds[0]}
-        for name, rounds in runs.items()
+            for number, config, concurrency in schedule(configs, concurrencies, args.rounds):
+                print(
+                    f"round {number + 1}: {config.name}, {concurrency} connection(s)",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
+                seconds = cell_seconds(args.duration, concurrency)
+                runs[concurrency, config.name].append(
+                    bench_config(config, base_env, workdir, seconds, concurrency, db_pid, lifecycle)
+                )
+    results: Results = {
+        n: {
+            c.name: {op: median_cell([r[op] for r in runs[n, c.name]]) for op in runs[n, c.name][0]}
+            for c in configs
+        }
+        for n in concurrencies
     }
     print(table(results))
+    ratios_text = ratio_table(results)
+    if ratios_text is not None:
+        print()
+        print(ratios_text)
     return 0
 
 
