@@ -16,7 +16,6 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,7 +23,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import ROOT, ServerProcess, clean_env
-from tests.loadtests.conftest import stand_in_server
+from tests.loadtests.conftest import JSONHandler, stand_in_server
 
 pytestmark = pytest.mark.slow
 
@@ -283,13 +282,13 @@ def test_a_rate_limited_run_fails_and_says_why(
     assert any(RATE_LIMITED in row["Error"] for row in run.failures), run.failures
 
 
-class BitFlippingVault(BaseHTTPRequestHandler):
+class BitFlippingVault(JSONHandler):
     """A stand-in server that keeps the contract's shapes but hands back one wrong bit."""
 
     stored: ClassVar[dict[str, bytes]] = {}
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.json_body()
         if self.path.startswith("/vault/secret/create"):
             secret_id = str(uuid.uuid4())
             self.stored[secret_id] = base64.b64decode(body["secret"])
@@ -298,15 +297,7 @@ class BitFlippingVault(BaseHTTPRequestHandler):
             plaintext = bytearray(self.stored[body["secret_id"]])
             plaintext[-1] ^= 1
             answer = {"secret": base64.b64encode(plaintext).decode()}
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.answer(200, answer)
 
 
 @pytest.fixture
@@ -346,7 +337,7 @@ def test_one_time_secrets_are_read_once_then_gone(
     assert created_total(server.url) == deleted_total(server.url, "last_read") == created
 
 
-class UndeadVault(BaseHTTPRequestHandler):
+class UndeadVault(JSONHandler):
     """A stand-in server with the lifecycle's shapes that never forgets a secret: a second
     read of a one-time secret, or a fetch after a delete, still gets it back. With
     ``gone_detail`` set it forgets them, but its 404 says why (an oracle)."""
@@ -356,7 +347,7 @@ class UndeadVault(BaseHTTPRequestHandler):
     gone_detail: ClassVar[str | None] = None
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.json_body()
         status = 200
         answer: dict[str, Any] = {}
         if self.path.startswith("/vault/secret/create"):
@@ -375,15 +366,7 @@ class UndeadVault(BaseHTTPRequestHandler):
             answer = self.stored[body["secret_id"]]
             if "reads_left" in answer:
                 self.gone.add(body["secret_id"])
-        data = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.answer(status, answer)
 
 
 def serve_undead(gone_detail: str | None) -> Iterator[str]:

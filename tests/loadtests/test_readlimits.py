@@ -7,23 +7,21 @@ forgets to delete. The check against the real replicas runs in test_cluster.py.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar
 
 import pytest
 
 from loadtests.readlimits import Fetch, check_read_limits, peak_in_flight, summarize
-from tests.loadtests.conftest import stand_in_server
+from tests.loadtests.conftest import JSONHandler, stand_in_server
 
 MAX_READS = [1, 3]
 
 
-class ReadLimitedVault(BaseHTTPRequestHandler):
+class ReadLimitedVault(JSONHandler):
     """Creates and fetches with read limits; ``racy`` checks and takes a read apart."""
 
     racy: ClassVar[bool] = False
@@ -35,7 +33,7 @@ class ReadLimitedVault(BaseHTTPRequestHandler):
         self.answer(200, {"status": "ok"})
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.json_body()
         if self.path.startswith("/vault/secret/create"):
             secret_id = str(uuid.uuid4())
             self.reads[secret_id] = (body["secret"], body["max_reads"])
@@ -54,17 +52,6 @@ class ReadLimitedVault(BaseHTTPRequestHandler):
             self.answer(404, {"detail": "no secret has this secret_id"})
         else:
             self.answer(200, {"secret": secret, "reads_left": left - 1})
-
-    def answer(self, status: int, answer: dict[str, Any]) -> None:
-        data = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 def serve(racy: bool) -> Iterator[str]:
