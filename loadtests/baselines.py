@@ -4,7 +4,9 @@
   this stack (routing, JSON, Hypercorn), with no crypto, store or middleware.
 - ``naive``: the straightforward implementation the service must beat: a synchronous
   endpoint (Starlette runs it in its thread pool) that seals the secret and does one
-  insert for it and another for its audit record on every request, on the same store.
+  insert for it and another for its audit record on every request, on the same store,
+  with the same schema: expiry (``ttl_seconds``) kept the straightforward MongoDB way, by
+  a TTL index on ``expires_at``, as the service's own collection has one.
 
 Run one: ``python -m loadtests.baselines echo --port 8001`` (``naive`` reads MONGO_URI,
 MONGO_DB and MASTER_KEY like the service does).
@@ -54,6 +56,9 @@ def naive_app() -> Starlette:
     durable = WriteConcern(w="majority", j=True)
     secrets = db.get_collection("secrets", write_concern=durable)
     audit = db.get_collection("audit", write_concern=durable)
+    # The service's collection has this index too; on nx-27017 every find on a collection
+    # with a TTL index first deletes what expired, so both apps pay that alike.
+    secrets.create_index("expires_at", expireAfterSeconds=0)
     keyring = Keyring(parse_key(os.environ["MASTER_KEY"]))
 
     def record(request: Request, op: str, status: int, secret_id: str) -> None:
@@ -66,15 +71,24 @@ def naive_app() -> Starlette:
     def create_sync(request: Request, body: dict[str, Any]) -> Response:
         secret_id = str(uuid.uuid4())
         sealed = keyring.seal(secret_id, base64.b64decode(body["secret"], validate=True))
-        secrets.insert_one(
-            {"_id": secret_id, "kid": sealed.key_id, "nonce": sealed.nonce, "ct": sealed.ciphertext}
-        )
+        doc: dict[str, Any] = {
+            "_id": secret_id,
+            "kid": sealed.key_id,
+            "nonce": sealed.nonce,
+            "ct": sealed.ciphertext,
+        }
+        if "ttl_seconds" in body:
+            doc["expires_at"] = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=body["ttl_seconds"])
+        secrets.insert_one(doc)
         record(request, "create", 200, secret_id)
         return JSONResponse({"secret_id": secret_id})
 
     def fetch_sync(request: Request, body: dict[str, Any]) -> Response:
         secret_id = body["secret_id"]
         doc = secrets.find_one({"_id": secret_id})
+        expires_at = None if doc is None else doc.get("expires_at")
+        if expires_at is not None and expires_at <= dt.datetime.now(dt.UTC):
+            doc = None
         if doc is None:
             record(request, "fetch", 404, secret_id)
             return JSONResponse({"detail": "not found"}, status_code=404)
