@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -143,18 +144,55 @@ def test_audit_can_be_switched_off(
     assert audit_records(store_env) == []
 
 
-def audit_calls() -> tuple[float, float]:
-    """Store calls that carried audit records so far, and the records they carried."""
-    labels = {"operation": "insert_audit"}
+def audit_calls(operation: str = "insert_audit") -> tuple[float, float]:
+    """Store calls of ``operation`` so far (by default those that carried audit records
+    alone), and the records they carried."""
+    labels = {"operation": operation}
     calls = REGISTRY.get_sample_value("vault_store_batch_size_count", labels) or 0.0
     records = REGISTRY.get_sample_value("vault_store_batch_size_sum", labels) or 0.0
     return calls, records
 
 
+def store_calls() -> Counter[str]:
+    """Store calls made so far, by operation, of those a request can make."""
+    operations = ("insert", "get", "read", "consume", "delete", "insert_audit")
+    return Counter(
+        {
+            op: REGISTRY.get_sample_value("vault_store_operation_seconds_count", {"operation": op})
+            or 0.0
+            for op in operations
+        }
+    )
+
+
+def test_a_create_and_a_fetch_each_make_one_store_call(
+    client: TestClient, store_env: dict[str, str]
+) -> None:
+    # The request's own record and its audit record leave together: one round trip each.
+    before = store_calls()
+    created = client.post("/vault/secret/create", json={"secret": b64(b"x")})
+    assert created.status_code == 200
+    after_create = store_calls()
+    secret_id = created.json()["secret_id"]
+    assert client.post("/vault/secret/fetch", json={"secret_id": secret_id}).status_code == 200
+    after_fetch = store_calls()
+    missing = client.post("/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())})
+    assert missing.status_code == 404
+    after_missing = store_calls()
+    assert +(after_create - before) == Counter({"insert": 1})
+    assert +(after_fetch - after_create) == Counter({"read": 1})
+    assert +(after_missing - after_fetch) == Counter({"read": 1})
+    # ... and each has its audit record, saying what the caller got.
+    records = [(r["op"], r["status"], r["outcome"]) for r in audit_records(store_env)]
+    assert records == [("create", 200, "success"), ("fetch", 200, "success"),
+                       ("fetch", 404, "not_found")]  # fmt: skip
+
+
 def test_concurrent_requests_are_group_committed(store_env: dict[str, str]) -> None:
     app = create_app(Settings.from_env(store_env))
     count = 40
-    calls_before, records_before = audit_calls()
+    # A fetch's audit record rides in the store call that reads its secret.
+    calls_before, records_before = audit_calls("read")
 
     async def main() -> list[int]:
         async with app.router.lifespan_context(app):
@@ -171,7 +209,7 @@ def test_concurrent_requests_are_group_committed(store_env: dict[str, str]) -> N
     assert asyncio.run(main()) == [404] * count
     assert len(audit_records(store_env)) == count
     # The store's batcher carried the records in fewer calls than there were requests.
-    calls, records = audit_calls()
+    calls, records = audit_calls("read")
     assert records - records_before == count
     assert calls - calls_before < count
 
@@ -249,6 +287,85 @@ def test_a_record_the_store_refuses_alone_never_holds_up_the_rest(
     assert failed == [1]  # tried once, not again and again
     logged = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
     assert len(logged) == 1 and '"request_id":"reused"' in logged[0]
+
+
+def secret_count(store_env: dict[str, str]) -> int:
+    if "MONGO_URI" in store_env:
+        with pymongo.MongoClient(store_env["MONGO_URI"]) as client:
+            return client[store_env["MONGO_DB"]]["secrets"].count_documents({})
+    with contextlib.closing(sqlite3.connect(Path(store_env["DATA_DIR"]) / "vault.db")) as conn:
+        count: int = conn.execute("SELECT count(*) FROM secrets").fetchone()[0]
+    return count
+
+
+def unique_key_ids(store_env: dict[str, str]) -> None:
+    """Below the service, a unique index on the secrets' key id: with one secret stored,
+    every further create's secret write is refused (all are sealed by the same key)."""
+    if "MONGO_URI" in store_env:
+        with pymongo.MongoClient(store_env["MONGO_URI"]) as client:
+            secrets = client[store_env["MONGO_DB"]]["secrets"]
+            for name, info in secrets.index_information().items():
+                if info["key"] == [("kid", 1)]:  # the key guard's (not unique)
+                    secrets.drop_index(name)
+            secrets.create_index("kid", unique=True)
+        return
+    with contextlib.closing(sqlite3.connect(Path(store_env["DATA_DIR"]) / "vault.db")) as conn:
+        conn.execute("CREATE UNIQUE INDEX secrets_one_per_key ON secrets (key_id)")
+
+
+def audit_failed() -> float:
+    return REGISTRY.get_sample_value("vault_audit_records_total", {"result": "failed"}) or 0.0
+
+
+def test_a_failed_secret_write_is_audited_with_the_answer_sent(
+    client: TestClient, store_env: dict[str, str]
+) -> None:
+    # The secret and its audit record leave in one store call; when the secret is refused,
+    # no record of a success is written, and the 500 the caller gets is, before it gets it.
+    assert client.post("/vault/secret/create", json={"secret": b64(b"a")}).status_code == 200
+    unique_key_ids(store_env)
+    request_id = uuid.uuid4().hex
+    response = client.post(
+        "/vault/secret/create", json={"secret": b64(b"b")}, headers={"X-Request-ID": request_id}
+    )
+    assert response.status_code == 500
+    assert "secret_id" not in response.json()
+    mine = [r for r in audit_records(store_env) if r["request_id"] == request_id]
+    assert [(r["op"], r["status"], r["outcome"]) for r in mine] == [("create", 500, "error")]
+    assert mine[0]["secret_id_hmac"] is None  # no id was handed out
+    assert secret_count(store_env) == 1
+
+
+def test_an_audit_record_refused_beside_its_secret_fails_closed(
+    client: TestClient, store_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator's unique index on request_id, and a caller that reuses its X-Request-ID:
+    # the store takes the secret but refuses its audit record, in the same call.
+    unique_request_ids(store_env)
+    request_id = uuid.uuid4().hex
+    headers = {"X-Request-ID": request_id}
+    first = client.post("/vault/secret/create", json={"secret": b64(b"a")}, headers=headers)
+    assert first.status_code == 200
+    failed = audit_failed()
+    with caplog.at_level(logging.ERROR, logger="secret_manager.audit"):
+        create = client.post("/vault/secret/create", json={"secret": b64(b"b")}, headers=headers)
+        fetch = client.post(
+            "/vault/secret/fetch", json={"secret_id": first.json()["secret_id"]}, headers=headers
+        )
+    # Fail closed: neither the new id nor the secret goes out without its audit record.
+    assert (create.status_code, fetch.status_code) == (503, 503)
+    assert "secret_id" not in create.json() and "secret" not in fetch.json()
+    assert create.headers["retry-after"] == "5"
+    mine = [r for r in audit_records(store_env) if r["request_id"] == request_id]
+    assert [(r["op"], r["status"]) for r in mine] == [("create", 200)]  # only the first
+    # What the callers got is in the log instead, one line each, and counted as failed.
+    logged = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
+    assert len(logged) == 2
+    assert all('"status":503' in line and request_id in line for line in logged)
+    assert ['"op":"create"' in logged[0], '"op":"fetch"' in logged[1]] == [True, True]
+    assert audit_failed() - failed == 2
+    # The refused create's secret is stored, unacknowledged: nobody holds its id.
+    assert secret_count(store_env) == 2
 
 
 def test_audit_store_failure_fails_closed(

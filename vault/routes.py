@@ -29,7 +29,7 @@ from observability.metrics import NOT_READY, SECRETS_DELETED
 from vault.crypto import Keyring
 from vault.keyguard import UnreadableRecords
 from vault.openapi import DOCS_HTML, build_openapi
-from vault.records import SealedSecret
+from vault.records import AuditNote, SealedSecret
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
 from vault.stores.base import DeleteResult, SecretStore, StoreUnavailable, utc_now
 from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE, NotReady
@@ -225,27 +225,59 @@ class VaultAPI:
                 else None
             )
             record = replace(record, expires_at=expires_at, reads_left=max_reads)
-        await self.store.insert(record)
-        context.secret_id = secret_id
+        context.secret_id = secret_id  # named by the audit note, made in the store's thread
+        try:
+            # The answer is 200 once stored: the audit note for it goes in the same call.
+            audit = None if context.audit is None else context.audit.answering(200)
+            await self.store.insert(record, audit)
+        except BaseException:
+            context.secret_id = None  # never handed out: the failure's record names no id
+            raise
         return JSONResponse({"secret_id": secret_id, **_lifecycle(record)})
 
     async def fetch_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
         secret_id = await _secret_id_of(request, context, "fetch")
-        record = await self.store.get(secret_id)
+        draft = context.audit
+
+        def answer(record: SealedSecret | None) -> tuple[Response | None, AuditNote | None]:
+            # In the store's thread, right after the read: the audit note written in the same
+            # call says the very answer sent (decrypted there, so a failure is no 200).
+            response = self._plain_answer(context, record)
+            if response is None or draft is None:
+                return response, None
+            return response, draft.answering(response.status_code)
+
+        response = await self.store.read(secret_id, answer)
+        if response is not None:
+            return response
+        # Read-limited: one atomic take of a read; the plain path above stays batched.
+        record = await self.store.consume(secret_id)
+        if record is not None and record.reads_left == 0:
+            SECRETS_DELETED.labels("last_read").inc()
         if record is not None and record.expired(utc_now()):
-            context.outcome = "expired"  # still stored until the purge: never served
+            context.outcome = "expired"  # expired between the read and the update
             raise HTTPException(404, NOT_FOUND)
-        if record is not None and record.reads_left is not None:
-            # Read-limited: one atomic read of the store; the plain path above stays batched.
-            record = await self.store.consume(secret_id)
-            if record is not None and record.reads_left == 0:
-                SECRETS_DELETED.labels("last_read").inc()
-            if record is not None and record.expired(utc_now()):
-                context.outcome = "expired"  # expired between the read and the update
-                raise HTTPException(404, NOT_FOUND)
         if record is None:
             raise HTTPException(404, NOT_FOUND)
+        return self._secret_answer(record)
+
+    def _plain_answer(
+        self, context: RequestContext, record: SealedSecret | None
+    ) -> Response | None:
+        """A fetch's answer to the record read: 404 (none, or expired: still stored until
+        the purge, never served), the secret, or None for a read-limited record (its read
+        is taken by ``consume``). Runs in the store's thread."""
+        if record is None:
+            return JSONResponse({"detail": NOT_FOUND}, status_code=404)
+        if record.expired(utc_now()):
+            context.outcome = "expired"
+            return JSONResponse({"detail": NOT_FOUND}, status_code=404)
+        if record.reads_left is not None:
+            return None
+        return self._secret_answer(record)
+
+    def _secret_answer(self, record: SealedSecret) -> Response:
         plaintext = self.keyring.open(record)
         return JSONResponse(
             {"secret": base64.b64encode(plaintext).decode("ascii"), **_lifecycle(record)}

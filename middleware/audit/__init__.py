@@ -6,20 +6,31 @@ The package holds the audit log's three parts: this middleware, the record it bu
 Every path under the prefix is covered: the operations' own, and any other (``op`` is then
 ``other``), so probing unknown ``/vault`` paths leaves records as well.
 
-The record is built when the response starts (status known) from what the handler put in
-the request state (operation, secret id) and what the outer layers resolved (client IP,
-request id). The response start is held until the sink accepts the record; if the sink
-fails, the caller gets 503 instead (fail closed) and the held response is dropped. A 503
-is not held: it acknowledges nothing, and the audit write is still made in the background.
+The record is built from what the handler put in the request state (operation, secret
+id) and what the outer layers resolved (client IP, request id), for the status answered.
+Two ways, one guarantee (no answer before its record is durable):
+
+- riding along (sync mode): the middleware puts a draft on the request context; a handler
+  whose answer is decided with its store call (a create, a plain fetch) hands the store
+  the draft's note for that status, and the store writes it in the same call, after the
+  request's own record (one round trip). When the response starts with that very status
+  and the note is stored, it goes out at once; if the store refused the note, the caller
+  gets 503 instead (fail closed);
+- otherwise (any other route, a refusal, a failure, a status the note does not say), the
+  record is built when the response starts and the start is held until the sink accepts
+  it; if the sink fails, the caller gets 503 instead and the held response is dropped. A
+  503 is not held: it acknowledges nothing, and its record is still written in the
+  background.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,6 +57,8 @@ UNAVAILABLE_DETAIL = "the audit log is unavailable, so the request was not serve
 
 
 class AuditSink(Protocol):
+    waits: bool  # sync mode: a request waits for its record (and may hand it to the store)
+
     async def write(self, record: AuditRecord) -> None:
         """Store the record (or queue it, in async mode); raise if it cannot be taken."""
 
@@ -54,6 +67,39 @@ class AuditSink(Protocol):
 
     def spill(self, record: AuditRecord) -> None:
         """Log a record the store could not take (a JSON line), so it is not lost."""
+
+    def stored(self, record: AuditRecord) -> None:
+        """Count a record the store wrote beside the request's own (and echo it)."""
+
+    def refused(self, error: Exception) -> None:
+        """Count and log a record the store did not write beside the request's own."""
+
+
+class _Draft:
+    """One request's record before its answer is known (``AuditDraft``): ``answering``
+    fixes the status, and the store (in its thread) makes the record and says whether it
+    was written (the ``AuditNote`` protocol of vault/stores/base.py)."""
+
+    __slots__ = ("_make", "_status", "error", "record", "stored")
+
+    def __init__(self, make: Callable[[int], AuditRecord]) -> None:
+        self._make = make
+        self._status = 0
+        self.record: AuditRecord | None = None
+        self.stored = False
+        self.error: Exception | None = None
+
+    def answering(self, status: int) -> _Draft:
+        self._status = status
+        return self
+
+    def document(self) -> dict[str, Any]:
+        self.record = self._make(self._status)
+        return self.record.as_document()
+
+    def written(self, error: Exception | None) -> None:
+        self.stored = error is None
+        self.error = error
 
 
 class AuditMiddleware:
@@ -83,7 +129,7 @@ class AuditMiddleware:
             headers={"Retry-After": str(retry_after)},
         )
 
-    def _record(self, scope: Scope, status: int, started: float) -> AuditRecord:
+    def _record(self, scope: Scope, status: int, *, started: float) -> AuditRecord:
         context = request_context(scope)
         secret_id = context.secret_id
         user_agent = request_header(scope, b"user-agent")
@@ -111,13 +157,36 @@ class AuditMiddleware:
 
         started = time.perf_counter()
         refused = False
+        draft = None
+        if self.sink.waits:
+            draft = _Draft(functools.partial(self._record, scope, started=started))
+            request_context(scope).audit = draft
+
+        async def refuse(record: AuditRecord) -> None:
+            nonlocal refused
+            refused = True
+            # The trail must say what the caller got: the refusal, not the answer it
+            # replaced. The store just failed it, so it goes to the log as a line.
+            self.sink.spill(replace(record, status=503, outcome=outcome_for_status(503)))
+            await self.refusal(scope, receive, send)
 
         async def audited_send(message: Message) -> None:
-            nonlocal refused
             if refused:
                 return  # the app's own answer is dropped: the caller got the 503
             if message["type"] == "http.response.start":
-                record = self._record(scope, message["status"], started)
+                status = message["status"]
+                noted = draft.record if draft is not None else None
+                if draft is not None and noted is not None and noted.status == status:
+                    # Handed to the store beside the request's own record, for this answer.
+                    if draft.stored:
+                        self.sink.stored(noted)
+                        await send(message)
+                        return
+                    if draft.error is not None:
+                        self.sink.refused(draft.error)
+                        await refuse(noted)
+                        return
+                record = self._record(scope, status, started=started)
                 if record.status == 503:
                     # Already a refusal: waiting could only turn a 503 into a 503 later
                     # (the store that failed usually holds the audit log too).
@@ -127,11 +196,7 @@ class AuditMiddleware:
                 try:
                     await self.sink.write(record)
                 except Exception:
-                    refused = True
-                    # The trail must say what the caller got: the refusal, not the answer it
-                    # replaced. The store just failed it, so it goes to the log as a line.
-                    self.sink.spill(replace(record, status=503, outcome=outcome_for_status(503)))
-                    await self.refusal(scope, receive, send)
+                    await refuse(record)
                     return
             await send(message)
 

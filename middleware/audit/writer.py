@@ -73,6 +73,7 @@ class AuditWriter:
             raise ValueError("retry_delay must not be negative")
         self._insert = insert
         self._wait = wait
+        self.waits = wait  # the middleware may hand a waiting record to the store call
         self._stdout = stdout
         self._on_written = on_written
         self._on_failed = on_failed
@@ -104,8 +105,7 @@ class AuditWriter:
             log.error("audit store did not take a record: %s", exc)
             raise
         if error is not None:
-            self._on_failed(1)
-            log.error("audit store refused a record: %s", type(error).__name__)
+            self.refused(error)
             raise AuditUnavailable(type(error).__name__)
         self._stored([record])
 
@@ -119,6 +119,17 @@ class AuditWriter:
     def spill(self, record: AuditRecord) -> None:
         """Log a record the store did not take, as a JSON line, instead of dropping it."""
         self._spill([record], "store failed")
+
+    def stored(self, record: AuditRecord) -> None:
+        """Count (and echo) a record the store wrote beside a request's own, as ``write``
+        does for the records it stores itself."""
+        self._stored([record])
+
+    def refused(self, error: Exception) -> None:
+        """Count and log a record the store did not write beside a request's own (the
+        middleware spills it, as the 503 the caller gets instead)."""
+        self._on_failed(1)
+        log.error("audit store refused a record: %s", type(error).__name__)
 
     async def close(self) -> None:
         """Write everything still pending, then stop. Safe to call twice."""

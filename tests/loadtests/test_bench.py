@@ -17,6 +17,7 @@ from loadtests.bench import (
     ECHO,
     FULL_STACK,
     NAIVE,
+    NAIVE_NO_TTL,
     TARGETS,
     Cell,
     Results,
@@ -234,6 +235,19 @@ def test_the_ratio_table_marks_each_targeted_ratio_from_made_up_cells() -> None:
         "1.49x (≥ 1.5x: not met)", "1.00x", "1.05x (≤ 1x: not met)", "0.60x (≤ 0.6x: met)",
         "1 of 3 |",
     ]  # fmt: skip
+
+
+def test_a_ratio_table_against_another_naive_configuration() -> None:
+    fast, slow = cell(rps=300, p50=3, p99=6, cpu=600), cell(rps=100, p50=9)
+    results = {1: {FULL_STACK: {"create": fast, "fetch": fast},
+                   NAIVE: {"create": slow, "fetch": slow},
+                   NAIVE_NO_TTL: {"create": fast, "fetch": fast}}}  # fmt: skip
+    against_ttl, against_no_ttl = ratio_table(results), ratio_table(results, NAIVE_NO_TTL)
+    assert against_ttl is not None and against_no_ttl is not None
+    assert "| create | 1 | 3.00x (≥ 1x: met)" in against_ttl
+    assert "| create | 1 | 1.00x (≥ 1x: met) | 1.00x (≤ 1x: met)" in against_no_ttl
+    assert ratio_table({1: {FULL_STACK: {"create": fast}, NAIVE: {"create": slow}}},
+                       NAIVE_NO_TTL) is None  # fmt: skip
 
 
 def test_no_ratio_table_without_the_naive_app() -> None:

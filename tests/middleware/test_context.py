@@ -28,7 +28,9 @@ ALICE = "alice-token-0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 class ListSink:
-    """An audit sink that keeps what it is given."""
+    """An audit sink that keeps what it is given (through its own writes only)."""
+
+    waits = False
 
     def __init__(self) -> None:
         self.records: list[AuditRecord] = []

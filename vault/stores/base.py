@@ -21,9 +21,10 @@ from typing import Any, Protocol, TypeVar
 
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
-from vault.records import SealedSecret, StoredSecret
+from vault.records import AuditNote, SealedSecret, StoredSecret
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 # An audit record as a store takes it: a plain mapping with these keys, so the stores need
 # nothing from the middleware that makes the records. ``ts`` is an aware datetime, ``status``
@@ -44,6 +45,11 @@ AUDIT_FIELDS = (
     "record_id",
 )
 AuditDocument = Mapping[str, Any]
+
+
+# What a fetch answers for the record found (None when there is none), and the note to
+# write beside it; run in the store's thread, right after the read.
+Answer = Callable[[SealedSecret | None], tuple[A, AuditNote | None]]
 
 
 class CorruptRecord(Exception):
@@ -87,12 +93,20 @@ class SecretStore(Protocol):
     async def close(self) -> None:
         """Release connections."""
 
-    async def insert(self, record: SealedSecret) -> None:
-        """Durably store a new record; return only once it would survive a crash."""
+    async def insert(self, record: SealedSecret, audit: AuditNote | None = None) -> None:
+        """Durably store a new record; return only once it would survive a crash. With
+        ``audit``, its note is written in the same call once the record is stored (SQLite:
+        the same transaction), and told how that went."""
 
     async def get(self, secret_id: str) -> SealedSecret | None:
         """The record with this id, or None; expired or used-up records are returned too
         (the caller decides, with its clock, and tells them apart in the audit log)."""
+
+    async def read(self, secret_id: str, answer: Answer[A]) -> A:
+        """``get``, with the caller's decision made in the same call: ``answer(record)``
+        runs in the store's thread right after the read, and the note it returns (if any)
+        is written before the call returns. ``answer``'s exception is raised to the caller,
+        and no note is written for it."""
 
     async def consume(self, secret_id: str) -> SealedSecret | None:
         """Atomically take one read of a read-limited record and return it with the reads
@@ -275,6 +289,29 @@ async def stored_or_refused(write: Awaitable[object]) -> Exception | None:
     except Exception as exc:  # set by the batch call for this record alone
         return exc
     return None
+
+
+def answer_each(
+    items: Sequence[tuple[str, Answer[A]]], records: Sequence[SealedSecret | Exception | None]
+) -> tuple[list[A | Exception], list[AuditNote]]:
+    """Run each read's ``answer`` on the record found for it (``records``, in the same
+    order): one result per item (the answer, or the exception that item alone failed with:
+    a corrupt record's, or its answer's), and the notes to write beside them."""
+    results: list[A | Exception] = []
+    notes: list[AuditNote] = []
+    for (_, answer), record in zip(items, records, strict=True):
+        if isinstance(record, Exception):
+            results.append(record)
+            continue
+        try:
+            value, note = answer(record)
+        except Exception as exc:  # this request's own failure (a record no key opens)
+            results.append(exc)
+            continue
+        results.append(value)
+        if note is not None:
+            notes.append(note)
+    return results, notes
 
 
 def unavailable(exc: Exception) -> StoreUnavailable:

@@ -34,15 +34,18 @@ from pymongo.write_concern import WriteConcern
 
 from observability.metrics import STORE_BREAKER_OPEN, STORE_BREAKER_OPENED, STORE_SHORT_CIRCUITED
 from vault.breaker import Call, CircuitBreaker
-from vault.records import SealedSecret, StoredSecret
+from vault.records import AuditNote, SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
+    A,
+    Answer,
     AuditDocument,
     CorruptRecord,
     DeleteResult,
     Imported,
     StoreKnownDown,
     StoreUnavailable,
+    answer_each,
     derived_record_id,
     import_outcome,
     run_off_loop,
@@ -72,6 +75,9 @@ KEY_COUNT_TIMEOUT_SECONDS = 60.0
 
 
 log = logging.getLogger("secret_manager.store")
+
+# A create's batch item: its document, and the audit note to write once it is stored.
+_Insert = tuple[dict[str, Any], AuditNote | None]
 
 
 def _is_unavailable(exc: PyMongoError) -> bool:
@@ -166,6 +172,16 @@ def _document(record: SealedSecret, created_at: dt.datetime | None) -> dict[str,
     if record.reads_left is not None:
         doc["reads_left"] = record.reads_left
     return doc
+
+
+def _audit_document(document: AuditDocument) -> dict[str, Any]:
+    """An audit record as stored: its ``record_id`` is the ``_id``, so a retry finds it
+    stored. KeyError, TypeError or InvalidId when the record is malformed."""
+    record_id = ObjectId(document["record_id"])
+    return {
+        "_id": record_id,
+        **{name: document[name] for name in AUDIT_FIELDS if name != "record_id"},
+    }
 
 
 def _sealed_or_corrupt(doc: Mapping[str, Any]) -> SealedSecret | CorruptRecord:
@@ -327,6 +343,7 @@ class MongoStore:
             self._insert_batch, operation="insert", timeout=deadline, breaker=breaker
         )
         self._gets = Batcher(self._get_batch, operation="get", timeout=deadline, breaker=breaker)
+        self._reads = Batcher(self._read_batch, operation="read", timeout=deadline, breaker=breaker)
         self._audits = Batcher(
             self._insert_audit_batch, operation="insert_audit", timeout=deadline, breaker=breaker
         )
@@ -339,12 +356,46 @@ class MongoStore:
     async def close(self) -> None:
         await self._inserts.close()
         await self._gets.close()
+        await self._reads.close()
         await self._audits.close()
         await self._mongo.close()
 
-    def _insert_many_sync(self, docs: list[dict[str, Any]]) -> list[Exception | None]:
-        """Insert a batch; one entry per document: None when it is stored, else its error."""
-        return _insert_each(self._secrets, docs, self._already_stored)
+    def _insert_many_sync(self, items: list[_Insert]) -> list[Exception | None]:
+        """Insert a batch, then the audit notes of the records stored, in one budget; one
+        entry per document: None when it is stored, else its error."""
+        with pymongo.timeout(self._mongo.timeout):
+            results = _insert_each(self._secrets, [doc for doc, _ in items], self._already_stored)
+            self._write_notes_sync(
+                [note for (_, note), error in zip(items, results, strict=True)
+                 if note is not None and error is None]
+            )  # fmt: skip
+        return results
+
+    def _write_notes_sync(self, notes: list[AuditNote]) -> None:
+        """Write the audit notes riding with a batch (after its own records), telling each
+        how it went. Raises only when the database did not take the call (down, timed out):
+        the batch's requests are then answered 503 like any outage's."""
+        docs: list[dict[str, Any]] = []
+        ready: list[AuditNote] = []
+        for note in notes:
+            try:
+                docs.append(_audit_document(note.document()))
+            except (KeyError, TypeError, InvalidId) as exc:  # malformed: refused alone
+                note.written(exc)
+            else:
+                ready.append(note)
+        if not docs:
+            return
+        try:
+            results = self._insert_audit_sync(docs)
+        except PyMongoError as exc:
+            for note in ready:
+                note.written(exc)
+            if _is_unavailable(exc):
+                raise
+            return
+        for note, error in zip(ready, results, strict=True):
+            note.written(error)
 
     def _already_stored(self, docs: list[dict[str, Any]]) -> set[object]:
         # A retried insert whose first attempt landed: the same record is already there,
@@ -360,12 +411,12 @@ class MongoStore:
         """``self._mongo.run`` for a write, its outcome reported to ``self.health``."""
         return await self.health.track(self._mongo.run(operation, func, *args), _reason)
 
-    async def _insert_batch(self, docs: list[dict[str, Any]]) -> list[Exception | None]:
-        results: list[Exception | None] = await self._write("insert", self._insert_many_sync, docs)
+    async def _insert_batch(self, items: list[_Insert]) -> list[Exception | None]:
+        results: list[Exception | None] = await self._write("insert", self._insert_many_sync, items)
         return results
 
-    async def insert(self, record: SealedSecret) -> None:
-        await self._inserts.submit(_document(record, dt.datetime.now(dt.UTC)))
+    async def insert(self, record: SealedSecret, audit: AuditNote | None = None) -> None:
+        await self._inserts.submit((_document(record, dt.datetime.now(dt.UTC)), audit))
 
     def _find_many_sync(self, secret_ids: list[str]) -> list[SealedSecret | Exception | None]:
         """One entry per id: its record, None when there is none, or CorruptRecord for a
@@ -387,6 +438,21 @@ class MongoStore:
 
     async def get(self, secret_id: str) -> SealedSecret | None:
         return await self._gets.submit(secret_id)
+
+    def _read_many_sync(self, items: list[tuple[str, Answer[Any]]]) -> list[Any]:
+        with pymongo.timeout(self._mongo.timeout):
+            records = self._find_many_sync([secret_id for secret_id, _ in items])
+            results, notes = answer_each(items, records)
+            self._write_notes_sync(notes)
+        return results
+
+    async def _read_batch(self, items: list[tuple[str, Answer[Any]]]) -> list[Any]:
+        results: list[Any] = await self._write("read", self._read_many_sync, items)
+        return results
+
+    async def read(self, secret_id: str, answer: Answer[A]) -> A:
+        result: A = await self._reads.submit((secret_id, answer))
+        return result
 
     def _consume_sync(self, secret_id: str) -> SealedSecret | Exception | None:
         # One atomic document update per read: concurrent readers on any replica each
@@ -576,11 +642,10 @@ class MongoStore:
 
     async def insert_audit(self, document: AuditDocument) -> Exception | None:
         try:
-            record_id = ObjectId(document["record_id"])  # the _id: a retry finds it stored
-            fields = {name: document[name] for name in AUDIT_FIELDS if name != "record_id"}
+            doc = _audit_document(document)
         except (KeyError, TypeError, InvalidId) as exc:  # malformed: refused alone
             return exc
-        return await stored_or_refused(self._audits.submit({"_id": record_id, **fields}))
+        return await stored_or_refused(self._audits.submit(doc))
 
     def _retention_sync(self, ttl_days: int) -> None:
         self._audit.create_index("secret_id_hmac", name="secret_id_hmac")

@@ -18,13 +18,16 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vault.records import SealedSecret, StoredSecret
+from vault.records import AuditNote, SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
+    A,
+    Answer,
     AuditDocument,
     DeleteResult,
     Imported,
     StoreUnavailable,
+    answer_each,
     derived_record_id,
     import_outcome,
     run_off_loop,
@@ -86,6 +89,8 @@ _INSERT_AUDIT = (
     " ON CONFLICT (record_id) DO NOTHING"
 )
 AuditRow = tuple[object, ...]
+# A create's batch item: its record, and the audit note to write once it is stored.
+_Insert = tuple[SealedSecret, AuditNote | None]
 # The key guard's two statements, each answered from the index secrets_key_id (a test reads
 # their EXPLAIN QUERY PLAN): the next distinct key id after the last one found is one seek,
 # so finding every id costs a seek per id, however many records there are.
@@ -127,6 +132,44 @@ def _audit_row(document: AuditDocument) -> AuditRow:
         sqlite_timestamp(document[name]) if name == "ts" else document[name]
         for name in AUDIT_FIELDS
     )
+
+
+def _insert_each(
+    conn: sqlite3.Connection, statement: str, rows: Sequence[Sequence[object]]
+) -> list[Exception | None]:
+    """Run ``statement`` for each row in the open transaction; one entry per row: None, or
+    the IntegrityError that rolled back that row alone."""
+    results: list[Exception | None] = []
+    for row in rows:
+        try:
+            conn.execute(statement, row)
+        except sqlite3.IntegrityError as exc:
+            results.append(exc)
+        else:
+            results.append(None)
+    return results
+
+
+def _insert_notes(
+    conn: sqlite3.Connection, notes: Sequence[AuditNote]
+) -> list[tuple[AuditNote, Exception | None]]:
+    """Insert the audit notes riding with a batch, in its open transaction; each note with
+    its outcome, to tell it once the transaction is committed (a malformed one: at once)."""
+    ready: list[AuditNote] = []
+    rows: list[AuditRow] = []
+    for note in notes:
+        try:
+            rows.append(_audit_row(note.document()))
+        except (KeyError, AttributeError, TypeError) as exc:  # malformed: refused alone
+            note.written(exc)
+        else:
+            ready.append(note)
+    return list(zip(ready, _insert_each(conn, _INSERT_AUDIT, rows), strict=True))
+
+
+def _tell(written: Iterable[tuple[AuditNote, Exception | None]]) -> None:
+    for note, error in written:
+        note.written(error)
 
 
 def _epoch(value: dt.datetime | None) -> int | None:
@@ -195,6 +238,7 @@ class SQLiteStore:
         # Concurrent creates share one transaction, concurrent fetches one query.
         self._inserts = Batcher(self._insert_batch, operation="insert", timeout=timeout + 1.0)
         self._gets = Batcher(self._get_batch, operation="get", timeout=timeout + 1.0)
+        self._reads = Batcher(self._read_batch, operation="read", timeout=timeout + 1.0)
         self._audits = Batcher(
             self._insert_audit_batch, operation="insert_audit", timeout=timeout + 1.0
         )
@@ -218,6 +262,7 @@ class SQLiteStore:
     async def close(self) -> None:
         await self._inserts.close()
         await self._gets.close()
+        await self._reads.close()
         await self._audits.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
@@ -276,49 +321,62 @@ class SQLiteStore:
             return await self.health.track(run(), _reason)
         return await run()
 
-    async def _insert_batch(self, records: list[SealedSecret]) -> list[Exception | None]:
+    async def _insert_batch(self, items: list[_Insert]) -> list[Exception | None]:
+        rows = [
+            (r.secret_id, r.key_id, r.nonce, r.ciphertext, _epoch(r.expires_at), r.reads_left)
+            for r, _ in items
+        ]
+
         def insert(conn: sqlite3.Connection) -> list[Exception | None]:
-            results: list[Exception | None] = []
-            with conn:  # one transaction, one fsync, for the whole batch
+            with conn:  # one transaction, one fsync: the batch and its audit notes
                 conn.execute("BEGIN IMMEDIATE")
-                for r in records:
-                    try:
-                        conn.execute(
-                            _INSERT_RECORD,
-                            (
-                                r.secret_id,
-                                r.key_id,
-                                r.nonce,
-                                r.ciphertext,
-                                _epoch(r.expires_at),
-                                r.reads_left,
-                            ),
-                        )
-                    except sqlite3.IntegrityError as exc:  # only this row is rolled back
-                        results.append(exc)
-                    else:
-                        results.append(None)
+                results = _insert_each(conn, _INSERT_RECORD, rows)
+                notes = [
+                    note
+                    for (_, note), error in zip(items, results, strict=True)
+                    if note is not None and error is None
+                ]
+                written = _insert_notes(conn, notes)
+            _tell(written)  # only now: committed, durable
             return results
 
         return await self._run("insert", insert, write=True)
 
-    async def insert(self, record: SealedSecret) -> None:
-        await self._inserts.submit(record)
+    async def insert(self, record: SealedSecret, audit: AuditNote | None = None) -> None:
+        await self._inserts.submit((record, audit))
+
+    def _select(self, conn: sqlite3.Connection, secret_ids: list[str]) -> dict[str, SealedSecret]:
+        wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
+        placeholders = ", ".join("?" * len(wanted))  # at most MAX_BATCH, under SQLite's cap
+        rows: list[RecordRow] = conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names and "?"s
+            f" WHERE secret_id IN ({placeholders})",
+            wanted,
+        ).fetchall()
+        return {row[0]: _sealed(row) for row in rows}
 
     async def _get_batch(self, secret_ids: list[str]) -> list[SealedSecret | None]:
-        wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
-
-        def select(conn: sqlite3.Connection) -> list[RecordRow]:
-            placeholders = ", ".join("?" * len(wanted))  # at most MAX_BATCH, under SQLite's cap
-            rows: list[RecordRow] = conn.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names and "?"s
-                f" WHERE secret_id IN ({placeholders})",
-                wanted,
-            ).fetchall()
-            return rows
-
-        found = {row[0]: _sealed(row) for row in await self._run("get", select)}
+        found = await self._run("get", lambda conn: self._select(conn, secret_ids))
         return [found.get(secret_id) for secret_id in secret_ids]
+
+    async def _read_batch(self, items: list[tuple[str, Answer[Any]]]) -> list[Any]:
+        secret_ids = [secret_id for secret_id, _ in items]
+
+        def read(conn: sqlite3.Connection) -> list[Any]:
+            found = self._select(conn, secret_ids)
+            results, notes = answer_each(items, [found.get(i) for i in secret_ids])
+            if notes:
+                with conn:
+                    conn.execute("BEGIN IMMEDIATE")
+                    written = _insert_notes(conn, notes)
+                _tell(written)
+            return results
+
+        return await self._run("read", read, write=True)
+
+    async def read(self, secret_id: str, answer: Answer[A]) -> A:
+        result: A = await self._reads.submit((secret_id, answer))
+        return result
 
     async def get(self, secret_id: str) -> SealedSecret | None:
         return await self._gets.submit(secret_id)
@@ -430,17 +488,9 @@ class SQLiteStore:
 
     async def _insert_audit_batch(self, rows: list[AuditRow]) -> list[Exception | None]:
         def insert(conn: sqlite3.Connection) -> list[Exception | None]:
-            results: list[Exception | None] = []
             with conn:  # one transaction, one fsync, for the whole batch
                 conn.execute("BEGIN IMMEDIATE")
-                for row in rows:
-                    try:
-                        conn.execute(_INSERT_AUDIT, row)
-                    except sqlite3.IntegrityError as exc:  # only this row is rolled back
-                        results.append(exc)
-                    else:
-                        results.append(None)
-            return results
+                return _insert_each(conn, _INSERT_AUDIT, rows)
 
         try:
             return await self._run("insert_audit", insert, write=True)

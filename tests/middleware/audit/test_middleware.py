@@ -19,10 +19,14 @@ from middleware.requestid import RequestIdMiddleware
 class ListSink:
     """A sink that keeps records in a list, or refuses them all when ``broken``."""
 
+    waits = True
+
     def __init__(self) -> None:
         self.records: list[AuditRecord] = []
         self.submitted: list[AuditRecord] = []
         self.spilled: list[AuditRecord] = []
+        self.stored_beside: list[AuditRecord] = []
+        self.refusals: list[Exception] = []
         self.broken = False
 
     async def write(self, record: AuditRecord) -> None:
@@ -35,6 +39,28 @@ class ListSink:
 
     def spill(self, record: AuditRecord) -> None:
         self.spilled.append(record)
+
+    def stored(self, record: AuditRecord) -> None:
+        self.stored_beside.append(record)
+
+    def refused(self, error: Exception) -> None:
+        self.refusals.append(error)
+
+
+async def noted(request: Request) -> Response:
+    """A handler whose store takes the audit note with its own write (the store's part is
+    played here: make the document, then say how the write went), then answers."""
+    context = request_context(request.scope)
+    context.op = "fetch"
+    query = request.query_params
+    noted_status, answered = int(query.get("noted", "200")), int(query.get("status", "200"))
+    if context.audit is None:  # no sink waiting: the layer writes its own record
+        return JSONResponse({"draft": False})
+    note = context.audit.answering(noted_status)
+    document = note.document()
+    assert document["status"] == noted_status
+    note.written(None if query.get("store") != "refuses" else ValueError("duplicate key"))
+    return JSONResponse({"secret": "c2VjcmV0"}, status_code=answered)
 
 
 async def fetch(request: Request) -> Response:
@@ -53,6 +79,7 @@ def make(sink: ListSink) -> TestClient:
     app = Starlette(
         routes=[
             Route("/fetch", fetch, methods=["POST"]),
+            Route("/noted", noted, methods=["POST"]),
             Route("/other", other),
             Route("/api/status", other),
         ],
@@ -61,7 +88,7 @@ def make(sink: ListSink) -> TestClient:
             Middleware(
                 AuditMiddleware,
                 sink=sink,
-                operations={"/fetch": "fetch"},
+                operations={"/fetch": "fetch", "/noted": "fetch"},
                 hash_secret_id=lambda secret_id: "hmac-of-" + secret_id[::-1],
                 prefix="/api",
             ),
@@ -150,3 +177,41 @@ def test_long_user_agent_is_truncated() -> None:
     sink = ListSink()
     make(sink).post("/fetch", json={"secret_id": "a"}, headers={"User-Agent": "x" * 5000})
     assert sink.records[0].user_agent == "x" * 256
+
+
+def test_a_note_the_store_wrote_for_the_status_sent_is_not_written_again() -> None:
+    sink = ListSink()
+    response = make(sink).post("/noted", headers={"X-Request-ID": "rid-n"})
+    assert response.status_code == 200
+    assert sink.records == sink.submitted == sink.spilled == []  # no second write
+    (record,) = sink.stored_beside  # counted (and echoed) as written
+    assert (record.op, record.status, record.outcome, record.request_id) == (
+        "fetch", 200, "success", "rid-n",
+    )  # fmt: skip
+
+
+def test_a_note_the_store_refused_fails_closed_with_503() -> None:
+    sink = ListSink()
+    response = make(sink).post("/noted?store=refuses")
+    assert response.status_code == 503
+    assert "secret" not in response.json()
+    assert [type(e) for e in sink.refusals] == [ValueError]
+    assert sink.records == sink.stored_beside == []
+    assert [(r.status, r.outcome) for r in sink.spilled] == [(503, "unavailable")]
+
+
+def test_an_answer_other_than_the_note_says_gets_its_own_record() -> None:
+    # Should anything between the handler and this layer change the answer, the trail
+    # still holds what the caller got.
+    sink = ListSink()
+    assert make(sink).post("/noted?noted=200&status=404").status_code == 404
+    assert [(r.status, r.outcome) for r in sink.records] == [(404, "not_found")]
+
+
+def test_without_a_waiting_sink_no_draft_is_offered() -> None:
+    sink = ListSink()
+    sink.waits = False  # async mode: records are queued, never handed to a store call
+    assert make(sink).post("/fetch", json={"secret_id": "abc"}).status_code == 200
+    assert len(sink.records) == 1
+    assert make(sink).post("/noted").json() == {"draft": False}
+    assert len(sink.records) == 2 and sink.stored_beside == []
