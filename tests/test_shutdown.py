@@ -75,18 +75,18 @@ def _load(url: str, calls: list[Call], lock: threading.Lock) -> None:
                 return
 
 
-def audit_creates(env: dict[str, str]) -> Counter[str]:
-    """secret_id_hmac -> number of successful create records in the audit log."""
+def audit_successes(env: dict[str, str], op: str = "create") -> Counter[str]:
+    """secret_id_hmac -> number of successful ``op`` records in the audit log."""
     if "MONGO_URI" in env:
         client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(env["MONGO_URI"])
         try:
-            docs = client[env["MONGO_DB"]]["audit"].find({"op": "create", "status": 200})
+            docs = client[env["MONGO_DB"]]["audit"].find({"op": op, "status": 200})
             return Counter(doc["secret_id_hmac"] for doc in docs)
         finally:
             client.close()
     with sqlite3.connect(Path(env["DATA_DIR"]) / "vault.db") as conn:
         rows = conn.execute(
-            "SELECT secret_id_hmac FROM audit WHERE op = 'create' AND status = 200"
+            "SELECT secret_id_hmac FROM audit WHERE op = ? AND status = 200", (op,)
         ).fetchall()
     conn.close()
     return Counter(row[0] for row in rows)
@@ -124,7 +124,7 @@ def check_everything_acknowledged_is_kept(
     master_key = Settings.from_env(env).master_key
     assert master_key is not None
     audit_key = derive_audit_key(master_key)
-    audited = audit_creates(env)
+    audited = audit_successes(env)
     missing_audit = [i for i in acknowledged if audited[secret_id_hmac(audit_key, i)] != 1]
     assert not missing_audit, f"{len(missing_audit)} acknowledged creates lack one audit record"
 
@@ -217,7 +217,7 @@ def test_sigterm_under_load_loses_nothing(
         f"{len(stored - set(acknowledged))} stored but unacknowledged, "
         f"{len(set(acknowledged) - stored)} acknowledged but not stored; {outcomes}"
     )
-    assert sum(audit_creates(env).values()) == len(acknowledged)
+    assert sum(audit_successes(env).values()) == len(acknowledged)
     assert "Traceback" not in server.output()
     check_everything_acknowledged_is_kept(start_server, env, acknowledged)
 
@@ -373,20 +373,6 @@ def _create_and_fetch(
                 return
 
 
-def audit_fetches(env: dict[str, str]) -> Counter[str]:
-    """secret_id_hmac -> number of successful fetch records in the audit log."""
-    if "MONGO_URI" in env:
-        with pymongo.MongoClient(env["MONGO_URI"]) as client:
-            docs = client[env["MONGO_DB"]]["audit"].find({"op": "fetch", "status": 200})
-            return Counter(doc["secret_id_hmac"] for doc in docs)
-    with sqlite3.connect(Path(env["DATA_DIR"]) / "vault.db") as conn:
-        rows = conn.execute(
-            "SELECT secret_id_hmac FROM audit WHERE op = 'fetch' AND status = 200"
-        ).fetchall()
-    conn.close()
-    return Counter(row[0] for row in rows)
-
-
 @pytest.mark.parametrize("store", ["sqlite", "mongo"])
 def test_sigkill_mid_batch_loses_nothing_acknowledged(
     request: pytest.FixtureRequest,
@@ -432,7 +418,7 @@ def test_sigkill_mid_batch_loses_nothing_acknowledged(
     master = Settings.from_env(env).master_key
     assert master is not None
     audit_key = derive_audit_key(master)
-    audited = audit_fetches(env)
+    audited = audit_successes(env, "fetch")
     unaudited = [i for i, n in fetched.items() if audited[secret_id_hmac(audit_key, i)] < n]
     assert not unaudited, f"{len(unaudited)} acknowledged fetches have no audit record"
     check_everything_acknowledged_is_kept(start_server, env, acknowledged)

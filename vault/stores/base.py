@@ -314,6 +314,26 @@ def answer_each(
     return results, notes
 
 
+def note_documents(
+    notes: Iterable[AuditNote],
+    convert: Callable[[Mapping[str, Any]], T],
+    malformed: tuple[type[Exception], ...],
+) -> tuple[list[AuditNote], list[T]]:
+    """Each note's record in the store's form (``convert``), beside the notes they belong
+    to; a note whose record is malformed (``convert`` raised one of ``malformed``) is
+    refused alone, and told so at once."""
+    ready: list[AuditNote] = []
+    converted: list[T] = []
+    for note in notes:
+        try:
+            converted.append(convert(note.document()))
+        except malformed as exc:
+            note.written(exc)
+        else:
+            ready.append(note)
+    return ready, converted
+
+
 def unavailable(exc: Exception) -> StoreUnavailable:
     """A whole batch call's failure as StoreUnavailable, so that each waiter can tell it
     from a refusal of its own record (any other exception)."""

@@ -48,6 +48,7 @@ from vault.stores.base import (
     answer_each,
     derived_record_id,
     import_outcome,
+    note_documents,
     run_off_loop,
     store_executor,
     stored_or_refused,
@@ -182,6 +183,9 @@ def _audit_document(document: AuditDocument) -> dict[str, Any]:
         "_id": record_id,
         **{name: document[name] for name in AUDIT_FIELDS if name != "record_id"},
     }
+
+
+_MALFORMED_AUDIT = (KeyError, TypeError, InvalidId)  # what _audit_document raises
 
 
 def _sealed_or_corrupt(doc: Mapping[str, Any]) -> SealedSecret | CorruptRecord:
@@ -375,15 +379,7 @@ class MongoStore:
         """Write the audit notes riding with a batch (after its own records), telling each
         how it went. Raises only when the database did not take the call (down, timed out):
         the batch's requests are then answered 503 like any outage's."""
-        docs: list[dict[str, Any]] = []
-        ready: list[AuditNote] = []
-        for note in notes:
-            try:
-                docs.append(_audit_document(note.document()))
-            except (KeyError, TypeError, InvalidId) as exc:  # malformed: refused alone
-                note.written(exc)
-            else:
-                ready.append(note)
+        ready, docs = note_documents(notes, _audit_document, _MALFORMED_AUDIT)
         if not docs:
             return
         try:
@@ -643,7 +639,7 @@ class MongoStore:
     async def insert_audit(self, document: AuditDocument) -> Exception | None:
         try:
             doc = _audit_document(document)
-        except (KeyError, TypeError, InvalidId) as exc:  # malformed: refused alone
+        except _MALFORMED_AUDIT as exc:  # refused alone
             return exc
         return await stored_or_refused(self._audits.submit(doc))
 

@@ -30,6 +30,7 @@ from vault.stores.base import (
     answer_each,
     derived_record_id,
     import_outcome,
+    note_documents,
     run_off_loop,
     store_executor,
     stored_or_refused,
@@ -150,20 +151,15 @@ def _insert_each(
     return results
 
 
+_MALFORMED_AUDIT = (KeyError, AttributeError, TypeError)  # what _audit_row raises
+
+
 def _insert_notes(
     conn: sqlite3.Connection, notes: Sequence[AuditNote]
 ) -> list[tuple[AuditNote, Exception | None]]:
     """Insert the audit notes riding with a batch, in its open transaction; each note with
     its outcome, to tell it once the transaction is committed (a malformed one: at once)."""
-    ready: list[AuditNote] = []
-    rows: list[AuditRow] = []
-    for note in notes:
-        try:
-            rows.append(_audit_row(note.document()))
-        except (KeyError, AttributeError, TypeError) as exc:  # malformed: refused alone
-            note.written(exc)
-        else:
-            ready.append(note)
+    ready, rows = note_documents(notes, _audit_row, _MALFORMED_AUDIT)
     return list(zip(ready, _insert_each(conn, _INSERT_AUDIT, rows), strict=True))
 
 
@@ -500,7 +496,7 @@ class SQLiteStore:
     async def insert_audit(self, document: AuditDocument) -> Exception | None:
         try:
             row = _audit_row(document)
-        except (KeyError, AttributeError, TypeError) as exc:  # malformed: refused alone
+        except _MALFORMED_AUDIT as exc:  # refused alone
             return exc
         return await stored_or_refused(self._audits.submit(row))
 
