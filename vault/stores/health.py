@@ -90,6 +90,22 @@ class WriteHealth:
         self.succeeded()
         return result
 
+    async def track_writes(
+        self, call: Awaitable[T], reason_of: Callable[[Exception], str], writing: list[bool]
+    ) -> T:
+        """``track`` for a call that writes only sometimes (a read carrying audit notes):
+        its outcome counts only once it got as far as writing, which its thread says by
+        appending to ``writing`` before the write. A pure read says nothing of writes."""
+        try:
+            result = await call
+        except Exception as exc:
+            if writing:
+                self.failed(reason_of(exc))
+            raise
+        if writing:
+            self.succeeded()
+        return result
+
     def raise_if_failing(self) -> None:
         """NotReady when the last write failed: what /readyz answers then."""
         if self._failing is not None:

@@ -435,15 +435,22 @@ class MongoStore:
     async def get(self, secret_id: str) -> SealedSecret | None:
         return await self._gets.submit(secret_id)
 
-    def _read_many_sync(self, items: list[tuple[str, Answer[Any]]]) -> list[Any]:
+    def _read_many_sync(
+        self, items: list[tuple[str, Answer[Any]]], writing: list[bool]
+    ) -> list[Any]:
         with pymongo.timeout(self._mongo.timeout):
             records = self._find_many_sync([secret_id for secret_id, _ in items])
             results, notes = answer_each(items, records)
-            self._write_notes_sync(notes)
+            if notes:
+                writing.append(True)
+                self._write_notes_sync(notes)
         return results
 
     async def _read_batch(self, items: list[tuple[str, Answer[Any]]]) -> list[Any]:
-        results: list[Any] = await self._write("read", self._read_many_sync, items)
+        writing: list[bool] = []
+        results: list[Any] = await self.health.track_writes(
+            self._mongo.run("read", self._read_many_sync, items, writing), _reason, writing
+        )
         return results
 
     async def read(self, secret_id: str, answer: Answer[A]) -> A:

@@ -358,17 +358,20 @@ class SQLiteStore:
     async def _read_batch(self, items: list[tuple[str, Answer[Any]]]) -> list[Any]:
         secret_ids = [secret_id for secret_id, _ in items]
 
+        writing: list[bool] = []
+
         def read(conn: sqlite3.Connection) -> list[Any]:
             found = self._select(conn, secret_ids)
             results, notes = answer_each(items, [found.get(i) for i in secret_ids])
             if notes:
+                writing.append(True)
                 with conn:
                     conn.execute("BEGIN IMMEDIATE")
                     written = _insert_notes(conn, notes)
                 _tell(written)
             return results
 
-        return await self._run("read", read, write=True)
+        return await self.health.track_writes(self._run("read", read), _reason, writing)
 
     async def read(self, secret_id: str, answer: Answer[A]) -> A:
         result: A = await self._reads.submit((secret_id, answer))
