@@ -165,7 +165,7 @@ def store_calls() -> Counter[str]:
     )
 
 
-def test_a_create_and_a_fetch_each_make_one_store_call(
+def test_a_create_and_every_fetch_each_make_one_store_call(
     client: TestClient, store_env: dict[str, str]
 ) -> None:
     # The request's own record and its audit record leave together: one round trip each.
@@ -182,9 +182,19 @@ def test_a_create_and_a_fetch_each_make_one_store_call(
     assert +(after_create - before) == Counter({"insert": 1})
     assert +(after_fetch - after_create) == Counter({"read": 1})
     assert +(after_missing - after_fetch) == Counter({"read": 1})
+    # A read-limited secret's fetch takes its read in that same call, the last one too.
+    once = client.post("/vault/secret/create", json={"secret": b64(b"y"), "max_reads": 2})
+    once_id = once.json()["secret_id"]
+    before_reads = store_calls()
+    answers = [client.post("/vault/secret/fetch", json={"secret_id": once_id}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 404]
+    assert [a.json().get("reads_left") for a in answers[:2]] == [1, 0]
+    assert +(store_calls() - before_reads) == Counter({"read": 3})
     # ... and each has its audit record, saying what the caller got.
     records = [(r["op"], r["status"], r["outcome"]) for r in audit_records(store_env)]
     assert records == [("create", 200, "success"), ("fetch", 200, "success"),
+                       ("fetch", 404, "not_found"), ("create", 200, "success"),
+                       ("fetch", 200, "success"), ("fetch", 200, "success"),
                        ("fetch", 404, "not_found")]  # fmt: skip
 
 

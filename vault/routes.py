@@ -240,44 +240,26 @@ class VaultAPI:
         secret_id = await _secret_id_of(request, context, "fetch")
         draft = context.audit
 
-        def answer(record: SealedSecret | None) -> tuple[Response | None, AuditNote | None]:
-            # In the store's thread, right after the read: the audit note written in the same
-            # call says the very answer sent (decrypted there, so a failure is no 200).
-            response = self._plain_answer(context, record)
-            if response is None or draft is None:
-                return response, None
-            return response, draft.answering(response.status_code)
+        def answer(record: SealedSecret | None) -> tuple[Response, AuditNote | None]:
+            # In the store's thread, right after the read (and the read taken, for a
+            # read-limited secret): the audit note written in the same call says the very
+            # answer sent (decrypted there, so a failure is no 200).
+            response = self._fetch_answer(context, record)
+            return response, None if draft is None else draft.answering(response.status_code)
 
-        response = await self.store.read(secret_id, answer)
-        if response is not None:
-            return response
-        # Read-limited: one atomic take of a read; the plain path above stays batched.
-        record = await self.store.consume(secret_id)
-        if record is not None and record.reads_left == 0:
-            SECRETS_DELETED.labels("last_read").inc()
-        if record is not None and record.expired(utc_now()):
-            context.outcome = "expired"  # expired between the read and the update
-            raise HTTPException(404, NOT_FOUND)
-        if record is None:
-            raise HTTPException(404, NOT_FOUND)
-        return self._secret_answer(record)
+        return await self.store.read(secret_id, answer)
 
-    def _plain_answer(
-        self, context: RequestContext, record: SealedSecret | None
-    ) -> Response | None:
-        """A fetch's answer to the record read: 404 (none, or expired: still stored until
-        the purge, never served), the secret, or None for a read-limited record (its read
-        is taken by ``consume``). Runs in the store's thread."""
+    def _fetch_answer(self, context: RequestContext, record: SealedSecret | None) -> Response:
+        """A fetch's answer to the record read (for a read-limited one, with the reads
+        left after this read): 404 when there is none (unknown, deleted, used up) or it has
+        expired (still stored until the purge, never served), else the secret."""
         if record is None:
             return JSONResponse({"detail": NOT_FOUND}, status_code=404)
         if record.expired(utc_now()):
             context.outcome = "expired"
             return JSONResponse({"detail": NOT_FOUND}, status_code=404)
-        if record.reads_left is not None:
-            return None
-        return self._secret_answer(record)
-
-    def _secret_answer(self, record: SealedSecret) -> Response:
+        if record.reads_left == 0:
+            SECRETS_DELETED.labels("last_read").inc()  # deleted in the same call
         plaintext = self.keyring.open(record)
         return JSONResponse(
             {"secret": base64.b64encode(plaintext).decode("ascii"), **_lifecycle(record)}

@@ -103,10 +103,13 @@ class SecretStore(Protocol):
         (the caller decides, with its clock, and tells them apart in the audit log)."""
 
     async def read(self, secret_id: str, answer: Answer[A]) -> A:
-        """``get``, with the caller's decision made in the same call: ``answer(record)``
-        runs in the store's thread right after the read, and the note it returns (if any)
-        is written before the call returns. ``answer``'s exception is raised to the caller,
-        and no note is written for it."""
+        """A fetch's whole store work in one call. The record is read; a read-limited one
+        not expired at the store's clock then has one read taken (``takes_a_read``),
+        exactly as ``consume`` takes it, and ``answer`` sees what ``consume`` returns.
+        ``answer(record)`` runs in the store's thread right after, and the note it returns
+        (if any) is written before the call returns (on SQLite in the same transaction as
+        the read taken). ``answer``'s exception is raised to the caller, and no note is
+        written for it."""
 
     async def consume(self, secret_id: str) -> SealedSecret | None:
         """Atomically take one read of a read-limited record and return it with the reads
@@ -289,6 +292,16 @@ async def stored_or_refused(write: Awaitable[object]) -> Exception | None:
     except Exception as exc:  # set by the batch call for this record alone
         return exc
     return None
+
+
+def takes_a_read(record: SealedSecret | Exception | None) -> bool:
+    """Whether reading ``record`` takes one of its reads: it has a read limit and has not
+    expired (an expired one is refused without spending a read)."""
+    return (
+        isinstance(record, SealedSecret)
+        and record.reads_left is not None
+        and not record.expired(utc_now())
+    )
 
 
 def answer_each(

@@ -52,6 +52,7 @@ from vault.stores.base import (
     run_off_loop,
     store_executor,
     stored_or_refused,
+    takes_a_read,
     unavailable,
     utc_now,
 )
@@ -438,8 +439,13 @@ class MongoStore:
     def _read_many_sync(
         self, items: list[tuple[str, Answer[Any]]], writing: list[bool]
     ) -> list[Any]:
+        secret_ids = [secret_id for secret_id, _ in items]
         with pymongo.timeout(self._mongo.timeout):
-            records = self._find_many_sync([secret_id for secret_id, _ in items])
+            records = self._find_many_sync(secret_ids)
+            for k, record in enumerate(records):
+                if takes_a_read(record):
+                    writing.append(True)
+                    records[k] = self._consume_sync(secret_ids[k])  # its own atomic update
             results, notes = answer_each(items, records)
             if notes:
                 writing.append(True)

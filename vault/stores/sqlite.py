@@ -34,6 +34,7 @@ from vault.stores.base import (
     run_off_loop,
     store_executor,
     stored_or_refused,
+    takes_a_read,
     unavailable,
     utc_now,
 )
@@ -133,6 +134,20 @@ def _audit_row(document: AuditDocument) -> AuditRow:
         sqlite_timestamp(document[name]) if name == "ts" else document[name]
         for name in AUDIT_FIELDS
     )
+
+
+def _take_read(conn: sqlite3.Connection, secret_id: str) -> RecordRow | None:
+    """Take one read of a read-limited record, in the open write transaction: the record
+    with the reads left after this one, or None when it is gone or used up. The last read
+    deletes the row in the same transaction."""
+    row: RecordRow | None = conn.execute(
+        "UPDATE secrets SET reads_left = reads_left - 1"  # noqa: S608 - fixed names
+        f" WHERE secret_id = ? AND reads_left > 0 RETURNING {_RECORD_COLUMNS}",
+        (secret_id,),
+    ).fetchone()
+    if row is not None and row[5] == 0:
+        conn.execute("DELETE FROM secrets WHERE secret_id = ?", (secret_id,))
+    return row
 
 
 def _insert_each(
@@ -362,13 +377,22 @@ class SQLiteStore:
 
         def read(conn: sqlite3.Connection) -> list[Any]:
             found = self._select(conn, secret_ids)
-            results, notes = answer_each(items, [found.get(i) for i in secret_ids])
-            if notes:
-                writing.append(True)
-                with conn:
-                    conn.execute("BEGIN IMMEDIATE")
-                    written = _insert_notes(conn, notes)
-                _tell(written)
+            records: list[SealedSecret | None] = [found.get(i) for i in secret_ids]
+            limited = [k for k, record in enumerate(records) if takes_a_read(record)]
+            if not limited:
+                results, notes = answer_each(items, records)
+                if not notes:
+                    return results
+            writing.append(True)
+            with conn:  # one transaction, one fsync: the reads taken and the audit notes
+                conn.execute("BEGIN IMMEDIATE")
+                for k in limited:  # each its own atomic take, as consume() does
+                    row = _take_read(conn, secret_ids[k])
+                    records[k] = None if row is None else _sealed(row)
+                if limited:
+                    results, notes = answer_each(items, records)
+                written = _insert_notes(conn, notes)
+            _tell(written)
             return results
 
         return await self.health.track_writes(self._run("read", read), _reason, writing)
@@ -386,14 +410,7 @@ class SQLiteStore:
             # of the last read are one transaction, exact across threads and processes.
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                row: RecordRow | None = conn.execute(
-                    "UPDATE secrets SET reads_left = reads_left - 1"  # noqa: S608 - fixed names
-                    f" WHERE secret_id = ? AND reads_left > 0 RETURNING {_RECORD_COLUMNS}",
-                    (secret_id,),
-                ).fetchone()
-                if row is not None and row[5] == 0:
-                    conn.execute("DELETE FROM secrets WHERE secret_id = ?", (secret_id,))
-            return row
+                return _take_read(conn, secret_id)
 
         row = await self._run("consume", take, write=True)
         return None if row is None else _sealed(row)
