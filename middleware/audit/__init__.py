@@ -11,7 +11,7 @@ id) and what the outer layers resolved (client IP, request id), for the status a
 Two ways, one guarantee (no answer before its record is durable):
 
 - riding along (sync mode): the middleware puts a draft on the request context; a handler
-  whose answer is decided with its store call (a create, a plain fetch) hands the store
+  whose answer is decided with its store call (a create, a fetch) hands the store
   the draft's note for that status, and the store writes it in the same call, after the
   request's own record (one round trip). When the response starts with that very status
   and the note is stored, it goes out at once; if the store refused the note, the caller

@@ -72,8 +72,9 @@ class AuditWriter:
         if retry_delay < 0:
             raise ValueError("retry_delay must not be negative")
         self._insert = insert
-        self._wait = wait
-        self.waits = wait  # the middleware may hand a waiting record to the store call
+        # Sync mode: a request waits for its record (so the middleware may hand that record
+        # to the request's own store call instead).
+        self.waits = wait
         self._stdout = stdout
         self._on_written = on_written
         self._on_failed = on_failed
@@ -95,7 +96,7 @@ class AuditWriter:
         AuditUnavailable; in async mode queue it and return at once."""
         if self._wakeup is None or self._closing:
             raise AuditUnavailable("audit writer is not running")
-        if not self._wait:
+        if not self.waits:
             self._enqueue(record)
             return
         try:
@@ -176,7 +177,7 @@ class AuditWriter:
                     self._sending = 0
                 if not unsent:
                     continue
-                if self._wait:
+                if self.waits:
                     # Sync mode queues only answers that acknowledged nothing (503s): they
                     # go to the log at once, as the waiting requests' refusals do.
                     self._spill(unsent, "store failed")

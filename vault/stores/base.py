@@ -327,6 +327,17 @@ def answer_each(
     return results, notes
 
 
+def notes_of_stored(
+    items: Iterable[tuple[object, AuditNote | None]], results: Iterable[Exception | None]
+) -> list[AuditNote]:
+    """The audit notes of a batch's items whose own record was stored (result None)."""
+    return [
+        note
+        for (_, note), error in zip(items, results, strict=True)
+        if note is not None and error is None
+    ]
+
+
 def note_documents(
     notes: Iterable[AuditNote],
     convert: Callable[[Mapping[str, Any]], T],

@@ -49,6 +49,7 @@ from vault.stores.base import (
     derived_record_id,
     import_outcome,
     note_documents,
+    notes_of_stored,
     run_off_loop,
     store_executor,
     stored_or_refused,
@@ -370,10 +371,7 @@ class MongoStore:
         entry per document: None when it is stored, else its error."""
         with pymongo.timeout(self._mongo.timeout):
             results = _insert_each(self._secrets, [doc for doc, _ in items], self._already_stored)
-            self._write_notes_sync(
-                [note for (_, note), error in zip(items, results, strict=True)
-                 if note is not None and error is None]
-            )  # fmt: skip
+            self._write_notes_sync(notes_of_stored(items, results))
         return results
 
     def _write_notes_sync(self, notes: list[AuditNote]) -> None:

@@ -31,6 +31,7 @@ from vault.stores.base import (
     derived_record_id,
     import_outcome,
     note_documents,
+    notes_of_stored,
     run_off_loop,
     store_executor,
     stored_or_refused,
@@ -342,12 +343,7 @@ class SQLiteStore:
             with conn:  # one transaction, one fsync: the batch and its audit notes
                 conn.execute("BEGIN IMMEDIATE")
                 results = _insert_each(conn, _INSERT_RECORD, rows)
-                notes = [
-                    note
-                    for (_, note), error in zip(items, results, strict=True)
-                    if note is not None and error is None
-                ]
-                written = _insert_notes(conn, notes)
+                written = _insert_notes(conn, notes_of_stored(items, results))
             _tell(written)  # only now: committed, durable
             return results
 
@@ -382,14 +378,14 @@ class SQLiteStore:
             if not limited:
                 results, notes = answer_each(items, records)
                 if not notes:
-                    return results
+                    return results  # a pure read: no write transaction
             writing.append(True)
             with conn:  # one transaction, one fsync: the reads taken and the audit notes
                 conn.execute("BEGIN IMMEDIATE")
                 for k in limited:  # each its own atomic take, as consume() does
                     row = _take_read(conn, secret_ids[k])
                     records[k] = None if row is None else _sealed(row)
-                if limited:
+                if limited:  # answered only now, on the records as the takes left them
                     results, notes = answer_each(items, records)
                 written = _insert_notes(conn, notes)
             _tell(written)
