@@ -27,7 +27,7 @@ from starlette.testclient import TestClient
 
 from loadtests.mongo import mongo_answers
 from loadtests.processes import ClusterError, free_port, wait_for
-from middleware.audit.record import AuditRecord
+from observability.audit import AuditRecord
 from vault.app import build_store, create_app
 from vault.crypto import generate_key
 from vault.settings import Settings

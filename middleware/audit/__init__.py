@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from middleware.audit.record import AuditRecord
+from observability.audit import AuditRecord
 from middleware.audit.writer import AuditUnavailable, AuditWriter, stdout_stream
 from middleware.clientip import client_ip
 from middleware.context import request_context

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TextIO
 
-from middleware.audit.record import AuditRecord
+from observability.audit import AuditRecord
 
 log = logging.getLogger("secret_manager.audit")
 

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 
 from middleware.apikeys import APIKeyMiddleware, token_digest
 from middleware.audit import AuditMiddleware
-from middleware.audit.record import AuditRecord
+from observability.audit import AuditRecord
 from middleware.clientip import ClientIPMiddleware
 from middleware.context import request_context
 from middleware.requestid import RequestIdMiddleware
