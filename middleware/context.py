@@ -10,25 +10,24 @@ that only this module knows, so no other module writes a string key for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from starlette.types import Scope
 
-if TYPE_CHECKING:
-    from vault.records import AuditNote
+from observability.audit import AuditRecord, AuditWrite
 
 # The servers hand every request a shallow copy of the lifespan state as scope["state"];
 # nothing puts a RequestContext in the lifespan state, so each request creates its own.
 _STATE_KEY = "secret_manager.request_context"
 
 
-class AuditDraft(Protocol):
-    """This request's audit record before its answer is known (middleware/audit): the
-    handler names the status it will answer and hands the note to the store, which writes
-    it beside the request's own record, in the same call."""
+class AuditRecorder(Protocol):
+    """This request's audit layer, for a handler whose store call writes the request's
+    audit record itself (one round trip)."""
 
-    def answering(self, status: int) -> AuditNote:
-        """The note of answering ``status`` (its outcome read from this context)."""
+    def record(self, status: int) -> AuditRecord:
+        """This request's record for answering ``status``, made now, on the event loop,
+        from what the context holds (the store stamps it again when it decides the answer)."""
 
 
 @dataclass(slots=True)
@@ -43,9 +42,12 @@ class RequestContext:
     # The handler: a finer outcome of its own 404 than the status tells ("expired": the
     # record is still stored, past its expiry). The caller sees the same 404 either way.
     outcome: str | None = None
-    # AuditMiddleware, in sync mode: the record a store call may write beside the request's
-    # own (one round trip); None when no audit layer waits for its records.
-    audit: AuditDraft | None = None
+    # AuditMiddleware, in sync mode: makes the record a store call may write beside the
+    # request's own (one round trip); None when no audit layer waits for its records.
+    audit: AuditRecorder | None = None
+    # The handler: the audit record its store call wrote (or why it did not), which the
+    # audit layer compares with the answer that starts.
+    audit_written: AuditWrite | None = None
 
 
 def request_context(scope: Scope) -> RequestContext:

@@ -11,24 +11,9 @@ from __future__ import annotations
 from starlette.types import Scope
 
 from middleware.context import request_context
+from observability.audit import outcome_for_status
 
-_BY_STATUS = {
-    200: "success",
-    400: "invalid",
-    401: "unauthorized",
-    404: "not_found",
-    405: "invalid",  # a method the path does not take: the caller's mistake, not ours
-    408: "invalid",
-    413: "too_large",
-    415: "invalid",
-    429: "rate_limited",
-    503: "unavailable",
-}
-
-
-def outcome_for_status(status: int) -> str:
-    """``success``, ``invalid``, ``not_found``, ... or ``error`` for anything unexpected."""
-    return _BY_STATUS.get(status, "error")
+__all__ = ["outcome_for_status", "outcome_of"]
 
 
 def outcome_of(scope: Scope, status: int) -> str:

@@ -1,18 +1,63 @@
-"""The audit record: what one ``/vault`` request leaves in the audit log.
+"""The audit record: what one ``/vault`` request leaves in the audit log, and its outcomes.
 
-It never holds a secret, and the secret id only as an HMAC. ``as_document`` is the plain
-mapping the store's audit insert takes (its shape is fixed at the store level, see
-``AUDIT_FIELDS`` in vault/stores/base.py), so a store never imports this module.
+The audit middleware makes a record; the writer or the request's own store call stores it.
+It lives here, in the bottom layer, so that the middleware and the stores name the same
+type without importing each other. It imports nothing but the standard library: no
+database driver (a record's id is made here, not by bson), no Prometheus.
+
+A record never holds a secret, and names the secret id only by its HMAC.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
-from dataclasses import dataclass, field, fields
+import secrets
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from bson import ObjectId
+# The fields of a record, in the order the stores keep them; what ``as_document`` returns.
+AUDIT_FIELDS = (
+    "ts",
+    "op",
+    "status",
+    "outcome",
+    "client_ip",
+    "request_id",
+    "secret_id_hmac",
+    "latency_ms",
+    "user_agent",
+    "api_key_name",
+    "record_id",
+)
+
+# The outcome of an answer, by its status: the names shared by the audit log and the
+# metrics. A handler may name a finer outcome of its own 4xx (``expired`` for a 404).
+_BY_STATUS = {
+    200: "success",
+    400: "invalid",
+    401: "unauthorized",
+    404: "not_found",
+    405: "invalid",  # a method the path does not take: the caller's mistake, not ours
+    408: "invalid",
+    413: "too_large",
+    415: "invalid",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def outcome_for_status(status: int) -> str:
+    """``success``, ``invalid``, ``not_found``, ... or ``error`` for anything unexpected."""
+    return _BY_STATUS.get(status, "error")
+
+
+def new_record_id() -> str:
+    """24 hex digits, time-ordered to the second then random: the shape of a MongoDB
+    ObjectId (a MongoDB store uses it as the ``_id``), made without a database driver."""
+    return f"{int(time.time()) & 0xFFFFFFFF:08x}{secrets.token_hex(8)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,15 +75,28 @@ class AuditRecord:
     user_agent: str | None
     api_key_name: str | None = None
     # Fixed when the record is made, so writing it again (a retry after a timeout whose
-    # first attempt landed after all) finds it stored instead of storing it twice. An
-    # ObjectId's hex: MongoDB's _id of the record, in time order.
-    record_id: str = field(default_factory=lambda: str(ObjectId()))
+    # first attempt landed after all) finds it stored instead of storing it twice.
+    record_id: str = field(default_factory=new_record_id)
+    # When the request started (time.perf_counter), so that a record made before the
+    # answer is known can be stamped when it is written (``answered``). Not stored.
+    started: float = field(default=0.0, compare=False, repr=False)
+
+    def answered(self, status: int, outcome: str | None = None) -> AuditRecord:
+        """This record for the answer ``status`` (``outcome`` when finer than the status's),
+        stamped now: its time and latency are those of the moment the answer was decided."""
+        return dataclasses.replace(
+            self,
+            ts=dt.datetime.now(dt.UTC),
+            status=status,
+            outcome=outcome or outcome_for_status(status),
+            latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
+        )
 
     def as_document(self) -> dict[str, Any]:
-        """Every field, record_id included: what the store's audit insert takes."""
+        """Every stored field (``AUDIT_FIELDS``), record_id included."""
         # Shallow on purpose: every field is immutable, and dataclasses.asdict deep-copies
         # each one (measured at about a tenth of a request's CPU in the audit path).
-        return {name: getattr(self, name) for name in _FIELDS}
+        return {name: getattr(self, name) for name in AUDIT_FIELDS}
 
     def as_json(self) -> str:
         """One JSON line (UTC timestamp with a ``Z``), for AUDIT_STDOUT and the log."""
@@ -47,4 +105,11 @@ class AuditRecord:
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
-_FIELDS = tuple(f.name for f in fields(AuditRecord))
+@dataclass(frozen=True, slots=True)
+class AuditWrite:
+    """An audit record a store call wrote beside the request's own record (stamped for the
+    answer it records), or, with ``error``, why it was not written: what the handler tells
+    the audit layer on the request context."""
+
+    record: AuditRecord
+    error: Exception | None = None

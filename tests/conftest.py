@@ -30,6 +30,7 @@ from loadtests.processes import ClusterError, free_port, wait_for
 from observability.audit import AuditRecord
 from vault.app import build_store, create_app
 from vault.crypto import generate_key
+from vault.records import SealedSecret
 from vault.settings import Settings
 from vault.stores.base import SecretStore
 
@@ -213,6 +214,37 @@ class RawRecords:
         assert doc is not None
         return {"key_id": doc["kid"], "nonce": bytes(doc["nonce"]), "ciphertext": bytes(doc["ct"])}
 
+    def sealed(self, secret_id: str) -> SealedSecret | None:
+        """The whole stored record, lifecycle included, read from its row or document."""
+        if self.kind == "sqlite":
+            with self._sqlite() as conn:
+                row = conn.execute(
+                    "SELECT key_id, nonce, ciphertext, expires_at, reads_left FROM secrets"
+                    " WHERE secret_id = ?",
+                    (secret_id,),
+                ).fetchone()
+            if row is None:
+                return None
+            key_id, nonce, ciphertext, expires_at, reads_left = row
+        else:
+            doc = self._mongo().find_one({"_id": secret_id})
+            if doc is None:
+                return None
+            key_id, nonce, ciphertext = doc["kid"], doc["nonce"], doc["ct"]
+            expires_at, reads_left = doc.get("expires_at"), doc.get("reads_left")
+            if isinstance(expires_at, dt.datetime):
+                expires_at = int(expires_at.replace(tzinfo=dt.UTC).timestamp())
+        return SealedSecret(
+            secret_id,
+            key_id,
+            bytes(nonce),
+            bytes(ciphertext),
+            expires_at=None
+            if expires_at is None
+            else dt.datetime.fromtimestamp(expires_at, dt.UTC),
+            reads_left=reads_left,
+        )
+
     def put(self, secret_id: str, fields: dict[str, Any]) -> None:
         """Overwrite the stored fields of an existing record."""
         if self.kind == "sqlite":
@@ -349,6 +381,21 @@ def audit_record(request_id: str) -> AuditRecord:
         latency_ms=1.0,
         user_agent=None,
     )
+
+
+class ReadBack:
+    """Opens a record by handing back its ciphertext: store tests read records of random
+    bytes back through a real ``fetch`` without sealing real secrets."""
+
+    def open(self, sealed: SealedSecret) -> bytes:
+        return sealed.ciphertext
+
+
+async def read_back(store: SecretStore, secret_id: str) -> SealedSecret | None:
+    """The record a fetch of ``secret_id`` reads (taking a read of a read-limited one), or
+    None when there is none or it expired; a corrupt record's error is raised."""
+    fetched, _ = await store.fetch(secret_id, ReadBack())
+    return fetched.record
 
 
 def on_store(env: dict[str, str], work: Callable[[SecretStore], Awaitable[Any]]) -> Any:

@@ -247,10 +247,10 @@ def test_a_record_written_again_is_stored_once(store_env: dict[str, str]) -> Non
     extra = audit_record("r-extra")
 
     async def work(store: SecretStore) -> None:
-        first = await asyncio.gather(*(store.insert_audit(r.as_document()) for r in records))
+        first = await asyncio.gather(*(store.insert_audit(r) for r in records))
         assert first == [None] * 5
         again = [*records[2:], extra]
-        results = await asyncio.gather(*(store.insert_audit(r.as_document()) for r in again))
+        results = await asyncio.gather(*(store.insert_audit(r) for r in again))
         assert results == [None] * 4
 
     on_store(store_env, work)

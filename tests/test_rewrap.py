@@ -20,7 +20,7 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import RawRecords, b64, clean_env, free_port, on_store
+from tests.conftest import RawRecords, b64, clean_env, free_port, on_store, read_back
 from vault.app import build_keyring
 from vault.crypto import derive_audit_key, generate_key, key_id, parse_key, secret_id_hmac
 from vault.rewrap import rewrap
@@ -236,7 +236,7 @@ def test_ctrl_c_stops_between_atomic_swaps_and_a_new_run_finishes(
     )
 
     async def read_all(store: SecretStore) -> dict[str, bytes]:
-        records = {i: await store.get(i) for i in secrets}
+        records = {i: await read_back(store, i) for i in secrets}
         return {i: new_keyring.open(r) for i, r in records.items() if r is not None}
 
     assert on_store(store_env, read_all) == secrets
@@ -444,7 +444,7 @@ def test_replace_sealed_never_overwrites_a_record_that_changed(
     keyring = build_keyring(Settings.from_env(rotated))
 
     async def work(store: SecretStore) -> None:
-        read = await store.get(secret_id)
+        read = raw_records.sealed(secret_id)
         assert read is not None
         plaintext = keyring.open(read)
         first = keyring.seal(secret_id, plaintext)
@@ -454,7 +454,7 @@ def test_replace_sealed_never_overwrites_a_record_that_changed(
         # Same key id as stored, another nonce: a change the key id alone would not show.
         stale = dataclasses.replace(first, nonce=os.urandom(12))
         assert await store.replace_sealed(stale, keyring.seal(secret_id, plaintext)) is False
-        assert await store.get(secret_id) == first
+        assert raw_records.sealed(secret_id) == first
 
     on_store(rotated, work)
     assert raw_records.get(secret_id)["key_id"] == kid(rotated["MASTER_KEY"])
@@ -498,7 +498,7 @@ class RacingStore:
             if record.secret_id in self._deleted:
                 assert await self._store.delete(record.secret_id) is not None
             elif record.secret_id in self._read:
-                assert await self._store.consume(record.secret_id) is not None
+                assert await read_back(self._store, record.secret_id) is not None
         return page
 
 
@@ -525,8 +525,8 @@ def test_rewrap_keeps_lifecycles_and_never_brings_back_what_went_while_it_ran(
 
     async def work(store: SecretStore) -> Any:
         for secret_id in one_read_left:  # two of its three reads before rewrap starts
-            await store.consume(secret_id)
-            await store.consume(secret_id)
+            await read_back(store, secret_id)
+            await read_back(store, secret_id)
         racing: Any = RacingStore(store, deleted, read)
         return await rewrap(racing, keyring, hash_secret_id=hash_id, batch_size=4)
 

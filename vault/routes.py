@@ -28,10 +28,11 @@ from middleware.context import RequestContext, request_context
 from observability.metrics import NOT_READY, SECRETS_DELETED
 from vault.crypto import Keyring
 from vault.keyguard import UnreadableRecords
+from vault.lifecycle import Found
 from vault.openapi import DOCS_HTML, build_openapi
-from vault.records import AuditNote, SealedSecret
+from vault.records import SealedSecret
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
-from vault.stores.base import DeleteResult, SecretStore, StoreUnavailable, utc_now
+from vault.stores.base import DeleteResult, SecretStore, StoreUnavailable
 from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE, NotReady
 from vault.validation import InvalidValue, decode_secret, normalize_secret_id
 
@@ -225,11 +226,11 @@ class VaultAPI:
                 else None
             )
             record = replace(record, expires_at=expires_at, reads_left=max_reads)
-        context.secret_id = secret_id  # named by the audit note, made in the store's thread
+        context.secret_id = secret_id  # named by the audit record
+        # The answer is 200 once stored: its audit record goes in the same store call.
+        audit = None if context.audit is None else context.audit.record(200)
         try:
-            # The answer is 200 once stored: the audit note for it goes in the same call.
-            audit = None if context.audit is None else context.audit.answering(200)
-            await self.store.insert(record, audit)
+            context.audit_written = await self.store.insert(record, audit)
         except BaseException:
             context.secret_id = None  # never handed out: the failure's record names no id
             raise
@@ -238,32 +239,17 @@ class VaultAPI:
     async def fetch_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
         secret_id = await _secret_id_of(request, context, "fetch")
-        draft = context.audit
-
-        def answer(record: SealedSecret | None) -> tuple[Response, AuditNote | None]:
-            # In the store's thread, right after the read (and the read taken, for a
-            # read-limited secret): the audit note written in the same call says the very
-            # answer sent (decrypted there, so a failure is no 200).
-            response = self._fetch_answer(context, record)
-            return response, None if draft is None else draft.answering(response.status_code)
-
-        return await self.store.read(secret_id, answer)
-
-    def _fetch_answer(self, context: RequestContext, record: SealedSecret | None) -> Response:
-        """A fetch's answer to the record read (for a read-limited one, with the reads
-        left after this read): 404 when there is none (unknown, deleted, used up) or it has
-        expired (still stored until the purge, never served), else the secret."""
-        if record is None:
-            return JSONResponse({"detail": NOT_FOUND}, status_code=404)
-        if record.expired(utc_now()):
-            context.outcome = "expired"
-            return JSONResponse({"detail": NOT_FOUND}, status_code=404)
-        if record.reads_left == 0:
+        # Its status is decided in the store call, which writes it stamped for that answer.
+        audit = None if context.audit is None else context.audit.record(200)
+        fetched, context.audit_written = await self.store.fetch(secret_id, self.keyring, audit)
+        if fetched.found is Found.EXPIRED:
+            context.outcome = fetched.found.outcome
+        if fetched.record is None or fetched.plaintext is None:
+            raise HTTPException(fetched.found.status, NOT_FOUND)
+        if fetched.record.reads_left == 0:
             SECRETS_DELETED.labels("last_read").inc()  # deleted in the same call
-        plaintext = self.keyring.open(record)
-        return JSONResponse(
-            {"secret": base64.b64encode(plaintext).decode("ascii"), **_lifecycle(record)}
-        )
+        secret = base64.b64encode(fetched.plaintext).decode("ascii")
+        return JSONResponse({"secret": secret, **_lifecycle(fetched.record)})
 
     async def delete_secret(self, request: Request) -> Response:
         context = request_context(request.scope)

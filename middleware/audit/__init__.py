@@ -26,21 +26,20 @@ Two ways, one guarantee (no answer before its record is durable):
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Protocol
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from observability.audit import AuditRecord
 from middleware.audit.writer import AuditUnavailable, AuditWriter, stdout_stream
 from middleware.clientip import client_ip
 from middleware.context import request_context
 from middleware.headers import request_header
 from middleware.outcomes import outcome_for_status, outcome_of
+from observability.audit import AuditRecord
 
 __all__ = [
     "AuditMiddleware",
@@ -68,38 +67,25 @@ class AuditSink(Protocol):
     def spill(self, record: AuditRecord) -> None:
         """Log a record the store could not take (a JSON line), so it is not lost."""
 
-    def stored(self, record: AuditRecord) -> None:
-        """Count a record the store wrote beside the request's own (and echo it)."""
+    def written_beside(self, record: AuditRecord) -> None:
+        """Count (and echo) a record the store wrote beside the request's own."""
 
     def refused(self, error: Exception) -> None:
         """Count and log a record the store did not write beside the request's own."""
 
 
-class _Draft:
-    """One request's record before its answer is known (``AuditDraft``): ``answering``
-    fixes the status, and the store (in its thread) makes the record and says whether it
-    was written (the ``AuditNote`` protocol of vault/stores/base.py)."""
+class _Recorder:
+    """Makes one request's records (``AuditRecorder`` of middleware/context.py)."""
 
-    __slots__ = ("_make", "_status", "error", "record", "stored")
+    __slots__ = ("_audit", "_scope", "_started")
 
-    def __init__(self, make: Callable[[int], AuditRecord]) -> None:
-        self._make = make
-        self._status = 0
-        self.record: AuditRecord | None = None
-        self.stored = False
-        self.error: Exception | None = None
+    def __init__(self, audit: AuditMiddleware, scope: Scope, started: float) -> None:
+        self._audit = audit
+        self._scope = scope
+        self._started = started
 
-    def answering(self, status: int) -> _Draft:
-        self._status = status
-        return self
-
-    def document(self) -> dict[str, Any]:
-        self.record = self._make(self._status)
-        return self.record.as_document()
-
-    def written(self, error: Exception | None) -> None:
-        self.stored = error is None
-        self.error = error
+    def record(self, status: int) -> AuditRecord:
+        return self._audit.record(self._scope, status, started=self._started)
 
 
 class AuditMiddleware:
@@ -129,7 +115,8 @@ class AuditMiddleware:
             headers={"Retry-After": str(retry_after)},
         )
 
-    def _record(self, scope: Scope, status: int, *, started: float) -> AuditRecord:
+    def record(self, scope: Scope, status: int, *, started: float) -> AuditRecord:
+        """This request's record for answering ``status``, from its context as it is now."""
         context = request_context(scope)
         secret_id = context.secret_id
         user_agent = request_header(scope, b"user-agent")
@@ -144,6 +131,7 @@ class AuditMiddleware:
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
             user_agent=user_agent[:MAX_USER_AGENT] if user_agent is not None else None,
             api_key_name=context.api_key_name,
+            started=started,
         )
 
     def _covers(self, path: str) -> bool:
@@ -157,10 +145,9 @@ class AuditMiddleware:
 
         started = time.perf_counter()
         refused = False
-        draft = None
+        context = request_context(scope)
         if self.sink.waits:
-            draft = _Draft(functools.partial(self._record, scope, started=started))
-            request_context(scope).audit = draft
+            context.audit = _Recorder(self, scope, started)
 
         async def refuse(record: AuditRecord) -> None:
             nonlocal refused
@@ -175,18 +162,17 @@ class AuditMiddleware:
                 return  # the app's own answer is dropped: the caller got the 503
             if message["type"] == "http.response.start":
                 status = message["status"]
-                noted = draft.record if draft is not None else None
-                if draft is not None and noted is not None and noted.status == status:
-                    # Handed to the store beside the request's own record, for this answer.
-                    if draft.stored:
-                        self.sink.stored(noted)
+                written = context.audit_written
+                if written is not None and written.record.status == status:
+                    # Written by the handler's store call beside its own, for this answer.
+                    if written.error is None:
+                        self.sink.written_beside(written.record)
                         await send(message)
                         return
-                    if draft.error is not None:
-                        self.sink.refused(draft.error)
-                        await refuse(noted)
-                        return
-                record = self._record(scope, status, started=started)
+                    self.sink.refused(written.error)
+                    await refuse(written.record)
+                    return
+                record = self.record(scope, status, started=started)
                 if record.status == 503:
                     # Already a refusal: waiting could only turn a 503 into a 503 later
                     # (the store that failed usually holds the audit log too).

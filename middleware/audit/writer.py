@@ -20,8 +20,8 @@ import contextlib
 import logging
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TextIO
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TextIO
 
 from observability.audit import AuditRecord
 
@@ -37,11 +37,11 @@ class AuditUnavailable(Exception):
     """The audit store did not take the record; the request must not be acknowledged."""
 
 
-# The store's audit insert: one record's document (AuditRecord.as_document()). Returns None
+# The store's audit insert: one record. Returns None
 # once it is stored (now, or by an earlier attempt), or the error this record alone failed
 # with and would fail with again (a unique index it breaks). Raises when the store did not
 # take the call as a whole (down, timed out): that is worth retrying.
-AuditInsert = Callable[[Mapping[str, Any]], Awaitable[Exception | None]]
+AuditInsert = Callable[[AuditRecord], Awaitable[Exception | None]]
 
 
 def _noop(count: int) -> None:
@@ -108,7 +108,7 @@ class AuditWriter:
         if error is not None:
             self.refused(error)
             raise AuditUnavailable(type(error).__name__)
-        self._stored([record])
+        self._count_written([record])
 
     def submit(self, record: AuditRecord) -> None:
         """Queue a record without waiting for it (for answers that acknowledge nothing)."""
@@ -121,10 +121,10 @@ class AuditWriter:
         """Log a record the store did not take, as a JSON line, instead of dropping it."""
         self._spill([record], "store failed")
 
-    def stored(self, record: AuditRecord) -> None:
+    def written_beside(self, record: AuditRecord) -> None:
         """Count (and echo) a record the store wrote beside a request's own, as ``write``
         does for the records it stores itself."""
-        self._stored([record])
+        self._count_written([record])
 
     def refused(self, error: Exception) -> None:
         """Count and log a record the store did not write beside a request's own (the
@@ -159,7 +159,7 @@ class AuditWriter:
         """None once stored, or the record's own refusal; AuditUnavailable when the store
         did not take the call as a whole."""
         try:
-            return await self._insert(record.as_document())
+            return await self._insert(record)
         except Exception as exc:  # any store failure: nothing may be acknowledged
             raise AuditUnavailable(type(exc).__name__) from exc
 
@@ -207,7 +207,7 @@ class AuditWriter:
             else:
                 refused.append((record, result))
         if stored:
-            self._stored(stored)
+            self._count_written(stored)
         if refused:
             self._on_failed(len(refused))
             log.error(
@@ -225,7 +225,7 @@ class AuditWriter:
             )
         return [record for record, _ in unsent]
 
-    def _stored(self, records: list[AuditRecord]) -> None:
+    def _count_written(self, records: list[AuditRecord]) -> None:
         self._on_written(len(records))
         if self._stdout is not None:
             with contextlib.suppress(OSError, ValueError):

@@ -19,10 +19,10 @@ from starlette.testclient import TestClient
 
 from middleware.apikeys import APIKeyMiddleware, token_digest
 from middleware.audit import AuditMiddleware
-from observability.audit import AuditRecord
 from middleware.clientip import ClientIPMiddleware
 from middleware.context import request_context
 from middleware.requestid import RequestIdMiddleware
+from observability.audit import AuditRecord
 
 ALICE = "alice-token-0123456789abcdefghijklmnopqrstuvwxyz"
 

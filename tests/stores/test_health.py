@@ -67,36 +67,28 @@ async def test_track_records_a_failure_with_its_reason_and_reraises() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_read_counts_as_a_write_only_once_it_writes() -> None:
-    # A fetch's store call reads, then writes the audit notes riding with it (if any): a
+async def test_a_read_counts_as_a_write_only_when_it_writes() -> None:
+    # A fetch's store call reads, then writes the audit records riding with it (if any): a
     # read alone must not clear a failing write, nor its failure mark one.
     health = WriteHealth(clock=Clock())
     health.failed(DISK_FULL)
 
-    async def call(result: int, *, writes: bool, fails: bool, writing: list[bool]) -> int:
-        if writes:
-            writing.append(True)
+    async def call(result: int, *, fails: bool) -> int:
         if fails:
             raise sqlite3.OperationalError("database is locked")
         return result
 
-    pure: list[bool] = []
-    assert await health.track_writes(call(1, writes=False, fails=False, writing=pure),
-                                     lambda exc: UNREACHABLE, pure) == 1  # fmt: skip
+    assert await health.track_writes(call(1, fails=False), lambda exc: UNREACHABLE,
+                                     writes=False) == 1  # fmt: skip
     assert health.failing == DISK_FULL  # a read says nothing of writes
-    wrote: list[bool] = []
-    assert await health.track_writes(call(2, writes=True, fails=False, writing=wrote),
-                                     lambda exc: UNREACHABLE, wrote) == 2  # fmt: skip
+    assert await health.track_writes(call(2, fails=False), lambda exc: UNREACHABLE,
+                                     writes=True) == 2  # fmt: skip
     assert health.failing is None
-    broken: list[bool] = []
     with pytest.raises(sqlite3.OperationalError):
-        await health.track_writes(call(3, writes=False, fails=True, writing=broken),
-                                  lambda exc: UNREACHABLE, broken)  # fmt: skip
-    assert health.failing is None  # the read failed before writing anything
-    broken_write: list[bool] = []
+        await health.track_writes(call(3, fails=True), lambda exc: UNREACHABLE, writes=False)
+    assert health.failing is None  # a read that wrote nothing failed
     with pytest.raises(sqlite3.OperationalError):
-        await health.track_writes(call(4, writes=True, fails=True, writing=broken_write),
-                                  lambda exc: UNREACHABLE, broken_write)  # fmt: skip
+        await health.track_writes(call(4, fails=True), lambda exc: UNREACHABLE, writes=True)
     assert health.failing == UNREACHABLE
 
 

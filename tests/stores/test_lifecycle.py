@@ -8,7 +8,7 @@ import datetime as dt
 import os
 import uuid
 
-from tests.conftest import RawRecords, on_store
+from tests.conftest import RawRecords, on_store, read_back
 from vault.records import SealedSecret
 from vault.stores.base import DeleteResult, SecretStore
 
@@ -28,16 +28,19 @@ def whole_seconds(delta: dt.timedelta) -> dt.datetime:
     return (dt.datetime.now(dt.UTC) + delta).replace(microsecond=0)
 
 
-def test_expiry_and_read_limit_are_stored_and_read_back(store_env: dict[str, str]) -> None:
+def test_expiry_and_read_limit_are_stored_and_read_back(
+    store_env: dict[str, str], raw_records: RawRecords
+) -> None:
     later = whole_seconds(dt.timedelta(hours=2))
     both, plain = record(expires_at=later, reads_left=3), record()
 
-    async def work(store: SecretStore) -> tuple[SealedSecret | None, SealedSecret | None]:
+    async def work(store: SecretStore) -> None:
         await store.insert(both)
         await store.insert(plain)
-        return await store.get(both.secret_id), await store.get(plain.secret_id)
 
-    got_both, got_plain = on_store(store_env, work)
+    on_store(store_env, work)
+    got_both, got_plain = raw_records.sealed(both.secret_id), raw_records.sealed(plain.secret_id)
+    assert got_plain is not None
     assert got_both == both
     assert got_plain == plain
     assert (got_plain.expires_at, got_plain.reads_left) == (None, None)
@@ -50,7 +53,7 @@ def test_concurrent_reads_take_exactly_the_limit_and_the_last_deletes(
 
     async def work(store: SecretStore) -> list[SealedSecret | None]:
         await store.insert(limited)
-        return await asyncio.gather(*(store.consume(limited.secret_id) for _ in range(40)))
+        return await asyncio.gather(*(read_back(store, limited.secret_id) for _ in range(40)))
 
     taken = [r for r in on_store(store_env, work) if r is not None]
     assert sorted(r.reads_left for r in taken) == [0, 1, 2, 3, 4, 5, 6]
@@ -58,14 +61,17 @@ def test_concurrent_reads_take_exactly_the_limit_and_the_last_deletes(
     assert limited.secret_id not in raw_records.secret_ids()
 
 
-def test_a_record_without_a_limit_is_not_consumed(store_env: dict[str, str]) -> None:
+def test_a_record_without_a_limit_is_read_without_being_consumed(
+    store_env: dict[str, str], raw_records: RawRecords
+) -> None:
     plain = record()
 
-    async def work(store: SecretStore) -> tuple[SealedSecret | None, SealedSecret | None]:
+    async def work(store: SecretStore) -> list[SealedSecret | None]:
         await store.insert(plain)
-        return await store.consume(plain.secret_id), await store.get(plain.secret_id)
+        return [await read_back(store, plain.secret_id) for _ in range(3)]
 
-    assert on_store(store_env, work) == (None, plain)
+    assert on_store(store_env, work) == [plain] * 3
+    assert raw_records.sealed(plain.secret_id) == plain
 
 
 def test_delete_removes_the_record_and_says_what_it_found(
@@ -122,12 +128,12 @@ def test_rewrap_never_resets_a_read_count_nor_brings_back_a_deleted_record(
         await store.insert(counted)
         await store.insert(gone)
         # rewrap read both records, then requests read one and deleted the other ...
-        await store.consume(counted.secret_id)
+        await read_back(store, counted.secret_id)
         await store.delete(gone.secret_id)
         # ... before it wrote them back under the new key.
         swapped = await store.replace_sealed(counted, _resealed(counted))
         resurrected = await store.replace_sealed(gone, _resealed(gone))
-        return swapped, resurrected, await store.get(counted.secret_id)
+        return swapped, resurrected, raw_records.sealed(counted.secret_id)
 
     swapped, resurrected, after = on_store(store_env, work)
     assert (swapped, resurrected) == (True, False)

@@ -13,7 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from middleware.audit import AuditWriter
-from tests.conftest import MongoWireServer, audit_record, b64, wait_until
+from tests.conftest import MongoWireServer, audit_record, b64, read_back, wait_until
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.records import SealedSecret
@@ -43,7 +43,7 @@ def test_a_store_whose_database_is_down_closes_in_seconds(own_mongo: MongoWireSe
     async def main() -> float:
         await store.open()
         # Served for a while: the client's pool holds server sessions to end at close.
-        await asyncio.gather(*(store.get(str(uuid.uuid4())) for _ in range(8)), store.ping())
+        await asyncio.gather(*(read_back(store, str(uuid.uuid4())) for _ in range(8)), store.ping())
         own_mongo.stop()
         with pytest.raises(StoreUnavailable):
             await store.ping()
@@ -70,17 +70,17 @@ def test_once_the_database_is_known_down_every_call_fails_at_once_audit_writes_t
             clash = SealedSecret("a" * 32, "k1", bytes(12), b"other")
             with pytest.raises(pymongo.errors.WriteError):
                 await store.insert(clash)
-            assert await store.get("a" * 32) == stored
+            assert await read_back(store, "a" * 32) == stored
 
             own_mongo.stop()
             with pytest.raises(StoreUnavailable):
-                await store.get("a" * 32)  # the first failure: pymongo's own time
+                await read_back(store, "a" * 32)  # the first failure: pymongo's own time
             started = time.monotonic()
             for _ in range(20):
                 with pytest.raises(StoreUnavailable):
-                    await store.get("a" * 32)
+                    await read_back(store, "a" * 32)
                 with pytest.raises(StoreUnavailable):
-                    await store.insert_audit(audit_record("during").as_document())
+                    await store.insert_audit(audit_record("during"))
                 with pytest.raises(StoreUnavailable):
                     await store.delete("a" * 32)
             refused_in = time.monotonic() - started
@@ -89,7 +89,7 @@ def test_once_the_database_is_known_down_every_call_fails_at_once_audit_writes_t
             back = time.monotonic()
             while True:  # each try is either refused at once or the probe
                 try:
-                    found = await store.get("a" * 32)
+                    found = await read_back(store, "a" * 32)
                     break
                 except StoreUnavailable:
                     assert time.monotonic() - back < 10, "the store never came back"
@@ -117,7 +117,7 @@ def test_async_audit_records_wait_out_an_outage_and_land_once(own_mongo: MongoWi
             await writer.write(audit_record("before"))
             own_mongo.stop()
             with pytest.raises(StoreUnavailable):
-                await store.insert_audit(audit_record("direct").as_document())
+                await store.insert_audit(audit_record("direct"))
             for i in range(5):
                 await writer.write(audit_record(f"during-{i}"))
             await asyncio.sleep(1.5)  # several attempts fail meanwhile

@@ -19,37 +19,24 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
+from observability.audit import AUDIT_FIELDS, AuditRecord, AuditWrite
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
-from vault.records import AuditNote, SealedSecret, StoredSecret
+from vault.lifecycle import Fetched, Opener, judge_fetch, utc_now
+from vault.records import SealedSecret, StoredSecret
+
+# Re-exported: the vocabulary of the stores and of transfer.
+__all__ = ["AUDIT_FIELDS", "AuditWrite", "utc_now"]
 
 T = TypeVar("T")
-A = TypeVar("A")
 
-# An audit record as a store takes it: a plain mapping with these keys, so the stores need
-# nothing from the middleware that makes the records. ``ts`` is an aware datetime, ``status``
-# an int, ``latency_ms`` a float, ``secret_id_hmac``/``user_agent``/``api_key_name`` a str or
-# None, the rest str. ``record_id`` (24 hex digits, an ObjectId's) is fixed when the record
-# is made, so a record written twice (a retry whose first attempt landed) is stored once.
-AUDIT_FIELDS = (
-    "ts",
-    "op",
-    "status",
-    "outcome",
-    "client_ip",
-    "request_id",
-    "secret_id_hmac",
-    "latency_ms",
-    "user_agent",
-    "api_key_name",
-    "record_id",
-)
+# An audit record as a bulk transfer (export, import) carries it: a plain mapping with
+# ``AUDIT_FIELDS``. On the request path the stores take the ``AuditRecord`` itself.
 AuditDocument = Mapping[str, Any]
 
 
-# What a fetch answers for the record found (None when there is none), and the note to
-# write beside it; run in the store's thread, right after the read.
-Answer = Callable[[SealedSecret | None], tuple[A, AuditNote | None]]
+# A fetch's outcome from its store call: the verdict, and its audit record's write.
+FetchResult = tuple[Fetched, AuditWrite | None]
 
 
 class CorruptRecord(Exception):
@@ -79,11 +66,6 @@ class DeleteResult(enum.Enum):
     MISSING = "missing"
 
 
-def utc_now() -> dt.datetime:
-    """The store's clock: UTC, aware. Expiry is decided against it, on read as well."""
-    return dt.datetime.now(dt.UTC)
-
-
 class SecretStore(Protocol):
     """What the routes need from a store. Every method runs its I/O off the event loop."""
 
@@ -93,29 +75,24 @@ class SecretStore(Protocol):
     async def close(self) -> None:
         """Release connections."""
 
-    async def insert(self, record: SealedSecret, audit: AuditNote | None = None) -> None:
+    async def insert(
+        self, record: SealedSecret, audit: AuditRecord | None = None
+    ) -> AuditWrite | None:
         """Durably store a new record; return only once it would survive a crash. With
-        ``audit``, its note is written in the same call once the record is stored (SQLite:
-        the same transaction), and told how that went."""
+        ``audit`` (the record of answering 200), it is written in the same call once the
+        record is stored (SQLite: the same transaction); the answer says how that went."""
 
-    async def get(self, secret_id: str) -> SealedSecret | None:
-        """The record with this id, or None; expired or used-up records are returned too
-        (the caller decides, with its clock, and tells them apart in the audit log)."""
-
-    async def read(self, secret_id: str, answer: Answer[A]) -> A:
+    async def fetch(
+        self, secret_id: str, opener: Opener, audit: AuditRecord | None = None
+    ) -> FetchResult:
         """A fetch's whole store work in one call. The record is read; a read-limited one
-        not expired at the store's clock then has one read taken (``takes_a_read``),
-        exactly as ``consume`` takes it, and ``answer`` sees what ``consume`` returns.
-        ``answer(record)`` runs in the store's thread right after, and the note it returns
-        (if any) is written before the call returns (on SQLite in the same transaction as
-        the read taken). ``answer``'s exception is raised to the caller, and no note is
-        written for it."""
-
-    async def consume(self, secret_id: str) -> SealedSecret | None:
-        """Atomically take one read of a read-limited record and return it with the reads
-        left after this one; None when it is gone or its reads are used up. The read that
-        leaves none deletes the record before returning. Exact under any concurrency, across
-        processes and replicas sharing the store."""
+        not expired at the store's clock then has one read taken (one atomic update, exact
+        under any concurrency, across processes and replicas; the read that leaves none
+        deletes the record). ``vault.lifecycle.judge_fetch`` then decides the answer, in
+        the store's thread (so a record ``opener`` cannot open fails with no 200 written),
+        and ``audit``, stamped for that answer, is written before the call returns (on
+        SQLite in the same transaction as the read taken). The verdict's exception (a
+        record no key opens) is raised to the caller, and no audit record is written."""
 
     async def delete(self, secret_id: str) -> DeleteResult:
         """Remove the record (the row or document, not a flag): ``deleted``, ``expired``
@@ -132,11 +109,11 @@ class SecretStore(Protocol):
         write). May write one harmless readiness record, never a secret, at most once a
         second."""
 
-    async def insert_audit(self, document: AuditDocument) -> Exception | None:
-        """Durably store one audit record (``AUDIT_FIELDS``); concurrent calls share one
-        write (group commit). None once stored (a record_id already stored counts), else the
-        error this record alone failed with, which a retry would meet again. Raises
-        StoreUnavailable when the write failed as a whole: a retry may succeed."""
+    async def insert_audit(self, record: AuditRecord) -> Exception | None:
+        """Durably store one audit record; concurrent calls share one write (group
+        commit). None once stored (a record_id already stored counts), else the error this
+        record alone failed with, which a retry would meet again. Raises StoreUnavailable
+        when the write failed as a whole: a retry may succeed."""
 
     async def apply_audit_retention(self, ttl_days: int) -> None:
         """Keep audit records ``ttl_days`` days (0: forever); called at start and hourly."""
@@ -294,68 +271,78 @@ async def stored_or_refused(write: Awaitable[object]) -> Exception | None:
     return None
 
 
-def takes_a_read(record: SealedSecret | Exception | None) -> bool:
-    """Whether reading ``record`` takes one of its reads: it has a read limit and has not
-    expired (an expired one is refused without spending a read)."""
-    return (
-        isinstance(record, SealedSecret)
-        and record.reads_left is not None
-        and not record.expired(utc_now())
-    )
-
-
-def answer_each(
-    items: Sequence[tuple[str, Answer[A]]], records: Sequence[SealedSecret | Exception | None]
-) -> tuple[list[A | Exception], list[AuditNote]]:
-    """Run each read's ``answer`` on the record found for it (``records``, in the same
-    order): one result per item (the answer, or the exception that item alone failed with:
-    a corrupt record's, or its answer's), and the notes to write beside them."""
-    results: list[A | Exception] = []
-    notes: list[AuditNote] = []
-    for (_, answer), record in zip(items, records, strict=True):
+def judge_each(
+    items: Sequence[tuple[str, Opener, AuditRecord | None]],
+    records: Sequence[SealedSecret | Exception | None],
+    now: dt.datetime,
+) -> tuple[list[Fetched | Exception], list[AuditRecord | None]]:
+    """The verdict on each fetch's record (``records``, in the same order): one result per
+    item (the verdict, or the exception that item alone failed with: a corrupt record's, or
+    one no key opens), and beside it its audit record stamped for that answer (None when it
+    has none, or failed: a failure is audited by the audit layer, as the 500 it becomes)."""
+    results: list[Fetched | Exception] = []
+    audits: list[AuditRecord | None] = []
+    for (_, opener, audit), record in zip(items, records, strict=True):
         if isinstance(record, Exception):
             results.append(record)
+            audits.append(None)
             continue
         try:
-            value, note = answer(record)
+            fetched = judge_fetch(record, now, opener)
         except Exception as exc:  # this request's own failure (a record no key opens)
             results.append(exc)
+            audits.append(None)
             continue
-        results.append(value)
-        if note is not None:
-            notes.append(note)
-    return results, notes
+        results.append(fetched)
+        found = fetched.found
+        audits.append(None if audit is None else audit.answered(found.status, found.outcome))
+    return results, audits
 
 
-def notes_of_stored(
-    items: Iterable[tuple[object, AuditNote | None]], results: Iterable[Exception | None]
-) -> list[AuditNote]:
-    """The audit notes of a batch's items whose own record was stored (result None)."""
-    return [
-        note
-        for (_, note), error in zip(items, results, strict=True)
-        if note is not None and error is None
-    ]
-
-
-def note_documents(
-    notes: Iterable[AuditNote],
-    convert: Callable[[Mapping[str, Any]], T],
-    malformed: tuple[type[Exception], ...],
-) -> tuple[list[AuditNote], list[T]]:
-    """Each note's record in the store's form (``convert``), beside the notes they belong
-    to; a note whose record is malformed (``convert`` raised one of ``malformed``) is
-    refused alone, and told so at once."""
-    ready: list[AuditNote] = []
-    converted: list[T] = []
-    for note in notes:
-        try:
-            converted.append(convert(note.document()))
-        except malformed as exc:
-            note.written(exc)
+def fetch_results(
+    results: Sequence[Fetched | Exception],
+    audits: Sequence[AuditRecord | None],
+    errors: Mapping[int, Exception | None],
+) -> list[FetchResult | Exception]:
+    """Each fetch's answer from its store call: the verdict and its audit record's write
+    (``errors``, by the item's index, for the audit records written), or its exception."""
+    answers: list[FetchResult | Exception] = []
+    for k, (result, audit) in enumerate(zip(results, audits, strict=True)):
+        if isinstance(result, Exception):
+            answers.append(result)
         else:
-            ready.append(note)
-    return ready, converted
+            write = None if audit is None else AuditWrite(audit, errors.get(k))
+            answers.append((result, write))
+    return answers
+
+
+def stamped_audits(
+    items: Sequence[tuple[object, AuditRecord | None]], results: Sequence[Exception | None]
+) -> dict[int, AuditRecord]:
+    """The audit records of a create batch's items whose own record was stored (result
+    None), by the item's index, stamped now: the answer (200) is decided."""
+    return {
+        k: audit.answered(200)
+        for k, ((_, audit), error) in enumerate(zip(items, results, strict=True))
+        if audit is not None and error is None
+    }
+
+
+def insert_results(
+    results: Sequence[Exception | None],
+    audits: Mapping[int, AuditRecord],
+    errors: Mapping[int, Exception | None],
+) -> list[AuditWrite | Exception | None]:
+    """Each create's answer from its batch: its record's own error, or the write of its
+    audit record (None when it had none)."""
+    answers: list[AuditWrite | Exception | None] = []
+    for k, error in enumerate(results):
+        if error is not None:
+            answers.append(error)
+        else:
+            audit = audits.get(k)
+            answers.append(None if audit is None else AuditWrite(audit, errors.get(k)))
+    return answers
 
 
 def unavailable(exc: Exception) -> StoreUnavailable:

@@ -91,20 +91,15 @@ class WriteHealth:
         return result
 
     async def track_writes(
-        self, call: Awaitable[T], reason_of: Callable[[Exception], str], writing: list[bool]
+        self, call: Awaitable[T], reason_of: Callable[[Exception], str], *, writes: bool
     ) -> T:
-        """``track`` for a call that writes only sometimes (a read carrying audit notes):
-        its outcome counts only once it got as far as writing, which its thread says by
-        appending to ``writing`` before the write. A pure read says nothing of writes."""
-        try:
-            result = await call
-        except Exception as exc:
-            if writing:
-                self.failed(reason_of(exc))
-            raise
-        if writing:
-            self.succeeded()
-        return result
+        """``track`` for a call that writes only sometimes (a batch of fetches): it counts
+        when it ``writes`` audit records, which its caller knows before sending it. One
+        that carries none (audit off) counts as a read, even when it takes a read-limited
+        secret's read: a read says nothing of writes."""
+        if writes:
+            return await self.track(call, reason_of)
+        return await call
 
     def raise_if_failing(self) -> None:
         """NotReady when the last write failed: what /readyz answers then."""

@@ -32,28 +32,30 @@ from pymongo.errors import (
 )
 from pymongo.write_concern import WriteConcern
 
+from observability.audit import AuditRecord
 from observability.metrics import STORE_BREAKER_OPEN, STORE_BREAKER_OPENED, STORE_SHORT_CIRCUITED
 from vault.breaker import Call, CircuitBreaker
-from vault.records import AuditNote, SealedSecret, StoredSecret
+from vault.lifecycle import Opener, takes_a_read
+from vault.records import SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
-    A,
-    Answer,
     AuditDocument,
+    AuditWrite,
     CorruptRecord,
     DeleteResult,
+    FetchResult,
     Imported,
     StoreKnownDown,
     StoreUnavailable,
-    answer_each,
     derived_record_id,
+    fetch_results,
     import_outcome,
-    note_documents,
-    notes_of_stored,
+    insert_results,
+    judge_each,
     run_off_loop,
+    stamped_audits,
     store_executor,
     stored_or_refused,
-    takes_a_read,
     unavailable,
     utc_now,
 )
@@ -79,8 +81,10 @@ KEY_COUNT_TIMEOUT_SECONDS = 60.0
 
 log = logging.getLogger("secret_manager.store")
 
-# A create's batch item: its document, and the audit note to write once it is stored.
-_Insert = tuple[dict[str, Any], AuditNote | None]
+# A create's batch item: its document, and the audit record to write once it is stored.
+_Insert = tuple[dict[str, Any], AuditRecord | None]
+# A fetch's batch item: the id, what opens the record, and the audit record to write.
+_Fetch = tuple[str, Opener, AuditRecord | None]
 
 
 def _is_unavailable(exc: PyMongoError) -> bool:
@@ -348,8 +352,9 @@ class MongoStore:
         self._inserts = Batcher(
             self._insert_batch, operation="insert", timeout=deadline, breaker=breaker
         )
-        self._gets = Batcher(self._get_batch, operation="get", timeout=deadline, breaker=breaker)
-        self._reads = Batcher(self._read_batch, operation="read", timeout=deadline, breaker=breaker)
+        self._reads = Batcher(
+            self._fetch_batch, operation="read", timeout=deadline, breaker=breaker
+        )
         self._audits = Batcher(
             self._insert_audit_batch, operation="insert_audit", timeout=deadline, breaker=breaker
         )
@@ -361,36 +366,41 @@ class MongoStore:
 
     async def close(self) -> None:
         await self._inserts.close()
-        await self._gets.close()
         await self._reads.close()
         await self._audits.close()
         await self._mongo.close()
 
-    def _insert_many_sync(self, items: list[_Insert]) -> list[Exception | None]:
-        """Insert a batch, then the audit notes of the records stored, in one budget; one
-        entry per document: None when it is stored, else its error."""
+    def _insert_many_sync(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
+        """Insert a batch, then the audit records of the records stored, in one budget; one
+        answer per item: its record's own error, or its audit record's write."""
         with pymongo.timeout(self._mongo.timeout):
             results = _insert_each(self._secrets, [doc for doc, _ in items], self._already_stored)
-            self._write_notes_sync(notes_of_stored(items, results))
-        return results
+            audits = stamped_audits(items, results)
+            errors = self._write_audits_sync(audits)
+        return insert_results(results, audits, errors)
 
-    def _write_notes_sync(self, notes: list[AuditNote]) -> None:
-        """Write the audit notes riding with a batch (after its own records), telling each
-        how it went. Raises only when the database did not take the call (down, timed out):
-        the batch's requests are then answered 503 like any outage's."""
-        ready, docs = note_documents(notes, _audit_document, _MALFORMED_AUDIT)
+    def _write_audits_sync(self, audits: Mapping[int, AuditRecord]) -> dict[int, Exception | None]:
+        """Write the audit records riding with a batch (after its own records): each one's
+        error (None: written), by its item's index. Raises only when the database did not
+        take the call (down, timed out): the batch's requests are then answered 503 like
+        any outage's."""
+        errors: dict[int, Exception | None] = {}
+        docs: dict[int, dict[str, Any]] = {}
+        for k, audit in audits.items():
+            try:
+                docs[k] = _audit_document(audit.as_document())
+            except _MALFORMED_AUDIT as exc:  # refused alone
+                errors[k] = exc
         if not docs:
-            return
+            return errors
         try:
-            results = self._insert_audit_sync(docs)
+            results: list[Exception | None] = self._insert_audit_sync(list(docs.values()))
         except PyMongoError as exc:
-            for note in ready:
-                note.written(exc)
             if _is_unavailable(exc):
                 raise
-            return
-        for note, error in zip(ready, results, strict=True):
-            note.written(error)
+            results = [exc] * len(docs)
+        errors.update(zip(docs, results, strict=True))
+        return errors
 
     def _already_stored(self, docs: list[dict[str, Any]]) -> set[object]:
         # A retried insert whose first attempt landed: the same record is already there,
@@ -406,12 +416,19 @@ class MongoStore:
         """``self._mongo.run`` for a write, its outcome reported to ``self.health``."""
         return await self.health.track(self._mongo.run(operation, func, *args), _reason)
 
-    async def _insert_batch(self, items: list[_Insert]) -> list[Exception | None]:
-        results: list[Exception | None] = await self._write("insert", self._insert_many_sync, items)
+    async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
+        results: list[AuditWrite | Exception | None] = await self._write(
+            "insert", self._insert_many_sync, items
+        )
         return results
 
-    async def insert(self, record: SealedSecret, audit: AuditNote | None = None) -> None:
-        await self._inserts.submit((_document(record, dt.datetime.now(dt.UTC)), audit))
+    async def insert(
+        self, record: SealedSecret, audit: AuditRecord | None = None
+    ) -> AuditWrite | None:
+        written: AuditWrite | None = await self._inserts.submit(
+            (_document(record, dt.datetime.now(dt.UTC)), audit)
+        )
+        return written
 
     def _find_many_sync(self, secret_ids: list[str]) -> list[SealedSecret | Exception | None]:
         """One entry per id: its record, None when there is none, or CorruptRecord for a
@@ -425,43 +442,37 @@ class MongoStore:
             found = {str(doc["_id"]): _sealed_or_corrupt(doc) for doc in cursor}
         return [found.get(secret_id) for secret_id in secret_ids]
 
-    async def _get_batch(self, secret_ids: list[str]) -> list[SealedSecret | Exception | None]:
-        results: list[SealedSecret | Exception | None] = await self._mongo.run(
-            "get", self._find_many_sync, secret_ids
-        )
-        return results
-
-    async def get(self, secret_id: str) -> SealedSecret | None:
-        return await self._gets.submit(secret_id)
-
-    def _read_many_sync(
-        self, items: list[tuple[str, Answer[Any]]], writing: list[bool]
-    ) -> list[Any]:
-        secret_ids = [secret_id for secret_id, _ in items]
+    def _fetch_many_sync(self, items: list[_Fetch]) -> list[FetchResult | Exception]:
+        """A batch of fetches in one budget: the records read, the reads taken (each its
+        own atomic update), then the audit records; one answer per item."""
+        secret_ids = [secret_id for secret_id, _, _ in items]
+        now = utc_now()
         with pymongo.timeout(self._mongo.timeout):
             records = self._find_many_sync(secret_ids)
             for k, record in enumerate(records):
-                if takes_a_read(record):
-                    writing.append(True)
-                    records[k] = self._consume_sync(secret_ids[k])  # its own atomic update
-            results, notes = answer_each(items, records)
-            if notes:
-                writing.append(True)
-                self._write_notes_sync(notes)
-        return results
+                if takes_a_read(record, now):
+                    records[k] = self._take_read_sync(secret_ids[k])
+            results, audits = judge_each(items, records, now)
+            errors = self._write_audits_sync(
+                {k: audit for k, audit in enumerate(audits) if audit is not None}
+            )
+        return fetch_results(results, audits, errors)
 
-    async def _read_batch(self, items: list[tuple[str, Answer[Any]]]) -> list[Any]:
-        writing: list[bool] = []
-        results: list[Any] = await self.health.track_writes(
-            self._mongo.run("read", self._read_many_sync, items, writing), _reason, writing
+    async def _fetch_batch(self, items: list[_Fetch]) -> list[FetchResult | Exception]:
+        results: list[FetchResult | Exception] = await self.health.track_writes(
+            self._mongo.run("read", self._fetch_many_sync, items),
+            _reason,
+            writes=any(audit is not None for _, _, audit in items),
         )
         return results
 
-    async def read(self, secret_id: str, answer: Answer[A]) -> A:
-        result: A = await self._reads.submit((secret_id, answer))
+    async def fetch(
+        self, secret_id: str, opener: Opener, audit: AuditRecord | None = None
+    ) -> FetchResult:
+        result: FetchResult = await self._reads.submit((secret_id, opener, audit))
         return result
 
-    def _consume_sync(self, secret_id: str) -> SealedSecret | Exception | None:
+    def _take_read_sync(self, secret_id: str) -> SealedSecret | Exception | None:
         # One atomic document update per read: concurrent readers on any replica each
         # take a different count, and none gets past zero.
         doc = self._secrets.find_one_and_update(
@@ -476,14 +487,6 @@ class MongoStore:
             # count, so a record rewritten meanwhile is still removed only when used up.
             self._secrets.delete_one({"_id": secret_id, "reads_left": 0})
         return _sealed_or_corrupt(doc)
-
-    async def consume(self, secret_id: str) -> SealedSecret | None:
-        result: SealedSecret | Exception | None = await self._write(
-            "consume", self._consume_sync, secret_id
-        )
-        if isinstance(result, Exception):
-            raise result
-        return result
 
     def _delete_sync(self, secret_id: str) -> dict[str, Any] | None:
         doc: dict[str, Any] | None = self._secrets.find_one_and_delete(
@@ -647,9 +650,9 @@ class MongoStore:
             raise unavailable(exc) from exc
         return results
 
-    async def insert_audit(self, document: AuditDocument) -> Exception | None:
+    async def insert_audit(self, record: AuditRecord) -> Exception | None:
         try:
-            doc = _audit_document(document)
+            doc = _audit_document(record.as_document())
         except _MALFORMED_AUDIT as exc:  # refused alone
             return exc
         return await stored_or_refused(self._audits.submit(doc))

@@ -18,24 +18,26 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vault.records import AuditNote, SealedSecret, StoredSecret
+from observability.audit import AuditRecord
+from vault.lifecycle import Opener, takes_a_read
+from vault.records import SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
-    A,
-    Answer,
     AuditDocument,
+    AuditWrite,
     DeleteResult,
+    FetchResult,
     Imported,
     StoreUnavailable,
-    answer_each,
     derived_record_id,
+    fetch_results,
     import_outcome,
-    note_documents,
-    notes_of_stored,
+    insert_results,
+    judge_each,
     run_off_loop,
+    stamped_audits,
     store_executor,
     stored_or_refused,
-    takes_a_read,
     unavailable,
     utc_now,
 )
@@ -92,8 +94,10 @@ _INSERT_AUDIT = (
     " ON CONFLICT (record_id) DO NOTHING"
 )
 AuditRow = tuple[object, ...]
-# A create's batch item: its record, and the audit note to write once it is stored.
-_Insert = tuple[SealedSecret, AuditNote | None]
+# A create's batch item: its record, and the audit record to write once it is stored.
+_Insert = tuple[SealedSecret, AuditRecord | None]
+# A fetch's batch item: the id, what opens the record, and the audit record to write.
+_Fetch = tuple[str, Opener, AuditRecord | None]
 # The key guard's two statements, each answered from the index secrets_key_id (a test reads
 # their EXPLAIN QUERY PLAN): the next distinct key id after the last one found is one seek,
 # so finding every id costs a seek per id, however many records there are.
@@ -170,18 +174,20 @@ def _insert_each(
 _MALFORMED_AUDIT = (KeyError, AttributeError, TypeError)  # what _audit_row raises
 
 
-def _insert_notes(
-    conn: sqlite3.Connection, notes: Sequence[AuditNote]
-) -> list[tuple[AuditNote, Exception | None]]:
-    """Insert the audit notes riding with a batch, in its open transaction; each note with
-    its outcome, to tell it once the transaction is committed (a malformed one: at once)."""
-    ready, rows = note_documents(notes, _audit_row, _MALFORMED_AUDIT)
-    return list(zip(ready, _insert_each(conn, _INSERT_AUDIT, rows), strict=True))
-
-
-def _tell(written: Iterable[tuple[AuditNote, Exception | None]]) -> None:
-    for note, error in written:
-        note.written(error)
+def _insert_audits(
+    conn: sqlite3.Connection, audits: Mapping[int, AuditRecord]
+) -> dict[int, Exception | None]:
+    """Insert the audit records riding with a batch, in its open transaction: each one's
+    error (None: written once the transaction commits), by its item's index."""
+    errors: dict[int, Exception | None] = {}
+    for k, audit in audits.items():
+        try:
+            row = _audit_row(audit.as_document())
+        except _MALFORMED_AUDIT as exc:  # refused alone
+            errors[k] = exc
+            continue
+        errors[k] = _insert_each(conn, _INSERT_AUDIT, [row])[0]
+    return errors
 
 
 def _epoch(value: dt.datetime | None) -> int | None:
@@ -249,8 +255,7 @@ class SQLiteStore:
         self.health = WriteHealth()  # what /readyz reports: did the last write succeed?
         # Concurrent creates share one transaction, concurrent fetches one query.
         self._inserts = Batcher(self._insert_batch, operation="insert", timeout=timeout + 1.0)
-        self._gets = Batcher(self._get_batch, operation="get", timeout=timeout + 1.0)
-        self._reads = Batcher(self._read_batch, operation="read", timeout=timeout + 1.0)
+        self._reads = Batcher(self._fetch_batch, operation="read", timeout=timeout + 1.0)
         self._audits = Batcher(
             self._insert_audit_batch, operation="insert_audit", timeout=timeout + 1.0
         )
@@ -273,7 +278,6 @@ class SQLiteStore:
 
     async def close(self) -> None:
         await self._inserts.close()
-        await self._gets.close()
         await self._reads.close()
         await self._audits.close()
         if self._executor is not None:
@@ -333,24 +337,27 @@ class SQLiteStore:
             return await self.health.track(run(), _reason)
         return await run()
 
-    async def _insert_batch(self, items: list[_Insert]) -> list[Exception | None]:
+    async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
         rows = [
             (r.secret_id, r.key_id, r.nonce, r.ciphertext, _epoch(r.expires_at), r.reads_left)
             for r, _ in items
         ]
 
-        def insert(conn: sqlite3.Connection) -> list[Exception | None]:
-            with conn:  # one transaction, one fsync: the batch and its audit notes
+        def insert(conn: sqlite3.Connection) -> list[AuditWrite | Exception | None]:
+            with conn:  # one transaction, one fsync: the batch and its audit records
                 conn.execute("BEGIN IMMEDIATE")
                 results = _insert_each(conn, _INSERT_RECORD, rows)
-                written = _insert_notes(conn, notes_of_stored(items, results))
-            _tell(written)  # only now: committed, durable
-            return results
+                audits = stamped_audits(items, results)
+                errors = _insert_audits(conn, audits)
+            return insert_results(results, audits, errors)  # only now: committed, durable
 
         return await self._run("insert", insert, write=True)
 
-    async def insert(self, record: SealedSecret, audit: AuditNote | None = None) -> None:
-        await self._inserts.submit((record, audit))
+    async def insert(
+        self, record: SealedSecret, audit: AuditRecord | None = None
+    ) -> AuditWrite | None:
+        written: AuditWrite | None = await self._inserts.submit((record, audit))
+        return written
 
     def _select(self, conn: sqlite3.Connection, secret_ids: list[str]) -> dict[str, SealedSecret]:
         wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
@@ -362,54 +369,44 @@ class SQLiteStore:
         ).fetchall()
         return {row[0]: _sealed(row) for row in rows}
 
-    async def _get_batch(self, secret_ids: list[str]) -> list[SealedSecret | None]:
-        found = await self._run("get", lambda conn: self._select(conn, secret_ids))
-        return [found.get(secret_id) for secret_id in secret_ids]
+    def _fetch_sync(
+        self, conn: sqlite3.Connection, items: list[_Fetch]
+    ) -> list[FetchResult | Exception]:
+        """A batch of fetches in one call: one answer per item."""
+        secret_ids = [secret_id for secret_id, _, _ in items]
+        now = utc_now()
+        found = self._select(conn, secret_ids)
+        records: list[SealedSecret | None] = [found.get(i) for i in secret_ids]
+        limited = [k for k, record in enumerate(records) if takes_a_read(record, now)]
+        if not limited:
+            results, audits = judge_each(items, records, now)
+            if all(audit is None for audit in audits):
+                return fetch_results(results, audits, {})  # a pure read: no transaction
+        with conn:  # one transaction, one fsync: the reads taken and the audit records
+            conn.execute("BEGIN IMMEDIATE")
+            for k in limited:  # each its own atomic take
+                row = _take_read(conn, secret_ids[k])
+                records[k] = None if row is None else _sealed(row)
+            if limited:  # judged only now, on the records as the takes left them
+                results, audits = judge_each(items, records, now)
+            errors = _insert_audits(
+                conn, {k: audit for k, audit in enumerate(audits) if audit is not None}
+            )
+        return fetch_results(results, audits, errors)  # committed, durable
 
-    async def _read_batch(self, items: list[tuple[str, Answer[Any]]]) -> list[Any]:
-        secret_ids = [secret_id for secret_id, _ in items]
+    async def _fetch_batch(self, items: list[_Fetch]) -> list[FetchResult | Exception]:
+        answers: list[FetchResult | Exception] = await self.health.track_writes(
+            self._run("read", lambda conn: self._fetch_sync(conn, items)),
+            _reason,
+            writes=any(audit is not None for _, _, audit in items),
+        )
+        return answers
 
-        writing: list[bool] = []
-
-        def read(conn: sqlite3.Connection) -> list[Any]:
-            found = self._select(conn, secret_ids)
-            records: list[SealedSecret | None] = [found.get(i) for i in secret_ids]
-            limited = [k for k, record in enumerate(records) if takes_a_read(record)]
-            if not limited:
-                results, notes = answer_each(items, records)
-                if not notes:
-                    return results  # a pure read: no write transaction
-            writing.append(True)
-            with conn:  # one transaction, one fsync: the reads taken and the audit notes
-                conn.execute("BEGIN IMMEDIATE")
-                for k in limited:  # each its own atomic take, as consume() does
-                    row = _take_read(conn, secret_ids[k])
-                    records[k] = None if row is None else _sealed(row)
-                if limited:  # answered only now, on the records as the takes left them
-                    results, notes = answer_each(items, records)
-                written = _insert_notes(conn, notes)
-            _tell(written)
-            return results
-
-        return await self.health.track_writes(self._run("read", read), _reason, writing)
-
-    async def read(self, secret_id: str, answer: Answer[A]) -> A:
-        result: A = await self._reads.submit((secret_id, answer))
+    async def fetch(
+        self, secret_id: str, opener: Opener, audit: AuditRecord | None = None
+    ) -> FetchResult:
+        result: FetchResult = await self._reads.submit((secret_id, opener, audit))
         return result
-
-    async def get(self, secret_id: str) -> SealedSecret | None:
-        return await self._gets.submit(secret_id)
-
-    async def consume(self, secret_id: str) -> SealedSecret | None:
-        def take(conn: sqlite3.Connection) -> RecordRow | None:
-            # BEGIN IMMEDIATE takes SQLite's write lock first: the decrement and the delete
-            # of the last read are one transaction, exact across threads and processes.
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                return _take_read(conn, secret_id)
-
-        row = await self._run("consume", take, write=True)
-        return None if row is None else _sealed(row)
 
     async def delete(self, secret_id: str) -> DeleteResult:
         def remove(conn: sqlite3.Connection) -> tuple[int | None, int | None] | None:
@@ -509,9 +506,9 @@ class SQLiteStore:
         except Exception as exc:  # the whole call failed: every record in it may be retried
             raise unavailable(exc) from exc
 
-    async def insert_audit(self, document: AuditDocument) -> Exception | None:
+    async def insert_audit(self, record: AuditRecord) -> Exception | None:
         try:
-            row = _audit_row(document)
+            row = _audit_row(record.as_document())
         except _MALFORMED_AUDIT as exc:  # refused alone
             return exc
         return await stored_or_refused(self._audits.submit(row))

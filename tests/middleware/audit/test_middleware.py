@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from middleware.audit import AuditMiddleware, AuditRecord, AuditUnavailable
 from middleware.context import request_context
 from middleware.requestid import RequestIdMiddleware
+from observability.audit import AuditWrite
 
 
 class ListSink:
@@ -40,7 +41,7 @@ class ListSink:
     def spill(self, record: AuditRecord) -> None:
         self.spilled.append(record)
 
-    def stored(self, record: AuditRecord) -> None:
+    def written_beside(self, record: AuditRecord) -> None:
         self.stored_beside.append(record)
 
     def refused(self, error: Exception) -> None:
@@ -48,18 +49,19 @@ class ListSink:
 
 
 async def noted(request: Request) -> Response:
-    """A handler whose store takes the audit note with its own write (the store's part is
-    played here: make the document, then say how the write went), then answers."""
+    """A handler whose store writes the audit record with its own write (the store's part
+    is played here: stamp the record for the answer, then say how the write went), then
+    answers."""
     context = request_context(request.scope)
     context.op = "fetch"
     query = request.query_params
     noted_status, answered = int(query.get("noted", "200")), int(query.get("status", "200"))
     if context.audit is None:  # no sink waiting: the layer writes its own record
         return JSONResponse({"draft": False})
-    note = context.audit.answering(noted_status)
-    document = note.document()
-    assert document["status"] == noted_status
-    note.written(None if query.get("store") != "refuses" else ValueError("duplicate key"))
+    record = context.audit.record(200).answered(noted_status)
+    assert record.status == noted_status
+    error = None if query.get("store") != "refuses" else ValueError("duplicate key")
+    context.audit_written = AuditWrite(record, error)
     return JSONResponse({"secret": "c2VjcmV0"}, status_code=answered)
 
 

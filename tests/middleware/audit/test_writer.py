@@ -11,12 +11,11 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 import pytest
 
 from middleware.audit.writer import AuditUnavailable, AuditWriter
+from observability.audit import AuditRecord
 from tests.conftest import audit_record
 
 
@@ -32,10 +31,10 @@ class FakeStore:
         self.calls: dict[str, int] = {}
         self.record_ids: dict[str, set[str]] = {}
 
-    async def insert(self, document: Mapping[str, Any]) -> Exception | None:
-        request_id = document["request_id"]
+    async def insert(self, record: AuditRecord) -> Exception | None:
+        request_id = record.request_id
         self.calls[request_id] = self.calls.get(request_id, 0) + 1
-        self.record_ids.setdefault(request_id, set()).add(document["record_id"])
+        self.record_ids.setdefault(request_id, set()).add(record.record_id)
         await asyncio.sleep(self.delay)
         if self.down:
             raise OSError("disk on fire")
