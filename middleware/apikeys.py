@@ -1,7 +1,8 @@
 """Optional API keys: ``/vault`` calls need ``Authorization: Bearer <token>`` of a known key.
 
 The keys come already parsed (vault/apikeys.py, from ``API_KEYS_FILE`` or ``API_KEYS``): a
-name and the SHA-256 digest of each token, never the token. A request's token is hashed and
+name and the SHA-256 digest of each token (``token_digest``, defined here and used there),
+never the token. A request's token is hashed and
 compared in constant time with every stored digest. A caller that is let through has the
 key's name (never its token) in the request context (``api_key_name``) for the audit log;
 any other caller gets ``401`` with ``WWW-Authenticate`` and the app is not called. The
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Collection, Mapping
 
 from starlette.responses import JSONResponse
@@ -20,7 +22,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from middleware.context import request_context
 from middleware.paths import KEYLESS_PATHS, METRICS_PATH, route_path
-from vault.apikeys import KEY_NAME, token_digest
+
+# A key name as it appears in the audit log: short, printable, no separators.
+KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def token_digest(token: str | bytes) -> bytes:
+    """SHA-256 of a token: what is kept in memory and compared, never the token itself."""
+    # Tokens are long and random (at least 32 characters), so a fast unsalted hash cannot be
+    # brute-forced; a slow password hash would only add latency to every request.
+    data = token.encode("ascii") if isinstance(token, str) else token
+    return hashlib.sha256(data).digest()
+
 
 _MISSING = "missing"
 _MALFORMED = "malformed"

@@ -6,9 +6,10 @@ over any limit is answered ``429`` with ``Retry-After`` and never reaches the ap
 get ``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset`` for the limit nearest
 to running out. If the counter fails (its database is down), requests are let through: an
 outage of the rate-limit store must not become an outage of the vault, nor slow it down, so
-after a failure the counter is skipped for ``retry_counter_after`` seconds, then one request
-tries it again. Every request counts, refused ones included: a client that keeps sending
-while refused spends the budgets of its longer windows too.
+the middleware is handed a circuit breaker: after a failure the counter is skipped for the
+breaker's ``retry_after`` seconds, then one request tries it again. Every request counts,
+refused ones included: a client that keeps sending while refused spends the budgets of its
+longer windows too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,12 +27,29 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from middleware.clientip import client_ip
 from middleware.headers import encode_pairs, set_response_headers
 from middleware.paths import UNLIMITED_PATHS, is_exempt
-from vault.breaker import CircuitBreaker
 
 log = logging.getLogger("secret_manager.ratelimit")
 
 WARNING_INTERVAL_SECONDS = 10.0
 COUNTER_RETRY_SECONDS = 5.0  # after a counter failure, requests skip it this long
+Ticket = TypeVar("Ticket")
+
+
+class Breaker(Protocol[Ticket]):
+    """A circuit breaker for the counter (vault/breaker.py's, handed in by the app)."""
+
+    retry_after: float
+
+    def try_call(self) -> Ticket | None:
+        """A ticket to call the counter, or None while it is known down."""
+
+    def succeeded(self, call: Ticket) -> None: ...
+
+    def failed(self, call: Ticket) -> None: ...
+
+    def abandoned(self, call: Ticket) -> None: ...
+
+
 _UNITS = ((86400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
 
 
@@ -115,10 +133,8 @@ class RateLimitMiddleware:
         counter: Counter,
         exempt_paths: Collection[str] = UNLIMITED_PATHS,
         on_limited: Callable[[], None] | None = None,
-        retry_counter_after: float = COUNTER_RETRY_SECONDS,
+        breaker: Breaker[Any] | None = None,
     ) -> None:
-        if not retry_counter_after >= 0:
-            raise ValueError("retry_counter_after must be a number of seconds, at least 0")
         limits = tuple(limits)
         if not limits:
             raise ValueError(
@@ -152,11 +168,11 @@ class RateLimitMiddleware:
         # Shared by every request on purpose: it throttles the outage warning.
         self._next_warning = 0.0
         self._unlogged_failures = 0
-        # After a failure the counter is left alone for a while (a circuit breaker): each
-        # call to a database that is down costs its whole timeout, and every request would
-        # pay it. Then one request tries it again while the others still go through.
-        self.retry_counter_after = retry_counter_after
-        self._breaker = CircuitBreaker(retry_after=retry_counter_after)
+        # After a failure the counter is left alone for a while (the breaker): each call to
+        # a database that is down costs its whole timeout, and every request would pay it.
+        # Then one request tries it again while the others still go through. Without one
+        # (a counter that cannot fail, as in-process counting), every request counts.
+        self._breaker = breaker
 
     async def _usage(self, ip: str) -> list[_Usage]:
         now = time.time()
@@ -179,7 +195,7 @@ class RateLimitMiddleware:
             "rate limit counter failed (%s); letting requests through unlimited, trying it "
             "again every %g s (%d more failures since the last warning)",
             type(exc).__name__,
-            self.retry_counter_after,
+            self._breaker.retry_after if self._breaker is not None else 0,
             self._unlogged_failures,
         )
         self._next_warning = now + WARNING_INTERVAL_SECONDS
@@ -190,21 +206,25 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        call = self._breaker.try_call()
-        if call is None:
+        breaker = self._breaker
+        call = None if breaker is None else breaker.try_call()
+        if breaker is not None and call is None:
             await self.app(scope, receive, send)  # the counter is down: fail open at once
             return
         try:
             usage = await self._usage(client_ip(scope))
         except Exception as exc:  # any counter failure: fail open, never fail the request
-            self._breaker.failed(call)
+            if breaker is not None:
+                breaker.failed(call)
             self._counter_failed(exc)
             await self.app(scope, receive, send)
             return
         except BaseException:
-            self._breaker.abandoned(call)
+            if breaker is not None:
+                breaker.abandoned(call)
             raise
-        self._breaker.succeeded(call)
+        if breaker is not None:
+            breaker.succeeded(call)
 
         exceeded = [u for u in usage if u.count > u.limit]
         if exceeded:

@@ -3,18 +3,20 @@
 ``API_KEYS`` / ``API_KEYS_FILE`` hold ``name:token`` entries and ``METRICS_TOKEN`` one token.
 Settings parse them at start-up (vault/settings.py); the middleware that checks requests
 (middleware/apikeys.py) is handed the result: key names and the SHA-256 digest of each
-token, never a token. Both sides hash with ``token_digest`` and name keys by ``KEY_NAME``.
+token, never a token. Both sides hash with ``token_digest`` and name keys by ``KEY_NAME``,
+which the middleware defines (it depends on nothing of the app) and this module uses.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
+
+from middleware.apikeys import KEY_NAME, token_digest
+
+__all__ = ["KEY_NAME", "InvalidAPIKeys", "token_digest"]
 
 MIN_TOKEN_LENGTH = 32
 
-# A key name as it appears in the audit log: short, printable, no separators.
-KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # RFC 6750's b64token: exactly what a client may put after "Bearer ". It excludes commas,
 # colons and whitespace, so entries split unambiguously, and non-ASCII, so the bytes a
 # client sends are the bytes hashed here.
@@ -29,14 +31,6 @@ _TOKEN_ADVICE = (
 class InvalidAPIKeys(ValueError):
     """API keys or the metrics token are malformed. The message names the variable and the
     line, and never quotes the text, which may hold a token."""
-
-
-def token_digest(token: str | bytes) -> bytes:
-    """SHA-256 of a token: what is kept in memory and compared, never the token itself."""
-    # Tokens are long and random (at least 32 characters), so a fast unsalted hash cannot be
-    # brute-forced; a slow password hash would only add latency to every request.
-    data = token.encode("ascii") if isinstance(token, str) else token
-    return hashlib.sha256(data).digest()
 
 
 def _check_token(token: str, where: str) -> None:

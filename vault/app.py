@@ -22,7 +22,12 @@ from middleware.clientip import ClientIPMiddleware
 from middleware.context import request_context
 from middleware.errors import InternalErrorMiddleware
 from middleware.metrics import PrometheusMiddleware
-from middleware.ratelimit import Counter, MemoryCounter, RateLimitMiddleware
+from middleware.ratelimit import (
+    COUNTER_RETRY_SECONDS,
+    Counter,
+    MemoryCounter,
+    RateLimitMiddleware,
+)
 from middleware.requestid import RequestIdMiddleware
 from middleware.securityheaders import SecurityHeadersMiddleware
 from middleware.tracing import TracingMiddleware
@@ -30,6 +35,7 @@ from observability.logging import configure_logging
 from observability.metrics import AUDIT_RECORDS, RATE_LIMITED, SECRETS_PURGED, metrics_app
 from observability.tracing import configure_tracing, shutdown_tracing
 from vault import hypercorn_fixes
+from vault.breaker import CircuitBreaker
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
 from vault.keyguard import UnreadableRecords
 from vault.routes import OPERATIONS, VaultAPI, http_error, unavailable_response
@@ -261,6 +267,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
                 limits=settings.rate_limits,
                 counter=counter,
                 on_limited=RATE_LIMITED.inc,
+                breaker=CircuitBreaker(retry_after=COUNTER_RETRY_SECONDS),
             )
         )
     if settings.api_keys or settings.metrics_token_digest is not None:

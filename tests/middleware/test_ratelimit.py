@@ -23,6 +23,7 @@ from starlette.testclient import TestClient
 
 from middleware.clientip import ClientIPMiddleware
 from middleware.ratelimit import Counter, MemoryCounter, RateLimitMiddleware
+from vault.breaker import CircuitBreaker
 from vault.stores.base import StoreUnavailable
 
 CLIENT = ("203.0.113.7", 50000)
@@ -66,7 +67,7 @@ def make_limited() -> Callable[..., Limited]:
                     limits=limits,
                     counter=counter or MemoryCounter(),
                     on_limited=lambda: limited.append(1),
-                    retry_counter_after=retry_counter_after,
+                    breaker=CircuitBreaker(retry_after=retry_counter_after),
                 ),
             ],
         )
