@@ -13,9 +13,9 @@ import logging
 import traceback
 from pathlib import Path
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from middleware.answers import RETRY_AFTER_SECONDS, error_answer
 from middleware.context import request_context
 
 SHUTTING_DOWN_DETAIL = "the server is shutting down and did not finish this request; retry"
@@ -23,9 +23,19 @@ GENERIC_DETAIL = "internal error; the request id in X-Request-ID identifies it i
 
 
 class InternalErrorMiddleware:
-    def __init__(self, app: ASGIApp, *, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        logger: logging.Logger | None = None,
+        retry_after: int = RETRY_AFTER_SECONDS,
+    ) -> None:
         self.app = app
         self.logger = logger or logging.getLogger("secret_manager.errors")
+        self.shutting_down = error_answer(
+            503, SHUTTING_DOWN_DETAIL, retry_after=retry_after, headers={"Connection": "close"}
+        )
+        self.internal_error = error_answer(500, GENERIC_DETAIL)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,11 +57,7 @@ class InternalErrorMiddleware:
             # retry instead of letting the server answer a bare 500, then stop as asked.
             if not response_started:
                 with contextlib.suppress(Exception):
-                    await JSONResponse(
-                        {"detail": SHUTTING_DOWN_DETAIL},
-                        status_code=503,
-                        headers={"Retry-After": "5", "Connection": "close"},
-                    )(scope, receive, send)
+                    await self.shutting_down(scope, receive, send)
             raise
         except Exception as exc:
             frame = traceback.extract_tb(exc.__traceback__)[-1]
@@ -64,6 +70,4 @@ class InternalErrorMiddleware:
                 extra={"request_id": request_context(scope).request_id},
             )
             if not response_started:
-                await JSONResponse({"detail": GENERIC_DETAIL}, status_code=500)(
-                    scope, receive, send
-                )
+                await self.internal_error(scope, receive, send)

@@ -21,9 +21,9 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from middleware.answers import error_answer
 from middleware.clientip import client_ip
 from middleware.headers import encode_pairs, set_response_headers
 from middleware.paths import UNLIMITED_PATHS, is_exempt
@@ -229,9 +229,11 @@ class RateLimitMiddleware:
         exceeded = [u for u in usage if u.count > u.limit]
         if exceeded:
             worst = max(exceeded, key=lambda u: u.reset)
-            headers = {"Retry-After": str(worst.reset), **worst.headers()}
-            response = JSONResponse(
-                {"detail": f"{worst.detail}{worst.reset} s"}, status_code=429, headers=headers
+            response = error_answer(
+                429,
+                f"{worst.detail}{worst.reset} s",
+                retry_after=worst.reset,
+                headers=worst.headers(),
             )
             if self.on_limited is not None:
                 self.on_limited()

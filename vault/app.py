@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from middleware.answers import RETRY_AFTER_SECONDS
 from middleware.apikeys import APIKeyMiddleware
 from middleware.audit import AuditMiddleware, AuditWriter, stdout_stream
 from middleware.bodylimit import BodyLimitMiddleware
@@ -189,6 +190,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         max_secret_bytes=settings.max_secret_bytes,
         max_ttl_seconds=settings.max_ttl_seconds,
         default_ttl_seconds=settings.default_ttl_seconds,
+        retry_after=RETRY_AFTER_SECONDS,
     )
     too_large = (
         f"request body is larger than {settings.max_body_bytes} bytes; "
@@ -201,7 +203,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         # request rate those lines would bury everything else in the log.
         level = logging.DEBUG if isinstance(exc, StoreKnownDown) else logging.WARNING
         log.log(level, "store unavailable: %s", exc, extra={"request_id": request_id})
-        return unavailable_response()
+        return unavailable_response(RETRY_AFTER_SECONDS)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -258,6 +260,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
                 sink=writer,
                 operations=OPERATIONS,
                 hash_secret_id=functools.partial(secret_id_hmac, audit_hmac_key(settings)),
+                retry_after=RETRY_AFTER_SECONDS,
             )
         )
     if counter is not None:
@@ -281,7 +284,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
             )
         )
     middleware += [
-        Middleware(InternalErrorMiddleware),
+        Middleware(InternalErrorMiddleware, retry_after=RETRY_AFTER_SECONDS),
         Middleware(
             BodyLimitMiddleware,
             max_body_bytes=settings.max_body_bytes,

@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
+from middleware.answers import RETRY_AFTER_SECONDS, error_answer
 from middleware.context import RequestContext, request_context
 from observability.metrics import NOT_READY, SECRETS_DELETED
 from vault.crypto import Keyring
@@ -38,7 +39,6 @@ from vault.validation import InvalidValue, decode_secret, normalize_secret_id
 
 log = logging.getLogger("secret_manager.routes")
 
-RETRY_AFTER_SECONDS = 5
 # Both spellings of each path answer directly: a redirect makes many clients drop the body.
 OPERATIONS = {
     "/vault/secret/create/": "create",
@@ -50,7 +50,7 @@ OPERATIONS = {
 }
 # Unknown, deleted, used up or expired: one answer, so it tells a caller nothing.
 NOT_FOUND = "no secret has this secret_id; check the id you were given"
-UNAVAILABLE_DETAIL = "the secret store is unavailable; retry after the time in Retry-After"
+STORE_UNAVAILABLE = "the secret store is unavailable; retry after the time in Retry-After"
 # What a 503 from /readyz says, by reason: what an operator reads, and what to look at.
 NOT_READY_DETAIL = {
     UNREACHABLE: "the secret store does not answer; check that the database is up and reachable",
@@ -190,7 +190,9 @@ class VaultAPI:
         max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
         default_ttl_seconds: int = 0,
         unreadable: UnreadableRecords | None = None,
+        retry_after: int = RETRY_AFTER_SECONDS,
     ) -> None:
+        self.retry_after = retry_after
         self.keyring = keyring
         self.store = store
         self.unreadable = unreadable
@@ -278,7 +280,7 @@ class VaultAPI:
             return JSONResponse(
                 {"status": "not ready", "reason": reason, "detail": NOT_READY_DETAIL[reason]},
                 status_code=503,
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                headers={"Retry-After": str(self.retry_after)},
             )
         count = None if self.unreadable is None else self.unreadable.count
         return JSONResponse({"status": "ready", "records_unreadable": count})
@@ -351,12 +353,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
         allowed = (headers or {}).get("Allow", "")
         use = " or ".join(m for m in allowed.split(", ") if m and m != "HEAD") or "another method"
         detail = f"{request.method} is not allowed on this path; use {use}"
-    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
+    return error_answer(exc.status_code, detail, headers=headers)
 
 
-def unavailable_response() -> Response:
-    return JSONResponse(
-        {"detail": UNAVAILABLE_DETAIL},
-        status_code=503,
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-    )
+def unavailable_response(retry_after: int = RETRY_AFTER_SECONDS) -> Response:
+    """The 503 of a store that did not answer."""
+    return error_answer(503, STORE_UNAVAILABLE, retry_after=retry_after)

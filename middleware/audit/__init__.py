@@ -31,9 +31,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from middleware.answers import RETRY_AFTER_SECONDS, error_answer
 from middleware.audit.writer import AuditUnavailable, AuditWriter, stdout_stream
 from middleware.clientip import client_ip
 from middleware.context import request_context
@@ -52,7 +52,7 @@ __all__ = [
 
 MAX_USER_AGENT = 256
 OTHER_OP = "other"  # the op of a path under the prefix that is no operation (404, 405, ...)
-UNAVAILABLE_DETAIL = "the audit log is unavailable, so the request was not served; retry later"
+AUDIT_UNAVAILABLE = "the audit log is unavailable, so the request was not served; retry later"
 
 
 class AuditSink(Protocol):
@@ -97,7 +97,7 @@ class AuditMiddleware:
         operations: Mapping[str, str],
         hash_secret_id: Callable[[str], str],
         prefix: str = "/vault",
-        retry_after: int = 5,
+        retry_after: int = RETRY_AFTER_SECONDS,
     ) -> None:
         if not operations:
             raise ValueError("operations must map at least one path to an operation")
@@ -109,11 +109,7 @@ class AuditMiddleware:
         self.sink = sink
         self.operations = dict(operations)
         self.hash_secret_id = hash_secret_id
-        self.refusal = JSONResponse(
-            {"detail": UNAVAILABLE_DETAIL},
-            status_code=503,
-            headers={"Retry-After": str(retry_after)},
-        )
+        self.refusal = error_answer(503, AUDIT_UNAVAILABLE, retry_after=retry_after)
 
     def record(self, scope: Scope, status: int, *, started: float) -> AuditRecord:
         """This request's record for answering ``status``, from its context as it is now."""
