@@ -1,8 +1,8 @@
 """Benchmark: create and fetch through the full stack, beside its floor and its baseline.
 
-In one run, on one MongoDB-wire server, each configuration is started as a real server
-process (one Hypercorn worker, as in a container) and loaded with ``wrk`` (Debian package)
-through ``loadtests/bench.lua``:
+In one run, each configuration is started as a real server process (one Hypercorn worker,
+as in a container) on a MongoDB-wire server of its own, and loaded with ``wrk`` (Debian
+package) through ``loadtests/bench.lua``:
 
 - ``echo``: a bare Starlette JSON echo endpoint on the same Hypercorn: the stack's floor;
 - ``full stack``: the service with its defaults (audit in sync mode, rate limiting with
@@ -32,9 +32,15 @@ on a shared machine), and prints a markdown table::
     python -m loadtests.bench --duration 10 --concurrency 1,20,100 --mongo-uri mongodb://...
     python -m loadtests.bench --issue17            # exactly the table issue #17 asks for
 
-Without ``--mongo-uri`` it starts an nx-27017 server. ``--concurrency`` takes a comma list;
-every configuration is measured at every concurrency, each (configuration, concurrency) on
-a fresh server and database. Rounds interleave them: per round, each concurrency in turn
+Without ``--mongo-uri`` each (round, configuration, concurrency) gets an nx-27017 server of
+its own, started fresh (its own data directory and port) and stopped after that cell's
+measurement; its process's CPU is the cell's DB CPU. nx-27017 purges every TTL-indexed
+collection it holds, in any database, on each ``find`` (two scans each), which a real
+mongod's TTL monitor never does on a read: on one shared server every configuration's reads
+would pay for the collections the others left behind. With ``--mongo-uri`` every cell runs
+on that server, on a fresh database. ``--concurrency`` takes a comma list; every
+configuration is measured at every concurrency. Rounds interleave them: per round, each
+concurrency in turn
 (in an order rotated from round to round) has every configuration measured one after the
 other (also rotated), so the cells compared with each other are measured minutes apart at
 most. Each cell is the median of the rounds. A cell at one connection runs
@@ -71,7 +77,7 @@ from typing import TypeVar
 import httpx2 as httpx
 import pymongo
 
-from loadtests.mongo import mongodb
+from loadtests.mongo import mongodb, nx_pid
 from loadtests.processes import ClusterError, executable, free_port, positive_int
 from vault.crypto import generate_key
 
@@ -133,7 +139,7 @@ class Cell:
     p99_ms: float
     cpu_us: float
     errors: int
-    db_cpu_us: float | None = None  # the MongoDB-wire server's, when the bench started it
+    db_cpu_us: float | None = None  # the cell's own nx-27017's, when the bench started it
 
 
 def cpu_seconds(pid: int) -> float:
@@ -286,9 +292,9 @@ def bench_config(
     db_pid: int | None = None,
     lifecycle: bool = True,
 ) -> dict[str, Cell]:
-    """Serve ``config`` on a fresh database and measure its cells at ``concurrency``:
-    create and fetch, then (``lifecycle``, the service only) the lifecycle's requests."""
-    env = {**env, "MONGO_DB": "bench" + uuid.uuid4().hex[:8]}
+    """Serve ``config`` on the database of ``env`` (``MONGO_URI``, ``MONGO_DB``) and measure
+    its cells at ``concurrency``: create and fetch, then (``lifecycle``, the service only)
+    the lifecycle's requests. ``db_pid``: the database process charged for them."""
     config_env = {k: v.replace("$MONGO_URI", env["MONGO_URI"]) for k, v in config.env.items()}
     with server(Config(config.name, config.command, config_env), env, workdir) as (url, pid):
         created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
@@ -333,6 +339,65 @@ def bench_config(
         pool = fresh_secrets(url, {"secret": SECRET}, needed, rate, concurrency, workdir, ids)
         cells["delete"] = cell(delete_url, pool)
         return cells
+
+
+def databases(mongo_uri: str) -> list[str]:
+    """The databases the server at ``mongo_uri`` holds, its own (admin, local, config) aside."""
+    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(mongo_uri)
+    try:
+        return sorted(set(client.list_database_names()) - {"admin", "local", "config"})
+    finally:
+        client.close()
+
+
+def bench_cell(
+    config: Config,
+    base_env: dict[str, str],
+    mongo_uri: str | None,
+    workdir: Path,
+    seconds: float,
+    concurrency: int,
+    lifecycle: bool,
+    progress: str,
+) -> dict[str, Cell]:
+    """One configuration at one concurrency in one round, on a fresh database of a MongoDB of
+    its own: ``mongo_uri``'s when given, else an nx-27017 started for it in ``workdir`` (a
+    directory of its own) and stopped once its cells are measured. Reports on stderr the
+    server it ran on and, for its own nx-27017, the databases that server held at the end."""
+    workdir.mkdir()
+    database = "bench" + uuid.uuid4().hex[:8]
+    with mongodb(mongo_uri, workdir) as uri:
+        db_pid = nx_pid(workdir)
+        where = "--mongo-uri" if db_pid is None else f"nx-27017 pid {db_pid} ({uri})"
+        print(
+            f"{progress}: {config.name}, {concurrency} connection(s), database {database} "
+            f"on {where}",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        env = {**base_env, "MONGO_URI": uri, "MONGO_DB": database}
+        cells = bench_config(config, env, workdir, seconds, concurrency, db_pid, lifecycle)
+        if db_pid is not None:
+            held = ", ".join(databases(uri)) or "none"
+            print(f"  nx-27017 pid {db_pid} held databases: {held}", file=sys.stderr, flush=True)
+    return cells
+
+
+def notes(own_servers: bool) -> str:
+    """What the tables were measured on, printed above them."""
+    if not own_servers:
+        return (
+            "Every configuration ran on the MongoDB of --mongo-uri, each cell on a fresh\n"
+            "database; DB CPU is not measured (that server is no process of this run)."
+        )
+    return (
+        "Each configuration ran on an nx-27017 of its own, started fresh for it in every round\n"
+        "and at every connection count (its own data directory and port) and stopped after\n"
+        "its cells; DB CPU is that server's process. nx-27017 purges every TTL-indexed\n"
+        "collection it holds, in any database, on each find (two scans each), which a real\n"
+        "mongod never does on a read (its TTL monitor deletes in the background, once a\n"
+        "minute): on one shared server, each configuration's reads would pay for the\n"
+        "collections the others left behind."
+    )
 
 
 def median_cell(cells: list[Cell]) -> Cell:
@@ -557,29 +622,24 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="secret-manager-bench-") as tmp:
         workdir = Path(tmp)
-        with mongodb(args.mongo_uri, workdir) as mongo_uri, otlp_sink() as sink:
+        with otlp_sink() as sink:
             base_env = {
                 key: value
                 for key, value in os.environ.items()
                 if not key.startswith(("MASTER_KEY", "MONGO", "OTEL_", "AUDIT", "RATE_LIMIT"))
             }
             base_env.update(
-                MASTER_KEY=generate_key(),
-                MONGO_URI=mongo_uri,
-                LOG_LEVEL="WARNING",
-                OTEL_EXPORTER_OTLP_ENDPOINT=sink,
+                MASTER_KEY=generate_key(), LOG_LEVEL="WARNING", OTEL_EXPORTER_OTLP_ENDPOINT=sink
             )
-            pid_file = workdir / "nx" / "nx.pid"  # present when the bench started nx-27017
-            db_pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
-            for number, config, concurrency in schedule(configs, concurrencies, args.rounds):
-                print(
-                    f"round {number + 1}: {config.name}, {concurrency} connection(s)",
-                    file=sys.stderr, flush=True,
-                )  # fmt: skip
-                seconds = cell_seconds(args.duration, concurrency)
+            order = schedule(configs, concurrencies, args.rounds)
+            for index, (number, config, concurrency) in enumerate(order, 1):
                 runs[concurrency, config.name].append(
-                    bench_config(config, base_env, workdir, seconds, concurrency, db_pid, lifecycle)
-                )
+                    bench_cell(
+                        config, base_env, args.mongo_uri, workdir / f"cell-{index}",
+                        cell_seconds(args.duration, concurrency), concurrency, lifecycle,
+                        progress=f"round {number + 1}",
+                    )
+                )  # fmt: skip
     results: Results = {
         n: {
             c.name: {op: median_cell([r[op] for r in runs[n, c.name]]) for op in runs[n, c.name][0]}
@@ -587,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         for n in concurrencies
     }
+    print(notes(own_servers=not args.mongo_uri))
+    print()
     print(table(results))
     ratios_text = ratio_table(results)
     if ratios_text is not None:

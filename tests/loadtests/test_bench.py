@@ -1,6 +1,7 @@
 """The benchmark runs as docs/performance.md says and prints its tables (speed is never gated):
 create and fetch beside the naive app, the lifecycle's read-limited fetches and deletes, and
-issue #17's shape (1, 20 and 100 connections, full stack / naive ratios with verdicts)."""
+issue #17's shape (1, 20 and 100 connections, full stack / naive ratios with verdicts), each
+configuration on an nx-27017 of its own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -37,6 +39,55 @@ RATIO_CELL = re.compile(
     r"^(?P<value>\d+\.\d\d)x"
     r"(?: \((?P<op>[≥≤]) (?P<bound>[\d.]+)x: (?P<verdict>met|not met)\))?$"
 )
+
+
+# "round 1: full stack, 4 connection(s), database bench1a2b3c4d on nx-27017 pid 123 (uri)"
+PROGRESS = re.compile(
+    r"^round (?P<round>\d+): (?P<config>.+), (?P<connections>\d+) connection\(s\), "
+    r"database (?P<database>\w+) on nx-27017 pid (?P<pid>\d+) \(mongodb://[^)]+\)$"
+)
+HELD = re.compile(r"^  nx-27017 pid (?P<pid>\d+) held databases: (?P<held>.+)$")
+
+
+@dataclass
+class Server:
+    """The nx-27017 one cell ran on, as the bench's progress on stderr reports it."""
+
+    config: str
+    connections: int
+    database: str  # the cell's own
+    pid: int
+    held: set[str] | None = None  # every database it held once the cell was measured
+
+
+def servers(stderr: str) -> list[Server]:
+    """Each cell's server, in the order the cells ran."""
+    found: list[Server] = []
+    for line in stderr.splitlines():
+        if match := PROGRESS.match(line):
+            found.append(
+                Server(match["config"], int(match["connections"]), match["database"],
+                       int(match["pid"]))
+            )  # fmt: skip
+        elif match := HELD.match(line):
+            assert found and found[-1].pid == int(match["pid"]), line
+            found[-1].held = set() if match["held"] == "none" else set(match["held"].split(", "))
+    return found
+
+
+def assert_own_servers(stderr: str, cells: int, stores: set[str]) -> None:
+    """``cells`` cells ran, each on an nx-27017 of its own that held no database but the
+    cell's (and held it, for the configurations in ``stores``, which store secrets)."""
+    found = servers(stderr)
+    assert len(found) == cells, stderr[-2000:]
+    assert len({server.pid for server in found}) == cells  # a process each
+    assert len({server.database for server in found}) == cells
+    for server in found:
+        assert server.held is not None, f"no databases reported for {server}"
+        # No other configuration's collections (their TTL indexes purged on each find).
+        assert server.held <= {server.database}, server
+        if server.config in stores:
+            assert server.held == {server.database}, server
 
 
 def need_wrk() -> None:
@@ -102,6 +153,10 @@ def test_a_short_bench_run_prints_every_row_with_zero_errors() -> None:
     # The database's CPU is read from the nx-27017 the bench started; the echo touches none.
     assert float(cells[FULL_STACK, "create"][-2]) > 0
     assert cells[ECHO, "create"][-2] == "0"
+    # Each configuration on its own fresh nx-27017, and the output says why.
+    assert_own_servers(result.stderr, cells=3, stores={FULL_STACK, NAIVE})
+    assert "Each configuration ran on an nx-27017 of its own" in result.stdout
+    assert "purges every TTL-indexed" in " ".join(result.stdout.split())
 
 
 @pytest.mark.slow
@@ -126,7 +181,11 @@ def test_the_issue17_preset_prints_three_concurrencies_and_ratios_with_verdicts(
     # Two rounds ran, each measuring every configuration at every concurrency.
     progress = [line for line in result.stderr.splitlines() if line.startswith("round ")]
     assert len(progress) == 2 * 9
-    assert progress[0] != progress[9].replace("round 2", "round 1")  # the order rotated
+    # Every (round, configuration, concurrency) on a server of its own.
+    assert_own_servers(result.stderr, cells=2 * 9, stores={FULL_STACK, NAIVE})
+    # The order rotated (the lines themselves differ anyway: each names its own server).
+    first, second = servers(result.stderr)[0], servers(result.stderr)[9]
+    assert (first.config, first.connections) != (second.config, second.connections)
 
     header, rows = ratio_rows[0], ratio_rows[1:]
     assert header == [
