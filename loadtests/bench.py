@@ -69,7 +69,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
@@ -82,6 +82,7 @@ from loadtests.processes import ClusterError, executable, free_port, positive_in
 from vault.crypto import generate_key
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent  # the checkout this bench belongs to
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SECRET = base64.b64encode(b"benchmark secret: 32 bytes long!").decode()
 SCRIPT = Path(__file__).with_name("bench.lua")
@@ -110,6 +111,7 @@ class Config:
     name: str
     command: str  # "serve" or a loadtests.baselines app
     env: dict[str, str] = field(default_factory=dict)
+    source: Path = ROOT  # the checkout whose packages the server imports (its PYTHONPATH)
 
 
 FULL = {"RATE_LIMIT": "1000000/second"}  # the limiter runs but never refuses the benchmark
@@ -192,8 +194,12 @@ def server(config: Config, env: dict[str, str], workdir: Path) -> Iterator[tuple
     else:
         command = [sys.executable, "-m", "loadtests.baselines", config.command, "--port", str(port)]
     log = (workdir / f"{config.command}-{port}.log").open("wb")
+    # Exactly the configuration's checkout on the path: the server runs in the work
+    # directory, where an editable install (of whichever checkout ran `pip install -e`)
+    # would otherwise answer `import vault`, and the caller's PYTHONPATH may name another.
+    env = {**env, **config.env, "PYTHONPATH": str(config.source)}
     process = subprocess.Popen(  # noqa: S603 - our own arguments, no shell
-        command, env={**env, **config.env}, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
+        command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -296,7 +302,7 @@ def bench_config(
     its cells at ``concurrency``: create and fetch, then (``lifecycle``, the service only)
     the lifecycle's requests. ``db_pid``: the database process charged for them."""
     config_env = {k: v.replace("$MONGO_URI", env["MONGO_URI"]) for k, v in config.env.items()}
-    with server(Config(config.name, config.command, config_env), env, workdir) as (url, pid):
+    with server(replace(config, env=config_env), env, workdir) as (url, pid):
         created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
         secret_id = created.json().get("secret_id", str(uuid.uuid4()))
         fetch_url, create_url = url + "/vault/secret/fetch", url + "/vault/secret/create"
