@@ -50,6 +50,15 @@ p50 is the number compared.
 When the run has both the full stack and the naive app, a second table gives their ratios
 per cell (full stack / naive: throughput, p50, p99, server CPU per request) beside the
 targets of issue #17, each marked met or not met.
+
+Every server imports the service from this checkout (PYTHONPATH set to it). To measure a
+previous revision beside it, in the same interleaved run, give a checkout of that revision
+(``git worktree add DIR COMMIT``)::
+
+    python -m loadtests.bench --issue17 --compare-source DIR
+
+which adds ``full stack @<DIR's short hash>``: the full stack served with PYTHONPATH=DIR,
+and a table of ratios (this checkout's full stack / that one's) per op and concurrency.
 """
 
 from __future__ import annotations
@@ -79,6 +88,7 @@ import pymongo
 
 from loadtests.mongo import mongodb, nx_pid
 from loadtests.processes import ClusterError, executable, free_port, positive_int
+from loadtests.revisions import check_source, revision
 from vault.crypto import generate_key
 
 T = TypeVar("T")
@@ -388,14 +398,17 @@ def bench_cell(
     return cells
 
 
-def notes(own_servers: bool) -> str:
-    """What the tables were measured on, printed above them."""
+def notes(own_servers: bool, compared: list[Config]) -> str:
+    """What the tables were measured on, printed above them: the code and the database."""
+    at = revision(ROOT)
+    code = f"The servers imported the service from {ROOT}" + (f" (@{at})" if at else "")
+    code += "".join(f";\n{c.name!r} from {c.source}" for c in compared) + ".\n"
     if not own_servers:
-        return (
+        return code + (
             "Every configuration ran on the MongoDB of --mongo-uri, each cell on a fresh\n"
             "database; DB CPU is not measured (that server is no process of this run)."
         )
-    return (
+    return code + (
         "Each configuration ran on an nx-27017 of its own, started fresh for it in every round\n"
         "and at every connection count (its own data directory and port) and stopped after\n"
         "its cells; DB CPU is that server's process. nx-27017 purges every TTL-indexed\n"
@@ -531,6 +544,51 @@ def ratio_table(results: Results, naive: str = NAIVE) -> str | None:
     )
 
 
+def comparison_table(results: Results, previous: str, current: str = FULL_STACK) -> str | None:
+    """``current`` / ``previous`` (another revision's full stack) per op and concurrency, on
+    the ratio table's metrics and the database's CPU per request; no targets, these are
+    before and after. None when the run lacks one of the two."""
+    pairs = {
+        n: (by_config[current], by_config[previous])
+        for n, by_config in results.items()
+        if current in by_config and previous in by_config
+    }
+    ops = list(dict.fromkeys(op for now, then in pairs.values() for op in now if op in then))
+    tag = previous.removeprefix(FULL_STACK).strip() or previous
+    rows: list[str] = []
+    for op in ops:
+        for concurrency, (now, then) in pairs.items():
+            measured = ratios(now[op], then[op])
+            db_now, db_then = now[op].db_cpu_us, then[op].db_cpu_us
+            db = "-" if db_now is None or db_then is None else f"{ratio(db_now, db_then):.2f}x"
+            cells = [f"{measured[metric]:.2f}x" for metric in RATIO_METRICS] + [db]
+            rows.append(f"| {op} | {concurrency} | {' | '.join(cells)} |")
+    if not rows:
+        return None
+    columns = [f"{metric} vs {tag}" for metric in (*RATIO_METRICS, "DB CPU/req")]
+    return "\n".join(
+        [
+            f"| op | connections | {' | '.join(columns)} |",
+            "|---|---:|" + "---|" * len(columns),
+            *rows,
+        ]
+    )
+
+
+def compared_configs(parser: argparse.ArgumentParser, sources: list[Path]) -> list[Config]:
+    """``--compare-source``: the full stack of each checkout, named by its revision."""
+    configs: list[Config] = []
+    for source in sources:
+        if not (source / "vault").is_dir():
+            parser.error(f"--compare-source {source}: no vault package there (a checkout?)")
+        source = source.resolve()
+        name = f"{FULL_STACK} @{revision(source) or source.name}"
+        if any(c.name == name for c in configs):
+            parser.error(f"--compare-source: two checkouts are both {name!r}")
+        configs.append(Config(name, "serve", FULL, source=source))
+    return configs
+
+
 def concurrency_list(text: str) -> list[int]:
     """``--concurrency``: one positive number of connections or a comma list of them."""
     try:
@@ -582,7 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         help="connections, or a comma list of them, e.g. 1,20,100 (20)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (3)")
-    parser.add_argument("--mongo-uri", default=os.environ.get("MONGO_URI"))
+    parser.add_argument(
+        "--mongo-uri", default=os.environ.get("MONGO_URI"),
+        help="a MongoDB every cell uses, each on a fresh database (MONGO_URI; else each "
+        "cell gets an nx-27017 of its own)",
+    )  # fmt: skip
     parser.add_argument("--only", nargs="*", help="configuration names to run (all)")
     parser.add_argument(
         "--lifecycle", action=argparse.BooleanOptionalAction, default=None,
@@ -592,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
         "--issue17", action="store_true",
         help="issue #17's table: --concurrency 1,20,100 --only "
         f"{' '.join(repr(n) for n in ISSUE17_CONFIGS)} --no-lifecycle",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare-source", action="append", type=Path, default=[], metavar="DIR",
+        help="a checkout of another revision (git worktree add DIR COMMIT): adds its full "
+        "stack, served with PYTHONPATH=DIR, and this one's / its ratios (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.issue17:
@@ -616,13 +683,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration != int(args.duration):
         # wrk's -d takes whole seconds only: "2.5s" is a usage error after the servers started.
         parser.error("--duration must be a whole number of seconds (wrk takes no fractions)")
+    compared = compared_configs(parser, args.compare_source)
     try:
         executable("wrk")
     except ClusterError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
 
-    configs = [c for c in CONFIGS if not args.only or c.name in args.only or c.name == ECHO]
+    # The floor always runs; so does the full stack when another revision's compares with it.
+    always = {ECHO, FULL_STACK} if compared else {ECHO}
+    configs = [c for c in CONFIGS if not args.only or c.name in args.only or c.name in always]
+    after_full = [c.name for c in configs].index(FULL_STACK) + 1 if compared else 0
+    configs[after_full:after_full] = compared  # measured right after it in every round
     runs: dict[tuple[int, str], list[dict[str, Cell]]] = {
         (n, c.name): [] for n in concurrencies for c in configs
     }
@@ -637,6 +709,12 @@ def main(argv: list[str] | None = None) -> int:
             base_env.update(
                 MASTER_KEY=generate_key(), LOG_LEVEL="WARNING", OTEL_EXPORTER_OTLP_ENDPOINT=sink
             )
+            try:
+                for config in compared:
+                    check_source(config.source, base_env, workdir)
+            except ClusterError as exc:
+                print(f"bench: {exc}", file=sys.stderr)
+                return 2
             order = schedule(configs, concurrencies, args.rounds)
             for index, (number, config, concurrency) in enumerate(order, 1):
                 runs[concurrency, config.name].append(
@@ -653,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for n in concurrencies
     }
-    print(notes(own_servers=not args.mongo_uri))
+    print(notes(own_servers=not args.mongo_uri, compared=compared))
     print()
     print(table(results))
     ratios_text = ratio_table(results)
@@ -666,6 +744,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Against {NAIVE_NO_TTL!r}:")
         print()
         print(variant)
+    for config in compared:
+        text = comparison_table(results, config.name)
+        if text is not None:
+            print()
+            print(f"This checkout's {FULL_STACK!r} against {config.name!r} (current / previous):")
+            print()
+            print(text)
     return 0
 
 
