@@ -1,8 +1,8 @@
 """Benchmark: create and fetch through the full stack, beside its floor and its baseline.
 
-In one run, on one MongoDB-wire server, each configuration is started as a real server
-process (one Hypercorn worker, as in a container) and loaded with ``wrk`` (Debian package)
-through ``loadtests/bench.lua``:
+In one run, each configuration is started as a real server process (one Hypercorn worker,
+as in a container) on a MongoDB-wire server of its own, and loaded with ``wrk`` (Debian
+package) through ``loadtests/bench.lua``:
 
 - ``echo``: a bare Starlette JSON echo endpoint on the same Hypercorn: the stack's floor;
 - ``full stack``: the service with its defaults (audit in sync mode, rate limiting with
@@ -32,9 +32,15 @@ on a shared machine), and prints a markdown table::
     python -m loadtests.bench --duration 10 --concurrency 1,20,100 --mongo-uri mongodb://...
     python -m loadtests.bench --issue17            # exactly the table issue #17 asks for
 
-Without ``--mongo-uri`` it starts an nx-27017 server. ``--concurrency`` takes a comma list;
-every configuration is measured at every concurrency, each (configuration, concurrency) on
-a fresh server and database. Rounds interleave them: per round, each concurrency in turn
+Without ``--mongo-uri`` each (round, configuration, concurrency) gets an nx-27017 server of
+its own, started fresh (its own data directory and port) and stopped after that cell's
+measurement; its process's CPU is the cell's DB CPU. nx-27017 purges every TTL-indexed
+collection it holds, in any database, on each ``find`` (two scans each), which a real
+mongod's TTL monitor never does on a read: on one shared server every configuration's reads
+would pay for the collections the others left behind. With ``--mongo-uri`` every cell runs
+on that server, on a fresh database. ``--concurrency`` takes a comma list; every
+configuration is measured at every concurrency. Rounds interleave them: per round, each
+concurrency in turn
 (in an order rotated from round to round) has every configuration measured one after the
 other (also rotated), so the cells compared with each other are measured minutes apart at
 most. Each cell is the median of the rounds. A cell at one connection runs
@@ -44,6 +50,15 @@ p50 is the number compared.
 When the run has both the full stack and the naive app, a second table gives their ratios
 per cell (full stack / naive: throughput, p50, p99, server CPU per request) beside the
 targets of issue #17, each marked met or not met.
+
+Every server imports the service from this checkout (PYTHONPATH set to it). To measure a
+previous revision beside it, in the same interleaved run, give a checkout of that revision
+(``git worktree add DIR COMMIT``)::
+
+    python -m loadtests.bench --issue17 --compare-source DIR
+
+which adds ``full stack @<DIR's short hash>``: the full stack served with PYTHONPATH=DIR,
+and a table of ratios (this checkout's full stack / that one's) per op and concurrency.
 """
 
 from __future__ import annotations
@@ -63,7 +78,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
@@ -71,11 +86,13 @@ from typing import TypeVar
 import httpx2 as httpx
 import pymongo
 
-from loadtests.mongo import mongodb
+from loadtests.mongo import mongodb, nx_pid
 from loadtests.processes import ClusterError, executable, free_port, positive_int
+from loadtests.revisions import check_source, revision
 from vault.crypto import generate_key
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent  # the checkout this bench belongs to
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SECRET = base64.b64encode(b"benchmark secret: 32 bytes long!").decode()
 SCRIPT = Path(__file__).with_name("bench.lua")
@@ -104,6 +121,7 @@ class Config:
     name: str
     command: str  # "serve" or a loadtests.baselines app
     env: dict[str, str] = field(default_factory=dict)
+    source: Path = ROOT  # the checkout whose packages the server imports (its PYTHONPATH)
 
 
 FULL = {"RATE_LIMIT": "1000000/second"}  # the limiter runs but never refuses the benchmark
@@ -133,7 +151,7 @@ class Cell:
     p99_ms: float
     cpu_us: float
     errors: int
-    db_cpu_us: float | None = None  # the MongoDB-wire server's, when the bench started it
+    db_cpu_us: float | None = None  # the cell's own nx-27017's, when the bench started it
 
 
 def cpu_seconds(pid: int) -> float:
@@ -186,8 +204,12 @@ def server(config: Config, env: dict[str, str], workdir: Path) -> Iterator[tuple
     else:
         command = [sys.executable, "-m", "loadtests.baselines", config.command, "--port", str(port)]
     log = (workdir / f"{config.command}-{port}.log").open("wb")
+    # Exactly the configuration's checkout on the path: the server runs in the work
+    # directory, where an editable install (of whichever checkout ran `pip install -e`)
+    # would otherwise answer `import vault`, and the caller's PYTHONPATH may name another.
+    env = {**env, **config.env, "PYTHONPATH": str(config.source)}
     process = subprocess.Popen(  # noqa: S603 - our own arguments, no shell
-        command, env={**env, **config.env}, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
+        command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -286,11 +308,11 @@ def bench_config(
     db_pid: int | None = None,
     lifecycle: bool = True,
 ) -> dict[str, Cell]:
-    """Serve ``config`` on a fresh database and measure its cells at ``concurrency``:
-    create and fetch, then (``lifecycle``, the service only) the lifecycle's requests."""
-    env = {**env, "MONGO_DB": "bench" + uuid.uuid4().hex[:8]}
+    """Serve ``config`` on the database of ``env`` (``MONGO_URI``, ``MONGO_DB``) and measure
+    its cells at ``concurrency``: create and fetch, then (``lifecycle``, the service only)
+    the lifecycle's requests. ``db_pid``: the database process charged for them."""
     config_env = {k: v.replace("$MONGO_URI", env["MONGO_URI"]) for k, v in config.env.items()}
-    with server(Config(config.name, config.command, config_env), env, workdir) as (url, pid):
+    with server(replace(config, env=config_env), env, workdir) as (url, pid):
         created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
         secret_id = created.json().get("secret_id", str(uuid.uuid4()))
         fetch_url, create_url = url + "/vault/secret/fetch", url + "/vault/secret/create"
@@ -333,6 +355,68 @@ def bench_config(
         pool = fresh_secrets(url, {"secret": SECRET}, needed, rate, concurrency, workdir, ids)
         cells["delete"] = cell(delete_url, pool)
         return cells
+
+
+def databases(mongo_uri: str) -> list[str]:
+    """The databases the server at ``mongo_uri`` holds, its own (admin, local, config) aside."""
+    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(mongo_uri)
+    try:
+        return sorted(set(client.list_database_names()) - {"admin", "local", "config"})
+    finally:
+        client.close()
+
+
+def bench_cell(
+    config: Config,
+    base_env: dict[str, str],
+    mongo_uri: str | None,
+    workdir: Path,
+    seconds: float,
+    concurrency: int,
+    lifecycle: bool,
+    progress: str,
+) -> dict[str, Cell]:
+    """One configuration at one concurrency in one round, on a fresh database of a MongoDB of
+    its own: ``mongo_uri``'s when given, else an nx-27017 started for it in ``workdir`` (a
+    directory of its own) and stopped once its cells are measured. Reports on stderr the
+    server it ran on and, for its own nx-27017, the databases that server held at the end."""
+    workdir.mkdir()
+    database = "bench" + uuid.uuid4().hex[:8]
+    with mongodb(mongo_uri, workdir) as uri:
+        db_pid = nx_pid(workdir)
+        where = "--mongo-uri" if db_pid is None else f"nx-27017 pid {db_pid} ({uri})"
+        print(
+            f"{progress}: {config.name}, {concurrency} connection(s), database {database} "
+            f"on {where}",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        env = {**base_env, "MONGO_URI": uri, "MONGO_DB": database}
+        cells = bench_config(config, env, workdir, seconds, concurrency, db_pid, lifecycle)
+        if db_pid is not None:
+            held = ", ".join(databases(uri)) or "none"
+            print(f"  nx-27017 pid {db_pid} held databases: {held}", file=sys.stderr, flush=True)
+    return cells
+
+
+def notes(own_servers: bool, compared: list[Config]) -> str:
+    """What the tables were measured on, printed above them: the code and the database."""
+    at = revision(ROOT)
+    code = f"The servers imported the service from {ROOT}" + (f" (@{at})" if at else "")
+    code += "".join(f";\n{c.name!r} from {c.source}" for c in compared) + ".\n"
+    if not own_servers:
+        return code + (
+            "Every configuration ran on the MongoDB of --mongo-uri, each cell on a fresh\n"
+            "database; DB CPU is not measured (that server is no process of this run)."
+        )
+    return code + (
+        "Each configuration ran on an nx-27017 of its own, started fresh for it in every round\n"
+        "and at every connection count (its own data directory and port) and stopped after\n"
+        "its cells; DB CPU is that server's process. nx-27017 purges every TTL-indexed\n"
+        "collection it holds, in any database, on each find (two scans each), which a real\n"
+        "mongod never does on a read (its TTL monitor deletes in the background, once a\n"
+        "minute): on one shared server, each configuration's reads would pay for the\n"
+        "collections the others left behind."
+    )
 
 
 def median_cell(cells: list[Cell]) -> Cell:
@@ -460,6 +544,51 @@ def ratio_table(results: Results, naive: str = NAIVE) -> str | None:
     )
 
 
+def comparison_table(results: Results, previous: str, current: str = FULL_STACK) -> str | None:
+    """``current`` / ``previous`` (another revision's full stack) per op and concurrency, on
+    the ratio table's metrics and the database's CPU per request; no targets, these are
+    before and after. None when the run lacks one of the two."""
+    pairs = {
+        n: (by_config[current], by_config[previous])
+        for n, by_config in results.items()
+        if current in by_config and previous in by_config
+    }
+    ops = list(dict.fromkeys(op for now, then in pairs.values() for op in now if op in then))
+    tag = previous.removeprefix(FULL_STACK).strip() or previous
+    rows: list[str] = []
+    for op in ops:
+        for concurrency, (now, then) in pairs.items():
+            measured = ratios(now[op], then[op])
+            db_now, db_then = now[op].db_cpu_us, then[op].db_cpu_us
+            db = "-" if db_now is None or db_then is None else f"{ratio(db_now, db_then):.2f}x"
+            cells = [f"{measured[metric]:.2f}x" for metric in RATIO_METRICS] + [db]
+            rows.append(f"| {op} | {concurrency} | {' | '.join(cells)} |")
+    if not rows:
+        return None
+    columns = [f"{metric} vs {tag}" for metric in (*RATIO_METRICS, "DB CPU/req")]
+    return "\n".join(
+        [
+            f"| op | connections | {' | '.join(columns)} |",
+            "|---|---:|" + "---|" * len(columns),
+            *rows,
+        ]
+    )
+
+
+def compared_configs(parser: argparse.ArgumentParser, sources: list[Path]) -> list[Config]:
+    """``--compare-source``: the full stack of each checkout, named by its revision."""
+    configs: list[Config] = []
+    for source in sources:
+        if not (source / "vault").is_dir():
+            parser.error(f"--compare-source {source}: no vault package there (a checkout?)")
+        source = source.resolve()
+        name = f"{FULL_STACK} @{revision(source) or source.name}"
+        if any(c.name == name for c in configs):
+            parser.error(f"--compare-source: two checkouts are both {name!r}")
+        configs.append(Config(name, "serve", FULL, source=source))
+    return configs
+
+
 def concurrency_list(text: str) -> list[int]:
     """``--concurrency``: one positive number of connections or a comma list of them."""
     try:
@@ -511,7 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         help="connections, or a comma list of them, e.g. 1,20,100 (20)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (3)")
-    parser.add_argument("--mongo-uri", default=os.environ.get("MONGO_URI"))
+    parser.add_argument(
+        "--mongo-uri", default=os.environ.get("MONGO_URI"),
+        help="a MongoDB every cell uses, each on a fresh database (MONGO_URI; else each "
+        "cell gets an nx-27017 of its own)",
+    )  # fmt: skip
     parser.add_argument("--only", nargs="*", help="configuration names to run (all)")
     parser.add_argument(
         "--lifecycle", action=argparse.BooleanOptionalAction, default=None,
@@ -521,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
         "--issue17", action="store_true",
         help="issue #17's table: --concurrency 1,20,100 --only "
         f"{' '.join(repr(n) for n in ISSUE17_CONFIGS)} --no-lifecycle",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare-source", action="append", type=Path, default=[], metavar="DIR",
+        help="a checkout of another revision (git worktree add DIR COMMIT): adds its full "
+        "stack, served with PYTHONPATH=DIR, and this one's / its ratios (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.issue17:
@@ -545,41 +683,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration != int(args.duration):
         # wrk's -d takes whole seconds only: "2.5s" is a usage error after the servers started.
         parser.error("--duration must be a whole number of seconds (wrk takes no fractions)")
+    compared = compared_configs(parser, args.compare_source)
     try:
         executable("wrk")
     except ClusterError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
 
-    configs = [c for c in CONFIGS if not args.only or c.name in args.only or c.name == ECHO]
+    # The floor always runs; so does the full stack when another revision's compares with it.
+    always = {ECHO, FULL_STACK} if compared else {ECHO}
+    configs = [c for c in CONFIGS if not args.only or c.name in args.only or c.name in always]
+    after_full = [c.name for c in configs].index(FULL_STACK) + 1 if compared else 0
+    configs[after_full:after_full] = compared  # measured right after it in every round
     runs: dict[tuple[int, str], list[dict[str, Cell]]] = {
         (n, c.name): [] for n in concurrencies for c in configs
     }
     with tempfile.TemporaryDirectory(prefix="secret-manager-bench-") as tmp:
         workdir = Path(tmp)
-        with mongodb(args.mongo_uri, workdir) as mongo_uri, otlp_sink() as sink:
+        with otlp_sink() as sink:
             base_env = {
                 key: value
                 for key, value in os.environ.items()
                 if not key.startswith(("MASTER_KEY", "MONGO", "OTEL_", "AUDIT", "RATE_LIMIT"))
             }
             base_env.update(
-                MASTER_KEY=generate_key(),
-                MONGO_URI=mongo_uri,
-                LOG_LEVEL="WARNING",
-                OTEL_EXPORTER_OTLP_ENDPOINT=sink,
+                MASTER_KEY=generate_key(), LOG_LEVEL="WARNING", OTEL_EXPORTER_OTLP_ENDPOINT=sink
             )
-            pid_file = workdir / "nx" / "nx.pid"  # present when the bench started nx-27017
-            db_pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
-            for number, config, concurrency in schedule(configs, concurrencies, args.rounds):
-                print(
-                    f"round {number + 1}: {config.name}, {concurrency} connection(s)",
-                    file=sys.stderr, flush=True,
-                )  # fmt: skip
-                seconds = cell_seconds(args.duration, concurrency)
+            try:
+                for config in compared:
+                    check_source(config.source, base_env, workdir)
+            except ClusterError as exc:
+                print(f"bench: {exc}", file=sys.stderr)
+                return 2
+            order = schedule(configs, concurrencies, args.rounds)
+            for index, (number, config, concurrency) in enumerate(order, 1):
                 runs[concurrency, config.name].append(
-                    bench_config(config, base_env, workdir, seconds, concurrency, db_pid, lifecycle)
-                )
+                    bench_cell(
+                        config, base_env, args.mongo_uri, workdir / f"cell-{index}",
+                        cell_seconds(args.duration, concurrency), concurrency, lifecycle,
+                        progress=f"round {number + 1}",
+                    )
+                )  # fmt: skip
     results: Results = {
         n: {
             c.name: {op: median_cell([r[op] for r in runs[n, c.name]]) for op in runs[n, c.name][0]}
@@ -587,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         for n in concurrencies
     }
+    print(notes(own_servers=not args.mongo_uri, compared=compared))
+    print()
     print(table(results))
     ratios_text = ratio_table(results)
     if ratios_text is not None:
@@ -598,6 +744,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Against {NAIVE_NO_TTL!r}:")
         print()
         print(variant)
+    for config in compared:
+        text = comparison_table(results, config.name)
+        if text is not None:
+            print()
+            print(f"This checkout's {FULL_STACK!r} against {config.name!r} (current / previous):")
+            print()
+            print(text)
     return 0
 
 

@@ -68,6 +68,13 @@ def mongodb(uri: str | None, run_dir: Path) -> Iterator[str]:
         server.stop(10)
 
 
+def nx_pid(run_dir: Path) -> int | None:
+    """The pid of the nx-27017 server ``mongodb(None, run_dir)`` started (from its pid file),
+    or None when the run uses a given MongoDB: whose CPU a harness charges to the database."""
+    pid_file = run_dir / "nx" / "nx.pid"
+    return int(pid_file.read_text().split()[0]) if pid_file.exists() else None
+
+
 def count_secrets(mongo_uri: str, mongo_db: str) -> int | None:
     """Secrets the run stored, acknowledged or not (a create cut off by the kill may be)."""
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(

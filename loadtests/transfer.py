@@ -56,7 +56,7 @@ import pymongo
 from bson import ObjectId
 
 from loadtests.bench import cpu_seconds
-from loadtests.mongo import mongodb
+from loadtests.mongo import mongodb, nx_pid
 from loadtests.processes import ClusterError, log, positive_int
 from middleware.outcomes import outcome_for_status
 from vault.crypto import Keyring, derive_audit_key, generate_key, parse_key, secret_id_hmac
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                         mongo_uri if use else None,
                         pipe_to=args.pipe_to,
                         timeout=args.timeout,
-                        db_pid=_nx_pid(workdir),
+                        db_pid=nx_pid(workdir),
                     )
                     results += [(records, step) for step in steps]
     except ClusterError as exc:
@@ -562,12 +562,6 @@ def main(argv: list[str] | None = None) -> int:
 @contextmanager
 def _none() -> Iterator[None]:
     yield None
-
-
-def _nx_pid(workdir: Path) -> int | None:
-    """The nx-27017 server this run started (``loadtests.mongo`` writes its pid file)."""
-    pid_file = workdir / "nx" / "nx.pid"
-    return int(pid_file.read_text().split()[0]) if pid_file.exists() else None
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
-"""Fixtures of the load-harness tests: the HAProxy binary the cluster harness runs, and
-stand-in servers that misbehave on purpose so the harness's verdicts can be seen to fail."""
+"""Fixtures of the load-harness tests: the HAProxy binary the cluster harness runs, a
+checkout of this revision for the benchmark to compare with, and stand-in servers that
+misbehave on purpose so the harness's verdicts can be seen to fail."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import ROOT
 
 
 class JSONHandler(BaseHTTPRequestHandler):
@@ -59,3 +64,25 @@ def haproxy() -> str:
             pytest.fail("haproxy is not installed; .ci/run must install it")
         pytest.skip("haproxy is not installed on this machine")
     return path
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.strip()
+
+
+@pytest.fixture
+def head_checkout(tmp_path: Path) -> Path:
+    """A checkout of this repository's HEAD commit in ``tmp_path`` (a clone sharing its
+    objects, so the repository itself and its worktrees are left alone)."""
+    try:
+        head = git(ROOT, "rev-parse", "HEAD")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs in a git checkout, but: {exc}")
+        pytest.skip(f"not a git checkout, or no git: {exc}")
+    checkout = tmp_path / "previous"
+    git(tmp_path, "clone", "--quiet", "--shared", "--no-checkout", str(ROOT), str(checkout))
+    git(checkout, "checkout", "--quiet", "--detach", head)
+    return checkout

@@ -1,6 +1,7 @@
 """The benchmark runs as docs/performance.md says and prints its tables (speed is never gated):
 create and fetch beside the naive app, the lifecycle's read-limited fetches and deletes, and
-issue #17's shape (1, 20 and 100 connections, full stack / naive ratios with verdicts)."""
+issue #17's shape (1, 20 and 100 connections, full stack / naive ratios with verdicts), each
+configuration on an nx-27017 of its own, and another checkout's full stack beside this one's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,7 @@ from loadtests.bench import (
     Results,
     Target,
     cell_seconds,
+    comparison_table,
     concurrency_list,
     ratio_table,
     ratios,
@@ -30,6 +34,7 @@ from loadtests.bench import (
     verdicts,
 )
 from tests.conftest import ROOT, clean_env
+from tests.loadtests.conftest import git
 
 ALL_OPS = ("create", "fetch", "fetch (max_reads 1000000)", "fetch (max_reads 1)", "delete")
 # "0.95x (≥ 1.5x: not met)", or a bare "1.11x" where #17 sets no target
@@ -37,6 +42,55 @@ RATIO_CELL = re.compile(
     r"^(?P<value>\d+\.\d\d)x"
     r"(?: \((?P<op>[≥≤]) (?P<bound>[\d.]+)x: (?P<verdict>met|not met)\))?$"
 )
+
+
+# "round 1: full stack, 4 connection(s), database bench1a2b3c4d on nx-27017 pid 123 (uri)"
+PROGRESS = re.compile(
+    r"^round (?P<round>\d+): (?P<config>.+), (?P<connections>\d+) connection\(s\), "
+    r"database (?P<database>\w+) on nx-27017 pid (?P<pid>\d+) \(mongodb://[^)]+\)$"
+)
+HELD = re.compile(r"^  nx-27017 pid (?P<pid>\d+) held databases: (?P<held>.+)$")
+
+
+@dataclass
+class Server:
+    """The nx-27017 one cell ran on, as the bench's progress on stderr reports it."""
+
+    config: str
+    connections: int
+    database: str  # the cell's own
+    pid: int
+    held: set[str] | None = None  # every database it held once the cell was measured
+
+
+def servers(stderr: str) -> list[Server]:
+    """Each cell's server, in the order the cells ran."""
+    found: list[Server] = []
+    for line in stderr.splitlines():
+        if match := PROGRESS.match(line):
+            found.append(
+                Server(match["config"], int(match["connections"]), match["database"],
+                       int(match["pid"]))
+            )  # fmt: skip
+        elif match := HELD.match(line):
+            assert found and found[-1].pid == int(match["pid"]), line
+            found[-1].held = set() if match["held"] == "none" else set(match["held"].split(", "))
+    return found
+
+
+def assert_own_servers(stderr: str, cells: int, stores: set[str]) -> None:
+    """``cells`` cells ran, each on an nx-27017 of its own that held no database but the
+    cell's (and held it, for the configurations in ``stores``, which store secrets)."""
+    found = servers(stderr)
+    assert len(found) == cells, stderr[-2000:]
+    assert len({server.pid for server in found}) == cells  # a process each
+    assert len({server.database for server in found}) == cells
+    for server in found:
+        assert server.held is not None, f"no databases reported for {server}"
+        # No other configuration's collections (their TTL indexes purged on each find).
+        assert server.held <= {server.database}, server
+        if server.config in stores:
+            assert server.held == {server.database}, server
 
 
 def need_wrk() -> None:
@@ -102,6 +156,10 @@ def test_a_short_bench_run_prints_every_row_with_zero_errors() -> None:
     # The database's CPU is read from the nx-27017 the bench started; the echo touches none.
     assert float(cells[FULL_STACK, "create"][-2]) > 0
     assert cells[ECHO, "create"][-2] == "0"
+    # Each configuration on its own fresh nx-27017, and the output says why.
+    assert_own_servers(result.stderr, cells=3, stores={FULL_STACK, NAIVE})
+    assert "Each configuration ran on an nx-27017 of its own" in result.stdout
+    assert "purges every TTL-indexed" in " ".join(result.stdout.split())
 
 
 @pytest.mark.slow
@@ -126,7 +184,11 @@ def test_the_issue17_preset_prints_three_concurrencies_and_ratios_with_verdicts(
     # Two rounds ran, each measuring every configuration at every concurrency.
     progress = [line for line in result.stderr.splitlines() if line.startswith("round ")]
     assert len(progress) == 2 * 9
-    assert progress[0] != progress[9].replace("round 2", "round 1")  # the order rotated
+    # Every (round, configuration, concurrency) on a server of its own.
+    assert_own_servers(result.stderr, cells=2 * 9, stores={FULL_STACK, NAIVE})
+    # The order rotated (the lines themselves differ anyway: each names its own server).
+    first, second = servers(result.stderr)[0], servers(result.stderr)[9]
+    assert (first.config, first.connections) != (second.config, second.connections)
 
     header, rows = ratio_rows[0], ratio_rows[1:]
     assert header == [
@@ -156,6 +218,60 @@ def test_the_issue17_preset_prints_three_concurrencies_and_ratios_with_verdicts(
         # rounded to whole requests, the ratio from the unrounded medians).
         rps = float(RATIO_CELL.match(row[2])["value"])  # type: ignore[index]
         assert rps == pytest.approx(float(full[3]) / float(naive[3]), abs=0.02)
+
+
+@pytest.mark.slow
+def test_compare_source_serves_the_other_checkouts_full_stack_beside_this_ones(
+    head_checkout: Path,
+) -> None:
+    need_wrk()
+    # Every process that imports vault from the other checkout leaves its command line here.
+    imported_by = head_checkout / "imported-by.txt"
+    with (head_checkout / "vault" / "__init__.py").open("a") as handle:
+        handle.write(
+            f"\nimport sys as _sys\n\nwith open({str(imported_by)!r}, 'a') as _f:\n"
+            "    _f.write(' '.join(_sys.orig_argv) + '\\n')\n"
+        )
+    revision = git(head_checkout, "rev-parse", "--short", "HEAD") + "-dirty"  # just changed
+    previous = f"{FULL_STACK} @{revision}"
+    result = run_bench(
+        "--compare-source", str(head_checkout), "--only", FULL_STACK, "--no-lifecycle",
+        "--duration", "1", "--concurrency", "2", "--rounds", "1", timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    main_table, comparison = tables(result.stdout)
+    cells = {(row[1], row[2]): row for row in main_table[1:]}
+    assert sorted(cells) == sorted(
+        (config, op) for config in (ECHO, FULL_STACK, previous) for op in ("create", "fetch")
+    )
+    for key, row in cells.items():
+        assert row[-1] == "0", f"{key} had errors: {row}"
+        assert float(row[3]) > 0 and float(row[7]) > 0
+    # The other checkout's server, and only it, imported the service from there; this
+    # checkout's full stack imported its own.
+    served = [line for line in imported_by.read_text().splitlines() if "-m vault serve" in line]
+    assert len(served) == 1, imported_by.read_text()
+    assert f"{previous!r} from {head_checkout.resolve()}" in result.stdout
+    assert_own_servers(result.stderr, cells=3, stores={FULL_STACK, previous})
+
+    header, rows = comparison[0], comparison[1:]
+    tag = f"@{revision}"
+    assert header == [
+        "op", "connections", f"req/s vs {tag}", f"p50 vs {tag}", f"p99 vs {tag}",
+        f"CPU/req vs {tag}", f"DB CPU/req vs {tag}",
+    ]  # fmt: skip
+    assert [(row[0], row[1]) for row in rows] == [("create", "2"), ("fetch", "2")]
+    for row in rows:
+        assert all(RATIO_CELL.match(text) and "(" not in text for text in row[2:]), row
+        now, then = cells[FULL_STACK, row[0]], cells[previous, row[0]]
+        assert float(row[2][:-1]) == pytest.approx(float(now[3]) / float(then[3]), abs=0.02)
+        assert float(row[6][:-1]) == pytest.approx(float(now[10]) / float(then[10]), rel=0.02)
+
+
+def test_compare_source_refuses_a_directory_without_the_service(tmp_path: Path) -> None:
+    result = run_bench("--compare-source", str(tmp_path), timeout=60)
+    assert result.returncode == 2
+    assert "no vault package there" in result.stderr
 
 
 def cell(rps: float = 100, p50: float = 10, p99: float = 20, cpu: float = 1000) -> Cell:
@@ -248,6 +364,30 @@ def test_a_ratio_table_against_another_naive_configuration() -> None:
     assert "| create | 1 | 1.00x (≥ 1x: met) | 1.00x (≤ 1x: met)" in against_no_ttl
     assert ratio_table({1: {FULL_STACK: {"create": fast}, NAIVE: {"create": slow}}},
                        NAIVE_NO_TTL) is None  # fmt: skip
+
+
+def test_the_comparison_table_divides_this_checkout_by_the_previous_from_made_up_cells() -> None:
+    previous = f"{FULL_STACK} @abc1234"
+    now = {
+        "create": replace(cell(rps=200, p50=5, p99=10, cpu=500), db_cpu_us=300),
+        "fetch": cell(rps=150, p50=8, p99=16, cpu=900),  # no DB CPU (--mongo-uri)
+        "delete": cell(),
+    }
+    then = {
+        "create": replace(cell(rps=100, p50=10, p99=20, cpu=1000), db_cpu_us=1200),
+        "fetch": cell(),
+    }  # an older revision, measured without the delete row
+    text = comparison_table({20: {ECHO: then, FULL_STACK: now, previous: then}}, previous)
+    assert text is not None
+    assert text.splitlines()[0] == (
+        "| op | connections | req/s vs @abc1234 | p50 vs @abc1234 | p99 vs @abc1234 "
+        "| CPU/req vs @abc1234 | DB CPU/req vs @abc1234 |"
+    )
+    assert text.splitlines()[2:] == [
+        "| create | 20 | 2.00x | 0.50x | 0.50x | 0.50x | 0.25x |",
+        "| fetch | 20 | 1.50x | 0.80x | 0.80x | 0.90x | - |",
+    ]
+    assert comparison_table({20: {FULL_STACK: now}}, previous) is None
 
 
 def test_no_ratio_table_without_the_naive_app() -> None:
