@@ -14,9 +14,11 @@ from tests.conftest import b64
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.settings import Settings
+from vault.stores.base import StoreUnavailable
 from vault.stores.health import (
     DISK_FULL,
     PROBE_INTERVAL_SECONDS,
+    REFUSING_WRITES,
     UNREACHABLE,
     NotReady,
     WriteHealth,
@@ -64,6 +66,28 @@ async def test_track_records_a_failure_with_its_reason_and_reraises() -> None:
 
     assert await health.track(working(), lambda exc: UNREACHABLE) == 7
     assert health.failing is None
+
+
+@pytest.mark.anyio
+async def test_the_reason_travels_on_the_error_not_in_its_text() -> None:
+    health = WriteHealth(clock=Clock())
+
+    async def fails(exc: Exception) -> None:
+        raise exc
+
+    # Mapped from the driver's error with its reason: that reason, whatever the message.
+    with pytest.raises(StoreUnavailable):
+        await health.track(
+            fails(StoreUnavailable("sqlite: SQLITE_BUSY", reason=DISK_FULL)),
+            lambda exc: REFUSING_WRITES,
+        )
+    assert health.failing == DISK_FULL
+    # No reason on it (a timeout): the store's own answer for such errors, not its text.
+    with pytest.raises(StoreUnavailable):
+        await health.track(
+            fails(StoreUnavailable("sqlite: SQLITE_FULL")), lambda exc: REFUSING_WRITES
+        )
+    assert health.failing == REFUSING_WRITES
 
 
 @pytest.mark.anyio

@@ -58,7 +58,16 @@ class CorruptRecord(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The store did not answer in time or refused the connection; the caller may retry."""
+    """The store did not answer in time or refused the connection; the caller may retry.
+
+    ``reason``, set where a driver's error is mapped when the store can tell, is what a
+    write failing with it means for /readyz (one of ``vault.stores.health.REASONS``);
+    None when the store cannot tell (a call that ran out of its budget, say).
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
     @classmethod
     def after(cls, timeout: float | None) -> StoreUnavailable:

@@ -35,9 +35,10 @@ class NotReady(StoreUnavailable):
     """What a store's ping raises when the replica is not ready: ``reason``, one of
     REASONS, says why (the last write failed, or the store did not answer)."""
 
+    reason: str
+
     def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+        super().__init__(reason, reason=reason)
 
 
 class WriteHealth:
@@ -78,6 +79,12 @@ class WriteHealth:
         self._probed = now
         return True
 
+    def _failed_with(self, exc: Exception, reason_of: Callable[[Exception], str]) -> None:
+        # The reason travels on the error, set where the driver's error was mapped;
+        # ``reason_of`` names it for errors that carry none (a timeout, an unexpected one).
+        reason = exc.reason if isinstance(exc, StoreUnavailable) else None
+        self.failed(reason if reason is not None else reason_of(exc))
+
     async def track(self, write: Awaitable[T], reason_of: Callable[[Exception], str]) -> T:
         """Await one store write and record its outcome, ``reason_of`` naming the failure
         (one of REASONS). Errors that concern one record alone (a duplicate id) are returned
@@ -85,7 +92,7 @@ class WriteHealth:
         try:
             result = await write
         except Exception as exc:
-            self.failed(reason_of(exc))
+            self._failed_with(exc, reason_of)
             raise
         self.succeeded()
         return result
@@ -100,7 +107,7 @@ class WriteHealth:
             result = await call
         except Exception as exc:
             if writing:
-                self.failed(reason_of(exc))
+                self._failed_with(exc, reason_of)
             raise
         if writing:
             self.succeeded()

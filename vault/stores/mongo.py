@@ -88,14 +88,20 @@ def _is_unavailable(exc: PyMongoError) -> bool:
     return isinstance(exc, ConnectionFailure | WriteConcernError) or bool(exc.timeout)
 
 
+def _unavailable(exc: PyMongoError) -> StoreUnavailable:
+    """An error ``_is_unavailable`` names, as StoreUnavailable with its reason for /readyz."""
+    # Written perhaps, but not confirmed: the server answers yet does not take writes.
+    reason = REFUSING_WRITES if isinstance(exc, WriteConcernError) else UNREACHABLE
+    return StoreUnavailable(type(exc).__name__, reason=reason)
+
+
 _OUT_OF_DISK_SPACE = 14031  # the server's own error code when its disk is full
 
 
 def _reason(exc: Exception) -> str:
-    """What /readyz says when a write failed with ``exc``."""
+    """What /readyz says when a write failed with ``exc`` that names no reason of its own."""
     if isinstance(exc, StoreUnavailable):
-        # Written perhaps, but not confirmed: the server answers yet does not take writes.
-        return REFUSING_WRITES if "WriteConcernError" in str(exc) else UNREACHABLE
+        return UNREACHABLE  # no answer within its budget, or the breaker knows it is down
     if isinstance(exc, PyMongoError) and getattr(exc, "code", None) == _OUT_OF_DISK_SPACE:
         return DISK_FULL
     return REFUSING_WRITES
@@ -297,7 +303,7 @@ class MongoConnection:
         except PyMongoError as exc:
             self._judge(call, exc)
             if _is_unavailable(exc):
-                raise StoreUnavailable(type(exc).__name__) from None
+                raise _unavailable(exc) from None
             raise
         except StoreUnavailable:  # the outer deadline: the driver did not end the call
             self.breaker.failed(call)

@@ -113,12 +113,18 @@ _PROBE = (
 
 
 def _reason(exc: Exception) -> str:
-    """What /readyz says when a write failed with ``exc``."""
-    if isinstance(exc, sqlite3.Error) and exc.sqlite_errorname == "SQLITE_FULL":
-        return DISK_FULL
-    if isinstance(exc, StoreUnavailable) and "SQLITE_FULL" in str(exc):
-        return DISK_FULL
+    """What /readyz says when a write failed with ``exc`` that names no reason of its own
+    (it ran out of its time budget, or failed unexpectedly)."""
     return REFUSING_WRITES
+
+
+def _unavailable(exc: sqlite3.OperationalError) -> StoreUnavailable:
+    """Locked, read-only, out of disk or unreadable: transient from the caller's view; the
+    reason says which for /readyz."""
+    name = exc.sqlite_errorname
+    return StoreUnavailable(
+        f"sqlite: {name}", reason=DISK_FULL if name == "SQLITE_FULL" else REFUSING_WRITES
+    )
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
@@ -326,8 +332,7 @@ class SQLiteStore:
                     system="sqlite",
                 )
             except sqlite3.OperationalError as exc:
-                # Locked, read-only, out of disk or unreadable: transient from the caller's view.
-                raise StoreUnavailable(f"sqlite: {exc.sqlite_errorname}") from None
+                raise _unavailable(exc) from None
 
         if write:
             return await self.health.track(run(), _reason)
