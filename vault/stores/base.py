@@ -136,10 +136,10 @@ class SecretStore(Protocol):
         count removed. Called at start and every SECRET_PURGE_INTERVAL_SECONDS."""
 
     async def ping(self) -> None:
-        """Return if the store answers and its last write succeeded, else raise
-        StoreUnavailable (vault.stores.health.NotReady, naming the reason, for a failing
-        write). May write one harmless readiness record, never a secret, at most once a
-        second."""
+        """Return if the store answers and writes work (vault/stores/health.py), else raise
+        StoreUnavailable (vault.stores.health.NotReady, naming the reason, for failing
+        writes). May write harmless readiness records, never a secret, at most once a
+        second: while writes fail, as large as the largest create."""
 
     async def insert_audit(self, document: AuditDocument) -> Exception | None:
         """Durably store one audit record (``AUDIT_FIELDS``); concurrent calls share one
