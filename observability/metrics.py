@@ -80,11 +80,12 @@ AUDIT_RECORDS = Counter(
     "Audit records, by result: written to the audit sink, or failed to be written.",
     ["result"],
 )
-# Set by the stores on each write outcome; livemin: one worker whose writes fail makes the
-# replica read 0, as its /readyz answers 503 then.
+# Set by the stores' write health (vault/stores/health.py); livemin: one worker whose writes
+# fail makes the replica read 0, as its /readyz answers 503 then.
 STORE_WRITABLE = Gauge(
     "vault_store_writable",
-    "1 when the store's last write (or readiness probe write) succeeded, 0 when it failed.",
+    "0 from a failed store write until a write as large as a create (a create, or the "
+    "readiness probe's) succeeds, else 1.",
     multiprocess_mode="livemin",
 )
 # Every worker counts the same store, so the highest live value is the store's (a sum would

@@ -123,7 +123,7 @@ def test_full_disk_makes_readyz_say_so_and_freed_space_recovers(
         ready_after = _seconds_until(
             lambda: _readyz(client).status_code == 200, RECOVERY_BOUND_SECONDS, "/readyz 200"
         )
-        # The WAL was checkpointed and truncated (then took the probe's one row): the space
+        # The WAL was checkpointed and truncated (then took the probe's write): the space
         # it held is given back rather than kept for the next writes to refill.
         wal_when_ready = wal.stat().st_size
         assert wal_when_ready < min(wal_when_full, 256 * 1024), (wal_when_full, wal_when_ready)
@@ -143,6 +143,54 @@ def test_full_disk_makes_readyz_say_so_and_freed_space_recovers(
             fetched = client.post("/vault/secret/fetch", json={"secret_id": secret_id})
             assert fetched.status_code == 200, fetched.text
             assert base64.b64decode(fetched.json()["secret"]) == secret
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_readyz_is_503_from_the_first_refused_create_while_creates_keep_failing(
+    start_server: StartServer, small_disk: Path
+) -> None:
+    """A disk with a little room left: less than a create of a 20 kB secret needs, more than
+    a small write does. The refused create leaves WAL pages allocated, where its own audit
+    record and the probe's small row still fit; neither may make the replica ready."""
+    data_dir = small_disk / "data"
+    server = start_server({"MASTER_KEY": generate_key(), "DATA_DIR": str(data_dir)})
+    client = httpx.Client(base_url=server.url, timeout=15)
+    try:
+        for _ in range(20):
+            assert _create(client, os.urandom(200)).status_code == 200
+        ballast = _fill(small_disk)
+        os.truncate(ballast, ballast.stat().st_size - 40 * 1024)  # room for small writes
+
+        created = 0
+        while (refused := _create(client, os.urandom(20_000))).status_code == 200:
+            created += 1
+            assert created < 20, "the disk never filled"
+        assert refused.status_code == 503
+        readyz = [_readyz(client)]  # the very next request
+        # Polls for 5 s, a create every 1.2 s: the 503s' audit records land in between, and
+        # in each gap of a second or more the probe writes.
+        creates: list[int] = []
+        started = time.monotonic()
+        next_create = started + 1.2
+        while time.monotonic() - started < 5:
+            if time.monotonic() >= next_create:
+                creates.append(_create(client, os.urandom(20_000)).status_code)
+                next_create += 1.2
+            readyz.append(_readyz(client))
+            time.sleep(0.05)
+        print(f"\nafter the first refused create: {len(readyz)} polls of /readyz in 5 s,"
+              f" creates answered {creates}")  # fmt: skip
+        assert creates == [503] * len(creates) and len(creates) >= 3
+        answered = [(r.status_code, r.json().get("reason")) for r in readyz]
+        assert answered == [(503, "disk full")] * len(readyz), answered
+
+        ballast.unlink()  # and readiness comes back, as creates do
+        _seconds_until(
+            lambda: _readyz(client).status_code == 200, RECOVERY_BOUND_SECONDS, "/readyz 200"
+        )
+        assert _create(client, os.urandom(20_000)).status_code == 200
     finally:
         client.close()
         server.stop()

@@ -72,10 +72,15 @@ def build_store(settings: Settings) -> SecretStore:
             journal=settings.mongo_journal,
             pool_size=settings.mongo_pool_size,
             timeout=settings.store_timeout_seconds,
+            max_secret_bytes=settings.max_secret_bytes,
         )
     from vault.stores.sqlite import SQLiteStore
 
-    return SQLiteStore(settings.data_dir / "vault.db", timeout=settings.store_timeout_seconds)
+    return SQLiteStore(
+        settings.data_dir / "vault.db",
+        timeout=settings.store_timeout_seconds,
+        max_secret_bytes=settings.max_secret_bytes,
+    )
 
 
 def audit_hmac_key(settings: Settings) -> bytes:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from vault.apikeys import InvalidAPIKeys, parse_api_keys, parse_token
 from vault.crypto import MalformedKey, key_id, parse_key
+from vault.validation import DEFAULT_MAX_SECRET_BYTES
 
-DEFAULT_MAX_SECRET_BYTES = 65536
 DEFAULT_MAX_TTL_SECONDS = 315_360_000  # ten years
 MAX_READS = 1_000_000
 DEFAULT_RATE_LIMIT = "100/second;3000/minute"

@@ -14,12 +14,15 @@ from tests.conftest import b64
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.settings import Settings
+from vault.stores.base import StoreUnavailable
 from vault.stores.health import (
     DISK_FULL,
     PROBE_INTERVAL_SECONDS,
+    REFUSING_WRITES,
     UNREACHABLE,
     NotReady,
     WriteHealth,
+    stored_any,
 )
 
 
@@ -62,14 +65,57 @@ async def test_track_records_a_failure_with_its_reason_and_reraises() -> None:
     async def working() -> int:
         return 7
 
-    assert await health.track(working(), lambda exc: UNREACHABLE) == 7
+    assert await health.track(working(), lambda exc: UNREACHABLE, proves=True) == 7
     assert health.failing is None
 
 
 @pytest.mark.anyio
-async def test_a_read_counts_as_a_write_only_when_it_writes() -> None:
+async def test_only_a_write_as_large_as_a_create_makes_writes_work_again() -> None:
+    # A small write (an audit record, the probe's small row) can fit in pages a refused
+    # create left allocated: its success must not make the replica ready.
+    health = WriteHealth(clock=Clock())
+    health.failed(DISK_FULL)
+
+    async def batch(results: list[Exception | None]) -> list[Exception | None]:
+        return results
+
+    assert await health.track(batch([None]), lambda exc: REFUSING_WRITES) == [None]
+    assert health.failing == DISK_FULL  # a small write proves nothing
+    assert _writable() == 0
+    duplicate = sqlite3.IntegrityError("UNIQUE constraint failed")
+    await health.track(batch([duplicate]), lambda exc: REFUSING_WRITES, proves=stored_any)
+    assert health.failing == DISK_FULL  # a create that stored no record wrote nothing
+    await health.track(batch([duplicate, None]), lambda exc: REFUSING_WRITES, proves=stored_any)
+    assert health.failing is None  # a record stored: writes work
+    assert _writable() == 1
+
+
+@pytest.mark.anyio
+async def test_the_reason_travels_on_the_error_not_in_its_text() -> None:
+    health = WriteHealth(clock=Clock())
+
+    async def fails(exc: Exception) -> None:
+        raise exc
+
+    # Mapped from the driver's error with its reason: that reason, whatever the message.
+    with pytest.raises(StoreUnavailable):
+        await health.track(
+            fails(StoreUnavailable("sqlite: SQLITE_BUSY", reason=DISK_FULL)),
+            lambda exc: REFUSING_WRITES,
+        )
+    assert health.failing == DISK_FULL
+    # No reason on it (a timeout): the store's own answer for such errors, not its text.
+    with pytest.raises(StoreUnavailable):
+        await health.track(
+            fails(StoreUnavailable("sqlite: SQLITE_FULL")), lambda exc: REFUSING_WRITES
+        )
+    assert health.failing == REFUSING_WRITES
+
+
+@pytest.mark.anyio
+async def test_a_read_counts_as_a_write_only_once_it_writes() -> None:
     # A fetch's store call reads, then writes the audit records riding with it (if any): a
-    # read alone must not clear a failing write, nor its failure mark one.
+    # read alone must not mark a failure; its few written pages must not clear one either.
     health = WriteHealth(clock=Clock())
     health.failed(DISK_FULL)
 
@@ -83,10 +129,10 @@ async def test_a_read_counts_as_a_write_only_when_it_writes() -> None:
     assert health.failing == DISK_FULL  # a read says nothing of writes
     assert await health.track_writes(call(2, fails=False), lambda exc: UNREACHABLE,
                                      writes=True) == 2  # fmt: skip
-    assert health.failing is None
+    assert health.failing == DISK_FULL  # an audit record fits where a create may not
     with pytest.raises(sqlite3.OperationalError):
         await health.track_writes(call(3, fails=True), lambda exc: UNREACHABLE, writes=False)
-    assert health.failing is None  # a read that wrote nothing failed
+    assert health.failing == DISK_FULL  # the read failed before writing anything
     with pytest.raises(sqlite3.OperationalError):
         await health.track_writes(call(4, fails=True), lambda exc: UNREACHABLE, writes=True)
     assert health.failing == UNREACHABLE
@@ -101,6 +147,22 @@ def test_probe_writes_only_when_no_write_is_recent_and_at_most_once_a_second() -
     health.failed(DISK_FULL)  # traffic's own writes are the signal while they come
     assert not health.claim_probe()
     clock.now += PROBE_INTERVAL_SECONDS
+    assert health.claim_probe()
+
+
+@pytest.mark.anyio
+async def test_small_writes_do_not_keep_the_probe_from_writing() -> None:
+    # Fetches' audit notes succeeding all the time say nothing of creates: the probe still
+    # writes (as large as a create, while writes fail), or readiness would never come back.
+    clock = Clock()
+    health = WriteHealth(clock=clock)
+    health.failed(DISK_FULL)
+
+    async def small() -> None:
+        return None
+
+    clock.now += PROBE_INTERVAL_SECONDS
+    await health.track(small(), lambda exc: REFUSING_WRITES)
     assert health.claim_probe()
 
 

@@ -45,7 +45,16 @@ class CorruptRecord(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The store did not answer in time or refused the connection; the caller may retry."""
+    """The store did not answer in time or refused the connection; the caller may retry.
+
+    ``reason``, set where a driver's error is mapped when the store can tell, is what a
+    write failing with it means for /readyz (one of ``vault.stores.health.REASONS``);
+    None when the store cannot tell (a call that ran out of its budget, say).
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
     @classmethod
     def after(cls, timeout: float | None) -> StoreUnavailable:
@@ -104,10 +113,10 @@ class SecretStore(Protocol):
         count removed. Called at start and every SECRET_PURGE_INTERVAL_SECONDS."""
 
     async def ping(self) -> None:
-        """Return if the store answers and its last write succeeded, else raise
-        StoreUnavailable (vault.stores.health.NotReady, naming the reason, for a failing
-        write). May write one harmless readiness record, never a secret, at most once a
-        second."""
+        """Return if the store answers and writes work (vault/stores/health.py), else raise
+        StoreUnavailable (vault.stores.health.NotReady, naming the reason, for failing
+        writes). May write harmless readiness records, never a secret, at most once a
+        second: while writes fail, as large as the largest create."""
 
     async def insert_audit(self, record: AuditRecord) -> Exception | None:
         """Durably store one audit record; concurrent calls share one write (group

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -60,7 +61,15 @@ from vault.stores.base import (
     utc_now,
 )
 from vault.stores.batching import Batcher
-from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE, NotReady, WriteHealth
+from vault.stores.health import (
+    DISK_FULL,
+    REFUSING_WRITES,
+    UNREACHABLE,
+    NotReady,
+    WriteHealth,
+    stored_any,
+)
+from vault.validation import DEFAULT_MAX_SECRET_BYTES
 
 _FORMAT_VERSION = 1
 _DUPLICATE_KEY = 11000
@@ -77,6 +86,8 @@ INDEX_BUILD_TIMEOUT_SECONDS = 600.0
 # Counting the live records of each unknown key id, through the index: several reads in one
 # budget, which a key sealing millions of records may need more than a request's for.
 KEY_COUNT_TIMEOUT_SECONDS = 60.0
+# What a create writes beside its record's bytes (its audit record, index entries), at most.
+_CREATE_BYTES_BESIDE_RECORD = 4096
 
 
 log = logging.getLogger("secret_manager.store")
@@ -92,14 +103,20 @@ def _is_unavailable(exc: PyMongoError) -> bool:
     return isinstance(exc, ConnectionFailure | WriteConcernError) or bool(exc.timeout)
 
 
+def _unavailable(exc: PyMongoError) -> StoreUnavailable:
+    """An error ``_is_unavailable`` names, as StoreUnavailable with its reason for /readyz."""
+    # Written perhaps, but not confirmed: the server answers yet does not take writes.
+    reason = REFUSING_WRITES if isinstance(exc, WriteConcernError) else UNREACHABLE
+    return StoreUnavailable(type(exc).__name__, reason=reason)
+
+
 _OUT_OF_DISK_SPACE = 14031  # the server's own error code when its disk is full
 
 
 def _reason(exc: Exception) -> str:
-    """What /readyz says when a write failed with ``exc``."""
+    """What /readyz says when a write failed with ``exc`` that names no reason of its own."""
     if isinstance(exc, StoreUnavailable):
-        # Written perhaps, but not confirmed: the server answers yet does not take writes.
-        return REFUSING_WRITES if "WriteConcernError" in str(exc) else UNREACHABLE
+        return UNREACHABLE  # no answer within its budget, or the breaker knows it is down
     if isinstance(exc, PyMongoError) and getattr(exc, "code", None) == _OUT_OF_DISK_SPACE:
         return DISK_FULL
     return REFUSING_WRITES
@@ -301,7 +318,7 @@ class MongoConnection:
         except PyMongoError as exc:
             self._judge(call, exc)
             if _is_unavailable(exc):
-                raise StoreUnavailable(type(exc).__name__) from None
+                raise _unavailable(exc) from None
             raise
         except StoreUnavailable:  # the outer deadline: the driver did not end the call
             self.breaker.failed(call)
@@ -331,6 +348,7 @@ class MongoStore:
         journal: bool = True,
         pool_size: int = 32,
         timeout: float = 4.0,
+        max_secret_bytes: int = DEFAULT_MAX_SECRET_BYTES,
     ) -> None:
         self._mongo = MongoConnection(uri, pool_size=pool_size, timeout=timeout)
         durable = WriteConcern(w=write_concern, j=journal)
@@ -339,11 +357,13 @@ class MongoStore:
             "secrets", write_concern=durable
         )
         self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
-        # One document the readiness probe rewrites to learn whether writes work; no secret.
+        # The documents the readiness probe rewrites to learn whether writes work; no secret.
         self._readiness: Collection[dict[str, Any]] = db.get_collection(
             "readiness", write_concern=durable
         )
-        self.health = WriteHealth()  # what /readyz reports: did the last write succeed?
+        self.health = WriteHealth()  # what /readyz reports: do writes work?
+        # What the probe writes while writes fail: at least what the largest create does.
+        self._probe_room = max_secret_bytes + _CREATE_BYTES_BESIDE_RECORD
         # Concurrent creates share one insert_many, concurrent fetches one find (group commit).
         deadline = timeout + 1.0  # as for each call: the driver's own timeout ends first
         # While the database is known down they refuse at once rather than queue behind the
@@ -412,13 +432,23 @@ class MongoStore:
             if all(existing.get(k) == wanted[existing["_id"]][k] for k in ("nonce", "ct"))
         }
 
-    async def _write(self, operation: str, func: Callable[..., Any], *args: object) -> Any:
-        """``self._mongo.run`` for a write, its outcome reported to ``self.health``."""
-        return await self.health.track(self._mongo.run(operation, func, *args), _reason)
+    async def _write(
+        self,
+        operation: str,
+        func: Callable[..., Any],
+        *args: object,
+        proves: bool | Callable[[Any], bool] = False,
+    ) -> Any:
+        """``self._mongo.run`` for a write: its failure is reported to ``self.health``, and
+        so is its success when ``proves`` says it shows writes work (a write as large as a
+        create; see vault/stores/health.py)."""
+        return await self.health.track(
+            self._mongo.run(operation, func, *args), _reason, proves=proves
+        )
 
     async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
         results: list[AuditWrite | Exception | None] = await self._write(
-            "insert", self._insert_many_sync, items
+            "insert", self._insert_many_sync, items, proves=stored_any
         )
         return results
 
@@ -686,21 +716,33 @@ class MongoStore:
         with pymongo.timeout(min(self._mongo.timeout, PING_TIMEOUT_SECONDS)):
             self._mongo.client.admin.command("ping")
 
-    def _probe_sync(self) -> None:
+    def _probe_sync(self, room: int) -> None:
         with pymongo.timeout(min(self._mongo.timeout, PING_TIMEOUT_SECONDS)):
             self._readiness.update_one(
                 {"_id": "readyz"}, {"$set": {"checked_at": utc_now()}}, upsert=True
             )
+            if room:  # random: the server compresses what it stores, zeros to nothing
+                self._readiness.replace_one(
+                    {"_id": "readyz-room"}, {"bytes": os.urandom(room)}, upsert=True
+                )
+
+    async def _probe(self) -> None:
+        """The readiness probe's write: the document ``readyz``, and while writes fail also
+        ``readyz-room``, as large as the largest create. Only that proves a create fits
+        again: a small write can succeed where a create's cannot. Its outcome goes to
+        self.health."""
+        room = self._probe_room if self.health.failing is not None else 0
+        # A failure is not raised here: its reason is in self.health, which ping raises.
+        with contextlib.suppress(StoreUnavailable, PyMongoError):
+            await self._write("readiness_probe", self._probe_sync, room, proves=bool(room))
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless the database answers and the last write succeeded
-        (NotReady then, with the reason). With no write in the last second, the probe
-        rewrites one ``readiness`` document itself, so it sees writes work again (or not)
-        while no traffic comes."""
+        """Raise StoreUnavailable unless the database answers and writes work (NotReady
+        then, with the reason). With no write telling anything in the last second, the
+        probe writes itself (``_probe``), so it sees writes work again (or not) while no
+        traffic comes."""
         if self.health.claim_probe():
-            # A failure is not raised here: its reason is in self.health, raised below.
-            with contextlib.suppress(StoreUnavailable, PyMongoError):
-                await self._write("readiness_probe", self._probe_sync)
+            await self._probe()
         else:
             try:
                 await self._mongo.run("ping", self._ping_sync)

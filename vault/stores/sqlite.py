@@ -42,7 +42,15 @@ from vault.stores.base import (
     utc_now,
 )
 from vault.stores.batching import Batcher
-from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE, NotReady, WriteHealth
+from vault.stores.health import (
+    DISK_FULL,
+    REFUSING_WRITES,
+    UNREACHABLE,
+    NotReady,
+    WriteHealth,
+    stored_any,
+)
+from vault.validation import DEFAULT_MAX_SECRET_BYTES
 
 T = TypeVar("T")
 
@@ -76,6 +84,12 @@ CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE TABLE IF NOT EXISTS readiness (
     id         INTEGER PRIMARY KEY CHECK (id = 1),
     checked_at TEXT NOT NULL
+);
+-- What the probe rewrites too while writes fail, to prove a create fits again: as many
+-- random bytes as the largest create writes pages for; never a secret.
+CREATE TABLE IF NOT EXISTS readiness_room (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    bytes BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_secret_id_hmac ON audit (secret_id_hmac);
 """
@@ -114,15 +128,31 @@ _PROBE = (
     "INSERT INTO readiness (id, checked_at) VALUES (1, ?)"
     " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at"
 )
+# Random, so that rewriting the row changes every page it spans: SQLite skips writing a page
+# an update leaves as it was, and such a probe would write almost nothing.
+_PROBE_ROOM = (
+    "INSERT INTO readiness_room (id, bytes) VALUES (1, randomblob(?))"
+    " ON CONFLICT (id) DO UPDATE SET bytes = excluded.bytes"
+)
+# The pages a create writes beside its record's bytes: the leaves of the secrets table and
+# its two indexes, and of the audit table and its three (its audit record, same transaction).
+_CREATE_PAGES_BESIDE_RECORD = 7
+_PAGE_BYTES = 4096  # SQLite's default page size, which the store keeps
 
 
 def _reason(exc: Exception) -> str:
-    """What /readyz says when a write failed with ``exc``."""
-    if isinstance(exc, sqlite3.Error) and exc.sqlite_errorname == "SQLITE_FULL":
-        return DISK_FULL
-    if isinstance(exc, StoreUnavailable) and "SQLITE_FULL" in str(exc):
-        return DISK_FULL
+    """What /readyz says when a write failed with ``exc`` that names no reason of its own
+    (it ran out of its time budget, or failed unexpectedly)."""
     return REFUSING_WRITES
+
+
+def _unavailable(exc: sqlite3.OperationalError) -> StoreUnavailable:
+    """Locked, read-only, out of disk or unreadable: transient from the caller's view; the
+    reason says which for /readyz."""
+    name = exc.sqlite_errorname
+    return StoreUnavailable(
+        f"sqlite: {name}", reason=DISK_FULL if name == "SQLITE_FULL" else REFUSING_WRITES
+    )
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
@@ -246,13 +276,22 @@ def sqlite_timestamp(value: dt.datetime) -> str:
 class SQLiteStore:
     """Secrets in the ``secrets`` table of one SQLite file."""
 
-    def __init__(self, path: Path, *, timeout: float = 4.0, connections: int = 4) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        timeout: float = 4.0,
+        connections: int = 4,
+        max_secret_bytes: int = DEFAULT_MAX_SECRET_BYTES,
+    ) -> None:
         self._path = path
         self._timeout = timeout
         self._size = connections
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._executor: ThreadPoolExecutor | None = None
-        self.health = WriteHealth()  # what /readyz reports: did the last write succeed?
+        self.health = WriteHealth()  # what /readyz reports: do writes work?
+        # What the probe writes while writes fail: at least the pages the largest create does.
+        self._probe_room = max_secret_bytes + _CREATE_PAGES_BESIDE_RECORD * _PAGE_BYTES
         # Concurrent creates share one transaction, concurrent fetches one query.
         self._inserts = Batcher(self._insert_batch, operation="insert", timeout=timeout + 1.0)
         self._reads = Batcher(self._fetch_batch, operation="read", timeout=timeout + 1.0)
@@ -299,10 +338,12 @@ class SQLiteStore:
         func: Callable[[sqlite3.Connection], T],
         *,
         write: bool = False,
+        proves: bool | Callable[[T], bool] = False,
         timeout: float | None = None,
     ) -> T:
-        """Run ``func`` on a pooled connection off the loop; a ``write``'s outcome is
-        reported to ``self.health``."""
+        """Run ``func`` on a pooled connection off the loop. A ``write``'s failure is
+        reported to ``self.health``, and so is its success when ``proves`` says it shows
+        writes work (a write as large as a create; see vault/stores/health.py)."""
         executor = self._executor
         if executor is None:
             raise RuntimeError("store used before open()")
@@ -330,11 +371,10 @@ class SQLiteStore:
                     system="sqlite",
                 )
             except sqlite3.OperationalError as exc:
-                # Locked, read-only, out of disk or unreadable: transient from the caller's view.
-                raise StoreUnavailable(f"sqlite: {exc.sqlite_errorname}") from None
+                raise _unavailable(exc) from None
 
         if write:
-            return await self.health.track(run(), _reason)
+            return await self.health.track(run(), _reason, proves=proves)
         return await run()
 
     async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
@@ -351,7 +391,7 @@ class SQLiteStore:
                 errors = _insert_audits(conn, audits)
             return insert_results(results, audits, errors)  # only now: committed, durable
 
-        return await self._run("insert", insert, write=True)
+        return await self._run("insert", insert, write=True, proves=stored_any)
 
     async def insert(
         self, record: SealedSecret, audit: AuditRecord | None = None
@@ -524,22 +564,41 @@ class SQLiteStore:
             write=True,
         )
 
-    async def ping(self) -> None:
-        """Raise StoreUnavailable unless the file answers and the last write succeeded
-        (NotReady then, with the reason). With no write in the last second, the probe
-        writes the one row of ``readiness`` itself, so it sees writes work again (or not)
-        while no traffic comes."""
-        if self.health.claim_probe():
-            stamp = sqlite_timestamp(utc_now())
+    async def _probe(self) -> None:
+        """The readiness probe's write: the one row of ``readiness``, and while writes fail
+        also the row of ``readiness_room``, as large as the largest create, in one durable
+        transaction as a create's. Only that proves a create fits again: a small write can
+        land in pages a refused create left allocated. Its outcome goes to self.health."""
+        failing = self.health.failing
+        stamp = sqlite_timestamp(utc_now())
+        room = self._probe_room if failing is not None else 0
 
-            def probe(conn: sqlite3.Connection) -> None:
-                if self.health.failing == DISK_FULL:
-                    _checkpoint(conn)  # give back what the WAL holds before trying again
+        def probe(conn: sqlite3.Connection) -> None:
+            if failing == DISK_FULL:
+                _checkpoint(conn)  # give back what the WAL holds before trying again
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
                 conn.execute(_PROBE, (stamp,))
+                if room:
+                    conn.execute(_PROBE_ROOM, (room,))
 
-            # A failure is not raised here: its reason is in self.health, raised below.
-            with suppress(StoreUnavailable):
-                await self._run("readiness_probe", probe, write=True, timeout=PING_TIMEOUT_SECONDS)
+        # A failure is not raised here: its reason is in self.health, which ping raises.
+        with suppress(StoreUnavailable):
+            await self._run(
+                "readiness_probe",
+                probe,
+                write=True,
+                proves=bool(room),
+                timeout=PING_TIMEOUT_SECONDS,
+            )
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the file answers and writes work (NotReady then,
+        with the reason). With no write telling anything in the last second, the probe
+        writes itself (``_probe``), so it sees writes work again (or not) while no traffic
+        comes."""
+        if self.health.claim_probe():
+            await self._probe()
         else:
             try:
                 await self._run(
