@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ import httpx2
 from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
-from tests.conftest import b64
+from tests.conftest import b64, wait_until
 from tests.test_audit import audit_records
 from vault.app import create_app
 from vault.settings import Settings
@@ -100,6 +101,14 @@ def test_audit_failure_answers_503_and_is_counted(tmp_path: Path, master_key: st
             conn.execute("DROP TABLE audit")
         failed = sample("vault_audit_records_total", result="failed")
         assert fetch_unknown(client) == 503
+        # A 503 acknowledges nothing, so its own record is written after the answer, in the
+        # background: its failure is counted a moment later, once, not before the answer.
+        wait_until(
+            lambda: sample("vault_audit_records_total", result="failed") > failed,
+            5,
+            "the audit failure counted",
+        )
+        time.sleep(0.2)
         assert sample("vault_audit_records_total", result="failed") == failed + 1
 
 
