@@ -1,4 +1,4 @@
-"""Commands run by an operator beside the service: ``audit-hash`` and ``rewrap``."""
+"""Commands run by an operator beside the service: ``genkey``, ``audit-hash`` and ``rewrap``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,54 @@ import os
 import sys
 
 from vault.app import audit_hmac_key, audit_hmac_keys, build_keyring, build_store
-from vault.cli.common import check_mongo_uri, fail, guard_keys
-from vault.crypto import secret_id_hmac
+from vault.cli.common import check_mongo_uri, fail, guard_keys, positive
+from vault.crypto import generate_key, secret_id_hmac
 from vault.settings import ConfigError, Settings
 from vault.validation import InvalidValue, normalize_secret_id
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``genkey``, ``audit-hash`` and ``rewrap``, and their options."""
+    genkey_cmd = commands.add_parser(
+        "genkey", help="print a new random master key (base64 of 32 bytes)"
+    )
+    genkey_cmd.set_defaults(run=genkey)
+
+    hash_cmd = commands.add_parser(
+        "audit-hash", help="print how a secret id appears in the audit log (its HMAC)"
+    )
+    hash_cmd.add_argument("secret_id", help="the secret id to look for")
+    hash_cmd.add_argument(
+        "--dev", action="store_true", help="use DATA_DIR/master.key, as `serve --dev` does"
+    )
+    hash_cmd.set_defaults(run=audit_hash)
+
+    rewrap_cmd = commands.add_parser(
+        "rewrap",
+        help="re-encrypt every record sealed by a previous key under MASTER_KEY (key rotation)",
+    )
+    rewrap_cmd.add_argument(
+        "--batch-size", type=positive, default=500, help="records per batch (500)"
+    )
+    rewrap_cmd.add_argument(
+        "--max-batches",
+        type=positive,
+        default=None,
+        help="stop after this many batches; the next run continues (default: no limit)",
+    )
+    rewrap_cmd.add_argument(
+        "--dry-run", action="store_true", help="only count and check the records, write nothing"
+    )
+    rewrap_cmd.add_argument(
+        "--dev", action="store_true", help="use DATA_DIR/master.key, as `serve --dev` does"
+    )
+    rewrap_cmd.set_defaults(run=rewrap)
+
+
+def genkey(args: argparse.Namespace) -> int:
+    """Print a new random master key."""
+    print(generate_key())
+    return 0
 
 
 def audit_hash(args: argparse.Namespace) -> int:

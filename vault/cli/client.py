@@ -11,7 +11,39 @@ import urllib.error
 import urllib.request
 
 from vault.cli.common import fail
-from vault.settings import ConfigError, client_token
+from vault.settings import ConfigError, client_token, client_url
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``create``, ``fetch`` and ``delete``, and their options."""
+    default_url = client_url()
+    create_cmd = commands.add_parser("create", help="store a secret, print the JSON answer")
+    create_cmd.add_argument("secret", help="the secret, standard base64; '-' reads it from stdin")
+    create_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
+    # Checked in create(), not by argparse, so a refusal is one line like every other one.
+    create_cmd.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        help="the secret expires this long after it is stored: 90 or 90s, 15m, 2h, 7d "
+        "(default: the server's SECRET_DEFAULT_TTL_SECONDS, normally never)",
+    )
+    create_cmd.add_argument(
+        "--max-reads",
+        metavar="N",
+        help="the secret is deleted by its Nth fetch (default: no limit)",
+    )
+    create_cmd.set_defaults(run=create)
+
+    fetch_cmd = commands.add_parser("fetch", help="print the secret stored under an id")
+    fetch_cmd.add_argument("secret_id", help="the id printed by create")
+    fetch_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
+    fetch_cmd.set_defaults(run=fetch)
+
+    delete_cmd = commands.add_parser("delete", help="delete the secret stored under an id")
+    delete_cmd.add_argument("secret_id", help="the id printed by create")
+    delete_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
+    delete_cmd.set_defaults(run=delete)
+
 
 # A duration: a whole number of seconds, or of minutes, hours or days with their unit. The
 # sign is matched only to say "at least 1 second" rather than "not a duration".
@@ -100,3 +132,14 @@ def create(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.secret == "-" else args.secret  # noqa: S105
     # `base64` wraps its output every 76 columns; whitespace is never part of the secret.
     return post(args.url, "/vault/secret/create", {"secret": "".join(text.split()), **payload})
+
+
+def fetch(args: argparse.Namespace) -> int:
+    """Print the secret stored under an id."""
+    # The id goes in the body, never in the URL: it is a bearer capability.
+    return post(args.url, "/vault/secret/fetch", {"secret_id": args.secret_id})
+
+
+def delete(args: argparse.Namespace) -> int:
+    """Delete the secret stored under an id."""
+    return post(args.url, "/vault/secret/delete", {"secret_id": args.secret_id})

@@ -14,6 +14,7 @@ import shutil
 import ssl
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from observability.metrics import prepare_multiprocess_dir
 from vault.app import build_keyring
@@ -21,6 +22,7 @@ from vault.cli.common import (
     check_mongo_uri,
     fail,
     guard_keys,
+    positive,
     store_label,
     unknown_key_counts,
 )
@@ -28,7 +30,29 @@ from vault.crypto import generate_key, key_id
 from vault.keyguard import dev_refusal, refused
 from vault.settings import ConfigError, Settings
 
+if TYPE_CHECKING:
+    from hypercorn.config import Config
+
 log = logging.getLogger("secret_manager.cli")
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``serve`` and its options."""
+    command = commands.add_parser("serve", help="run the HTTP service on Hypercorn")
+    command.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    command.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
+    command.add_argument(
+        "--workers",
+        type=positive,
+        default=1,
+        help="worker processes (1; on Swarm, scale replicas instead)",
+    )
+    command.add_argument(
+        "--dev",
+        action="store_true",
+        help="with no key configured, keep a generated key in DATA_DIR/master.key (laptops only)",
+    )
+    command.set_defaults(run=serve)
 
 
 def _dev_key(path: Path) -> Path:
@@ -97,39 +121,59 @@ def _check_data_dir(settings: Settings) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Validate everything, then hand over to Hypercorn (which handles SIGTERM/SIGINT)."""
-    from observability.logging import configure_logging
-    from vault import hypercorn_fixes
-
     try:
-        # First: the fixes every worker applies are written for one Hypercorn release.
-        hypercorn_fixes.check()
-        settings = Settings.from_env()
-        configure_logging(settings.log_level)
-        if settings.master_key is None and args.dev:
-            if not settings.dev_key_path.exists():
-                # Before a new key is written: a lost key file must not be replaced silently.
-                _guard_fresh_dev_key(settings)
-            key_path = _dev_key(settings.dev_key_path)
-            # Hand the key to the workers (separate processes) the way production does.
-            os.environ["MASTER_KEY_FILE"] = str(key_path)
-            settings = Settings.from_env()
-        keyring = build_keyring(settings)
-        if settings.mongo_uri:
-            check_mongo_uri(settings.mongo_uri)
-        else:
-            _check_data_dir(settings)
-        if settings.tls_certfile is not None and settings.tls_keyfile is not None:
-            _check_tls(settings.tls_certfile, settings.tls_keyfile)
-        guard_keys(settings, keyring.key_ids, on_unchecked=_serve_unchecked)
+        settings = _preflight(args)
     except ConfigError as exc:
         return fail(str(exc))
 
-    from hypercorn.config import Config
     from hypercorn.run import run
 
     from vault.workers import serve_workers
 
     created_metrics_dir = _prepare_metrics_dir(settings, args.workers)
+    config = _hypercorn_config(settings, args)
+    try:
+        # More than one worker: our supervisor, which drains them all (vault/workers.py).
+        return run(config) if args.workers == 1 else serve_workers(config, args.workers)
+    except OSError as exc:
+        return fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    finally:
+        if created_metrics_dir is not None:
+            shutil.rmtree(created_metrics_dir, ignore_errors=True)
+
+
+def _preflight(args: argparse.Namespace) -> Settings:
+    """Everything a user can get wrong, checked before binding: ConfigError naming it."""
+    from observability.logging import configure_logging
+    from vault import hypercorn_fixes
+
+    # First: the fixes every worker applies are written for one Hypercorn release.
+    hypercorn_fixes.check()
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    if settings.master_key is None and args.dev:
+        if not settings.dev_key_path.exists():
+            # Before a new key is written: a lost key file must not be replaced silently.
+            _guard_fresh_dev_key(settings)
+        key_path = _dev_key(settings.dev_key_path)
+        # Hand the key to the workers (separate processes) the way production does.
+        os.environ["MASTER_KEY_FILE"] = str(key_path)
+        settings = Settings.from_env()
+    keyring = build_keyring(settings)
+    if settings.mongo_uri:
+        check_mongo_uri(settings.mongo_uri)
+    else:
+        _check_data_dir(settings)
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        _check_tls(settings.tls_certfile, settings.tls_keyfile)
+    guard_keys(settings, keyring.key_ids, on_unchecked=_serve_unchecked)
+    return settings
+
+
+def _hypercorn_config(settings: Settings, args: argparse.Namespace) -> Config:
+    """Hypercorn's configuration: the address, the workers, and the deliberate timeouts."""
+    from hypercorn.config import Config
+
     config = Config()
     config.bind = [f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"]
     config.application_path = "vault.app:app_from_environment()"
@@ -150,14 +194,7 @@ def serve(args: argparse.Namespace) -> int:
         # Hypercorn's default is 60 s: a client that opens a connection and never completes
         # its handshake would hold it twelve times as long as an idle plain one.
         config.ssl_handshake_timeout = settings.read_timeout_seconds
-    try:
-        # More than one worker: our supervisor, which drains them all (vault/workers.py).
-        return run(config) if args.workers == 1 else serve_workers(config, args.workers)
-    except OSError as exc:
-        return fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
-    finally:
-        if created_metrics_dir is not None:
-            shutil.rmtree(created_metrics_dir, ignore_errors=True)
+    return config
 
 
 def _serve_unchecked(reason: str) -> None:

@@ -13,9 +13,30 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from vault.cli.common import check_mongo_uri, fail
 from vault.settings import ConfigError, Settings
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``export`` and ``import``, and their options."""
+    export_cmd = commands.add_parser(
+        "export", help="write the store's records, sealed as stored, to a file (no key needed)"
+    )
+    export_cmd.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write to FILE (default: standard output)"
+    )
+    export_cmd.add_argument("--audit", action="store_true", help="include the audit log")
+    export_cmd.set_defaults(run=export_command)
+
+    import_cmd = commands.add_parser(
+        "import", help="add the records of an export file to the store (no key needed)"
+    )
+    import_cmd.add_argument(
+        "-i", "--input", type=Path, metavar="FILE", help="read FILE (default: standard input)"
+    )
+    import_cmd.set_defaults(run=import_command)
 
 
 def _check_data_dir_creatable(settings: Settings) -> None:
