@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from vault.crypto import generate_key, key_id, parse_key
-from vault.settings import ConfigError, Settings, client_url
+from vault.settings import (
+    AuditMode,
+    ConfigError,
+    RateLimitStorage,
+    Settings,
+    TracesExporter,
+    client_url,
+)
 
 
 def test_defaults_with_only_a_key() -> None:
@@ -140,3 +147,37 @@ def test_retired_key_ids_refuses_a_configured_keys_id() -> None:
                 {"MASTER_KEY": active, "MASTER_KEY_PREVIOUS": previous, "RETIRED_KEY_IDS": kid}
             )
         assert f"RETIRED_KEY_IDS lists {kid}, the id of a configured key" in str(refused.value)
+
+
+def test_modes_are_enums_that_still_compare_as_their_text() -> None:
+    settings = Settings.from_env(
+        {"AUDIT_MODE": "ASYNC", "OTEL_TRACES_EXPORTER": "Console", "LOG_LEVEL": "warning"}
+    )
+    assert settings.audit_mode is AuditMode.ASYNC
+    assert settings.audit_mode == "async"
+    assert settings.traces_exporter is TracesExporter.CONSOLE
+    assert f"{settings.log_level}" == "WARNING"
+    assert settings.rate_limit_storage == RateLimitStorage.MEMORY == "memory"
+    shared = Settings.from_env({"RATE_LIMIT_STORAGE": "mongodb://db/"})
+    assert shared.rate_limit_storage == "mongodb://db/"
+
+
+def test_an_empty_value_is_the_default_except_where_it_is_refused() -> None:
+    key = generate_key()
+    blank = Settings.from_env(
+        {"MASTER_KEY": key, "RATE_LIMIT": "", "STORE_TIMEOUT_SECONDS": " ", "DATA_DIR": ""}
+    )
+    assert blank == Settings.from_env({"MASTER_KEY": key})
+    for name in ("MASTER_KEY", "MONGO_DB", "MONGO_WRITE_CONCERN", "API_KEYS", "AUDIT_HMAC_KEY"):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({"MASTER_KEY": key, name: ""})
+        assert name in str(refused.value)
+
+
+def test_the_dev_key_file_stands_in_only_for_an_unset_master_key(tmp_path: Path) -> None:
+    dev, configured = generate_key(), generate_key()
+    (tmp_path / "master.key").write_text(dev + "\n")
+    dev_key_file = tmp_path / "master.key"
+    assert Settings.from_env({}, dev_key_file=dev_key_file).master_key == parse_key(dev)
+    chosen = Settings.from_env({"MASTER_KEY": configured}, dev_key_file=dev_key_file)
+    assert chosen.master_key == parse_key(configured)

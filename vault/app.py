@@ -33,7 +33,7 @@ from vault import hypercorn_fixes
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
 from vault.keyguard import UnreadableRecords
 from vault.routes import OPERATIONS, VaultAPI, http_error, unavailable_response
-from vault.settings import ConfigError, Settings
+from vault.settings import AuditMode, ConfigError, RateLimitStorage, Settings
 from vault.stores.base import SecretStore, StoreKnownDown, StoreUnavailable
 from vault.stores.counters import MongoCounter
 
@@ -97,7 +97,7 @@ def build_audit_writer(settings: Settings, store: SecretStore) -> AuditWriter:
     into one write; their outcomes are counted in the metrics."""
     return AuditWriter(
         store.insert_audit,
-        wait=settings.audit_mode == "sync",
+        wait=settings.audit_mode == AuditMode.SYNC,
         stdout=stdout_stream() if settings.audit_stdout else None,
         on_written=AUDIT_RECORDS.labels("written").inc,
         on_failed=AUDIT_RECORDS.labels("failed").inc,
@@ -106,7 +106,7 @@ def build_audit_writer(settings: Settings, store: SecretStore) -> AuditWriter:
 
 def build_counter(settings: Settings) -> Counter:
     """Per-process counting, or one MongoDB collection shared by every replica."""
-    if settings.rate_limit_storage == "memory":
+    if settings.rate_limit_storage == RateLimitStorage.MEMORY:
         return MemoryCounter()
     return MongoCounter(
         settings.rate_limit_storage,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 
 from vault.app import audit_hmac_key, audit_hmac_keys, build_keyring, build_store
@@ -68,9 +67,7 @@ def audit_hash(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
         if settings.master_key is None and settings.audit_hmac_key is None and args.dev:
-            settings = Settings.from_env(
-                {**os.environ, "MASTER_KEY_FILE": str(settings.dev_key_path)}
-            )
+            settings = Settings.from_env(dev_key_file=settings.dev_key_path)
         keys = audit_hmac_keys(settings)
     except ConfigError as exc:
         return fail(str(exc))
@@ -86,9 +83,7 @@ def rewrap(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
         if settings.master_key is None and args.dev:
-            settings = Settings.from_env(
-                {**os.environ, "MASTER_KEY_FILE": str(settings.dev_key_path)}
-            )
+            settings = Settings.from_env(dev_key_file=settings.dev_key_path)
         keyring = build_keyring(settings)
         hash_key = audit_hmac_key(settings)
         if settings.mongo_uri:
