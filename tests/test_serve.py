@@ -83,6 +83,24 @@ def test_dev_mode_persists_its_key_and_the_secrets(
     assert key not in second.output()
 
 
+def test_dev_mode_hands_its_key_to_every_worker_as_a_value(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The workers get the settings serve validated inside their app factory: none of them
+    # starts with a MASTER_KEY_FILE that serve wrote into the environment.
+    server = start_server({"DATA_DIR": str(tmp_path / "data")}, "--dev", "--workers", "2")
+    secret = b64(os.urandom(32))
+    secret_ids = [create(server.url, secret) for _ in range(10)]  # new connections each
+    for secret_id in secret_ids:
+        assert fetch(server.url, secret_id).json() == {"secret": secret}
+    workers = _workers(server.process.pid)
+    assert len(workers) == 2  # both built their app: a keyless one would have exited
+    for worker in workers:
+        environment = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+        assert not any(entry.startswith(b"MASTER_KEY") for entry in environment)
+    assert server.stop(timeout=20) == 0
+
+
 def test_without_dev_no_key_file_is_written(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     result = subprocess.run(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from vault.crypto import generate_key, key_id, parse_key
 from vault.settings import (
     AuditMode,
@@ -181,3 +183,44 @@ def test_the_dev_key_file_stands_in_only_for_an_unset_master_key(tmp_path: Path)
     assert Settings.from_env({}, dev_key_file=dev_key_file).master_key == parse_key(dev)
     chosen = Settings.from_env({"MASTER_KEY": configured}, dev_key_file=dev_key_file)
     assert chosen.master_key == parse_key(configured)
+
+
+def _environment_uses(path: Path) -> list[str]:
+    """Each ``os.environ`` / ``os.getenv`` / ``os.putenv`` in a file, as ``line: source``."""
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    names = {"environ", "environb", "getenv", "putenv", "unsetenv"}
+    found = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr in names
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "os"
+    ]
+    found += [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and node.module == "os"
+        and any(alias.name in names for alias in node.names)
+    ]
+    lines = source.splitlines()
+    return [f"{line}: {lines[line - 1].strip()}" for line in sorted(found)]
+
+
+def test_nothing_but_the_settings_reads_the_environment() -> None:
+    """The one exception writes PROMETHEUS_MULTIPROC_DIR, which prometheus_client itself
+    reads in each spawned worker (vault/cli/serve.py says why)."""
+    uses = {
+        str(path.relative_to(ROOT)): found
+        for package in ("vault", "middleware", "observability")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if not path.is_relative_to(ROOT / "vault" / "settings")
+        if (found := _environment_uses(path))
+    }
+    assert list(uses) == ["vault/cli/serve.py"]
+    [write] = uses["vault/cli/serve.py"]
+    assert write.endswith('os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)')
+    # The walk sees the settings' own reads.
+    assert _environment_uses(ROOT / "vault" / "settings" / "__init__.py")

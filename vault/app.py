@@ -306,11 +306,11 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     return app
 
 
-def app_from_environment() -> Starlette:
-    """What each Hypercorn worker loads: logging and settings from the environment, and the
-    server's fixes (in every worker process, where its TCP server runs), which refuse with a
-    ConfigError a Hypercorn release they were not written for."""
-    settings = Settings.from_env()
+def worker_app(settings: Settings) -> Starlette:
+    """What each Hypercorn worker serves, built in that worker from the settings ``serve``
+    validated (handed over as a value, never through the environment): logging, and the
+    server's fixes (in every worker process, where its TCP server runs), which refuse with
+    a ConfigError a Hypercorn release they were not written for."""
     configure_logging(settings.log_level)
     hypercorn_fixes.apply()
     return create_app(settings)

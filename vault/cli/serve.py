@@ -8,6 +8,7 @@ line naming the cause and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from observability.metrics import prepare_multiprocess_dir
-from vault.app import build_keyring
+from vault.app import build_keyring, worker_app
 from vault.cli.common import (
     check_mongo_uri,
     fail,
@@ -126,15 +127,18 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return fail(str(exc))
 
-    from hypercorn.run import run
-
-    from vault.workers import serve_workers
+    from vault.workers import serve_one, serve_workers
 
     created_metrics_dir = _prepare_metrics_dir(settings, args.workers)
     config = _hypercorn_config(settings, args)
+    # The settings travel to each worker inside the app factory (pickled into a spawned
+    # worker's start-up arguments): validated once here, never re-read from the environment.
+    make_app = functools.partial(worker_app, settings)
     try:
         # More than one worker: our supervisor, which drains them all (vault/workers.py).
-        return run(config) if args.workers == 1 else serve_workers(config, args.workers)
+        if args.workers == 1:
+            return serve_one(make_app, config)
+        return serve_workers(make_app, config, args.workers)
     except OSError as exc:
         return fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     finally:
@@ -155,10 +159,7 @@ def _preflight(args: argparse.Namespace) -> Settings:
         if not settings.dev_key_path.exists():
             # Before a new key is written: a lost key file must not be replaced silently.
             _guard_fresh_dev_key(settings)
-        key_path = _dev_key(settings.dev_key_path)
-        # Hand the key to the workers (separate processes) the way production does.
-        os.environ["MASTER_KEY_FILE"] = str(key_path)
-        settings = Settings.from_env()
+        settings = Settings.from_env(dev_key_file=_dev_key(settings.dev_key_path))
     keyring = build_keyring(settings)
     if settings.mongo_uri:
         check_mongo_uri(settings.mongo_uri)
@@ -176,8 +177,7 @@ def _hypercorn_config(settings: Settings, args: argparse.Namespace) -> Config:
 
     config = Config()
     config.bind = [f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"]
-    config.application_path = "vault.app:app_from_environment()"
-    # One worker runs in this process; more are spawned processes, each loading the app.
+    # One worker runs in this process; more are spawned processes, each building the app.
     config.workers = 0 if args.workers == 1 else args.workers
     config.graceful_timeout = settings.graceful_timeout_seconds
     config.include_server_header = False
@@ -239,6 +239,10 @@ def _prepare_metrics_dir(settings: Settings, workers: int) -> Path | None:
             return None  # one process: plain in-memory metrics
         directory = created = Path(tempfile.mkdtemp(prefix="secret-manager-metrics-"))
     prepare_multiprocess_dir(directory)
-    # The workers are spawned processes: they pick this up when they import the metrics.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    if created is not None:
+        # The one variable written: prometheus_client itself reads it, once, when a process
+        # first imports it, which a spawned worker does while it unpickles its arguments,
+        # before any code of ours runs there. A directory given by the operator is in the
+        # environment the workers inherit already.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     return created
