@@ -8,6 +8,7 @@ line naming the cause and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -130,6 +131,9 @@ def serve(args: argparse.Namespace) -> int:
     from vault.workers import serve_one, serve_workers
 
     created_metrics_dir = _prepare_metrics_dir(settings, args.workers)
+    if created_metrics_dir is not None:
+        # The workers' /metrics sums what every worker writes there.
+        settings = dataclasses.replace(settings, prometheus_multiproc_dir=created_metrics_dir)
     config = _hypercorn_config(settings, args)
     # The settings travel to each worker inside the app factory (pickled into a spawned
     # worker's start-up arguments): validated once here, never re-read from the environment.
