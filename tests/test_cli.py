@@ -20,7 +20,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import clean_env, free_port
-from vault.cli import parse_duration, parse_max_reads
+from vault.cli.client import parse_duration, parse_max_reads
 from vault.crypto import generate_key
 from vault.hypercorn_fixes import HYPERCORN_VERSION
 

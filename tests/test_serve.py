@@ -21,7 +21,7 @@ import httpx2 as httpx
 import pytest
 
 from middleware.errors import GENERIC_DETAIL
-from tests.conftest import b64, children, clean_env, free_port, running
+from tests.conftest import b64, children, clean_env, free_port, running, worker_processes
 from vault.crypto import generate_key, key_id, parse_key
 from vault.settings import Settings
 
@@ -81,6 +81,24 @@ def test_dev_mode_persists_its_key_and_the_secrets(
     assert second.stop() == 0
     assert "DEVELOPMENT MODE" in second.output()
     assert key not in second.output()
+
+
+def test_dev_mode_hands_its_key_to_every_worker_as_a_value(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The workers get the settings serve validated inside their app factory: none of them
+    # starts with a MASTER_KEY_FILE that serve wrote into the environment.
+    server = start_server({"DATA_DIR": str(tmp_path / "data")}, "--dev", "--workers", "2")
+    secret = b64(os.urandom(32))
+    secret_ids = [create(server.url, secret) for _ in range(10)]  # new connections each
+    for secret_id in secret_ids:
+        assert fetch(server.url, secret_id).json() == {"secret": secret}
+    workers = worker_processes(server.process.pid)
+    assert len(workers) == 2  # both built their app: a keyless one would have exited
+    for worker in workers:
+        environment = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+        assert not any(entry.startswith(b"MASTER_KEY") for entry in environment)
+    assert server.stop(timeout=20) == 0
 
 
 def test_without_dev_no_key_file_is_written(tmp_path: Path) -> None:
@@ -184,18 +202,13 @@ def test_two_workers_serve_and_stop_on_sigterm(
     assert not _answers(server.url)
 
 
-def _workers(pid: int) -> list[int]:
-    """The worker processes of a server (not multiprocessing's resource tracker)."""
-    return [c for c in children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
 def test_a_worker_that_dies_stops_the_server_with_a_failure_code(
     start_server: StartServer, tmp_path: Path, master_key: str
 ) -> None:
     # A supervisor that restarts on failure (systemd Restart=on-failure) must see one.
     env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")}
     server = start_server({**env, "GRACEFUL_TIMEOUT_SECONDS": "3"}, "--workers", "2")
-    workers = _workers(server.process.pid)
+    workers = worker_processes(server.process.pid)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
     try:
@@ -224,7 +237,7 @@ def test_sigkill_of_the_supervisor_stops_its_workers_and_frees_the_port(
 ) -> None:
     env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")}
     server = start_server({**env, "GRACEFUL_TIMEOUT_SECONDS": "3"}, "--workers", "2")
-    assert len(_workers(server.process.pid)) == 2
+    assert len(worker_processes(server.process.pid)) == 2
     processes = children(server.process.pid)
     assert not _bindable(server.port)  # the check below can tell a held port
     server.process.kill()

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from vault.crypto import generate_key, key_id, parse_key
-from vault.settings import ConfigError, Settings, client_url
+from vault.settings import (
+    AuditMode,
+    ConfigError,
+    RateLimitStorage,
+    Settings,
+    TracesExporter,
+    client_url,
+)
 
 
 def test_defaults_with_only_a_key() -> None:
@@ -140,3 +149,78 @@ def test_retired_key_ids_refuses_a_configured_keys_id() -> None:
                 {"MASTER_KEY": active, "MASTER_KEY_PREVIOUS": previous, "RETIRED_KEY_IDS": kid}
             )
         assert f"RETIRED_KEY_IDS lists {kid}, the id of a configured key" in str(refused.value)
+
+
+def test_modes_are_enums_that_still_compare_as_their_text() -> None:
+    settings = Settings.from_env(
+        {"AUDIT_MODE": "ASYNC", "OTEL_TRACES_EXPORTER": "Console", "LOG_LEVEL": "warning"}
+    )
+    assert settings.audit_mode is AuditMode.ASYNC
+    assert settings.audit_mode == "async"
+    assert settings.traces_exporter is TracesExporter.CONSOLE
+    assert f"{settings.log_level}" == "WARNING"
+    assert settings.rate_limit_storage == RateLimitStorage.MEMORY == "memory"
+    shared = Settings.from_env({"RATE_LIMIT_STORAGE": "mongodb://db/"})
+    assert shared.rate_limit_storage == "mongodb://db/"
+
+
+def test_an_empty_value_is_the_default_except_where_it_is_refused() -> None:
+    key = generate_key()
+    blank = Settings.from_env(
+        {"MASTER_KEY": key, "RATE_LIMIT": "", "STORE_TIMEOUT_SECONDS": " ", "DATA_DIR": ""}
+    )
+    assert blank == Settings.from_env({"MASTER_KEY": key})
+    for name in ("MASTER_KEY", "MONGO_DB", "MONGO_WRITE_CONCERN", "API_KEYS", "AUDIT_HMAC_KEY"):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({"MASTER_KEY": key, name: ""})
+        assert name in str(refused.value)
+
+
+def test_the_dev_key_file_stands_in_only_for_an_unset_master_key(tmp_path: Path) -> None:
+    dev, configured = generate_key(), generate_key()
+    (tmp_path / "master.key").write_text(dev + "\n")
+    dev_key_file = tmp_path / "master.key"
+    assert Settings.from_env({}, dev_key_file=dev_key_file).master_key == parse_key(dev)
+    chosen = Settings.from_env({"MASTER_KEY": configured}, dev_key_file=dev_key_file)
+    assert chosen.master_key == parse_key(configured)
+
+
+def _environment_uses(path: Path) -> list[str]:
+    """Each ``os.environ`` / ``os.getenv`` / ``os.putenv`` in a file, as ``line: source``."""
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    names = {"environ", "environb", "getenv", "putenv", "unsetenv"}
+    found = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr in names
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "os"
+    ]
+    found += [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and node.module == "os"
+        and any(alias.name in names for alias in node.names)
+    ]
+    lines = source.splitlines()
+    return [f"{line}: {lines[line - 1].strip()}" for line in sorted(found)]
+
+
+def test_nothing_but_the_settings_reads_the_environment() -> None:
+    """The one exception writes PROMETHEUS_MULTIPROC_DIR, which prometheus_client itself
+    reads in each spawned worker (vault/cli/serve.py says why)."""
+    uses = {
+        str(path.relative_to(ROOT)): found
+        for package in ("vault", "middleware", "observability")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if not path.is_relative_to(ROOT / "vault" / "settings")
+        if (found := _environment_uses(path))
+    }
+    assert list(uses) == ["vault/cli/serve.py"]
+    [write] = uses["vault/cli/serve.py"]
+    assert write.endswith('os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)')
+    # The walk sees the settings' own reads.
+    assert _environment_uses(ROOT / "vault" / "settings" / "__init__.py")

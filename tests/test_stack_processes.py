@@ -16,7 +16,7 @@ import httpx2 as httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
-from tests.conftest import ServerProcess, b64
+from tests.conftest import ServerProcess, b64, worker_processes
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +99,26 @@ def test_metrics_add_up_across_two_workers(
     # Whichever worker answers the scrape, it reports the sum of both.
     assert {metric(server.url, "vault_secrets_created_total") for _ in range(6)} == {30.0}
     assert server.stop() == 0
+
+
+def test_metrics_add_up_across_two_workers_in_the_directory_serve_makes(
+    start_server: StartServer, master_key: str, tmp_path: Path
+) -> None:
+    # No PROMETHEUS_MULTIPROC_DIR: serve makes a temporary one, and every worker's app is
+    # told of it with the rest of its settings.
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data"), "RATE_LIMIT": "off"}
+    server = start_server(env, "--workers", "2")
+    for _ in range(30):
+        assert post(server.url, "/vault/secret/create", {"secret": b64(b"x")}).status_code == 200
+    [worker, *_] = worker_processes(server.process.pid)
+    environment = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    [entry] = [entry for entry in environment if entry.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+    metrics_dir = Path(entry.partition(b"=")[2].decode())
+    served = [count for count in created_per_process(metrics_dir).values() if count]
+    assert len(served) == 2, "both workers should have served"
+    assert {metric(server.url, "vault_secrets_created_total") for _ in range(6)} == {30.0}
+    assert server.stop() == 0
+    assert not metrics_dir.exists()  # serve removes the directory it made
 
 
 def test_callers_trace_is_joined_and_carries_no_secret(

@@ -1,7 +1,7 @@
 """API keys and bearer tokens as configured: their rules, their parsing, their digest.
 
 ``API_KEYS`` / ``API_KEYS_FILE`` hold ``name:token`` entries and ``METRICS_TOKEN`` one token.
-Settings parse them at start-up (vault/settings.py); the middleware that checks requests
+Settings parse them at start-up (vault/settings/); the middleware that checks requests
 (middleware/apikeys.py) is handed the result: key names and the SHA-256 digest of each
 token, never a token. Both sides hash with ``token_digest`` and name keys by ``KEY_NAME``,
 which the middleware defines (it depends on nothing of the app) and this module uses.

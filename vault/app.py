@@ -40,7 +40,7 @@ from vault.breaker import CircuitBreaker
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
 from vault.keyguard import UnreadableRecords
 from vault.routes import OPERATIONS, VaultAPI, http_error, unavailable_response
-from vault.settings import ConfigError, Settings
+from vault.settings import AuditMode, ConfigError, RateLimitStorage, Settings
 from vault.stores.base import SecretStore, StoreKnownDown, StoreUnavailable
 from vault.stores.counters import MongoCounter
 
@@ -109,7 +109,7 @@ def build_audit_writer(settings: Settings, store: SecretStore) -> AuditWriter:
     into one write; their outcomes are counted in the metrics."""
     return AuditWriter(
         store.insert_audit,
-        wait=settings.audit_mode == "sync",
+        wait=settings.audit_mode == AuditMode.SYNC,
         stdout=stdout_stream() if settings.audit_stdout else None,
         on_written=AUDIT_RECORDS.labels("written").inc,
         on_failed=AUDIT_RECORDS.labels("failed").inc,
@@ -118,7 +118,7 @@ def build_audit_writer(settings: Settings, store: SecretStore) -> AuditWriter:
 
 def build_counter(settings: Settings) -> Counter:
     """Per-process counting, or one MongoDB collection shared by every replica."""
-    if settings.rate_limit_storage == "memory":
+    if settings.rate_limit_storage == RateLimitStorage.MEMORY:
         return MemoryCounter()
     return MongoCounter(
         settings.rate_limit_storage,
@@ -321,11 +321,11 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     return app
 
 
-def app_from_environment() -> Starlette:
-    """What each Hypercorn worker loads: logging and settings from the environment, and the
-    server's fixes (in every worker process, where its TCP server runs), which refuse with a
-    ConfigError a Hypercorn release they were not written for."""
-    settings = Settings.from_env()
+def worker_app(settings: Settings) -> Starlette:
+    """What each Hypercorn worker serves, built in that worker from the settings ``serve``
+    validated (handed over as a value, never through the environment): logging, and the
+    server's fixes (in every worker process, where its TCP server runs), which refuse with
+    a ConfigError a Hypercorn release they were not written for."""
     configure_logging(settings.log_level)
     hypercorn_fixes.apply()
     return create_app(settings)

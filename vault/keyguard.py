@@ -1,6 +1,6 @@
 """The key guard: records sealed by a key the keyring does not hold, which nothing can open.
 
-``serve`` and ``rewrap`` refuse to start while the store holds any (vault/cli.py), unless
+``serve`` and ``rewrap`` refuse to start while the store holds any (vault/cli/), unless
 their key id is listed in RETIRED_KEY_IDS; a serving app keeps the count current for
 ``/readyz`` and the ``vault_records_unreadable`` gauge. Key ids are a PRF of the key
 (vault/crypto.py ``key_id``): naming them reveals nothing about the keys.

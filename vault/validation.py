@@ -14,11 +14,6 @@ import re
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
-# The largest secret, decoded, unless MAX_SECRET_BYTES says otherwise (vault/settings.py);
-# the stores size their readiness probe's write by it.
-DEFAULT_MAX_SECRET_BYTES = 65536
-
-
 class InvalidValue(ValueError):
     """The value is malformed; the message says what is expected."""
 

@@ -1,4 +1,10 @@
-"""``serve --workers N``: N Hypercorn worker processes under a supervisor that drains them all.
+"""Running Hypercorn's workers on an app built from a value, and ``serve --workers N``: N
+worker processes under a supervisor that drains them all.
+
+Hypercorn's own workers import the app by a path ("module:factory()"), so the app could
+only learn its settings from the environment. Here a worker is handed ``make_app``, a
+picklable callable holding the settings ``serve`` validated once (spawned processes get it
+in their start-up arguments), and runs Hypercorn's asyncio server on what it returns.
 
 Hypercorn 0.18's own supervisor (``hypercorn.run.run``) has two faults this one does not:
 - On SIGTERM it sets the shared shutdown event, then wakes as soon as the *first* worker
@@ -33,20 +39,26 @@ Two more guarantees an operator relies on when restarting the service:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 from types import FrameType
+from typing import Any, cast
 
 from hypercorn.config import Config, Sockets
+from starlette.types import ASGIApp
 
 log = logging.getLogger("secret_manager.workers")
 
@@ -55,7 +67,47 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_MARGIN_SECONDS = 5.0
 
 
-def serve_workers(config: Config, count: int) -> int:
+def serve_one(make_app: Callable[[], ASGIApp], config: Config) -> int:
+    """One worker, in this process, until SIGTERM/SIGINT (Hypercorn's own handlers)."""
+    sockets = config.create_sockets()  # before the app is built: a busy port fails first
+    try:
+        run_worker(make_app, config, sockets)
+    finally:
+        _close(sockets)
+    return 0
+
+
+def run_worker(
+    make_app: Callable[[], ASGIApp],
+    config: Config,
+    sockets: Sockets,
+    shutdown: Event | None = None,
+) -> None:
+    """Hypercorn's asyncio worker (``hypercorn.asyncio.run.asyncio_worker``), serving the app
+    ``make_app`` builds rather than one imported by ``config.application_path``."""
+    from hypercorn.asyncio.run import worker_serve
+    from hypercorn.typing import ASGIFramework
+    from hypercorn.utils import check_multiprocess_shutdown_event, wrap_app
+
+    # cast: Hypercorn types scopes as TypedDicts where Starlette has plain mappings.
+    app = wrap_app(cast(ASGIFramework, make_app()), config.wsgi_max_body_size, "asgi")
+    trigger = (
+        None
+        if shutdown is None
+        else functools.partial(check_multiprocess_shutdown_event, shutdown, asyncio.sleep)
+    )
+    with asyncio.Runner(debug=config.debug) as runner:
+        runner.get_loop().set_exception_handler(_ignore_failed_handshakes)
+        runner.run(worker_serve(app, config, sockets=sockets, shutdown_trigger=trigger))
+
+
+def _ignore_failed_handshakes(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # As Hypercorn's worker does: a client's failed TLS handshake is not the server's error.
+    if not isinstance(context.get("exception"), ssl.SSLError):
+        loop.default_exception_handler(context)
+
+
+def serve_workers(make_app: Callable[[], ASGIApp], config: Config, count: int) -> int:
     """Run ``count`` workers until SIGTERM/SIGINT; 0 after a clean stop, 1 if one died."""
     if count < 2:
         raise ValueError("serve_workers is for two or more workers")
@@ -79,6 +131,7 @@ def serve_workers(config: Config, count: int) -> int:
             process: BaseProcess = context.Process(
                 target=_worker,
                 kwargs={
+                    "make_app": make_app,
                     "config": config,
                     "sockets": sockets,
                     "shutdown": shutdown,
@@ -146,17 +199,21 @@ def _bind(config: Config) -> Sockets:
     return single.create_sockets()
 
 
-def _worker(config: Config, sockets: Sockets, shutdown: Event, parent_gone: Connection) -> None:
+def _worker(
+    make_app: Callable[[], ASGIApp],
+    config: Config,
+    sockets: Sockets,
+    shutdown: Event,
+    parent_gone: Connection,
+) -> None:
     """One worker process: Hypercorn's asyncio worker, also stopped by the supervisor's death."""
-    from hypercorn.asyncio.run import asyncio_worker
-
     threading.Thread(
         target=_watch_parent,
         args=(parent_gone, shutdown, config.graceful_timeout + EXIT_MARGIN_SECONDS),
         name="watch-supervisor",
         daemon=True,  # it must not keep a worker that has stopped from exiting
     ).start()
-    asyncio_worker(config, sockets, shutdown)
+    run_worker(make_app, config, sockets, shutdown)
 
 
 def _watch_parent(parent_gone: Connection, shutdown: Event, limit: float) -> None:

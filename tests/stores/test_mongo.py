@@ -38,7 +38,7 @@ def outage_client(own_mongo: MongoWireServer, tmp_path: Path) -> Iterator[TestCl
 
 def test_a_store_whose_database_is_down_closes_in_seconds(own_mongo: MongoWireServer) -> None:
     """Shutting down during an outage: pymongo's close() alone waits 30 s to end sessions."""
-    store = MongoStore(own_mongo.uri, "closing", timeout=1.0)
+    store = MongoStore(own_mongo.uri, "closing", timeout=1.0, max_secret_bytes=65536)
 
     async def main() -> float:
         await store.open()
@@ -59,7 +59,7 @@ def test_once_the_database_is_known_down_every_call_fails_at_once_audit_writes_t
 ) -> None:
     """The breaker: after one connection-level failure secret and audit calls raise
     StoreUnavailable without trying the database, until a probe finds it back."""
-    store = MongoStore(own_mongo.uri, "breaker_calls", timeout=2.0)
+    store = MongoStore(own_mongo.uri, "breaker_calls", timeout=2.0, max_secret_bytes=65536)
 
     async def main() -> tuple[float, float]:
         await store.open()
@@ -107,7 +107,7 @@ def test_once_the_database_is_known_down_every_call_fails_at_once_audit_writes_t
 def test_async_audit_records_wait_out_an_outage_and_land_once(own_mongo: MongoWireServer) -> None:
     """A write the database failed as a whole is StoreUnavailable, which the async writer
     retries: records made during an outage are stored once it is over, none twice."""
-    store = MongoStore(own_mongo.uri, "audit_outage", timeout=1.0)
+    store = MongoStore(own_mongo.uri, "audit_outage", timeout=1.0, max_secret_bytes=65536)
 
     async def main() -> None:
         await store.open()

@@ -17,10 +17,12 @@ import pymongo
 import pytest
 
 from tests.conftest import MongoWireServer, ServerProcess, b64, wait_until
+from vault.settings import DEFAULT_STORE_TIMEOUT_SECONDS
 
 THREADS = 4
 PAUSE_SECONDS = 0.02  # between one thread's requests: a bounded load, not a flood
-STORE_TIMEOUT_SECONDS = 4.0
+# The budget every store call gets by default, which docs/operations.md reports measured.
+STORE_TIMEOUT_SECONDS = DEFAULT_STORE_TIMEOUT_SECONDS
 # The target is 100 ms at p99; asserted with room for a loaded CI machine, still far
 # below the STORE_TIMEOUT_SECONDS + 1 s every 503 took before.
 FAST_503_BOUND = 0.5

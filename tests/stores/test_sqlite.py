@@ -84,7 +84,7 @@ def test_an_export_reads_one_instant_of_a_store_written_meanwhile(tmp_path: Path
     with _client(data_dir, RATE_LIMIT="off") as client:
         for n in range(1200):  # more than one fetchmany page
             client.post("/vault/secret/create", json={"secret": b64(b"%d" % n)})
-        bulk = SQLiteBulk(data_dir / "vault.db", create=False)
+        bulk = SQLiteBulk(data_dir / "vault.db", create=False, timeout=4.0)
         with closing(bulk) as store, store.snapshot():
             held = store.count_secrets()
             records = store.secrets(utc_now())
@@ -99,11 +99,14 @@ def test_an_export_reads_one_instant_of_a_store_written_meanwhile(tmp_path: Path
         assert held == len(exported) == 1200
         assert audited == 1200
         assert len({record.sealed.secret_id for record in exported}) == 1200
-    with closing(SQLiteBulk(data_dir / "vault.db", create=False)) as store, store.snapshot():
+    with (
+        closing(SQLiteBulk(data_dir / "vault.db", create=False, timeout=4.0)) as store,
+        store.snapshot(),
+    ):
         assert store.count_secrets() == 1250
 
 
 def test_export_refuses_a_missing_file_rather_than_create_an_empty_store(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        SQLiteBulk(tmp_path / "vault.db", create=False)
+        SQLiteBulk(tmp_path / "vault.db", create=False, timeout=4.0)
     assert not (tmp_path / "vault.db").exists()

@@ -69,7 +69,6 @@ from vault.stores.health import (
     WriteHealth,
     stored_any,
 )
-from vault.validation import DEFAULT_MAX_SECRET_BYTES
 
 _FORMAT_VERSION = 1
 _DUPLICATE_KEY = 11000
@@ -347,8 +346,8 @@ class MongoStore:
         write_concern: str | int = "majority",
         journal: bool = True,
         pool_size: int = 32,
-        timeout: float = 4.0,
-        max_secret_bytes: int = DEFAULT_MAX_SECRET_BYTES,
+        timeout: float,
+        max_secret_bytes: int,
     ) -> None:
         self._mongo = MongoConnection(uri, pool_size=pool_size, timeout=timeout)
         durable = WriteConcern(w=write_concern, j=journal)
@@ -773,7 +772,7 @@ class MongoBulk:
         *,
         write_concern: str | int = "majority",
         journal: bool = True,
-        timeout: float = 4.0,
+        timeout: float,
     ) -> None:
         self.label = f"MongoDB database {database!r}"
         # Not timeoutMS: it would bound a whole cursor's life, and an export is one cursor.

@@ -50,7 +50,6 @@ from vault.stores.health import (
     WriteHealth,
     stored_any,
 )
-from vault.validation import DEFAULT_MAX_SECRET_BYTES
 
 T = TypeVar("T")
 
@@ -280,9 +279,9 @@ class SQLiteStore:
         self,
         path: Path,
         *,
-        timeout: float = 4.0,
+        timeout: float,
+        max_secret_bytes: int,
         connections: int = 4,
-        max_secret_bytes: int = DEFAULT_MAX_SECRET_BYTES,
     ) -> None:
         self._path = path
         self._timeout = timeout
@@ -633,7 +632,7 @@ class SQLiteBulk:
     transaction, each durable (``synchronous=FULL``) before the next begins.
     """
 
-    def __init__(self, path: Path, *, create: bool, timeout: float = 4.0) -> None:
+    def __init__(self, path: Path, *, create: bool, timeout: float) -> None:
         """Open ``path``; when it does not exist, create it only if ``create`` (an import),
         else FileNotFoundError (an export of nothing is a mistake, not an empty file)."""
         if not path.is_file():

@@ -1,0 +1,111 @@
+"""What several commands share: the one-line refusal, and the checks before a store is used.
+
+Start-up problems a user can fix end with one line naming the cause and exit status 2
+(``EXIT_CONFIG``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import urllib.parse
+import warnings
+from collections.abc import Callable, Collection
+
+from vault.app import build_store
+from vault.keyguard import describe, refusal, refused
+from vault.settings import ConfigError, Settings
+
+log = logging.getLogger("secret_manager.cli")
+
+EXIT_CONFIG = 2
+
+
+def fail(message: str) -> int:
+    """Print the one-line refusal on standard error; the exit status to return with it."""
+    print(f"secret-manager: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def positive(value: str) -> int:
+    """An argparse type: a whole number, at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def check_mongo_uri(uri: str) -> None:
+    """Parse the URI the way pymongo will, without connecting; never echo its password."""
+    from pymongo import MongoClient
+    from pymongo.errors import ConfigurationError
+
+    try:
+        with warnings.catch_warnings():
+            # pymongo only warns about an unknown option; a typo should stop start-up.
+            warnings.simplefilter("error")
+            MongoClient(uri, connect=False).close()
+    except (ConfigurationError, UserWarning) as exc:
+        message = str(exc)
+        try:
+            password = urllib.parse.urlsplit(uri).password
+        except ValueError:
+            password = None
+        if password:
+            message = message.replace(password, "***")
+        raise ConfigError(
+            f"MONGO_URI is not a usable MongoDB connection string: {message}"
+        ) from None
+
+
+def store_label(settings: Settings) -> str:
+    """How the one-line refusals name the configured store."""
+    if settings.mongo_uri:
+        return f"MongoDB database {settings.mongo_db!r}"
+    return f"SQLite file {str(settings.data_dir / 'vault.db')!r}"
+
+
+def unknown_key_counts(settings: Settings, known_key_ids: Collection[str]) -> dict[str, int]:
+    """Open the configured store briefly and ask it which key ids, not in ``known_key_ids``,
+    seal live records, and how many each (through the key id index). An SQLite file that
+    does not exist yet holds none, and is not created here. Raises what the store raises
+    when it cannot answer (StoreUnavailable), within the store's own timeouts."""
+    if not settings.mongo_uri and not (settings.data_dir / "vault.db").is_file():
+        return {}
+
+    async def ask() -> dict[str, int]:
+        store = build_store(settings)
+        await store.open()
+        try:
+            return await store.unknown_key_counts(known_key_ids)
+        finally:
+            await store.close()
+
+    return asyncio.run(ask())
+
+
+def guard_keys(
+    settings: Settings, configured: Collection[str], *, on_unchecked: Callable[[str], None]
+) -> None:
+    """The key guard before serve or rewrap starts: ConfigError, one line naming the key
+    ids no configured key matches and the records each seals, unless every such id is in
+    RETIRED_KEY_IDS. A store that cannot answer is left to ``on_unchecked``."""
+    try:
+        counts = unknown_key_counts(settings, configured)
+    except Exception as exc:  # down, refusing credentials, an unreadable file: not ours to judge
+        on_unchecked(type(exc).__name__)
+        return
+    blocking = refused(counts, settings.retired_key_ids)
+    if blocking:
+        raise ConfigError(refusal(store_label(settings), blocking, configured))
+    if counts:
+        log.warning(
+            "starting although %s (RETIRED_KEY_IDS): no configured key opens them; a fetch "
+            "of one answers 500",
+            describe(counts),
+        )

@@ -1,0 +1,209 @@
+"""``export`` and ``import``: the store's records, sealed as stored, to a file and back.
+
+The work is vault/transfer.py's; this module checks the settings, names the file, shows
+progress on a terminal and prints the one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from vault.cli.common import check_mongo_uri, fail
+from vault.settings import ConfigError, Settings
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``export`` and ``import``, and their options."""
+    export_cmd = commands.add_parser(
+        "export", help="write the store's records, sealed as stored, to a file (no key needed)"
+    )
+    export_cmd.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write to FILE (default: standard output)"
+    )
+    export_cmd.add_argument("--audit", action="store_true", help="include the audit log")
+    export_cmd.set_defaults(run=export_command)
+
+    import_cmd = commands.add_parser(
+        "import", help="add the records of an export file to the store (no key needed)"
+    )
+    import_cmd.add_argument(
+        "-i", "--input", type=Path, metavar="FILE", help="read FILE (default: standard input)"
+    )
+    import_cmd.set_defaults(run=import_command)
+
+
+def _check_data_dir_creatable(settings: Settings) -> None:
+    """Like _check_data_dir, without creating anything: an import checks its file before
+    it writes even a directory."""
+    data_dir = settings.data_dir.absolute()
+    existing = next(path for path in (data_dir, *data_dir.parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == data_dir else f"cannot be created in {existing}"
+        raise ConfigError(f"DATA_DIR={str(settings.data_dir)!r} {what} by this user")
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """Records, rate and time left on standard error, while it is a terminal."""
+    if not sys.stderr.isatty():
+        yield lambda done: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total,
+        desc=description,
+        unit=" records",
+        unit_scale=True,
+        file=sys.stderr,
+        leave=False,  # the summary line stays, the bar goes
+        mininterval=0.5,
+    ) as bar:
+
+        def advance(done: int) -> None:
+            bar.update(done)
+
+        yield advance
+
+
+def _transfer_settings() -> Settings:
+    settings = Settings.from_env()
+    if settings.mongo_uri:
+        check_mongo_uri(settings.mongo_uri)
+    return settings
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """Write the store's live records, sealed, to --output or standard output."""
+    from vault import transfer
+
+    try:
+        settings = _transfer_settings()
+    except ConfigError as exc:
+        return fail(str(exc))
+    if args.output is None and sys.stdout.isatty():
+        return fail(
+            "export: standard output is a terminal: give --output FILE, or pipe it "
+            "(secret-manager export | secret-manager import)"
+        )
+    try:
+        store = transfer.open_bulk_store(settings, create=False)
+    except FileNotFoundError:
+        return fail(
+            f"export: DATA_DIR={str(settings.data_dir)!r} holds no vault.db: run export with "
+            "the server's DATA_DIR (or its MONGO_URI)"
+        )
+    except transfer.failures() as exc:
+        return fail(f"export: cannot open the store: {exc}")
+    name = "standard output" if args.output is None else str(args.output)
+    partial = None if args.output is None else args.output.with_name(args.output.name + ".partial")
+    write = functools.partial(
+        transfer.export, store, audit=args.audit, store_kind=_kind(settings), bar=_progress
+    )
+    started = time.perf_counter()
+    try:
+        if partial is None:
+            counts = write(sys.stdout.buffer)
+        else:
+            # Written beside the target and renamed when whole: a backup file that exists is
+            # complete, and readable by this user only (it holds every sealed secret).
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                counts = write(out)
+                os.fsync(out.fileno())
+            os.replace(partial, args.output)
+    except transfer.failures() as exc:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        print(f"secret-manager: export to {name} failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(
+        f"secret-manager: exported {_plural(counts.secrets, 'secret')} and "
+        f"{_plural(counts.audit, 'audit record')} "
+        f"from {store.label} to {name} in {transfer.elapsed_since(started)} "
+        f"({counts.left_out} expired or used up, left out); SHA-256 {counts.sha256}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# Conflicts named one per line, up to this many; the summary gives their number.
+_CONFLICTS_SHOWN = 20
+
+
+def import_command(args: argparse.Namespace) -> int:
+    """Check a file from export whole, then add its records to the configured store."""
+    from vault import transfer
+
+    try:
+        settings = _transfer_settings()
+        if not settings.mongo_uri:
+            _check_data_dir_creatable(settings)
+    except ConfigError as exc:
+        return fail(str(exc))
+    if args.input is None and sys.stdin.isatty():
+        return fail(
+            "import: standard input is a terminal: give --input FILE, or pipe an export into it"
+        )
+    name = "standard input" if args.input is None else str(args.input)
+    try:
+        source = sys.stdin.buffer if args.input is None else args.input.open("rb")
+    except OSError as exc:
+        return fail(f"import: cannot read {name}: {exc.strerror}")
+    conflicts = 0
+
+    def conflict(line: int) -> None:
+        nonlocal conflicts
+        conflicts += 1
+        if conflicts <= _CONFLICTS_SHOWN:
+            print(
+                f"secret-manager: import: conflict at line {line} of {name}: the store holds "
+                "a different secret under that record's id; left it untouched",
+                file=sys.stderr,
+            )
+
+    started = time.perf_counter()
+    try:
+        counts = transfer.import_(
+            functools.partial(transfer.open_bulk_store, settings, create=True),
+            source,
+            bar=_progress,
+            conflict=conflict,
+        )
+    except transfer.Refused as exc:
+        return fail(f"import: refused {name}: {exc}; nothing was written")
+    except transfer.failures() as exc:
+        print(
+            f"secret-manager: import from {name} stopped: {exc}; the records written so far "
+            "stay, and importing the file again carries on where this stopped",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        source.close()
+    print(
+        f"secret-manager: imported {name} into {counts.store} in "
+        f"{transfer.elapsed_since(started)}: secrets {counts.new} new, {counts.present} "
+        f"already there, {counts.fewer_reads} with fewer reads left, {counts.left_out} expired "
+        f"since the export, {counts.conflicts} conflicts; audit records {counts.audit_new} new, "
+        f"{counts.audit - counts.audit_new} already there",
+        file=sys.stderr,
+    )
+    return 1 if counts.conflicts else 0
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _kind(settings: Settings) -> str:
+    return "mongodb" if settings.mongo_uri else "sqlite"

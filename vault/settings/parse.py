@@ -1,0 +1,202 @@
+"""Parsers, one per kind of value a setting holds.
+
+Each takes the text and the name of the variable it came from (NAME, or NAME_FILE for a
+secret read from a file) and returns the typed value, or raises a ConfigError that names
+that variable and says what is wanted. Secret values are never quoted.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from typing import TypeVar
+
+from vault.apikeys import InvalidAPIKeys, parse_api_keys, parse_token
+from vault.crypto import MalformedKey, parse_key
+from vault.settings.variables import ConfigError, Parser
+
+
+def text(value: str, name: str) -> str:
+    return value.strip()
+
+
+def verbatim(value: str, name: str) -> str:
+    return value
+
+
+def path(value: str, name: str) -> Path:
+    return Path(value)
+
+
+def whole(minimum: int) -> Parser[int]:
+    def parse(value: str, name: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+        if number < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def seconds(minimum: float) -> Parser[float]:
+    def parse(value: str, name: str) -> float:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+        if not number >= minimum:  # also rejects nan
+            raise ConfigError(f"{name} must be at least {minimum}, got {value!r}")
+        return number
+
+    return parse
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def boolean(value: str, name: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+def choice(kind: type[E]) -> Parser[E]:
+    """One of an enum's values, in any case."""
+
+    def parse(value: str, name: str) -> E:
+        wanted = value.strip().lower()
+        for member in kind:
+            if member.value.lower() == wanted:
+                return member
+        allowed = ", ".join(member.value for member in kind)
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+    return parse
+
+
+def key(value: str, name: str) -> bytes:
+    try:
+        return parse_key(value)
+    except MalformedKey as exc:
+        raise ConfigError(f"{name} is malformed: {exc}") from None
+
+
+def keys(value: str, name: str) -> tuple[bytes, ...]:
+    """Keys separated by commas or newlines."""
+    return tuple(
+        key(part.strip(), name) for part in value.replace("\n", ",").split(",") if part.strip()
+    )
+
+
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def key_ids(value: str, name: str) -> tuple[str, ...]:
+    """Key ids as the key guard and rewrap print them, comma-separated."""
+    ids = [part.strip().lower() for part in value.replace("\n", ",").split(",") if part.strip()]
+    for kid in ids:
+        if not _KEY_ID.fullmatch(kid):
+            raise ConfigError(
+                f"{name} must be comma-separated key ids of 16 hex digits, as the "
+                f"start-up refusal and rewrap print them; got {kid[:40]!r}"
+            )
+    return tuple(dict.fromkeys(ids))
+
+
+def database_name(value: str, name: str) -> str:
+    raw = value.strip()
+    if not raw or any(c in raw for c in '/\\. "$\x00') or len(raw) > 63:
+        raise ConfigError(
+            f"{name} must be a MongoDB database name (1-63 characters, no '/\\. \"$'), got {raw!r}"
+        )
+    return raw
+
+
+def write_concern(value: str, name: str) -> str | int:
+    raw = value.strip()
+    if raw == "majority":
+        return raw
+    try:
+        number = int(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{name} must be 'majority' or a number of nodes, got {value!r}"
+        ) from None
+    if number < 1:
+        raise ConfigError(f"{name} must be at least 1: an unacknowledged write could be lost")
+    return number
+
+
+def api_keys(value: str, name: str) -> tuple[tuple[str, bytes], ...]:
+    """(name, SHA-256 of token) pairs; the tokens themselves are not kept."""
+    try:
+        return tuple(parse_api_keys(value.strip(), source=name).items())
+    except InvalidAPIKeys as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def token_digest(value: str, name: str) -> bytes:
+    try:
+        return parse_token(value, source=name)
+    except InvalidAPIKeys as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def bearer_token(value: str, name: str) -> str:
+    """A token a Bearer header can carry, checked without ever being quoted."""
+    token_digest(value, name)
+    return value.strip()
+
+
+def hmac_key(value: str, name: str) -> bytes:
+    text = value.strip()
+    if len(text.encode("utf-8")) < 32:
+        raise ConfigError(f"{name} must be at least 32 characters (try `secret-manager genkey`)")
+    return text.encode("utf-8")
+
+
+_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def rate_limits(value: str, name: str) -> tuple[tuple[int, int], ...]:
+    """``100/second;2000/minute`` → ((100, 1), (2000, 60)); ``off`` → ()."""
+    if value.strip().lower() == "off":
+        return ()
+    limits = []
+    for part in value.split(";"):
+        count, _, unit = part.strip().partition("/")
+        unit = unit.strip().lower().removesuffix("s")
+        if not count.strip().isdigit() or int(count) < 1 or unit not in _PERIODS:
+            raise ConfigError(
+                f"{name} must look like '50/second' or '100/second;2000/minute' "
+                f"(units: second, minute, hour, day) or 'off', got {value!r}"
+            )
+        limits.append((int(count), _PERIODS[unit]))
+    return tuple(limits)
+
+
+def networks(value: str, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    networks = []
+    for part in value.replace(";", ",").split(","):
+        if not part.strip():
+            continue
+        try:
+            networks.append(ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be comma-separated addresses or CIDRs like 10.0.0.0/8, "
+                f"got {part.strip()!r}"
+            ) from None
+    return tuple(networks)
