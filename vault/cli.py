@@ -144,7 +144,7 @@ def _check_mongo_uri(uri: str) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Validate everything, then hand over to Hypercorn (which handles SIGTERM/SIGINT)."""
+    """Validate everything, then hand over to Hypercorn; SIGTERM/SIGINT drain it gracefully."""
     from observability.logging import configure_logging
     from vault import hypercorn_fixes
 
@@ -173,9 +173,8 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     from hypercorn.config import Config
-    from hypercorn.run import run
 
-    from vault.workers import serve_workers
+    from vault.workers import serve_one, serve_workers
 
     created_metrics_dir = _prepare_metrics_dir(settings, args.workers)
     config = Config()
@@ -200,7 +199,7 @@ def serve(args: argparse.Namespace) -> int:
         config.ssl_handshake_timeout = settings.read_timeout_seconds
     try:
         # More than one worker: our supervisor, which drains them all (vault/workers.py).
-        return run(config) if args.workers == 1 else serve_workers(config, args.workers)
+        return serve_one(config) if args.workers == 1 else serve_workers(config, args.workers)
     except OSError as exc:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     finally:

@@ -1,4 +1,8 @@
-"""``serve --workers N``: N Hypercorn worker processes under a supervisor that drains them all.
+"""How ``serve`` runs Hypercorn: one worker in its own process, or, with ``--workers N``, N
+worker processes under a supervisor that drains them all.
+
+Both say in the log when a signal starts the graceful shutdown and when it has ended, so an
+operator can tell a drain from a hang after "Running on ...".
 
 Hypercorn 0.18's own supervisor (``hypercorn.run.run``) has two faults this one does not:
 - On SIGTERM it sets the shared shutdown event, then wakes as soon as the *first* worker
@@ -37,6 +41,7 @@ import contextlib
 import copy
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -45,6 +50,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 from types import FrameType
+from typing import cast
 
 from hypercorn.config import Config, Sockets
 
@@ -53,6 +59,77 @@ log = logging.getLogger("secret_manager.workers")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Beyond the graceful timeout: lifespan shutdown (the audit flush) and interpreter exit.
 EXIT_MARGIN_SECONDS = 5.0
+
+
+class _Drain:
+    """The log lines of a graceful shutdown: the signal that started it, then that it ended.
+
+    The signal handler only notes the signal; a thread writes the line, as a handler that
+    logged could cut into a line the interrupted code was writing. They meet on a
+    SimpleQueue, whose put is safe in a signal handler; never on the shared shutdown event,
+    whose waiters a worker's set() waits for (a killed supervisor would block it for good).
+    """
+
+    def __init__(self, what: str, graceful_timeout: float) -> None:
+        self._what = what  # "shutting down" or "stopping 4 workers"
+        self._graceful_timeout = graceful_timeout
+        self._signal: str | None = None
+        self._since = 0.0
+        self._news: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._announcer = threading.Thread(target=self._announce, name="drain-log", daemon=True)
+        self._announcer.start()
+
+    def signalled(self, signum: int) -> None:
+        """From a signal handler: note the first signal (the one that started the drain)."""
+        if self._signal is None:
+            self._signal = signal.Signals(signum).name
+            self._since = time.monotonic()
+            self._news.put(self._signal)
+
+    def _announce(self) -> None:
+        name = self._news.get()
+        if name is not None:
+            log.info(
+                "%s received: %s; no new connections, requests in flight have up to %gs to finish",
+                name,
+                self._what,
+                self._graceful_timeout,
+            )
+
+    def stopped(self, exitcode: int) -> None:
+        """The server has stopped: every worker is gone and the audit log flushed."""
+        self._news.put(None)  # it may have stopped by itself: let the announcer go
+        self._announcer.join()
+        if self._signal is None:
+            log.info("stopped, exit status %d", exitcode)
+        else:
+            took = time.monotonic() - self._since
+            log.info("stopped %.1fs after %s, exit status %d", took, self._signal, exitcode)
+
+
+def serve_one(config: Config) -> int:
+    """One worker in this process, as ``hypercorn.run.run`` runs ``workers = 0``, with the
+    shutdown's log lines; 0 after a clean stop."""
+    from hypercorn.asyncio.run import asyncio_worker
+
+    sockets = config.create_sockets()
+    shutdown = threading.Event()
+    drain = _Drain("shutting down", config.graceful_timeout)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        drain.signalled(signum)
+        shutdown.set()  # safe here: the worker only ever reads it (is_set)
+
+    # Instead of Hypercorn's own handlers, which would set its event unseen. Its worker only
+    # polls is_set(), which a threading.Event has as well as a multiprocessing one.
+    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
+    try:
+        asyncio_worker(config, sockets, cast(Event, shutdown))
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    drain.stopped(0)
+    return 0
 
 
 def serve_workers(config: Config, count: int) -> int:
@@ -65,10 +142,12 @@ def serve_workers(config: Config, count: int) -> int:
     # Only this process ever holds the write end: its death is the workers' end-of-file.
     parent_gone, parent_alive = context.Pipe(duplex=False)
     stopping = False
+    drain = _Drain(f"stopping {count} workers", config.graceful_timeout)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        drain.signalled(signum)
         shutdown.set()
 
     # Workers inherit these ignored signals (a handler would not survive the spawn).
@@ -122,6 +201,7 @@ def serve_workers(config: Config, count: int) -> int:
                     worker.kill()
                 exitcode = 1
                 deadline = None  # killed: the next wait reaps them
+        drain.stopped(exitcode)
         return exitcode
     finally:
         for worker in alive:  # only on an error of ours above: never leave orphans
