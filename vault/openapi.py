@@ -6,6 +6,9 @@ The document is put together from parts: one per operation (create, fetch, delet
 the health probes, one for this document and its page, one for the metrics; each part gives
 its paths and the component schemas they refer to. Error answers come from shared builders,
 and the patterns a client's values must match are vault/validation.py's own.
+
+Each secret operation is listed once, under its canonical path; the other spelling of that
+path (vault/routes.py answers both) is named in its description, not listed a second time.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from vault.validation import BASE64_PATTERN, UUID_PATTERN
 _UTC_SECONDS_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
 
 Json = dict[str, Any]
+
+# The groups Swagger UI shows the operations in, in this order.
+SECRETS, HEALTH, METRICS, DOCUMENTATION = "secrets", "health", "metrics", "documentation"
+_TAGS = {
+    SECRETS: "Store a secret, fetch it back by its id, delete it.",
+    HEALTH: "Liveness and readiness probes, for a load balancer or an orchestrator.",
+    METRICS: "Prometheus metrics (when METRICS_ENABLED is on).",
+    DOCUMENTATION: "This document, and Swagger UI for it.",
+}
 
 
 class _Part(NamedTuple):
@@ -61,6 +73,11 @@ def build_openapi(
             "version": __version__,
             "description": "Stores secrets encrypted with AES-256-GCM and hands them back by id.",
         },
+        "tags": [
+            {"name": name, "description": description}
+            for name, description in _TAGS.items()
+            if metrics or name != METRICS
+        ],
         "paths": {path: item for part in parts for path, item in part.paths.items()},
         "components": {
             **({"securitySchemes": schemes} if schemes else {}),
@@ -159,10 +176,12 @@ def _json_body(ref: str) -> Json:
     }
 
 
-def _spellings(path: str, other: str, operation: Json, suffix: str) -> Json:
-    """Both spellings of a secret path, each with its own operationId."""
-    variant = {**operation, "operationId": operation["operationId"] + suffix}
-    return {path: {"post": operation}, other: {"post": variant}}
+def _also_at(other: str, how: str) -> str:
+    """The sentence that names a secret path's other spelling, which is not listed again."""
+    return (
+        f" Also answers at `{other}` ({how}), directly: never with a redirect, which many "
+        "clients follow without the body."
+    )
 
 
 def _expires_at() -> Json:
@@ -216,8 +235,10 @@ def _create(
             "Encrypts the secret and returns the id that fetches it back. With `ttl_seconds` "
             "it expires that long after it is stored (the answer says when, in `expires_at`); "
             "with `max_reads` the fetch that uses the last read deletes it."
+            + _also_at("/vault/secret/create", "without the trailing slash")
         ),
         "operationId": "createSecret",
+        "tags": [SECRETS],
         "requestBody": _json_body("CreateRequest"),
         "responses": {
             "200": {**_json("CreateResponse", "Stored."), "links": links},
@@ -245,8 +266,7 @@ def _create(
             },
         },
     }
-    paths = _spellings("/vault/secret/create/", "/vault/secret/create", operation, "NoSlash")
-    return _Part(paths, schemas)
+    return _Part({"/vault/secret/create/": {"post": operation}}, schemas)
 
 
 def _create_request(max_secret_bytes: int, max_ttl_seconds: int) -> Json:
@@ -296,8 +316,10 @@ def _fetch(errors: Json, security: Json) -> _Part:
         "description": (
             "Returns the secret stored under the id, with `reads_left` (the reads remaining "
             "after this one) for a read-limited secret and `expires_at` for an expiring one."
+            + _also_at("/vault/secret/fetch/", "with a trailing slash")
         ),
         "operationId": "fetchSecret",
+        "tags": [SECRETS],
         "requestBody": _json_body("FetchRequest"),
         "responses": {
             "200": _json("FetchResponse", "The secret."),
@@ -321,8 +343,7 @@ def _fetch(errors: Json, security: Json) -> _Part:
             },
         },
     }
-    paths = _spellings("/vault/secret/fetch", "/vault/secret/fetch/", operation, "Slash")
-    return _Part(paths, schemas)
+    return _Part({"/vault/secret/fetch": {"post": operation}}, schemas)
 
 
 def _delete(errors: Json, security: Json) -> _Part:
@@ -333,8 +354,10 @@ def _delete(errors: Json, security: Json) -> _Part:
         "description": (
             "Removes the secret stored under the id from the store (its ciphertext is gone, "
             "not flagged). The id travels in the body, never in the URL."
+            + _also_at("/vault/secret/delete/", "with a trailing slash")
         ),
         "operationId": "deleteSecret",
+        "tags": [SECRETS],
         "requestBody": _json_body("DeleteRequest"),
         "responses": {
             "200": _json("DeleteResponse", "Deleted."),
@@ -353,8 +376,7 @@ def _delete(errors: Json, security: Json) -> _Part:
             },
         },
     }
-    paths = _spellings("/vault/secret/delete", "/vault/secret/delete/", operation, "Slash")
-    return _Part(paths, schemas)
+    return _Part({"/vault/secret/delete": {"post": operation}}, schemas)
 
 
 # --- everything else: probes, this document, metrics ------------------------------------------
@@ -365,11 +387,13 @@ def _health() -> _Part:
     healthz = {
         "summary": "Liveness",
         "operationId": "healthz",
+        "tags": [HEALTH],
         "responses": {"200": _json("Status", "The process is running.")},
     }
     readyz = {
         "summary": "Readiness",
         "operationId": "readyz",
+        "tags": [HEALTH],
         "responses": {
             "200": _json(
                 "ReadyStatus",
@@ -407,6 +431,7 @@ def _self_description() -> _Part:
     openapi = {
         "summary": "This document",
         "operationId": "openapi",
+        "tags": [DOCUMENTATION],
         "responses": {
             "200": {
                 "description": "The OpenAPI document.",
@@ -417,6 +442,7 @@ def _self_description() -> _Part:
     docs = {
         "summary": "Swagger UI for this document, served from packaged assets",
         "operationId": "docs",
+        "tags": [DOCUMENTATION],
         "responses": {
             "200": {
                 "description": "The Swagger UI page.",
@@ -436,6 +462,7 @@ def _metrics(metrics_token: bool) -> _Part:
         **({"security": [{"metricsToken": []}]} if metrics_token else {}),
         "summary": "Prometheus metrics",
         "operationId": "metrics",
+        "tags": [METRICS],
         "responses": {
             "200": {
                 "description": "Prometheus text exposition.",
