@@ -47,7 +47,7 @@ def test_vault_calls_need_a_known_key_and_records_name_it(
     ]
     assert ALICE not in repr(records)
     spec = client.get("/openapi.json").json()
-    assert "401" in spec["paths"]["/vault/secret/create"]["post"]["responses"]
+    assert "401" in spec["paths"]["/vault/secret/create/"]["post"]["responses"]
     assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
 
 

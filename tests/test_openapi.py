@@ -11,8 +11,17 @@ from hypothesis import strategies as st
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from tests.conftest import RawRecords
 from vault.openapi import BASE64_PATTERN, build_openapi
 from vault.validation import InvalidValue, decode_secret
+
+# The other spelling of each secret path: a route that answers like the documented one, named
+# in that operation's description rather than listed a second time (so /docs shows it once).
+OTHER_SPELLINGS = {
+    "/vault/secret/create": "/vault/secret/create/",
+    "/vault/secret/fetch/": "/vault/secret/fetch",
+    "/vault/secret/delete/": "/vault/secret/delete",
+}
 
 
 def _encode(data: bytes) -> str:
@@ -27,16 +36,50 @@ def test_spec_describes_every_endpoint_with_errors(client: TestClient) -> None:
         for route in client.app.routes  # type: ignore[attr-defined]
         if isinstance(route, Route)
     }
-    assert set(spec["paths"]) == app_paths  # /openapi.json and /docs included
-    for path in ("/vault/secret/create", "/vault/secret/create/"):
-        responses = spec["paths"][path]["post"]["responses"]
-        assert {"200", "400", "413", "500", "503"} <= set(responses)
+    # /openapi.json and /docs included; each other spelling is named, not listed again.
+    assert set(spec["paths"]) == app_paths - set(OTHER_SPELLINGS)
+    assert set(OTHER_SPELLINGS) <= app_paths
+    for other, documented in OTHER_SPELLINGS.items():
+        assert f"`{other}`" in spec["paths"][documented]["post"]["description"]
+    responses = spec["paths"]["/vault/secret/create/"]["post"]["responses"]
+    assert {"200", "400", "413", "500", "503"} <= set(responses)
     fetch = spec["paths"]["/vault/secret/fetch"]["post"]["responses"]
     assert {"200", "400", "404", "413", "500", "503"} <= set(fetch)
     assert "Retry-After" in fetch["503"]["headers"]
     schemas = spec["components"]["schemas"]
     assert schemas["CreateRequest"]["required"] == ["secret"]
     assert schemas["Error"]["required"] == ["detail"]
+
+
+def test_docs_list_each_operation_once_grouped_by_tag(
+    make_client: Callable[..., TestClient],
+) -> None:
+    spec = make_client().get("/openapi.json").json()
+    operations = [
+        (f"{method.upper()} {path}", operation)
+        for path, methods in spec["paths"].items()
+        for method, operation in methods.items()
+    ]
+    ids = [operation["operationId"] for _, operation in operations]
+    assert len(ids) == len(set(ids)), ids
+    tags = [tag["name"] for tag in spec["tags"]]
+    assert tags == ["secrets", "health", "metrics", "documentation"]
+    grouped: dict[str, set[str]] = {}
+    for name, operation in operations:
+        (tag,) = operation["tags"]
+        grouped.setdefault(tag, set()).add(name)
+    assert grouped == {
+        "secrets": {
+            "POST /vault/secret/create/",
+            "POST /vault/secret/fetch",
+            "POST /vault/secret/delete",
+        },
+        "health": {"GET /healthz", "GET /readyz"},
+        "metrics": {"GET /metrics"},
+        "documentation": {"GET /openapi.json", "GET /docs"},
+    }
+    quiet = make_client(METRICS_ENABLED="false").get("/openapi.json").json()
+    assert [tag["name"] for tag in quiet["tags"]] == ["secrets", "health", "documentation"]
 
 
 def test_spec_describes_the_metrics_token_when_one_is_set(
@@ -93,22 +136,29 @@ def test_docs_page_loads_its_assets_locally(client: TestClient) -> None:
 # --- the lifecycle: ttl_seconds, max_reads, expires_at, reads_left, delete -------------------
 
 
-def test_spec_describes_delete_like_fetch_under_both_spellings(client: TestClient) -> None:
+def test_spec_describes_delete_like_fetch_once_for_both_spellings(
+    client: TestClient, raw_records: RawRecords
+) -> None:
     spec = client.get("/openapi.json").json()
-    for path, operation_id in (
-        ("/vault/secret/delete", "deleteSecret"),
-        ("/vault/secret/delete/", "deleteSecretSlash"),
-    ):
-        delete = spec["paths"][path]["post"]
-        assert delete["operationId"] == operation_id
-        assert set(delete["responses"]) == set(
-            spec["paths"]["/vault/secret/fetch"]["post"]["responses"]
-        )
-        assert {"200", "400", "404", "415", "429", "503"} <= set(delete["responses"])
-        body = delete["requestBody"]["content"]["application/json"]["schema"]
-        assert body == {"$ref": "#/components/schemas/DeleteRequest"}
-        ok = delete["responses"]["200"]["content"]["application/json"]["schema"]
-        assert ok == {"$ref": "#/components/schemas/DeleteResponse"}
+    assert "/vault/secret/delete/" not in spec["paths"]
+    delete = spec["paths"]["/vault/secret/delete"]["post"]
+    assert delete["operationId"] == "deleteSecret"
+    fetch = spec["paths"]["/vault/secret/fetch"]["post"]
+    assert set(delete["responses"]) == set(fetch["responses"])
+    assert {"200", "400", "404", "415", "429", "503"} <= set(delete["responses"])
+    body = delete["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/DeleteRequest"}
+    ok = delete["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/DeleteResponse"}
+    # Both spellings answer what the one listed documents: the deletion, then the 404.
+    for path in ("/vault/secret/delete", "/vault/secret/delete/"):
+        created = client.post("/vault/secret/create/", json={"secret": "aGk="})
+        secret_id = created.json()["secret_id"]
+        deleted = client.post(path, json={"secret_id": secret_id})
+        assert deleted.json() == {"secret_id": secret_id, "deleted": True}, path
+        assert secret_id not in raw_records.secret_ids()
+        again = client.post(path, json={"secret_id": secret_id})
+        assert again.status_code == 404 and "404" in delete["responses"], path
     schemas = spec["components"]["schemas"]
     # The id in the body, never in the URL (it is a bearer capability that proxies would log).
     assert "parameters" not in spec["paths"]["/vault/secret/delete"]["post"]
@@ -132,11 +182,14 @@ def test_spec_describes_delete_like_fetch_under_both_spellings(client: TestClien
 def test_delete_needs_the_api_key_in_the_spec_when_keys_are_on(
     make_client: Callable[..., TestClient],
 ) -> None:
-    spec = make_client(API_KEYS="ops:" + "a" * 40).get("/openapi.json").json()
+    client = make_client(API_KEYS="ops:" + "a" * 40)
+    spec = client.get("/openapi.json").json()
+    delete = spec["paths"]["/vault/secret/delete"]["post"]
+    assert delete["security"] == [{"apiKey": []}]
+    assert "WWW-Authenticate" in delete["responses"]["401"]["headers"]
     for path in ("/vault/secret/delete", "/vault/secret/delete/"):
-        delete = spec["paths"][path]["post"]
-        assert delete["security"] == [{"apiKey": []}]
-        assert "WWW-Authenticate" in delete["responses"]["401"]["headers"]
+        refused = client.post(path, json={"secret_id": "00000000-0000-4000-8000-000000000000"})
+        assert refused.status_code == 401 and "www-authenticate" in refused.headers, path
 
 
 def test_spec_describes_the_optional_create_fields(client: TestClient) -> None:
@@ -192,12 +245,11 @@ def test_create_links_its_id_into_fetch_and_delete(client: TestClient) -> None:
         for methods in spec["paths"].values()
         for operation in methods.values()
     }
-    for path in ("/vault/secret/create/", "/vault/secret/create"):
-        links = spec["paths"][path]["post"]["responses"]["200"]["links"]
-        assert {link["operationId"] for link in links.values()} == {"fetchSecret", "deleteSecret"}
-        for link in links.values():
-            assert link["operationId"] in operation_ids
-            assert link["requestBody"] == {"secret_id": "$response.body#/secret_id"}
+    links = spec["paths"]["/vault/secret/create/"]["post"]["responses"]["200"]["links"]
+    assert {link["operationId"] for link in links.values()} == {"fetchSecret", "deleteSecret"}
+    for link in links.values():
+        assert link["operationId"] in operation_ids
+        assert link["requestBody"] == {"secret_id": "$response.body#/secret_id"}
 
 
 def test_the_documented_ranges_are_what_the_server_accepts(

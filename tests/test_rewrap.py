@@ -34,6 +34,10 @@ _SUMMARY = re.compile(
 )
 
 
+# Runs the command after it as a shell runs a background job: with SIGINT ignored.
+IGNORING_SIGINT = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh"]
+
+
 def run_rewrap(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vault", "rewrap", *args],
@@ -208,8 +212,10 @@ def test_ctrl_c_stops_between_atomic_swaps_and_a_new_run_finishes(
             await store.insert(keyring.seal(secret_id, data))
 
     on_store(store_env, fill)
+    # Started as a shell starts a background job, with SIGINT ignored (`trap '' INT` is what
+    # `&` does in a script): rewrap must stop on it all the same, however it was launched.
     process = subprocess.Popen(
-        [sys.executable, "-m", "vault", "rewrap", "--batch-size", "1"],
+        [*IGNORING_SIGINT, sys.executable, "-m", "vault", "rewrap", "--batch-size", "1"],
         env=clean_env(**rotated),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -116,6 +116,40 @@ def test_bad_create_requests_are_400_and_store_nothing(
     assert raw_records.secret_ids() == before
 
 
+# What a body got wrong, in words a caller can act on; each cause names itself, not another.
+BODY_FAULTS = {
+    "not valid JSON": b"hello",
+    "duplicate key": b'{"secret": "aGk=", "secret": "aGk="}',
+    "not UTF-8": b'{"secret": "\xff"}',
+    "NaN": b'{"secret": NaN}',
+}
+
+
+@pytest.mark.parametrize("fault", list(BODY_FAULTS))
+def test_a_malformed_body_is_told_what_is_wrong_with_it(client: TestClient, fault: str) -> None:
+    response = client.post(
+        "/vault/secret/create",
+        content=BODY_FAULTS[fault],
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert fault in detail
+    assert not [other for other in BODY_FAULTS if other != fault and other in detail], detail
+
+
+def test_a_refused_charset_is_named_and_utf8_asked_for(client: TestClient) -> None:
+    response = client.post(
+        "/vault/secret/create",
+        content='{"secret": "aGk="}'.encode("latin-1"),
+        headers={"Content-Type": "application/json; charset=latin-1"},
+    )
+    assert response.status_code == 415
+    detail = response.json()["detail"]
+    assert "'latin-1'" in detail and "UTF-8" in detail, detail
+    assert "Content-Type: application/json" in detail
+
+
 @pytest.mark.parametrize(
     "payload",
     [

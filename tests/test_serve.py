@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -21,7 +22,15 @@ import httpx2 as httpx
 import pytest
 
 from middleware.errors import GENERIC_DETAIL
-from tests.conftest import b64, children, clean_env, free_port, running, worker_processes
+from tests.conftest import (
+    b64,
+    children,
+    clean_env,
+    free_port,
+    running,
+    wait_until,
+    worker_processes,
+)
 from vault.crypto import generate_key, key_id, parse_key
 from vault.settings import Settings
 
@@ -311,6 +320,36 @@ def test_sigterm_exits_zero_within_the_graceful_timeout(
         elapsed = time.monotonic() - started
     assert elapsed < 3 + 2, f"took {elapsed:.1f}s to stop"
     assert not _answers(server.url)
+
+
+@pytest.mark.parametrize(
+    ("workers", "sig"),
+    [("1", signal.SIGTERM), ("1", signal.SIGINT), ("2", signal.SIGTERM), ("2", signal.SIGINT)],
+)
+def test_a_graceful_shutdown_logs_its_start_and_its_end(
+    start_server: StartServer, tmp_path: Path, master_key: str, workers: str, sig: int
+) -> None:
+    # After "Running on ..." an operator who sent a signal sees the drain begin and end,
+    # rather than silence until the process is gone.
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")}
+    server = start_server({**env, "GRACEFUL_TIMEOUT_SECONDS": "3"}, "--workers", workers)
+    wait_until(
+        lambda: server.output().count("Running on http://") == int(workers),
+        20,
+        "every worker to log that it is running",
+    )
+    server.process.send_signal(sig)
+    assert server.process.wait(20) == 0
+    messages = [
+        json.loads(line)["message"] for line in server.output().splitlines() if line[:1] == "{"
+    ]
+    name = signal.Signals(sig).name
+    running = [i for i, m in enumerate(messages) if m.startswith("Running on http://")]
+    draining = [i for i, m in enumerate(messages) if m.startswith(f"{name} received: ")]
+    assert len(running) == int(workers) and len(draining) == 1, messages
+    assert "requests in flight have up to 3s to finish" in messages[draining[0]]
+    assert max(running) < draining[0] < len(messages) - 1, messages
+    assert re.fullmatch(rf"stopped \d+\.\ds after {name}, exit status 0", messages[-1]), messages
 
 
 # --- the body cap over a raw socket --------------------------------------------------------

@@ -1,29 +1,98 @@
 """The OpenAPI 3.0 document of the API, and a Swagger UI page served from packaged assets.
 
 OpenAPI 3.0 rather than 3.1 because the packaged Swagger UI (version 4) renders 3.0.
+
+The document is put together from parts: one per operation (create, fetch, delete), one for
+the health probes, one for this document and its page, one for the metrics; each part gives
+its paths and the component schemas they refer to. Error answers come from shared builders,
+and the patterns a client's values must match are vault/validation.py's own.
+
+Each secret operation is listed once, under its canonical path; the other spelling of that
+path (vault/routes.py answers both) is named in its description, not listed a second time.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from vault import __version__
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
+from vault.validation import BASE64_PATTERN, UUID_PATTERN
 
-_UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-# Exactly what the server accepts: canonical standard base64 of at least one byte (the bits
-# a padded last group leaves unused must be zero, so "ab==" is refused and "aQ==" is not).
-BASE64_PATTERN = (
-    "^(?:[A-Za-z0-9+/]{4})*"
-    "(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$"
-)
 # RFC 3339 as the API writes it: UTC ("Z"), whole seconds.
 _UTC_SECONDS_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
+
+Json = dict[str, Any]
+
+# The groups Swagger UI shows the operations in, in this order.
+SECRETS, HEALTH, METRICS, DOCUMENTATION = "secrets", "health", "metrics", "documentation"
+_TAGS = {
+    SECRETS: "Store a secret, fetch it back by its id, delete it.",
+    HEALTH: "Liveness and readiness probes, for a load balancer or an orchestrator.",
+    METRICS: "Prometheus metrics (when METRICS_ENABLED is on).",
+    DOCUMENTATION: "This document, and Swagger UI for it.",
+}
+
+
+class _Part(NamedTuple):
+    """A piece of the document: path items by path, and the schemas they refer to by name."""
+
+    paths: Json
+    schemas: Json
+
+
+def build_openapi(
+    *,
+    max_secret_bytes: int,
+    max_body_bytes: int,
+    metrics: bool = False,
+    api_keys: bool = False,
+    metrics_token: bool = False,
+    max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
+) -> Json:
+    """The whole document; the limits in it are the ones this server enforces."""
+    errors = _common_errors(max_body_bytes, api_keys=api_keys)
+    security: Json = {"security": [{"apiKey": []}]} if api_keys else {}
+    parts = [
+        _create(errors, security, max_secret_bytes, max_body_bytes, max_ttl_seconds),
+        _fetch(errors, security),
+        _delete(errors, security),
+        _health(),
+        _self_description(),
+        *([_metrics(metrics_token)] if metrics else []),
+    ]
+    schemes = {
+        **({"apiKey": {"type": "http", "scheme": "bearer"}} if api_keys else {}),
+        **({"metricsToken": {"type": "http", "scheme": "bearer"}} if metrics_token else {}),
+    }
+    schemas = {name: schema for part in parts for name, schema in part.schemas.items()}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "secret-manager",
+            "version": __version__,
+            "description": "Stores secrets encrypted with AES-256-GCM and hands them back by id.",
+        },
+        "tags": [
+            {"name": name, "description": description}
+            for name, description in _TAGS.items()
+            if metrics or name != METRICS
+        ],
+        "paths": {path: item for part in parts for path, item in part.paths.items()},
+        "components": {
+            **({"securitySchemes": schemes} if schemes else {}),
+            "schemas": {**schemas, "Error": _error_schema()},
+        },
+    }
+
+
+# --- errors, shared by every operation ------------------------------------------------------
 
 
 def _error(
     description: str, *, retry_after: bool = False, challenge: bool = False
 ) -> dict[str, Any]:
+    """An error answer: ``{"detail": ...}``, with the headers that come with it."""
     response: dict[str, Any] = {
         "description": description,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -47,24 +116,12 @@ def _error(
     return response
 
 
-def _json(ref: str, description: str) -> dict[str, Any]:
+def _common_errors(max_body_bytes: int, *, api_keys: bool) -> Json:
+    """The errors any secret operation can answer, by status."""
+    unauthorized = _error(
+        "Missing or unknown API key (Authorization: Bearer <token>).", challenge=True
+    )
     return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
-    }
-
-
-def build_openapi(
-    *,
-    max_secret_bytes: int,
-    max_body_bytes: int,
-    metrics: bool = False,
-    api_keys: bool = False,
-    metrics_token: bool = False,
-    max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS,
-) -> dict[str, Any]:
-    """The whole document; the limits in it are the ones this server enforces."""
-    common_errors = {
         "400": _error("The body is not a JSON object, or a field is missing or malformed."),
         "413": _error(f"The request body exceeds {max_body_bytes} bytes."),
         "408": _error("The body did not arrive whole in time."),
@@ -74,19 +131,61 @@ def build_openapi(
             retry_after=True,
         ),
         "500": _error("Internal error; the X-Request-ID header identifies it in the log."),
-        **(
-            {
-                "401": _error(
-                    "Missing or unknown API key (Authorization: Bearer <token>).", challenge=True
-                )
-            }
-            if api_keys
-            else {}
-        ),
+        **({"401": unauthorized} if api_keys else {}),
         "503": _error("The store is unreachable; retry later.", retry_after=True),
     }
-    security: dict[str, Any] = {"security": [{"apiKey": []}]} if api_keys else {}
-    expires_at = {
+
+
+def _not_found() -> Json:
+    """The one 404 of fetch and delete: no oracle between its four causes."""
+    return _error(
+        "No secret has this id: it never existed, expired, had its reads used up or was "
+        "deleted (the same answer for all four)."
+    )
+
+
+def _error_schema() -> Json:
+    return {
+        "type": "object",
+        "required": ["detail"],
+        "properties": {
+            "detail": {
+                "type": "string",
+                "description": "What went wrong and what to do about it.",
+            }
+        },
+    }
+
+
+# --- small shared pieces ----------------------------------------------------------------------
+
+
+def _json(ref: str, description: str) -> dict[str, Any]:
+    """An answer whose JSON body is the component schema ``ref``."""
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+    }
+
+
+def _json_body(ref: str) -> Json:
+    """A required JSON request body, the component schema ``ref``."""
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+    }
+
+
+def _also_at(other: str, how: str) -> str:
+    """The sentence that names a secret path's other spelling, which is not listed again."""
+    return (
+        f" Also answers at `{other}` ({how}), directly: never with a redirect, which many "
+        "clients follow without the body."
+    )
+
+
+def _expires_at() -> Json:
+    return {
         "type": "string",
         "format": "date-time",
         "pattern": _UTC_SECONDS_PATTERN,
@@ -95,9 +194,29 @@ def build_openapi(
             "Only for an expiring secret."
         ),
     }
-    reads_left = {"type": "integer", "maximum": MAX_READS}
-    # The id a create answers with, carried into the body of a fetch or a delete: Swagger UI
-    # shows these, and schemathesis's stateful run follows them through the lifecycle.
+
+
+def _reads_left(minimum: int, description: str) -> Json:
+    return {"type": "integer", "maximum": MAX_READS, "minimum": minimum, "description": description}
+
+
+def _secret_id_request() -> Json:
+    """The body of a fetch or a delete: the id, in the body, never in the URL."""
+    return {
+        "type": "object",
+        "required": ["secret_id"],
+        "properties": {"secret_id": {"type": "string", "format": "uuid", "pattern": UUID_PATTERN}},
+    }
+
+
+# --- the secret operations --------------------------------------------------------------------
+
+
+def _create(
+    errors: Json, security: Json, max_secret_bytes: int, max_body_bytes: int, max_ttl_seconds: int
+) -> _Part:
+    """POST /vault/secret/create/: store a secret; its id is linked into fetch and delete."""
+    # Swagger UI shows these links, and schemathesis's stateful run follows them.
     links = {
         name: {
             "operationId": operation_id,
@@ -109,24 +228,21 @@ def build_openapi(
             ("DeleteSecret", "deleteSecret", "Delete the secret just stored."),
         )
     }
-    create: dict[str, Any] = {
+    operation = {
         **security,
         "summary": "Store a secret",
         "description": (
             "Encrypts the secret and returns the id that fetches it back. With `ttl_seconds` "
             "it expires that long after it is stored (the answer says when, in `expires_at`); "
             "with `max_reads` the fetch that uses the last read deletes it."
+            + _also_at("/vault/secret/create", "without the trailing slash")
         ),
         "operationId": "createSecret",
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/CreateRequest"}}
-            },
-        },
+        "tags": [SECRETS],
+        "requestBody": _json_body("CreateRequest"),
         "responses": {
             "200": {**_json("CreateResponse", "Stored."), "links": links},
-            **common_errors,
+            **errors,
             "400": _error(
                 "The body is not a JSON object, `secret` is missing or not strict base64, or "
                 "`ttl_seconds` or `max_reads` is not a JSON integer in its range (the detail "
@@ -138,265 +254,224 @@ def build_openapi(
             ),
         },
     }
-    not_found = _error(
-        "No secret has this id: it never existed, expired, had its reads used up or was "
-        "deleted (the same answer for all four)."
-    )
-    fetch: dict[str, Any] = {
+    schemas = {
+        "CreateRequest": _create_request(max_secret_bytes, max_ttl_seconds),
+        "CreateResponse": {
+            "type": "object",
+            "required": ["secret_id"],
+            "properties": {
+                "secret_id": {"type": "string", "format": "uuid"},
+                "expires_at": _expires_at(),
+                "reads_left": _reads_left(1, "The reads allowed (max_reads); only when limited."),
+            },
+        },
+    }
+    return _Part({"/vault/secret/create/": {"post": operation}}, schemas)
+
+
+def _create_request(max_secret_bytes: int, max_ttl_seconds: int) -> Json:
+    return {
+        "type": "object",
+        "required": ["secret"],
+        "properties": {
+            "secret": {
+                "type": "string",
+                "format": "byte",
+                "minLength": 4,
+                "pattern": BASE64_PATTERN,
+                "description": (
+                    "Standard base64 with padding, no whitespace; "
+                    f"at most {max_secret_bytes} bytes once decoded."
+                ),
+            },
+            "ttl_seconds": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": max_ttl_seconds,
+                "description": (
+                    "Seconds the secret lives at least; after that it is never "
+                    "served again. A JSON integer (not 1.0, not a string). "
+                    "Without it, the server's SECRET_DEFAULT_TTL_SECONDS applies "
+                    "(by default none: the secret never expires)."
+                ),
+            },
+            "max_reads": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_READS,
+                "description": (
+                    "Fetches allowed; the one that uses the last read deletes the "
+                    "secret. Exact, however many fetches race. A JSON integer."
+                ),
+            },
+        },
+    }
+
+
+def _fetch(errors: Json, security: Json) -> _Part:
+    """POST /vault/secret/fetch: the secret stored under an id."""
+    operation = {
         **security,
         "summary": "Fetch a secret",
         "description": (
             "Returns the secret stored under the id, with `reads_left` (the reads remaining "
             "after this one) for a read-limited secret and `expires_at` for an expiring one."
+            + _also_at("/vault/secret/fetch/", "with a trailing slash")
         ),
         "operationId": "fetchSecret",
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/FetchRequest"}}
-            },
-        },
+        "tags": [SECRETS],
+        "requestBody": _json_body("FetchRequest"),
         "responses": {
             "200": _json("FetchResponse", "The secret."),
-            "404": not_found,
-            **common_errors,
+            "404": _not_found(),
+            **errors,
         },
     }
-    delete: dict[str, Any] = {
+    schemas = {
+        "FetchRequest": _secret_id_request(),
+        "FetchResponse": {
+            "type": "object",
+            "required": ["secret"],
+            "properties": {
+                "secret": {"type": "string", "format": "byte"},
+                "expires_at": _expires_at(),
+                "reads_left": _reads_left(
+                    0,
+                    "Reads remaining after this one; only for a read-limited "
+                    "secret (0: this was the last, and the secret is gone).",
+                ),
+            },
+        },
+    }
+    return _Part({"/vault/secret/fetch": {"post": operation}}, schemas)
+
+
+def _delete(errors: Json, security: Json) -> _Part:
+    """POST /vault/secret/delete: remove the secret stored under an id."""
+    operation = {
         **security,
         "summary": "Delete a secret",
         "description": (
             "Removes the secret stored under the id from the store (its ciphertext is gone, "
             "not flagged). The id travels in the body, never in the URL."
+            + _also_at("/vault/secret/delete/", "with a trailing slash")
         ),
         "operationId": "deleteSecret",
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/DeleteRequest"}}
-            },
-        },
+        "tags": [SECRETS],
+        "requestBody": _json_body("DeleteRequest"),
         "responses": {
             "200": _json("DeleteResponse", "Deleted."),
-            "404": not_found,
-            **common_errors,
+            "404": _not_found(),
+            **errors,
         },
     }
+    schemas = {
+        "DeleteRequest": _secret_id_request(),
+        "DeleteResponse": {
+            "type": "object",
+            "required": ["secret_id", "deleted"],
+            "properties": {
+                "secret_id": {"type": "string", "format": "uuid"},
+                "deleted": {"type": "boolean", "enum": [True]},
+            },
+        },
+    }
+    return _Part({"/vault/secret/delete": {"post": operation}}, schemas)
 
-    def variant(operation: dict[str, Any], suffix: str) -> dict[str, Any]:
-        return {**operation, "operationId": operation["operationId"] + suffix}
 
-    paths: dict[str, Any] = {}
-    if metrics:
-        paths["/metrics"] = {
-            "get": {
-                **({"security": [{"metricsToken": []}]} if metrics_token else {}),
-                "summary": "Prometheus metrics",
-                "operationId": "metrics",
-                "responses": {
-                    "200": {
-                        "description": "Prometheus text exposition.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    },
-                    **(
-                        {
-                            "401": _error(
-                                "Missing or wrong METRICS_TOKEN (Authorization: Bearer <token>).",
-                                challenge=True,
-                            )
-                        }
-                        if metrics_token
-                        else {}
-                    ),
-                },
+# --- everything else: probes, this document, metrics ------------------------------------------
+
+
+def _health() -> _Part:
+    """GET /healthz (liveness) and GET /readyz (readiness)."""
+    healthz = {
+        "summary": "Liveness",
+        "operationId": "healthz",
+        "tags": [HEALTH],
+        "responses": {"200": _json("Status", "The process is running.")},
+    }
+    readyz = {
+        "summary": "Readiness",
+        "operationId": "readyz",
+        "tags": [HEALTH],
+        "responses": {
+            "200": _json(
+                "ReadyStatus",
+                "The store answers and takes writes; `records_unreadable` counts"
+                " the live records no configured key can open (null until first"
+                " counted): information, readiness does not depend on it.",
+            ),
+            "503": _error(
+                "Not ready: the body's `reason` is `store unreachable`,"
+                " `store refusing writes` or `disk full`.",
+                retry_after=True,
+            ),
+        },
+    }
+    schemas = {
+        "Status": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"type": "string"}},
+        },
+        "ReadyStatus": {
+            "type": "object",
+            "required": ["status", "records_unreadable"],
+            "properties": {
+                "status": {"type": "string", "enum": ["ready"]},
+                "records_unreadable": {"type": "integer", "minimum": 0, "nullable": True},
+            },
+        },
+    }
+    return _Part({"/healthz": {"get": healthz}, "/readyz": {"get": readyz}}, schemas)
+
+
+def _self_description() -> _Part:
+    """GET /openapi.json (this document) and GET /docs (Swagger UI for it)."""
+    openapi = {
+        "summary": "This document",
+        "operationId": "openapi",
+        "tags": [DOCUMENTATION],
+        "responses": {
+            "200": {
+                "description": "The OpenAPI document.",
+                "content": {"application/json": {"schema": {"type": "object"}}},
             }
-        }
-    schemes = {
-        **({"apiKey": {"type": "http", "scheme": "bearer"}} if api_keys else {}),
-        **({"metricsToken": {"type": "http", "scheme": "bearer"}} if metrics_token else {}),
-    }
-    return {
-        "openapi": "3.0.3",
-        "info": {
-            "title": "secret-manager",
-            "version": __version__,
-            "description": "Stores secrets encrypted with AES-256-GCM and hands them back by id.",
-        },
-        "paths": {
-            "/vault/secret/create/": {"post": create},
-            "/vault/secret/create": {"post": variant(create, "NoSlash")},
-            "/vault/secret/fetch": {"post": fetch},
-            "/vault/secret/fetch/": {"post": variant(fetch, "Slash")},
-            "/vault/secret/delete": {"post": delete},
-            "/vault/secret/delete/": {"post": variant(delete, "Slash")},
-            "/healthz": {
-                "get": {
-                    "summary": "Liveness",
-                    "operationId": "healthz",
-                    "responses": {"200": _json("Status", "The process is running.")},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness",
-                    "operationId": "readyz",
-                    "responses": {
-                        "200": _json(
-                            "ReadyStatus",
-                            "The store answers and takes writes; `records_unreadable` counts"
-                            " the live records no configured key can open (null until first"
-                            " counted): information, readiness does not depend on it.",
-                        ),
-                        "503": _error(
-                            "Not ready: the body's `reason` is `store unreachable`,"
-                            " `store refusing writes` or `disk full`.",
-                            retry_after=True,
-                        ),
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "operationId": "openapi",
-                    "responses": {
-                        "200": {
-                            "description": "The OpenAPI document.",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
-            "/docs": {
-                "get": {
-                    "summary": "Swagger UI for this document, served from packaged assets",
-                    "operationId": "docs",
-                    "responses": {
-                        "200": {
-                            "description": "The Swagger UI page.",
-                            "content": {"text/html": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            **paths,
-        },
-        "components": {
-            **({"securitySchemes": schemes} if schemes else {}),
-            "schemas": {
-                "CreateRequest": {
-                    "type": "object",
-                    "required": ["secret"],
-                    "properties": {
-                        "secret": {
-                            "type": "string",
-                            "format": "byte",
-                            "minLength": 4,
-                            "pattern": BASE64_PATTERN,
-                            "description": (
-                                "Standard base64 with padding, no whitespace; "
-                                f"at most {max_secret_bytes} bytes once decoded."
-                            ),
-                        },
-                        "ttl_seconds": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": max_ttl_seconds,
-                            "description": (
-                                "Seconds the secret lives at least; after that it is never "
-                                "served again. A JSON integer (not 1.0, not a string). "
-                                "Without it, the server's SECRET_DEFAULT_TTL_SECONDS applies "
-                                "(by default none: the secret never expires)."
-                            ),
-                        },
-                        "max_reads": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": MAX_READS,
-                            "description": (
-                                "Fetches allowed; the one that uses the last read deletes the "
-                                "secret. Exact, however many fetches race. A JSON integer."
-                            ),
-                        },
-                    },
-                },
-                "CreateResponse": {
-                    "type": "object",
-                    "required": ["secret_id"],
-                    "properties": {
-                        "secret_id": {"type": "string", "format": "uuid"},
-                        "expires_at": expires_at,
-                        "reads_left": {
-                            **reads_left,
-                            "minimum": 1,
-                            "description": "The reads allowed (max_reads); only when limited.",
-                        },
-                    },
-                },
-                "FetchRequest": {
-                    "type": "object",
-                    "required": ["secret_id"],
-                    "properties": {
-                        "secret_id": {"type": "string", "format": "uuid", "pattern": _UUID_PATTERN}
-                    },
-                },
-                "FetchResponse": {
-                    "type": "object",
-                    "required": ["secret"],
-                    "properties": {
-                        "secret": {"type": "string", "format": "byte"},
-                        "expires_at": expires_at,
-                        "reads_left": {
-                            **reads_left,
-                            "minimum": 0,
-                            "description": (
-                                "Reads remaining after this one; only for a read-limited "
-                                "secret (0: this was the last, and the secret is gone)."
-                            ),
-                        },
-                    },
-                },
-                "DeleteRequest": {
-                    "type": "object",
-                    "required": ["secret_id"],
-                    "properties": {
-                        "secret_id": {"type": "string", "format": "uuid", "pattern": _UUID_PATTERN}
-                    },
-                },
-                "DeleteResponse": {
-                    "type": "object",
-                    "required": ["secret_id", "deleted"],
-                    "properties": {
-                        "secret_id": {"type": "string", "format": "uuid"},
-                        "deleted": {"type": "boolean", "enum": [True]},
-                    },
-                },
-                "Status": {
-                    "type": "object",
-                    "required": ["status"],
-                    "properties": {"status": {"type": "string"}},
-                },
-                "ReadyStatus": {
-                    "type": "object",
-                    "required": ["status", "records_unreadable"],
-                    "properties": {
-                        "status": {"type": "string", "enum": ["ready"]},
-                        "records_unreadable": {"type": "integer", "minimum": 0, "nullable": True},
-                    },
-                },
-                "Error": {
-                    "type": "object",
-                    "required": ["detail"],
-                    "properties": {
-                        "detail": {
-                            "type": "string",
-                            "description": "What went wrong and what to do about it.",
-                        }
-                    },
-                },
-            },
         },
     }
+    docs = {
+        "summary": "Swagger UI for this document, served from packaged assets",
+        "operationId": "docs",
+        "tags": [DOCUMENTATION],
+        "responses": {
+            "200": {
+                "description": "The Swagger UI page.",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            }
+        },
+    }
+    return _Part({"/openapi.json": {"get": openapi}, "/docs": {"get": docs}}, {})
+
+
+def _metrics(metrics_token: bool) -> _Part:
+    """GET /metrics, behind METRICS_TOKEN when one is set."""
+    unauthorized = _error(
+        "Missing or wrong METRICS_TOKEN (Authorization: Bearer <token>).", challenge=True
+    )
+    operation = {
+        **({"security": [{"metricsToken": []}]} if metrics_token else {}),
+        "summary": "Prometheus metrics",
+        "operationId": "metrics",
+        "tags": [METRICS],
+        "responses": {
+            "200": {
+                "description": "Prometheus text exposition.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **({"401": unauthorized} if metrics_token else {}),
+        },
+    }
+    return _Part({"/metrics": {"get": operation}}, {})
 
 
 DOCS_HTML = """<!DOCTYPE html>

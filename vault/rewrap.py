@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -265,6 +266,10 @@ def command(
 
     untouched = "every record is either rewrapped or untouched"
     status = EXIT_REMAINING
+    # A shell starts a background job (`rewrap &` in a script) with SIGINT ignored, and the
+    # process keeps that: Ctrl-C or `kill -INT` would then do nothing. Stopping between two
+    # swaps is always safe, so take SIGINT back whatever this process was started with.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         asyncio.run(run())
     except KeyboardInterrupt:
@@ -284,6 +289,8 @@ def command(
         )
     else:
         status, message = _verdict(report, keyring.active_key_id)
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
     for line in report.summary():
         echo(line)
     print(message, file=sys.stderr if status else sys.stdout, flush=True)

@@ -88,9 +88,16 @@ def _check_content_type(request: Request) -> None:
         for key, _, value in (param.partition("=") for param in params)
         if key.strip().lower() == "charset"
     ]
-    if media_type.lower() != "application/json" or any(c != "utf-8" for c in charsets):
+    if media_type.lower() != "application/json":
         raise HTTPException(
             415, "send the body as JSON with the header Content-Type: application/json"
+        )
+    refused = next((charset for charset in charsets if charset != "utf-8"), None)
+    if refused is not None:
+        raise HTTPException(
+            415,
+            f"charset {refused[:40]!r} is refused: send the body as UTF-8 JSON, with the header "
+            "Content-Type: application/json (or application/json; charset=utf-8)",
         )
 
 
@@ -105,22 +112,48 @@ async def _json_object(request: Request) -> dict[str, Any]:
             400, "the request body did not arrive completely; send the whole body"
         ) from None
     try:
-        # Strict UTF-8 (json.loads on bytes would also take UTF-16 and encoded surrogates),
-        # and nothing JSON cannot carry, wherever it stands in the document: NaN,
-        # infinities, and lone surrogates, which only a \u escape can produce (so only a
-        # body with one pays for the re-encoding that finds them).
+        # Strict UTF-8: json.loads on bytes would also take UTF-16 and encoded surrogates.
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HTTPException(
+            400, f"request body is not UTF-8 (byte {exc.start} is invalid): send JSON in UTF-8"
+        ) from None
+    try:
+        # Nothing JSON cannot carry, wherever it stands in the document: NaN, infinities,
+        # and lone surrogates, which only a \u escape can produce (so only a body with one
+        # pays for the re-encoding that finds them).
         data = json.loads(
-            body.decode("utf-8"),
+            text,
             object_pairs_hook=_reject_duplicates,
             parse_constant=_reject_constant,
             parse_float=_finite,
         )
         if b"\\u" in body:
             json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeError, duplicates, NaN
+    except json.JSONDecodeError as exc:
         raise HTTPException(
-            400, "request body must be a UTF-8 JSON object without duplicate keys"
+            400,
+            f"request body is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno}); "
+            'send a JSON object, for example {"secret": "aGk="}',
         ) from None
+    except UnicodeEncodeError:
+        raise HTTPException(
+            400,
+            "request body holds a \\u escape of a lone surrogate, which is not text: send UTF-8",
+        ) from None
+    except ValueError as exc:  # refused by a hook above, or an int() of over 4300 digits
+        reason = str(exc)
+        if reason == "duplicate key":
+            detail = "request body has a duplicate key: send each key once"
+        elif reason.endswith(" is not JSON"):  # NaN, Infinity, -Infinity
+            detail = (
+                f"request body holds {reason.split()[0]}, which is not JSON: send finite numbers"
+            )
+        else:
+            detail = "request body holds a number out of range (past a double, or over 4300 digits)"
+        raise HTTPException(400, detail) from None
+    except RecursionError:
+        raise HTTPException(400, "request body is JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise HTTPException(
             400, 'request body must be a JSON object, for example {"secret": "aGk="}'

@@ -6,6 +6,10 @@ only learn its settings from the environment. Here a worker is handed ``make_app
 picklable callable holding the settings ``serve`` validated once (spawned processes get it
 in their start-up arguments), and runs Hypercorn's asyncio server on what it returns.
 
+``serve_one`` and ``serve_workers`` both say in the log when a signal starts the graceful
+shutdown and when it has ended, so an operator can tell a drain from a hang after "Running
+on ...".
+
 Hypercorn 0.18's own supervisor (``hypercorn.run.run``) has two faults this one does not:
 - On SIGTERM it sets the shared shutdown event, then wakes as soon as the *first* worker
   has exited and SIGTERMs the rest: a worker still finishing a request is killed with it
@@ -45,6 +49,7 @@ import copy
 import functools
 import logging
 import os
+import queue
 import signal
 import ssl
 import threading
@@ -67,13 +72,73 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_MARGIN_SECONDS = 5.0
 
 
+class _Drain:
+    """The log lines of a graceful shutdown: the signal that started it, then that it ended.
+
+    The signal handler only notes the signal; a thread writes the line, as a handler that
+    logged could cut into a line the interrupted code was writing. They meet on a
+    SimpleQueue, whose put is safe in a signal handler; never on the shared shutdown event,
+    whose waiters a worker's set() waits for (a killed supervisor would block it for good).
+    """
+
+    def __init__(self, what: str, graceful_timeout: float) -> None:
+        self._what = what  # "shutting down" or "stopping 4 workers"
+        self._graceful_timeout = graceful_timeout
+        self._signal: str | None = None
+        self._since = 0.0
+        self._news: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._announcer = threading.Thread(target=self._announce, name="drain-log", daemon=True)
+        self._announcer.start()
+
+    def signalled(self, signum: int) -> None:
+        """From a signal handler: note the first signal (the one that started the drain)."""
+        if self._signal is None:
+            self._signal = signal.Signals(signum).name
+            self._since = time.monotonic()
+            self._news.put(self._signal)
+
+    def _announce(self) -> None:
+        name = self._news.get()
+        if name is not None:
+            log.info(
+                "%s received: %s; no new connections, requests in flight have up to %gs to finish",
+                name,
+                self._what,
+                self._graceful_timeout,
+            )
+
+    def stopped(self, exitcode: int) -> None:
+        """The server has stopped: every worker is gone and the audit log flushed."""
+        self._news.put(None)  # it may have stopped by itself: let the announcer go
+        self._announcer.join()
+        if self._signal is None:
+            log.info("stopped, exit status %d", exitcode)
+        else:
+            took = time.monotonic() - self._since
+            log.info("stopped %.1fs after %s, exit status %d", took, self._signal, exitcode)
+
+
 def serve_one(make_app: Callable[[], ASGIApp], config: Config) -> int:
-    """One worker, in this process, until SIGTERM/SIGINT (Hypercorn's own handlers)."""
+    """One worker, in this process, until SIGTERM/SIGINT, with the shutdown's log lines; 0
+    after a clean stop."""
     sockets = config.create_sockets()  # before the app is built: a busy port fails first
+    shutdown = threading.Event()
+    drain = _Drain("shutting down", config.graceful_timeout)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        drain.signalled(signum)
+        shutdown.set()  # safe here: the worker only ever reads it (is_set)
+
+    # Instead of Hypercorn's own handlers, which would set its event unseen. Its worker only
+    # polls is_set(), which a threading.Event has as well as a multiprocessing one.
+    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
     try:
-        run_worker(make_app, config, sockets)
+        run_worker(make_app, config, sockets, cast(Event, shutdown))
     finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         _close(sockets)
+    drain.stopped(0)
     return 0
 
 
@@ -117,10 +182,12 @@ def serve_workers(make_app: Callable[[], ASGIApp], config: Config, count: int) -
     # Only this process ever holds the write end: its death is the workers' end-of-file.
     parent_gone, parent_alive = context.Pipe(duplex=False)
     stopping = False
+    drain = _Drain(f"stopping {count} workers", config.graceful_timeout)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        drain.signalled(signum)
         shutdown.set()
 
     # Workers inherit these ignored signals (a handler would not survive the spawn).
@@ -175,6 +242,7 @@ def serve_workers(make_app: Callable[[], ASGIApp], config: Config, count: int) -
                     worker.kill()
                 exitcode = 1
                 deadline = None  # killed: the next wait reaps them
+        drain.stopped(exitcode)
         return exitcode
     finally:
         for worker in alive:  # only on an error of ours above: never leave orphans

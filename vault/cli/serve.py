@@ -122,7 +122,7 @@ def _check_data_dir(settings: Settings) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Validate everything, then hand over to Hypercorn (which handles SIGTERM/SIGINT)."""
+    """Validate everything, then hand over to Hypercorn; SIGTERM/SIGINT drain it gracefully."""
     try:
         settings = _preflight(args)
     except ConfigError as exc:
