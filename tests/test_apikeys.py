@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.middleware.test_apikeys import ALICE, BOB, CAROL, KEYS_FILE, METRICS
-from vault.apikeys import InvalidAPIKeys, parse_api_keys, parse_token, token_digest
+from vault.apikeys import parse_api_keys, parse_token, token_digest
+from vault.errors import InvalidAPIKeys
 
 
 def test_parse_file_with_comments_blank_lines_and_crlf() -> None:

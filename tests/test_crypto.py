@@ -12,16 +12,8 @@ import uuid
 import pytest
 
 from tests.conftest import ROOT, clean_env
-from vault.crypto import (
-    NONCE_BYTES,
-    DecryptionFailed,
-    Keyring,
-    MalformedKey,
-    UnknownKey,
-    generate_key,
-    key_id,
-    parse_key,
-)
+from vault.crypto import NONCE_BYTES, Keyring, generate_key, key_id, parse_key
+from vault.errors import DecryptionFailed, MalformedKey, UnknownKey
 
 
 def _id() -> str:

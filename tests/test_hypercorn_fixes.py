@@ -14,8 +14,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from tests.conftest import ROOT
+from vault.errors import ConfigError
 from vault.hypercorn_fixes import HYPERCORN_VERSION, PATCHED, REQUIRED, Target, check
-from vault.settings import ConfigError
 
 
 @pytest.mark.parametrize("target", REQUIRED, ids=str)

@@ -12,8 +12,9 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from tests.conftest import RawRecords
+from vault.errors import InvalidValue
 from vault.openapi import BASE64_PATTERN, build_openapi
-from vault.validation import InvalidValue, decode_secret
+from vault.validation import decode_secret
 
 # The other spelling of each secret path: a route that answers like the documented one, named
 # in that operation's description rather than listed a second time (so /docs shows it once).

@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from vault.crypto import DecryptionFailed, Keyring, UnknownKey
+from vault.crypto import Keyring
+from vault.errors import DecryptionFailed, InvalidValue, UnknownKey
 from vault.records import SealedSecret
-from vault.validation import InvalidValue, decode_secret, normalize_secret_id
+from vault.validation import decode_secret, normalize_secret_id
 
 # A small limit keeps every example fast; the boundary behaves the same at any size.
 MAX = 2048

@@ -11,14 +11,8 @@ import pytest
 
 from tests.conftest import ROOT
 from vault.crypto import generate_key, key_id, parse_key
-from vault.settings import (
-    AuditMode,
-    ConfigError,
-    RateLimitStorage,
-    Settings,
-    TracesExporter,
-    client_url,
-)
+from vault.errors import ConfigError
+from vault.settings import AuditMode, RateLimitStorage, Settings, TracesExporter, client_url
 
 
 def test_defaults_with_only_a_key() -> None:

@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from vault.validation import InvalidValue, decode_secret, normalize_secret_id
+from vault.errors import InvalidValue
+from vault.validation import decode_secret, normalize_secret_id
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 31, 32, 33, 1000])

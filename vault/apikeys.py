@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from middleware.apikeys import KEY_NAME, token_digest
+from vault.errors import InvalidAPIKeys
 
 __all__ = ["KEY_NAME", "InvalidAPIKeys", "token_digest"]
 
@@ -26,11 +27,6 @@ _TOKEN_ADVICE = (
     "(then optionally =), for example from "
     "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
 )
-
-
-class InvalidAPIKeys(ValueError):
-    """API keys or the metrics token are malformed. The message names the variable and the
-    line, and never quotes the text, which may hold a token."""
 
 
 def _check_token(token: str, where: str) -> None:

@@ -38,10 +38,11 @@ from observability.tracing import configure_tracing, shutdown_tracing
 from vault import hypercorn_fixes
 from vault.breaker import CircuitBreaker
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
+from vault.errors import ConfigError, StoreKnownDown, StoreUnavailable
 from vault.keyguard import UnreadableRecords
 from vault.routes import OPERATIONS, VaultAPI, http_error, unavailable_response
-from vault.settings import AuditMode, ConfigError, RateLimitStorage, Settings
-from vault.stores.base import SecretStore, StoreKnownDown, StoreUnavailable
+from vault.settings import AuditMode, RateLimitStorage, Settings
+from vault.stores.base import SecretStore
 from vault.stores.counters import MongoCounter
 
 log = logging.getLogger("secret_manager.app")

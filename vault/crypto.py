@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from vault.errors import DecryptionFailed, MalformedKey, UnknownKey
 from vault.records import SealedSecret
 
 KEY_BYTES = 32
@@ -26,18 +27,6 @@ NONCE_BYTES = 12  # 96 bits, the size GCM is specified for
 _KEY_ID_LABEL = b"secret-manager key id v1"
 _AAD_PREFIX = b"secret-manager/v1\x00"
 _AUDIT_KEY_INFO = b"secret-manager audit hmac v1"
-
-
-class MalformedKey(ValueError):
-    """A configured key is neither base64 of 32 bytes nor a raw 32-character string."""
-
-
-class UnknownKey(Exception):
-    """A record names a key id this keyring does not hold."""
-
-
-class DecryptionFailed(Exception):
-    """A record failed authentication: tampered, swapped or corrupted."""
 
 
 def generate_key() -> str:

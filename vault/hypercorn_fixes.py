@@ -45,7 +45,7 @@ import ssl
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-from vault.settings import ConfigError
+from vault.errors import ConfigError
 
 HYPERCORN_VERSION = "0.18.0"
 

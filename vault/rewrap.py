@@ -19,9 +19,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vault.crypto import DecryptionFailed, Keyring, UnknownKey
+from vault.crypto import Keyring
+from vault.errors import DecryptionFailed, StoreUnavailable, UnknownKey
 from vault.records import SealedSecret
-from vault.stores.base import SecretStore, StoreUnavailable
+from vault.stores.base import SecretStore
 
 DEFAULT_BATCH_SIZE = 500
 # Swaps in flight at once: each one waits for a durable write, so they overlap well.

@@ -28,14 +28,15 @@ from middleware.answers import RETRY_AFTER_SECONDS, error_answer
 from middleware.context import RequestContext, request_context
 from observability.metrics import NOT_READY, SECRETS_DELETED
 from vault.crypto import Keyring
+from vault.errors import InvalidValue, NotReady, StoreUnavailable
 from vault.keyguard import UnreadableRecords
 from vault.lifecycle import Found
 from vault.openapi import DOCS_HTML, build_openapi
 from vault.records import SealedSecret
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
-from vault.stores.base import DeleteResult, SecretStore, StoreUnavailable
-from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE, NotReady
-from vault.validation import InvalidValue, decode_secret, normalize_secret_id
+from vault.stores.base import DeleteResult, SecretStore
+from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE
+from vault.validation import decode_secret, normalize_secret_id
 
 log = logging.getLogger("secret_manager.routes")
 

@@ -25,10 +25,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import IO, Any
 
+from vault.errors import InvalidValue, TransferRefused
 from vault.records import SealedSecret, StoredSecret
 from vault.settings import Settings
 from vault.stores.base import AUDIT_FIELDS, BulkStore, Imported, utc_now
-from vault.validation import InvalidValue, normalize_secret_id
+from vault.validation import normalize_secret_id
 
 FORMAT = "secret-manager-export"
 VERSION = 1
@@ -39,10 +40,6 @@ MAX_LINE_BYTES = 1 << 20
 NONCE_BYTES = 12
 TAG_BYTES = 16
 _HEX = frozenset("0123456789abcdef")
-
-
-class Refused(Exception):
-    """The file cannot be imported (damaged, truncated, foreign, newer); nothing was written."""
 
 
 @dataclasses.dataclass
@@ -180,7 +177,7 @@ def export(store: BulkStore, out: IO[bytes], *, audit: bool, store_kind: str, ba
 
 def _fields(value: Any, line: int, kind: str, names: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(value, dict) or set(value) != {"type", *names}:
-        raise Refused(
+        raise TransferRefused(
             f"line {line} is not a whole {kind} record (its fields are not the ones "
             "this format has)"
         )
@@ -193,7 +190,7 @@ def _bytes(value: Any, line: int, name: str) -> bytes:
             return base64.b64decode(value, validate=True)
         except binascii.Error:
             pass
-    raise Refused(f"line {line}: {name} is not base64")
+    raise TransferRefused(f"line {line}: {name} is not base64")
 
 
 def _time(value: Any, line: int, name: str) -> dt.datetime:
@@ -202,17 +199,18 @@ def _time(value: Any, line: int, name: str) -> dt.datetime:
             return dt.datetime.fromisoformat(value)
         except ValueError:
             pass
-    raise Refused(f"line {line}: {name} is not an RFC 3339 UTC time")
+    raise TransferRefused(f"line {line}: {name} is not an RFC 3339 UTC time")
 
 
 def _text(value: Any, line: int, name: str, *, optional: bool = False) -> Any:
     if isinstance(value, str) or (optional and value is None):
         return value
-    raise Refused(f"line {line}: {name} is not {'text or null' if optional else 'text'}")
+    raise TransferRefused(f"line {line}: {name} is not {'text or null' if optional else 'text'}")
 
 
 def parse_secret(value: Any, line: int) -> StoredSecret:
-    """The record a secret line holds; Refused naming the line (never a value) if malformed."""
+    """The record a secret line holds; TransferRefused naming the line (never a value) if
+    malformed."""
     names = ("secret_id", "key_id", "nonce", "ciphertext", "created_at", "expires_at")
     fields = _fields(value, line, "secret", (*names, "reads_left"))
     secret_id = _text(fields["secret_id"], line, "secret_id")
@@ -220,21 +218,21 @@ def parse_secret(value: Any, line: int) -> StoredSecret:
         if normalize_secret_id(secret_id) != secret_id:
             raise InvalidValue(secret_id)
     except InvalidValue:
-        raise Refused(f"line {line}: secret_id is not a lower-case UUID") from None
+        raise TransferRefused(f"line {line}: secret_id is not a lower-case UUID") from None
     key_id = _text(fields["key_id"], line, "key_id")
     if len(key_id) != 16 or not set(key_id) <= _HEX:
-        raise Refused(f"line {line}: key_id is not 16 hex digits")
+        raise TransferRefused(f"line {line}: key_id is not 16 hex digits")
     nonce = _bytes(fields["nonce"], line, "nonce")
     if len(nonce) != NONCE_BYTES:
-        raise Refused(f"line {line}: nonce is not {NONCE_BYTES} bytes")
+        raise TransferRefused(f"line {line}: nonce is not {NONCE_BYTES} bytes")
     ciphertext = _bytes(fields["ciphertext"], line, "ciphertext")
     if len(ciphertext) < TAG_BYTES:
-        raise Refused(f"line {line}: ciphertext is shorter than its authentication tag")
+        raise TransferRefused(f"line {line}: ciphertext is shorter than its authentication tag")
     created = fields["created_at"]
     expires = fields["expires_at"]
     reads_left = fields["reads_left"]
     if reads_left is not None and (type(reads_left) is not int or reads_left < 1):
-        raise Refused(f"line {line}: reads_left is not a whole number of reads, at least 1")
+        raise TransferRefused(f"line {line}: reads_left is not a whole number of reads, at least 1")
     sealed = SealedSecret(
         secret_id,
         key_id,
@@ -247,21 +245,21 @@ def parse_secret(value: Any, line: int) -> StoredSecret:
 
 
 def parse_audit(value: Any, line: int) -> dict[str, Any]:
-    """The document an audit line holds; Refused naming the line if malformed."""
+    """The document an audit line holds; TransferRefused naming the line if malformed."""
     fields = _fields(value, line, "audit", AUDIT_FIELDS)
     document = {name: fields[name] for name in AUDIT_FIELDS}
     record_id = _text(document["record_id"], line, "record_id")
     if len(record_id) != 24 or not set(record_id) <= _HEX:
-        raise Refused(f"line {line}: record_id is not 24 hex digits")
+        raise TransferRefused(f"line {line}: record_id is not 24 hex digits")
     document["ts"] = _time(document["ts"], line, "ts")
     for name in ("op", "outcome", "client_ip", "request_id"):
         _text(document[name], line, name)
     for name in ("secret_id_hmac", "user_agent", "api_key_name"):
         _text(document[name], line, name, optional=True)
     if type(document["status"]) is not int:
-        raise Refused(f"line {line}: status is not a whole number")
+        raise TransferRefused(f"line {line}: status is not a whole number")
     if type(document["latency_ms"]) not in (int, float):
-        raise Refused(f"line {line}: latency_ms is not a number")
+        raise TransferRefused(f"line {line}: latency_ms is not a number")
     return document
 
 
@@ -269,32 +267,34 @@ def _json(data: bytes, line: int) -> Any:
     try:
         return json.loads(data)
     except (UnicodeDecodeError, ValueError):
-        raise Refused(f"line {line} is not JSON") from None
+        raise TransferRefused(f"line {line} is not JSON") from None
 
 
 def _lines(source: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines, each with its newline; Refused for an over-long one."""
+    """Numbered lines, each with its newline; TransferRefused for an over-long one."""
     number = 0
     while data := source.readline(MAX_LINE_BYTES + 1):
         number += 1
         if len(data) > MAX_LINE_BYTES:
-            raise Refused(f"line {number} is longer than any record can be")
+            raise TransferRefused(f"line {number} is longer than any record can be")
         yield number, data
 
 
 def check_header(data: bytes) -> dict[str, Any]:
-    """The header, or Refused: a foreign file, or one from a newer secret-manager."""
+    """The header, or TransferRefused: a foreign file, or one from a newer secret-manager."""
     try:
         header = json.loads(data)
     except (UnicodeDecodeError, ValueError):
         header = None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise Refused("it is not a secret-manager export (its first line is no export header)")
+        raise TransferRefused(
+            "it is not a secret-manager export (its first line is no export header)"
+        )
     version = header.get("version")
     if type(version) is not int or version < 1:
-        raise Refused("its header is damaged (no valid format version)")
+        raise TransferRefused("its header is damaged (no valid format version)")
     if version > VERSION:
-        raise Refused(
+        raise TransferRefused(
             f"it was written by a newer secret-manager (export format version {version}; this "
             f"one reads version {VERSION}): import it with that release or a later one"
         )
@@ -312,18 +312,20 @@ class Checked:
 
 def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Checked:
     """Read the whole file, checking every line, the counts and the SHA-256, and copy its
-    record lines to ``copy``; Refused, naming what is wrong, at the first problem."""
+    record lines to ``copy``; TransferRefused, naming what is wrong, at the first problem."""
     lines = _lines(source)
     first = next(lines, None)
     if first is None:
-        raise Refused("it is empty: not a secret-manager export")
+        raise TransferRefused("it is empty: not a secret-manager export")
     check_header(first[1])
     digest = hashlib.sha256(first[1])
     secrets = audit = 0
     number = 1
     for number, data in lines:
         if not data.endswith(b"\n"):
-            raise Refused(f"it is truncated: line {number} is cut off, and no end line follows")
+            raise TransferRefused(
+                f"it is truncated: line {number} is cut off, and no end line follows"
+            )
         value = _json(data, number)
         kind = value.get("type") if isinstance(value, dict) else None
         if kind == "secret":
@@ -335,14 +337,14 @@ def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Ch
         elif kind == "end":
             _check_end(value, Checked(secrets, audit, digest.hexdigest()))
             if next(lines, None) is not None:
-                raise Refused(f"it is damaged: more follows its end line (line {number})")
+                raise TransferRefused(f"it is damaged: more follows its end line (line {number})")
             return Checked(secrets, audit, digest.hexdigest())
         else:
-            raise Refused(f"line {number} is not a record of this format")
+            raise TransferRefused(f"line {number} is not a record of this format")
         digest.update(data)
         copy.write(data)
         progress(1)
-    raise Refused(
+    raise TransferRefused(
         f"it is truncated: it ends after line {number} without the end line that closes "
         "every export"
     )
@@ -350,14 +352,14 @@ def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Ch
 
 def _check_end(value: dict[str, Any], found: Checked) -> None:
     if set(value) != {"type", "secrets", "audit", "sha256"}:
-        raise Refused("its end line is damaged")
+        raise TransferRefused("its end line is damaged")
     if value["secrets"] != found.secrets or value["audit"] != found.audit:
-        raise Refused(
+        raise TransferRefused(
             f"it is damaged: its end line counts {value['secrets']} secrets and "
             f"{value['audit']} audit records, the file holds {found.secrets} and {found.audit}"
         )
     if value["sha256"] != found.sha256:
-        raise Refused("it is damaged or altered: its SHA-256 does not match its end line")
+        raise TransferRefused("it is damaged or altered: its SHA-256 does not match its end line")
 
 
 def _records(copy: IO[bytes]) -> Iterator[tuple[int, StoredSecret | dict[str, Any]]]:

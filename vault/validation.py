@@ -11,6 +11,8 @@ import base64
 import binascii
 import re
 
+from vault.errors import InvalidValue
+
 # The rules as patterns, for the OpenAPI document (vault/openapi.py) to state what is checked
 # here. A secret id is checked with this very pattern.
 UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -24,10 +26,6 @@ BASE64_PATTERN = (
 )
 
 _UUID = re.compile(UUID_PATTERN)
-
-
-class InvalidValue(ValueError):
-    """The value is malformed; the message says what is expected."""
 
 
 def decode_secret(value: str) -> bytes:

@@ -24,7 +24,7 @@ from starlette.testclient import TestClient
 from middleware.clientip import ClientIPMiddleware
 from middleware.ratelimit import Counter, MemoryCounter, RateLimitMiddleware
 from vault.breaker import CircuitBreaker
-from vault.stores.base import StoreUnavailable
+from vault.errors import StoreUnavailable
 
 CLIENT = ("203.0.113.7", 50000)
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from vault.breaker import CircuitBreaker
-from vault.stores.base import StoreKnownDown, StoreUnavailable
+from vault.errors import StoreKnownDown, StoreUnavailable
 from vault.stores.batching import Batcher
 
 pytestmark = pytest.mark.anyio

@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from middleware.ratelimit import RateLimitMiddleware
 from tests.conftest import MongoWireServer, free_port
-from vault.stores.base import StoreUnavailable
+from vault.errors import StoreUnavailable
 from vault.stores.counters import MongoCounter
 
 pytestmark = pytest.mark.anyio

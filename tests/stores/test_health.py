@@ -13,14 +13,13 @@ from starlette.testclient import TestClient
 from tests.conftest import b64
 from vault.app import create_app
 from vault.crypto import generate_key
+from vault.errors import NotReady, StoreUnavailable
 from vault.settings import Settings
-from vault.stores.base import StoreUnavailable
 from vault.stores.health import (
     DISK_FULL,
     PROBE_INTERVAL_SECONDS,
     REFUSING_WRITES,
     UNREACHABLE,
-    NotReady,
     WriteHealth,
     stored_any,
 )

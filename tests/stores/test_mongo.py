@@ -16,9 +16,9 @@ from middleware.audit import AuditWriter
 from tests.conftest import MongoWireServer, audit_record, b64, read_back, wait_until
 from vault.app import create_app
 from vault.crypto import generate_key
+from vault.errors import StoreUnavailable
 from vault.records import SealedSecret
 from vault.settings import Settings
-from vault.stores.base import StoreUnavailable
 from vault.stores.mongo import MongoStore
 
 

@@ -15,8 +15,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.conftest import RawRecords, audit_record, on_store, read_back
+from vault.errors import CorruptRecord, StoreUnavailable
 from vault.records import SealedSecret
-from vault.stores.base import CorruptRecord, SecretStore, StoreUnavailable
+from vault.stores.base import SecretStore
 
 
 def record(secret_id: str | None = None) -> SealedSecret:

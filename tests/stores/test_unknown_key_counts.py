@@ -14,8 +14,9 @@ import pymongo
 import pytest
 
 from tests.conftest import free_port, on_store
+from vault.errors import StoreUnavailable
 from vault.records import SealedSecret
-from vault.stores.base import SecretStore, StoreUnavailable
+from vault.stores.base import SecretStore
 from vault.stores.sqlite import COUNT_LIVE_BY_KEY_ID, NEXT_KEY_ID
 
 KNOWN = "00000000000000aa"

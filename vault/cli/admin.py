@@ -9,8 +9,9 @@ import sys
 from vault.app import audit_hmac_key, audit_hmac_keys, build_keyring, build_store
 from vault.cli.common import check_mongo_uri, fail, guard_keys, positive
 from vault.crypto import generate_key, secret_id_hmac
-from vault.settings import ConfigError, Settings
-from vault.validation import InvalidValue, normalize_secret_id
+from vault.errors import ConfigError, InvalidValue
+from vault.settings import Settings
+from vault.validation import normalize_secret_id
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

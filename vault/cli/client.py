@@ -11,7 +11,8 @@ import urllib.error
 import urllib.request
 
 from vault.cli.common import fail
-from vault.settings import ConfigError, client_token, client_url
+from vault.errors import ConfigError
+from vault.settings import client_token, client_url
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

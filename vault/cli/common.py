@@ -15,8 +15,9 @@ import warnings
 from collections.abc import Callable, Collection
 
 from vault.app import build_store
+from vault.errors import ConfigError
 from vault.keyguard import describe, refusal, refused
-from vault.settings import ConfigError, Settings
+from vault.settings import Settings
 
 log = logging.getLogger("secret_manager.cli")
 

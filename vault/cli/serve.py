@@ -29,8 +29,9 @@ from vault.cli.common import (
     unknown_key_counts,
 )
 from vault.crypto import generate_key, key_id
+from vault.errors import ConfigError
 from vault.keyguard import dev_refusal, refused
-from vault.settings import ConfigError, Settings
+from vault.settings import Settings
 
 if TYPE_CHECKING:
     from hypercorn.config import Config

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vault.cli.common import check_mongo_uri, fail
-from vault.settings import ConfigError, Settings
+from vault.errors import ConfigError, TransferRefused
+from vault.settings import Settings
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -179,7 +180,7 @@ def import_command(args: argparse.Namespace) -> int:
             bar=_progress,
             conflict=conflict,
         )
-    except transfer.Refused as exc:
+    except TransferRefused as exc:
         return fail(f"import: refused {name}: {exc}; nothing was written")
     except transfer.failures() as exc:
         print(

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from vault.crypto import key_id
+from vault.errors import ConfigError as ConfigError  # what every caller catches
 from vault.settings import parse
-from vault.settings.variables import ConfigError as ConfigError  # what every caller catches
 from vault.settings.variables import Variable, setting
 
 MAX_READS = 1_000_000

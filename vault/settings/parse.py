@@ -13,9 +13,10 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import TypeVar
 
-from vault.apikeys import InvalidAPIKeys, parse_api_keys, parse_token
-from vault.crypto import MalformedKey, parse_key
-from vault.settings.variables import ConfigError, Parser
+from vault.apikeys import parse_api_keys, parse_token
+from vault.crypto import parse_key
+from vault.errors import ConfigError, InvalidAPIKeys, MalformedKey
+from vault.settings.variables import Parser
 
 
 def text(value: str, name: str) -> str:

@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar, cast
 
+from vault.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(Exception):
-    """A setting is missing or malformed; the message names the variable and the fix."""
 
 
 # (text, the variable it came from: NAME or NAME_FILE) → the value, or a ConfigError naming

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 from observability.audit import AUDIT_FIELDS, AuditRecord, AuditWrite
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
+from vault.errors import StoreUnavailable
 from vault.lifecycle import Fetched, Opener, judge_fetch, utc_now
 from vault.records import SealedSecret, StoredSecret
 
@@ -37,34 +38,6 @@ AuditDocument = Mapping[str, Any]
 
 # A fetch's outcome from its store call: the verdict, and its audit record's write.
 FetchResult = tuple[Fetched, AuditWrite | None]
-
-
-class CorruptRecord(Exception):
-    """A stored record lacks a field or holds one of the wrong type (edited outside the
-    service): its own request gets 500; requests read in the same call are unaffected."""
-
-
-class StoreUnavailable(Exception):
-    """The store did not answer in time or refused the connection; the caller may retry.
-
-    ``reason``, set where a driver's error is mapped when the store can tell, is what a
-    write failing with it means for /readyz (one of ``vault.stores.health.REASONS``);
-    None when the store cannot tell (a call that ran out of its budget, say).
-    """
-
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    @classmethod
-    def after(cls, timeout: float | None) -> StoreUnavailable:
-        """The error for a store call, or a wait for one, that ran out of its budget."""
-        return cls(f"store did not answer within {timeout:g}s")
-
-
-class StoreKnownDown(StoreUnavailable):
-    """Refused without trying: the store's circuit breaker knows it is down. The breaker
-    logs the outage once (opened, answering again); each refusal is only counted."""
 
 
 class DeleteResult(enum.Enum):
@@ -114,7 +87,7 @@ class SecretStore(Protocol):
 
     async def ping(self) -> None:
         """Return if the store answers and writes work (vault/stores/health.py), else raise
-        StoreUnavailable (vault.stores.health.NotReady, naming the reason, for failing
+        StoreUnavailable (NotReady, naming the reason, for failing
         writes). May write harmless readiness records, never a secret, at most once a
         second: while writes fail, as large as the largest create."""
 

@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 from observability.metrics import STORE_BATCH_SIZE
 from observability.tracing import BATCH_CONTEXTS
 from vault.breaker import CircuitBreaker
-from vault.stores.base import StoreKnownDown, StoreUnavailable
+from vault.errors import StoreKnownDown, StoreUnavailable
 
 T = TypeVar("T")
 Item = TypeVar("Item")

@@ -25,7 +25,7 @@ from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from vault.stores.base import StoreUnavailable
+from vault.errors import StoreUnavailable
 from vault.stores.batching import Batcher
 from vault.stores.mongo import MongoConnection
 

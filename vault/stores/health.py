@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from observability.metrics import NOT_READY, STORE_WRITABLE
-from vault.stores.base import StoreUnavailable
+from vault.errors import NotReady, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -35,16 +35,6 @@ PROBE_INTERVAL_SECONDS = 1.0
 
 for _reason in REASONS:  # every series from the start, so an alert sees its first increase
     NOT_READY.labels(reason=_reason)
-
-
-class NotReady(StoreUnavailable):
-    """What a store's ping raises when the replica is not ready: ``reason``, one of
-    REASONS, says why (writes fail, or the store did not answer)."""
-
-    reason: str
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason, reason=reason)
 
 
 def stored_any(results: Sequence[object]) -> bool:

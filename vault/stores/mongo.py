@@ -36,18 +36,16 @@ from pymongo.write_concern import WriteConcern
 from observability.audit import AuditRecord
 from observability.metrics import STORE_BREAKER_OPEN, STORE_BREAKER_OPENED, STORE_SHORT_CIRCUITED
 from vault.breaker import Call, CircuitBreaker
+from vault.errors import CorruptRecord, NotReady, StoreKnownDown, StoreUnavailable
 from vault.lifecycle import Opener, takes_a_read
 from vault.records import SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     AuditDocument,
     AuditWrite,
-    CorruptRecord,
     DeleteResult,
     FetchResult,
     Imported,
-    StoreKnownDown,
-    StoreUnavailable,
     derived_record_id,
     fetch_results,
     import_outcome,
@@ -61,14 +59,7 @@ from vault.stores.base import (
     utc_now,
 )
 from vault.stores.batching import Batcher
-from vault.stores.health import (
-    DISK_FULL,
-    REFUSING_WRITES,
-    UNREACHABLE,
-    NotReady,
-    WriteHealth,
-    stored_any,
-)
+from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE, WriteHealth, stored_any
 
 _FORMAT_VERSION = 1
 _DUPLICATE_KEY = 11000

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from observability.audit import AuditRecord
+from vault.errors import NotReady, StoreUnavailable
 from vault.lifecycle import Opener, takes_a_read
 from vault.records import SealedSecret, StoredSecret
 from vault.stores.base import (
@@ -28,7 +29,6 @@ from vault.stores.base import (
     DeleteResult,
     FetchResult,
     Imported,
-    StoreUnavailable,
     derived_record_id,
     fetch_results,
     import_outcome,
@@ -42,14 +42,7 @@ from vault.stores.base import (
     utc_now,
 )
 from vault.stores.batching import Batcher
-from vault.stores.health import (
-    DISK_FULL,
-    REFUSING_WRITES,
-    UNREACHABLE,
-    NotReady,
-    WriteHealth,
-    stored_any,
-)
+from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE, WriteHealth, stored_any
 
 T = TypeVar("T")
 
