@@ -46,7 +46,7 @@ def test_every_import_contract_is_kept() -> None:
         ("middleware/ratelimit.py", "import vault.breaker", "middleware depends on nothing"),
         ("middleware/context.py", "import vault.stores.base", "middleware depends on nothing"),
         ("observability/metrics.py", "import vault.records", "observability is the bottom"),
-        ("vault/stores/sqlite.py", "import middleware.context", "the stores return data"),
+        ("vault/stores/sqlite/__init__.py", "import middleware.context", "the stores return data"),
         ("vault/stores/base.py", "import vault.routes", "vault: command line"),
         ("vault/crypto.py", "import vault.stores.base", "vault: command line"),
         ("vault/workers.py", "import vault.app", "vault: command line"),

@@ -1,4 +1,4 @@
-"""vault/stores/mongo.py against a MongoDB-wire server that goes away and comes back."""
+"""vault/stores/mongo/ against a MongoDB-wire server that goes away and comes back."""
 
 from __future__ import annotations
 

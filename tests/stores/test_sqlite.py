@@ -1,4 +1,4 @@
-"""vault/stores/sqlite.py: the embedded default store on a real file."""
+"""vault/stores/sqlite/: the embedded default store on a real file."""
 
 from __future__ import annotations
 
