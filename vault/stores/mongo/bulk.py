@@ -1,0 +1,186 @@
+"""Export from and import into one MongoDB database, on a connection of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pymongo
+from bson import ObjectId
+from pymongo import MongoClient
+from pymongo.collection import Collection
+from pymongo.errors import (
+    BulkWriteError,
+    WriteConcernError,
+)
+from pymongo.write_concern import WriteConcern
+
+from vault.records import SealedSecret, StoredSecret
+from vault.stores.base import (
+    AUDIT_FIELDS,
+    Imported,
+    derived_record_id,
+    import_outcome,
+)
+from vault.stores.mongo.documents import (
+    DUPLICATE_KEY,
+    document,
+    insert_each,
+    record_of,
+)
+
+# Documents per find and insert_many when exporting and importing.
+_BULK_BATCH = 1000
+
+
+# A cursor of a whole-store export lives far longer than a request's budget; each round trip
+# still fails within this when the database stops answering.
+_BULK_SOCKET_TIMEOUT_SECONDS = 60.0
+
+
+class MongoBulk:
+    """Export from and import into one MongoDB database (``BulkStore``), on its own client.
+
+    There is no snapshot: the export reads each document whole in ``_id`` order, and a
+    document written during the export may or may not be in the file. Writes use the
+    store's durable write concern (``majority``, journaled, unless configured otherwise).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        database: str,
+        *,
+        write_concern: str | int = "majority",
+        journal: bool = True,
+        timeout: float,
+    ) -> None:
+        self.label = f"MongoDB database {database!r}"
+        # Not timeoutMS: it would bound a whole cursor's life, and an export is one cursor.
+        self._client: MongoClient[dict[str, Any]] = MongoClient(
+            uri,
+            serverSelectionTimeoutMS=int(timeout * 1000),
+            connectTimeoutMS=int(timeout * 1000),
+            socketTimeoutMS=int(_BULK_SOCKET_TIMEOUT_SECONDS * 1000),
+            retryWrites=True,
+            retryReads=True,
+            appname="secret-manager-transfer",
+            tz_aware=True,
+        )
+        durable = WriteConcern(w=write_concern, j=journal)
+        db = self._client[database]
+        self._secrets: Collection[dict[str, Any]] = db.get_collection(
+            "secrets", write_concern=durable
+        )
+        self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
+        self.malformed = 0  # documents an export left out because they are not whole records
+
+    def close(self) -> None:
+        self._client.close()
+
+    def snapshot(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def count_secrets(self) -> int:
+        return self._secrets.count_documents({})
+
+    def count_audit(self) -> int:
+        return self._audit.count_documents({})
+
+    def secrets(self, now: dt.datetime) -> Iterator[StoredSecret]:
+        for doc in self._secrets.find({}, sort=[("_id", pymongo.ASCENDING)]).batch_size(
+            _BULK_BATCH
+        ):
+            try:
+                sealed = record_of(doc)
+            except (KeyError, TypeError, ValueError):
+                self.malformed += 1  # named by nothing it holds: it may hold anything
+                continue
+            if sealed.expired(now) or sealed.reads_left == 0:
+                continue
+            created = doc.get("created_at")
+            yield StoredSecret(
+                sealed, created.astimezone(dt.UTC) if isinstance(created, dt.datetime) else None
+            )
+
+    def audit(self) -> Iterator[dict[str, Any]]:
+        for doc in self._audit.find({}, sort=[("_id", pymongo.ASCENDING)]).batch_size(_BULK_BATCH):
+            document = {name: doc.get(name) for name in AUDIT_FIELDS if name != "record_id"}
+            record_id = doc["_id"]
+            document["record_id"] = (
+                str(record_id) if isinstance(record_id, ObjectId) else derived_record_id(document)
+            )
+            yield document
+
+    def add_secrets(self, records: Sequence[StoredSecret]) -> list[Imported]:
+        outcomes: list[Imported] = []
+        for start in range(0, len(records), _BULK_BATCH):
+            outcomes += self._add_secret_batch(records[start : start + _BULK_BATCH])
+        return outcomes
+
+    def _stored(self, ids: list[str]) -> dict[str, SealedSecret | None]:
+        found: dict[str, SealedSecret | None] = {}
+        for doc in self._secrets.find({"_id": {"$in": ids}}):
+            try:
+                found[str(doc["_id"])] = record_of(doc)
+            except (KeyError, TypeError, ValueError):
+                found[str(doc["_id"])] = None  # malformed: never overwritten, a conflict
+        return found
+
+    def _add_secret_batch(self, records: Sequence[StoredSecret]) -> list[Imported]:
+        stored = self._stored([record.sealed.secret_id for record in records])
+        outcomes: list[Imported] = []
+        new: list[dict[str, Any]] = []
+        for record in records:
+            sealed = record.sealed
+            if sealed.secret_id in stored and stored[sealed.secret_id] is None:
+                outcomes.append(Imported.CONFLICT)
+                continue
+            outcome = import_outcome(stored.get(sealed.secret_id), sealed)
+            if outcome is Imported.NEW:
+                new.append(document(sealed, record.created_at))
+            elif outcome is Imported.FEWER_READS:
+                self._secrets.update_one(
+                    {"_id": sealed.secret_id, "reads_left": {"$gt": sealed.reads_left}},
+                    {"$set": {"reads_left": sealed.reads_left}},
+                )
+            if outcome in (Imported.NEW, Imported.FEWER_READS):
+                stored[sealed.secret_id] = sealed  # the same id twice in one file
+            outcomes.append(outcome)
+        if new:
+            results = insert_each(self._secrets, new, lambda docs: set())
+            refused = {doc["_id"] for doc, error in zip(new, results, strict=True) if error}
+            if refused:  # written meanwhile by someone else: judge against what is there now
+                now_stored = self._stored(sorted(refused))
+                for index, record in enumerate(records):
+                    if record.sealed.secret_id in refused and outcomes[index] is Imported.NEW:
+                        current = now_stored.get(record.sealed.secret_id)
+                        outcomes[index] = (
+                            Imported.CONFLICT
+                            if current is None
+                            else import_outcome(current, record.sealed)
+                        )
+        return outcomes
+
+    def add_audit(self, documents: Iterable[Mapping[str, Any]]) -> int:
+        docs = [
+            {
+                "_id": ObjectId(document["record_id"]),
+                **{name: document[name] for name in AUDIT_FIELDS if name != "record_id"},
+            }
+            for document in documents
+        ]
+        if not docs:
+            return 0
+        try:
+            self._audit.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise WriteConcernError("write concern not satisfied") from None
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != DUPLICATE_KEY for error in errors):
+                raise
+            return len(docs) - len(errors)  # the duplicates: imported before
+        return len(docs)

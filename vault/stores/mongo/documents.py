@@ -1,0 +1,120 @@
+"""A secret and an audit record as MongoDB documents, and the unordered insert both use."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from pymongo.collection import Collection
+from pymongo.errors import (
+    BulkWriteError,
+    WriteConcernError,
+    WriteError,
+)
+
+from vault.errors import CorruptRecord
+from vault.records import SealedSecret
+from vault.stores.base import (
+    AUDIT_FIELDS,
+    AuditDocument,
+)
+
+FORMAT_VERSION = 1
+DUPLICATE_KEY = 11000
+
+
+def record_of(doc: Mapping[str, Any]) -> SealedSecret:
+    """The record a document holds; TypeError or KeyError when a field is missing or of
+    the wrong type (``bytes(12)`` would quietly make twelve zero bytes of an int)."""
+    key_id, nonce, ciphertext = doc["kid"], doc["nonce"], doc["ct"]
+    if not (isinstance(key_id, str) and isinstance(nonce, bytes) and isinstance(ciphertext, bytes)):
+        raise TypeError("a field of a stored secret record has the wrong type")
+    expires_at, reads_left = doc.get("expires_at"), doc.get("reads_left")
+    if not (expires_at is None or isinstance(expires_at, dt.datetime)):
+        raise TypeError("a field of a stored secret record has the wrong type")
+    if reads_left is not None and (type(reads_left) is not int):  # bool is no count
+        raise TypeError("a field of a stored secret record has the wrong type")
+    if expires_at is not None and expires_at.tzinfo is None:  # a client without tz_aware
+        expires_at = expires_at.replace(tzinfo=dt.UTC)
+    return SealedSecret(
+        secret_id=str(doc["_id"]),
+        key_id=key_id,
+        nonce=bytes(nonce),
+        ciphertext=bytes(ciphertext),
+        expires_at=expires_at,
+        reads_left=reads_left,
+    )
+
+
+def document(record: SealedSecret, created_at: dt.datetime | None) -> dict[str, Any]:
+    """The document a record is stored as."""
+    doc: dict[str, Any] = {
+        "_id": record.secret_id,
+        "v": FORMAT_VERSION,
+        "kid": record.key_id,
+        "nonce": record.nonce,
+        "ct": record.ciphertext,
+    }
+    if created_at is not None:
+        doc["created_at"] = created_at
+    # Present only when set: the TTL index ignores documents without the field.
+    if record.expires_at is not None:
+        doc["expires_at"] = record.expires_at
+    if record.reads_left is not None:
+        doc["reads_left"] = record.reads_left
+    return doc
+
+
+def audit_document(document: AuditDocument) -> dict[str, Any]:
+    """An audit record as stored: its ``record_id`` is the ``_id``, so a retry finds it
+    stored. KeyError, TypeError or InvalidId when the record is malformed."""
+    record_id = ObjectId(document["record_id"])
+    return {
+        "_id": record_id,
+        **{name: document[name] for name in AUDIT_FIELDS if name != "record_id"},
+    }
+
+
+MALFORMED_AUDIT = (KeyError, TypeError, InvalidId)  # what audit_document raises
+
+
+def sealed_or_corrupt(doc: Mapping[str, Any]) -> SealedSecret | CorruptRecord:
+    try:
+        return record_of(doc)
+    except (KeyError, TypeError, ValueError):
+        # The message names no field values: the document may hold anything.
+        return CorruptRecord("a stored secret record is malformed")
+
+
+def insert_each(
+    collection: Collection[dict[str, Any]],
+    docs: list[dict[str, Any]],
+    already_stored: Callable[[list[dict[str, Any]]], set[object]],
+) -> list[Exception | None]:
+    """An unordered ``insert_many``; one entry per document: None when it is stored, else
+    its own error. Of the documents refused as duplicate keys, those ``already_stored``
+    names (by ``_id``) count as stored: retries of writes whose first attempt landed."""
+    try:
+        collection.insert_many(docs, ordered=False)
+        return [None] * len(docs)
+    except BulkWriteError as exc:
+        if exc.details.get("writeConcernErrors"):
+            # Written perhaps, but not confirmed durable: nobody may be acknowledged.
+            raise WriteConcernError("write concern not satisfied") from None
+        failed = {error["index"]: error for error in exc.details.get("writeErrors", [])}
+    duplicates = [docs[i] for i, error in failed.items() if error.get("code") == DUPLICATE_KEY]
+    stored = already_stored(duplicates) if duplicates else set()
+    results: list[Exception | None] = [None] * len(docs)
+    for index, error in failed.items():
+        if error.get("code") == DUPLICATE_KEY and docs[index]["_id"] in stored:
+            continue
+        results[index] = WriteError(error.get("errmsg"), error.get("code"))
+    return results
+
+
+def sealed_by(doc: Mapping[str, Any]) -> tuple[object, bytes | None]:
+    nonce = doc.get("nonce")
+    return doc.get("kid"), bytes(nonce) if isinstance(nonce, bytes) else None

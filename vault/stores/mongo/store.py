@@ -1,0 +1,491 @@
+"""The serving store: secrets, their audit records and the readiness probe in MONGO_DB."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pymongo
+from pymongo.collection import Collection
+from pymongo.errors import PyMongoError
+from pymongo.write_concern import WriteConcern
+
+from observability.audit import AuditRecord
+from vault.errors import NotReady, StoreUnavailable
+from vault.lifecycle import Opener, takes_a_read
+from vault.records import SealedSecret
+from vault.stores.base import (
+    AuditWrite,
+    DeleteResult,
+    FetchResult,
+    fetch_results,
+    insert_results,
+    judge_each,
+    stamped_audits,
+    stored_or_refused,
+    unavailable,
+    utc_now,
+)
+from vault.stores.batching import Batcher
+from vault.stores.health import UNREACHABLE, WriteHealth, stored_any
+from vault.stores.mongo.connection import (
+    MongoConnection,
+    log,
+)
+from vault.stores.mongo.documents import (
+    MALFORMED_AUDIT,
+    audit_document,
+    document,
+    insert_each,
+    record_of,
+    sealed_by,
+    sealed_or_corrupt,
+)
+from vault.stores.mongo.errors import (
+    is_unavailable,
+    readiness_reason,
+)
+
+_TTL_INDEX = "ts_ttl"
+_EXPIRY_INDEX = "expires_at_ttl"
+_KID_INDEX = "kid"
+PING_TIMEOUT_SECONDS = 2.0
+
+
+# Building the key id index reads the whole collection: it gets far more than a request's budget.
+INDEX_BUILD_TIMEOUT_SECONDS = 600.0
+
+
+# Counting the live records of each unknown key id, through the index: several reads in one
+# budget, which a key sealing millions of records may need more than a request's for.
+KEY_COUNT_TIMEOUT_SECONDS = 60.0
+
+
+# What a create writes beside its record's bytes (its audit record, index entries), at most.
+_CREATE_BYTES_BESIDE_RECORD = 4096
+
+
+# A create's batch item: its document, and the audit record to write once it is stored.
+_Insert = tuple[dict[str, Any], AuditRecord | None]
+
+
+# A fetch's batch item: the id, what opens the record, and the audit record to write.
+_Fetch = tuple[str, Opener, AuditRecord | None]
+
+
+class MongoStore:
+    """Secrets in the ``secrets`` collection of MONGO_DB, keyed by secret id."""
+
+    def __init__(
+        self,
+        uri: str,
+        database: str,
+        *,
+        write_concern: str | int = "majority",
+        journal: bool = True,
+        pool_size: int = 32,
+        timeout: float,
+        max_secret_bytes: int,
+    ) -> None:
+        self._mongo = MongoConnection(uri, pool_size=pool_size, timeout=timeout)
+        durable = WriteConcern(w=write_concern, j=journal)
+        db = self._mongo.client[database]
+        self._secrets: Collection[dict[str, Any]] = db.get_collection(
+            "secrets", write_concern=durable
+        )
+        self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
+        # The documents the readiness probe rewrites to learn whether writes work; no secret.
+        self._readiness: Collection[dict[str, Any]] = db.get_collection(
+            "readiness", write_concern=durable
+        )
+        self.health = WriteHealth()  # what /readyz reports: do writes work?
+        # What the probe writes while writes fail: at least what the largest create does.
+        self._probe_room = max_secret_bytes + _CREATE_BYTES_BESIDE_RECORD
+        # Concurrent creates share one insert_many, concurrent fetches one find (group commit).
+        deadline = timeout + 1.0  # as for each call: the driver's own timeout ends first
+        # While the database is known down they refuse at once rather than queue behind the
+        # probe (audit records too: the writer spills them to the log, as for any outage).
+        breaker = self._mongo.breaker
+        self._inserts = Batcher(
+            self._insert_batch, operation="insert", timeout=deadline, breaker=breaker
+        )
+        self._reads = Batcher(
+            self._fetch_batch, operation="read", timeout=deadline, breaker=breaker
+        )
+        self._audits = Batcher(
+            self._insert_audit_batch, operation="insert_audit", timeout=deadline, breaker=breaker
+        )
+        self._expiry_index = False  # the TTL index on expires_at, made by the first purge
+        self._kid_index = False  # the index on kid, made by the first key guard check
+
+    async def open(self) -> None:
+        await self._mongo.open()
+
+    async def close(self) -> None:
+        await self._inserts.close()
+        await self._reads.close()
+        await self._audits.close()
+        await self._mongo.close()
+
+    def _insert_many_sync(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
+        """Insert a batch, then the audit records of the records stored, in one budget; one
+        answer per item: its record's own error, or its audit record's write."""
+        with pymongo.timeout(self._mongo.timeout):
+            results = insert_each(self._secrets, [doc for doc, _ in items], self._already_stored)
+            audits = stamped_audits(items, results)
+            errors = self._write_audits_sync(audits)
+        return insert_results(results, audits, errors)
+
+    def _write_audits_sync(self, audits: Mapping[int, AuditRecord]) -> dict[int, Exception | None]:
+        """Write the audit records riding with a batch (after its own records): each one's
+        error (None: written), by its item's index. Raises only when the database did not
+        take the call (down, timed out): the batch's requests are then answered 503 like
+        any outage's."""
+        errors: dict[int, Exception | None] = {}
+        docs: dict[int, dict[str, Any]] = {}
+        for k, audit in audits.items():
+            try:
+                docs[k] = audit_document(audit.as_document())
+            except MALFORMED_AUDIT as exc:  # refused alone
+                errors[k] = exc
+        if not docs:
+            return errors
+        try:
+            results: list[Exception | None] = self._insert_audit_sync(list(docs.values()))
+        except PyMongoError as exc:
+            if is_unavailable(exc):
+                raise
+            results = [exc] * len(docs)
+        errors.update(zip(docs, results, strict=True))
+        return errors
+
+    def _already_stored(self, docs: list[dict[str, Any]]) -> set[object]:
+        # A retried insert whose first attempt landed: the same record is already there,
+        # which is success. Anything else under this id is a real conflict.
+        wanted = {doc["_id"]: doc for doc in docs}
+        return {
+            existing["_id"]
+            for existing in self._secrets.find({"_id": {"$in": list(wanted)}})
+            if all(existing.get(k) == wanted[existing["_id"]][k] for k in ("nonce", "ct"))
+        }
+
+    async def _write(
+        self,
+        operation: str,
+        func: Callable[..., Any],
+        *args: object,
+        proves: bool | Callable[[Any], bool] = False,
+    ) -> Any:
+        """``self._mongo.run`` for a write: its failure is reported to ``self.health``, and
+        so is its success when ``proves`` says it shows writes work (a write as large as a
+        create; see vault/stores/health.py)."""
+        return await self.health.track(
+            self._mongo.run(operation, func, *args), readiness_reason, proves=proves
+        )
+
+    async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
+        results: list[AuditWrite | Exception | None] = await self._write(
+            "insert", self._insert_many_sync, items, proves=stored_any
+        )
+        return results
+
+    async def insert(
+        self, record: SealedSecret, audit: AuditRecord | None = None
+    ) -> AuditWrite | None:
+        written: AuditWrite | None = await self._inserts.submit(
+            (document(record, dt.datetime.now(dt.UTC)), audit)
+        )
+        return written
+
+    def _find_many_sync(self, secret_ids: list[str]) -> list[SealedSecret | Exception | None]:
+        """One entry per id: its record, None when there is none, or CorruptRecord for a
+        malformed one, which fails only the requests for that id."""
+        wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
+        if len(wanted) == 1:
+            doc = self._secrets.find_one({"_id": wanted[0]})
+            found = {} if doc is None else {wanted[0]: sealed_or_corrupt(doc)}
+        else:
+            cursor = self._secrets.find({"_id": {"$in": wanted}})
+            found = {str(doc["_id"]): sealed_or_corrupt(doc) for doc in cursor}
+        return [found.get(secret_id) for secret_id in secret_ids]
+
+    def _fetch_many_sync(self, items: list[_Fetch]) -> list[FetchResult | Exception]:
+        """A batch of fetches in one budget: the records read, the reads taken (each its
+        own atomic update), then the audit records; one answer per item."""
+        secret_ids = [secret_id for secret_id, _, _ in items]
+        now = utc_now()
+        with pymongo.timeout(self._mongo.timeout):
+            records = self._find_many_sync(secret_ids)
+            for k, record in enumerate(records):
+                if takes_a_read(record, now):
+                    records[k] = self._take_read_sync(secret_ids[k])
+            results, audits = judge_each(items, records, now)
+            errors = self._write_audits_sync(
+                {k: audit for k, audit in enumerate(audits) if audit is not None}
+            )
+        return fetch_results(results, audits, errors)
+
+    async def _fetch_batch(self, items: list[_Fetch]) -> list[FetchResult | Exception]:
+        results: list[FetchResult | Exception] = await self.health.track_writes(
+            self._mongo.run("read", self._fetch_many_sync, items),
+            readiness_reason,
+            writes=any(audit is not None for _, _, audit in items),
+        )
+        return results
+
+    async def fetch(
+        self, secret_id: str, opener: Opener, audit: AuditRecord | None = None
+    ) -> FetchResult:
+        result: FetchResult = await self._reads.submit((secret_id, opener, audit))
+        return result
+
+    def _take_read_sync(self, secret_id: str) -> SealedSecret | Exception | None:
+        # One atomic document update per read: concurrent readers on any replica each
+        # take a different count, and none gets past zero.
+        doc = self._secrets.find_one_and_update(
+            {"_id": secret_id, "reads_left": {"$gt": 0}},
+            {"$inc": {"reads_left": -1}},
+            return_document=pymongo.ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return None
+        if doc.get("reads_left") == 0:
+            # The last read: the ciphertext goes before the answer does. Matched on the
+            # count, so a record rewritten meanwhile is still removed only when used up.
+            self._secrets.delete_one({"_id": secret_id, "reads_left": 0})
+        return sealed_or_corrupt(doc)
+
+    def _delete_sync(self, secret_id: str) -> dict[str, Any] | None:
+        doc: dict[str, Any] | None = self._secrets.find_one_and_delete(
+            {"_id": secret_id}, projection={"expires_at": 1, "reads_left": 1}
+        )
+        return doc
+
+    async def delete(self, secret_id: str) -> DeleteResult:
+        doc = await self._write("delete", self._delete_sync, secret_id)
+        if doc is None or doc.get("reads_left") == 0:
+            return DeleteResult.MISSING
+        expires_at = doc.get("expires_at")
+        if isinstance(expires_at, dt.datetime):
+            if expires_at.tzinfo is None:
+                expires_at = expires_at.replace(tzinfo=dt.UTC)
+            if utc_now() >= expires_at:
+                return DeleteResult.EXPIRED
+        return DeleteResult.DELETED
+
+    def _purge_sync(self, now: dt.datetime) -> int:
+        if not self._expiry_index:
+            # MongoDB's own TTL monitor removes expired documents (about once a minute);
+            # the explicit purge below makes removal prompt and countable on any server.
+            # Found by its key, as another replica (or nx-27017, which renames indexes)
+            # may have made it under another name.
+            if not any(
+                [field for field, _ in info.get("key", [])] == ["expires_at"]
+                and "expireAfterSeconds" in info
+                for info in self._secrets.index_information().values()
+            ):
+                self._secrets.create_index("expires_at", name=_EXPIRY_INDEX, expireAfterSeconds=0)
+            self._expiry_index = True
+        expired = self._secrets.delete_many({"expires_at": {"$lte": now}}).deleted_count
+        used_up = self._secrets.delete_many({"reads_left": 0}).deleted_count
+        return expired + used_up
+
+    async def purge_expired(self) -> int:
+        removed: int = await self._write("purge_expired", self._purge_sync, utc_now())
+        return removed
+
+    def _create_kid_index_sync(self) -> None:
+        with pymongo.timeout(INDEX_BUILD_TIMEOUT_SECONDS):
+            self._secrets.create_index("kid", name=_KID_INDEX)
+
+    async def prepare_rewrap(self) -> None:
+        """An index on ``kid`` unless one exists (under any name), built by the rewrap
+        command or the key guard rather than at every start."""
+        await self._mongo.run(
+            "rewrap_index", self._ensure_kid_index_sync, timeout=INDEX_BUILD_TIMEOUT_SECONDS
+        )
+
+    def _not_sealed_by_sync(self, key_id: str, after: str, limit: int) -> list[SealedSecret]:
+        cursor = (
+            self._secrets.find({"kid": {"$ne": key_id}, "_id": {"$gt": after}})
+            .sort("_id", pymongo.ASCENDING)
+            .limit(limit)
+        )
+        return [record_of(doc) for doc in cursor]
+
+    async def records_not_sealed_by(
+        self, key_id: str, after_secret_id: str, limit: int
+    ) -> list[SealedSecret]:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        result: list[SealedSecret] = await self._mongo.run(
+            "rewrap_find", self._not_sealed_by_sync, key_id, after_secret_id, limit
+        )
+        return result
+
+    def _replace_sync(self, old: SealedSecret, new: SealedSecret) -> bool:
+        update = {"$set": {"kid": new.key_id, "nonce": new.nonce, "ct": new.ciphertext}}
+        swap = {"_id": old.secret_id, "kid": old.key_id, "nonce": old.nonce}
+        if self._secrets.update_one(swap, update).matched_count == 1:
+            return True
+        # MongoDB matched nothing because the record changed or is gone. Some MongoDB-wire
+        # servers (the nx-27017 test server) never match a binary value in an update's
+        # filter, though: tell the two apart by reading the record, and if it is unchanged,
+        # swap on the key id alone. Records are never edited, only rewrapped, and every
+        # rewrap changes the key id, so that still never overwrites a concurrent rewrap.
+        current = self._secrets.find_one({"_id": old.secret_id}, {"kid": 1, "nonce": 1})
+        if current is None or sealed_by(current) != (old.key_id, old.nonce):
+            return False
+        fallback = {"_id": old.secret_id, "kid": old.key_id}
+        return self._secrets.update_one(fallback, update).matched_count == 1
+
+    async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
+        if new.secret_id != old.secret_id:
+            raise ValueError("a record can only be replaced by a record with its own id")
+        swapped: bool = await self._write("rewrap_replace", self._replace_sync, old, new)
+        return swapped
+
+    async def count_not_sealed_by(self, key_id: str) -> int:
+        count: int = await self._mongo.run(
+            "rewrap_count", self._secrets.count_documents, {"kid": {"$ne": key_id}}
+        )
+        return count
+
+    def _ensure_kid_index_sync(self) -> None:
+        # Reachability first, under the store's own timeout: with the database down this
+        # fails in seconds rather than waiting out the index build's long budget.
+        self._mongo.client.admin.command("ping")
+        # Found by its key, not its name: rewrap, another replica or an operator may have
+        # made it, and some servers (nx-27017) name indexes their own way. An index that
+        # starts with kid serves distinct and the counts as well.
+        if any(
+            [field for field, _ in info.get("key", [])][:1] == ["kid"]
+            for info in self._secrets.index_information().values()
+        ):
+            return
+        log.info("building the index on the secrets' key ids (once per database)")
+        self._create_kid_index_sync()
+
+    def _unknown_key_counts_sync(self, known: frozenset[str], now: dt.datetime) -> dict[str, int]:
+        live = {
+            "$and": [
+                {"$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}]},
+                {"$or": [{"reads_left": None}, {"reads_left": {"$gt": 0}}]},
+            ]
+        }
+        counts: dict[str, int] = {}
+        with pymongo.timeout(KEY_COUNT_TIMEOUT_SECONDS):
+            for kid in self._secrets.distinct("kid"):  # a DISTINCT_SCAN of the kid index
+                # A kid that is not a string is a malformed record: CorruptRecord on read.
+                if not isinstance(kid, str) or kid in known:
+                    continue
+                found = self._secrets.count_documents({"kid": kid, **live})
+                if found:
+                    counts[kid] = found
+        return counts
+
+    async def unknown_key_counts(self, known_key_ids: Iterable[str]) -> dict[str, int]:
+        if not self._kid_index:
+            await self._mongo.run(
+                "key_id_index", self._ensure_kid_index_sync, timeout=INDEX_BUILD_TIMEOUT_SECONDS
+            )
+            self._kid_index = True
+        counts: dict[str, int] = await self._mongo.run(
+            "key_id_counts",
+            self._unknown_key_counts_sync,
+            frozenset(known_key_ids),
+            utc_now(),
+            timeout=KEY_COUNT_TIMEOUT_SECONDS,
+        )
+        return counts
+
+    def _insert_audit_sync(self, documents: list[dict[str, Any]]) -> list[Exception | None]:
+        # A duplicate _id is this very record (ids are made with the record), stored by an
+        # attempt whose answer was lost; a duplicate under another unique index is a refusal.
+        def stored(docs: list[dict[str, Any]]) -> set[object]:
+            ids = [doc["_id"] for doc in docs]
+            return {doc["_id"] for doc in self._audit.find({"_id": {"$in": ids}}, {"_id": 1})}
+
+        return insert_each(self._audit, documents, stored)
+
+    async def _insert_audit_batch(self, documents: list[dict[str, Any]]) -> list[Exception | None]:
+        try:
+            results: list[Exception | None] = await self._write(
+                "insert_audit", self._insert_audit_sync, documents
+            )
+        except Exception as exc:  # the whole call failed: every record in it may be retried
+            raise unavailable(exc) from exc
+        return results
+
+    async def insert_audit(self, record: AuditRecord) -> Exception | None:
+        try:
+            doc = audit_document(record.as_document())
+        except MALFORMED_AUDIT as exc:  # refused alone
+            return exc
+        return await stored_or_refused(self._audits.submit(doc))
+
+    def _retention_sync(self, ttl_days: int) -> None:
+        self._audit.create_index("secret_id_hmac", name="secret_id_hmac")
+        wanted = ttl_days * 86400 if ttl_days else None
+        # Found by its key, not its name: some servers (nx-27017) name indexes their own way,
+        # and an index on ts made by hand counts as well.
+        ttl = {
+            name: info.get("expireAfterSeconds")
+            for name, info in self._audit.index_information().items()
+            if [field for field, _ in info.get("key", [])] == ["ts"]
+            and "expireAfterSeconds" in info
+        }
+        kept = False
+        for name, seconds in ttl.items():
+            if seconds == wanted and not kept:
+                kept = True
+            else:
+                self._audit.drop_index(name)
+        if wanted is not None and not kept:
+            self._audit.create_index("ts", name=_TTL_INDEX, expireAfterSeconds=wanted)
+
+    async def apply_audit_retention(self, ttl_days: int) -> None:
+        """A TTL index on ``ts``: MongoDB itself deletes records older than the retention."""
+        await self._write("audit_retention", self._retention_sync, ttl_days)
+
+    def _ping_sync(self) -> None:
+        # Readiness probes (Swarm, a load balancer) time out in a few seconds themselves.
+        with pymongo.timeout(min(self._mongo.timeout, PING_TIMEOUT_SECONDS)):
+            self._mongo.client.admin.command("ping")
+
+    def _probe_sync(self, room: int) -> None:
+        with pymongo.timeout(min(self._mongo.timeout, PING_TIMEOUT_SECONDS)):
+            self._readiness.update_one(
+                {"_id": "readyz"}, {"$set": {"checked_at": utc_now()}}, upsert=True
+            )
+            if room:  # random: the server compresses what it stores, zeros to nothing
+                self._readiness.replace_one(
+                    {"_id": "readyz-room"}, {"bytes": os.urandom(room)}, upsert=True
+                )
+
+    async def _probe(self) -> None:
+        """The readiness probe's write: the document ``readyz``, and while writes fail also
+        ``readyz-room``, as large as the largest create. Only that proves a create fits
+        again: a small write can succeed where a create's cannot. Its outcome goes to
+        self.health."""
+        room = self._probe_room if self.health.failing is not None else 0
+        # A failure is not raised here: its reason is in self.health, which ping raises.
+        with contextlib.suppress(StoreUnavailable, PyMongoError):
+            await self._write("readiness_probe", self._probe_sync, room, proves=bool(room))
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers and writes work (NotReady
+        then, with the reason). With no write telling anything in the last second, the
+        probe writes itself (``_probe``), so it sees writes work again (or not) while no
+        traffic comes."""
+        if self.health.claim_probe():
+            await self._probe()
+        else:
+            try:
+                await self._mongo.run("ping", self._ping_sync)
+            except StoreUnavailable:
+                raise NotReady(UNREACHABLE) from None
+        self.health.raise_if_failing()

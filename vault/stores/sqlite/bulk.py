@@ -1,0 +1,163 @@
+"""Export from and import into one SQLite file, on a connection of its own."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from vault.records import StoredSecret
+from vault.stores.base import (
+    AUDIT_FIELDS,
+    Imported,
+    derived_record_id,
+    import_outcome,
+)
+from vault.stores.sqlite.connection import (
+    SCHEMA,
+    connect,
+    create_file,
+    migrate,
+)
+from vault.stores.sqlite.documents import (
+    INSERT_AUDIT,
+    RECORD_COLUMNS,
+    audit_row,
+    epoch,
+    record_of,
+)
+
+# Rows per statement when importing: under SQLite's 999 host parameters in one IN (...).
+_IMPORT_BATCH = 500
+
+
+def _created_text(value: dt.datetime) -> str:
+    """``created_at`` as the column's default writes it: UTC, milliseconds."""
+    utc = value.astimezone(dt.UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _parse_utc(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text).astimezone(dt.UTC)
+
+
+class SQLiteBulk:
+    """Export from and import into one SQLite file (``BulkStore``), on its own connection.
+
+    An export reads inside one read transaction: WAL gives it a snapshot, so a file taken
+    while the server writes is the store as of one instant. Imports write a batch per
+    transaction, each durable (``synchronous=FULL``) before the next begins.
+    """
+
+    def __init__(self, path: Path, *, create: bool, timeout: float) -> None:
+        """Open ``path``; when it does not exist, create it only if ``create`` (an import),
+        else FileNotFoundError (an export of nothing is a mistake, not an empty file)."""
+        if not path.is_file():
+            if not create:
+                raise FileNotFoundError(path)
+            create_file(path)
+        self.label = f"SQLite file {str(path)!r}"
+        self._conn = connect(path, timeout)
+        self._conn.executescript(SCHEMA)
+        migrate(self._conn)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Everything read inside sees the store as of one instant."""
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
+
+    def count_secrets(self) -> int:
+        count: int = self._conn.execute("SELECT COUNT(*) FROM secrets").fetchone()[0]
+        return count
+
+    def count_audit(self) -> int:
+        count: int = self._conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+        return count
+
+    def secrets(self, now: dt.datetime) -> Iterator[StoredSecret]:
+        cursor = self._conn.execute(
+            f"SELECT {RECORD_COLUMNS}, created_at FROM secrets"  # noqa: S608 - fixed names
+            " WHERE (expires_at IS NULL OR expires_at > ?)"
+            " AND (reads_left IS NULL OR reads_left > 0) ORDER BY secret_id",
+            (int(now.timestamp()),),
+        )
+        while rows := cursor.fetchmany(_IMPORT_BATCH):
+            for row in rows:
+                created = None if row[6] is None else _parse_utc(row[6])
+                yield StoredSecret(record_of(row[:6]), created)
+
+    def audit(self) -> Iterator[dict[str, Any]]:
+        cursor = self._conn.execute(
+            f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit ORDER BY id"  # noqa: S608
+        )
+        while rows := cursor.fetchmany(_IMPORT_BATCH):
+            for row in rows:
+                document = dict(zip(AUDIT_FIELDS, row, strict=True))
+                if document["record_id"] is None:  # written before records carried one
+                    document["record_id"] = derived_record_id(document)
+                document["ts"] = _parse_utc(document["ts"])
+                yield document
+
+    def add_secrets(self, records: Sequence[StoredSecret]) -> list[Imported]:
+        outcomes: list[Imported] = []
+        for start in range(0, len(records), _IMPORT_BATCH):
+            outcomes += self._add_secret_batch(records[start : start + _IMPORT_BATCH])
+        return outcomes
+
+    def _add_secret_batch(self, records: Sequence[StoredSecret]) -> list[Imported]:
+        ids = [record.sealed.secret_id for record in records]
+        outcomes = []
+        with self._conn:  # one transaction, one fsync, for the whole batch
+            self._conn.execute("BEGIN IMMEDIATE")
+            stored = {
+                row[0]: record_of(row)
+                for row in self._conn.execute(
+                    f"SELECT {RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names, "?"s
+                    f" WHERE secret_id IN ({', '.join('?' * len(ids))})",
+                    ids,
+                )
+            }
+            for record in records:
+                sealed = record.sealed
+                outcome = import_outcome(stored.get(sealed.secret_id), sealed)
+                if outcome is Imported.NEW:
+                    self._conn.execute(
+                        "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext, expires_at,"
+                        " reads_left, created_at) VALUES (?, ?, ?, ?, ?, ?,"
+                        " coalesce(?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+                        (
+                            sealed.secret_id,
+                            sealed.key_id,
+                            sealed.nonce,
+                            sealed.ciphertext,
+                            epoch(sealed.expires_at),
+                            sealed.reads_left,
+                            None if record.created_at is None else _created_text(record.created_at),
+                        ),
+                    )
+                    stored[sealed.secret_id] = sealed  # the same id twice in one file
+                elif outcome is Imported.FEWER_READS:
+                    self._conn.execute(
+                        "UPDATE secrets SET reads_left = ? WHERE secret_id = ?",
+                        (sealed.reads_left, sealed.secret_id),
+                    )
+                    stored[sealed.secret_id] = sealed
+                outcomes.append(outcome)
+        return outcomes
+
+    def add_audit(self, documents: Iterable[Mapping[str, Any]]) -> int:
+        rows = [audit_row(document) for document in documents]
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            before = self._conn.total_changes
+            self._conn.executemany(INSERT_AUDIT, rows)  # a stored record_id: DO NOTHING
+            return self._conn.total_changes - before

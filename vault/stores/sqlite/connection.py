@@ -1,0 +1,92 @@
+"""The database file: its schema and migrations, its connections and its WAL."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import suppress
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS secrets (
+    secret_id  TEXT PRIMARY KEY,
+    key_id     TEXT NOT NULL,
+    nonce      BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    expires_at INTEGER,  -- Unix seconds; NULL: never expires
+    reads_left INTEGER   -- NULL: no read limit
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS secrets_key_id ON secrets (key_id);
+CREATE TABLE IF NOT EXISTS audit (
+    id             INTEGER PRIMARY KEY,
+    ts             TEXT NOT NULL,
+    op             TEXT NOT NULL,
+    status         INTEGER NOT NULL,
+    outcome        TEXT NOT NULL,
+    client_ip      TEXT NOT NULL,
+    request_id     TEXT NOT NULL,
+    secret_id_hmac TEXT,
+    latency_ms     REAL NOT NULL,
+    user_agent     TEXT,
+    api_key_name   TEXT,
+    record_id      TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+-- One row the readiness probe rewrites to learn whether writes work; never a secret.
+CREATE TABLE IF NOT EXISTS readiness (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at TEXT NOT NULL
+);
+-- What the probe rewrites too while writes fail, to prove a create fits again: as many
+-- random bytes as the largest create writes pages for; never a secret.
+CREATE TABLE IF NOT EXISTS readiness_room (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    bytes BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_secret_id_hmac ON audit (secret_id_hmac);
+"""
+
+
+# The WAL is cut back to this size whenever a checkpoint resets it, so the space a burst of
+# writes took is given back instead of held by a WAL file that only ever grows.
+JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
+
+
+def checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database file and truncate it to zero bytes, giving its space
+    back to the file system; best effort (it cannot run while another connection writes)."""
+    with suppress(sqlite3.Error):
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file written by an earlier version up to the current schema."""
+    secret_columns = {row[1] for row in conn.execute("PRAGMA table_info(secrets)")}
+    for column in ("expires_at", "reads_left"):
+        if column not in secret_columns:
+            conn.execute(f"ALTER TABLE secrets ADD COLUMN {column} INTEGER")
+    conn.execute("CREATE INDEX IF NOT EXISTS secrets_expires_at ON secrets (expires_at)")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(audit)")}
+    if "api_key_name" not in columns:
+        conn.execute("ALTER TABLE audit ADD COLUMN api_key_name TEXT")
+    if "record_id" not in columns:
+        conn.execute("ALTER TABLE audit ADD COLUMN record_id TEXT")  # NULL in older rows
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS audit_record_id ON audit (record_id)")
+
+
+def connect(path: Path, timeout: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    # A deleted secret's row (delete, last read, purge) is overwritten with zeros in the
+    # database file instead of lingering in a free page until it is reused.
+    conn.execute("PRAGMA secure_delete=ON")
+    conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
+    return conn
+
+
+def create_file(path: Path) -> None:
+    """The database file, readable by this user only, with the current schema."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))

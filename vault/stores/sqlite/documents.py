@@ -1,0 +1,124 @@
+"""A secret and an audit record as rows, and the statements that read and write them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Mapping, Sequence
+
+from observability.audit import AuditRecord
+from vault.records import SealedSecret
+from vault.stores.base import (
+    AUDIT_FIELDS,
+    AuditDocument,
+)
+
+INSERT_RECORD = (
+    "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext, expires_at, reads_left)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+RECORD_COLUMNS = "secret_id, key_id, nonce, ciphertext, expires_at, reads_left"
+RecordRow = tuple[str, str, bytes, bytes, int | None, int | None]
+
+
+# A record_id already stored is a retry whose first attempt landed: nothing to do. Only
+# that conflict is ignored (not OR IGNORE, which would also drop a row breaking NOT NULL).
+INSERT_AUDIT = (
+    f"INSERT INTO audit ({', '.join(AUDIT_FIELDS)})"  # noqa: S608 - fixed column names only
+    f" VALUES ({', '.join('?' * len(AUDIT_FIELDS))})"
+    " ON CONFLICT (record_id) DO NOTHING"
+)
+
+
+AuditRow = tuple[object, ...]
+
+
+# The key guard's two statements, each answered from the index secrets_key_id (a test reads
+# their EXPLAIN QUERY PLAN): the next distinct key id after the last one found is one seek,
+# so finding every id costs a seek per id, however many records there are.
+NEXT_KEY_ID = "SELECT key_id FROM secrets WHERE key_id > ? ORDER BY key_id LIMIT 1"
+COUNT_LIVE_BY_KEY_ID = (
+    "SELECT count(*) FROM secrets WHERE key_id = ?"
+    " AND (expires_at IS NULL OR expires_at > ?) AND (reads_left IS NULL OR reads_left > 0)"
+)
+
+
+def audit_row(document: AuditDocument) -> AuditRow:
+    """The row for a document, in AUDIT_FIELDS order; KeyError or AttributeError when a
+    field is missing or ``ts`` is no datetime."""
+    return tuple(
+        sqlite_timestamp(document[name]) if name == "ts" else document[name]
+        for name in AUDIT_FIELDS
+    )
+
+
+def take_read(conn: sqlite3.Connection, secret_id: str) -> RecordRow | None:
+    """Take one read of a read-limited record, in the open write transaction: the record
+    with the reads left after this one, or None when it is gone or used up. The last read
+    deletes the row in the same transaction."""
+    row: RecordRow | None = conn.execute(
+        "UPDATE secrets SET reads_left = reads_left - 1"  # noqa: S608 - fixed names
+        f" WHERE secret_id = ? AND reads_left > 0 RETURNING {RECORD_COLUMNS}",
+        (secret_id,),
+    ).fetchone()
+    if row is not None and row[5] == 0:
+        conn.execute("DELETE FROM secrets WHERE secret_id = ?", (secret_id,))
+    return row
+
+
+def insert_each(
+    conn: sqlite3.Connection, statement: str, rows: Sequence[Sequence[object]]
+) -> list[Exception | None]:
+    """Run ``statement`` for each row in the open transaction; one entry per row: None, or
+    the IntegrityError that rolled back that row alone."""
+    results: list[Exception | None] = []
+    for row in rows:
+        try:
+            conn.execute(statement, row)
+        except sqlite3.IntegrityError as exc:
+            results.append(exc)
+        else:
+            results.append(None)
+    return results
+
+
+MALFORMED_AUDIT = (KeyError, AttributeError, TypeError)  # what audit_row raises
+
+
+def insert_audits(
+    conn: sqlite3.Connection, audits: Mapping[int, AuditRecord]
+) -> dict[int, Exception | None]:
+    """Insert the audit records riding with a batch, in its open transaction: each one's
+    error (None: written once the transaction commits), by its item's index."""
+    errors: dict[int, Exception | None] = {}
+    for k, audit in audits.items():
+        try:
+            row = audit_row(audit.as_document())
+        except MALFORMED_AUDIT as exc:  # refused alone
+            errors[k] = exc
+            continue
+        errors[k] = insert_each(conn, INSERT_AUDIT, [row])[0]
+    return errors
+
+
+def epoch(value: dt.datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def record_of(row: RecordRow) -> SealedSecret:
+    secret_id, key_id, nonce, ciphertext, expires_at, reads_left = row
+    return SealedSecret(
+        secret_id,
+        key_id,
+        nonce,
+        ciphertext,
+        expires_at=None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC),
+        reads_left=reads_left,
+    )
+
+
+def sqlite_timestamp(value: dt.datetime) -> str:
+    """UTC, fixed width, so timestamps compare correctly as text."""
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

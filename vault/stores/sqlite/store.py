@@ -1,0 +1,426 @@
+"""The serving store: secrets, their audit records and the readiness probe in one file."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import queue
+import sqlite3
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import TypeVar
+
+from observability.audit import AuditRecord
+from vault.errors import NotReady, StoreUnavailable
+from vault.lifecycle import Opener, takes_a_read
+from vault.records import SealedSecret
+from vault.stores.base import (
+    AuditWrite,
+    DeleteResult,
+    FetchResult,
+    fetch_results,
+    insert_results,
+    judge_each,
+    run_off_loop,
+    stamped_audits,
+    store_executor,
+    stored_or_refused,
+    unavailable,
+    utc_now,
+)
+from vault.stores.batching import Batcher
+from vault.stores.health import DISK_FULL, UNREACHABLE, WriteHealth, stored_any
+from vault.stores.sqlite.connection import (
+    SCHEMA,
+    checkpoint,
+    connect,
+    create_file,
+    migrate,
+)
+from vault.stores.sqlite.documents import (
+    COUNT_LIVE_BY_KEY_ID,
+    INSERT_AUDIT,
+    INSERT_RECORD,
+    MALFORMED_AUDIT,
+    NEXT_KEY_ID,
+    RECORD_COLUMNS,
+    AuditRow,
+    RecordRow,
+    audit_row,
+    epoch,
+    insert_audits,
+    insert_each,
+    record_of,
+    sqlite_timestamp,
+    take_read,
+)
+from vault.stores.sqlite.errors import mapped_unavailable, readiness_reason
+
+T = TypeVar("T")
+
+
+# A create's batch item: its record, and the audit record to write once it is stored.
+_Insert = tuple[SealedSecret, AuditRecord | None]
+
+
+# A fetch's batch item: the id, what opens the record, and the audit record to write.
+_Fetch = tuple[str, Opener, AuditRecord | None]
+PING_TIMEOUT_SECONDS = 2.0  # readiness probes (a balancer, Swarm) give up after a few seconds
+_PROBE = (
+    "INSERT INTO readiness (id, checked_at) VALUES (1, ?)"
+    " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at"
+)
+
+
+# Random, so that rewriting the row changes every page it spans: SQLite skips writing a page
+# an update leaves as it was, and such a probe would write almost nothing.
+_PROBE_ROOM = (
+    "INSERT INTO readiness_room (id, bytes) VALUES (1, randomblob(?))"
+    " ON CONFLICT (id) DO UPDATE SET bytes = excluded.bytes"
+)
+
+
+# The pages a create writes beside its record's bytes: the leaves of the secrets table and
+# its two indexes, and of the audit table and its three (its audit record, same transaction).
+_CREATE_PAGES_BESIDE_RECORD = 7
+_PAGE_BYTES = 4096  # SQLite's default page size, which the store keeps
+
+
+class SQLiteStore:
+    """Secrets in the ``secrets`` table of one SQLite file."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        timeout: float,
+        max_secret_bytes: int,
+        connections: int = 4,
+    ) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._size = connections
+        self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._executor: ThreadPoolExecutor | None = None
+        self.health = WriteHealth()  # what /readyz reports: do writes work?
+        # What the probe writes while writes fail: at least the pages the largest create does.
+        self._probe_room = max_secret_bytes + _CREATE_PAGES_BESIDE_RECORD * _PAGE_BYTES
+        # Concurrent creates share one transaction, concurrent fetches one query.
+        self._inserts = Batcher(self._insert_batch, operation="insert", timeout=timeout + 1.0)
+        self._reads = Batcher(self._fetch_batch, operation="read", timeout=timeout + 1.0)
+        self._audits = Batcher(
+            self._insert_audit_batch, operation="insert_audit", timeout=timeout + 1.0
+        )
+
+    def _connect(self) -> sqlite3.Connection:
+        return connect(self._path, self._timeout)
+
+    def _open_sync(self) -> None:
+        create_file(self._path)
+        first = self._connect()
+        first.executescript(SCHEMA)
+        migrate(first)
+        self._pool.put(first)
+        for _ in range(self._size - 1):
+            self._pool.put(self._connect())
+
+    async def open(self) -> None:
+        self._executor = store_executor(self._size, "sqlite")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_sync)
+
+    async def close(self) -> None:
+        await self._inserts.close()
+        await self._reads.close()
+        await self._audits.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        while not self._pool.empty():
+            self._pool.get_nowait().close()
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        conn = self._pool.get()
+        try:
+            yield conn
+        finally:
+            self._pool.put(conn)
+
+    async def _run(
+        self,
+        operation: str,
+        func: Callable[[sqlite3.Connection], T],
+        *,
+        write: bool = False,
+        proves: bool | Callable[[T], bool] = False,
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``func`` on a pooled connection off the loop. A ``write``'s failure is
+        reported to ``self.health``, and so is its success when ``proves`` says it shows
+        writes work (a write as large as a create; see vault/stores/health.py)."""
+        executor = self._executor
+        if executor is None:
+            raise RuntimeError("store used before open()")
+
+        def call() -> T:
+            with self._connection() as conn:
+                try:
+                    return func(conn)
+                except sqlite3.OperationalError as exc:
+                    if conn.in_transaction:  # a failed COMMIT may leave one open: not pooled
+                        with suppress(sqlite3.Error):
+                            conn.rollback()
+                    if exc.sqlite_errorname == "SQLITE_FULL":
+                        # Frees what the WAL holds, so space an operator frees stays free.
+                        checkpoint(conn)
+                    raise
+
+        async def run() -> T:
+            try:
+                return await run_off_loop(
+                    call,
+                    executor=executor,
+                    timeout=self._timeout + 1.0 if timeout is None else timeout,
+                    operation=operation,
+                    system="sqlite",
+                )
+            except sqlite3.OperationalError as exc:
+                raise mapped_unavailable(exc) from None
+
+        if write:
+            return await self.health.track(run(), readiness_reason, proves=proves)
+        return await run()
+
+    async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
+        rows = [
+            (r.secret_id, r.key_id, r.nonce, r.ciphertext, epoch(r.expires_at), r.reads_left)
+            for r, _ in items
+        ]
+
+        def insert(conn: sqlite3.Connection) -> list[AuditWrite | Exception | None]:
+            with conn:  # one transaction, one fsync: the batch and its audit records
+                conn.execute("BEGIN IMMEDIATE")
+                results = insert_each(conn, INSERT_RECORD, rows)
+                audits = stamped_audits(items, results)
+                errors = insert_audits(conn, audits)
+            return insert_results(results, audits, errors)  # only now: committed, durable
+
+        return await self._run("insert", insert, write=True, proves=stored_any)
+
+    async def insert(
+        self, record: SealedSecret, audit: AuditRecord | None = None
+    ) -> AuditWrite | None:
+        written: AuditWrite | None = await self._inserts.submit((record, audit))
+        return written
+
+    def _select(self, conn: sqlite3.Connection, secret_ids: list[str]) -> dict[str, SealedSecret]:
+        wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
+        placeholders = ", ".join("?" * len(wanted))  # at most MAX_BATCH, under SQLite's cap
+        rows: list[RecordRow] = conn.execute(
+            f"SELECT {RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names and "?"s
+            f" WHERE secret_id IN ({placeholders})",
+            wanted,
+        ).fetchall()
+        return {row[0]: record_of(row) for row in rows}
+
+    def _fetch_sync(
+        self, conn: sqlite3.Connection, items: list[_Fetch]
+    ) -> list[FetchResult | Exception]:
+        """A batch of fetches in one call: one answer per item."""
+        secret_ids = [secret_id for secret_id, _, _ in items]
+        now = utc_now()
+        found = self._select(conn, secret_ids)
+        records: list[SealedSecret | None] = [found.get(i) for i in secret_ids]
+        limited = [k for k, record in enumerate(records) if takes_a_read(record, now)]
+        if not limited:
+            results, audits = judge_each(items, records, now)
+            if all(audit is None for audit in audits):
+                return fetch_results(results, audits, {})  # a pure read: no transaction
+        with conn:  # one transaction, one fsync: the reads taken and the audit records
+            conn.execute("BEGIN IMMEDIATE")
+            for k in limited:  # each its own atomic take
+                row = take_read(conn, secret_ids[k])
+                records[k] = None if row is None else record_of(row)
+            if limited:  # judged only now, on the records as the takes left them
+                results, audits = judge_each(items, records, now)
+            errors = insert_audits(
+                conn, {k: audit for k, audit in enumerate(audits) if audit is not None}
+            )
+        return fetch_results(results, audits, errors)  # committed, durable
+
+    async def _fetch_batch(self, items: list[_Fetch]) -> list[FetchResult | Exception]:
+        answers: list[FetchResult | Exception] = await self.health.track_writes(
+            self._run("read", lambda conn: self._fetch_sync(conn, items)),
+            readiness_reason,
+            writes=any(audit is not None for _, _, audit in items),
+        )
+        return answers
+
+    async def fetch(
+        self, secret_id: str, opener: Opener, audit: AuditRecord | None = None
+    ) -> FetchResult:
+        result: FetchResult = await self._reads.submit((secret_id, opener, audit))
+        return result
+
+    async def delete(self, secret_id: str) -> DeleteResult:
+        def remove(conn: sqlite3.Connection) -> tuple[int | None, int | None] | None:
+            found: tuple[int | None, int | None] | None = conn.execute(
+                "DELETE FROM secrets WHERE secret_id = ? RETURNING expires_at, reads_left",
+                (secret_id,),
+            ).fetchone()
+            return found
+
+        found = await self._run("delete", remove, write=True)
+        if found is None or found[1] == 0:
+            return DeleteResult.MISSING
+        expires_at, _ = found
+        if expires_at is not None and utc_now().timestamp() >= expires_at:
+            return DeleteResult.EXPIRED
+        return DeleteResult.DELETED
+
+    async def purge_expired(self) -> int:
+        now = int(utc_now().timestamp())
+
+        def purge(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "DELETE FROM secrets WHERE expires_at <= ? OR reads_left = 0", (now,)
+            )
+            checkpoint(conn)  # periodically, so the WAL gives its space back between bursts
+            return cursor.rowcount
+
+        return await self._run("purge_expired", purge, write=True)
+
+    async def prepare_rewrap(self) -> None:
+        """Nothing to do: the schema already indexes ``key_id``."""
+
+    async def records_not_sealed_by(
+        self, key_id: str, after_secret_id: str, limit: int
+    ) -> list[SealedSecret]:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+
+        def select(conn: sqlite3.Connection) -> list[RecordRow]:
+            rows: list[RecordRow] = conn.execute(
+                f"SELECT {RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names only
+                " WHERE key_id <> ? AND secret_id > ? ORDER BY secret_id LIMIT ?",
+                (key_id, after_secret_id, limit),
+            ).fetchall()
+            return rows
+
+        return [record_of(row) for row in await self._run("rewrap_find", select)]
+
+    async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
+        if new.secret_id != old.secret_id:
+            raise ValueError("a record can only be replaced by a record with its own id")
+
+        def replace(conn: sqlite3.Connection) -> bool:
+            # One statement in autocommit mode: atomic, and durable (synchronous=FULL).
+            cursor = conn.execute(
+                "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ?"
+                " WHERE secret_id = ? AND key_id = ? AND nonce = ?",
+                (new.key_id, new.nonce, new.ciphertext, old.secret_id, old.key_id, old.nonce),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run("rewrap_replace", replace, write=True)
+
+    async def count_not_sealed_by(self, key_id: str) -> int:
+        def count(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT count(*) FROM secrets WHERE key_id <> ?", (key_id,))
+            return int(row.fetchone()[0])
+
+        return await self._run("rewrap_count", count)
+
+    async def unknown_key_counts(self, known_key_ids: Collection[str]) -> dict[str, int]:
+        known = frozenset(known_key_ids)
+        now = int(utc_now().timestamp())
+
+        def count(conn: sqlite3.Connection) -> dict[str, int]:
+            counts: dict[str, int] = {}
+            last = ""  # below every key id: ids are hex digits
+            while (row := conn.execute(NEXT_KEY_ID, (last,)).fetchone()) is not None:
+                last = row[0]
+                if last in known:
+                    continue
+                live = int(conn.execute(COUNT_LIVE_BY_KEY_ID, (last, now)).fetchone()[0])
+                if live:  # an id left only on expired or used-up records opens nothing wanted
+                    counts[last] = live
+            return counts
+
+        return await self._run("key_id_counts", count)
+
+    async def _insert_audit_batch(self, rows: list[AuditRow]) -> list[Exception | None]:
+        def insert(conn: sqlite3.Connection) -> list[Exception | None]:
+            with conn:  # one transaction, one fsync, for the whole batch
+                conn.execute("BEGIN IMMEDIATE")
+                return insert_each(conn, INSERT_AUDIT, rows)
+
+        try:
+            return await self._run("insert_audit", insert, write=True)
+        except Exception as exc:  # the whole call failed: every record in it may be retried
+            raise unavailable(exc) from exc
+
+    async def insert_audit(self, record: AuditRecord) -> Exception | None:
+        try:
+            row = audit_row(record.as_document())
+        except MALFORMED_AUDIT as exc:  # refused alone
+            return exc
+        return await stored_or_refused(self._audits.submit(row))
+
+    async def apply_audit_retention(self, ttl_days: int) -> None:
+        """Delete records older than the retention (SQLite has no TTL index)."""
+        if ttl_days <= 0:
+            return
+        cutoff = sqlite_timestamp(dt.datetime.now(dt.UTC) - dt.timedelta(days=ttl_days))
+        await self._run(
+            "audit_retention",
+            lambda conn: conn.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)),
+            write=True,
+        )
+
+    async def _probe(self) -> None:
+        """The readiness probe's write: the one row of ``readiness``, and while writes fail
+        also the row of ``readiness_room``, as large as the largest create, in one durable
+        transaction as a create's. Only that proves a create fits again: a small write can
+        land in pages a refused create left allocated. Its outcome goes to self.health."""
+        failing = self.health.failing
+        stamp = sqlite_timestamp(utc_now())
+        room = self._probe_room if failing is not None else 0
+
+        def probe(conn: sqlite3.Connection) -> None:
+            if failing == DISK_FULL:
+                checkpoint(conn)  # give back what the WAL holds before trying again
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(_PROBE, (stamp,))
+                if room:
+                    conn.execute(_PROBE_ROOM, (room,))
+
+        # A failure is not raised here: its reason is in self.health, which ping raises.
+        with suppress(StoreUnavailable):
+            await self._run(
+                "readiness_probe",
+                probe,
+                write=True,
+                proves=bool(room),
+                timeout=PING_TIMEOUT_SECONDS,
+            )
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the file answers and writes work (NotReady then,
+        with the reason). With no write telling anything in the last second, the probe
+        writes itself (``_probe``), so it sees writes work again (or not) while no traffic
+        comes."""
+        if self.health.claim_probe():
+            await self._probe()
+        else:
+            try:
+                await self._run(
+                    "ping",
+                    lambda conn: conn.execute("SELECT 1").fetchone(),
+                    timeout=PING_TIMEOUT_SECONDS,
+                )
+            except StoreUnavailable:
+                raise NotReady(UNREACHABLE) from None
+        self.health.raise_if_failing()
