@@ -28,7 +28,8 @@ from starlette.testclient import TestClient
 from loadtests.mongo import mongo_answers
 from loadtests.processes import ClusterError, free_port, wait_for
 from observability.audit import AuditRecord
-from vault.app import build_store, create_app
+from vault.app import create_app
+from vault.backend import backend_for
 from vault.crypto import generate_key
 from vault.records import SealedSecret
 from vault.settings import Settings
@@ -407,7 +408,7 @@ def on_store(env: dict[str, str], work: Callable[[SecretStore], Awaitable[Any]])
     """Run ``await work(store)`` on a real store opened from ``env``, and close it."""
 
     async def main() -> Any:
-        store: SecretStore = build_store(Settings.from_env(env))
+        store: SecretStore = backend_for(Settings.from_env(env)).open()
         await store.open()
         try:
             return await work(store)

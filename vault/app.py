@@ -36,6 +36,7 @@ from observability.logging import configure_logging
 from observability.metrics import AUDIT_RECORDS, RATE_LIMITED, SECRETS_PURGED, metrics_app
 from observability.tracing import configure_tracing, shutdown_tracing
 from vault import hypercorn_fixes
+from vault.backend import backend_for
 from vault.breaker import CircuitBreaker
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
 from vault.errors import ConfigError, StoreKnownDown, StoreUnavailable
@@ -59,29 +60,6 @@ def build_keyring(settings: Settings) -> Keyring:
             "`secret-manager genkey`, or on a laptop add --dev to use DATA_DIR/master.key"
         )
     return Keyring(settings.master_key, settings.previous_keys)
-
-
-def build_store(settings: Settings) -> SecretStore:
-    """MongoDB when MONGO_URI is set, else the SQLite file under DATA_DIR."""
-    if settings.mongo_uri:
-        from vault.stores.mongo import MongoStore
-
-        return MongoStore(
-            settings.mongo_uri,
-            settings.mongo_db,
-            write_concern=settings.mongo_write_concern,
-            journal=settings.mongo_journal,
-            pool_size=settings.mongo_pool_size,
-            timeout=settings.store_timeout_seconds,
-            max_secret_bytes=settings.max_secret_bytes,
-        )
-    from vault.stores.sqlite import SQLiteStore
-
-    return SQLiteStore(
-        settings.data_dir / "vault.db",
-        timeout=settings.store_timeout_seconds,
-        max_secret_bytes=settings.max_secret_bytes,
-    )
 
 
 def audit_hmac_key(settings: Settings) -> bytes:
@@ -185,7 +163,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
     tracer_provider = configure_tracing(
         exporter=settings.traces_exporter, service_name=settings.service_name
     )
-    store = build_store(settings) if store is None else store
+    store = backend_for(settings).open() if store is None else store
     writer = build_audit_writer(settings, store) if settings.audit_enabled else None
     counter = build_counter(settings) if settings.rate_limits else None
     unreadable = UnreadableRecords(store, keyring.key_ids, settings.retired_key_ids)

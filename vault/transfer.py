@@ -27,7 +27,6 @@ from typing import IO, Any
 
 from vault.errors import InvalidValue, TransferRefused
 from vault.records import SealedSecret, StoredSecret
-from vault.settings import Settings
 from vault.stores.base import AUDIT_FIELDS, BulkStore, Imported, utc_now
 from vault.validation import normalize_secret_id
 
@@ -452,25 +451,6 @@ def _count(counts: Counts, outcome: Imported) -> None:
         counts.fewer_reads += 1
     else:
         counts.conflicts += 1
-
-
-def open_bulk_store(settings: Settings, *, create: bool) -> BulkStore:
-    """The configured store for export (``create`` False: it must exist) or import."""
-    if settings.mongo_uri:
-        from vault.stores.mongo import MongoBulk
-
-        return MongoBulk(
-            settings.mongo_uri,
-            settings.mongo_db,
-            write_concern=settings.mongo_write_concern,
-            journal=settings.mongo_journal,
-            timeout=settings.store_timeout_seconds,
-        )
-    from vault.stores.sqlite import SQLiteBulk
-
-    return SQLiteBulk(
-        settings.data_dir / "vault.db", create=create, timeout=settings.store_timeout_seconds
-    )
 
 
 def failures() -> tuple[type[Exception], ...]:

@@ -6,8 +6,9 @@ import argparse
 import functools
 import sys
 
-from vault.app import audit_hmac_key, audit_hmac_keys, build_keyring, build_store
-from vault.cli.common import check_mongo_uri, fail, guard_keys, positive
+from vault.app import audit_hmac_key, audit_hmac_keys, build_keyring
+from vault.backend import backend_for
+from vault.cli.common import fail, guard_keys, positive
 from vault.crypto import generate_key, secret_id_hmac
 from vault.errors import ConfigError, InvalidValue
 from vault.settings import Settings
@@ -87,18 +88,14 @@ def rewrap(args: argparse.Namespace) -> int:
             settings = Settings.from_env(dev_key_file=settings.dev_key_path)
         keyring = build_keyring(settings)
         hash_key = audit_hmac_key(settings)
-        if settings.mongo_uri:
-            check_mongo_uri(settings.mongo_uri)
-            label = f"MongoDB database {settings.mongo_db!r}"
-        else:
-            database = settings.data_dir / "vault.db"
-            if not database.is_file():
-                # Opening it would create an empty store and report nothing to do.
-                raise ConfigError(
-                    f"DATA_DIR={str(settings.data_dir)!r} holds no vault.db: run rewrap with "
-                    "the server's DATA_DIR (or its MONGO_URI)"
-                )
-            label = f"SQLite file {str(database)!r}"
+        backend = backend_for(settings)
+        backend.check()
+        if not backend.exists():
+            # Opening it would create an empty store and report nothing to do.
+            raise ConfigError(
+                f"DATA_DIR={str(settings.data_dir)!r} holds no vault.db: run rewrap with "
+                "the server's DATA_DIR (or its MONGO_URI)"
+            )
         if not args.dry_run:
             # A dry run goes on: it writes nothing, and lists each such record by the
             # HMAC the audit log names it by, with the key id that sealed it.
@@ -113,9 +110,9 @@ def rewrap(args: argparse.Namespace) -> int:
         )
         return EXIT_REMAINING
     return command(
-        build_store(settings),
+        backend.open(),
         keyring,
-        store_label=label,
+        store_label=backend.label,
         hash_secret_id=functools.partial(secret_id_hmac, hash_key),
         batch_size=args.batch_size,
         dry_run=args.dry_run,

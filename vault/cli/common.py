@@ -10,11 +10,9 @@ import argparse
 import asyncio
 import logging
 import sys
-import urllib.parse
-import warnings
 from collections.abc import Callable, Collection
 
-from vault.app import build_store
+from vault.backend import backend_for
 from vault.errors import ConfigError
 from vault.keyguard import describe, refusal, refused
 from vault.settings import Settings
@@ -41,46 +39,17 @@ def positive(value: str) -> int:
     return number
 
 
-def check_mongo_uri(uri: str) -> None:
-    """Parse the URI the way pymongo will, without connecting; never echo its password."""
-    from pymongo import MongoClient
-    from pymongo.errors import ConfigurationError
-
-    try:
-        with warnings.catch_warnings():
-            # pymongo only warns about an unknown option; a typo should stop start-up.
-            warnings.simplefilter("error")
-            MongoClient(uri, connect=False).close()
-    except (ConfigurationError, UserWarning) as exc:
-        message = str(exc)
-        try:
-            password = urllib.parse.urlsplit(uri).password
-        except ValueError:
-            password = None
-        if password:
-            message = message.replace(password, "***")
-        raise ConfigError(
-            f"MONGO_URI is not a usable MongoDB connection string: {message}"
-        ) from None
-
-
-def store_label(settings: Settings) -> str:
-    """How the one-line refusals name the configured store."""
-    if settings.mongo_uri:
-        return f"MongoDB database {settings.mongo_db!r}"
-    return f"SQLite file {str(settings.data_dir / 'vault.db')!r}"
-
-
 def unknown_key_counts(settings: Settings, known_key_ids: Collection[str]) -> dict[str, int]:
     """Open the configured store briefly and ask it which key ids, not in ``known_key_ids``,
     seal live records, and how many each (through the key id index). An SQLite file that
     does not exist yet holds none, and is not created here. Raises what the store raises
     when it cannot answer (StoreUnavailable), within the store's own timeouts."""
-    if not settings.mongo_uri and not (settings.data_dir / "vault.db").is_file():
+    backend = backend_for(settings)
+    if not backend.exists():
         return {}
 
     async def ask() -> dict[str, int]:
-        store = build_store(settings)
+        store = backend.open()
         await store.open()
         try:
             return await store.unknown_key_counts(known_key_ids)
@@ -103,7 +72,7 @@ def guard_keys(
         return
     blocking = refused(counts, settings.retired_key_ids)
     if blocking:
-        raise ConfigError(refusal(store_label(settings), blocking, configured))
+        raise ConfigError(refusal(backend_for(settings).label, blocking, configured))
     if counts:
         log.warning(
             "starting although %s (RETIRED_KEY_IDS): no configured key opens them; a fetch "

@@ -20,14 +20,8 @@ from typing import TYPE_CHECKING
 
 from observability.metrics import prepare_multiprocess_dir
 from vault.app import build_keyring, worker_app
-from vault.cli.common import (
-    check_mongo_uri,
-    fail,
-    guard_keys,
-    positive,
-    store_label,
-    unknown_key_counts,
-)
+from vault.backend import backend_for
+from vault.cli.common import fail, guard_keys, positive, unknown_key_counts
 from vault.crypto import generate_key, key_id
 from vault.errors import ConfigError
 from vault.keyguard import dev_refusal, refused
@@ -112,16 +106,6 @@ def _check_tls(certfile: Path, keyfile: Path) -> None:
         raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}") from None
 
 
-def _check_data_dir(settings: Settings) -> None:
-    data_dir = settings.data_dir
-    try:
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"DATA_DIR={str(data_dir)!r} cannot be created: {exc.strerror}") from None
-    if not os.access(data_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"DATA_DIR={str(data_dir)!r} is not writable by this user")
-
-
 def serve(args: argparse.Namespace) -> int:
     """Validate everything, then hand over to Hypercorn; SIGTERM/SIGINT drain it gracefully."""
     try:
@@ -166,10 +150,9 @@ def _preflight(args: argparse.Namespace) -> Settings:
             _guard_fresh_dev_key(settings)
         settings = Settings.from_env(dev_key_file=_dev_key(settings.dev_key_path))
     keyring = build_keyring(settings)
-    if settings.mongo_uri:
-        check_mongo_uri(settings.mongo_uri)
-    else:
-        _check_data_dir(settings)
+    backend = backend_for(settings)
+    backend.check()
+    backend.check_writable(create=True)
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:
         _check_tls(settings.tls_certfile, settings.tls_keyfile)
     guard_keys(settings, keyring.key_ids, on_unchecked=_serve_unchecked)
@@ -215,8 +198,8 @@ def _guard_fresh_dev_key(settings: Settings) -> None:
     """``serve --dev`` with no DATA_DIR/master.key: refuse to generate a new key when the
     store holds live records that neither it nor MASTER_KEY_PREVIOUS could open (the key
     file was deleted, or DATA_DIR points at another server's data)."""
-    if settings.mongo_uri:
-        check_mongo_uri(settings.mongo_uri)
+    backend = backend_for(settings)
+    backend.check()
     previous = [key_id(key) for key in settings.previous_keys]
     try:
         counts = unknown_key_counts(settings, previous)
@@ -225,7 +208,7 @@ def _guard_fresh_dev_key(settings: Settings) -> None:
         return
     blocking = refused(counts, settings.retired_key_ids)
     if blocking:
-        raise ConfigError(dev_refusal(str(settings.dev_key_path), store_label(settings), blocking))
+        raise ConfigError(dev_refusal(str(settings.dev_key_path), backend.label, blocking))
 
 
 def _prepare_metrics_dir(settings: Settings, workers: int) -> Path | None:

@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vault.cli.common import check_mongo_uri, fail
+from vault.backend import backend_for
+from vault.cli.common import fail
 from vault.errors import ConfigError, TransferRefused
 from vault.settings import Settings
+from vault.stores.base import Backend
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,16 +40,6 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "-i", "--input", type=Path, metavar="FILE", help="read FILE (default: standard input)"
     )
     import_cmd.set_defaults(run=import_command)
-
-
-def _check_data_dir_creatable(settings: Settings) -> None:
-    """Like _check_data_dir, without creating anything: an import checks its file before
-    it writes even a directory."""
-    data_dir = settings.data_dir.absolute()
-    existing = next(path for path in (data_dir, *data_dir.parents) if path.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == data_dir else f"cannot be created in {existing}"
-        raise ConfigError(f"DATA_DIR={str(settings.data_dir)!r} {what} by this user")
 
 
 @contextlib.contextmanager
@@ -74,11 +66,11 @@ def _progress(description: str, total: int | None) -> Iterator[Callable[[int], N
         yield advance
 
 
-def _transfer_settings() -> Settings:
+def _configured() -> tuple[Settings, Backend]:
     settings = Settings.from_env()
-    if settings.mongo_uri:
-        check_mongo_uri(settings.mongo_uri)
-    return settings
+    backend = backend_for(settings)
+    backend.check()
+    return settings, backend
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -86,7 +78,7 @@ def export_command(args: argparse.Namespace) -> int:
     from vault import transfer
 
     try:
-        settings = _transfer_settings()
+        settings, backend = _configured()
     except ConfigError as exc:
         return fail(str(exc))
     if args.output is None and sys.stdout.isatty():
@@ -95,7 +87,7 @@ def export_command(args: argparse.Namespace) -> int:
             "(secret-manager export | secret-manager import)"
         )
     try:
-        store = transfer.open_bulk_store(settings, create=False)
+        store = backend.open_bulk(create=False)
     except FileNotFoundError:
         return fail(
             f"export: DATA_DIR={str(settings.data_dir)!r} holds no vault.db: run export with "
@@ -106,7 +98,7 @@ def export_command(args: argparse.Namespace) -> int:
     name = "standard output" if args.output is None else str(args.output)
     partial = None if args.output is None else args.output.with_name(args.output.name + ".partial")
     write = functools.partial(
-        transfer.export, store, audit=args.audit, store_kind=_kind(settings), bar=_progress
+        transfer.export, store, audit=args.audit, store_kind=backend.kind, bar=_progress
     )
     started = time.perf_counter()
     try:
@@ -146,9 +138,8 @@ def import_command(args: argparse.Namespace) -> int:
     from vault import transfer
 
     try:
-        settings = _transfer_settings()
-        if not settings.mongo_uri:
-            _check_data_dir_creatable(settings)
+        _, backend = _configured()
+        backend.check_writable(create=False)
     except ConfigError as exc:
         return fail(str(exc))
     if args.input is None and sys.stdin.isatty():
@@ -175,7 +166,7 @@ def import_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         counts = transfer.import_(
-            functools.partial(transfer.open_bulk_store, settings, create=True),
+            functools.partial(backend.open_bulk, create=True),
             source,
             bar=_progress,
             conflict=conflict,
@@ -204,7 +195,3 @@ def import_command(args: argparse.Namespace) -> int:
 
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def _kind(settings: Settings) -> str:
-    return "mongodb" if settings.mongo_uri else "sqlite"

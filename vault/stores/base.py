@@ -126,6 +126,40 @@ class SecretStore(Protocol):
         index (distinct ids by index seeks, then a count per unknown id), never a scan."""
 
 
+class Backend(Protocol):
+    """One kind of store, configured: what the command line and the app ask of it before
+    and instead of opening it. ``vault.backend.backend_for`` chooses one from the settings,
+    the one place that choice is made."""
+
+    @property
+    def kind(self) -> str:
+        """``mongodb`` or ``sqlite``: how an export names the store it came from."""
+
+    @property
+    def label(self) -> str:
+        """Names the store in messages: ``SQLite file 'data/vault.db'``."""
+
+    def check(self) -> None:
+        """Refuse, offline, a configuration that cannot work: ConfigError naming the
+        variable (a MONGO_URI pymongo cannot parse)."""
+
+    def check_writable(self, *, create: bool) -> None:
+        """Refuse a store this process could not write: ConfigError naming the variable (a
+        DATA_DIR this user cannot write). ``create``: make what must exist (the data
+        directory) now, else only check that it could be made."""
+
+    def exists(self) -> bool:
+        """Whether the store may hold records already: an SQLite file not made yet holds
+        none (and asking must not make it); a MongoDB database always may."""
+
+    def open(self) -> SecretStore:
+        """The serving store (not yet opened: ``await store.open()``)."""
+
+    def open_bulk(self, *, create: bool) -> BulkStore:
+        """Whole-store access for export and import; ``create`` makes an SQLite file that
+        does not exist yet (else FileNotFoundError)."""
+
+
 class Imported(enum.Enum):
     """What importing one secret record did to the store."""
 
