@@ -26,6 +26,7 @@ from vault.stores.base import (
 )
 from vault.stores.mongo.documents import (
     DUPLICATE_KEY,
+    audit_document,
     document,
     insert_each,
     record_of,
@@ -165,13 +166,7 @@ class MongoBulk:
         return outcomes
 
     def add_audit(self, documents: Iterable[Mapping[str, Any]]) -> int:
-        docs = [
-            {
-                "_id": ObjectId(document["record_id"]),
-                **{name: document[name] for name in AUDIT_FIELDS if name != "record_id"},
-            }
-            for document in documents
-        ]
+        docs = [audit_document(document) for document in documents]
         if not docs:
             return 0
         try:
