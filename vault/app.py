@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 
+from opentelemetry.sdk.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -155,39 +157,55 @@ async def _keep_purging(
         await asyncio.sleep(interval)
 
 
-def create_app(settings: Settings | None = None, *, store: SecretStore | None = None) -> Starlette:
-    """Build the ASGI app. With no arguments, everything comes from the environment."""
-    settings = Settings.from_env() if settings is None else settings
+@dataclass(frozen=True)
+class _Services:
+    """What the app is built around, made once from the settings."""
+
+    settings: Settings
+    keyring: Keyring
+    tracer_provider: TracerProvider | None
+    store: SecretStore
+    writer: AuditWriter | None
+    counter: Counter | None
+    unreadable: UnreadableRecords
+
+
+def _services(settings: Settings, store: SecretStore | None) -> _Services:
     keyring = build_keyring(settings)
     # Tracing first: pymongo reports only to listeners that exist when a client is built.
     tracer_provider = configure_tracing(
         exporter=settings.traces_exporter, service_name=settings.service_name
     )
     store = backend_for(settings).open() if store is None else store
-    writer = build_audit_writer(settings, store) if settings.audit_enabled else None
-    counter = build_counter(settings) if settings.rate_limits else None
-    unreadable = UnreadableRecords(store, keyring.key_ids, settings.retired_key_ids)
-    api = VaultAPI(
-        keyring,
-        store,
-        unreadable=unreadable,
-        max_secret_bytes=settings.max_secret_bytes,
-        max_ttl_seconds=settings.max_ttl_seconds,
-        default_ttl_seconds=settings.default_ttl_seconds,
-        retry_after=RETRY_AFTER_SECONDS,
-    )
-    too_large = (
-        f"request body is larger than {settings.max_body_bytes} bytes; "
-        f"secrets may be at most {settings.max_secret_bytes} bytes once decoded"
+    return _Services(
+        settings=settings,
+        keyring=keyring,
+        tracer_provider=tracer_provider,
+        store=store,
+        writer=build_audit_writer(settings, store) if settings.audit_enabled else None,
+        counter=build_counter(settings) if settings.rate_limits else None,
+        unreadable=UnreadableRecords(store, keyring.key_ids, settings.retired_key_ids),
     )
 
-    async def store_unavailable(request: Request, exc: Exception) -> Response:
-        request_id = request_context(request.scope).request_id
-        # An outage is logged when the breaker opens and closes, not once per refusal: at
-        # request rate those lines would bury everything else in the log.
-        level = logging.DEBUG if isinstance(exc, StoreKnownDown) else logging.WARNING
-        log.log(level, "store unavailable: %s", exc, extra={"request_id": request_id})
-        return unavailable_response(RETRY_AFTER_SECONDS)
+
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    request_id = request_context(request.scope).request_id
+    # An outage is logged when the breaker opens and closes, not once per refusal: at
+    # request rate those lines would bury everything else in the log.
+    level = logging.DEBUG if isinstance(exc, StoreKnownDown) else logging.WARNING
+    log.log(level, "store unavailable: %s", exc, extra={"request_id": request_id})
+    return unavailable_response(RETRY_AFTER_SECONDS)
+
+
+def _lifespan(services: _Services) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    """Open the store and start the background loops; at shutdown flush the audit log
+    before the store closes."""
+    settings, store, writer, counter = (
+        services.settings,
+        services.store,
+        services.writer,
+        services.counter,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -196,12 +214,12 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         # or slow is counted by the purge loop instead: start-up is not held for it.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(FIRST_COUNT_SECONDS):
-                await unreadable.refresh()
+                await services.unreadable.refresh()
         if isinstance(counter, MongoCounter):
             await counter.open()
         retention = None
         purging = asyncio.create_task(
-            _keep_purging(store, settings.purge_interval_seconds, unreadable)
+            _keep_purging(store, settings.purge_interval_seconds, services.unreadable)
         )
         if writer is not None:
             await writer.start()
@@ -217,57 +235,31 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
             if isinstance(counter, MongoCounter):
                 await counter.close()
             await store.close()
-            shutdown_tracing(tracer_provider)
+            shutdown_tracing(services.tracer_provider)
 
-    # Outermost first, each optional layer switched by its own setting:
-    # - the request id first, so every layer and log line below has it;
-    # - tracing and metrics next, so they see what the client sees (429s, audit 503s, 500s);
-    # - security headers on every answer that can come from below;
-    # - the client IP resolved once, for the audit record and the rate-limit key;
-    # - audit outside the rate limiter, so refused calls are recorded too;
-    # - API keys inside both, so refusals are audited and token guessing is rate limited;
-    # - the error catcher inside them all, so they see a 500 response, never an exception;
-    # - the body limit innermost, so its refusal signal never reaches the error catcher.
-    middleware = [Middleware(RequestIdMiddleware)]
-    if tracer_provider is not None:
-        middleware.append(Middleware(TracingMiddleware, tracer_provider=tracer_provider))
-    if settings.metrics_enabled:
-        middleware.append(Middleware(PrometheusMiddleware))
-    middleware += [
-        Middleware(SecurityHeadersMiddleware),
-        Middleware(ClientIPMiddleware, trusted_proxies=settings.trusted_proxies),
-    ]
-    if writer is not None:
-        middleware.append(
-            Middleware(
-                AuditMiddleware,
-                sink=writer,
-                operations=OPERATIONS,
-                hash_secret_id=functools.partial(secret_id_hmac, audit_hmac_key(settings)),
-                retry_after=RETRY_AFTER_SECONDS,
-            )
-        )
-    if counter is not None:
-        middleware.append(
-            Middleware(
-                RateLimitMiddleware,
-                limits=settings.rate_limits,
-                counter=counter,
-                on_limited=RATE_LIMITED.inc,
-                breaker=CircuitBreaker(retry_after=COUNTER_RETRY_SECONDS),
-            )
-        )
-    if settings.api_keys or settings.metrics_token_digest is not None:
-        # Inside audit and the rate limiter: refusals are recorded, and guessing is throttled.
-        middleware.append(
-            Middleware(
-                APIKeyMiddleware,
-                keys=dict(settings.api_keys),
-                protected_prefixes=("/vault/",) if settings.api_keys else (),
-                metrics_token_digest=settings.metrics_token_digest,
-            )
-        )
-    middleware += [
+    return lifespan
+
+
+def _middleware(services: _Services) -> list[Middleware]:
+    """The stack, outermost first, each optional layer switched by its own setting:
+
+    - the request id first, so every layer and log line below has it;
+    - tracing and metrics next, so they see what the client sees (429s, audit 503s, 500s);
+    - security headers on every answer that can come from below;
+    - the client IP resolved once, for the audit record and the rate-limit key;
+    - audit outside the rate limiter, so refused calls are recorded too;
+    - API keys inside both, so refusals are audited and token guessing is rate limited;
+    - the error catcher inside them all, so they see a 500 response, never an exception;
+    - the body limit innermost, so its refusal signal never reaches the error catcher.
+    """
+    settings = services.settings
+    too_large = (
+        f"request body is larger than {settings.max_body_bytes} bytes; "
+        f"secrets may be at most {settings.max_secret_bytes} bytes once decoded"
+    )
+    return [
+        *_observing_layers(services),
+        *_guarding_layers(services),
         Middleware(InternalErrorMiddleware, retry_after=RETRY_AFTER_SECONDS),
         Middleware(
             BodyLimitMiddleware,
@@ -277,6 +269,71 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         ),
     ]
 
+
+def _observing_layers(services: _Services) -> list[Middleware]:
+    """Request id, tracing, metrics, security headers and the client's address."""
+    settings = services.settings
+    layers = [Middleware(RequestIdMiddleware)]
+    if services.tracer_provider is not None:
+        layers.append(Middleware(TracingMiddleware, tracer_provider=services.tracer_provider))
+    if settings.metrics_enabled:
+        layers.append(Middleware(PrometheusMiddleware))
+    return [
+        *layers,
+        Middleware(SecurityHeadersMiddleware),
+        Middleware(ClientIPMiddleware, trusted_proxies=settings.trusted_proxies),
+    ]
+
+
+def _guarding_layers(services: _Services) -> list[Middleware]:
+    """Audit, the rate limit and API keys, each when its setting turns it on."""
+    settings = services.settings
+    layers = []
+    if services.writer is not None:
+        layers.append(
+            Middleware(
+                AuditMiddleware,
+                sink=services.writer,
+                operations=OPERATIONS,
+                hash_secret_id=functools.partial(secret_id_hmac, audit_hmac_key(settings)),
+                retry_after=RETRY_AFTER_SECONDS,
+            )
+        )
+    if services.counter is not None:
+        layers.append(
+            Middleware(
+                RateLimitMiddleware,
+                limits=settings.rate_limits,
+                counter=services.counter,
+                on_limited=RATE_LIMITED.inc,
+                breaker=CircuitBreaker(retry_after=COUNTER_RETRY_SECONDS),
+            )
+        )
+    if settings.api_keys or settings.metrics_token_digest is not None:
+        layers.append(
+            Middleware(
+                APIKeyMiddleware,
+                keys=dict(settings.api_keys),
+                protected_prefixes=("/vault/",) if settings.api_keys else (),
+                metrics_token_digest=settings.metrics_token_digest,
+            )
+        )
+    return layers
+
+
+def create_app(settings: Settings | None = None, *, store: SecretStore | None = None) -> Starlette:
+    """Build the ASGI app. With no arguments, everything comes from the environment."""
+    settings = Settings.from_env() if settings is None else settings
+    services = _services(settings, store)
+    api = VaultAPI(
+        services.keyring,
+        services.store,
+        unreadable=services.unreadable,
+        max_secret_bytes=settings.max_secret_bytes,
+        max_ttl_seconds=settings.max_ttl_seconds,
+        default_ttl_seconds=settings.default_ttl_seconds,
+        retry_after=RETRY_AFTER_SECONDS,
+    )
     metrics = (
         metrics_app(multiprocess_dir=settings.prometheus_multiproc_dir)
         if settings.metrics_enabled
@@ -289,14 +346,14 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
             api_keys=bool(settings.api_keys),
             metrics_token=settings.metrics_token_digest is not None,
         ),
-        middleware=middleware,
-        exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable},
-        lifespan=lifespan,
+        middleware=_middleware(services),
+        exception_handlers={HTTPException: http_error, StoreUnavailable: _store_unavailable},
+        lifespan=_lifespan(services),
     )
     app.router.redirect_slashes = False
     app.state.settings = settings
-    app.state.store = store
-    app.state.audit_writer = writer
+    app.state.store = services.store
+    app.state.audit_writer = services.writer
     return app
 
 
