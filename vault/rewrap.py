@@ -16,8 +16,9 @@ import dataclasses
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from vault.crypto import Keyring
 from vault.errors import DecryptionFailed, StoreUnavailable, UnknownKey
@@ -87,6 +88,87 @@ def _quiet(line: str) -> None:
     """Print nothing (the default ``echo``)."""
 
 
+class _Pass:
+    """One pass's state: the records it left untouched so far, and how each is told."""
+
+    def __init__(
+        self,
+        store: SecretStore,
+        keyring: Keyring,
+        report: RewrapReport,
+        *,
+        hash_secret_id: Callable[[str], str],
+        echo: Callable[[str], None],
+    ) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.report = report
+        self.hash_secret_id = hash_secret_id
+        self.echo = echo
+        self.listed = 0
+
+    def untouched(self, position: int, record: SealedSecret, why: str) -> None:
+        self.listed += 1
+        if self.listed <= MAX_PROBLEM_LINES:
+            name = self.hash_secret_id(record.secret_id)
+            self.echo(f"record {position}: {why}; left untouched (secret_id_hmac {name})")
+        elif self.listed == MAX_PROBLEM_LINES + 1:
+            self.echo(f"more than {MAX_PROBLEM_LINES} records left untouched: only counting now")
+
+    async def one(self, position: int, record: SealedSecret, counts: Counts) -> None:
+        try:
+            plaintext = self.keyring.open(record)
+        except UnknownKey:
+            counts.unknown_key += 1
+            self.untouched(position, record, f"sealed by key {record.key_id}, not configured")
+            return
+        except DecryptionFailed:
+            counts.failed_authentication += 1
+            self.untouched(position, record, f"fails authentication under key {record.key_id}")
+            return
+        if self.report.dry_run:
+            counts.rewrapped += 1
+            return
+        fresh = self.keyring.seal(record.secret_id, plaintext)
+        del plaintext
+        if await self.store.replace_sealed(record, fresh):
+            counts.rewrapped += 1
+        else:
+            counts.changed += 1  # picked up by the next pass if still under an old key
+
+    async def batch(self, records: list[SealedSecret], first_position: int) -> Counts:
+        counts = Counts(examined=len(records))
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def gated(position: int, record: SealedSecret) -> None:
+            async with gate:  # also bounds how many plaintexts are in memory at once
+                await self.one(position, record, counts)
+
+        try:
+            outcomes = await asyncio.gather(
+                *(gated(first_position + i, r) for i, r in enumerate(records)),
+                return_exceptions=True,
+            )
+        except BaseException:  # Ctrl-C cancels the batch: count the records already done
+            self.report.totals.add(counts)
+            raise
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            self.report.totals.add(counts)
+            raise failures[0]
+        return counts
+
+    def told(self, counts: Counts) -> None:
+        report = self.report
+        self.echo(
+            f"batch {report.batches}: examined {counts.examined}, "
+            f"{'would rewrap' if report.dry_run else 'rewrapped'} {counts.rewrapped}, "
+            f"changed concurrently {counts.changed}, unknown key {counts.unknown_key}, "
+            f"failed authentication {counts.failed_authentication} "
+            f"({report.totals.examined} examined in all)"
+        )
+
+
 async def rewrap(
     store: SecretStore,
     keyring: Keyring,
@@ -108,59 +190,8 @@ async def rewrap(
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     report = RewrapReport(dry_run=dry_run) if report is None else report
+    one_pass = _Pass(store, keyring, report, hash_secret_id=hash_secret_id, echo=echo)
     active = keyring.active_key_id
-    listed = 0
-
-    def untouched(position: int, record: SealedSecret, why: str) -> None:
-        nonlocal listed
-        listed += 1
-        if listed <= MAX_PROBLEM_LINES:
-            name = hash_secret_id(record.secret_id)
-            echo(f"record {position}: {why}; left untouched (secret_id_hmac {name})")
-        elif listed == MAX_PROBLEM_LINES + 1:
-            echo(f"more than {MAX_PROBLEM_LINES} records left untouched: only counting now")
-
-    async def batch(records: list[SealedSecret], first_position: int) -> Counts:
-        counts = Counts(examined=len(records))
-        gate = asyncio.Semaphore(CONCURRENCY)
-
-        async def one(position: int, record: SealedSecret) -> None:
-            async with gate:  # also bounds how many plaintexts are in memory at once
-                try:
-                    plaintext = keyring.open(record)
-                except UnknownKey:
-                    counts.unknown_key += 1
-                    untouched(position, record, f"sealed by key {record.key_id}, not configured")
-                    return
-                except DecryptionFailed:
-                    counts.failed_authentication += 1
-                    untouched(position, record, f"fails authentication under key {record.key_id}")
-                    return
-                if dry_run:
-                    counts.rewrapped += 1
-                    return
-                fresh = keyring.seal(record.secret_id, plaintext)
-                del plaintext
-                swapped = await store.replace_sealed(record, fresh)
-            if swapped:
-                counts.rewrapped += 1
-            else:
-                counts.changed += 1  # picked up by the next pass if still under an old key
-
-        try:
-            outcomes = await asyncio.gather(
-                *(one(first_position + i, r) for i, r in enumerate(records)),
-                return_exceptions=True,
-            )
-        except BaseException:  # Ctrl-C cancels the batch: count the records already done
-            report.totals.add(counts)
-            raise
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures:
-            report.totals.add(counts)
-            raise failures[0]
-        return counts
-
     if not dry_run:
         await store.prepare_rewrap()
     after = ""
@@ -169,17 +200,11 @@ async def rewrap(
         if not records:
             report.finished = True
             break
-        counts = await batch(records, report.totals.examined + 1)
+        counts = await one_pass.batch(records, report.totals.examined + 1)
         report.batches += 1
         report.totals.add(counts)
         after = records[-1].secret_id
-        echo(
-            f"batch {report.batches}: examined {counts.examined}, "
-            f"{'would rewrap' if dry_run else 'rewrapped'} {counts.rewrapped}, "
-            f"changed concurrently {counts.changed}, unknown key {counts.unknown_key}, "
-            f"failed authentication {counts.failed_authentication} "
-            f"({report.totals.examined} examined in all)"
-        )
+        one_pass.told(counts)
         if len(records) < batch_size:
             report.finished = True
             break
@@ -225,6 +250,38 @@ def _verdict(report: RewrapReport, active: str) -> tuple[int, str]:
     return EXIT_REMAINING, message
 
 
+def _interruptible(
+    run: Callable[[], Coroutine[Any, Any, None]], report: RewrapReport, active: str
+) -> tuple[int, str]:
+    """Run the pass, Ctrl-C stopping it between swaps; the exit status and the last line."""
+    untouched = "every record is either rewrapped or untouched"
+    # A shell starts a background job (`rewrap &` in a script) with SIGINT ignored, and the
+    # process keeps that: Ctrl-C or `kill -INT` would then do nothing. Stopping between two
+    # swaps is always safe, so take SIGINT back whatever this process was started with.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED, (
+            f"secret-manager: interrupted; {untouched}: run rewrap again to continue"
+        )
+    except StoreUnavailable as exc:
+        return EXIT_REMAINING, (
+            f"secret-manager: the store stopped answering ({exc}); {untouched}: "
+            "run rewrap again once it is back"
+        )
+    except Exception as exc:
+        # Driver errors can quote documents: name the error by its type and place only.
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        return EXIT_REMAINING, (
+            f"secret-manager: rewrap stopped by {type(exc).__name__} at "
+            f"{frame.filename}:{frame.lineno}; {untouched}: run rewrap again once it is fixed"
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+    return _verdict(report, active)
+
+
 def command(
     store: SecretStore,
     keyring: Keyring,
@@ -265,33 +322,7 @@ def command(
         finally:
             await store.close()
 
-    untouched = "every record is either rewrapped or untouched"
-    status = EXIT_REMAINING
-    # A shell starts a background job (`rewrap &` in a script) with SIGINT ignored, and the
-    # process keeps that: Ctrl-C or `kill -INT` would then do nothing. Stopping between two
-    # swaps is always safe, so take SIGINT back whatever this process was started with.
-    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        status = EXIT_INTERRUPTED
-        message = f"secret-manager: interrupted; {untouched}: run rewrap again to continue"
-    except StoreUnavailable as exc:
-        message = (
-            f"secret-manager: the store stopped answering ({exc}); {untouched}: "
-            "run rewrap again once it is back"
-        )
-    except Exception as exc:
-        # Driver errors can quote documents: name the error by its type and place only.
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        message = (
-            f"secret-manager: rewrap stopped by {type(exc).__name__} at "
-            f"{frame.filename}:{frame.lineno}; {untouched}: run rewrap again once it is fixed"
-        )
-    else:
-        status, message = _verdict(report, keyring.active_key_id)
-    finally:
-        signal.signal(signal.SIGINT, previous_sigint)
+    status, message = _interruptible(run, report, keyring.active_key_id)
     for line in report.summary():
         echo(line)
     print(message, file=sys.stderr if status else sys.stdout, flush=True)
