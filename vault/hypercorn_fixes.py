@@ -128,23 +128,19 @@ def check(version: str | None = None, required: Iterable[Target] = REQUIRED) -> 
             ) from None
 
 
-def apply() -> None:
-    """Check the installed Hypercorn (ConfigError if it is not the one), then patch it once."""
-    check()
-    from h2.errors import ErrorCodes
+def _fix_idle_shutdown_race() -> dict[Target, Callable[..., Any]]:
+    """Fix 1: the shutdown race on idle keep-alive connections.
+
+    Upstream: no Hypercorn issue or pull request reports this race (tracker searched
+    2026-12). These three replace TCPServer.protocol_send, _read_data and _idle_timeout as
+    of 0.18.0:
+    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/asyncio/tcp_server.py#L79-L141
+    (the idle close at shutdown came with
+    https://github.com/pgjones/hypercorn/commit/df569bd992b1b41ecf44b6fc96679be2f0f17a64).
+    """
     from hypercorn.events import Closed, RawData, Updated
 
-    server = PROTOCOL_SEND.owner()
-    if getattr(server, "_secret_manager_fixed", False):
-        return
     max_recv = MAX_RECV.resolve()
-
-    # Fix 1: the shutdown race on idle keep-alive connections. Upstream: no Hypercorn issue
-    # or pull request reports this race (tracker searched 2026-12). These three replace
-    # TCPServer.protocol_send, _read_data and _idle_timeout as of 0.18.0:
-    # https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/asyncio/tcp_server.py#L79-L141
-    # (the idle close at shutdown came with
-    # https://github.com/pgjones/hypercorn/commit/df569bd992b1b41ecf44b6fc96679be2f0f17a64).
     original_protocol_send = PROTOCOL_SEND.resolve()
 
     async def protocol_send(self: Any, event: Any) -> None:
@@ -171,12 +167,20 @@ def apply() -> None:
             await self.protocol.handle(RawData(data))
         await self.protocol.handle(Closed())
 
-    # Fix 2: DATA for a stream already answered raises KeyError and drops the connection.
-    # Upstream: https://github.com/pgjones/hypercorn/issues/329. The pull requests for it,
-    # https://github.com/pgjones/hypercorn/pull/334 and
-    # https://github.com/pgjones/hypercorn/pull/312 (open as of 2026-12), skip such DATA in
-    # H2Protocol._handle_events; this wraps _close_stream instead and resets the stream, so
-    # the client stops sending and h2 discards what is already in flight.
+    return {PROTOCOL_SEND: protocol_send, IDLE_TIMEOUT: _idle_timeout, READ_DATA: _read_data}
+
+
+def _fix_data_for_answered_streams() -> dict[Target, Callable[..., Any]]:
+    """Fix 2: DATA for a stream already answered raises KeyError and drops the connection.
+
+    Upstream: https://github.com/pgjones/hypercorn/issues/329. The pull requests for it,
+    https://github.com/pgjones/hypercorn/pull/334 and
+    https://github.com/pgjones/hypercorn/pull/312 (open as of 2026-12), skip such DATA in
+    H2Protocol._handle_events; this wraps _close_stream instead and resets the stream, so
+    the client stops sending and h2 discards what is already in flight.
+    """
+    from h2.errors import ErrorCodes
+
     original_close_stream = CLOSE_STREAM.resolve()
 
     async def _close_stream(self: Any, stream_id: int) -> None:
@@ -187,10 +191,18 @@ def apply() -> None:
             self.connection.reset_stream(stream_id, error_code=ErrorCodes.NO_ERROR)
             await self._flush()
 
-    # Fix 3: stream buffers left waiting when an HTTP/2 connection closes. Upstream: no
-    # Hypercorn issue or pull request reports it (tracker searched 2026-12). This wraps
-    # H2Protocol.handle as of 0.18.0, whose Closed branch stops the sending task only:
-    # https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h2.py#L182-L196
+    return {CLOSE_STREAM: _close_stream}
+
+
+def _fix_buffers_of_closed_connections() -> dict[Target, Callable[..., Any]]:
+    """Fix 3: stream buffers left waiting when an HTTP/2 connection closes.
+
+    Upstream: no Hypercorn issue or pull request reports it (tracker searched 2026-12).
+    This wraps H2Protocol.handle as of 0.18.0, whose Closed branch stops the sending task
+    only: https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h2.py#L182-L196
+    """
+    from hypercorn.events import Closed
+
     original_h2_handle = H2_HANDLE.resolve()
 
     async def handle(self: Any, event: Any) -> None:
@@ -201,12 +213,19 @@ def apply() -> None:
             for buffer in list(self.stream_buffers.values()):
                 await buffer.close()
 
-    replacements: dict[Target, Callable[..., Any]] = {
-        PROTOCOL_SEND: protocol_send,
-        IDLE_TIMEOUT: _idle_timeout,
-        READ_DATA: _read_data,
-        CLOSE_STREAM: _close_stream,
-        H2_HANDLE: handle,
+    return {H2_HANDLE: handle}
+
+
+def apply() -> None:
+    """Check the installed Hypercorn (ConfigError if it is not the one), then patch it once."""
+    check()
+    server = PROTOCOL_SEND.owner()
+    if getattr(server, "_secret_manager_fixed", False):
+        return
+    replacements = {
+        **_fix_idle_shutdown_race(),
+        **_fix_data_for_answered_streams(),
+        **_fix_buffers_of_closed_connections(),
     }
     for target, replacement in replacements.items():
         setattr(target.owner(), target.name, replacement)
