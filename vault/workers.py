@@ -172,27 +172,73 @@ def _ignore_failed_handshakes(loop: asyncio.AbstractEventLoop, context: dict[str
         loop.default_exception_handler(context)
 
 
+class _Supervisor:
+    """The running workers, and what their ends mean: a stop asked for, or a worker dead."""
+
+    def __init__(self, config: Config, shutdown: Event, drain: _Drain) -> None:
+        self.config = config
+        self.shutdown = shutdown
+        self.drain = drain
+        self.alive: list[BaseProcess] = []
+        self.stopping = False
+        self.exitcode = 0
+
+    def stop(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM/SIGINT: every worker drains (the shared event), then exits."""
+        self.stopping = True
+        self.drain.signalled(signum)
+        self.shutdown.set()
+
+    def _reap(self) -> None:
+        for worker in [worker for worker in self.alive if worker.exitcode is not None]:
+            worker.join()
+            self.alive.remove(worker)
+            if not self.stopping:
+                log.error(
+                    "worker %s exited with code %s: stopping the others",
+                    worker.pid,
+                    worker.exitcode,
+                )
+                self.stopping = True
+                self.shutdown.set()
+            elif worker.exitcode != 0:
+                log.error("worker %s exited with code %s", worker.pid, worker.exitcode)
+            else:
+                continue
+            self.exitcode = 1
+
+    def supervise(self) -> int:
+        """Wait for every worker to end; kill those still running a graceful timeout (and
+        the exit margin) after the stop began. 0 after a clean stop, 1 if one died."""
+        deadline: float | None = None
+        while self.alive:
+            wait([worker.sentinel for worker in self.alive], timeout=0.5)
+            self._reap()
+            if self.stopping and deadline is None:
+                deadline = time.monotonic() + self.config.graceful_timeout + EXIT_MARGIN_SECONDS
+            if deadline is not None and time.monotonic() > deadline and self.alive:
+                log.error("%d workers did not stop in time: killing them", len(self.alive))
+                for worker in self.alive:
+                    worker.kill()
+                self.exitcode = 1
+                deadline = None  # killed: the next wait reaps them
+        self.drain.stopped(self.exitcode)
+        return self.exitcode
+
+
 def serve_workers(make_app: Callable[[], ASGIApp], config: Config, count: int) -> int:
     """Run ``count`` workers until SIGTERM/SIGINT; 0 after a clean stop, 1 if one died."""
     if count < 2:
         raise ValueError("serve_workers is for two or more workers")
     context = get_context("spawn")
     sockets = _bind(config)
-    shutdown = context.Event()
     # Only this process ever holds the write end: its death is the workers' end-of-file.
     parent_gone, parent_alive = context.Pipe(duplex=False)
-    stopping = False
-    drain = _Drain(f"stopping {count} workers", config.graceful_timeout)
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        drain.signalled(signum)
-        shutdown.set()
-
+    supervisor = _Supervisor(
+        config, context.Event(), _Drain(f"stopping {count} workers", config.graceful_timeout)
+    )
     # Workers inherit these ignored signals (a handler would not survive the spawn).
     previous = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
-    alive: list[BaseProcess] = []
     try:
         for _ in range(count):
             process: BaseProcess = context.Process(
@@ -201,51 +247,21 @@ def serve_workers(make_app: Callable[[], ASGIApp], config: Config, count: int) -
                     "make_app": make_app,
                     "config": config,
                     "sockets": sockets,
-                    "shutdown": shutdown,
+                    "shutdown": supervisor.shutdown,
                     "parent_gone": parent_gone,
                 },
             )
             process.start()
-            alive.append(process)
+            supervisor.alive.append(process)
         # The workers hold the listening sockets now; ours would keep the port accepting
         # connections into the backlog after every worker has stopped listening.
         _close(sockets)
         parent_gone.close()
         for number in STOP_SIGNALS:
-            signal.signal(number, stop)
-
-        exitcode = 0
-        deadline: float | None = None
-        while alive:
-            wait([worker.sentinel for worker in alive], timeout=0.5)
-            for worker in [worker for worker in alive if worker.exitcode is not None]:
-                worker.join()
-                alive.remove(worker)
-                if not stopping:
-                    log.error(
-                        "worker %s exited with code %s: stopping the others",
-                        worker.pid,
-                        worker.exitcode,
-                    )
-                    stopping = True
-                    shutdown.set()
-                elif worker.exitcode != 0:
-                    log.error("worker %s exited with code %s", worker.pid, worker.exitcode)
-                else:
-                    continue
-                exitcode = 1
-            if stopping and deadline is None:
-                deadline = time.monotonic() + config.graceful_timeout + EXIT_MARGIN_SECONDS
-            if deadline is not None and time.monotonic() > deadline and alive:
-                log.error("%d workers did not stop in time: killing them", len(alive))
-                for worker in alive:
-                    worker.kill()
-                exitcode = 1
-                deadline = None  # killed: the next wait reaps them
-        drain.stopped(exitcode)
-        return exitcode
+            signal.signal(number, supervisor.stop)
+        return supervisor.supervise()
     finally:
-        for worker in alive:  # only on an error of ours above: never leave orphans
+        for worker in supervisor.alive:  # only on an error of ours above: never leave orphans
             worker.kill()
             worker.join()
         for number, handler in previous.items():
