@@ -1,4 +1,4 @@
-"""vault/settings.py: every variable read, validated, and named when malformed."""
+"""vault/settings/: every variable read, validated, and named when malformed."""
 
 from __future__ import annotations
 

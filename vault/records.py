@@ -1,5 +1,4 @@
-"""The shape a secret is stored in: what crypto produces and every store keeps; and the
-shape of an audit record handed to a store beside it (``AuditNote``).
+"""The shape a secret is stored in: what crypto produces and every store keeps.
 
 It sits apart from the stores and from crypto, and imports nothing from the project or
 from third parties, so that loading the keyring (``vault.crypto``) never loads a database
@@ -9,9 +8,7 @@ driver, Prometheus or OpenTelemetry.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -45,17 +42,3 @@ class StoredSecret:
 
     sealed: SealedSecret
     created_at: dt.datetime | None
-
-
-class AuditNote(Protocol):
-    """One request's audit record, written by the store in the same call as the request's
-    own record: one round trip. The audit layer makes it (stores and middleware share only
-    this shape), once the answer is known; both methods run in the store's thread."""
-
-    def document(self) -> Mapping[str, Any]:
-        """The record (``AUDIT_FIELDS`` of vault/stores/base.py), made when the store is
-        about to write it."""
-
-    def written(self, error: Exception | None) -> None:
-        """Called once the write is over: None when the record is durable, else what it
-        failed with (the request's own record is stored; its answer must fail closed)."""

@@ -1,4 +1,4 @@
-"""middleware/audit/record.py: the record's document is the shape the stores take."""
+"""observability/audit.py: the record the middleware makes and the stores write."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from vault.stores.base import AUDIT_FIELDS
 
 
 def test_document_has_exactly_the_fields_the_stores_take() -> None:
-    # The store defines the shape and never imports the record: this is where they meet.
+    # The middleware and the stores both name this record: its document is what they store.
     assert tuple(audit_record("r1").as_document()) == AUDIT_FIELDS
 
 
