@@ -154,3 +154,18 @@ def test_every_optional_layer_switches_off(
     assert client.get("/metrics").status_code == 404
     assert "/metrics" not in client.get("/openapi.json").json()["paths"]
     assert audit_records(store_env) == []
+
+
+def test_every_503_asks_for_the_configured_retry_after(tmp_path: Path, master_key: str) -> None:
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path), "RETRY_AFTER_SECONDS": "7"}
+    with TestClient(create_app(Settings.from_env(env))) as client:
+        client.get("/readyz")
+        with contextlib.closing(sqlite3.connect(tmp_path / "vault.db")) as conn:
+            conn.execute("DROP TABLE audit")
+        # The fetch's one store call writes its audit record too: it fails as a whole.
+        answer = client.post("/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())})
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"] == "7"
+        not_ready = client.get("/readyz")
+        assert not_ready.status_code == 503
+        assert not_ready.headers["retry-after"] == "7"

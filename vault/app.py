@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
 from starlette.applications import Starlette
@@ -17,7 +18,6 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from middleware.answers import RETRY_AFTER_SECONDS
 from middleware.apikeys import APIKeyMiddleware
 from middleware.audit import AuditMiddleware, AuditWriter, stdout_stream
 from middleware.bodylimit import BodyLimitMiddleware
@@ -188,13 +188,20 @@ def _services(settings: Settings, store: SecretStore | None) -> _Services:
     )
 
 
-async def _store_unavailable(request: Request, exc: Exception) -> Response:
-    request_id = request_context(request.scope).request_id
-    # An outage is logged when the breaker opens and closes, not once per refusal: at
-    # request rate those lines would bury everything else in the log.
-    level = logging.DEBUG if isinstance(exc, StoreKnownDown) else logging.WARNING
-    log.log(level, "store unavailable: %s", exc, extra={"request_id": request_id})
-    return unavailable_response(RETRY_AFTER_SECONDS)
+def _store_unavailable(
+    retry_after: int,
+) -> Callable[[Request, Exception], Coroutine[Any, Any, Response]]:
+    """The handler of StoreUnavailable: 503 with ``retry_after``, and a log line."""
+
+    async def store_unavailable(request: Request, exc: Exception) -> Response:
+        request_id = request_context(request.scope).request_id
+        # An outage is logged when the breaker opens and closes, not once per refusal: at
+        # request rate those lines would bury everything else in the log.
+        level = logging.DEBUG if isinstance(exc, StoreKnownDown) else logging.WARNING
+        log.log(level, "store unavailable: %s", exc, extra={"request_id": request_id})
+        return unavailable_response(retry_after)
+
+    return store_unavailable
 
 
 def _lifespan(services: _Services) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
@@ -260,7 +267,7 @@ def _middleware(services: _Services) -> list[Middleware]:
     return [
         *_observing_layers(services),
         *_guarding_layers(services),
-        Middleware(InternalErrorMiddleware, retry_after=RETRY_AFTER_SECONDS),
+        Middleware(InternalErrorMiddleware, retry_after=settings.retry_after_seconds),
         Middleware(
             BodyLimitMiddleware,
             max_body_bytes=settings.max_body_bytes,
@@ -296,7 +303,7 @@ def _guarding_layers(services: _Services) -> list[Middleware]:
                 sink=services.writer,
                 operations=OPERATIONS,
                 hash_secret_id=functools.partial(secret_id_hmac, audit_hmac_key(settings)),
-                retry_after=RETRY_AFTER_SECONDS,
+                retry_after=settings.retry_after_seconds,
             )
         )
     if services.counter is not None:
@@ -332,7 +339,7 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
         max_secret_bytes=settings.max_secret_bytes,
         max_ttl_seconds=settings.max_ttl_seconds,
         default_ttl_seconds=settings.default_ttl_seconds,
-        retry_after=RETRY_AFTER_SECONDS,
+        retry_after=settings.retry_after_seconds,
     )
     metrics = (
         metrics_app(multiprocess_dir=settings.prometheus_multiproc_dir)
@@ -347,7 +354,10 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
             metrics_token=settings.metrics_token_digest is not None,
         ),
         middleware=_middleware(services),
-        exception_handlers={HTTPException: http_error, StoreUnavailable: _store_unavailable},
+        exception_handlers={
+            HTTPException: http_error,
+            StoreUnavailable: _store_unavailable(settings.retry_after_seconds),
+        },
         lifespan=_lifespan(services),
     )
     app.router.redirect_slashes = False

@@ -131,6 +131,9 @@ class Settings:
     purge_interval_seconds: float = setting(
         "SECRET_PURGE_INTERVAL_SECONDS", parse.seconds(1.0), "60", "how often expired secrets go"
     )
+    retry_after_seconds: int = setting(
+        "RETRY_AFTER_SECONDS", parse.whole(1), "5", "the Retry-After of every 503"
+    )
     graceful_timeout_seconds: float = setting(
         "GRACEFUL_TIMEOUT_SECONDS", parse.seconds(0), "10", "how long shutdown waits for requests"
     )
