@@ -55,6 +55,24 @@ def test_mongo_uri_file(tmp_path: Path) -> None:
     assert settings.mongo_uri == "mongodb://db1,db2/?replicaSet=rs0"
 
 
+def test_rate_limit_storage_file_shares_the_mongo_uri_secret(tmp_path: Path) -> None:
+    """The stack points both at one Docker secret: the URI's password is in no variable."""
+    (tmp_path / "uri").write_text("mongodb://app:pa55word@db1,db2/?replicaSet=rs0\n")
+    uri_file = str(tmp_path / "uri")
+    env = {"MONGO_URI_FILE": uri_file, "RATE_LIMIT_STORAGE_FILE": uri_file}
+    settings = Settings.from_env(env)
+    assert settings.rate_limit_storage == settings.mongo_uri
+    assert settings.rate_limit_storage == "mongodb://app:pa55word@db1,db2/?replicaSet=rs0"
+    assert "pa55word" not in repr(settings)
+    with pytest.raises(ConfigError, match="RATE_LIMIT_STORAGE and RATE_LIMIT_STORAGE_FILE"):
+        Settings.from_env({**env, "RATE_LIMIT_STORAGE": "memory"})
+    (tmp_path / "typo").write_text("mongo://app:pa55word@db1/\n")
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"RATE_LIMIT_STORAGE_FILE": str(tmp_path / "typo")})
+    assert "RATE_LIMIT_STORAGE_FILE must be 'memory' or a mongodb:// URI" in str(refused.value)
+    assert "pa55word" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [

@@ -197,7 +197,7 @@ class Settings:
         _rate_limit_storage,
         "memory",
         "memory, or a mongodb:// URI",
-        hidden=True,  # a URI may hold a password
+        secret=True,  # a URI may hold a password: also RATE_LIMIT_STORAGE_FILE, never shown
     )
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = setting(
         "TRUSTED_PROXIES",
