@@ -20,10 +20,26 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, MongoWireServer, ServerProcess
+from vault.crypto import generate_key
+from vault.settings import Settings, all_variables
 
 HEALTHCHECK_PYTHON = (
     "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"
 )
+
+# The user each image runs as: a Docker secret mounted into a service is readable by it alone.
+SECRET_READERS = {
+    "secret-manager": "10001",  # the Dockerfile's non-root user
+    "edge": "99",  # haproxy
+    "prometheus": "65534",  # nobody
+}
+
+# What each Docker secret holds, in a form the service's settings accept.
+SAMPLE_SECRETS = {
+    "master_key": generate_key(),
+    "api_keys": "billing:" + "b" * 43,
+    "metrics_token": "m" * 43,
+}
 
 
 def tool(name: str) -> str:
@@ -56,10 +72,39 @@ def services(stack: dict[str, Any]) -> dict[str, Any]:
     return dict(stack["services"])
 
 
-def test_promtool_accepts_the_configuration_and_rules() -> None:
+def mounted(service: dict[str, Any], source: str) -> dict[str, Any]:
+    """The service's mount of the Docker secret ``source``."""
+    (secret,) = [s for s in service.get("secrets", []) if s["source"] == source]
+    return dict(secret)
+
+
+@pytest.fixture
+def stack_settings(services: dict[str, Any], tmp_path: Path) -> Settings:
+    """The settings secret-manager starts with in the stack: its environment as stack.yml
+    sets it, each /run/secrets/ file standing in for by a sample of what it must hold."""
+    app = services["secret-manager"]
+    files = {}
+    for secret in app["secrets"]:
+        path = tmp_path / secret["target"]
+        path.write_text(SAMPLE_SECRETS[secret["source"]] + "\n")
+        files[f"/run/secrets/{secret['target']}"] = str(path)
+    env = {name: files.get(value, value) for name, value in app["environment"].items()}
+    return Settings.from_env(env)
+
+
+def test_promtool_accepts_the_configuration_and_rules(tmp_path: Path) -> None:
+    """The configuration as Prometheus reads it in the stack, its token file present (promtool
+    checks that it exists); the shipped file itself for its syntax."""
     promtool = tool("promtool")
+    text = (ROOT / "prometheus.yml").read_text()
+    token = tmp_path / "metrics_token"
+    token.write_text(SAMPLE_SECRETS["metrics_token"] + "\n")
+    assert "credentials_file: /run/secrets/metrics_token" in text
+    (tmp_path / "prometheus.yml").write_text(text.replace("/run/secrets/metrics_token", str(token)))
+    shutil.copy(ROOT / "alert-rules.yml", tmp_path / "alert-rules.yml")  # beside it, as mounted
     for command in (
-        ("check", "config", "prometheus.yml"),
+        ("check", "config", str(tmp_path / "prometheus.yml")),
+        ("check", "config", "--syntax-only", "prometheus.yml"),
         ("check", "rules", "alert-rules.yml"),
         ("test", "rules", "tests/deploy/alert-rules.test.yml"),
     ):
@@ -93,10 +138,50 @@ def test_master_key_comes_from_a_docker_secret(
     env = app["environment"]
     assert "MASTER_KEY" not in env  # an environment variable leaks through docker inspect
     assert env["MASTER_KEY_FILE"] == "/run/secrets/master_key"
-    (secret,) = app["secrets"]
-    assert secret["source"] == "master_key"
+    secret = mounted(app, "master_key")
+    assert secret["target"] == "master_key"
     assert secret["uid"] == "10001"  # readable by the image's non-root user only
     assert stack["secrets"]["master_key"]["external"] is True
+
+
+def test_every_secret_is_created_outside_the_file_and_readable_by_its_reader_only(
+    stack: dict[str, Any], services: dict[str, Any]
+) -> None:
+    used = set()
+    for name, service in services.items():
+        for secret in service.get("secrets", []):
+            assert stack["secrets"][secret["source"]]["external"] is True, secret
+            assert secret["mode"] == 0o400, (name, secret)
+            assert secret["uid"] == secret["gid"] == SECRET_READERS[name], (name, secret)
+            used.add(secret["source"])
+    assert used == set(stack["secrets"])  # none declared and forgotten
+
+
+def test_the_service_reads_every_credential_from_a_docker_secret(services: dict[str, Any]) -> None:
+    """No secret setting in plain environment (docker inspect shows it), and each *_FILE
+    names a setting's file form (no typo silently ignored) and a secret mounted there."""
+    app = services["secret-manager"]
+    env = app["environment"]
+    secret_variables = [variable.name for variable in all_variables() if variable.secret]
+    # MongoDB does not ask for a password yet: its URI holds none.
+    assert set(secret_variables) & set(env) <= {"MONGO_URI", "RATE_LIMIT_STORAGE"}
+    files = {name: path for name, path in env.items() if name.endswith("_FILE")}
+    assert set(files) <= {f"{name}_FILE" for name in secret_variables}
+    assert {"MASTER_KEY_FILE", "API_KEYS_FILE", "METRICS_TOKEN_FILE"} <= set(files)
+    targets = {f"/run/secrets/{secret['target']}" for secret in app["secrets"]}
+    assert set(files.values()) <= targets
+
+
+def test_the_stack_starts_the_service_closed(stack_settings: Settings) -> None:
+    """The stack's environment as the service parses it: API keys and the metrics token on."""
+    assert [name for name, _ in stack_settings.api_keys] == ["billing"]
+    assert stack_settings.metrics_token_digest is not None
+
+
+def test_the_docs_say_how_to_create_every_docker_secret(stack: dict[str, Any]) -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    for name in stack["secrets"]:
+        assert f"docker secret create {name} " in text, name
 
 
 def test_mongodb_is_a_three_member_replica_set(services: dict[str, Any]) -> None:
@@ -183,6 +268,15 @@ def test_monitoring_scrapes_every_replica_and_loads_the_rules(services: dict[str
         {"names": ["tasks.secret-manager"], "type": "A", "port": 8000, "refresh_interval": "15s"}
     ]
     assert "static_configs" not in job  # not the virtual IP
+    # /metrics asks for the token: Prometheus reads it from the same Docker secret.
+    token_file = services["secret-manager"]["environment"]["METRICS_TOKEN_FILE"]
+    (app_token,) = [
+        s
+        for s in services["secret-manager"]["secrets"]
+        if f"/run/secrets/{s['target']}" == token_file
+    ]
+    own_token = mounted(prometheus, app_token["source"])
+    assert job["authorization"] == {"credentials_file": f"/run/secrets/{own_token['target']}"}
     # rule_files is relative to the config file: the rules must be mounted beside it.
     for rule_file in config["rule_files"]:
         assert str(Path("/etc/prometheus") / rule_file) in targets.values()
@@ -204,6 +298,13 @@ def test_monitoring_scrapes_every_replica_and_loads_the_rules(services: dict[str
     assert edge_job["dns_sd_configs"][0]["names"] == ["tasks.edge"]
     assert edge_job["dns_sd_configs"][0]["port"] == 8405
     assert '"${EDGE_METRICS_BIND-:8405}"' in (ROOT / "haproxy.cfg").read_text()
+
+
+def test_prometheus_is_not_published(services: dict[str, Any]) -> None:
+    """Only the edge takes connections from outside the stack: not Prometheus's UI and API
+    (no authentication of its own), nor anything else."""
+    assert "ports" not in services["prometheus"]
+    assert [name for name, service in services.items() if "ports" in service] == ["edge"]
 
 
 def test_traces_go_to_the_collector(services: dict[str, Any]) -> None:
