@@ -178,6 +178,13 @@ def test_the_stack_starts_the_service_closed(stack_settings: Settings) -> None:
     assert stack_settings.metrics_token_digest is not None
 
 
+def test_every_secret_expires(stack_settings: Settings) -> None:
+    """A create that names no ttl lives 30 days, and none lives past 90: whatever a key
+    holder stores, forgotten or not, leaves the store by then (docs/operations.md)."""
+    assert stack_settings.default_ttl_seconds == 30 * 86400
+    assert stack_settings.max_ttl_seconds == 90 * 86400
+
+
 def test_the_docs_say_how_to_create_every_docker_secret(stack: dict[str, Any]) -> None:
     text = (ROOT / "docs" / "operations.md").read_text()
     for name in stack["secrets"]:
