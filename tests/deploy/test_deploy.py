@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pymongo import uri_parser
 
 from tests.conftest import ROOT, MongoWireServer, ServerProcess
 from vault.crypto import generate_key
@@ -32,13 +33,23 @@ SECRET_READERS = {
     "secret-manager": "10001",  # the Dockerfile's non-root user
     "edge": "99",  # haproxy
     "prometheus": "65534",  # nobody
+    "mongo1": "999",  # mongodb
+    "mongo2": "999",
+    "mongo3": "999",
+    "mongo-init": "0",  # a one-shot script, as root
 }
+MEMBERS = ("mongo1", "mongo2", "mongo3")
 
 # What each Docker secret holds, in a form the service's settings accept.
 SAMPLE_SECRETS = {
     "master_key": generate_key(),
     "api_keys": "billing:" + "b" * 43,
     "metrics_token": "m" * 43,
+    # The form docs/operations.md creates it in, with a password of 64 hex digits.
+    "mongo_uri": (
+        "mongodb://secret-manager:" + "0f" * 32 + "@mongo1:27017,mongo2:27017,mongo3:27017/"
+        "?replicaSet=rs0"
+    ),
 }
 
 
@@ -163,11 +174,16 @@ def test_the_service_reads_every_credential_from_a_docker_secret(services: dict[
     app = services["secret-manager"]
     env = app["environment"]
     secret_variables = [variable.name for variable in all_variables() if variable.secret]
-    # MongoDB does not ask for a password yet: its URI holds none.
-    assert set(secret_variables) & set(env) <= {"MONGO_URI", "RATE_LIMIT_STORAGE"}
+    assert not set(secret_variables) & set(env)
     files = {name: path for name, path in env.items() if name.endswith("_FILE")}
     assert set(files) <= {f"{name}_FILE" for name in secret_variables}
-    assert {"MASTER_KEY_FILE", "API_KEYS_FILE", "METRICS_TOKEN_FILE"} <= set(files)
+    assert {
+        "MASTER_KEY_FILE",
+        "API_KEYS_FILE",
+        "METRICS_TOKEN_FILE",
+        "MONGO_URI_FILE",
+        "RATE_LIMIT_STORAGE_FILE",
+    } <= set(files)
     targets = {f"/run/secrets/{secret['target']}" for secret in app["secrets"]}
     assert set(files.values()) <= targets
 
@@ -191,8 +207,10 @@ def test_the_docs_say_how_to_create_every_docker_secret(stack: dict[str, Any]) -
         assert f"docker secret create {name} " in text, name
 
 
-def test_mongodb_is_a_three_member_replica_set(services: dict[str, Any]) -> None:
-    members = [f"mongo{i}" for i in (1, 2, 3)]
+def test_mongodb_is_a_three_member_replica_set(
+    services: dict[str, Any], stack_settings: Settings
+) -> None:
+    members = MEMBERS
     volumes = set()
     for name in members:
         member = services[name]
@@ -205,9 +223,70 @@ def test_mongodb_is_a_three_member_replica_set(services: dict[str, Any]) -> None
         assert member["deploy"]["placement"]["constraints"] == [f"node.labels.{name} == true"]
         assert member["healthcheck"]["test"][0] == "CMD"
     assert len(volumes) == 3
-    uri = services["secret-manager"]["environment"]["MONGO_URI"]
-    assert all(f"{name}:27017" in uri for name in members)
-    assert "replicaSet=rs0" in uri
+    # The URI is a secret now: the one the docs create, as the service reads it.
+    uri = documented_mongo_uri()
+    assert stack_settings.mongo_uri == uri
+    parsed = uri_parser.parse_uri(uri)
+    assert parsed["nodelist"] == [(name, 27017) for name in members]
+    assert parsed["options"]["replicaSet"] == "rs0"
+
+
+def documented_mongo_uri() -> str:
+    """The mongo_uri secret as docs/operations.md creates it, its random password filled in."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    (template,) = re.findall(
+        r"printf '(mongodb://[^']*)\\n' \"\$\(openssl rand -hex 32\)\" \\\n"
+        r"\s*\| docker secret create mongo_uri -",
+        text,
+    )
+    uri: str = template % ("0f" * 32)
+    return uri
+
+
+def test_mongod_asks_every_client_and_member_to_authenticate(services: dict[str, Any]) -> None:
+    keyfiles = set()
+    for name in MEMBERS:
+        command = services[name]["command"]
+        assert "--auth" in command
+        keyfile = mounted(services[name], "mongo_keyfile")
+        assert command[command.index("--keyFile") + 1] == f"/run/secrets/{keyfile['target']}"
+        keyfiles.add(keyfile["source"])
+    assert keyfiles == {"mongo_keyfile"}  # one key for the set
+    # The administrator is created by mongo1's first start, its password from a secret; the
+    # other members start empty, as rs.initiate requires, and copy the users from mongo1.
+    env = services["mongo1"]["environment"]
+    password = mounted(services["mongo1"], "mongo_root_password")
+    assert env["MONGO_INITDB_ROOT_PASSWORD_FILE"] == f"/run/secrets/{password['target']}"
+    assert "MONGO_INITDB_ROOT_PASSWORD" not in env
+    for name in ("mongo2", "mongo3"):
+        assert "environment" not in services[name]
+        assert [s["source"] for s in services[name]["secrets"]] == ["mongo_keyfile"]
+
+
+def test_the_init_job_makes_the_services_user_from_the_services_own_uri(
+    services: dict[str, Any],
+) -> None:
+    """One secret, mongo_uri, holds secret-manager's user and password: the job creates that
+    user from it, so the two cannot disagree, with readWrite on MONGO_DB and nothing more."""
+    init, app = services["mongo-init"], services["secret-manager"]
+    uri_secret = mounted(app, "mongo_uri")
+    assert app["environment"]["MONGO_URI_FILE"] == f"/run/secrets/{uri_secret['target']}"
+    for source in ("mongo_uri", "mongo_root_password"):
+        assert mounted(init, source)["target"] == source  # the script reads /run/secrets/NAME
+    assert (
+        init["environment"]["MONGO_ROOT_USERNAME"]
+        == (services["mongo1"]["environment"]["MONGO_INITDB_ROOT_USERNAME"])
+    )
+    assert init["environment"]["MONGO_DB"] == app["environment"]["MONGO_DB"]
+    script = init["command"][-1]
+    assert 'fs.readFileSync("/run/secrets/" + name' in script
+    assert 'auth(process.env.MONGO_ROOT_USERNAME, secret("mongo_root_password"))' in script
+    assert 'secret("mongo_uri").match(' in script
+    assert 'roles = [{role: "readWrite", db: process.env.MONGO_DB}]' in script
+    # Idempotent: an existing user gets the secret's password and roles again.
+    assert "admin.createUser({user: user, pwd: pwd, roles: roles})" in script
+    assert "admin.updateUser(user, {pwd: pwd, roles: roles})" in script
+    assert "--password" not in script and " -p " not in script  # never on a command line
 
 
 def test_replica_set_init_is_one_shot_and_idempotent(services: dict[str, Any]) -> None:
@@ -259,9 +338,12 @@ def test_the_edge_is_published_on_each_node_and_terminates_tls(
     assert "ports" not in services["secret-manager"]
 
 
-def test_rate_limits_are_per_client_on_the_shared_counters(services: dict[str, Any]) -> None:
+def test_rate_limits_are_per_client_on_the_shared_counters(
+    services: dict[str, Any], stack_settings: Settings
+) -> None:
     env = services["secret-manager"]["environment"]
-    assert env["RATE_LIMIT_STORAGE"] == env["MONGO_URI"]
+    assert env["RATE_LIMIT_STORAGE_FILE"] == env["MONGO_URI_FILE"]  # the same secret
+    assert stack_settings.rate_limit_storage == stack_settings.mongo_uri
     assert env["RATE_LIMIT"] not in ("", "off")
 
 
