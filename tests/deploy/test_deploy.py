@@ -8,6 +8,7 @@ Dockerfile, and the YAML itself is checked for the properties high availability 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import re
 import shlex
@@ -299,18 +300,40 @@ def test_replica_set_init_is_one_shot_and_idempotent(services: dict[str, Any]) -
         assert f'host: "{name}:27017"' in script
 
 
-def test_one_encrypted_overlay_network_for_everything(
+def test_encrypted_overlay_networks_split_by_who_must_talk(
     stack: dict[str, Any], services: dict[str, Any]
 ) -> None:
-    network = stack["networks"]["vault"]
-    assert network["driver"] == "overlay"
-    assert network["driver_opts"]["encrypted"] == "true"
-    assert all(list(service["networks"]) == ["vault"] for service in services.values())
-    # Pinned, so that secret-manager believes X-Forwarded-For from this network only.
-    (pool,) = network["ipam"]["config"]
+    members = {
+        network: {name for name, service in services.items() if network in service["networks"]}
+        for network in stack["networks"]
+    }
+    assert members == {
+        "edge": {"edge", "secret-manager"},
+        "store": {"secret-manager", "mongo1", "mongo2", "mongo3", "mongo-init"},
+        "metrics": {"prometheus", "secret-manager"},
+        "edge-metrics": {"prometheus", "edge"},
+        "traces": {"otel-collector", "secret-manager"},
+    }
+    for network in stack["networks"].values():
+        assert network["driver"] == "overlay"
+        assert network["driver_opts"]["encrypted"] == "true"
+    # One shared network at most per pair: Docker's DNS then answers each with the other's
+    # address on that network alone (the edge reaches the replicas from its own subnet).
+    for first, second in itertools.combinations(services.values(), 2):
+        assert len(set(first["networks"]) & set(second["networks"])) <= 1
+
+
+def test_only_the_edge_network_may_choose_the_audited_address(
+    stack: dict[str, Any], services: dict[str, Any], stack_settings: Settings
+) -> None:
+    """TRUSTED_PROXIES is the edge network's pinned subnet, which only the edge and the
+    replicas join: MongoDB, Prometheus or the collector connect from elsewhere, and their
+    X-Forwarded-For is ignored."""
+    (pool,) = stack["networks"]["edge"]["ipam"]["config"]
     trusted = services["secret-manager"]["environment"]["TRUSTED_PROXIES"]
     assert trusted == pool["subnet"]
     assert ipaddress.ip_network(trusted).is_private
+    assert stack_settings.trusted_proxies == (ipaddress.ip_network(trusted),)
 
 
 def test_the_edge_is_published_on_each_node_and_terminates_tls(
@@ -403,6 +426,7 @@ def test_traces_go_to_the_collector(services: dict[str, Any]) -> None:
     collector = services["otel-collector"]
     config = yaml.safe_load((ROOT / "otel-collector.yml").read_text())
     assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    assert set(config["receivers"]["otlp"]["protocols"]) == {"http"}  # what the service sends
     assert collector["configs"][0]["target"] == "/etc/otelcol/config.yaml"
 
 
