@@ -243,11 +243,19 @@ def fail_unexpected(response: ResponseContextManager, what: str, expected: int) 
         _fail(response, f"{what}: expected HTTP {expected}, got {status}: {detail}")
 
 
+def _authorization() -> dict[str, str] | None:
+    """The API key every request sends when SECRET_MANAGER_TOKEN is set, as the command
+    line's client does: a server with API keys (the shipped stack) answers 401 otherwise."""
+    token = os.environ.get("SECRET_MANAGER_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else None
+
+
 class VaultUser(FastHttpUser):
     """The secret API as checked calls; FastHttpUser costs the load generator least."""
 
     abstract = True
     wait_time = constant(0)
+    default_headers = _authorization()
 
     def create_secret(
         self, plaintext: bytes, *, max_reads: int | None = None, name: str = "create"

@@ -80,7 +80,9 @@ def explain(run: LocustRun, server: ServerProcess) -> str:
     )
 
 
-def run_locust(tmp_path: Path, url: str, *args: str, users: int, seconds: int) -> LocustRun:
+def run_locust(
+    tmp_path: Path, url: str, *args: str, users: int, seconds: int, **env: str
+) -> LocustRun:
     """Run loadtests/locustfile.py headless against ``url``; its exit code and its reports."""
     run_dir = tmp_path / f"locust-{uuid.uuid4().hex[:8]}"
     run_dir.mkdir()
@@ -97,7 +99,7 @@ def run_locust(tmp_path: Path, url: str, *args: str, users: int, seconds: int) -
     completed = subprocess.run(
         command,
         cwd=run_dir,
-        env=clean_env(LOADTEST_ACK_FILE=str(ack_file)),
+        env=clean_env(LOADTEST_ACK_FILE=str(ack_file), **env),
         capture_output=True,
         text=True,
         timeout=seconds + 60,
@@ -183,6 +185,21 @@ def test_ci_gate_all_five_scenarios_without_failures(
     assert deleted_total(server.url, "last_read") == read_up
     for secret_id, digest in random.sample(run.acks, min(50, len(run.acks))):
         assert hashlib.sha256(fetch(server.url, secret_id)).hexdigest() == digest
+
+
+def test_with_secret_manager_token_the_scenarios_run_against_a_server_with_api_keys(
+    start_server: StartServer, master_key: str, tmp_path: Path
+) -> None:
+    token = "t" * 40
+    server = start_server(server_env(master_key, tmp_path, API_KEYS=f"load:{token}"))
+    users = ("RoundtripUser", "NegativeUser")
+    run = run_locust(tmp_path, server.url, *users, users=4, seconds=5, SECRET_MANAGER_TOKEN=token)
+    assert run.returncode == 0, explain(run, server)
+    assert run.requests("create") > 0 and run.failed("Aggregated") == 0, explain(run, server)
+    assert all(run.requests(name) > 0 for name in NEGATIVE_NAMES)  # their statuses, not 401s
+    refused = run_locust(tmp_path, server.url, "RoundtripUser", users=2, seconds=3)
+    assert refused.returncode != 0
+    assert refused.failed("create") == refused.requests("create") > 0  # 401 without a key
 
 
 def test_p95_over_the_limit_fails_the_run(
