@@ -1,9 +1,10 @@
 """The edge's HAProxy configuration (haproxy.cfg), the same file stack.yml ships.
 
-HAProxy validates it (``haproxy -c``) with a throwaway certificate, and a smoke run starts
-it in front of a real ``secret-manager serve``, with only the addresses and ports its
-environment variables name substituted: TLS answers, and a client's own X-Forwarded-For is
-replaced by the address the edge saw.
+HAProxy validates it (``haproxy -c``) with a throwaway certificate, and runs start it in
+front of a real ``secret-manager serve``, with only what its ``EDGE_*`` environment variables
+name substituted: TLS answers, a client's own X-Forwarded-For is replaced by the address the
+edge saw, and only the API's paths are forwarded. Clients bind their source to 127.0.0.2,
+127.0.0.3, ...
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import socket
 import ssl
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,18 @@ import httpx2 as httpx
 import pytest
 
 from loadtests.processes import free_port
-from tests.conftest import ROOT, ServerProcess, wait_until
+from tests.conftest import ROOT, ServerProcess, b64, wait_until
 from tests.deploy.test_deploy import tool
+from vault.crypto import generate_key
 
 CONFIG = ROOT / "haproxy.cfg"
 
 
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(certificate, certificate + key in one PEM as HAProxy reads it) for localhost."""
-    cert, key, pem = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "edge_tls.pem"
+    directory = tmp_path_factory.mktemp("edge-tls")
+    cert, key, pem = directory / "cert.pem", directory / "key.pem", directory / "edge_tls.pem"
     command = (
         "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost"
         f" -addext subjectAltName=DNS:localhost -keyout {key} -out {cert}"
@@ -71,6 +75,23 @@ def test_haproxy_refuses_the_configuration_without_its_certificate(tmp_path: Pat
     """The check above is a real one: a missing certificate fails it."""
     result = haproxy_check({"EDGE_TLS_PEM": str(tmp_path / "absent.pem")})
     assert result.returncode != 0
+
+
+@pytest.mark.parametrize("value", ["off", "on"])
+def test_the_docs_switch_is_on_or_off(certificate: tuple[Path, Path], value: str) -> None:
+    result = haproxy_check({"EDGE_TLS_PEM": str(certificate[1]), "EDGE_PUBLIC_DOCS": value})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("value", ["false", "yes", "", "ON"])
+def test_a_docs_switch_that_is_neither_is_refused_at_start(
+    certificate: tuple[Path, Path], value: str
+) -> None:
+    """A typo does not silently publish the docs, nor silently hide them: HAProxy will not
+    start, and says which variable to fix."""
+    result = haproxy_check({"EDGE_TLS_PEM": str(certificate[1]), "EDGE_PUBLIC_DOCS": value})
+    assert result.returncode != 0
+    assert "EDGE_PUBLIC_DOCS must be on or off" in result.stdout + result.stderr
 
 
 def directives() -> list[str]:
@@ -131,6 +152,16 @@ def alpn_choice(port: int, cafile: Path) -> str | None:
         return tls.selected_alpn_protocol()
 
 
+def answered_by_a_replica(client: httpx.Client, url: str) -> bool:
+    """Whether an API call through the edge reached secret-manager (which names the replica
+    in X-Served-By), rather than the edge answering for want of one."""
+    try:
+        answer = client.post(url + "/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())})
+    except httpx.HTTPError:
+        return False
+    return answer.status_code == 404 and "X-Served-By" in answer.headers
+
+
 def test_the_edge_terminates_tls_and_overwrites_the_clients_forwarded_for(
     start_server: Any, master_key: str, certificate: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -162,13 +193,10 @@ def test_the_edge_terminates_tls_and_overwrites_the_clients_forwarded_for(
 
         def ready() -> bool:
             assert process.poll() is None, (tmp_path / "haproxy.log").read_text()
-            try:
-                return client.get(url + "/readyz").status_code == 200
-            except httpx.HTTPError:
-                return False
+            return answered_by_a_replica(client, url)
 
         # The backend answers once its first health check passed (every 2 s).
-        wait_until(ready, 30, "the edge to answer /readyz")
+        wait_until(ready, 30, "the edge to forward an API call")
         request_id = f"edge-{uuid.uuid4().hex}"
         answer = client.post(
             url + "/vault/secret/fetch",
@@ -193,3 +221,164 @@ def test_the_edge_terminates_tls_and_overwrites_the_clients_forwarded_for(
         if line.startswith("{") and request_id in line
     ]
     assert [record["client_ip"] for record in records if "op" in record] == ["127.0.0.2"]
+
+
+@dataclass
+class Edge:
+    """One HAProxy on the shipped file, its ports, and what clients need to trust it."""
+
+    https_port: int
+    http_port: int
+    cafile: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.https_port}"
+
+    def client(self, source: str) -> httpx.Client:
+        """An HTTPS client whose connections come from ``source`` (127.0.0.x)."""
+        context = ssl.create_default_context(cafile=str(self.cafile))
+        transport = httpx.HTTPTransport(verify=context, local_address=source)
+        return httpx.Client(transport=transport, timeout=5)
+
+    def wait_forwarding(self, source: str) -> None:
+        """Until the edge forwards a call from ``source`` (it has seen the replica healthy),
+        asked over one kept-alive connection so as not to use up the address's budget."""
+        with self.client(source) as client:
+
+            def forwarding() -> bool:
+                assert self.process.poll() is None, self.log.read_text()
+                return answered_by_a_replica(client, self.url)
+
+            wait_until(forwarding, 30, "the edge to forward an API call")
+
+    def served(self, source: str) -> bool:
+        """Whether a new connection from ``source`` gets an API call answered by the service."""
+        with self.client(source) as client:
+            return answered_by_a_replica(client, self.url)
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real ``secret-manager serve`` behind this module's edges, with /metrics on."""
+    directory = tmp_path_factory.mktemp("edge-backend")
+    server = ServerProcess(
+        {
+            "MASTER_KEY": generate_key(),
+            "TRUSTED_PROXIES": "127.0.0.1/32",
+            "DATA_DIR": str(directory / "data"),
+            "RATE_LIMIT": "off",
+        },
+        [],
+        directory,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_edge(
+    certificate: tuple[Path, Path], backend: ServerProcess, tmp_path: Path
+) -> Iterator[Callable[..., Edge]]:
+    """``start_edge(EDGE_X="...")``: HAProxy on the shipped file in front of ``backend``, on
+    free loopback ports, with the given variables besides; stopped at teardown."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**variables: str) -> Edge:
+            https_port, http_port = free_port(), free_port()
+            log = tmp_path / f"haproxy-{https_port}.log"
+            env = {
+                "EDGE_TLS_PEM": str(certificate[1]),
+                "EDGE_HTTPS_BIND": f"127.0.0.1:{https_port}",
+                "EDGE_HTTP_BIND": f"127.0.0.1:{http_port}",
+                "EDGE_METRICS_BIND": f"127.0.0.1:{free_port()}",
+                "EDGE_BACKEND": f"127.0.0.1:{backend.port}",
+                "EDGE_BACKEND_SLOTS": "1",
+                **variables,
+            }
+            process = stack.enter_context(edge(env, log))
+
+            def listening() -> bool:
+                assert process.poll() is None, log.read_text()
+                return all(accepts(port) for port in (https_port, http_port))
+
+            wait_until(listening, 10, "HAProxy to listen")
+            return Edge(https_port, http_port, certificate[0], log, process)
+
+        yield start
+
+
+def accepts(port: int) -> bool:
+    """Whether something listens on ``port`` (asked from 127.0.0.1, no test's client)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def raw_get(port: int, cafile: Path, target: str) -> tuple[int, bytes]:
+    """``GET target`` over TLS exactly as written (httpx would tidy the path up first)."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    context.set_alpn_protocols(["http/1.1"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        request = f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        tls.sendall(request.encode())
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+OVERLAY_ONLY = ["/metrics", "/healthz", "/readyz"]
+NOBODYS = ["/", "/vault", "/METRICS", "/%6Detrics", "//metrics", "/stats"]
+DOCS = ["/docs", "/openapi.json", "/docs/assets/swagger-ui.css"]
+
+
+def test_only_the_api_and_its_docs_are_forwarded(
+    start_edge: Callable[..., Edge], backend: ServerProcess
+) -> None:
+    # The service itself answers them: the edge is what refuses them below.
+    for path in OVERLAY_ONLY:
+        assert httpx.get(backend.url + path, timeout=5).status_code == 200, path
+    edge = start_edge()
+    edge.wait_forwarding("127.0.0.6")
+    with edge.client("127.0.0.6") as client:
+        for path in OVERLAY_ONLY + NOBODYS:
+            refused = client.get(edge.url + path)
+            assert refused.status_code == 404, path
+            assert "X-Served-By" not in refused.headers, path  # the edge's own answer
+            assert "/vault/" in refused.json()["detail"]
+        created = client.post(edge.url + "/vault/secret/create", json={"secret": b64(b"hi")})
+        assert created.status_code == 200
+        assert "X-Served-By" in created.headers
+        fetched = client.post(edge.url + "/vault/secret/fetch", json=created.json())
+        assert fetched.json()["secret"] == b64(b"hi")
+        for path in DOCS:  # on by default
+            docs = client.get(edge.url + path)
+            assert docs.status_code == 200, path
+            assert "X-Served-By" in docs.headers
+    # Nor does a path that only names /metrics after the API's prefix reach it.
+    for target in ["/vault/../metrics", "/vault/%2e%2e/metrics", "/docs/assets/../../metrics"]:
+        status, body = raw_get(edge.https_port, edge.cafile, target)
+        assert b"# HELP" not in body, target
+        assert status in (400, 404), target
+
+
+def test_the_docs_can_be_kept_off_the_edge(start_edge: Callable[..., Edge]) -> None:
+    edge = start_edge(EDGE_PUBLIC_DOCS="off")
+    edge.wait_forwarding("127.0.0.7")
+    with edge.client("127.0.0.7") as client:
+        for path in DOCS:
+            refused = client.get(edge.url + path)
+            assert refused.status_code == 404, path
+            assert "X-Served-By" not in refused.headers, path
+            assert refused.json()["detail"] == "no such path: the API is under /vault/"
+        created = client.post(edge.url + "/vault/secret/create", json={"secret": b64(b"hi")})
+        assert created.status_code == 200

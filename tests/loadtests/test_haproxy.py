@@ -103,7 +103,8 @@ def test_haproxy_runs_the_shipped_config_over_tls_and_reports_dead_backends_down
         assert set(lb.server_names().values()) == {"r1", "r2"}
         before = lb.frontend_requests()
 
-        response = httpx.get(lb.url + "/healthz", timeout=10, verify=lb.tls)
+        # An API path: the edge forwards nothing else (it answers /healthz 404 itself).
+        response = httpx.post(lb.url + "/vault/secret/fetch", timeout=10, verify=lb.tls)
 
         assert lb.url.startswith("https://127.0.0.1:")
         assert response.status_code == 503  # no server left to take it
