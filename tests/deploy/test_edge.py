@@ -1,10 +1,10 @@
 """The edge's HAProxy configuration (haproxy.cfg), the same file stack.yml ships.
 
-HAProxy validates it (``haproxy -c``) with a throwaway certificate, and runs start it in
+HAProxy validates it (``haproxy -c``) with a throwaway certificate, and test runs start it in
 front of a real ``secret-manager serve``, with only what its ``EDGE_*`` environment variables
 name substituted: TLS answers, a client's own X-Forwarded-For is replaced by the address the
-edge saw, and only the API's paths are forwarded. Clients bind their source to 127.0.0.2,
-127.0.0.3, ...
+edge saw, only the API's paths are forwarded, every HTTPS answer carries HSTS, and plain HTTP
+is sent to the public host. Clients bind their source to 127.0.0.2, 127.0.0.3, ...
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from tests.deploy.test_deploy import tool
 from vault.crypto import generate_key
 
 CONFIG = ROOT / "haproxy.cfg"
+HSTS = "max-age=31536000"
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,9 @@ def test_the_configuration_keeps_the_edges_promises() -> None:
     (bind,) = [line for line in lines if line.startswith("bind") and " ssl " in line]
     assert 'crt "${EDGE_TLS_PEM-/run/secrets/edge_tls.pem}"' in bind
     assert bind.endswith("alpn h2,http/1.1")
-    assert "http-request redirect scheme https code 308" in lines
+    # To the configured public host, never to the Host the client named.
+    assert 'http-request redirect prefix "https://${EDGE_PUBLIC_HOST-localhost}" code 308' in lines
+    assert not any("redirect scheme" in line for line in lines)
     assert "option httpchk GET /readyz" in lines
     (template,) = [line for line in lines if line.startswith("server-template")]
     assert "${EDGE_BACKEND-tasks.secret-manager:8000}" in template
@@ -205,12 +208,10 @@ def test_the_edge_terminates_tls_and_overwrites_the_clients_forwarded_for(
         )
         assert answer.status_code == 404
         assert answer.headers["X-Request-ID"] == request_id  # passed through the edge
-        # Plain HTTP is redirected, never forwarded.
+        # Plain HTTP is redirected, never forwarded: to the public host (EDGE_PUBLIC_HOST,
+        # localhost by default) on the HTTPS port, not to the plain port it came in on.
         plain = httpx.get(f"http://localhost:{http_port}/readyz", timeout=5)
-        assert (plain.status_code, plain.headers["Location"]) == (
-            308,
-            f"https://localhost:{http_port}/readyz",
-        )
+        assert (plain.status_code, plain.headers["Location"]) == (308, "https://localhost/readyz")
         assert alpn_choice(https_port, certificate[0]) == "h2"
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         assert 'haproxy_backend_active_servers{proxy="secret-manager"} 1' in metrics
@@ -341,7 +342,7 @@ NOBODYS = ["/", "/vault", "/METRICS", "/%6Detrics", "//metrics", "/stats"]
 DOCS = ["/docs", "/openapi.json", "/docs/assets/swagger-ui.css"]
 
 
-def test_only_the_api_and_its_docs_are_forwarded(
+def test_only_the_api_and_its_docs_are_forwarded_and_every_answer_has_hsts(
     start_edge: Callable[..., Edge], backend: ServerProcess
 ) -> None:
     # The service itself answers them: the edge is what refuses them below.
@@ -355,15 +356,18 @@ def test_only_the_api_and_its_docs_are_forwarded(
             assert refused.status_code == 404, path
             assert "X-Served-By" not in refused.headers, path  # the edge's own answer
             assert "/vault/" in refused.json()["detail"]
+            assert refused.headers["Strict-Transport-Security"] == HSTS
         created = client.post(edge.url + "/vault/secret/create", json={"secret": b64(b"hi")})
         assert created.status_code == 200
         assert "X-Served-By" in created.headers
+        assert created.headers["Strict-Transport-Security"] == HSTS
         fetched = client.post(edge.url + "/vault/secret/fetch", json=created.json())
         assert fetched.json()["secret"] == b64(b"hi")
         for path in DOCS:  # on by default
             docs = client.get(edge.url + path)
             assert docs.status_code == 200, path
             assert "X-Served-By" in docs.headers
+            assert docs.headers["Strict-Transport-Security"] == HSTS
     # Nor does a path that only names /metrics after the API's prefix reach it.
     for target in ["/vault/../metrics", "/vault/%2e%2e/metrics", "/docs/assets/../../metrics"]:
         status, body = raw_get(edge.https_port, edge.cafile, target)
@@ -382,3 +386,37 @@ def test_the_docs_can_be_kept_off_the_edge(start_edge: Callable[..., Edge]) -> N
             assert refused.json()["detail"] == "no such path: the API is under /vault/"
         created = client.post(edge.url + "/vault/secret/create", json={"secret": b64(b"hi")})
         assert created.status_code == 200
+
+
+def plain_request(port: int, request: bytes) -> tuple[int, str]:
+    """(status, Location) of a request sent to the plain port exactly as written."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    head = answer.partition(b"\r\n\r\n")[0].decode()
+    location = re.search(r"^location: (.*)$", head, re.I | re.M)
+    return int(head.split()[1]), location.group(1).strip() if location else ""
+
+
+def test_plain_http_goes_to_the_public_host_whatever_host_the_client_names(
+    start_edge: Callable[..., Edge],
+) -> None:
+    edge = start_edge(EDGE_PUBLIC_HOST="secrets.example.test")
+    public = "https://secrets.example.test"
+    hostile = "Host: evil.example\r\nX-Forwarded-Host: evil.example\r\n"
+    requests = [
+        ("GET /vault/secret/fetch?a=1&b=2 HTTP/1.1", hostile, "/vault/secret/fetch?a=1&b=2"),
+        (
+            "POST /vault/secret/create HTTP/1.1",
+            f"{hostile}Content-Length: 0\r\n",
+            "/vault/secret/create",
+        ),
+        # The absolute form names a host too: it is ignored as well.
+        ("GET http://evil.example/docs HTTP/1.1", hostile, "/docs"),
+        ("GET / HTTP/1.0", "", "/"),  # no Host at all
+    ]
+    for line, headers, path in requests:
+        request = f"{line}\r\n{headers}\r\n".encode()
+        assert plain_request(edge.http_port, request) == (308, public + path), line
