@@ -2,9 +2,11 @@
 
 HAProxy validates it (``haproxy -c``) with a throwaway certificate, and test runs start it in
 front of a real ``secret-manager serve``, with only what its ``EDGE_*`` environment variables
-name substituted: TLS answers, a client's own X-Forwarded-For is replaced by the address the
-edge saw, only the API's paths are forwarded, every HTTPS answer carries HSTS, and plain HTTP
-is sent to the public host. Clients bind their source to 127.0.0.2, 127.0.0.3, ...
+name substituted (addresses, ports, and small limits where a test needs them): TLS answers,
+a client's own X-Forwarded-For is replaced by the address the edge saw, only the API's paths
+are forwarded, every HTTPS answer carries HSTS, plain HTTP is sent to the public host, and a
+client that floods or idles is cut off. Clients bind their source to 127.0.0.2, 127.0.0.3,
+... so that the edge counts them apart.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import select
 import socket
 import ssl
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -121,6 +125,31 @@ def test_the_configuration_keeps_the_edges_promises() -> None:
     assert "resolvers docker" in default_server
     assert 'nameserver dns1 "${EDGE_DNS-127.0.0.11:53}"' in lines
     assert "http-request use-service prometheus-exporter if { path /metrics }" in lines
+
+
+def test_the_swarm_defaults_are_the_documented_limits() -> None:
+    """The numbers docs/edge.md derives from the 256 MiB memory limit, and short deadlines.
+    Every frontend has its own ceiling, and together they stay within the global one."""
+    lines = directives()
+    assert 'maxconn "${EDGE_MAXCONN-3000}"' in lines
+    frontends: dict[str, int] = {}
+    section = ""
+    for line in lines:
+        if line.split()[0] in ("global", "defaults", "frontend", "backend", "resolvers"):
+            section = line
+        elif line.startswith("maxconn") and section.startswith("frontend"):
+            # `maxconn 180`, or `maxconn "${EDGE_HTTPS_MAXCONN-2800}"`: the default's digits.
+            frontends[section.split()[1]] = int(re.sub(r"\D", "", line.rsplit("-", 1)[-1]))
+    assert frontends == {"http": 180, "https": 2800, "metrics": 20}
+    assert sum(frontends.values()) <= 3000
+    assert 'timeout client "${EDGE_CLIENT_TIMEOUT-5s}"' in lines
+    assert 'timeout http-request "${EDGE_REQUEST_TIMEOUT-5s}"' in lines
+    for limit in (
+        'sc0_conn_cur gt "${EDGE_SOURCE_MAXCONN-100}"',
+        'sc0_conn_rate gt "${EDGE_SOURCE_CONN_RATE-300}"',
+    ):
+        # On both ports, which share one table: an address's connections are counted together.
+        assert lines.count(f"tcp-request connection reject if {{ {limit} }}") == 2, limit
 
 
 @contextlib.contextmanager
@@ -230,6 +259,7 @@ class Edge:
 
     https_port: int
     http_port: int
+    metrics_port: int
     cafile: Path
     log: Path
     process: subprocess.Popen[bytes]
@@ -254,6 +284,12 @@ class Edge:
                 return answered_by_a_replica(client, self.url)
 
             wait_until(forwarding, 30, "the edge to forward an API call")
+
+    def denied(self) -> dict[str, float]:
+        """Connections refused so far, by frontend, as the edge's exporter counts them."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        pattern = r'^haproxy_frontend_denied_connections_total\{proxy="(\w+)"\} (\S+)$'
+        return {name: float(value) for name, value in re.findall(pattern, text, re.M)}
 
     def served(self, source: str) -> bool:
         """Whether a new connection from ``source`` gets an API call answered by the service."""
@@ -288,13 +324,13 @@ def start_edge(
     with contextlib.ExitStack() as stack:
 
         def start(**variables: str) -> Edge:
-            https_port, http_port = free_port(), free_port()
+            https_port, http_port, metrics_port = free_port(), free_port(), free_port()
             log = tmp_path / f"haproxy-{https_port}.log"
             env = {
                 "EDGE_TLS_PEM": str(certificate[1]),
                 "EDGE_HTTPS_BIND": f"127.0.0.1:{https_port}",
                 "EDGE_HTTP_BIND": f"127.0.0.1:{http_port}",
-                "EDGE_METRICS_BIND": f"127.0.0.1:{free_port()}",
+                "EDGE_METRICS_BIND": f"127.0.0.1:{metrics_port}",
                 "EDGE_BACKEND": f"127.0.0.1:{backend.port}",
                 "EDGE_BACKEND_SLOTS": "1",
                 **variables,
@@ -306,7 +342,7 @@ def start_edge(
                 return all(accepts(port) for port in (https_port, http_port))
 
             wait_until(listening, 10, "HAProxy to listen")
-            return Edge(https_port, http_port, certificate[0], log, process)
+            return Edge(https_port, http_port, metrics_port, certificate[0], log, process)
 
         yield start
 
@@ -318,6 +354,77 @@ def accepts(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def connect(source: str, port: int) -> socket.socket:
+    """A TCP connection from ``source`` to the edge that sends nothing."""
+    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+
+
+def closed_by_the_edge(sock: socket.socket, within: float) -> bool:
+    """Whether the edge closed ``sock`` (end of stream or reset) within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, ssl.SSLEOFError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def refused(source: str, port: int, within: float = 2) -> bool:
+    """Whether a new connection from ``source`` is closed by the edge within ``within``
+    seconds, before it sent anything: reset while connecting, or ended or reset just after."""
+    try:
+        sock = connect(source, port)
+    except ConnectionResetError:
+        return True
+    with sock:
+        return closed_by_the_edge(sock, within)
+
+
+def still_open(socks: list[socket.socket]) -> bool:
+    """None of ``socks`` became readable (a closed one reads its end) within half a second."""
+    readable, _, _ = select.select(socks, [], [], 0.5)
+    return not readable
+
+
+def test_one_address_past_its_connection_limit_is_refused_while_another_is_served(
+    start_edge: Callable[..., Edge],
+) -> None:
+    edge = start_edge(EDGE_SOURCE_MAXCONN="5", EDGE_CLIENT_TIMEOUT="30s")
+    edge.wait_forwarding("127.0.0.3")
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(connect("127.0.0.2", edge.https_port)) for _ in range(5)]
+        assert still_open(held)  # five idle connections from 127.0.0.2 are allowed ...
+        # ... the sixth and later are closed at once, on either port, before any TLS ...
+        ports = [edge.https_port, edge.https_port, edge.http_port]
+        assert [refused("127.0.0.2", port) for port in ports] == [True] * 3
+        assert still_open(held)  # ... and the first five are kept.
+        # Not logged (a flood would fill the log), but counted.
+        assert edge.denied() == {"http": 1, "https": 2, "metrics": 0}
+        # Another address is served meanwhile.
+        assert edge.served("127.0.0.3")
+        with edge.client("127.0.0.3") as client:
+            created = client.post(edge.url + "/vault/secret/create", json={"secret": b64(b"hi")})
+        assert created.status_code == 200
+        assert "X-Served-By" in created.headers
+    # A limit on connections at once, not a ban: once they are closed, 127.0.0.2 is served.
+    wait_until(lambda: not refused("127.0.0.2", edge.https_port, 0.5), 10, "a free slot")
+    assert edge.served("127.0.0.2")
+
+
+def test_one_address_past_its_connection_rate_is_refused_while_another_is_served(
+    start_edge: Callable[..., Edge],
+) -> None:
+    edge = start_edge(EDGE_SOURCE_CONN_RATE="5")
+    edge.wait_forwarding("127.0.0.5")
+    # Five new connections in a row from 127.0.0.4, each with a call the service answers ...
+    assert [edge.served("127.0.0.4") for _ in range(5)] == [True] * 5
+    # ... then the sixth within 10 s is closed at once, and the next, on either port.
+    assert refused("127.0.0.4", edge.https_port)
+    assert refused("127.0.0.4", edge.http_port)
+    assert edge.served("127.0.0.5")
 
 
 def raw_get(port: int, cafile: Path, target: str) -> tuple[int, bytes]:
@@ -420,3 +527,42 @@ def test_plain_http_goes_to_the_public_host_whatever_host_the_client_names(
     for line, headers, path in requests:
         request = f"{line}\r\n{headers}\r\n".encode()
         assert plain_request(edge.http_port, request) == (308, public + path), line
+
+
+def test_a_connection_that_never_starts_tls_or_a_request_is_closed_at_the_deadline(
+    start_edge: Callable[..., Edge],
+) -> None:
+    """With the shipped defaults: 5 s for the TLS handshake, 5 s for the first request."""
+    edge = start_edge()
+    context = ssl.create_default_context(cafile=str(edge.cafile))
+    context.set_alpn_protocols(["http/1.1"])
+    with (
+        connect("127.0.0.8", edge.https_port) as silent,
+        connect("127.0.0.8", edge.https_port) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as idle_tls,
+    ):
+        started = time.monotonic()
+        idle_tls.setblocking(False)
+        open_since: dict[str, float] = {}
+        pending = {"no TLS": silent, "TLS, no request": idle_tls}
+        while pending and time.monotonic() - started < 10:
+            readable, _, _ = select.select(list(pending.values()), [], [], 0.2)
+            for name, sock in list(pending.items()):
+                if sock in readable and ended(sock):
+                    open_since[name] = time.monotonic() - started
+                    del pending[name]
+    assert set(open_since) == {"no TLS", "TLS, no request"}, open_since
+    # Closed at the deadline: not at once (refused), not 30 s later.
+    assert all(4 <= seconds <= 7 for seconds in open_since.values()), open_since
+
+
+def ended(sock: socket.socket) -> bool:
+    """Whether a readable socket reached its end (it may first read the edge's 408)."""
+    try:
+        while data := sock.recv(4096):
+            assert data.startswith(b"HTTP/1.1 408"), data
+        return True
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return False
+    except (ConnectionResetError, ssl.SSLEOFError):
+        return True

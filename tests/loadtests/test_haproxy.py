@@ -16,7 +16,7 @@ import httpx2 as httpx
 import pytest
 
 from loadtests.dns import DnsServer, answer
-from loadtests.haproxy import EDGE_CONFIG, Balancer, stats_config
+from loadtests.haproxy import EDGE_CONFIG, SOURCE_LIMITS, Balancer, stats_config
 from loadtests.processes import ClusterError, free_port
 from tests.conftest import ROOT, wait_until
 
@@ -81,6 +81,15 @@ def test_the_harness_runs_the_shipped_file_and_adds_only_a_statistics_page() -> 
     # One section, a statistics frontend: nothing that carries or shapes the service's traffic.
     assert directives[0] == "frontend stats"
     assert {d.split()[0] for d in directives[1:]} == {"bind", "no", "stats"}
+
+
+def test_the_harness_lifts_only_the_per_address_limits_and_they_exist() -> None:
+    """All of a run's clients are 127.0.0.1; the variables it raises are the shipped file's
+    (a renamed one would leave the run's own load refused, not raised)."""
+    text = EDGE_CONFIG.read_text()
+    assert set(SOURCE_LIMITS) == {"EDGE_SOURCE_MAXCONN", "EDGE_SOURCE_CONN_RATE"}
+    for name in SOURCE_LIMITS:
+        assert "${" + name + "-" in text, name
 
 
 @pytest.mark.slow
