@@ -566,3 +566,46 @@ def ended(sock: socket.socket) -> bool:
         return False
     except (ConnectionResetError, ssl.SSLEOFError):
         return True
+
+
+def h2_settings(port: int, cafile: Path) -> dict[int, int]:
+    """The SETTINGS the edge announces to an HTTP/2 client (RFC 9113 section 6.5)."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.selected_alpn_protocol() == "h2"
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04\x00" + bytes(4))
+        received = b""
+
+        def at_least(size: int) -> bytes:
+            nonlocal received
+            while len(received) < size:
+                chunk = tls.recv(4096)
+                assert chunk, "the edge closed the connection before its SETTINGS"
+                received += chunk
+            return received
+
+        while True:
+            header = at_least(9)
+            length, kind, flags = int.from_bytes(header[:3], "big"), header[3], header[4]
+            payload = at_least(9 + length)[9 : 9 + length]
+            received = received[9 + length :]
+            if kind == 0x4 and not flags & 0x1:  # SETTINGS, not an acknowledgement
+                return {
+                    int.from_bytes(payload[i : i + 2], "big"): int.from_bytes(
+                        payload[i + 2 : i + 6], "big"
+                    )
+                    for i in range(0, length, 6)
+                }
+
+
+def test_an_http2_connection_carries_at_most_ten_requests_at_once(
+    start_edge: Callable[..., Edge],
+) -> None:
+    """maxconn counts connections: the streams on each are bounded too (docs/edge.md)."""
+    edge = start_edge()
+    max_concurrent_streams = 0x3
+    assert h2_settings(edge.https_port, edge.cafile)[max_concurrent_streams] == 10
