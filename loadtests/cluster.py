@@ -29,8 +29,9 @@ address; other settings in the environment (``AUDIT_MODE``, ``MONGO_WRITE_CONCER
 pass through to them.
 
 HAProxy runs the shipped haproxy.cfg (the Swarm edge) with only its addresses and ports
-substituted: TLS with a throwaway certificate, the replicas found through a DNS server of the
-run on their own loopback addresses (127.0.0.11, ...). It needs HAProxy (Debian:
+substituted, and its per-address connection limits raised (every client here is 127.0.0.1):
+TLS with a throwaway certificate, the replicas found through a DNS server of the run on
+their own loopback addresses (127.0.0.11, ...). It needs HAProxy (Debian:
 ``apt-get install haproxy``), openssl and the ``loadtest`` extra
 (``pip install -e '.[loadtest]'``). Everything listens on loopback. The run directory
 (``--run-dir``, else a new temporary one; printed at the end) keeps every process's log, the

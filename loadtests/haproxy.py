@@ -3,9 +3,14 @@
 The harness runs the haproxy.cfg that stack.yml ships, with only the addresses and ports its
 ``EDGE_*`` environment variables name substituted: TLS on a free port with a throwaway
 self-signed certificate made with openssl, the replicas found through a DNS server of the
-run (``loadtests/dns.py``). A second file, read after it, adds only a statistics page the
-harness reads to see servers go up and down. Both are checked with ``haproxy -c`` before
-HAProxy starts in the foreground.
+run (``loadtests/dns.py``). One limit is lifted: every client of a run (Locust's users, the
+read-limit check's concurrent fetches) connects from 127.0.0.1, where in production they
+would be many addresses, so the per-address connection limits are raised out of the way
+(``SOURCE_LIMITS``); and ``EDGE_PUBLIC_DOCS`` is kept at its default, on, whatever the
+caller's environment says, since the harness reads /openapi.json through the edge to know it
+is ready. A second file, read after it, adds only a statistics page the harness
+reads to see servers go up and down. Both are checked with ``haproxy -c`` before HAProxy
+starts in the foreground.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ EDGE_CONFIG = Path(__file__).resolve().parent.parent / "haproxy.cfg"
 BACKEND = "secret-manager"  # the shipped configuration's backend
 FRONTEND = "https"
 BACKEND_NAME = "tasks.secret-manager"  # what the run's DNS server answers for
+# All of a run's clients are one address (127.0.0.1): the per-address limits, meant for one
+# client each, would refuse the run's own load. Global and per-frontend limits stay.
+SOURCE_LIMITS = {"EDGE_SOURCE_MAXCONN": "1000000", "EDGE_SOURCE_CONN_RATE": "1000000"}
+# The shipped default, pinned against the caller's environment: wait_ready reads
+# /openapi.json through the edge.
+PUBLIC_DOCS = {"EDGE_PUBLIC_DOCS": "on"}
 
 
 class Server(Protocol):
@@ -113,9 +124,12 @@ class Balancer:
         self.tls = ssl.create_default_context(cafile=str(self.cafile))
         self.dns = DnsServer(BACKEND_NAME, [b.host for b in backends])
         try:
-            # Only addresses and ports: everything else is the shipped file's.
+            # Addresses, ports, the per-address limits and the docs switch's default:
+            # everything else is the shipped file's.
             self.env = {
                 **os.environ,
+                **SOURCE_LIMITS,
+                **PUBLIC_DOCS,
                 "EDGE_HTTPS_BIND": f"127.0.0.1:{self.port}",
                 "EDGE_HTTP_BIND": f"127.0.0.1:{self.http_port}",
                 "EDGE_METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
@@ -145,11 +159,15 @@ class Balancer:
 
     def wait_ready(self, names: list[str]) -> None:
         def answers() -> bool:
+            # The edge forwards the API and its description only (/healthz is the
+            # overlay's); /openapi.json is answered by a replica, which names itself in
+            # X-Served-By, and, unlike a /vault call, leaves no audit record.
             try:
                 with httpx.Client(verify=self.tls, timeout=1) as client:
-                    return client.get(self.url + "/healthz").status_code == 200
+                    response = client.get(self.url + "/openapi.json")
             except httpx.HTTPError:
                 return False
+            return response.status_code == 200 and "X-Served-By" in response.headers
 
         def ready() -> bool:
             self.process.check_alive()
@@ -161,7 +179,7 @@ class Balancer:
             return up and answers()
 
         # The shipped health check runs every 2 s and needs two good answers.
-        wait_for(ready, 30, "HAProxy to see every replica up and answer /healthz")
+        wait_for(ready, 30, "HAProxy to see every replica up and serve /openapi.json")
 
     def stats(self) -> list[dict[str, str]]:
         """HAProxy's statistics, one row per frontend, backend and server."""

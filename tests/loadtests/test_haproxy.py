@@ -16,7 +16,7 @@ import httpx2 as httpx
 import pytest
 
 from loadtests.dns import DnsServer, answer
-from loadtests.haproxy import EDGE_CONFIG, Balancer, stats_config
+from loadtests.haproxy import EDGE_CONFIG, SOURCE_LIMITS, Balancer, stats_config
 from loadtests.processes import ClusterError, free_port
 from tests.conftest import ROOT, wait_until
 
@@ -83,6 +83,15 @@ def test_the_harness_runs_the_shipped_file_and_adds_only_a_statistics_page() -> 
     assert {d.split()[0] for d in directives[1:]} == {"bind", "no", "stats"}
 
 
+def test_the_harness_lifts_only_the_per_address_limits_and_they_exist() -> None:
+    """All of a run's clients are 127.0.0.1; the variables it raises are the shipped file's
+    (a renamed one would leave the run's own load refused, not raised)."""
+    text = EDGE_CONFIG.read_text()
+    assert set(SOURCE_LIMITS) == {"EDGE_SOURCE_MAXCONN", "EDGE_SOURCE_CONN_RATE"}
+    for name in SOURCE_LIMITS:
+        assert "${" + name + "-" in text, name
+
+
 @pytest.mark.slow
 def test_haproxy_runs_the_shipped_config_over_tls_and_reports_dead_backends_down(
     tmp_path: Path, haproxy: str
@@ -103,7 +112,8 @@ def test_haproxy_runs_the_shipped_config_over_tls_and_reports_dead_backends_down
         assert set(lb.server_names().values()) == {"r1", "r2"}
         before = lb.frontend_requests()
 
-        response = httpx.get(lb.url + "/healthz", timeout=10, verify=lb.tls)
+        # An API path: the edge forwards nothing else (it answers /healthz 404 itself).
+        response = httpx.post(lb.url + "/vault/secret/fetch", timeout=10, verify=lb.tls)
 
         assert lb.url.startswith("https://127.0.0.1:")
         assert response.status_code == 503  # no server left to take it
