@@ -359,6 +359,9 @@ def test_the_edge_is_published_on_each_node_and_terminates_tls(
     assert stack["secrets"][secret["source"]]["external"] is True
     assert secret["uid"] == "99"  # the image's user haproxy, and no one else
     assert "ports" not in services["secret-manager"]
+    # Plain HTTP is redirected to the configured public host, never the client's Host.
+    assert edge["environment"]["EDGE_PUBLIC_HOST"]
+    assert '"${EDGE_PUBLIC_HOST-' in text or "${EDGE_PUBLIC_HOST-" in text
 
 
 def test_rate_limits_are_per_client_on_the_shared_counters(
