@@ -1,4 +1,4 @@
-"""Three fixes for Hypercorn 0.18, applied by ``secret-manager serve`` in every worker.
+"""Four fixes for Hypercorn 0.18, applied by ``secret-manager serve`` in every worker.
 
 **Shutdown race (asyncio TCP server).** At SIGTERM Hypercorn closes every keep-alive
 connection that is idle. A request that arrives on one of them in the same instant could be
@@ -28,6 +28,16 @@ for its buffer to drain: the app task never ends, the connection is never closed
 only cancelled, with an error logged, at shutdown. A stream refused with 408 (its body never
 came) met exactly this, as the body deadline and the read timeout are the same setting. The
 fix releases those buffers when the connection closes.
+
+**No HTTP/2 in clear text.** Hypercorn has no setting to turn h2c off: a plain connection
+whose first request is HTTP/2's preface (prior knowledge) or carries ``Upgrade: h2c`` is
+switched to HTTP/2, which the edge in front of the service never asks for. Behind an
+HTTP/1.1 proxy, an h2c upgrade is a tunnel past it (h2c smuggling), and Hypercorn 0.18's
+own upgrade answers 101 and then fails with an unhandled error. The fix keeps every HTTP/1.1
+connection (plain, or TLS where ALPN chose HTTP/1.1) HTTP/1.1: ``Upgrade: h2c`` is ignored
+(RFC 9110 7.8), so the request is answered in HTTP/1.1, and the preface is answered ``505
+HTTP Version Not Supported`` and the connection closed. HTTP/2 is served over TLS only,
+chosen by ALPN.
 
 Written for one Hypercorn release, ``HYPERCORN_VERSION`` (pinned exactly in pyproject.toml).
 ``check()`` refuses any other release, or one that lacks an attribute in ``REQUIRED``, with a
@@ -82,6 +92,7 @@ class Target(NamedTuple):
 
 _TCP_SERVER = "hypercorn.asyncio.tcp_server"
 _H2 = "hypercorn.protocol.h2"
+_H11 = "hypercorn.protocol.h11"
 
 # The attributes apply() replaces, then those its replacements call besides the originals
 # they wrap (private too): check() and the tests read these, apply() patches PATCHED.
@@ -90,12 +101,23 @@ IDLE_TIMEOUT = Target(_TCP_SERVER, "TCPServer._idle_timeout")
 READ_DATA = Target(_TCP_SERVER, "TCPServer._read_data")
 CLOSE_STREAM = Target(_H2, "H2Protocol._close_stream")
 H2_HANDLE = Target(_H2, "H2Protocol.handle")
-PATCHED = (PROTOCOL_SEND, IDLE_TIMEOUT, READ_DATA, CLOSE_STREAM, H2_HANDLE)
+CHECK_PROTOCOL = Target(_H11, "H11Protocol._check_protocol")
+H11_HANDLE = Target(_H11, "H11Protocol.handle")
+PATCHED = (
+    PROTOCOL_SEND,
+    IDLE_TIMEOUT,
+    READ_DATA,
+    CLOSE_STREAM,
+    H2_HANDLE,
+    CHECK_PROTOCOL,
+    H11_HANDLE,
+)
 MAX_RECV = Target(_TCP_SERVER, "MAX_RECV")
 CALLED = (
     MAX_RECV,
     Target(_TCP_SERVER, "TCPServer._initiate_server_close"),
     Target(_H2, "H2Protocol._flush"),
+    Target(_H11, "H11Protocol._send_error_response"),
 )
 REQUIRED = PATCHED + CALLED
 
@@ -216,6 +238,43 @@ def _fix_buffers_of_closed_connections() -> dict[Target, Callable[..., Any]]:
     return {H2_HANDLE: handle}
 
 
+class _PlainHTTP2(Exception):
+    """A plain connection opened with HTTP/2's preface: refused, not switched to h2c."""
+
+
+def _fix_no_h2c() -> dict[Target, Callable[..., Any]]:
+    """Fix 4: HTTP/2 in clear text (h2c) is not served, by prior knowledge or by Upgrade.
+
+    Upstream: Hypercorn has no setting for it (``alpn_protocols`` governs TLS only, as
+    https://github.com/pgjones/hypercorn/issues/38 says of HTTP/1.1). This replaces
+    H11Protocol._check_protocol as of 0.18.0, where it decides both ways in:
+    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h11.py#L296-L323
+    (its Upgrade path fails after the 101 in 0.18.0:
+    https://github.com/pgjones/hypercorn/issues/317), and wraps H11Protocol.handle to answer
+    the preface, which _check_protocol sees in the middle of H11Protocol._handle_events.
+    """
+    from hypercorn.events import Closed
+
+    original_h11_handle = H11_HANDLE.resolve()
+
+    async def _check_protocol(self: Any, event: Any) -> None:
+        # RFC 9113 3.4: the preface reads as a request line to an HTTP/1.1 parser. Any
+        # ``Upgrade: h2c`` is ignored (RFC 9110 7.8): the request is served in HTTP/1.1.
+        if event.method == b"PRI" and event.target == b"*" and event.http_version == b"2.0":
+            raise _PlainHTTP2
+
+    async def handle(self: Any, event: Any) -> None:
+        try:
+            await original_h11_handle(self, event)
+        except _PlainHTTP2:
+            # Before any app runs for it: a status an HTTP/1.1 reader understands, and the
+            # close an HTTP/2 client sees at once.
+            await self._send_error_response(505)
+            await self.send(Closed())
+
+    return {CHECK_PROTOCOL: _check_protocol, H11_HANDLE: handle}
+
+
 def apply() -> None:
     """Check the installed Hypercorn (ConfigError if it is not the one), then patch it once."""
     check()
@@ -226,6 +285,7 @@ def apply() -> None:
         **_fix_idle_shutdown_race(),
         **_fix_data_for_answered_streams(),
         **_fix_buffers_of_closed_connections(),
+        **_fix_no_h2c(),
     }
     for target, replacement in replacements.items():
         setattr(target.owner(), target.name, replacement)
