@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import http.client
 import json
 import re
@@ -34,6 +35,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import ServerProcess, b64
+from vault.cli.serve import H2_MAX_CONCURRENT_STREAMS
 from vault.crypto import generate_key
 
 pytestmark = pytest.mark.slow
@@ -562,6 +564,9 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     process.stop()
 
 
+STREAM_CAP = H2_MAX_CONCURRENT_STREAMS  # Hypercorn's h2_max_concurrent_streams, from serve
+
+
 def h2_headers(path: str, method: str = "POST", *extra: tuple[str, str]) -> list[tuple[str, str]]:
     return [
         (":method", method), (":path", path), (":scheme", "https"), (":authority", "localhost"),
@@ -770,6 +775,120 @@ def test_an_http2_stream_whose_body_never_comes_gets_408_and_its_connection_ends
                     statuses.append(dict(event.headers)[b":status"])
     assert statuses == [b"408"]
     assert closed_after is not None, f"the connection was still open after {limit:.1f}s"
+
+
+def _peak_in_progress(server: ServerProcess, user_agent: str) -> tuple[int, int]:
+    """The audit records of ``user_agent``'s requests, counted once they stop coming, and
+    the most of those requests in progress at one instant (each record spans its latency,
+    up to its time)."""
+
+    def records() -> list[tuple[str, float]]:
+        path = Path(server.env["DATA_DIR"]) / "vault.db"
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            query = "SELECT ts, latency_ms FROM audit WHERE user_agent = ?"
+            return db.execute(query, (user_agent,)).fetchall()
+
+    rows, deadline = records(), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows, before = records(), rows
+        if len(rows) == len(before):
+            break
+    edges = []
+    for ts, latency_ms in rows:
+        end = dt.datetime.fromisoformat(ts).timestamp()
+        edges += [(end - latency_ms / 1000, 1), (end, -1)]
+    peak = now = 0
+    for _, step in sorted(edges):  # an end sorts before a start at the same instant
+        now += step
+        peak = max(peak, now)
+    return len(rows), peak
+
+
+def _open_and_reset(conn: Any, count: int, user_agent: str) -> None:
+    """``count`` fetches, each opened, sent whole and reset at once (CVE-2023-44487)."""
+    import h2.errors
+
+    for _ in range(count):
+        stream_id = conn.get_next_available_stream_id()
+        body = json.dumps({"secret_id": str(uuid.uuid4())}).encode()
+        conn.send_headers(stream_id, h2_headers(FETCH, "POST", ("user-agent", user_agent)))
+        conn.send_data(stream_id, body, end_stream=True)
+        conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+
+
+def test_an_http2_rapid_reset_runs_no_more_than_the_stream_cap_and_is_closed(
+    tls_server: ServerProcess,
+) -> None:
+    """300 fetches opened and reset at once on one connection: at most the stream cap of
+    them run (each a store call and an audit record), and the server answers GOAWAY
+    (ENHANCE_YOUR_CALM) and closes the connection; other connections are served."""
+    import h2.errors
+    import h2.events
+
+    before_log = len(tls_server.output())
+    goaway = []
+    with h2_connection(tls_server, timeout=10) as (sock, conn):
+        while conn.remote_settings.max_concurrent_streams != STREAM_CAP:  # its SETTINGS
+            assert h2_receive(sock, conn) is not None
+        _open_and_reset(conn, 300, "rapid-reset")
+        sock.sendall(conn.data_to_send())
+        while (events := h2_receive(sock, conn)) is not None:
+            goaway += [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert [e.error_code for e in goaway] == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM], goaway
+    audited, peak = _peak_in_progress(tls_server, "rapid-reset")
+    assert peak <= STREAM_CAP, (audited, peak)
+    with httpx.Client(
+        base_url=tls_server.url, http1=False, http2=True, verify=tls_server.tls, timeout=5
+    ) as client:
+        assert client.get("/healthz").status_code == 200
+    output = tls_server.output()[before_log:]
+    assert "GOAWAY ENHANCE_YOUR_CALM" in output
+    assert not error_lines(output)
+    assert "Traceback" not in output
+
+
+def test_streams_reset_mid_answer_never_run_more_than_the_stream_cap(
+    tls_server: ServerProcess,
+) -> None:
+    """A connection that has let 200 requests finish resets 150 more at once: it stays open,
+    but only as many run as the stream cap allows; the rest are refused (REFUSED_STREAM,
+    nothing processed) and the connection serves what follows."""
+    import h2.events
+
+    before_log = len(tls_server.output())
+    with h2_connection(tls_server, timeout=10) as (sock, conn):
+        for _ in range(4):  # 200 answered, 50 at a time (the cap is on open streams)
+            waiting = set()
+            for _ in range(50):
+                stream_id = conn.get_next_available_stream_id()
+                conn.send_headers(stream_id, h2_headers("/healthz", "GET"), end_stream=True)
+                waiting.add(stream_id)
+            sock.sendall(conn.data_to_send())
+            while waiting:
+                events = h2_receive(sock, conn)
+                assert events is not None, "the server closed the connection"
+                waiting -= {e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)}
+        _open_and_reset(conn, 150, "reset-mid-answer")
+        sock.sendall(conn.data_to_send())
+        audited, peak = _peak_in_progress(tls_server, "reset-mid-answer")
+        assert 0 < peak <= STREAM_CAP, (audited, peak)
+        # Still open, and serving.
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(stream_id, h2_headers("/healthz", "GET"), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        statuses: list[bytes] = []
+        while not statuses:
+            events = h2_receive(sock, conn)
+            assert events is not None, "the server closed the connection"
+            assert not [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+            statuses += [dict(e.headers)[b":status"] for e in events
+                         if isinstance(e, h2.events.ResponseReceived)
+                         and e.stream_id == stream_id]  # fmt: skip
+        assert statuses == [b"200"]
+    output = tls_server.output()[before_log:]
+    assert not error_lines(output)
+    assert "Traceback" not in output
 
 
 # --- response hygiene on every class of /vault answer -----------------------------------------
