@@ -891,6 +891,53 @@ def test_streams_reset_mid_answer_never_run_more_than_the_stream_cap(
     assert "Traceback" not in output
 
 
+def _h2_get_status(sock: ssl.SSLSocket, conn: Any) -> bytes:
+    """GET /healthz on a new stream of this connection: the status it is answered with."""
+    import h2.events
+
+    stream_id = conn.get_next_available_stream_id()
+    conn.send_headers(stream_id, h2_headers("/healthz", "GET"), end_stream=True)
+    sock.sendall(conn.data_to_send())
+    while True:
+        events = h2_receive(sock, conn)
+        assert events is not None, "the server closed the connection"
+        for event in events:
+            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
+                return bytes(dict(event.headers)[b":status"])
+
+
+def test_http2_priority_frames_for_streams_without_an_answer_are_ignored(
+    tls_server: ServerProcess,
+) -> None:
+    """PRIORITY frames for streams the client reset while their answers were being made,
+    and for streams never opened, leave the connection serving. Hypercorn 0.18 put such
+    streams back in its priority tree: a reset stream's late answer then killed the
+    connection's sending task (KeyError) and hung the connection and the server's
+    shutdown; PRIORITY for 1,000 unopened streams was an unhandled error."""
+    before_log = len(tls_server.output())
+    with h2_connection(tls_server, timeout=5) as (sock, conn):
+        reset = []
+        for _ in range(90):  # under the cap: no GOAWAY
+            _open_and_reset(conn, 1, "priority-after-reset")
+            sock.sendall(conn.data_to_send())  # one by one: read in several batches
+            reset.append(conn.highest_outbound_stream_id)
+        # While the reset streams' answers are still being made: the timing varies.
+        for _ in range(20):
+            for stream_id in reset:
+                conn.prioritize(stream_id, weight=200)
+            sock.sendall(conn.data_to_send())
+            time.sleep(0.01)
+        assert _h2_get_status(sock, conn) == b"200"
+        for stream_id in range(conn.highest_outbound_stream_id + 2, 2**20, 2)[:1200]:
+            conn.prioritize(stream_id, weight=10)  # idle streams, never opened
+        sock.sendall(conn.data_to_send())
+        assert _h2_get_status(sock, conn) == b"200"
+    time.sleep(0.2)
+    output = tls_server.output()[before_log:]
+    assert not error_lines(output)
+    assert "Traceback" not in output
+
+
 # --- response hygiene on every class of /vault answer -----------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Five fixes for Hypercorn 0.18, applied by ``secret-manager serve`` in every worker.
+"""Six fixes for Hypercorn 0.18, applied by ``secret-manager serve`` in every worker.
 
 **Shutdown race (asyncio TCP server).** At SIGTERM Hypercorn closes every keep-alive
 connection that is idle. A request that arrives on one of them in the same instant could be
@@ -48,6 +48,17 @@ connection runs, a reset stream's included, and refuses a new stream with REFUSE
 (nothing processed: a client may retry it) while that count is at the cap; and a client
 that has reset or been refused, before their answers, as many streams as the cap and more
 than it let finish is sent GOAWAY (ENHANCE_YOUR_CALM) and its connection closed.
+
+**HTTP/2 priority signals.** Hypercorn builds a priority tree from the client's PRIORITY
+frames, and one for a stream it has finished with, or never opened, puts that stream back
+in the tree: a late write of an app whose stream the client reset then makes the sending
+task pick a stream with no send buffer, and its own clean-up raises KeyError. The task
+dies, the connection's task group cancels its app calls, and one that answers 503 as it
+is cancelled waits forever for a buffer nothing drains: the connection, and the server's
+shutdown, hang (measured: 90 streams opened and reset, then PRIORITY frames for them).
+PRIORITY frames for 1,000 streams that never opened overflow the tree, an unhandled
+error that drops the connection. RFC 9113 (5.3.2) deprecates these signals, and a server
+may ignore them; the fix does, so streams share the connection equally.
 
 Written for one Hypercorn release, ``HYPERCORN_VERSION`` (pinned exactly in pyproject.toml).
 ``check()`` refuses any other release, or one that lacks an attribute in ``REQUIRED``, with a
@@ -117,6 +128,7 @@ H2_HANDLE = Target(_H2, "H2Protocol.handle")
 CHECK_PROTOCOL = Target(_H11, "H11Protocol._check_protocol")
 H11_HANDLE = Target(_H11, "H11Protocol.handle")
 H2_HANDLE_EVENTS = Target(_H2, "H2Protocol._handle_events")
+PRIORITY_UPDATED = Target(_H2, "H2Protocol._priority_updated")
 PATCHED = (
     PROTOCOL_SEND,
     IDLE_TIMEOUT,
@@ -126,6 +138,7 @@ PATCHED = (
     CHECK_PROTOCOL,
     H11_HANDLE,
     H2_HANDLE_EVENTS,
+    PRIORITY_UPDATED,
 )
 MAX_RECV = Target(_TCP_SERVER, "MAX_RECV")
 CALLED = (
@@ -404,6 +417,25 @@ def _fix_rapid_reset() -> dict[Target, Callable[..., Any]]:
     return {H2_HANDLE_EVENTS: _handle_events}
 
 
+def _fix_priority_signals() -> dict[Target, Callable[..., Any]]:
+    """Fix 6: a PRIORITY frame for a stream without a send buffer breaks the connection.
+
+    Upstream: no Hypercorn issue or pull request reports it (tracker searched 2026-12).
+    This replaces H2Protocol._priority_updated as of 0.18.0, which inserts any stream a
+    PRIORITY frame names into the tree the sending task walks:
+    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h2.py#L300-L317
+    and whose sending task fails on such a stream in _send_data's clean-up:
+    https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h2.py#L156-L180
+    """
+
+    async def _priority_updated(self: Any, event: Any) -> None:
+        # RFC 9113 5.3.2: priority signals from RFC 7540 are deprecated; ignoring them
+        # leaves every stream in the tree only while it has a send buffer.
+        return None
+
+    return {PRIORITY_UPDATED: _priority_updated}
+
+
 def apply() -> None:
     """Check the installed Hypercorn (ConfigError if it is not the one), then patch it once."""
     check()
@@ -416,6 +448,7 @@ def apply() -> None:
         **_fix_buffers_of_closed_connections(),
         **_fix_no_h2c(),
         **_fix_rapid_reset(),
+        **_fix_priority_signals(),
     }
     for target, replacement in replacements.items():
         setattr(target.owner(), target.name, replacement)
