@@ -110,6 +110,31 @@ def test_requests_sending_one_x_request_id_are_audited_apart(
     assert mine not in repr(records)
 
 
+def test_a_refusal_before_the_body_is_read_names_no_secret(
+    make_client: Callable[..., TestClient], store_env: dict[str, str]
+) -> None:
+    # API keys (401) and the rate limit (429) refuse a call before its body is read, so
+    # their records name no secret, whatever the body held; a call refused after the
+    # handler read the body (404) names it by its HMAC.
+    token = "t" * 40
+    client = make_client(API_KEYS=f"ci:{token}", RATE_LIMIT="3/minute")
+    secret_id = str(uuid.uuid4())
+    body = {"secret_id": secret_id}
+    auth = {"Authorization": f"Bearer {token}"}
+    statuses = [
+        client.post("/vault/secret/fetch", json=body).status_code,
+        client.post("/vault/secret/fetch", json=body, headers=auth).status_code,
+        client.post("/vault/secret/fetch", json=body, headers=auth).status_code,
+        client.post("/vault/secret/fetch", json=body, headers=auth).status_code,
+    ]
+    assert statuses == [401, 404, 404, 429]
+    key = derive_audit_key(Settings.from_env(store_env).master_key or b"")
+    named = secret_id_hmac(key, secret_id)
+    assert [(r["status"], r["secret_id_hmac"]) for r in audit_records(store_env)] == [
+        (401, None), (404, named), (404, named), (429, None),
+    ]  # fmt: skip
+
+
 def audit_hash(env: dict[str, str], secret_id: str) -> list[str]:
     """What `secret-manager audit-hash` prints with this environment, line by line."""
     result = subprocess.run(
