@@ -34,7 +34,10 @@ class AuditRecorder(Protocol):
 class RequestContext:
     """One request's shared state; ``None`` until the layer that knows it has run."""
 
-    request_id: str | None = None  # RequestIdMiddleware: the caller's X-Request-ID or a new id
+    request_id: str | None = None  # RequestIdMiddleware: the server's own id, never a caller's
+    # RequestIdMiddleware: the caller's well-formed X-Request-ID, kept beside the request's
+    # id (on its log lines, echoed in the answer), never used as it.
+    client_request_id: str | None = None
     client_ip: str | None = None  # ClientIPMiddleware: read it through clientip.client_ip()
     op: str | None = None  # the handler: "create" | "fetch", set before it reads the body
     secret_id: str | None = None  # the handler: the id, only once it is well formed

@@ -19,7 +19,9 @@ from middleware.answers import RETRY_AFTER_SECONDS, error_answer
 from middleware.context import request_context
 
 SHUTTING_DOWN_DETAIL = "the server is shutting down and did not finish this request; retry"
-GENERIC_DETAIL = "internal error; the request id in X-Request-ID identifies it in the server log"
+GENERIC_DETAIL = (
+    "internal error; the request id in X-Server-Request-ID identifies it in the server log"
+)
 
 
 class InternalErrorMiddleware:
@@ -61,13 +63,17 @@ class InternalErrorMiddleware:
             raise
         except Exception as exc:
             frame = traceback.extract_tb(exc.__traceback__)[-1]
+            context = request_context(scope)
             self.logger.error(
                 "unhandled %s at %s:%s in %s",
                 type(exc).__name__,
                 Path(frame.filename).name,
                 frame.lineno,
                 frame.name,
-                extra={"request_id": request_context(scope).request_id},
+                extra={
+                    "request_id": context.request_id,
+                    "client_request_id": context.client_request_id,
+                },
             )
             if not response_started:
                 await self.internal_error(scope, receive, send)

@@ -5,8 +5,9 @@ after start-up, which Starlette refuses, so it is wrapped here and placed in the
 any other layer. Health probes and /metrics are not traced (middleware/paths.py). Spans
 carry no body and no query string; of the headers, only Host and User-Agent unless an
 operator opts in to more with the standard ``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*``
-variables, and even then credentials are redacted. An exception escaping the app is
-recorded by its type only.
+variables, and even then credentials are redacted. The request's own id (made by the
+server, as its log lines and audit record carry it) is ``vault.request_id``. An exception
+escaping the app is recorded by its type only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from opentelemetry.util.http import (
 )
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from middleware.context import request_context
 from middleware.paths import UNTRACED_PATHS, is_exempt, route_template
 
 # Redacted whatever header capture an operator turns on.
@@ -61,6 +63,12 @@ class TracingMiddleware:
         await self.traced(scope, receive, send)
 
     async def _inner(self, scope: Scope, receive: Receive, send: Send) -> None:
+        span = trace.get_current_span()
+        request_id = request_context(scope).request_id
+        if request_id is not None and span.is_recording():
+            # The server's own id (never a caller's): the one its log lines and audit
+            # record carry, so a trace leads to them and back.
+            span.set_attribute("vault.request_id", request_id)
         try:
             await self.app(scope, receive, send)
         except Exception as exc:

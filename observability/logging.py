@@ -1,4 +1,4 @@
-"""JSON-lines logging with the current request id and trace id on every line.
+"""JSON-lines logging with the current request's ids and trace id on every line.
 
 Log lines carry ids, outcomes and error types, never secret material, keys or secret ids.
 """
@@ -14,6 +14,8 @@ from contextvars import ContextVar
 from opentelemetry import trace
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# The caller's own X-Request-ID, when it sent one: beside the request's id, never as it.
+CLIENT_REQUEST_ID: ContextVar[str | None] = ContextVar("client_request_id", default=None)
 
 _UNSET = object()
 
@@ -45,7 +47,8 @@ def install_trace_id_stamp() -> None:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message, request_id, trace_id."""
+    """One JSON object per line: ts, level, logger, message, request_id, client_request_id
+    (when the caller sent its own X-Request-ID), trace_id."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -56,9 +59,15 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = getattr(record, "request_id", None) or REQUEST_ID.get()
+        current = REQUEST_ID.get()
+        request_id = getattr(record, "request_id", None) or current
+        client_request_id = getattr(record, "client_request_id", None)
+        if client_request_id is None and request_id == current:  # not a line about another
+            client_request_id = CLIENT_REQUEST_ID.get()
         if request_id:
             entry["request_id"] = request_id
+        if client_request_id:
+            entry["client_request_id"] = client_request_id
         trace_id = getattr(record, "trace_id", _UNSET)
         if trace_id is _UNSET:  # created before the stamp was installed: best effort
             trace_id = current_trace_id()

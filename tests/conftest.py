@@ -12,6 +12,7 @@ import datetime as dt
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import uuid
@@ -23,6 +24,10 @@ from typing import Any
 import httpx2 as httpx
 import pymongo
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from starlette.testclient import TestClient
 
 from loadtests.mongo import mongo_answers
@@ -303,14 +308,52 @@ def running(pid: int) -> bool:
     return stat_line.rpartition(")")[2].split()[0] != "Z"
 
 
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for ``localhost`` and its key, as PEM files in ``directory``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
 class HTTPProcess:
-    """A server subprocess on a free loopback port, its output in a log file."""
+    """A server subprocess on a free loopback port, its output in a log file; with ``tls``
+    (a client context trusting its certificate), served over HTTPS as ``localhost``."""
 
     def __init__(
-        self, command: list[str], *, log: Path, probe: str, env: dict[str, str] | None = None
+        self,
+        command: list[str],
+        *,
+        log: Path,
+        probe: str,
+        env: dict[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = (
+            f"https://localhost:{self.port}" if tls is not None else f"http://127.0.0.1:{self.port}"
+        )
         self.log = log
         self._log_handle = self.log.open("wb")
         self.process = subprocess.Popen(
@@ -326,7 +369,8 @@ class HTTPProcess:
         if self.process.poll() is not None:
             raise AssertionError(f"{self.process.args!r} exited early: {self.log.read_text()}")
         try:
-            return httpx.get(self.url + probe, timeout=1).status_code == 200
+            verify = self.tls if self.tls is not None else True
+            return httpx.get(self.url + probe, timeout=1, verify=verify).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -347,15 +391,24 @@ class HTTPProcess:
 
 
 class ServerProcess(HTTPProcess):
-    """A real ``secret-manager serve`` subprocess."""
+    """A real ``secret-manager serve`` subprocess; with ``tls=True``, serving HTTPS itself
+    (TLS_CERT_FILE and TLS_KEY_FILE: a throwaway certificate made in ``cwd``)."""
 
-    def __init__(self, env: dict[str, str], args: list[str], cwd: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], args: list[str], cwd: Path, *, tls: bool = False
+    ) -> None:
+        context = None
+        if tls:
+            cert, key = self_signed(cwd)
+            env = {**env, "TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}
+            context = ssl.create_default_context(cafile=str(cert))
         self.env = env  # what it was started with, beyond the clean environment
         super().__init__(
             [sys.executable, "-m", "vault", "serve", "--port", "{port}", *args],
             log=cwd / f"serve-{uuid.uuid4().hex[:8]}.log",
             probe="/healthz",
             env=clean_env(**env),
+            tls=context,
         )
 
 

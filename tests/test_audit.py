@@ -87,6 +87,54 @@ def test_every_vault_request_is_recorded(client: TestClient, store_env: dict[str
     assert secret_id not in text and missing not in text
 
 
+def test_requests_sending_one_x_request_id_are_audited_apart(
+    client: TestClient, store_env: dict[str, str]
+) -> None:
+    # A caller's X-Request-ID is echoed, never the request's id: two requests sending the
+    # same one leave two records with ids of the server's own, as each answer names them.
+    mine = uuid.uuid4().hex
+    answers = [
+        client.post(
+            "/vault/secret/fetch",
+            json={"secret_id": str(uuid.uuid4())},
+            headers={"X-Request-ID": mine},
+        )
+        for _ in range(2)
+    ]
+    assert [answer.headers["x-request-id"] for answer in answers] == [mine, mine]
+    records = audit_records(store_env)
+    assert [r["request_id"] for r in records] == [
+        answer.headers["x-server-request-id"] for answer in answers
+    ]
+    assert len({r["request_id"] for r in records}) == 2
+    assert mine not in repr(records)
+
+
+def test_a_refusal_before_the_body_is_read_names_no_secret(
+    make_client: Callable[..., TestClient], store_env: dict[str, str]
+) -> None:
+    # API keys (401) and the rate limit (429) refuse a call before its body is read, so
+    # their records name no secret, whatever the body held; a call refused after the
+    # handler read the body (404) names it by its HMAC.
+    token = "t" * 40
+    client = make_client(API_KEYS=f"ci:{token}", RATE_LIMIT="3/minute")
+    secret_id = str(uuid.uuid4())
+    body = {"secret_id": secret_id}
+    auth = {"Authorization": f"Bearer {token}"}
+    statuses = [
+        client.post("/vault/secret/fetch", json=body).status_code,
+        client.post("/vault/secret/fetch", json=body, headers=auth).status_code,
+        client.post("/vault/secret/fetch", json=body, headers=auth).status_code,
+        client.post("/vault/secret/fetch", json=body, headers=auth).status_code,
+    ]
+    assert statuses == [401, 404, 404, 429]
+    key = derive_audit_key(Settings.from_env(store_env).master_key or b"")
+    named = secret_id_hmac(key, secret_id)
+    assert [(r["status"], r["secret_id_hmac"]) for r in audit_records(store_env)] == [
+        (401, None), (404, named), (404, named), (429, None),
+    ]  # fmt: skip
+
+
 def audit_hash(env: dict[str, str], secret_id: str) -> list[str]:
     """What `secret-manager audit-hash` prints with this environment, line by line."""
     result = subprocess.run(
@@ -334,26 +382,36 @@ def test_a_failed_secret_write_is_audited_with_the_answer_sent(
     # no record of a success is written, and the 500 the caller gets is, before it gets it.
     assert client.post("/vault/secret/create", json={"secret": b64(b"a")}).status_code == 200
     unique_key_ids(store_env)
-    request_id = uuid.uuid4().hex
-    response = client.post(
-        "/vault/secret/create", json={"secret": b64(b"b")}, headers={"X-Request-ID": request_id}
-    )
+    response = client.post("/vault/secret/create", json={"secret": b64(b"b")})
     assert response.status_code == 500
     assert "secret_id" not in response.json()
+    request_id = response.headers["x-server-request-id"]
     mine = [r for r in audit_records(store_env) if r["request_id"] == request_id]
     assert [(r["op"], r["status"], r["outcome"]) for r in mine] == [("create", 500, "error")]
     assert mine[0]["secret_id_hmac"] is None  # no id was handed out
     assert secret_count(store_env) == 1
 
 
+def unique_user_agents(store_env: dict[str, str]) -> None:
+    """An operator's unique index on user_agent (made after the store created its schema)."""
+    if "MONGO_URI" in store_env:
+        with pymongo.MongoClient(store_env["MONGO_URI"]) as client:
+            client[store_env["MONGO_DB"]]["audit"].create_index("user_agent", unique=True)
+        return
+    db = Path(store_env["DATA_DIR"]) / "vault.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE UNIQUE INDEX audit_user_agent ON audit (user_agent)")
+
+
 def test_an_audit_record_refused_beside_its_secret_fails_closed(
     client: TestClient, store_env: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # An operator's unique index on request_id, and a caller that reuses its X-Request-ID:
-    # the store takes the secret but refuses its audit record, in the same call.
-    unique_request_ids(store_env)
-    request_id = uuid.uuid4().hex
-    headers = {"X-Request-ID": request_id}
+    # An operator's unique index on user_agent, and a caller that sends the same one again:
+    # the store takes the secret but refuses its audit record, in the same call. (Request
+    # ids cannot collide so: the server makes each one, whatever X-Request-ID a caller sends.)
+    unique_user_agents(store_env)
+    user_agent = uuid.uuid4().hex
+    headers = {"User-Agent": user_agent, "X-Request-ID": "reused"}
     first = client.post("/vault/secret/create", json={"secret": b64(b"a")}, headers=headers)
     assert first.status_code == 200
     failed = audit_failed()
@@ -366,12 +424,15 @@ def test_an_audit_record_refused_beside_its_secret_fails_closed(
     assert (create.status_code, fetch.status_code) == (503, 503)
     assert "secret_id" not in create.json() and "secret" not in fetch.json()
     assert create.headers["retry-after"] == "5"
-    mine = [r for r in audit_records(store_env) if r["request_id"] == request_id]
+    mine = [r for r in audit_records(store_env) if r["user_agent"] == user_agent]
     assert [(r["op"], r["status"]) for r in mine] == [("create", 200)]  # only the first
+    assert mine[0]["request_id"] == first.headers["x-server-request-id"]
     # What the callers got is in the log instead, one line each, and counted as failed.
     logged = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
     assert len(logged) == 2
-    assert all('"status":503' in line and request_id in line for line in logged)
+    assert all('"status":503' in line for line in logged)
+    for answer, line in zip((create, fetch), logged, strict=True):
+        assert f'"request_id":"{answer.headers["x-server-request-id"]}"' in line
     assert ['"op":"create"' in logged[0], '"op":"fetch"' in logged[1]] == [True, True]
     assert audit_failed() - failed == 2
     # The refused create's secret is stored, unacknowledged: nobody holds its id.

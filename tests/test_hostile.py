@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import http.client
 import json
 import re
 import select
 import socket
 import sqlite3
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +35,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import ServerProcess, b64
+from vault.cli.serve import H2_MAX_CONCURRENT_STREAMS
 from vault.crypto import generate_key
 
 pytestmark = pytest.mark.slow
@@ -542,11 +545,120 @@ def test_an_announced_oversized_body_is_refused_before_it_is_sent(server: Server
     assert time.monotonic() - started < 1.0
 
 
-# --- HTTP/2 (Hypercorn speaks h2c to clients with prior knowledge) ----------------------------
+# --- HTTP/2: refused on the plain port, served over TLS (ALPN h2) -----------------------------
 
 
-def test_http2_clients_get_the_same_answers(server: ServerProcess) -> None:
-    with httpx.Client(base_url=server.url, http1=False, http2=True, timeout=10) as client:
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The same server serving HTTPS itself (TLS_CERT_FILE): HTTP/2 is chosen there by ALPN."""
+    directory = tmp_path_factory.mktemp("hostile-tls")
+    env = {
+        "MASTER_KEY": generate_key(),
+        "DATA_DIR": str(directory / "data"),
+        "RATE_LIMIT": "off",
+        "READ_TIMEOUT_SECONDS": str(READ_TIMEOUT),
+        "KEEP_ALIVE_TIMEOUT_SECONDS": str(KEEP_ALIVE),
+    }
+    process = ServerProcess(env, [], directory, tls=True)
+    yield process
+    process.stop()
+
+
+STREAM_CAP = H2_MAX_CONCURRENT_STREAMS  # Hypercorn's h2_max_concurrent_streams, from serve
+
+
+def h2_headers(path: str, method: str = "POST", *extra: tuple[str, str]) -> list[tuple[str, str]]:
+    return [
+        (":method", method), (":path", path), (":scheme", "https"), (":authority", "localhost"),
+        *([("content-type", "application/json")] if method == "POST" else []), *extra,
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def h2_connection(server: ServerProcess, *, timeout: float) -> Iterator[tuple[ssl.SSLSocket, Any]]:
+    """One HTTP/2 connection to ``server`` over TLS (ALPN h2), the client's preface sent."""
+    import h2.config
+    import h2.connection
+
+    context = ssl.create_default_context(cafile=server.env["TLS_CERT_FILE"])
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as sock,
+    ):
+        assert sock.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        yield sock, conn
+
+
+def h2_receive(sock: ssl.SSLSocket, conn: Any) -> list[Any] | None:
+    """The h2 events of what the server sends next; None once it has closed the connection."""
+    try:
+        data = sock.recv(65536)
+    except ConnectionResetError:
+        data = b""
+    if not data:
+        return None
+    events: list[Any] = conn.receive_data(data)
+    with contextlib.suppress(OSError):  # closed meanwhile: the next read says so
+        sock.sendall(conn.data_to_send())
+    return events
+
+
+def test_the_plain_port_refuses_http2_with_prior_knowledge(server: ServerProcess) -> None:
+    """Behind the edge the service speaks HTTP/1.1 only: HTTP/2's preface in clear text gets
+    an HTTP/1.1 505 and the connection closed, before any app runs."""
+    import h2.config
+    import h2.connection
+
+    before_log = len(server.output())
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, h2_headers("/healthz", "GET"), end_stream=True)
+    received = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(conn.data_to_send())
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 505 "), received
+    assert b"connection: close" in received.lower()
+    # What an HTTP/2 client with prior knowledge makes of it: a clear failure.
+    with (
+        httpx.Client(base_url=server.url, http1=False, http2=True, timeout=5) as client,
+        pytest.raises(httpx.RemoteProtocolError),
+    ):
+        client.get("/healthz")
+    time.sleep(0.2)
+    assert not error_lines(server.output()[before_log:])
+
+
+def test_the_plain_port_answers_an_h2c_upgrade_in_http1(server: ServerProcess) -> None:
+    """``Upgrade: h2c`` is ignored (RFC 9110 7.8): the request is answered in HTTP/1.1, never
+    switched (behind an HTTP/1.1 proxy, a switch would be a tunnel past it)."""
+    import h2.config
+    import h2.connection
+
+    before_log = len(server.output())
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings = base64.urlsafe_b64encode(conn.initiate_upgrade_connection()).rstrip(b"=")
+    request = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n"
+    )
+    status, raw = exchange(server.port, request)
+    assert status == 200, raw[:400]
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:400]
+    time.sleep(0.2)
+    assert not error_lines(server.output()[before_log:])
+
+
+def test_http2_clients_get_the_same_answers(tls_server: ServerProcess) -> None:
+    with httpx.Client(
+        base_url=tls_server.url, http1=False, http2=True, verify=tls_server.tls, timeout=10
+    ) as client:
         created = client.post(CREATE, json={"secret": "aGk="})
         assert created.http_version == "HTTP/2"
         assert created.status_code == 200, created.text
@@ -558,12 +670,14 @@ def test_http2_clients_get_the_same_answers(server: ServerProcess) -> None:
 
 # Hypercorn 0.18 (protocol/h2.py) raised KeyError on data for a stream already answered and
 # dropped the connection; vault/hypercorn_fixes.py resets such a stream (NO_ERROR) instead.
-def test_http2_body_over_the_cap_is_413_not_a_broken_connection(server: ServerProcess) -> None:
+def test_http2_body_over_the_cap_is_413_not_a_broken_connection(tls_server: ServerProcess) -> None:
     # Several tries and sizes: the failure was a race between the early answer and the upload.
-    before_log = len(server.output())
+    before_log = len(tls_server.output())
     outcomes = []
     for size in (200_000, 300_000, 200_000, 300_000, 200_000):
-        with httpx.Client(base_url=server.url, http1=False, http2=True, timeout=5) as client:
+        with httpx.Client(
+            base_url=tls_server.url, http1=False, http2=True, verify=tls_server.tls, timeout=5
+        ) as client:
             try:
                 response = client.post(CREATE, content=b"x" * size)
                 outcomes.append(str(response.status_code))
@@ -575,19 +689,15 @@ def test_http2_body_over_the_cap_is_413_not_a_broken_connection(server: ServerPr
                 outcomes.append(repr(exc))
     assert outcomes == ["413"] * 5, outcomes
     time.sleep(0.2)
-    assert not error_lines(server.output()[before_log:])
+    assert not error_lines(tls_server.output()[before_log:])
 
 
-def _h2_post(sock: socket.socket, conn: Any, stream_id: int, body: bytes) -> list[Any]:
+def _h2_post(sock: ssl.SSLSocket, conn: Any, stream_id: int, body: bytes) -> list[Any]:
     """Send a POST on ``stream_id`` (as much body as the server lets in) and return the
     h2 events until the stream ends or is reset."""
     import h2.events
 
-    conn.send_headers(
-        stream_id,
-        [(":method", "POST"), (":path", CREATE), (":scheme", "http"),
-         (":authority", "127.0.0.1"), ("content-type", "application/json")],
-    )  # fmt: skip
+    conn.send_headers(stream_id, h2_headers(CREATE))
     sock.sendall(conn.data_to_send())
     events: list[Any] = []
     sent = 0
@@ -599,35 +709,30 @@ def _h2_post(sock: socket.socket, conn: Any, stream_id: int, body: bytes) -> lis
             sent += len(chunk)
             conn.send_data(stream_id, chunk, end_stream=sent == len(body))
             sock.sendall(conn.data_to_send())
-            if not select.select([sock], [], [], 0)[0]:
+            if not sock.pending() and not select.select([sock], [], [], 0)[0]:
                 continue
-        data = sock.recv(65536)
-        assert data, "the server closed the connection"
-        for event in conn.receive_data(data):
+        received = h2_receive(sock, conn)
+        assert received is not None, "the server closed the connection"
+        for event in received:
             events.append(event)
             if getattr(event, "stream_id", None) != stream_id:
                 continue
             # Over once reset, or once answered after the whole body went out.
             ended = isinstance(event, h2.events.StreamEnded) and sent == len(body)
             done = done or ended or isinstance(event, h2.events.StreamReset)
-        sock.sendall(conn.data_to_send())
     return events
 
 
 def test_an_http2_upload_far_over_the_cap_is_answered_and_reset_not_a_broken_connection(
-    server: ServerProcess,
+    tls_server: ServerProcess,
 ) -> None:
     """Past what the body limit reads before answering, the answer goes out at once and the
     stream is reset with NO_ERROR (RFC 9113 8.1); the connection keeps serving."""
-    import h2.config
-    import h2.connection
     import h2.errors
     import h2.events
 
-    before_log = len(server.output())
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
+    before_log = len(tls_server.output())
+    with h2_connection(tls_server, timeout=10) as (sock, conn):
         conn.increment_flow_control_window(2**24)
         sock.sendall(conn.data_to_send())
         events = _h2_post(sock, conn, 1, b"x" * 3_000_000)
@@ -642,44 +747,195 @@ def test_an_http2_upload_far_over_the_cap_is_answered_and_reset_not_a_broken_con
                     if isinstance(e, h2.events.ResponseReceived)]  # fmt: skip
         assert statuses == [b"200"], again
     time.sleep(0.2)
-    assert not error_lines(server.output()[before_log:])
+    assert not error_lines(tls_server.output()[before_log:])
 
 
 # Hypercorn 0.18 (protocol/h2.py) left a stream waiting forever for its send buffer once the
 # connection had closed: the 408's stream never ended, nor did the connection's task.
 def test_an_http2_stream_whose_body_never_comes_gets_408_and_its_connection_ends(
-    server: ServerProcess,
+    tls_server: ServerProcess,
 ) -> None:
-    import h2.config
-    import h2.connection
     import h2.events
 
-    with socket.create_connection(("127.0.0.1", server.port), timeout=1) as sock:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        conn.send_headers(
-            1,
-            [(":method", "POST"), (":path", CREATE), (":scheme", "http"),
-             (":authority", "127.0.0.1"), ("content-type", "application/json")],
-        )  # fmt: skip
+    with h2_connection(tls_server, timeout=1) as (sock, conn):
+        conn.send_headers(1, h2_headers(CREATE))
         sock.sendall(conn.data_to_send())  # and no body, ever
         opened, statuses, closed_after = time.monotonic(), [], None
         limit = READ_TIMEOUT + KEEP_ALIVE + 3 * SLACK
         while time.monotonic() - opened < limit:
             try:
-                data = sock.recv(65536)
+                events = h2_receive(sock, conn)
             except TimeoutError:
                 continue
-            except ConnectionResetError:
-                data = b""
-            if not data:
+            if events is None:
                 closed_after = time.monotonic() - opened
                 break
-            for event in conn.receive_data(data):
+            for event in events:
                 if isinstance(event, h2.events.ResponseReceived):
                     statuses.append(dict(event.headers)[b":status"])
     assert statuses == [b"408"]
     assert closed_after is not None, f"the connection was still open after {limit:.1f}s"
+
+
+def _peak_in_progress(server: ServerProcess, user_agent: str) -> tuple[int, int]:
+    """The audit records of ``user_agent``'s requests, counted once they stop coming, and
+    the most of those requests in progress at one instant (each record spans its latency,
+    up to its time)."""
+
+    def records() -> list[tuple[str, float]]:
+        path = Path(server.env["DATA_DIR"]) / "vault.db"
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            query = "SELECT ts, latency_ms FROM audit WHERE user_agent = ?"
+            return db.execute(query, (user_agent,)).fetchall()
+
+    rows, deadline = records(), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows, before = records(), rows
+        if len(rows) == len(before):
+            break
+    edges = []
+    for ts, latency_ms in rows:
+        end = dt.datetime.fromisoformat(ts).timestamp()
+        edges += [(end - latency_ms / 1000, 1), (end, -1)]
+    peak = now = 0
+    for _, step in sorted(edges):  # an end sorts before a start at the same instant
+        now += step
+        peak = max(peak, now)
+    return len(rows), peak
+
+
+def _open_and_reset(conn: Any, count: int, user_agent: str) -> None:
+    """``count`` fetches, each opened, sent whole and reset at once (CVE-2023-44487)."""
+    import h2.errors
+
+    for _ in range(count):
+        stream_id = conn.get_next_available_stream_id()
+        body = json.dumps({"secret_id": str(uuid.uuid4())}).encode()
+        conn.send_headers(stream_id, h2_headers(FETCH, "POST", ("user-agent", user_agent)))
+        conn.send_data(stream_id, body, end_stream=True)
+        conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+
+
+def test_an_http2_rapid_reset_runs_no_more_than_the_stream_cap_and_is_closed(
+    tls_server: ServerProcess,
+) -> None:
+    """300 fetches opened and reset at once on one connection: at most the stream cap of
+    them run (each a store call and an audit record), and the server answers GOAWAY
+    (ENHANCE_YOUR_CALM) and closes the connection; other connections are served."""
+    import h2.errors
+    import h2.events
+
+    before_log = len(tls_server.output())
+    goaway = []
+    with h2_connection(tls_server, timeout=10) as (sock, conn):
+        while conn.remote_settings.max_concurrent_streams != STREAM_CAP:  # its SETTINGS
+            assert h2_receive(sock, conn) is not None
+        _open_and_reset(conn, 300, "rapid-reset")
+        sock.sendall(conn.data_to_send())
+        while (events := h2_receive(sock, conn)) is not None:
+            goaway += [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert [e.error_code for e in goaway] == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM], goaway
+    audited, peak = _peak_in_progress(tls_server, "rapid-reset")
+    assert peak <= STREAM_CAP, (audited, peak)
+    with httpx.Client(
+        base_url=tls_server.url, http1=False, http2=True, verify=tls_server.tls, timeout=5
+    ) as client:
+        assert client.get("/healthz").status_code == 200
+    output = tls_server.output()[before_log:]
+    assert "GOAWAY ENHANCE_YOUR_CALM" in output
+    assert not error_lines(output)
+    assert "Traceback" not in output
+
+
+def test_streams_reset_mid_answer_never_run_more_than_the_stream_cap(
+    tls_server: ServerProcess,
+) -> None:
+    """A connection that has let 200 requests finish resets 150 more at once: it stays open,
+    but only as many run as the stream cap allows; the rest are refused (REFUSED_STREAM,
+    nothing processed) and the connection serves what follows."""
+    import h2.events
+
+    before_log = len(tls_server.output())
+    with h2_connection(tls_server, timeout=10) as (sock, conn):
+        for _ in range(4):  # 200 answered, 50 at a time (the cap is on open streams)
+            waiting = set()
+            for _ in range(50):
+                stream_id = conn.get_next_available_stream_id()
+                conn.send_headers(stream_id, h2_headers("/healthz", "GET"), end_stream=True)
+                waiting.add(stream_id)
+            sock.sendall(conn.data_to_send())
+            while waiting:
+                events = h2_receive(sock, conn)
+                assert events is not None, "the server closed the connection"
+                waiting -= {e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)}
+        _open_and_reset(conn, 150, "reset-mid-answer")
+        sock.sendall(conn.data_to_send())
+        audited, peak = _peak_in_progress(tls_server, "reset-mid-answer")
+        assert 0 < peak <= STREAM_CAP, (audited, peak)
+        # Still open, and serving.
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(stream_id, h2_headers("/healthz", "GET"), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        statuses: list[bytes] = []
+        while not statuses:
+            events = h2_receive(sock, conn)
+            assert events is not None, "the server closed the connection"
+            assert not [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+            statuses += [dict(e.headers)[b":status"] for e in events
+                         if isinstance(e, h2.events.ResponseReceived)
+                         and e.stream_id == stream_id]  # fmt: skip
+        assert statuses == [b"200"]
+    output = tls_server.output()[before_log:]
+    assert not error_lines(output)
+    assert "Traceback" not in output
+
+
+def _h2_get_status(sock: ssl.SSLSocket, conn: Any) -> bytes:
+    """GET /healthz on a new stream of this connection: the status it is answered with."""
+    import h2.events
+
+    stream_id = conn.get_next_available_stream_id()
+    conn.send_headers(stream_id, h2_headers("/healthz", "GET"), end_stream=True)
+    sock.sendall(conn.data_to_send())
+    while True:
+        events = h2_receive(sock, conn)
+        assert events is not None, "the server closed the connection"
+        for event in events:
+            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
+                return bytes(dict(event.headers)[b":status"])
+
+
+def test_http2_priority_frames_for_streams_without_an_answer_are_ignored(
+    tls_server: ServerProcess,
+) -> None:
+    """PRIORITY frames for streams the client reset while their answers were being made,
+    and for streams never opened, leave the connection serving. Hypercorn 0.18 put such
+    streams back in its priority tree: a reset stream's late answer then killed the
+    connection's sending task (KeyError) and hung the connection and the server's
+    shutdown; PRIORITY for 1,000 unopened streams was an unhandled error."""
+    before_log = len(tls_server.output())
+    with h2_connection(tls_server, timeout=5) as (sock, conn):
+        reset = []
+        for _ in range(90):  # under the cap: no GOAWAY
+            _open_and_reset(conn, 1, "priority-after-reset")
+            sock.sendall(conn.data_to_send())  # one by one: read in several batches
+            reset.append(conn.highest_outbound_stream_id)
+        # While the reset streams' answers are still being made: the timing varies.
+        for _ in range(20):
+            for stream_id in reset:
+                conn.prioritize(stream_id, weight=200)
+            sock.sendall(conn.data_to_send())
+            time.sleep(0.01)
+        assert _h2_get_status(sock, conn) == b"200"
+        for stream_id in range(conn.highest_outbound_stream_id + 2, 2**20, 2)[:1200]:
+            conn.prioritize(stream_id, weight=10)  # idle streams, never opened
+        sock.sendall(conn.data_to_send())
+        assert _h2_get_status(sock, conn) == b"200"
+    time.sleep(0.2)
+    output = tls_server.output()[before_log:]
+    assert not error_lines(output)
+    assert "Traceback" not in output
 
 
 # --- response hygiene on every class of /vault answer -----------------------------------------
@@ -814,6 +1070,9 @@ def test_refusals_for_missing_api_keys_have_the_hygiene_headers(
 # --- the server's own log after all of the above ----------------------------------------------
 
 
-def test_the_hostile_run_left_no_traceback_in_the_log(server: ServerProcess) -> None:
-    # Last in the module: the module-scoped server has seen every attack above by now.
+def test_the_hostile_run_left_no_traceback_in_the_log(
+    server: ServerProcess, tls_server: ServerProcess
+) -> None:
+    # Last in the module: the module-scoped servers have seen every attack above by now.
     assert "Traceback" not in server.output()
+    assert "Traceback" not in tls_server.output()

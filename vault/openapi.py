@@ -130,7 +130,7 @@ def _common_errors(max_body_bytes: int, *, api_keys: bool) -> Json:
             "Too many requests from this client; see Retry-After and RateLimit-* headers.",
             retry_after=True,
         ),
-        "500": _error("Internal error; the X-Request-ID header identifies it in the log."),
+        "500": _error("Internal error; the X-Server-Request-ID header identifies it in the log."),
         **({"401": unauthorized} if api_keys else {}),
         "503": _error("The store is unreachable; retry later.", retry_after=True),
     }

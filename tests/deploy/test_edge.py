@@ -237,6 +237,7 @@ def test_the_edge_terminates_tls_and_overwrites_the_clients_forwarded_for(
         )
         assert answer.status_code == 404
         assert answer.headers["X-Request-ID"] == request_id  # passed through the edge
+        server_request_id = answer.headers["X-Server-Request-ID"]  # the audit record's
         # Plain HTTP is redirected, never forwarded: to the public host (EDGE_PUBLIC_HOST,
         # localhost by default) on the HTTPS port, not to the plain port it came in on.
         plain = httpx.get(f"http://localhost:{http_port}/readyz", timeout=5)
@@ -248,7 +249,7 @@ def test_the_edge_terminates_tls_and_overwrites_the_clients_forwarded_for(
     records = [
         json.loads(line)
         for line in server.output().splitlines()
-        if line.startswith("{") and request_id in line
+        if line.startswith("{") and server_request_id in line
     ]
     assert [record["client_ip"] for record in records if "op" in record] == ["127.0.0.2"]
 

@@ -34,7 +34,9 @@ def test_exception_becomes_generic_500_logged_by_type_and_place(
     assert "sensitive-value" not in response.text
     assert len(caplog.records) == 1
     record = caplog.records[0]
-    assert record.request_id == "req-42"  # type: ignore[attr-defined]
+    # Logged with the server's own id, as the answer names it, and the caller's beside it.
+    assert record.request_id == response.headers["x-server-request-id"]  # type: ignore[attr-defined]
+    assert record.client_request_id == "req-42"  # type: ignore[attr-defined]
     message = record.getMessage()
     assert "RuntimeError" in message
     assert "test_errors.py" in message

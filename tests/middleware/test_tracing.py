@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from middleware.requestid import RequestIdMiddleware
 from middleware.tracing import TracingMiddleware
 
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -175,6 +176,29 @@ def test_unknown_paths_are_named_by_method_only(
     (span,) = server_spans(exporter)
     assert span.name == "GET"
     assert span.attributes is not None and "http.route" not in span.attributes
+
+
+def test_the_span_carries_the_servers_request_id(exporter: InMemorySpanExporter) -> None:
+    """Behind the request id layer (as in the app), the span names the request by the id its
+    log lines and audit record carry: the server's, never the caller's X-Request-ID."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = Starlette(
+        routes=[Route("/vault/secret/fetch", fetch, methods=["POST"])],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(TracingMiddleware, tracer_provider=provider),
+        ],
+    )
+    with TestClient(app) as client:
+        response = client.post(
+            "/vault/secret/fetch", json={"secret_id": "x"}, headers={"X-Request-ID": "mine"}
+        )
+    provider.shutdown()
+    (span,) = server_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["vault.request_id"] == response.headers["x-server-request-id"]
+    assert "mine" not in span.to_json()
 
 
 def test_span_attributes_are_the_documented_set(

@@ -15,7 +15,12 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Tracer
 
-from observability.logging import REQUEST_ID, JsonFormatter, install_trace_id_stamp
+from observability.logging import (
+    CLIENT_REQUEST_ID,
+    REQUEST_ID,
+    JsonFormatter,
+    install_trace_id_stamp,
+)
 from tests.conftest import ROOT, clean_env
 
 
@@ -42,6 +47,26 @@ def lines() -> Iterator[tuple[logging.Logger, io.StringIO]]:
 
 def parsed(buffer: io.StringIO) -> list[dict[str, object]]:
     return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+def test_lines_carry_the_callers_own_id_beside_the_request_id(
+    lines: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, buffer = lines
+    tokens = REQUEST_ID.set("server-1"), CLIENT_REQUEST_ID.set("mine-1")
+    try:
+        logger.info("in the request")
+        logger.info("about this request", extra={"request_id": "server-1"})
+        logger.info("about another request", extra={"request_id": "server-0"})
+    finally:
+        CLIENT_REQUEST_ID.reset(tokens[1])
+        REQUEST_ID.reset(tokens[0])
+    logger.info("outside any request")
+    inside, same, other, outside = parsed(buffer)
+    assert (inside["request_id"], inside["client_request_id"]) == ("server-1", "mine-1")
+    assert (same["request_id"], same["client_request_id"]) == ("server-1", "mine-1")
+    assert other["request_id"] == "server-0" and "client_request_id" not in other
+    assert "request_id" not in outside and "client_request_id" not in outside
 
 
 def test_lines_carry_request_id_and_trace_id_inside_a_span(

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("secret_manager.cli")
 
+H2_MAX_CONCURRENT_STREAMS = 100  # Hypercorn's default, set here on purpose
+
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``serve`` and its options."""
@@ -176,6 +178,10 @@ def _hypercorn_config(settings: Settings, args: argparse.Namespace) -> Config:
     # READ_TIMEOUT_SECONDS after it opened or mid-request is dropped.
     config.keep_alive_timeout = settings.keep_alive_timeout_seconds
     config.read_timeout = settings.read_timeout_seconds
+    # HTTP/2 (over TLS only): the streams a client may have open at once, and, through
+    # vault/hypercorn_fixes.py, the requests one connection may have running at once, the
+    # streams it reset included.
+    config.h2_max_concurrent_streams = H2_MAX_CONCURRENT_STREAMS
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:
         config.certfile = str(settings.tls_certfile)
         config.keyfile = str(settings.tls_keyfile)
