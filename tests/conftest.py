@@ -31,7 +31,7 @@ from observability.audit import AuditRecord
 from vault.app import create_app
 from vault.backend import backend_for
 from vault.crypto import generate_key
-from vault.records import SealedSecret
+from vault.records import SealedSecret, record_key
 from vault.settings import Settings
 from vault.stores.base import SecretStore
 
@@ -203,32 +203,34 @@ class RawRecords:
 
     def get(self, secret_id: str) -> dict[str, Any]:
         """The record's stored fields: key_id, nonce, ciphertext."""
+        key = record_key(secret_id)
         if self.kind == "sqlite":
             with self._sqlite() as conn:
                 row = conn.execute(
-                    "SELECT key_id, nonce, ciphertext FROM secrets WHERE secret_id = ?",
-                    (secret_id,),
+                    "SELECT key_id, nonce, ciphertext FROM secrets WHERE record_key = ?",
+                    (key,),
                 ).fetchone()
             assert row is not None
             return {"key_id": row[0], "nonce": bytes(row[1]), "ciphertext": bytes(row[2])}
-        doc = self._mongo().find_one({"_id": secret_id})
+        doc = self._mongo().find_one({"_id": key})
         assert doc is not None
         return {"key_id": doc["kid"], "nonce": bytes(doc["nonce"]), "ciphertext": bytes(doc["ct"])}
 
     def sealed(self, secret_id: str) -> SealedSecret | None:
         """The whole stored record, lifecycle included, read from its row or document."""
+        key = record_key(secret_id)
         if self.kind == "sqlite":
             with self._sqlite() as conn:
                 row = conn.execute(
                     "SELECT key_id, nonce, ciphertext, expires_at, reads_left FROM secrets"
-                    " WHERE secret_id = ?",
-                    (secret_id,),
+                    " WHERE record_key = ?",
+                    (key,),
                 ).fetchone()
             if row is None:
                 return None
             key_id, nonce, ciphertext, expires_at, reads_left = row
         else:
-            doc = self._mongo().find_one({"_id": secret_id})
+            doc = self._mongo().find_one({"_id": key})
             if doc is None:
                 return None
             key_id, nonce, ciphertext = doc["kid"], doc["nonce"], doc["ct"]
@@ -236,7 +238,7 @@ class RawRecords:
             if isinstance(expires_at, dt.datetime):
                 expires_at = int(expires_at.replace(tzinfo=dt.UTC).timestamp())
         return SealedSecret(
-            secret_id,
+            key,
             key_id,
             bytes(nonce),
             bytes(ciphertext),
@@ -248,21 +250,29 @@ class RawRecords:
 
     def put(self, secret_id: str, fields: dict[str, Any]) -> None:
         """Overwrite the stored fields of an existing record."""
+        key = record_key(secret_id)
         if self.kind == "sqlite":
             with self._sqlite() as conn:
                 conn.execute(
-                    "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ? WHERE secret_id = ?",
-                    (fields["key_id"], fields["nonce"], fields["ciphertext"], secret_id),
+                    "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ? WHERE record_key = ?",
+                    (fields["key_id"], fields["nonce"], fields["ciphertext"], key),
                 )
             return
         update = {"kid": fields["key_id"], "nonce": fields["nonce"], "ct": fields["ciphertext"]}
-        self._mongo().update_one({"_id": secret_id}, {"$set": update})
+        self._mongo().update_one({"_id": key}, {"$set": update})
 
-    def secret_ids(self) -> set[str]:
-        """Ids of every stored secret."""
+    def key_ids(self) -> dict[str, str]:
+        """The key id that sealed each stored record, by record key."""
         if self.kind == "sqlite":
             with self._sqlite() as conn:
-                return {row[0] for row in conn.execute("SELECT secret_id FROM secrets")}
+                return dict(conn.execute("SELECT record_key, key_id FROM secrets").fetchall())
+        return {str(doc["_id"]): doc["kid"] for doc in self._mongo().find({}, {"kid": 1})}
+
+    def record_keys(self) -> set[str]:
+        """The keys every stored secret is stored under (``keys_of`` names them by id)."""
+        if self.kind == "sqlite":
+            with self._sqlite() as conn:
+                return {row[0] for row in conn.execute("SELECT record_key FROM secrets")}
         return {str(doc["_id"]) for doc in self._mongo().find({}, {"_id": 1})}
 
     def dump(self) -> bytes:
@@ -278,6 +288,33 @@ def raw_records(store_kind: str, store_env: dict[str, str]) -> Iterator[RawRecor
     records = RawRecords(store_kind, store_env)
     yield records
     records.close()
+
+
+# The secret id of each record stored_record made, by record key: a record keeps only the
+# digest of its id, as the service stores it.
+_IDS: dict[str, str] = {}
+
+
+def stored_record(secret_id: str | None = None, **fields: Any) -> SealedSecret:
+    """A record of random bytes, keyed as the service keys one: by the digest of a secret id
+    (a new one unless given), which ``id_of`` gives back."""
+    secret_id = secret_id or str(uuid.uuid4())
+    key = record_key(secret_id)
+    _IDS[key] = secret_id
+    fields.setdefault("key_id", "0123456789abcdef")
+    fields.setdefault("nonce", os.urandom(12))
+    fields.setdefault("ciphertext", os.urandom(40))
+    return SealedSecret(record_key=key, **fields)
+
+
+def id_of(record: SealedSecret) -> str:
+    """The secret id a record from ``stored_record`` is keyed by (the digest of)."""
+    return _IDS[record.record_key]
+
+
+def keys_of(*secret_ids: str) -> set[str]:
+    """The record keys the secrets of ``secret_ids`` are stored under."""
+    return {record_key(secret_id) for secret_id in secret_ids}
 
 
 def b64(data: bytes) -> str:

@@ -20,9 +20,10 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import RawRecords, b64, clean_env, free_port, on_store, read_back
+from tests.conftest import RawRecords, b64, clean_env, free_port, keys_of, on_store, read_back
 from vault.app import build_keyring
 from vault.crypto import derive_audit_key, generate_key, key_id, parse_key, secret_id_hmac
+from vault.records import record_key
 from vault.rewrap import rewrap
 from vault.settings import Settings
 from vault.stores.base import SecretStore
@@ -75,7 +76,7 @@ def assert_fetches(client: TestClient, secrets: dict[str, bytes]) -> None:
 
 
 def key_ids(raw: RawRecords) -> dict[str, str]:
-    return {secret_id: raw.get(secret_id)["key_id"] for secret_id in raw.secret_ids()}
+    return raw.key_ids()
 
 
 @pytest.fixture
@@ -184,7 +185,7 @@ def test_a_run_stopped_part_way_is_continued_by_the_next(
     )
     assert "run rewrap again to continue" in first.stderr
     kids = key_ids(raw_records)
-    # In secret id order: the two lowest ids are done, the rest wait, none is half done.
+    # In record key order: the two lowest keys are done, the rest wait, none is half done.
     assert [kids[i] == new_kid for i in sorted(kids)] == [True, True] + [False] * 5
 
     second = run_rewrap(rotated, "--batch-size", "2")
@@ -209,7 +210,7 @@ def test_ctrl_c_stops_between_atomic_swaps_and_a_new_run_finishes(
 
     async def fill(store: SecretStore) -> None:
         for secret_id, data in secrets.items():
-            await store.insert(keyring.seal(secret_id, data))
+            await store.insert(keyring.seal(record_key(secret_id), data))
 
     on_store(store_env, fill)
     # Started as a shell starts a background job, with SIGINT ignored (`trap '' INT` is what
@@ -284,12 +285,11 @@ def test_records_the_keyring_cannot_open_are_reported_and_left_alone(
         "remaining under other keys": 2,
     }
     assert {i: raw_records.get(i) for i in (orphan, tampered)} == before
-    # Named as the audit log names them, never in clear.
-    audit_key = derive_audit_key(parse_key(rotated["MASTER_KEY"]))
+    # Named by the key they are stored under, which fetches nothing, never by their id.
     output = result.stdout + result.stderr
     assert f"key {kid(lost_key)}, not configured" in output
-    assert secret_id_hmac(audit_key, orphan) in output
-    assert secret_id_hmac(audit_key, tampered) in output
+    assert f"record_key {record_key(orphan)}" in output
+    assert f"record_key {record_key(tampered)}" in output
     assert not any(secret_id in output for secret_id in readable | {orphan: b""})
     assert "keep every key that may have sealed them in MASTER_KEY_PREVIOUS" in result.stderr
 
@@ -453,20 +453,21 @@ def test_replace_sealed_never_overwrites_a_record_that_changed(
         read = raw_records.sealed(secret_id)
         assert read is not None
         plaintext = keyring.open(read)
-        first = keyring.seal(secret_id, plaintext)
+        key = record_key(secret_id)
+        first = keyring.seal(key, plaintext)
         assert await store.replace_sealed(read, first) is True
         # A second rewrap holding the same stale read: the key id has changed since.
-        assert await store.replace_sealed(read, keyring.seal(secret_id, plaintext)) is False
+        assert await store.replace_sealed(read, keyring.seal(key, plaintext)) is False
         # Same key id as stored, another nonce: a change the key id alone would not show.
         stale = dataclasses.replace(first, nonce=os.urandom(12))
-        assert await store.replace_sealed(stale, keyring.seal(secret_id, plaintext)) is False
+        assert await store.replace_sealed(stale, keyring.seal(key, plaintext)) is False
         assert raw_records.sealed(secret_id) == first
 
     on_store(rotated, work)
     assert raw_records.get(secret_id)["key_id"] == kid(rotated["MASTER_KEY"])
 
 
-def test_records_not_sealed_by_pages_in_secret_id_order(
+def test_records_not_sealed_by_pages_in_record_key_order(
     make_client: Callable[..., TestClient], rotated: dict[str, str]
 ) -> None:
     old = create(make_client(), 5)
@@ -477,12 +478,13 @@ def test_records_not_sealed_by_pages_in_secret_id_order(
         pages, after = [], ""
         while page := await store.records_not_sealed_by(active, after, 2):
             assert all(record.key_id != active for record in page)
-            pages.append([record.secret_id for record in page])
-            after = page[-1].secret_id
+            pages.append([record.record_key for record in page])
+            after = page[-1].record_key
         return pages, await store.count_not_sealed_by(active)
 
     pages, count = on_store(rotated, work)
-    assert pages == [sorted(old)[0:2], sorted(old)[2:4], sorted(old)[4:]]
+    keys = sorted(keys_of(*old))
+    assert pages == [keys[0:2], keys[2:4], keys[4:]]
     assert count == 5
 
 
@@ -492,6 +494,7 @@ class RacingStore:
 
     def __init__(self, store: SecretStore, deleted: set[str], read: set[str]) -> None:
         self._store = store
+        self._ids = {record_key(i): i for i in deleted | read}  # what a record keeps: the key
         self._deleted = deleted
         self._read = read
 
@@ -501,10 +504,11 @@ class RacingStore:
     async def records_not_sealed_by(self, key_id: str, after: str, limit: int) -> list[Any]:
         page = await self._store.records_not_sealed_by(key_id, after, limit)
         for record in page:
-            if record.secret_id in self._deleted:
-                assert await self._store.delete(record.secret_id) is not None
-            elif record.secret_id in self._read:
-                assert await read_back(self._store, record.secret_id) is not None
+            secret_id = self._ids.get(record.record_key)
+            if secret_id in self._deleted:
+                assert await self._store.delete(secret_id) is not None
+            elif secret_id in self._read:
+                assert await read_back(self._store, secret_id) is not None
         return page
 
 
@@ -538,7 +542,7 @@ def test_rewrap_keeps_lifecycles_and_never_brings_back_what_went_while_it_ran(
 
     report = on_store(rotated, work)
     assert report.ok
-    assert raw_records.secret_ids() == set(ids) - deleted - one_read_left
+    assert raw_records.record_keys() == keys_of(*(set(ids) - deleted - one_read_left))
     new = make_client(**rotated)
     for secret_id in ids:
         answer = new.post("/vault/secret/fetch", json={"secret_id": secret_id})

@@ -1,6 +1,6 @@
 """Key rotation: re-encrypt under the active key every record that another key sealed.
 
-A pass pages through those records in secret id order, opens each with the keyring and
+A pass pages through those records in record key order, opens each with the keyring and
 swaps in a fresh sealing under the active key, with a compare-and-swap on the record's key
 id and nonce. Every swap is atomic, so a pass may stop anywhere (Ctrl-C, a crash,
 ``--max-batches``) and the next one simply continues: rewrapped records no longer match. A
@@ -22,7 +22,7 @@ from typing import Any
 
 from vault.crypto import Keyring
 from vault.errors import DecryptionFailed, StoreUnavailable, UnknownKey
-from vault.records import SealedSecret
+from vault.records import SealedSecret, keyed_by_id
 from vault.stores.base import SecretStore
 
 DEFAULT_BATCH_SIZE = 500
@@ -107,11 +107,19 @@ class _Pass:
         self.echo = echo
         self.listed = 0
 
+    def named(self, record: SealedSecret) -> str:
+        """How a record is named in the output, never by its id: a legacy record (keyed by
+        its id) by the audit log's HMAC of it, any other by its record key, which fetches
+        nothing."""
+        key = record.record_key
+        if keyed_by_id(key):
+            return f"secret_id_hmac {self.hash_secret_id(key)}"
+        return f"record_key {key}"
+
     def untouched(self, position: int, record: SealedSecret, why: str) -> None:
         self.listed += 1
         if self.listed <= MAX_PROBLEM_LINES:
-            name = self.hash_secret_id(record.secret_id)
-            self.echo(f"record {position}: {why}; left untouched (secret_id_hmac {name})")
+            self.echo(f"record {position}: {why}; left untouched ({self.named(record)})")
         elif self.listed == MAX_PROBLEM_LINES + 1:
             self.echo(f"more than {MAX_PROBLEM_LINES} records left untouched: only counting now")
 
@@ -129,7 +137,7 @@ class _Pass:
         if self.report.dry_run:
             counts.rewrapped += 1
             return
-        fresh = self.keyring.seal(record.secret_id, plaintext)
+        fresh = self.keyring.seal(record.record_key, plaintext)
         del plaintext
         if await self.store.replace_sealed(record, fresh):
             counts.rewrapped += 1
@@ -184,8 +192,8 @@ async def rewrap(
     record left untouched. ``report`` (if given) is filled in as the pass goes, so a caller
     that is interrupted still knows what was done. Raises StoreUnavailable if the store goes.
 
-    Records left untouched are named by their position in this pass and by
-    ``hash_secret_id`` (the audit log's HMAC), never by their id.
+    Records left untouched are named by their position in this pass and by their record key
+    (or for a legacy record by ``hash_secret_id``, the audit log's HMAC), never by an id.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -203,7 +211,7 @@ async def rewrap(
         counts = await one_pass.batch(records, report.totals.examined + 1)
         report.batches += 1
         report.totals.add(counts)
-        after = records[-1].secret_id
+        after = records[-1].record_key
         one_pass.told(counts)
         if len(records) < batch_size:
             report.finished = True

@@ -23,6 +23,7 @@ from vault.stores.base import (
     fetch_results,
     insert_results,
     judge_each,
+    lookup_keys,
     run_off_loop,
     stamped_audits,
     store_executor,
@@ -65,7 +66,8 @@ T = TypeVar("T")
 _Insert = tuple[SealedSecret, AuditRecord | None]
 
 
-# A fetch's batch item: the id, what opens the record, and the audit record to write.
+# A fetch's batch item: the secret id (looked up, never written), what opens the record,
+# and the audit record to write.
 _Fetch = tuple[str, Opener, AuditRecord | None]
 PING_TIMEOUT_SECONDS = 2.0  # readiness probes (a balancer, Swarm) give up after a few seconds
 _PROBE = (
@@ -194,7 +196,7 @@ class SQLiteStore:
 
     async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
         rows = [
-            (r.secret_id, r.key_id, r.nonce, r.ciphertext, epoch(r.expires_at), r.reads_left)
+            (r.record_key, r.key_id, r.nonce, r.ciphertext, epoch(r.expires_at), r.reads_left)
             for r, _ in items
         ]
 
@@ -215,14 +217,23 @@ class SQLiteStore:
         return written
 
     def _select(self, conn: sqlite3.Connection, secret_ids: list[str]) -> dict[str, SealedSecret]:
-        wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
-        placeholders = ", ".join("?" * len(wanted))  # at most MAX_BATCH, under SQLite's cap
+        """The record of each id, under its record key or else under the id itself (a
+        legacy row), in one statement; an id is only compared there, never written."""
+        wanted = {secret_id: lookup_keys(secret_id) for secret_id in secret_ids}  # each once
+        keys = [key for pair in wanted.values() for key in pair]
+        placeholders = ", ".join("?" * len(keys))  # twice MAX_BATCH at most, under SQLite's cap
         rows: list[RecordRow] = conn.execute(
             f"SELECT {RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names and "?"s
-            f" WHERE secret_id IN ({placeholders})",
-            wanted,
+            f" WHERE record_key IN ({placeholders})",
+            keys,
         ).fetchall()
-        return {row[0]: record_of(row) for row in rows}
+        by_key = {row[0]: row for row in rows}
+        found: dict[str, SealedSecret] = {}
+        for secret_id, pair in wanted.items():
+            row = next((by_key[key] for key in pair if key in by_key), None)  # the digest first
+            if row is not None:
+                found[secret_id] = record_of(row)
+        return found
 
     def _fetch_sync(
         self, conn: sqlite3.Connection, items: list[_Fetch]
@@ -232,15 +243,15 @@ class SQLiteStore:
         now = utc_now()
         found = self._select(conn, secret_ids)
         records: list[SealedSecret | None] = [found.get(i) for i in secret_ids]
-        limited = [k for k, record in enumerate(records) if takes_a_read(record, now)]
+        limited = [(k, r) for k, r in enumerate(records) if r is not None and takes_a_read(r, now)]
         if not limited:
             results, audits = judge_each(items, records, now)
             if all(audit is None for audit in audits):
                 return fetch_results(results, audits, {})  # a pure read: no transaction
         with conn:  # one transaction, one fsync: the reads taken and the audit records
             conn.execute("BEGIN IMMEDIATE")
-            for k in limited:  # each its own atomic take
-                row = take_read(conn, secret_ids[k])
+            for k, record in limited:  # each its own atomic take
+                row = take_read(conn, record.record_key, lookup_keys(secret_ids[k]))
                 records[k] = None if row is None else record_of(row)
             if limited:  # judged only now, on the records as the takes left them
                 results, audits = judge_each(items, records, now)
@@ -264,12 +275,18 @@ class SQLiteStore:
         return result
 
     async def delete(self, secret_id: str) -> DeleteResult:
+        keys = lookup_keys(secret_id)
+
         def remove(conn: sqlite3.Connection) -> tuple[int | None, int | None] | None:
-            found: tuple[int | None, int | None] | None = conn.execute(
-                "DELETE FROM secrets WHERE secret_id = ? RETURNING expires_at, reads_left",
-                (secret_id,),
-            ).fetchone()
-            return found
+            # Under either key: a legacy row left beside its converted one would bring the
+            # secret back. One statement, so atomic; the digest's row answers when both are.
+            rows: list[tuple[str, int | None, int | None]] = conn.execute(
+                "DELETE FROM secrets WHERE record_key IN (?, ?)"
+                " RETURNING record_key, expires_at, reads_left",
+                keys,
+            ).fetchall()
+            by_key = {key: (expires_at, reads_left) for key, expires_at, reads_left in rows}
+            return next((by_key[key] for key in keys if key in by_key), None)
 
         found = await self._run("delete", remove, write=True)
         if found is None or found[1] == 0:
@@ -295,7 +312,7 @@ class SQLiteStore:
         """Nothing to do: the schema already indexes ``key_id``."""
 
     async def records_not_sealed_by(
-        self, key_id: str, after_secret_id: str, limit: int
+        self, key_id: str, after: str, limit: int
     ) -> list[SealedSecret]:
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -303,23 +320,23 @@ class SQLiteStore:
         def select(conn: sqlite3.Connection) -> list[RecordRow]:
             rows: list[RecordRow] = conn.execute(
                 f"SELECT {RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names only
-                " WHERE key_id <> ? AND secret_id > ? ORDER BY secret_id LIMIT ?",
-                (key_id, after_secret_id, limit),
+                " WHERE key_id <> ? AND record_key > ? ORDER BY record_key LIMIT ?",
+                (key_id, after, limit),
             ).fetchall()
             return rows
 
         return [record_of(row) for row in await self._run("rewrap_find", select)]
 
     async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
-        if new.secret_id != old.secret_id:
-            raise ValueError("a record can only be replaced by a record with its own id")
+        if new.record_key != old.record_key:
+            raise ValueError("a record can only be replaced by a record with its own key")
 
         def replace(conn: sqlite3.Connection) -> bool:
             # One statement in autocommit mode: atomic, and durable (synchronous=FULL).
             cursor = conn.execute(
                 "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ?"
-                " WHERE secret_id = ? AND key_id = ? AND nonce = ?",
-                (new.key_id, new.nonce, new.ciphertext, old.secret_id, old.key_id, old.nonce),
+                " WHERE record_key = ? AND key_id = ? AND nonce = ?",
+                (new.key_id, new.nonce, new.ciphertext, old.record_key, old.key_id, old.nonce),
             )
             return cursor.rowcount == 1
 
