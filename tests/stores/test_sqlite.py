@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 import uuid
 from contextlib import closing
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import b64
+from tests.conftest import b64, clean_env
 from vault.app import create_app
 from vault.crypto import Keyring, generate_key, parse_key
 from vault.records import record_key
@@ -50,6 +52,29 @@ def test_locked_database_answers_503_in_bounded_time_then_recovers(tmp_path: Pat
             blocker.execute("ROLLBACK")
             blocker.close()
         assert client.post("/vault/secret/create", json={"secret": b64(b"x")}).status_code == 200
+
+
+def test_stores_opened_one_after_another_in_a_process_all_see_the_same_file(
+    tmp_path: Path,
+) -> None:
+    # Stores on one file in one process (test clients; an app and a command's check) while
+    # another process writes it and goes: each must see every write, the others' included.
+    key = generate_key()
+    with _client(tmp_path, MASTER_KEY=key) as first:
+        body = {"secret": b64(b"x"), "max_reads": 3}
+        fetch = {"secret_id": first.post("/vault/secret/create", json=body).json()["secret_id"]}
+        with _client(tmp_path, MASTER_KEY=key) as second:
+            subprocess.run(
+                [sys.executable, "-m", "vault", "rewrap"],
+                env=clean_env(MASTER_KEY=key, DATA_DIR=str(tmp_path)),
+                capture_output=True,
+                check=True,
+                timeout=60,
+            )
+            with _client(tmp_path, MASTER_KEY=key) as third:
+                assert third.post("/vault/secret/fetch", json=fetch).json()["reads_left"] == 2
+            assert second.post("/vault/secret/fetch", json=fetch).json()["reads_left"] == 1
+            assert first.post("/vault/secret/fetch", json=fetch).json()["reads_left"] == 0
 
 
 def test_a_file_from_an_earlier_version_is_upgraded_and_keeps_its_records(

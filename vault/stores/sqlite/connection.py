@@ -98,6 +98,12 @@ def connect(path: Path, timeout: float) -> sqlite3.Connection:
 
 
 def create_file(path: Path) -> None:
-    """The database file, readable by this user only, with the current schema."""
+    """The database file, readable by this user only, unless it exists already."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists():
+        # Not opened and closed here: closing any descriptor of the file drops every POSIX
+        # lock this process holds on it, those of its open SQLite connections included. Then
+        # another process may take the file for unused and delete its WAL and shared memory
+        # under them (their reads go stale, then fail with "disk I/O error").
+        return
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
