@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -315,6 +316,53 @@ def id_of(record: SealedSecret) -> str:
 def keys_of(*secret_ids: str) -> set[str]:
     """The record keys the secrets of ``secret_ids`` are stored under."""
     return {record_key(secret_id) for secret_id in secret_ids}
+
+
+def write_legacy(env: dict[str, str], records: list[SealedSecret]) -> None:
+    """Write ``records`` below the service as the previous version stored them: under their
+    secret id (each record's ``record_key`` is the id, which its ciphertext is bound to).
+    An SQLite file made here has that version's schema (a ``secret_id`` column); MongoDB
+    gets documents of format ``v`` 1."""
+    now = dt.datetime.now(dt.UTC)
+    if "MONGO_URI" in env:
+        docs = []
+        for r in records:
+            doc: dict[str, Any] = {"_id": r.record_key, "v": 1, "kid": r.key_id}
+            doc |= {"nonce": r.nonce, "ct": r.ciphertext, "created_at": now}
+            if r.expires_at is not None:
+                doc["expires_at"] = r.expires_at
+            if r.reads_left is not None:
+                doc["reads_left"] = r.reads_left
+            docs.append(doc)
+        with pymongo.MongoClient(env["MONGO_URI"]) as client:
+            client[env["MONGO_DB"]]["secrets"].insert_many(docs)
+        return
+    path = Path(env["DATA_DIR"]) / "vault.db"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS secrets (secret_id TEXT PRIMARY KEY,"
+            " key_id TEXT NOT NULL, nonce BLOB NOT NULL, ciphertext BLOB NOT NULL,"
+            " created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),"
+            " expires_at INTEGER, reads_left INTEGER) WITHOUT ROWID"
+        )
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(secrets)")}
+        key = "secret_id" if "secret_id" in columns else "record_key"  # upgraded since
+        conn.executemany(
+            f"INSERT INTO secrets ({key}, key_id, nonce, ciphertext, expires_at, reads_left)"  # noqa: S608
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.record_key,
+                    r.key_id,
+                    r.nonce,
+                    r.ciphertext,
+                    None if r.expires_at is None else int(r.expires_at.timestamp()),
+                    r.reads_left,
+                )
+                for r in records
+            ],
+        )
 
 
 def b64(data: bytes) -> str:

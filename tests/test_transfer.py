@@ -471,6 +471,42 @@ def test_a_format_1_file_is_imported_keyed_by_id_and_served_but_not_exported(
     assert to_pipe.returncode == 2 and to_pipe.stdout == b""
 
 
+def test_after_rewrap_a_format_1_import_exports_without_ids_and_is_already_there(
+    make_client: Callable[..., TestClient],
+    store_kind: str,
+    store_env: dict[str, str],
+    master_key: str,
+    tmp_path: Path,
+    mongo_uri: str,
+) -> None:
+    secrets = {str(uuid.uuid4()): os.urandom(16) for _ in range(3)}
+    old_file = format_1_export(master_key, secrets)
+    assert cli(without_keys(store_env), "import", cwd=tmp_path, stdin=old_file).returncode == 0
+
+    rewrap = cli(store_env, "rewrap", cwd=tmp_path)  # needs the key: it re-seals them
+    assert rewrap.returncode == 0, rewrap.stderr
+    assert re.search(rb"converted +3$", rewrap.stdout, re.MULTILINE)
+    exported = cli(without_keys(store_env), "export", "--output", "b.jsonl", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    data = (tmp_path / "b.jsonl").read_bytes()
+    assert {line["record_key"] for line in secret_lines(data)} == keys_of(*secrets)
+    for secret_id in secrets:
+        assert secret_id.encode() not in data and uuid.UUID(secret_id).bytes not in data
+    # The old file again: its secrets are the converted ones, already there.
+    again = cli(without_keys(store_env), "import", cwd=tmp_path, stdin=old_file)
+    assert again.returncode == 0, again.stderr
+    assert summary_counts(again.stderr.decode())["present"] == 3
+    assert stored_keys(store_env) == keys_of(*secrets)
+
+    target = other_store("mongo" if store_kind == "sqlite" else "sqlite", tmp_path, mongo_uri, "t")
+    moved = cli(target, "import", "--input", "b.jsonl", cwd=tmp_path)
+    assert summary_counts(moved.stderr.decode())["new"] == 3
+    served = make_client(**target, MASTER_KEY=master_key)
+    for secret_id, plaintext in secrets.items():
+        got = served.post("/vault/secret/fetch", json={"secret_id": secret_id})
+        assert got.status_code == 200 and got.json()["secret"] == b64(plaintext)
+
+
 def test_a_secret_that_expired_since_the_export_is_not_imported(
     make_client: Callable[..., TestClient], store_env: dict[str, str], tmp_path: Path
 ) -> None:

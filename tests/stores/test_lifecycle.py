@@ -8,10 +8,14 @@ import dataclasses
 import datetime as dt
 import os
 import uuid
+from typing import Any
+
+import pytest
 
 from tests.conftest import RawRecords, id_of, on_store, read_back, stored_record
-from vault.records import SealedSecret
+from vault.records import SealedSecret, record_key
 from vault.stores.base import DeleteResult, SecretStore
+from vault.stores.mongo.documents import document
 
 
 def record(*, expires_at: dt.datetime | None = None, reads_left: int | None = None) -> SealedSecret:
@@ -179,3 +183,96 @@ def test_a_record_stored_under_its_id_is_served_and_one_beside_its_digest_never_
     assert before_delete == deleted_new
     assert (deleted, after_delete) == (DeleteResult.DELETED, None)
     assert raw_records.record_keys() == {legacy_id}
+
+
+def legacy(secret_id: str, **lifecycle: Any) -> SealedSecret:
+    """A record as an earlier version stored it: under its id (a legacy record)."""
+    return dataclasses.replace(record(**lifecycle), record_key=secret_id)
+
+
+def _converted(old: SealedSecret) -> SealedSecret:
+    """What rewrap makes of a legacy record: sealed anew for its record key."""
+    return SealedSecret(
+        record_key=record_key(old.record_key),
+        key_id="fedcba9876543210",
+        nonce=os.urandom(12),
+        ciphertext=os.urandom(40),
+    )
+
+
+def test_conversion_keeps_the_read_count_and_never_brings_back_a_deleted_record(
+    store_env: dict[str, str], raw_records: RawRecords
+) -> None:
+    later = whole_seconds(dt.timedelta(hours=1))
+    counted_id, gone_id, changed_id = (str(uuid.uuid4()) for _ in range(3))
+    counted = legacy(counted_id, expires_at=later, reads_left=5)
+    gone, changed = legacy(gone_id, reads_left=5), legacy(changed_id)
+
+    async def work(store: SecretStore) -> tuple[bool, bool, bool, SealedSecret | None]:
+        for r in (counted, gone, changed):
+            await store.insert(r)
+        # rewrap read the three records, then requests read one and deleted another, and
+        # the third was rewritten ...
+        await read_back(store, counted_id)
+        await store.delete(gone_id)
+        stale = dataclasses.replace(changed, nonce=os.urandom(12))
+        # ... before it moved them to their record keys.
+        moved = await store.convert_sealed(counted, _converted(counted))
+        resurrected = await store.convert_sealed(gone, _converted(gone))
+        overwritten = await store.convert_sealed(stale, _converted(changed))
+        return moved, resurrected, overwritten, raw_records.sealed(counted_id)
+
+    moved, resurrected, overwritten, after = on_store(store_env, work)
+    assert (moved, resurrected, overwritten) == (True, False, False)
+    assert after is not None
+    assert (after.key_id, after.expires_at, after.reads_left) == ("fedcba9876543210", later, 4)
+    assert raw_records.record_keys() == {record_key(counted_id), changed_id}
+
+
+def test_a_secret_stored_under_both_keys_converts_to_its_record_key_with_the_fewer_reads(
+    store_env: dict[str, str], raw_records: RawRecords
+) -> None:
+    # Imported under its record key beside the record an earlier version left under its id.
+    secret_id = str(uuid.uuid4())
+    old, imported = legacy(secret_id, reads_left=2), stored_record(secret_id, reads_left=4)
+
+    async def work(store: SecretStore) -> bool:
+        await store.insert(old)
+        await store.insert(imported)
+        return await store.convert_sealed(old, _converted(old))
+
+    assert on_store(store_env, work) is True
+    assert raw_records.record_keys() == {record_key(secret_id)}
+    assert raw_records.sealed(secret_id) == dataclasses.replace(imported, reads_left=2)
+
+
+@pytest.mark.parametrize("store_kind", ["mongo"], indirect=True)
+def test_a_move_cut_short_is_finished_and_one_under_way_is_left_to_its_pass(
+    store_env: dict[str, str], raw_records: RawRecords
+) -> None:
+    # MongoDB moves a record in two writes: the converted document, then the old one's
+    # delete. One pass stopped between them an hour ago, another is between them now.
+    cut_id, busy_id = str(uuid.uuid4()), str(uuid.uuid4())
+    cut, busy = legacy(cut_id, reads_left=5), legacy(busy_id)
+    now = dt.datetime.now(dt.UTC)
+    collection = raw_records._mongo()
+
+    async def work(store: SecretStore) -> tuple[bool, bool]:
+        await store.insert(cut)
+        await store.insert(busy)
+        for old, since in ((cut, now - dt.timedelta(hours=1)), (busy, now)):
+            moving = {"since": since, "reads_left": old.reads_left}
+            doc = document(dataclasses.replace(_converted(old), reads_left=old.reads_left), now)
+            collection.insert_one({**doc, "moving": moving})
+        # A read was taken from the old document after it was copied.
+        collection.update_one({"_id": cut_id}, {"$inc": {"reads_left": -1}})
+        return (
+            await store.convert_sealed(cut, _converted(cut)),
+            await store.convert_sealed(busy, _converted(busy)),
+        )
+
+    assert on_store(store_env, work) == (True, False)
+    assert raw_records.record_keys() == {record_key(cut_id), record_key(busy_id), busy_id}
+    finished = collection.find_one({"_id": record_key(cut_id)})
+    assert finished["reads_left"] == 4 and "moving" not in finished
+    assert "moving" in collection.find_one({"_id": record_key(busy_id)})

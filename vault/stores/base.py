@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from observability.audit import AUDIT_FIELDS, AuditRecord, AuditWrite
 from observability.metrics import observe_store_operation
@@ -48,6 +48,14 @@ class DeleteResult(enum.Enum):
     DELETED = "deleted"
     EXPIRED = "expired"
     MISSING = "missing"
+
+
+class Remaining(NamedTuple):
+    """What key rotation has left to do in a store (``secret-manager rewrap``)."""
+
+    records: int  # records a pass takes: sealed by another key, or keyed by their id, or both
+    other_keys: int  # of those, sealed by a key other than the active one
+    keyed_by_id: int  # of those, stored under their secret id (legacy records)
 
 
 class SecretStore(Protocol):
@@ -109,19 +117,30 @@ class SecretStore(Protocol):
     async def prepare_rewrap(self) -> None:
         """Build what paging by key id needs (an index), once; idempotent, may take a while."""
 
-    async def records_not_sealed_by(
-        self, key_id: str, after: str, limit: int
-    ) -> list[SealedSecret]:
-        """Up to ``limit`` records sealed by any key but ``key_id``, with record keys above
-        ``after``, in ascending record key order: a stable order to page through."""
+    async def finish_rewrap(self) -> None:
+        """Once a pass has written: give back what it leaves behind (SQLite: checkpoint and
+        truncate the WAL, so that no page image there still holds a converted record's id)."""
+
+    async def records_to_rewrap(self, key_id: str, after: str, limit: int) -> list[SealedSecret]:
+        """Up to ``limit`` records sealed by any key but ``key_id`` or still keyed by their
+        id, with record keys above ``after``, in ascending record key order: a stable order
+        to page through (a record converted meanwhile no longer matches)."""
 
     async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
         """Atomically replace record ``old`` by ``new`` (same record key, durably written)
         if it still holds ``old``'s key id and nonce. False, and nothing written, if it
         changed."""
 
-    async def count_not_sealed_by(self, key_id: str) -> int:
-        """How many records are sealed by any key but ``key_id``."""
+    async def convert_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
+        """Move legacy record ``old`` (keyed by its secret id) to ``new``, sealed under its
+        record key (``record_key`` of that id), keeping its lifecycle, if it still holds
+        ``old``'s key id and nonce; True once the id is no longer stored. A record already
+        under the record key wins, and ``old`` is deleted. Safe to repeat after a crash;
+        False, and nothing left behind, if the record changed or went meanwhile."""
+
+    async def count_to_rewrap(self, key_id: str) -> Remaining:
+        """How many records a pass would take: sealed by any key but ``key_id``, or keyed by
+        their id."""
 
     # The key guard (vault/keyguard.py): at start-up and periodically while serving.
 

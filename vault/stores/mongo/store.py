@@ -16,11 +16,12 @@ from pymongo.write_concern import WriteConcern
 from observability.audit import AuditRecord
 from vault.errors import CorruptRecord, NotReady, StoreUnavailable
 from vault.lifecycle import Opener, takes_a_read
-from vault.records import SealedSecret
+from vault.records import SealedSecret, keyed_by_id, record_key
 from vault.stores.base import (
     AuditWrite,
     DeleteResult,
     FetchResult,
+    Remaining,
     fetch_results,
     insert_results,
     judge_each,
@@ -32,6 +33,7 @@ from vault.stores.base import (
 )
 from vault.stores.batching import Batcher
 from vault.stores.health import UNREACHABLE, WriteHealth, stored_any
+from vault.stores.mongo import rewrap
 from vault.stores.mongo.connection import (
     MongoConnection,
     log,
@@ -41,8 +43,6 @@ from vault.stores.mongo.documents import (
     audit_document,
     document,
     insert_each,
-    record_of,
-    sealed_by,
     sealed_or_corrupt,
 )
 from vault.stores.mongo.errors import (
@@ -335,51 +335,40 @@ class MongoStore:
             "rewrap_index", self._ensure_kid_index_sync, timeout=INDEX_BUILD_TIMEOUT_SECONDS
         )
 
-    def _not_sealed_by_sync(self, key_id: str, after: str, limit: int) -> list[SealedSecret]:
-        cursor = (
-            self._secrets.find({"kid": {"$ne": key_id}, "_id": {"$gt": after}})
-            .sort("_id", pymongo.ASCENDING)
-            .limit(limit)
-        )
-        return [record_of(doc) for doc in cursor]
+    async def finish_rewrap(self) -> None:
+        """Nothing to give back: the database manages its own files."""
 
-    async def records_not_sealed_by(
-        self, key_id: str, after: str, limit: int
-    ) -> list[SealedSecret]:
+    async def records_to_rewrap(self, key_id: str, after: str, limit: int) -> list[SealedSecret]:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         result: list[SealedSecret] = await self._mongo.run(
-            "rewrap_find", self._not_sealed_by_sync, key_id, after, limit
+            "rewrap_find", rewrap.records_to_rewrap, self._secrets, key_id, after, limit
         )
         return result
-
-    def _replace_sync(self, old: SealedSecret, new: SealedSecret) -> bool:
-        update = {"$set": {"kid": new.key_id, "nonce": new.nonce, "ct": new.ciphertext}}
-        swap = {"_id": old.record_key, "kid": old.key_id, "nonce": old.nonce}
-        if self._secrets.update_one(swap, update).matched_count == 1:
-            return True
-        # MongoDB matched nothing because the record changed or is gone. Some MongoDB-wire
-        # servers (the nx-27017 test server) never match a binary value in an update's
-        # filter, though: tell the two apart by reading the record, and if it is unchanged,
-        # swap on the key id alone. Records are never edited, only rewrapped, and every
-        # rewrap changes the key id, so that still never overwrites a concurrent rewrap.
-        current = self._secrets.find_one({"_id": old.record_key}, {"kid": 1, "nonce": 1})
-        if current is None or sealed_by(current) != (old.key_id, old.nonce):
-            return False
-        fallback = {"_id": old.record_key, "kid": old.key_id}
-        return self._secrets.update_one(fallback, update).matched_count == 1
 
     async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
         if new.record_key != old.record_key:
             raise ValueError("a record can only be replaced by a record with its own key")
-        swapped: bool = await self._write("rewrap_replace", self._replace_sync, old, new)
+        swapped: bool = await self._write(
+            "rewrap_replace", rewrap.replace_sealed, self._secrets, old, new
+        )
         return swapped
 
-    async def count_not_sealed_by(self, key_id: str) -> int:
-        count: int = await self._mongo.run(
-            "rewrap_count", self._secrets.count_documents, {"kid": {"$ne": key_id}}
+    def _convert_sync(self, old: SealedSecret, new: SealedSecret) -> bool:
+        with pymongo.timeout(self._mongo.timeout):  # its few round trips in one budget
+            return rewrap.convert_sealed(self._secrets, old, new)
+
+    async def convert_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
+        if not keyed_by_id(old.record_key) or new.record_key != record_key(old.record_key):
+            raise ValueError("only a record keyed by its id converts, to its own record key")
+        moved: bool = await self._write("rewrap_convert", self._convert_sync, old, new)
+        return moved
+
+    async def count_to_rewrap(self, key_id: str) -> Remaining:
+        remaining: Remaining = await self._mongo.run(
+            "rewrap_count", rewrap.count_to_rewrap, self._secrets, key_id
         )
-        return count
+        return remaining
 
     def _ensure_kid_index_sync(self) -> None:
         # Reachability first, under the store's own timeout: with the database down this

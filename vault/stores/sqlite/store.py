@@ -15,11 +15,12 @@ from typing import TypeVar
 from observability.audit import AuditRecord
 from vault.errors import NotReady, StoreUnavailable
 from vault.lifecycle import Opener, takes_a_read
-from vault.records import SealedSecret
+from vault.records import SealedSecret, keyed_by_id, record_key
 from vault.stores.base import (
     AuditWrite,
     DeleteResult,
     FetchResult,
+    Remaining,
     fetch_results,
     insert_results,
     judge_each,
@@ -33,6 +34,7 @@ from vault.stores.base import (
 )
 from vault.stores.batching import Batcher
 from vault.stores.health import DISK_FULL, UNREACHABLE, WriteHealth, stored_any
+from vault.stores.sqlite import rewrap
 from vault.stores.sqlite.connection import (
     SCHEMA,
     checkpoint,
@@ -311,43 +313,32 @@ class SQLiteStore:
     async def prepare_rewrap(self) -> None:
         """Nothing to do: the schema already indexes ``key_id``."""
 
-    async def records_not_sealed_by(
-        self, key_id: str, after: str, limit: int
-    ) -> list[SealedSecret]:
+    async def finish_rewrap(self) -> None:
+        await self._run("rewrap_checkpoint", checkpoint, write=True)
+
+    async def records_to_rewrap(self, key_id: str, after: str, limit: int) -> list[SealedSecret]:
         if limit < 1:
             raise ValueError("limit must be at least 1")
-
-        def select(conn: sqlite3.Connection) -> list[RecordRow]:
-            rows: list[RecordRow] = conn.execute(
-                f"SELECT {RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names only
-                " WHERE key_id <> ? AND record_key > ? ORDER BY record_key LIMIT ?",
-                (key_id, after, limit),
-            ).fetchall()
-            return rows
-
-        return [record_of(row) for row in await self._run("rewrap_find", select)]
+        return await self._run(
+            "rewrap_find", lambda conn: rewrap.records_to_rewrap(conn, key_id, after, limit)
+        )
 
     async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
         if new.record_key != old.record_key:
             raise ValueError("a record can only be replaced by a record with its own key")
+        return await self._run(
+            "rewrap_replace", lambda conn: rewrap.replace_sealed(conn, old, new), write=True
+        )
 
-        def replace(conn: sqlite3.Connection) -> bool:
-            # One statement in autocommit mode: atomic, and durable (synchronous=FULL).
-            cursor = conn.execute(
-                "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ?"
-                " WHERE record_key = ? AND key_id = ? AND nonce = ?",
-                (new.key_id, new.nonce, new.ciphertext, old.record_key, old.key_id, old.nonce),
-            )
-            return cursor.rowcount == 1
+    async def convert_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
+        if not keyed_by_id(old.record_key) or new.record_key != record_key(old.record_key):
+            raise ValueError("only a record keyed by its id converts, to its own record key")
+        return await self._run(
+            "rewrap_convert", lambda conn: rewrap.convert_sealed(conn, old, new), write=True
+        )
 
-        return await self._run("rewrap_replace", replace, write=True)
-
-    async def count_not_sealed_by(self, key_id: str) -> int:
-        def count(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT count(*) FROM secrets WHERE key_id <> ?", (key_id,))
-            return int(row.fetchone()[0])
-
-        return await self._run("rewrap_count", count)
+    async def count_to_rewrap(self, key_id: str) -> Remaining:
+        return await self._run("rewrap_count", lambda conn: rewrap.count_to_rewrap(conn, key_id))
 
     async def unknown_key_counts(self, known_key_ids: Collection[str]) -> dict[str, int]:
         known = frozenset(known_key_ids)
