@@ -3,7 +3,10 @@
 -- together carry different bodies: concurrent fetches ask for different secret ids, as
 -- real clients do, and no batch of fetches collapses into one read.
 --
---   wrk -t1 -c20 -d5s -s loadtests/bench.lua URL -- BODIES_FILE
+--   wrk -t1 -c20 -d5s -s loadtests/bench.lua URL -- BODIES_FILE [IDS_FILE]
+--
+-- With IDS_FILE, the secret_id of every 200 answer is appended to it, one per line: how
+-- the bench learns the ids its creates made (a store keeps only their digests).
 
 function init(args)
   local headers = { ["Content-Type"] = "application/json" }
@@ -15,6 +18,17 @@ function init(args)
   end
   assert(#requests > 0, "no request bodies in " .. args[1])
   index = 0
+  if args[2] then
+    -- Defined only here: wrk reads and parses answers only when a script has a response().
+    local ids = assert(io.open(args[2], "a"))
+    ids:setvbuf("line") -- whole lines, written as they come: this state is never closed
+    function response(status, _, body)
+      if status == 200 then
+        local id = body:match('"secret_id":%s*"([%x-]+)"')
+        if id then ids:write(id, "\n") end
+      end
+    end
+  end
 end
 
 function request()

@@ -60,7 +60,7 @@ from loadtests.mongo import mongodb, nx_pid
 from loadtests.processes import ClusterError, log, positive_int
 from middleware.outcomes import outcome_for_status
 from vault.crypto import Keyring, derive_audit_key, generate_key, parse_key, secret_id_hmac
-from vault.records import StoredSecret
+from vault.records import StoredSecret, record_key
 from vault.stores.sqlite import SQLiteBulk
 
 FILL_BATCH = 5000  # records per SQLiteBulk call while filling
@@ -120,7 +120,7 @@ def fill(path: Path, records: int, *, seed: int = 14) -> None:
             audit: list[dict[str, Any]] = []
             for index in range(start, min(start + FILL_BATCH, records)):
                 secret_id = str(uuid.uuid4())
-                sealed = keyring.seal(secret_id, os.urandom(32))
+                sealed = keyring.seal(record_key(secret_id), os.urandom(32))
                 # The lifecycle mix: none, an expiry, a read limit, or both.
                 expires = None
                 if index % 4 in (1, 3):

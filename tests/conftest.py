@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -36,7 +37,7 @@ from observability.audit import AuditRecord
 from vault.app import create_app
 from vault.backend import backend_for
 from vault.crypto import generate_key
-from vault.records import SealedSecret
+from vault.records import SealedSecret, record_key
 from vault.settings import Settings
 from vault.stores.base import SecretStore
 
@@ -208,32 +209,34 @@ class RawRecords:
 
     def get(self, secret_id: str) -> dict[str, Any]:
         """The record's stored fields: key_id, nonce, ciphertext."""
+        key = record_key(secret_id)
         if self.kind == "sqlite":
             with self._sqlite() as conn:
                 row = conn.execute(
-                    "SELECT key_id, nonce, ciphertext FROM secrets WHERE secret_id = ?",
-                    (secret_id,),
+                    "SELECT key_id, nonce, ciphertext FROM secrets WHERE record_key = ?",
+                    (key,),
                 ).fetchone()
             assert row is not None
             return {"key_id": row[0], "nonce": bytes(row[1]), "ciphertext": bytes(row[2])}
-        doc = self._mongo().find_one({"_id": secret_id})
+        doc = self._mongo().find_one({"_id": key})
         assert doc is not None
         return {"key_id": doc["kid"], "nonce": bytes(doc["nonce"]), "ciphertext": bytes(doc["ct"])}
 
     def sealed(self, secret_id: str) -> SealedSecret | None:
         """The whole stored record, lifecycle included, read from its row or document."""
+        key = record_key(secret_id)
         if self.kind == "sqlite":
             with self._sqlite() as conn:
                 row = conn.execute(
                     "SELECT key_id, nonce, ciphertext, expires_at, reads_left FROM secrets"
-                    " WHERE secret_id = ?",
-                    (secret_id,),
+                    " WHERE record_key = ?",
+                    (key,),
                 ).fetchone()
             if row is None:
                 return None
             key_id, nonce, ciphertext, expires_at, reads_left = row
         else:
-            doc = self._mongo().find_one({"_id": secret_id})
+            doc = self._mongo().find_one({"_id": key})
             if doc is None:
                 return None
             key_id, nonce, ciphertext = doc["kid"], doc["nonce"], doc["ct"]
@@ -241,7 +244,7 @@ class RawRecords:
             if isinstance(expires_at, dt.datetime):
                 expires_at = int(expires_at.replace(tzinfo=dt.UTC).timestamp())
         return SealedSecret(
-            secret_id,
+            key,
             key_id,
             bytes(nonce),
             bytes(ciphertext),
@@ -253,21 +256,29 @@ class RawRecords:
 
     def put(self, secret_id: str, fields: dict[str, Any]) -> None:
         """Overwrite the stored fields of an existing record."""
+        key = record_key(secret_id)
         if self.kind == "sqlite":
             with self._sqlite() as conn:
                 conn.execute(
-                    "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ? WHERE secret_id = ?",
-                    (fields["key_id"], fields["nonce"], fields["ciphertext"], secret_id),
+                    "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ? WHERE record_key = ?",
+                    (fields["key_id"], fields["nonce"], fields["ciphertext"], key),
                 )
             return
         update = {"kid": fields["key_id"], "nonce": fields["nonce"], "ct": fields["ciphertext"]}
-        self._mongo().update_one({"_id": secret_id}, {"$set": update})
+        self._mongo().update_one({"_id": key}, {"$set": update})
 
-    def secret_ids(self) -> set[str]:
-        """Ids of every stored secret."""
+    def key_ids(self) -> dict[str, str]:
+        """The key id that sealed each stored record, by record key."""
         if self.kind == "sqlite":
             with self._sqlite() as conn:
-                return {row[0] for row in conn.execute("SELECT secret_id FROM secrets")}
+                return dict(conn.execute("SELECT record_key, key_id FROM secrets").fetchall())
+        return {str(doc["_id"]): doc["kid"] for doc in self._mongo().find({}, {"kid": 1})}
+
+    def record_keys(self) -> set[str]:
+        """The keys every stored secret is stored under (``keys_of`` names them by id)."""
+        if self.kind == "sqlite":
+            with self._sqlite() as conn:
+                return {row[0] for row in conn.execute("SELECT record_key FROM secrets")}
         return {str(doc["_id"]) for doc in self._mongo().find({}, {"_id": 1})}
 
     def dump(self) -> bytes:
@@ -283,6 +294,80 @@ def raw_records(store_kind: str, store_env: dict[str, str]) -> Iterator[RawRecor
     records = RawRecords(store_kind, store_env)
     yield records
     records.close()
+
+
+# The secret id of each record stored_record made, by record key: a record keeps only the
+# digest of its id, as the service stores it.
+_IDS: dict[str, str] = {}
+
+
+def stored_record(secret_id: str | None = None, **fields: Any) -> SealedSecret:
+    """A record of random bytes, keyed as the service keys one: by the digest of a secret id
+    (a new one unless given), which ``id_of`` gives back."""
+    secret_id = secret_id or str(uuid.uuid4())
+    key = record_key(secret_id)
+    _IDS[key] = secret_id
+    fields.setdefault("key_id", "0123456789abcdef")
+    fields.setdefault("nonce", os.urandom(12))
+    fields.setdefault("ciphertext", os.urandom(40))
+    return SealedSecret(record_key=key, **fields)
+
+
+def id_of(record: SealedSecret) -> str:
+    """The secret id a record from ``stored_record`` is keyed by (the digest of)."""
+    return _IDS[record.record_key]
+
+
+def keys_of(*secret_ids: str) -> set[str]:
+    """The record keys the secrets of ``secret_ids`` are stored under."""
+    return {record_key(secret_id) for secret_id in secret_ids}
+
+
+def write_legacy(env: dict[str, str], records: list[SealedSecret]) -> None:
+    """Write ``records`` below the service as the previous version stored them: under their
+    secret id (each record's ``record_key`` is the id, which its ciphertext is bound to).
+    An SQLite file made here has that version's schema (a ``secret_id`` column); MongoDB
+    gets documents of format ``v`` 1."""
+    now = dt.datetime.now(dt.UTC)
+    if "MONGO_URI" in env:
+        docs = []
+        for r in records:
+            doc: dict[str, Any] = {"_id": r.record_key, "v": 1, "kid": r.key_id}
+            doc |= {"nonce": r.nonce, "ct": r.ciphertext, "created_at": now}
+            if r.expires_at is not None:
+                doc["expires_at"] = r.expires_at
+            if r.reads_left is not None:
+                doc["reads_left"] = r.reads_left
+            docs.append(doc)
+        with pymongo.MongoClient(env["MONGO_URI"]) as client:
+            client[env["MONGO_DB"]]["secrets"].insert_many(docs)
+        return
+    path = Path(env["DATA_DIR"]) / "vault.db"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS secrets (secret_id TEXT PRIMARY KEY,"
+            " key_id TEXT NOT NULL, nonce BLOB NOT NULL, ciphertext BLOB NOT NULL,"
+            " created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),"
+            " expires_at INTEGER, reads_left INTEGER) WITHOUT ROWID"
+        )
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(secrets)")}
+        key = "secret_id" if "secret_id" in columns else "record_key"  # upgraded since
+        conn.executemany(
+            f"INSERT INTO secrets ({key}, key_id, nonce, ciphertext, expires_at, reads_left)"  # noqa: S608
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.record_key,
+                    r.key_id,
+                    r.nonce,
+                    r.ciphertext,
+                    None if r.expires_at is None else int(r.expires_at.timestamp()),
+                    r.reads_left,
+                )
+                for r in records
+            ],
+        )
 
 
 def b64(data: bytes) -> str:

@@ -14,10 +14,12 @@ import pytest
 from tests.conftest import ROOT, clean_env
 from vault.crypto import NONCE_BYTES, Keyring, generate_key, key_id, parse_key
 from vault.errors import DecryptionFailed, MalformedKey, UnknownKey
+from vault.records import record_key
 
 
 def _id() -> str:
-    return str(uuid.uuid4())
+    """A record key, as the service seals a new secret under: the digest of a new id."""
+    return record_key(str(uuid.uuid4()))
 
 
 def test_round_trip_and_fresh_nonce_per_seal() -> None:
@@ -35,9 +37,19 @@ def test_round_trip_and_fresh_nonce_per_seal() -> None:
 def test_ciphertext_copied_onto_another_record_fails() -> None:
     ring = Keyring(os.urandom(32))
     sealed = ring.seal(_id(), b"alice's secret")
-    moved = dataclasses.replace(sealed, secret_id=_id())
+    moved = dataclasses.replace(sealed, record_key=record_key(_id()))
     with pytest.raises(DecryptionFailed):
         ring.open(moved)
+
+
+def test_a_legacy_record_bound_to_its_id_opens_and_only_under_that_id() -> None:
+    # Sealed as the previous version sealed: the id itself is the record key, in the AAD.
+    ring = Keyring(os.urandom(32))
+    secret_id = str(uuid.uuid4())
+    legacy = ring.seal(secret_id, b"from before")
+    assert ring.open(legacy) == b"from before"
+    with pytest.raises(DecryptionFailed):  # not under its digest: converting re-seals it
+        ring.open(dataclasses.replace(legacy, record_key=record_key(secret_id)))
 
 
 @pytest.mark.parametrize("field", ["nonce", "ciphertext"])

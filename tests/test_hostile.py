@@ -37,6 +37,7 @@ import pytest
 from tests.conftest import ServerProcess, b64
 from vault.cli.serve import H2_MAX_CONCURRENT_STREAMS
 from vault.crypto import generate_key
+from vault.records import record_key
 
 pytestmark = pytest.mark.slow
 
@@ -944,10 +945,13 @@ def test_http2_priority_frames_for_streams_without_an_answer_are_ignored(
 def _tamper(data_dir: Path, secret_id: str) -> None:
     with sqlite3.connect(data_dir / "vault.db", isolation_level=None) as conn:
         (ciphertext,) = conn.execute(
-            "SELECT ciphertext FROM secrets WHERE secret_id = ?", (secret_id,)
+            "SELECT ciphertext FROM secrets WHERE record_key = ?", (record_key(secret_id),)
         ).fetchone()
         flipped = bytes([ciphertext[0] ^ 1]) + bytes(ciphertext[1:])
-        conn.execute("UPDATE secrets SET ciphertext = ? WHERE secret_id = ?", (flipped, secret_id))
+        conn.execute(
+            "UPDATE secrets SET ciphertext = ? WHERE record_key = ?",
+            (flipped, record_key(secret_id)),
+        )
     conn.close()
 
 

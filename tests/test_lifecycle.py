@@ -25,9 +25,10 @@ import httpx2 as httpx
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import RawRecords, ServerProcess, b64
+from tests.conftest import RawRecords, ServerProcess, b64, keys_of
 from tests.test_audit import audit_records
 from vault.app import create_app
+from vault.records import record_key
 from vault.settings import Settings
 
 NOT_FOUND = {"detail": "no secret has this secret_id; check the id you were given"}
@@ -92,7 +93,8 @@ def test_an_expired_secret_answers_like_an_unknown_id_before_any_purge(
     unknown = fetch(client, str(uuid.uuid4()))
     assert (expired.status_code, expired.json()) == (404, NOT_FOUND)
     assert (unknown.status_code, unknown.json()) == (404, NOT_FOUND)
-    assert answer["secret_id"] in raw_records.secret_ids()  # not purged yet, still refused
+    # Not purged yet, still refused.
+    assert record_key(answer["secret_id"]) in raw_records.record_keys()
     # Only the audit log tells them apart.
     outcomes = [(r["op"], r["outcome"]) for r in audit_records(store_env)]
     assert outcomes[-2:] == [("fetch", "expired"), ("fetch", "not_found")]
@@ -106,7 +108,8 @@ def test_a_read_limited_secret_counts_down_then_is_gone(
     secret_id = answer["secret_id"]
     left = [fetch(client, secret_id).json() for _ in range(3)]
     assert left == [{"secret": b64(b"s3cret"), "reads_left": n} for n in (2, 1, 0)]
-    assert secret_id not in raw_records.secret_ids()  # removed by the read that used the last
+    # Removed by the read that used the last.
+    assert record_key(secret_id) not in raw_records.record_keys()
     used_up = fetch(client, secret_id)
     assert (used_up.status_code, used_up.json()) == (404, NOT_FOUND)
 
@@ -132,7 +135,7 @@ def test_bad_lifecycle_values_are_400_naming_the_field_and_store_nothing(
     cap = "315360000" if field == "ttl_seconds" else "1000000"
     assert response.json()["detail"].startswith(f"field {field!r} must be a JSON integer")
     assert f"from 1 to {cap}" in response.json()["detail"]
-    assert raw_records.secret_ids() == set()
+    assert raw_records.record_keys() == set()
 
 
 def test_values_past_the_caps_are_refused_and_the_caps_themselves_taken(
@@ -173,7 +176,7 @@ def test_delete_removes_the_ciphertext_and_then_answers_like_an_unknown_id(
     secret_id = create(client, max_reads=5)["secret_id"]
     deleted = delete(client, secret_id, path)
     assert (deleted.status_code, deleted.json()) == (200, {"secret_id": secret_id, "deleted": True})
-    assert raw_records.secret_ids() == {kept}
+    assert raw_records.record_keys() == keys_of(kept)
     again = delete(client, secret_id, path)
     assert (again.status_code, again.json()) == (404, NOT_FOUND)
     assert (fetch(client, secret_id).status_code, fetch(client, secret_id).json()) == (
@@ -194,7 +197,7 @@ def test_deleting_an_expired_secret_is_404_and_audited_as_expired(
     wait_past(expires_at(answer))
     refused = delete(client, answer["secret_id"])
     assert (refused.status_code, refused.json()) == (404, NOT_FOUND)
-    assert raw_records.secret_ids() == set()
+    assert raw_records.record_keys() == set()
     assert audit_records(store_env)[-1]["outcome"] == "expired"
 
 
@@ -257,9 +260,10 @@ def test_the_purge_removes_expired_records_in_the_background(
     short = create(client, ttl_seconds=1)
     wait_past(expires_at(short))
     deadline = time.monotonic() + 10
-    while short["secret_id"] in raw_records.secret_ids() and time.monotonic() < deadline:
+    short_key = record_key(short["secret_id"])
+    while short_key in raw_records.record_keys() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert raw_records.secret_ids() == {living}
+    assert raw_records.record_keys() == keys_of(living)
 
 
 # Exactly k, with real servers and overlapping requests.
@@ -341,7 +345,7 @@ def test_exactly_k_reads_across_two_workers_on_the_embedded_store(
 def stored_ciphertext(data_dir: Path, secret_id: str) -> bytes:
     with contextlib.closing(sqlite3.connect(data_dir / "vault.db")) as conn:
         (ciphertext,) = conn.execute(
-            "SELECT ciphertext FROM secrets WHERE secret_id = ?", (secret_id,)
+            "SELECT ciphertext FROM secrets WHERE record_key = ?", (record_key(secret_id),)
         ).fetchone()
     return bytes(ciphertext)
 

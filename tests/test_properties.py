@@ -93,12 +93,12 @@ def _tampered(sealed: SealedSecret, field: str, position: int) -> SealedSecret:
     if field == "key_id":
         raw = sealed.key_id.encode("latin-1")
         kid = _flip(raw, position % (8 * len(raw))).decode("latin-1")
-        return SealedSecret(sealed.secret_id, kid, sealed.nonce, sealed.ciphertext)
+        return SealedSecret(sealed.record_key, kid, sealed.nonce, sealed.ciphertext)
     if field == "nonce":
         nonce = _flip(sealed.nonce, position % (8 * len(sealed.nonce)))
-        return SealedSecret(sealed.secret_id, sealed.key_id, nonce, sealed.ciphertext)
+        return SealedSecret(sealed.record_key, sealed.key_id, nonce, sealed.ciphertext)
     ciphertext = _flip(sealed.ciphertext, position % (8 * len(sealed.ciphertext)))
-    return SealedSecret(sealed.secret_id, sealed.key_id, sealed.nonce, ciphertext)
+    return SealedSecret(sealed.record_key, sealed.key_id, sealed.nonce, ciphertext)
 
 
 KEYS = [os.urandom(32) for _ in range(3)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime as dt
 import functools
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,16 +22,27 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import RawRecords, b64, clean_env, free_port, on_store, read_back
+from tests.conftest import (
+    RawRecords,
+    b64,
+    clean_env,
+    free_port,
+    keys_of,
+    on_store,
+    read_back,
+    write_legacy,
+)
 from vault.app import build_keyring
-from vault.crypto import derive_audit_key, generate_key, key_id, parse_key, secret_id_hmac
+from vault.crypto import Keyring, derive_audit_key, generate_key, key_id, parse_key, secret_id_hmac
+from vault.records import SealedSecret, record_key
 from vault.rewrap import rewrap
 from vault.settings import Settings
-from vault.stores.base import SecretStore
+from vault.stores.base import Remaining, SecretStore
 
 _SUMMARY = re.compile(
-    r"^  (examined|rewrapped|would rewrap|changed concurrently|unknown key"
-    r"|failed authentication|remaining under other keys) +(\d+)$",
+    r"^  (examined|rewrapped|would rewrap|converted|would convert|changed concurrently"
+    r"|unknown key|failed authentication|remaining under other keys|remaining keyed by id)"
+    r" +(\d+)$",
     re.MULTILINE,
 )
 
@@ -75,7 +88,7 @@ def assert_fetches(client: TestClient, secrets: dict[str, bytes]) -> None:
 
 
 def key_ids(raw: RawRecords) -> dict[str, str]:
-    return {secret_id: raw.get(secret_id)["key_id"] for secret_id in raw.secret_ids()}
+    return raw.key_ids()
 
 
 @pytest.fixture
@@ -142,10 +155,12 @@ def test_rewrap_moves_every_record_to_the_active_key_and_the_old_key_can_go(
     assert summary(result.stdout) == {
         "examined": 7,
         "rewrapped": 7,
+        "converted": 0,
         "changed concurrently": 0,
         "unknown key": 0,
         "failed authentication": 0,
         "remaining under other keys": 0,
+        "remaining keyed by id": 0,
     }
     assert [
         line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("batch")
@@ -184,7 +199,7 @@ def test_a_run_stopped_part_way_is_continued_by_the_next(
     )
     assert "run rewrap again to continue" in first.stderr
     kids = key_ids(raw_records)
-    # In secret id order: the two lowest ids are done, the rest wait, none is half done.
+    # In record key order: the two lowest keys are done, the rest wait, none is half done.
     assert [kids[i] == new_kid for i in sorted(kids)] == [True, True] + [False] * 5
 
     second = run_rewrap(rotated, "--batch-size", "2")
@@ -209,7 +224,7 @@ def test_ctrl_c_stops_between_atomic_swaps_and_a_new_run_finishes(
 
     async def fill(store: SecretStore) -> None:
         for secret_id, data in secrets.items():
-            await store.insert(keyring.seal(secret_id, data))
+            await store.insert(keyring.seal(record_key(secret_id), data))
 
     on_store(store_env, fill)
     # Started as a shell starts a background job, with SIGINT ignored (`trap '' INT` is what
@@ -278,18 +293,19 @@ def test_records_the_keyring_cannot_open_are_reported_and_left_alone(
     assert summary(result.stdout) == {
         "examined": 4,
         "rewrapped": 2,
+        "converted": 0,
         "changed concurrently": 0,
         "unknown key": 1,
         "failed authentication": 1,
         "remaining under other keys": 2,
+        "remaining keyed by id": 0,
     }
     assert {i: raw_records.get(i) for i in (orphan, tampered)} == before
-    # Named as the audit log names them, never in clear.
-    audit_key = derive_audit_key(parse_key(rotated["MASTER_KEY"]))
+    # Named by the key they are stored under, which fetches nothing, never by their id.
     output = result.stdout + result.stderr
     assert f"key {kid(lost_key)}, not configured" in output
-    assert secret_id_hmac(audit_key, orphan) in output
-    assert secret_id_hmac(audit_key, tampered) in output
+    assert f"record_key {record_key(orphan)}" in output
+    assert f"record_key {record_key(tampered)}" in output
     assert not any(secret_id in output for secret_id in readable | {orphan: b""})
     assert "keep every key that may have sealed them in MASTER_KEY_PREVIOUS" in result.stderr
 
@@ -351,6 +367,110 @@ def test_dry_run_says_when_no_configured_key_opens_a_record(
     # Nothing here that a real run could re-encrypt: it must not be suggested.
     assert "without --dry-run" not in result.stderr
     assert orphan not in result.stdout + result.stderr
+
+
+def legacy(keyring: Keyring, secret_id: str, plaintext: bytes, **lifecycle: Any) -> SealedSecret:
+    """A record as the previous version sealed it: bound to its secret id, stored under it."""
+    return dataclasses.replace(keyring.seal(secret_id, plaintext), **lifecycle)
+
+
+def in_an_hour() -> dt.datetime:
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).replace(microsecond=0)
+
+
+@pytest.mark.slow
+def test_rewrap_converts_records_stored_under_their_id_while_they_are_served(
+    make_client: Callable[..., TestClient],
+    store_env: dict[str, str],
+    rotated: dict[str, str],
+    raw_records: RawRecords,
+) -> None:
+    old_ring = build_keyring(Settings.from_env(store_env))
+    new_ring = build_keyring(Settings.from_env(rotated))
+    later = in_an_hour()
+    by_id: dict[str, bytes] = {}
+    records = []
+    for n in range(5):
+        secret_id, data = str(uuid.uuid4()), os.urandom(20 + n)
+        by_id[secret_id] = data
+        lifecycle: dict[str, Any] = {1: {"reads_left": 3}, 2: {"expires_at": later}}.get(n, {})
+        # Sealed by the old key, or by the new one already: converted all the same.
+        records.append(legacy(old_ring if n % 2 else new_ring, secret_id, data, **lifecycle))
+    limited, expiring = records[1].record_key, records[2].record_key
+    write_legacy(store_env, records)
+    digests = create(make_client(), 3)  # sealed by the old key, under their record keys
+    replica = make_client(**rotated)
+    assert_fetches(replica, by_id | digests)  # served as they are: 2 reads left on one
+
+    dry = run_rewrap(rotated, "--dry-run", "--batch-size", "2")
+    assert dry.returncode == 1, dry.stdout + dry.stderr
+    counts = summary(dry.stdout)
+    assert (counts["would convert"], counts["would rewrap"]) == (5, 3)
+    assert (counts["remaining keyed by id"], counts["remaining under other keys"]) == (5, 5)
+    assert "5 are keyed by their secret id" in dry.stderr
+    assert raw_records.record_keys() == set(by_id) | keys_of(*digests)  # nothing written
+
+    result = run_rewrap(rotated, "--batch-size", "2")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert summary(result.stdout) == {
+        "examined": 8,
+        "rewrapped": 3,
+        "converted": 5,
+        "changed concurrently": 0,
+        "unknown key": 0,
+        "failed authentication": 0,
+        "remaining under other keys": 0,
+        "remaining keyed by id": 0,
+    }
+    assert "and stored under its record key" in result.stdout
+    assert not any(secret_id in result.stdout + result.stderr for secret_id in by_id)
+    # No id left anywhere in the store, in text or as the UUID's 16 bytes.
+    assert raw_records.record_keys() == keys_of(*by_id, *digests)
+    assert set(key_ids(raw_records).values()) == {kid(rotated["MASTER_KEY"])}
+    dump = raw_records.dump()
+    for secret_id in by_id:
+        assert secret_id.encode() not in dump and uuid.UUID(secret_id).bytes not in dump
+    converted = raw_records.sealed(limited)
+    assert converted is not None and converted.reads_left == 2
+    assert (raw_records.sealed(expiring) or converted).expires_at == later
+    # Every secret still fetches by its id, with the new key alone.
+    assert_fetches(make_client(MASTER_KEY=rotated["MASTER_KEY"]), by_id | digests)
+    assert replica.post("/vault/secret/fetch", json={"secret_id": limited}).json() == {
+        "secret": b64(by_id[limited]),
+        "reads_left": 0,
+    }
+
+    again = run_rewrap(rotated)
+    assert again.returncode == 0, again.stderr
+    assert summary(again.stdout)["examined"] == 0
+
+
+@pytest.mark.slow
+def test_a_conversion_stopped_part_way_exits_1_and_the_next_run_finishes_it(
+    make_client: Callable[..., TestClient], store_env: dict[str, str], raw_records: RawRecords
+) -> None:
+    keyring = build_keyring(Settings.from_env(store_env))
+    by_id = {str(uuid.uuid4()): os.urandom(16) for _ in range(4)}
+    write_legacy(store_env, [legacy(keyring, i, data) for i, data in by_id.items()])
+
+    # No rotation at all: records under the active key are converted too.
+    first = run_rewrap(store_env, "--batch-size", "1", "--max-batches", "2")
+
+    assert first.returncode == 1
+    counts = summary(first.stdout)
+    assert (counts["converted"], counts["remaining keyed by id"]) == (2, 2)
+    assert "2 records are still keyed by their secret id: run rewrap again to continue" in (
+        first.stderr
+    )
+    assert len(raw_records.record_keys() & set(by_id)) == 2
+    assert_fetches(make_client(), by_id)  # half converted, all served
+
+    second = run_rewrap(store_env)
+    assert second.returncode == 0, second.stderr
+    assert summary(second.stdout)["converted"] == 2
+    assert raw_records.record_keys() == keys_of(*by_id)
+    assert_fetches(make_client(), by_id)
 
 
 @pytest.mark.slow
@@ -453,20 +573,21 @@ def test_replace_sealed_never_overwrites_a_record_that_changed(
         read = raw_records.sealed(secret_id)
         assert read is not None
         plaintext = keyring.open(read)
-        first = keyring.seal(secret_id, plaintext)
+        key = record_key(secret_id)
+        first = keyring.seal(key, plaintext)
         assert await store.replace_sealed(read, first) is True
         # A second rewrap holding the same stale read: the key id has changed since.
-        assert await store.replace_sealed(read, keyring.seal(secret_id, plaintext)) is False
+        assert await store.replace_sealed(read, keyring.seal(key, plaintext)) is False
         # Same key id as stored, another nonce: a change the key id alone would not show.
         stale = dataclasses.replace(first, nonce=os.urandom(12))
-        assert await store.replace_sealed(stale, keyring.seal(secret_id, plaintext)) is False
+        assert await store.replace_sealed(stale, keyring.seal(key, plaintext)) is False
         assert raw_records.sealed(secret_id) == first
 
     on_store(rotated, work)
     assert raw_records.get(secret_id)["key_id"] == kid(rotated["MASTER_KEY"])
 
 
-def test_records_not_sealed_by_pages_in_secret_id_order(
+def test_records_to_rewrap_pages_in_record_key_order(
     make_client: Callable[..., TestClient], rotated: dict[str, str]
 ) -> None:
     old = create(make_client(), 5)
@@ -475,15 +596,16 @@ def test_records_not_sealed_by_pages_in_secret_id_order(
 
     async def work(store: SecretStore) -> tuple[list[list[str]], int]:
         pages, after = [], ""
-        while page := await store.records_not_sealed_by(active, after, 2):
+        while page := await store.records_to_rewrap(active, after, 2):
             assert all(record.key_id != active for record in page)
-            pages.append([record.secret_id for record in page])
-            after = page[-1].secret_id
-        return pages, await store.count_not_sealed_by(active)
+            pages.append([record.record_key for record in page])
+            after = page[-1].record_key
+        return pages, await store.count_to_rewrap(active)
 
     pages, count = on_store(rotated, work)
-    assert pages == [sorted(old)[0:2], sorted(old)[2:4], sorted(old)[4:]]
-    assert count == 5
+    keys = sorted(keys_of(*old))
+    assert pages == [keys[0:2], keys[2:4], keys[4:]]
+    assert count == Remaining(records=5, other_keys=5, keyed_by_id=0)
 
 
 class RacingStore:
@@ -492,19 +614,21 @@ class RacingStore:
 
     def __init__(self, store: SecretStore, deleted: set[str], read: set[str]) -> None:
         self._store = store
+        self._ids = {record_key(i): i for i in deleted | read}  # what a record keeps: the key
         self._deleted = deleted
         self._read = read
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def records_not_sealed_by(self, key_id: str, after: str, limit: int) -> list[Any]:
-        page = await self._store.records_not_sealed_by(key_id, after, limit)
+    async def records_to_rewrap(self, key_id: str, after: str, limit: int) -> list[Any]:
+        page = await self._store.records_to_rewrap(key_id, after, limit)
         for record in page:
-            if record.secret_id in self._deleted:
-                assert await self._store.delete(record.secret_id) is not None
-            elif record.secret_id in self._read:
-                assert await read_back(self._store, record.secret_id) is not None
+            secret_id = self._ids.get(record.record_key)
+            if secret_id in self._deleted:
+                assert await self._store.delete(secret_id) is not None
+            elif secret_id in self._read:
+                assert await read_back(self._store, secret_id) is not None
         return page
 
 
@@ -538,7 +662,7 @@ def test_rewrap_keeps_lifecycles_and_never_brings_back_what_went_while_it_ran(
 
     report = on_store(rotated, work)
     assert report.ok
-    assert raw_records.secret_ids() == set(ids) - deleted - one_read_left
+    assert raw_records.record_keys() == keys_of(*(set(ids) - deleted - one_read_left))
     new = make_client(**rotated)
     for secret_id in ids:
         answer = new.post("/vault/secret/fetch", json={"secret_id": secret_id})

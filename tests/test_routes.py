@@ -109,11 +109,11 @@ def test_chunked_body_over_the_cap_is_413(client: TestClient) -> None:
 def test_bad_create_requests_are_400_and_store_nothing(
     client: TestClient, raw_records: RawRecords, body: bytes, needle: str
 ) -> None:
-    before = raw_records.secret_ids()
+    before = raw_records.record_keys()
     response = client.post("/vault/secret/create", content=body)
     assert response.status_code == 400
     assert needle in response.json()["detail"]
-    assert raw_records.secret_ids() == before
+    assert raw_records.record_keys() == before
 
 
 # What a body got wrong, in words a caller can act on; each cause names itself, not another.

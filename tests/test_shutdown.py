@@ -27,7 +27,7 @@ import httpx2 as httpx
 import pymongo
 import pytest
 
-from tests.conftest import ServerProcess, b64, children, running
+from tests.conftest import ServerProcess, b64, children, keys_of, running
 from vault.crypto import derive_audit_key, secret_id_hmac
 from vault.settings import Settings
 
@@ -92,7 +92,8 @@ def audit_successes(env: dict[str, str], op: str = "create") -> Counter[str]:
     return Counter(row[0] for row in rows)
 
 
-def stored_ids(env: dict[str, str]) -> set[str]:
+def stored_keys(env: dict[str, str]) -> set[str]:
+    """The record key of every stored secret."""
     if "MONGO_URI" in env:
         client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(env["MONGO_URI"])
         try:
@@ -100,9 +101,9 @@ def stored_ids(env: dict[str, str]) -> set[str]:
         finally:
             client.close()
     with sqlite3.connect(Path(env["DATA_DIR"]) / "vault.db") as conn:
-        ids = {row[0] for row in conn.execute("SELECT secret_id FROM secrets")}
+        keys = {row[0] for row in conn.execute("SELECT record_key FROM secrets")}
     conn.close()
-    return ids
+    return keys
 
 
 def sigterm_and_wait(server: ServerProcess) -> tuple[float, int]:
@@ -212,10 +213,10 @@ def test_sigterm_under_load_loses_nothing(
     acknowledged = {call.secret_id: call.secret for call in calls if call.secret_id}
     assert len(acknowledged) >= THREADS, outcomes
     # Every secret stored was acknowledged: no request was processed and then cut off.
-    stored = stored_ids(env)
-    assert stored == set(acknowledged), (
-        f"{len(stored - set(acknowledged))} stored but unacknowledged, "
-        f"{len(set(acknowledged) - stored)} acknowledged but not stored; {outcomes}"
+    stored = stored_keys(env)
+    assert stored == keys_of(*acknowledged), (
+        f"{len(stored - keys_of(*acknowledged))} stored but unacknowledged, "
+        f"{len(keys_of(*acknowledged) - stored)} acknowledged but not stored; {outcomes}"
     )
     assert sum(audit_successes(env).values()) == len(acknowledged)
     assert "Traceback" not in server.output()
@@ -414,7 +415,7 @@ def test_sigkill_mid_batch_loses_nothing_acknowledged(
     assert cut, "no request was in flight at the kill"
     # Killed with calls in flight, so some secrets may be stored and never acknowledged;
     # none acknowledged may be missing.
-    assert set(acknowledged) <= stored_ids(env)
+    assert keys_of(*acknowledged) <= stored_keys(env)
     master = Settings.from_env(env).master_key
     assert master is not None
     audit_key = derive_audit_key(master)

@@ -31,13 +31,14 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import b64, clean_env, on_store, wait_until
+from tests.conftest import b64, clean_env, keys_of, on_store, wait_until
 from vault.crypto import Keyring, parse_key
+from vault.records import record_key
 from vault.stores.base import SecretStore
 
 EXPORT_FIELDS = {
     "type",
-    "secret_id",
+    "record_key",
     "key_id",
     "nonce",
     "ciphertext",
@@ -109,8 +110,9 @@ def secret_lines(data: bytes) -> list[dict[str, Any]]:
     return [line for line in lines(data) if line.get("type") == "secret"]
 
 
-def stored_ids(env: dict[str, str]) -> set[str]:
-    """Ids of every secret record in the store ``env`` names (read below the service)."""
+def stored_keys(env: dict[str, str]) -> set[str]:
+    """The record key of every secret record in the store ``env`` names (read below the
+    service)."""
     if "MONGO_URI" in env:
         with pymongo.MongoClient(env["MONGO_URI"]) as client:
             return {str(doc["_id"]) for doc in client[env["MONGO_DB"]]["secrets"].find({})}
@@ -118,7 +120,7 @@ def stored_ids(env: dict[str, str]) -> set[str]:
 
     database = Path(env["DATA_DIR"]) / "vault.db"
     with sqlite3.connect(database) as conn:
-        return {row[0] for row in conn.execute("SELECT secret_id FROM secrets")}
+        return {row[0] for row in conn.execute("SELECT record_key FROM secrets")}
 
 
 def store_is_untouched(env: dict[str, str]) -> bool:
@@ -163,7 +165,7 @@ def populate(client: TestClient, env: dict[str, str], count: int = 12) -> Popula
     keyring = Keyring(parse_key(env["MASTER_KEY"]))
     expired_id = str(uuid.uuid4())
     sealed = dataclasses.replace(
-        keyring.seal(expired_id, b"gone"),
+        keyring.seal(record_key(expired_id), b"gone"),
         expires_at=dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=5),
     )
 
@@ -185,7 +187,7 @@ def population(
 def test_export_writes_every_live_record_sealed_with_a_closing_sha256(
     population: Population, store_env: dict[str, str], tmp_path: Path
 ) -> None:
-    held = len(stored_ids(store_env))  # with the expired one, unless already purged
+    held = len(stored_keys(store_env))  # with the expired one, unless already purged
     result = cli(without_keys(store_env), "export", "--audit", "--output", "b.jsonl", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     data = (tmp_path / "b.jsonl").read_bytes()
@@ -193,14 +195,19 @@ def test_export_writes_every_live_record_sealed_with_a_closing_sha256(
     assert not list(tmp_path.glob("*.partial"))
 
     header, *body, end = lines(data)
-    assert header["format"] == "secret-manager-export" and header["version"] == 1
+    assert header["format"] == "secret-manager-export" and header["version"] == 2
     secrets = [line for line in body if line["type"] == "secret"]
     audit = [line for line in body if line["type"] == "audit"]
     # Expired and used-up records are left out; every other one is there, whole.
-    assert {line["secret_id"] for line in secrets} == set(population.secrets)
+    assert {line["record_key"] for line in secrets} == keys_of(*population.secrets)
     assert all(set(line) == EXPORT_FIELDS for line in secrets)
+    # Named by their record keys: no secret id is in the file, which fetches nothing.
+    for secret_id in [*population.secrets, population.expired_id]:
+        assert secret_id.encode() not in data
+        assert uuid.UUID(secret_id).bytes not in data
+    ids = {record_key(secret_id): secret_id for secret_id in population.secrets}
     for line in secrets:
-        answer = population.secrets[line["secret_id"]][1]
+        answer = population.secrets[ids[line["record_key"]]][1]
         assert line["expires_at"] == answer.get("expires_at")
         assert line["reads_left"] == answer.get("reads_left")
         assert line["created_at"].endswith("Z")
@@ -253,7 +260,7 @@ def test_import_into_the_other_store_serves_every_secret_and_twice_adds_nothing(
     summary = second.stderr.decode()
     assert f"secrets 0 new, {count} already there" in summary
     assert "audit records 0 new" in summary
-    assert stored_ids(target) == set(population.secrets)
+    assert stored_keys(target) == keys_of(*population.secrets)
 
     # The same file again, exported from the target: the records are exactly as they were.
     again = cli(target, "export", "--audit", cwd=tmp_path)
@@ -281,7 +288,7 @@ DAMAGE: dict[str, Callable[[bytes], bytes]] = {
     ),
     "foreign JSON": lambda data: b'{"secrets": []}\n',
     "not JSON": lambda data: b"\x89PNG\r\n\x1a\n" + data,
-    "newer version": lambda data: data.replace(b'"version":1', b'"version":2', 1),
+    "newer version": lambda data: data.replace(b'"version":2', b'"version":3', 1),
     "data after the end": lambda data: data + data.split(b"\n")[1] + b"\n",
 }
 REASON = {
@@ -292,7 +299,7 @@ REASON = {
     "a line dropped": "it is damaged: its end line counts",
     "foreign JSON": "it is not a secret-manager export",
     "not JSON": "it is not a secret-manager export",
-    "newer version": "written by a newer secret-manager (export format version 2",
+    "newer version": "written by a newer secret-manager (export format version 3",
     "data after the end": "more follows its end line",
 }
 
@@ -327,7 +334,7 @@ def test_a_truncated_file_writes_nothing_to_mongodb(
     assert store_is_untouched(target)
 
 
-def test_a_different_record_under_the_same_id_is_a_conflict_left_untouched(
+def test_a_different_record_under_the_same_key_is_a_conflict_left_untouched(
     population: Population,
     store_kind: str,
     store_env: dict[str, str],
@@ -337,11 +344,11 @@ def test_a_different_record_under_the_same_id_is_a_conflict_left_untouched(
     data = cli(without_keys(store_env), "export", cwd=tmp_path).stdout
     target = other_store(store_kind, tmp_path, mongo_uri, "t")
     victim = secret_lines(data)[0]
-    # The target already holds another record under the first record's id.
+    # The target already holds another record under the first record's key.
     other = {**victim, "nonce": b64(b"\x01" * 12), "ciphertext": b64(b"\x02" * 20)}
     forged = b"\n".join(
         [
-            json.dumps({"format": "secret-manager-export", "version": 1}).encode(),
+            json.dumps({"format": "secret-manager-export", "version": 2}).encode(),
             json.dumps(other, separators=(",", ":")).encode(),
         ]
     )
@@ -356,13 +363,13 @@ def test_a_different_record_under_the_same_id_is_a_conflict_left_untouched(
     assert result.returncode == 1
     message = result.stderr.decode()
     assert "conflict at line 2 of standard input" in message
-    assert victim["secret_id"] not in message  # a secret id is a bearer capability
+    assert victim["record_key"] not in message
     count = len(population.secrets)
     assert f"secrets {count - 1} new, 0 already there, 0 with fewer reads left" in message
     assert "1 conflicts" in message
     # The record that was there is still there, unchanged.
     kept = [line for line in secret_lines(cli(target, "export", cwd=tmp_path).stdout)]
-    assert [line for line in kept if line["secret_id"] == victim["secret_id"]] == [other]
+    assert [line for line in kept if line["record_key"] == victim["record_key"]] == [other]
 
 
 def test_import_takes_reads_since_the_export_and_never_gives_one_back(
@@ -390,6 +397,116 @@ def test_import_takes_reads_since_the_export_and_never_gives_one_back(
     assert line["reads_left"] == 3
 
 
+def format_1_export(master_key: str, secrets: dict[str, bytes]) -> bytes:
+    """An export as the previous release wrote it (format 1): each record named by its
+    secret id, and sealed with that id in its associated data."""
+    keyring = Keyring(parse_key(master_key))
+
+    def line(value: dict[str, Any]) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+    data = line(
+        {
+            "format": "secret-manager-export",
+            "version": 1,
+            "exported_at": "2026-01-01T00:00:00.000000Z",
+            "store": "sqlite",
+            "audit": False,
+        }
+    )
+    for secret_id, plaintext in secrets.items():
+        sealed = keyring.seal(secret_id, plaintext)
+        data += line(
+            {
+                "type": "secret",
+                "secret_id": secret_id,
+                "key_id": sealed.key_id,
+                "nonce": b64(sealed.nonce),
+                "ciphertext": b64(sealed.ciphertext),
+                "created_at": "2026-01-01T00:00:00.000000Z",
+                "expires_at": None,
+                "reads_left": None,
+            }
+        )
+    end = {"type": "end", "secrets": len(secrets), "audit": 0}
+    return data + line({**end, "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def test_a_format_1_file_is_imported_keyed_by_id_and_served_but_not_exported(
+    make_client: Callable[..., TestClient],
+    store_env: dict[str, str],
+    master_key: str,
+    tmp_path: Path,
+) -> None:
+    secrets = {str(uuid.uuid4()): os.urandom(16) for _ in range(3)}
+    data = format_1_export(master_key, secrets)
+
+    first = cli(without_keys(store_env), "import", cwd=tmp_path, stdin=data)
+    assert first.returncode == 0, first.stderr
+    summary = first.stderr.decode()
+    assert summary.count("\n") == 1
+    assert summary_counts(summary)["new"] == 3
+    assert (
+        "3 new secrets from this format 1 file stored under their secret id: run "
+        "secret-manager rewrap to convert them"
+    ) in summary
+    assert stored_keys(store_env) == set(secrets)  # legacy records, as the file had them
+    client = make_client()
+    for secret_id, plaintext in secrets.items():
+        got = client.post("/vault/secret/fetch", json={"secret_id": secret_id})
+        assert got.status_code == 200 and got.json()["secret"] == b64(plaintext)
+    again = cli(without_keys(store_env), "import", cwd=tmp_path, stdin=data)
+    assert summary_counts(again.stderr.decode())["present"] == 3
+    assert "rewrap" not in again.stderr.decode()
+
+    # An export would write their ids in clear: refused until rewrap converts them.
+    refused = cli(without_keys(store_env), "export", "--output", "b.jsonl", cwd=tmp_path)
+    assert refused.returncode == 2
+    message = refused.stderr.decode()
+    assert message.count("\n") == 1
+    assert "the store still holds 3 records stored under their secret ids" in message
+    assert "run secret-manager rewrap first" in message
+    assert not list(tmp_path.glob("b.jsonl*"))
+    to_pipe = cli(without_keys(store_env), "export", cwd=tmp_path)
+    assert to_pipe.returncode == 2 and to_pipe.stdout == b""
+
+
+def test_after_rewrap_a_format_1_import_exports_without_ids_and_is_already_there(
+    make_client: Callable[..., TestClient],
+    store_kind: str,
+    store_env: dict[str, str],
+    master_key: str,
+    tmp_path: Path,
+    mongo_uri: str,
+) -> None:
+    secrets = {str(uuid.uuid4()): os.urandom(16) for _ in range(3)}
+    old_file = format_1_export(master_key, secrets)
+    assert cli(without_keys(store_env), "import", cwd=tmp_path, stdin=old_file).returncode == 0
+
+    rewrap = cli(store_env, "rewrap", cwd=tmp_path)  # needs the key: it re-seals them
+    assert rewrap.returncode == 0, rewrap.stderr
+    assert re.search(rb"converted +3$", rewrap.stdout, re.MULTILINE)
+    exported = cli(without_keys(store_env), "export", "--output", "b.jsonl", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    data = (tmp_path / "b.jsonl").read_bytes()
+    assert {line["record_key"] for line in secret_lines(data)} == keys_of(*secrets)
+    for secret_id in secrets:
+        assert secret_id.encode() not in data and uuid.UUID(secret_id).bytes not in data
+    # The old file again: its secrets are the converted ones, already there.
+    again = cli(without_keys(store_env), "import", cwd=tmp_path, stdin=old_file)
+    assert again.returncode == 0, again.stderr
+    assert summary_counts(again.stderr.decode())["present"] == 3
+    assert stored_keys(store_env) == keys_of(*secrets)
+
+    target = other_store("mongo" if store_kind == "sqlite" else "sqlite", tmp_path, mongo_uri, "t")
+    moved = cli(target, "import", "--input", "b.jsonl", cwd=tmp_path)
+    assert summary_counts(moved.stderr.decode())["new"] == 3
+    served = make_client(**target, MASTER_KEY=master_key)
+    for secret_id, plaintext in secrets.items():
+        got = served.post("/vault/secret/fetch", json={"secret_id": secret_id})
+        assert got.status_code == 200 and got.json()["secret"] == b64(plaintext)
+
+
 def test_a_secret_that_expired_since_the_export_is_not_imported(
     make_client: Callable[..., TestClient], store_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -406,7 +523,7 @@ def test_a_secret_that_expired_since_the_export_is_not_imported(
     assert "secrets 0 new, 0 already there, 0 with fewer reads left, 1 expired" in (
         result.stderr.decode()
     )
-    assert stored_ids(target) == set()
+    assert stored_keys(target) == set()
 
 
 def test_export_of_a_data_dir_without_a_store_is_refused_and_writes_no_file(

@@ -1,8 +1,10 @@
 """AES-256-GCM sealing under a keyring of one active key and any number of older keys.
 
 Every record carries the id of the key that sealed it, so keys rotate without a data
-migration. The associated data binds a ciphertext to its secret id and key id: copied onto
-another record it fails authentication instead of yielding someone else's plaintext.
+migration. The associated data binds a ciphertext to its record key (vault/records.py: the
+digest of its secret id, or for a legacy record the id itself) and key id: copied onto
+another record it fails authentication instead of yielding someone else's plaintext. The
+id is not needed to re-seal a record, so key rotation works on what the store holds.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def key_id(key: bytes) -> str:
     return hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16]
 
 
-def _aad(secret_id: str, kid: str) -> bytes:
-    return _AAD_PREFIX + kid.encode("ascii") + b"\x00" + secret_id.encode("ascii")
+def _aad(record_key: str, kid: str) -> bytes:
+    return _AAD_PREFIX + kid.encode("ascii") + b"\x00" + record_key.encode("ascii")
 
 
 class Keyring:
@@ -79,12 +81,13 @@ class Keyring:
         """Ids of every key held, the active one first."""
         return tuple(self._ciphers)
 
-    def seal(self, secret_id: str, plaintext: bytes) -> SealedSecret:
-        """Encrypt under the active key with a fresh random nonce."""
+    def seal(self, record_key: str, plaintext: bytes) -> SealedSecret:
+        """Encrypt under the active key with a fresh random nonce, bound to ``record_key``
+        (``vault.records.record_key`` of the secret id)."""
         nonce = os.urandom(NONCE_BYTES)
         kid = self.active_key_id
-        ciphertext = self._ciphers[kid].encrypt(nonce, plaintext, _aad(secret_id, kid))
-        return SealedSecret(secret_id=secret_id, key_id=kid, nonce=nonce, ciphertext=ciphertext)
+        ciphertext = self._ciphers[kid].encrypt(nonce, plaintext, _aad(record_key, kid))
+        return SealedSecret(record_key=record_key, key_id=kid, nonce=nonce, ciphertext=ciphertext)
 
     def open(self, sealed: SealedSecret) -> bytes:
         """Decrypt a record; raise UnknownKey or DecryptionFailed, never return wrong bytes."""
@@ -95,7 +98,7 @@ class Keyring:
             raise DecryptionFailed("record has a malformed nonce")
         try:
             return cipher.decrypt(
-                sealed.nonce, sealed.ciphertext, _aad(sealed.secret_id, sealed.key_id)
+                sealed.nonce, sealed.ciphertext, _aad(sealed.record_key, sealed.key_id)
             )
         except InvalidTag:
             raise DecryptionFailed("record failed authentication") from None

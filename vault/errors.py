@@ -16,7 +16,8 @@ VaultError
 │   │                     ``reason`` says what it means for /readyz
 │   ├── StoreKnownDown    refused without trying: the breaker knows the store is down
 │   └── NotReady          /readyz's refusal, always with its reason
-└── TransferRefused       an export file cannot be imported; nothing was written
+└── TransferRefused       an export file cannot be imported, or a store cannot be
+                          exported (records keyed by their id); nothing was written
 ```
 
 Each store maps its driver's errors onto these in one table of its own
@@ -105,4 +106,5 @@ class NotReady(StoreUnavailable):
 
 
 class TransferRefused(VaultError):
-    """The file cannot be imported (damaged, truncated, foreign, newer); nothing was written."""
+    """The file cannot be imported (damaged, truncated, foreign, newer), or the store cannot
+    be exported (it holds records keyed by their secret id); nothing was written."""

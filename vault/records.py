@@ -3,17 +3,48 @@
 It sits apart from the stores and from crypto, and imports nothing from the project or
 from third parties, so that loading the keyring (``vault.crypto``) never loads a database
 driver, Prometheus or OpenTelemetry.
+
+A record is stored under its record key, a one-way digest of its secret id, never under
+the id: the id is a bearer token (whoever holds it fetches the plaintext), so nothing that
+reads the database, a backup or an export learns one. Records written before that are
+stored under the id itself (legacy records) until ``secret-manager rewrap`` converts them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
+
+# Versioned, so that a future change of digest cannot be mistaken for this one.
+_RECORD_KEY_LABEL = b"secret-manager record key v1\x00"
+RECORD_KEY_LENGTH = 64  # hex digits of a SHA-256
+LEGACY_KEY_LENGTH = 36  # a UUID in its 8-4-4-4-12 form: a record stored under its id
+
+
+def record_key(secret_id: str) -> str:
+    """The key a secret's record is stored under: hex SHA-256 of a fixed label and the id
+    in lower case.
+
+    Unkeyed on purpose: an id carries 122 random bits, so neither guessing ids nor a
+    precomputed table finds one from its digest, and a digest that needs no key keeps
+    lookups, rotation and moving records between stores free of key management.
+    """
+    return hashlib.sha256(_RECORD_KEY_LABEL + secret_id.lower().encode("ascii")).hexdigest()
+
+
+def keyed_by_id(key: str) -> bool:
+    """Whether a stored record key is a secret id itself (a legacy record, which
+    ``rewrap`` converts) rather than its digest."""
+    return len(key) == LEGACY_KEY_LENGTH
 
 
 @dataclass(frozen=True)
 class SealedSecret:
     """One encrypted secret as it is stored: nonce, ciphertext and key id, never plaintext.
+
+    ``record_key`` is the key it is stored under and its ciphertext is bound to: the digest
+    of its secret id (``record_key(secret_id)``), or for a legacy record the id itself.
 
     ``expires_at`` (UTC, whole seconds) and ``reads_left`` are its lifecycle, None when it
     never expires or has no read limit. They are not part of the ciphertext's associated
@@ -21,7 +52,7 @@ class SealedSecret:
     a record anyway.
     """
 
-    secret_id: str
+    record_key: str
     key_id: str
     nonce: bytes
     ciphertext: bytes

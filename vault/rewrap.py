@@ -1,12 +1,20 @@
-"""Key rotation: re-encrypt under the active key every record that another key sealed.
+"""Key rotation: re-encrypt under the active key every record that another key sealed,
+and convert every record still stored under its secret id to its record key.
 
-A pass pages through those records in secret id order, opens each with the keyring and
+A pass pages through those records in record key order, opens each with the keyring and
 swaps in a fresh sealing under the active key, with a compare-and-swap on the record's key
 id and nonce. Every swap is atomic, so a pass may stop anywhere (Ctrl-C, a crash,
 ``--max-batches``) and the next one simply continues: rewrapped records no longer match. A
 record that changed meanwhile is skipped, never overwritten. Replicas serving traffic read
 either the old record or the new one, and both open while the old key is still configured
 as a previous key.
+
+A record an earlier version stored under its secret id (a legacy record, its id in its
+associated data) is converted, whatever key sealed it: re-sealed under the active key and
+bound to its record key (the digest of the id, ``vault.records.record_key``), and moved
+there (``SecretStore.convert_sealed``: one transaction on SQLite; on MongoDB an insert,
+then the delete of the old document, finished by the next pass if cut short). Replicas
+find it under either key meanwhile.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ from typing import Any
 
 from vault.crypto import Keyring
 from vault.errors import DecryptionFailed, StoreUnavailable, UnknownKey
-from vault.records import SealedSecret
-from vault.stores.base import SecretStore
+from vault.records import SealedSecret, keyed_by_id, record_key
+from vault.stores.base import Remaining, SecretStore
 
 DEFAULT_BATCH_SIZE = 500
 # Swaps in flight at once: each one waits for a durable write, so they overlap well.
@@ -41,6 +49,7 @@ class Counts:
 
     examined: int = 0
     rewrapped: int = 0
+    converted: int = 0  # moved from their id to their record key (and re-sealed)
     changed: int = 0
     unknown_key: int = 0
     failed_authentication: int = 0
@@ -52,17 +61,18 @@ class Counts:
 
 @dataclass
 class RewrapReport:
-    """The outcome of a pass; ``ok`` means no record needs any key but the active one."""
+    """The outcome of a pass; ``ok`` means no record needs any key but the active one, and
+    none is stored under its id."""
 
     dry_run: bool = False
     totals: Counts = field(default_factory=Counts)
     batches: int = 0
     finished: bool = False  # reached the last record (not stopped by max_batches)
-    remaining: int | None = None  # records sealed by other keys, counted after the pass
+    remaining: Remaining | None = None  # what is left to do, counted after the pass
 
     @property
     def ok(self) -> bool:
-        return self.remaining == 0
+        return self.remaining is not None and self.remaining.records == 0
 
     def summary(self) -> list[str]:
         """The final table, one ``label  number`` per line."""
@@ -70,12 +80,14 @@ class RewrapReport:
         rows = [
             ("examined", t.examined),
             ("would rewrap" if self.dry_run else "rewrapped", t.rewrapped),
+            ("would convert" if self.dry_run else "converted", t.converted),
             ("changed concurrently", t.changed),
             ("unknown key", t.unknown_key),
             ("failed authentication", t.failed_authentication),
         ]
         if self.remaining is not None:
-            rows.append(("remaining under other keys", self.remaining))
+            rows.append(("remaining under other keys", self.remaining.other_keys))
+            rows.append(("remaining keyed by id", self.remaining.keyed_by_id))
         state = "finished" if self.finished else "stopped"
         plural = "" if self.batches == 1 else "es"
         head = f"rewrap {state} after {self.batches} batch{plural}"
@@ -107,11 +119,19 @@ class _Pass:
         self.echo = echo
         self.listed = 0
 
+    def named(self, record: SealedSecret) -> str:
+        """How a record is named in the output, never by its id: a legacy record (keyed by
+        its id) by the audit log's HMAC of it, any other by its record key, which fetches
+        nothing."""
+        key = record.record_key
+        if keyed_by_id(key):
+            return f"secret_id_hmac {self.hash_secret_id(key)}"
+        return f"record_key {key}"
+
     def untouched(self, position: int, record: SealedSecret, why: str) -> None:
         self.listed += 1
         if self.listed <= MAX_PROBLEM_LINES:
-            name = self.hash_secret_id(record.secret_id)
-            self.echo(f"record {position}: {why}; left untouched (secret_id_hmac {name})")
+            self.echo(f"record {position}: {why}; left untouched ({self.named(record)})")
         elif self.listed == MAX_PROBLEM_LINES + 1:
             self.echo(f"more than {MAX_PROBLEM_LINES} records left untouched: only counting now")
 
@@ -126,10 +146,22 @@ class _Pass:
             counts.failed_authentication += 1
             self.untouched(position, record, f"fails authentication under key {record.key_id}")
             return
+        legacy = keyed_by_id(record.record_key)
         if self.report.dry_run:
-            counts.rewrapped += 1
+            if legacy:
+                counts.converted += 1
+            else:
+                counts.rewrapped += 1
             return
-        fresh = self.keyring.seal(record.secret_id, plaintext)
+        if legacy:  # bound to its id so far: sealed anew for its record key, and moved there
+            fresh = self.keyring.seal(record_key(record.record_key), plaintext)
+            del plaintext
+            if await self.store.convert_sealed(record, fresh):
+                counts.converted += 1
+            else:
+                counts.changed += 1  # picked up by the next pass if still under its id
+            return
+        fresh = self.keyring.seal(record.record_key, plaintext)
         del plaintext
         if await self.store.replace_sealed(record, fresh):
             counts.rewrapped += 1
@@ -163,6 +195,7 @@ class _Pass:
         self.echo(
             f"batch {report.batches}: examined {counts.examined}, "
             f"{'would rewrap' if report.dry_run else 'rewrapped'} {counts.rewrapped}, "
+            f"{'would convert' if report.dry_run else 'converted'} {counts.converted}, "
             f"changed concurrently {counts.changed}, unknown key {counts.unknown_key}, "
             f"failed authentication {counts.failed_authentication} "
             f"({report.totals.examined} examined in all)"
@@ -184,8 +217,8 @@ async def rewrap(
     record left untouched. ``report`` (if given) is filled in as the pass goes, so a caller
     that is interrupted still knows what was done. Raises StoreUnavailable if the store goes.
 
-    Records left untouched are named by their position in this pass and by
-    ``hash_secret_id`` (the audit log's HMAC), never by their id.
+    Records left untouched are named by their position in this pass and by their record key
+    (or for a legacy record by ``hash_secret_id``, the audit log's HMAC), never by an id.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -196,42 +229,60 @@ async def rewrap(
         await store.prepare_rewrap()
     after = ""
     while max_batches is None or report.batches < max_batches:
-        records = await store.records_not_sealed_by(active, after, batch_size)
+        records = await store.records_to_rewrap(active, after, batch_size)
         if not records:
             report.finished = True
             break
         counts = await one_pass.batch(records, report.totals.examined + 1)
         report.batches += 1
         report.totals.add(counts)
-        after = records[-1].secret_id
+        after = records[-1].record_key
         one_pass.told(counts)
         if len(records) < batch_size:
             report.finished = True
             break
-    report.remaining = await store.count_not_sealed_by(active)
+    if not dry_run:
+        await store.finish_rewrap()
+    report.remaining = await store.count_to_rewrap(active)
     return report
+
+
+def _left(remaining: Remaining, *, dry_run: bool) -> str:
+    """``5 records are still sealed by other keys and 2 are still keyed by their id``."""
+    are = "are" if dry_run else "are still"
+    parts = []
+    if remaining.other_keys or not remaining.keyed_by_id:
+        parts.append(f"{remaining.other_keys} records {are} sealed by other keys")
+    if remaining.keyed_by_id:
+        noun = "" if parts else " records"
+        parts.append(f"{remaining.keyed_by_id}{noun} {are} keyed by their secret id")
+    return " and ".join(parts)
 
 
 def _verdict(report: RewrapReport, active: str) -> tuple[int, str]:
     """The exit status and the last line: what the operator should do next."""
-    remaining = report.remaining or 0
+    remaining = report.remaining or Remaining(0, 0, 0)
     if report.ok:
         if report.dry_run:
-            return 0, f"every record is already sealed by the active key {active}"
+            return 0, (
+                f"every record is already sealed by the active key {active} and stored "
+                "under its record key"
+            )
         return 0, (
-            f"every record is now sealed by the active key {active}: the previous keys are "
-            "no longer needed by any record; remove them from MASTER_KEY_PREVIOUS"
+            f"every record is now sealed by the active key {active} and stored under its "
+            "record key: the previous keys are no longer needed by any record; remove them "
+            "from MASTER_KEY_PREVIOUS"
         )
     t = report.totals
     unreadable = t.unknown_key + t.failed_authentication
+    left = _left(remaining, dry_run=report.dry_run)
     if not report.finished:
         return EXIT_REMAINING, (
             f"secret-manager: {'dry run ' if report.dry_run else ''}stopped after "
             f"{report.batches} batch{'' if report.batches == 1 else 'es'} (--max-batches); "
-            f"{remaining} records are still sealed by other keys: run rewrap again to continue"
+            f"{left}: run rewrap again to continue"
         )
-    state = "dry run: {} records are" if report.dry_run else "{} records are still"
-    message = f"secret-manager: {state.format(remaining)} sealed by other keys"
+    message = f"secret-manager: {'dry run: ' if report.dry_run else ''}{left}"
     if unreadable:
         message += (
             f"; {unreadable} cannot be opened with the configured keys (listed above): "
@@ -239,13 +290,13 @@ def _verdict(report: RewrapReport, active: str) -> tuple[int, str]:
             "MASTER_KEY_PREVIOUS and run rewrap again"
         )
     if report.dry_run:
-        if remaining > unreadable:
-            message += "; run rewrap without --dry-run to re-encrypt the others"
+        if remaining.records > unreadable:
+            message += "; run rewrap without --dry-run to re-encrypt and convert the others"
         return EXIT_REMAINING, message
-    if remaining > unreadable:
+    if remaining.records > unreadable:
         message += (
             "; others were written or changed during this pass (is a replica still sealing "
-            "with an old MASTER_KEY?): run rewrap again"
+            "with an old MASTER_KEY, or still running an earlier version?): run rewrap again"
         )
     return EXIT_REMAINING, message
 
@@ -254,7 +305,7 @@ def _interruptible(
     run: Callable[[], Coroutine[Any, Any, None]], report: RewrapReport, active: str
 ) -> tuple[int, str]:
     """Run the pass, Ctrl-C stopping it between swaps; the exit status and the last line."""
-    untouched = "every record is either rewrapped or untouched"
+    untouched = "every record is either rewrapped, converted or untouched"
     # A shell starts a background job (`rewrap &` in a script) with SIGINT ignored, and the
     # process keeps that: Ctrl-C or `kill -INT` would then do nothing. Stopping between two
     # swaps is always safe, so take SIGINT back whatever this process was started with.

@@ -32,7 +32,7 @@ from vault.errors import InvalidValue, NotReady, StoreUnavailable
 from vault.keyguard import UnreadableRecords
 from vault.lifecycle import Found
 from vault.openapi import DOCS_HTML, build_openapi
-from vault.records import SealedSecret
+from vault.records import SealedSecret, record_key
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
 from vault.stores.base import DeleteResult, SecretStore
 from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE
@@ -253,7 +253,8 @@ class VaultAPI:
         if ttl is None and self.default_ttl_seconds:
             ttl = self.default_ttl_seconds
         secret_id = str(uuid.uuid4())
-        record = self.keyring.seal(secret_id, plaintext)
+        # Stored and sealed under the digest of the id: the id itself is never written.
+        record = self.keyring.seal(record_key(secret_id), plaintext)
         if ttl is not None or max_reads is not None:
             # Whole seconds, rounded up: a secret lives at least ttl_seconds.
             expires_at = (

@@ -4,7 +4,10 @@ The file is JSON Lines (docs/operations.md#export-file-format): a header naming 
 and its version, one line per secret record, then per audit record, and an end line with
 the counts and a SHA-256 of every byte before it, so that a truncated or altered file is
 refused. Records stay sealed (nonce, ciphertext, key id): neither command needs a master
-key, and nothing in the file is plaintext.
+key, and nothing in the file is plaintext. Records are named by their record key (the
+digest of the secret id), never by an id: an export of a store that still holds records
+keyed by their id is refused until ``rewrap`` converts them. Files of format 1, whose
+records carry their id, are still imported, as such legacy records.
 
 Both stream. An import checks the whole file, copying it to an unnamed temporary file as it
 goes, before it writes anything; only a file that passes is then read back into the store.
@@ -26,12 +29,12 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import IO, Any
 
 from vault.errors import InvalidValue, TransferRefused
-from vault.records import SealedSecret, StoredSecret
+from vault.records import SealedSecret, StoredSecret, keyed_by_id
 from vault.stores.base import AUDIT_FIELDS, BulkStore, Imported, utc_now
 from vault.validation import normalize_secret_id
 
 FORMAT = "secret-manager-export"
-VERSION = 1
+VERSION = 2  # 2: records named by record key; 1: by secret id (still imported)
 BATCH = 1000  # records per store call
 # No record comes near this (a secret is at most MAX_SECRET_BYTES): a longer line is damage,
 # and reading it whole would let a broken file take any amount of memory.
@@ -39,6 +42,7 @@ MAX_LINE_BYTES = 1 << 20
 NONCE_BYTES = 12
 TAG_BYTES = 16
 _HEX = frozenset("0123456789abcdef")
+RECORD_KEY_DIGITS = 64
 
 
 @dataclasses.dataclass
@@ -49,6 +53,7 @@ class Counts:
     audit: int = 0
     left_out: int = 0  # export: expired, used up or malformed; import: expired since export
     new: int = 0
+    keyed_by_id: int = 0  # import: of the new, those of a format 1 file, stored under their id
     present: int = 0
     fewer_reads: int = 0
     conflicts: int = 0
@@ -87,7 +92,7 @@ def secret_line(record: StoredSecret) -> dict[str, Any]:
     sealed = record.sealed
     return {
         "type": "secret",
-        "secret_id": sealed.secret_id,
+        "record_key": sealed.record_key,
         "key_id": sealed.key_id,
         "nonce": _b64(sealed.nonce),
         "ciphertext": _b64(sealed.ciphertext),
@@ -147,17 +152,38 @@ class Writer:
         return digest
 
 
+def keyed_by_id_refusal(count: int) -> TransferRefused:
+    """Why an export stops at records still keyed by their id, and what to do."""
+    records = (
+        "1 record stored under its secret id"
+        if count == 1
+        else (f"{count} records stored under their secret ids")
+    )
+    return TransferRefused(
+        f"the store still holds {records}, which an export would write in clear: run "
+        "secret-manager rewrap first (it converts them), then export again"
+    )
+
+
 def export(store: BulkStore, out: IO[bytes], *, audit: bool, store_kind: str, bar: Bar) -> Counts:
-    """Write every live record (and with ``audit`` the audit log) of ``store`` to ``out``."""
+    """Write every live record (and with ``audit`` the audit log) of ``store`` to ``out``;
+    TransferRefused, before anything is written, while the store holds records keyed by
+    their id (or at the first one met, if one is imported meanwhile into a store without
+    snapshots)."""
     writer = Writer(out)
     counts = Counts()
     now = utc_now()
     with store.snapshot():
+        legacy = store.count_keyed_by_id()
+        if legacy:
+            raise keyed_by_id_refusal(legacy)
         stored = store.count_secrets()
         total = stored + (store.count_audit() if audit else 0)
         writer.header(store=store_kind, audit=audit)
         with bar("exporting", total) as advance:
             for record in store.secrets(now):
+                if keyed_by_id(record.sealed.record_key):
+                    raise keyed_by_id_refusal(1)
                 writer.secret(record)
                 advance(1)
             advance(stored - writer.secrets)  # left out: expired, used up or malformed
@@ -207,17 +233,23 @@ def _text(value: Any, line: int, name: str, *, optional: bool = False) -> Any:
     raise TransferRefused(f"line {line}: {name} is not {'text or null' if optional else 'text'}")
 
 
-def parse_secret(value: Any, line: int) -> StoredSecret:
+def parse_secret(value: Any, line: int, version: int = VERSION) -> StoredSecret:
     """The record a secret line holds; TransferRefused naming the line (never a value) if
-    malformed."""
-    names = ("secret_id", "key_id", "nonce", "ciphertext", "created_at", "expires_at")
+    malformed. A line of format 1 names its record by secret id: it is read as a legacy
+    record, keyed by that id."""
+    name = "record_key" if version >= 2 else "secret_id"
+    names = (name, "key_id", "nonce", "ciphertext", "created_at", "expires_at")
     fields = _fields(value, line, "secret", (*names, "reads_left"))
-    secret_id = _text(fields["secret_id"], line, "secret_id")
-    try:
-        if normalize_secret_id(secret_id) != secret_id:
-            raise InvalidValue(secret_id)
-    except InvalidValue:
-        raise TransferRefused(f"line {line}: secret_id is not a lower-case UUID") from None
+    key = _text(fields[name], line, name)
+    if version >= 2:
+        if len(key) != RECORD_KEY_DIGITS or not set(key) <= _HEX:
+            raise TransferRefused(f"line {line}: record_key is not {RECORD_KEY_DIGITS} hex digits")
+    else:
+        try:
+            if normalize_secret_id(key) != key:
+                raise InvalidValue(key)
+        except InvalidValue:
+            raise TransferRefused(f"line {line}: secret_id is not a lower-case UUID") from None
     key_id = _text(fields["key_id"], line, "key_id")
     if len(key_id) != 16 or not set(key_id) <= _HEX:
         raise TransferRefused(f"line {line}: key_id is not 16 hex digits")
@@ -233,7 +265,7 @@ def parse_secret(value: Any, line: int) -> StoredSecret:
     if reads_left is not None and (type(reads_left) is not int or reads_left < 1):
         raise TransferRefused(f"line {line}: reads_left is not a whole number of reads, at least 1")
     sealed = SealedSecret(
-        secret_id,
+        key,
         key_id,
         nonce,
         ciphertext,
@@ -302,11 +334,12 @@ def check_header(data: bytes) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Checked:
-    """A file that passed every check: its counts and SHA-256."""
+    """A file that passed every check: its counts and SHA-256, and its format version."""
 
     secrets: int
     audit: int
     sha256: str
+    version: int = VERSION
 
 
 def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Checked:
@@ -316,7 +349,7 @@ def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Ch
     first = next(lines, None)
     if first is None:
         raise TransferRefused("it is empty: not a secret-manager export")
-    check_header(first[1])
+    version: int = check_header(first[1])["version"]
     digest = hashlib.sha256(first[1])
     secrets = audit = 0
     number = 1
@@ -328,16 +361,17 @@ def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Ch
         value = _json(data, number)
         kind = value.get("type") if isinstance(value, dict) else None
         if kind == "secret":
-            parse_secret(value, number)
+            parse_secret(value, number, version)
             secrets += 1
         elif kind == "audit":
             parse_audit(value, number)
             audit += 1
         elif kind == "end":
-            _check_end(value, Checked(secrets, audit, digest.hexdigest()))
+            checked = Checked(secrets, audit, digest.hexdigest(), version)
+            _check_end(value, checked)
             if next(lines, None) is not None:
                 raise TransferRefused(f"it is damaged: more follows its end line (line {number})")
-            return Checked(secrets, audit, digest.hexdigest())
+            return checked
         else:
             raise TransferRefused(f"line {number} is not a record of this format")
         digest.update(data)
@@ -361,13 +395,13 @@ def _check_end(value: dict[str, Any], found: Checked) -> None:
         raise TransferRefused("it is damaged or altered: its SHA-256 does not match its end line")
 
 
-def _records(copy: IO[bytes]) -> Iterator[tuple[int, StoredSecret | dict[str, Any]]]:
+def _records(copy: IO[bytes], version: int) -> Iterator[tuple[int, StoredSecret | dict[str, Any]]]:
     """The records of a checked copy, with their line numbers in the original file."""
     for number, data in _lines(copy):
         value = json.loads(data)
         line = number + 1  # the copy has no header line
         if value["type"] == "secret":
-            yield line, parse_secret(value, line)
+            yield line, parse_secret(value, line, version)
         else:
             yield line, parse_audit(value, line)
 
@@ -415,8 +449,10 @@ def _add(
         def flush() -> None:
             if secrets:
                 outcomes = store.add_secrets([record for _, record in secrets])
-                for (line, _), outcome in zip(secrets, outcomes, strict=True):
+                for (line, record), outcome in zip(secrets, outcomes, strict=True):
                     _count(counts, outcome)
+                    if outcome is Imported.NEW and keyed_by_id(record.sealed.record_key):
+                        counts.keyed_by_id += 1
                     if outcome is Imported.CONFLICT:
                         conflict(line)
                 advance(len(secrets))
@@ -426,7 +462,7 @@ def _add(
                 advance(len(audit))
                 audit.clear()
 
-        for line, record in _records(copy):
+        for line, record in _records(copy, checked.version):
             if isinstance(record, StoredSecret):
                 counts.secrets += 1
                 if record.sealed.expired(now):

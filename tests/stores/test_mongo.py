@@ -17,7 +17,7 @@ from tests.conftest import MongoWireServer, audit_record, b64, read_back, wait_u
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.errors import StoreUnavailable
-from vault.records import SealedSecret
+from vault.records import SealedSecret, record_key
 from vault.settings import Settings
 from vault.stores.mongo import MongoStore
 
@@ -64,10 +64,10 @@ def test_once_the_database_is_known_down_every_call_fails_at_once_audit_writes_t
     async def main() -> tuple[float, float]:
         await store.open()
         try:
-            stored = SealedSecret("a" * 32, "k1", bytes(12), b"ct")
+            stored = SealedSecret(record_key("a" * 32), "k1", bytes(12), b"ct")
             await store.insert(stored)
             # A refusal of one record is an answer: the database is up, nothing opens.
-            clash = SealedSecret("a" * 32, "k1", bytes(12), b"other")
+            clash = SealedSecret(record_key("a" * 32), "k1", bytes(12), b"other")
             with pytest.raises(pymongo.errors.WriteError):
                 await store.insert(clash)
             assert await read_back(store, "a" * 32) == stored

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
+import uuid
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import b64
+from tests.conftest import b64, clean_env
 from vault.app import create_app
-from vault.crypto import generate_key
+from vault.crypto import Keyring, generate_key, parse_key
+from vault.records import record_key
 from vault.settings import Settings
 from vault.stores.base import utc_now
 from vault.stores.sqlite import SQLiteBulk
@@ -50,6 +54,29 @@ def test_locked_database_answers_503_in_bounded_time_then_recovers(tmp_path: Pat
         assert client.post("/vault/secret/create", json={"secret": b64(b"x")}).status_code == 200
 
 
+def test_stores_opened_one_after_another_in_a_process_all_see_the_same_file(
+    tmp_path: Path,
+) -> None:
+    # Stores on one file in one process (test clients; an app and a command's check) while
+    # another process writes it and goes: each must see every write, the others' included.
+    key = generate_key()
+    with _client(tmp_path, MASTER_KEY=key) as first:
+        body = {"secret": b64(b"x"), "max_reads": 3}
+        fetch = {"secret_id": first.post("/vault/secret/create", json=body).json()["secret_id"]}
+        with _client(tmp_path, MASTER_KEY=key) as second:
+            subprocess.run(
+                [sys.executable, "-m", "vault", "rewrap"],
+                env=clean_env(MASTER_KEY=key, DATA_DIR=str(tmp_path)),
+                capture_output=True,
+                check=True,
+                timeout=60,
+            )
+            with _client(tmp_path, MASTER_KEY=key) as third:
+                assert third.post("/vault/secret/fetch", json=fetch).json()["reads_left"] == 2
+            assert second.post("/vault/secret/fetch", json=fetch).json()["reads_left"] == 1
+            assert first.post("/vault/secret/fetch", json=fetch).json()["reads_left"] == 0
+
+
 def test_a_file_from_an_earlier_version_is_upgraded_and_keeps_its_records(
     tmp_path: Path,
 ) -> None:
@@ -78,6 +105,42 @@ def test_a_file_from_an_earlier_version_is_upgraded_and_keeps_its_records(
     assert rows[1][2] and rows[2][2] and rows[1][2] != rows[2][2]
 
 
+def test_secrets_an_earlier_version_stored_under_their_ids_are_served_and_deleted(
+    tmp_path: Path,
+) -> None:
+    # The secrets table as the first release wrote it: keyed by the id, sealed with the id
+    # in the associated data, no lifecycle columns yet.
+    key = generate_key()
+    keyring = Keyring(parse_key(key))
+    kept, deleted = str(uuid.uuid4()), str(uuid.uuid4())
+    tmp_path.mkdir(exist_ok=True, mode=0o700)
+    with closing(sqlite3.connect(tmp_path / "vault.db")) as conn, conn:
+        conn.execute(
+            "CREATE TABLE secrets (secret_id TEXT PRIMARY KEY, key_id TEXT NOT NULL,"
+            " nonce BLOB NOT NULL, ciphertext BLOB NOT NULL, created_at TEXT NOT NULL"
+            " DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))) WITHOUT ROWID"
+        )
+        for secret_id in (kept, deleted):
+            sealed = keyring.seal(secret_id, secret_id.encode())
+            conn.execute(
+                "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext) VALUES (?, ?, ?, ?)",
+                (secret_id, sealed.key_id, sealed.nonce, sealed.ciphertext),
+            )
+    with _client(tmp_path, MASTER_KEY=key) as client:
+        for secret_id in (kept, deleted):
+            got = client.post("/vault/secret/fetch", json={"secret_id": secret_id})
+            assert got.status_code == 200 and got.json()["secret"] == b64(secret_id.encode())
+        gone = client.post("/vault/secret/delete", json={"secret_id": deleted})
+        assert gone.json() == {"secret_id": deleted, "deleted": True}
+        again = client.post("/vault/secret/fetch", json={"secret_id": deleted})
+        assert again.status_code == 404
+        new = client.post("/vault/secret/create", json={"secret": b64(b"new")}).json()
+    with closing(sqlite3.connect(tmp_path / "vault.db")) as conn:
+        keys = {row[0] for row in conn.execute("SELECT record_key FROM secrets")}
+    # The old row keeps its id until rewrap converts it; the new one is under its digest.
+    assert keys == {kept, record_key(new["secret_id"])}
+
+
 def test_an_export_reads_one_instant_of_a_store_written_meanwhile(tmp_path: Path) -> None:
     """SQLiteBulk.snapshot: records created during an export are not half in the file."""
     data_dir = tmp_path / "data"
@@ -98,7 +161,7 @@ def test_an_export_reads_one_instant_of_a_store_written_meanwhile(tmp_path: Path
             audited = sum(1 for _ in store.audit())
         assert held == len(exported) == 1200
         assert audited == 1200
-        assert len({record.sealed.secret_id for record in exported}) == 1200
+        assert len({record.sealed.record_key for record in exported}) == 1200
     with (
         closing(SQLiteBulk(data_dir / "vault.db", create=False, timeout=4.0)) as store,
         store.snapshot(),

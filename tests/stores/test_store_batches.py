@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import sqlite3
 import uuid
 from pathlib import Path
@@ -14,19 +13,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.conftest import RawRecords, audit_record, on_store, read_back
+from tests.conftest import RawRecords, audit_record, id_of, on_store, read_back, stored_record
 from vault.errors import CorruptRecord, StoreUnavailable
 from vault.records import SealedSecret
 from vault.stores.base import SecretStore
 
 
 def record(secret_id: str | None = None) -> SealedSecret:
-    return SealedSecret(
-        secret_id=secret_id or str(uuid.uuid4()),
-        key_id="0123456789abcdef",
-        nonce=os.urandom(12),
-        ciphertext=os.urandom(40),
-    )
+    return stored_record(secret_id)
 
 
 def store_calls(operation: str) -> float:
@@ -46,7 +40,7 @@ def test_concurrent_creates_and_fetches_share_calls_and_get_their_own_records(
         assert store_calls("insert") - inserts_before < len(records)
 
         reads_before = store_calls("read")
-        wanted = [r.secret_id for r in records] + unknown + [records[0].secret_id] * 4
+        wanted = [id_of(r) for r in records] + unknown + [id_of(records[0])] * 4
         found = await asyncio.gather(*(read_back(store, secret_id) for secret_id in wanted))
         assert store_calls("read") - reads_before < len(wanted)
         assert found[: len(records)] == records
@@ -65,12 +59,12 @@ def test_a_conflicting_insert_fails_alone_and_its_batch_mates_are_stored(
     async def work(store: SecretStore) -> None:
         await store.insert(taken)
         results = await asyncio.gather(
-            *(store.insert(r) for r in [*others[:5], record(taken.secret_id), *others[5:]]),
+            *(store.insert(r) for r in [*others[:5], record(id_of(taken)), *others[5:]]),
             return_exceptions=True,
         )
         assert [isinstance(r, Exception) for r in results] == [False] * 5 + [True] + [False] * 5
-        assert await read_back(store, taken.secret_id) == taken  # the first record is untouched
-        assert await asyncio.gather(*(read_back(store, r.secret_id) for r in others)) == others
+        assert await read_back(store, id_of(taken)) == taken  # the first record is untouched
+        assert await asyncio.gather(*(read_back(store, id_of(r)) for r in others)) == others
 
     on_store(store_env, work)
 
@@ -83,7 +77,7 @@ def test_an_insert_retried_after_it_landed_counts_as_stored(store_env: dict[str,
     async def work(store: SecretStore) -> None:
         await store.insert(same)
         await asyncio.gather(store.insert(same), store.insert(record()))
-        assert await read_back(store, same.secret_id) == same
+        assert await read_back(store, id_of(same)) == same
 
     on_store(store_env, work)
 
@@ -99,16 +93,17 @@ def test_a_malformed_record_fails_only_its_own_fetch(
     async def work(store: SecretStore) -> None:
         await asyncio.gather(*(store.insert(r) for r in records))
         collection = raw_records._mongo()
-        collection.update_one({"_id": missing_kid.secret_id}, {"$unset": {"kid": ""}})
-        collection.update_one({"_id": text_nonce.secret_id}, {"$set": {"nonce": 12}})
+        collection.update_one({"_id": missing_kid.record_key}, {"$unset": {"kid": ""}})
+        collection.update_one({"_id": text_nonce.record_key}, {"$set": {"nonce": 12}})
 
         found = await asyncio.gather(
-            *(read_back(store, r.secret_id) for r in records), return_exceptions=True
+            *(read_back(store, id_of(r)) for r in records), return_exceptions=True
         )
         for index, (wanted, got) in enumerate(zip(records, found, strict=True)):
             if wanted in (missing_kid, text_nonce):
                 assert isinstance(got, CorruptRecord), index
-                assert wanted.secret_id not in str(got)
+                assert id_of(wanted) not in str(got)
+                assert wanted.record_key not in str(got)
             else:
                 assert got == wanted, index
 

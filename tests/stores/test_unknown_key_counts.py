@@ -13,7 +13,7 @@ from typing import Any
 import pymongo
 import pytest
 
-from tests.conftest import free_port, on_store
+from tests.conftest import free_port, on_store, stored_record
 from vault.errors import StoreUnavailable
 from vault.records import SealedSecret
 from vault.stores.base import SecretStore
@@ -25,14 +25,12 @@ OTHER = "00000000000000cc"
 GONE = "00000000000000dd"  # seals only records that are expired or used up
 
 
-def record(key_id: str, **lifecycle: Any) -> SealedSecret:
-    return SealedSecret(
-        secret_id=str(uuid.uuid4()),
-        key_id=key_id,
-        nonce=os.urandom(12),
-        ciphertext=os.urandom(24),
-        **lifecycle,
-    )
+def record(key_id: str, *, keyed_by_id: bool = False, **lifecycle: Any) -> SealedSecret:
+    """A record keyed by the digest of its id, or (``keyed_by_id``) by the id itself, as the
+    previous version stored records (a legacy record, until rewrap converts it)."""
+    if keyed_by_id:
+        return SealedSecret(str(uuid.uuid4()), key_id, os.urandom(12), os.urandom(24), **lifecycle)
+    return stored_record(key_id=key_id, ciphertext=os.urandom(24), **lifecycle)
 
 
 def test_counts_the_live_records_of_each_key_id_outside_the_keyring(
@@ -45,6 +43,8 @@ def test_counts_the_live_records_of_each_key_id_outside_the_keyring(
         record(LOST),
         record(LOST, expires_at=future),
         record(LOST, reads_left=2),
+        record(LOST, keyed_by_id=True),  # both forms of record are counted alike
+        record(LOST, keyed_by_id=True, expires_at=past),
         record(LOST, expires_at=past),  # expired: not counted
         record(LOST, reads_left=0),  # used up: not counted
         record(OTHER, expires_at=future, reads_left=1),
@@ -66,9 +66,9 @@ def test_counts_the_live_records_of_each_key_id_outside_the_keyring(
     empty, unknown, none, all_ids = on_store(store_env, work)
 
     assert empty == {}
-    assert unknown == {LOST: 3, OTHER: 1}
+    assert unknown == {LOST: 4, OTHER: 1}
     assert none == {}
-    assert all_ids == {KNOWN: 3, LOST: 3, OTHER: 1}
+    assert all_ids == {KNOWN: 3, LOST: 4, OTHER: 1}
 
 
 def test_sqlite_finds_the_key_ids_and_counts_through_the_key_id_index(tmp_path: Path) -> None:

@@ -112,6 +112,10 @@ def export_command(args: argparse.Namespace) -> int:
                 counts = write(out)
                 os.fsync(out.fileno())
             os.replace(partial, args.output)
+    except TransferRefused as exc:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        return fail(f"export: refused: {exc}; nothing was written")
     except transfer.failures() as exc:
         if partial is not None:
             partial.unlink(missing_ok=True)
@@ -159,7 +163,7 @@ def import_command(args: argparse.Namespace) -> int:
         if conflicts <= _CONFLICTS_SHOWN:
             print(
                 f"secret-manager: import: conflict at line {line} of {name}: the store holds "
-                "a different secret under that record's id; left it untouched",
+                "a different secret under that record's key; left it untouched",
                 file=sys.stderr,
             )
 
@@ -187,7 +191,13 @@ def import_command(args: argparse.Namespace) -> int:
         f"{transfer.elapsed_since(started)}: secrets {counts.new} new, {counts.present} "
         f"already there, {counts.fewer_reads} with fewer reads left, {counts.left_out} expired "
         f"since the export, {counts.conflicts} conflicts; audit records {counts.audit_new} new, "
-        f"{counts.audit - counts.audit_new} already there",
+        f"{counts.audit - counts.audit_new} already there"
+        + (
+            f"; {_plural(counts.keyed_by_id, 'new secret')} from this format 1 file "
+            "stored under their secret id: run secret-manager rewrap to convert them"
+            if counts.keyed_by_id
+            else ""
+        ),
         file=sys.stderr,
     )
     return 1 if counts.conflicts else 0

@@ -1,7 +1,9 @@
 """The small storage interface the routes depend on, and the errors a store raises.
 
 A store only ever sees sealed records (vault/records.py): nonce, ciphertext and key id,
-never plaintext.
+never plaintext. It stores each under its record key, the digest of its secret id; a fetch
+or delete is handed the id itself, to look the record up under its digest or, for a legacy
+record, under the id, and never writes it.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from observability.audit import AUDIT_FIELDS, AuditRecord, AuditWrite
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
 from vault.errors import StoreUnavailable
 from vault.lifecycle import Fetched, Opener, judge_fetch, utc_now
-from vault.records import SealedSecret, StoredSecret
+from vault.records import SealedSecret, StoredSecret, keyed_by_id, record_key
 
 # Re-exported: the vocabulary of the stores and of transfer.
 __all__ = ["AUDIT_FIELDS", "AuditWrite", "utc_now"]
@@ -48,6 +50,14 @@ class DeleteResult(enum.Enum):
     MISSING = "missing"
 
 
+class Remaining(NamedTuple):
+    """What key rotation has left to do in a store (``secret-manager rewrap``)."""
+
+    records: int  # records a pass takes: sealed by another key, or keyed by their id, or both
+    other_keys: int  # of those, sealed by a key other than the active one
+    keyed_by_id: int  # of those, stored under their secret id (legacy records)
+
+
 class SecretStore(Protocol):
     """What the routes need from a store. Every method runs its I/O off the event loop."""
 
@@ -67,7 +77,8 @@ class SecretStore(Protocol):
     async def fetch(
         self, secret_id: str, opener: Opener, audit: AuditRecord | None = None
     ) -> FetchResult:
-        """A fetch's whole store work in one call. The record is read; a read-limited one
+        """A fetch's whole store work in one call. The record is read (``lookup_keys``:
+        under its record key, else under the id, a legacy record); a read-limited one
         not expired at the store's clock then has one read taken (one atomic update, exact
         under any concurrency, across processes and replicas; the read that leaves none
         deletes the record). ``vault.lifecycle.judge_fetch`` then decides the answer, in
@@ -77,7 +88,8 @@ class SecretStore(Protocol):
         record no key opens) is raised to the caller, and no audit record is written."""
 
     async def delete(self, secret_id: str) -> DeleteResult:
-        """Remove the record (the row or document, not a flag): ``deleted``, ``expired``
+        """Remove the record, under either of its ``lookup_keys`` (the row or document, not a
+        flag): ``deleted``, ``expired``
         (it was there but past its expiry, and is removed all the same), or ``missing``
         (none, or its reads were used up)."""
 
@@ -105,18 +117,30 @@ class SecretStore(Protocol):
     async def prepare_rewrap(self) -> None:
         """Build what paging by key id needs (an index), once; idempotent, may take a while."""
 
-    async def records_not_sealed_by(
-        self, key_id: str, after_secret_id: str, limit: int
-    ) -> list[SealedSecret]:
-        """Up to ``limit`` records sealed by any key but ``key_id``, with ids above
-        ``after_secret_id``, in ascending secret id order: a stable order to page through."""
+    async def finish_rewrap(self) -> None:
+        """Once a pass has written: give back what it leaves behind (SQLite: checkpoint and
+        truncate the WAL, so that no page image there still holds a converted record's id)."""
+
+    async def records_to_rewrap(self, key_id: str, after: str, limit: int) -> list[SealedSecret]:
+        """Up to ``limit`` records sealed by any key but ``key_id`` or still keyed by their
+        id, with record keys above ``after``, in ascending record key order: a stable order
+        to page through (a record converted meanwhile no longer matches)."""
 
     async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
-        """Atomically replace record ``old`` by ``new`` (same secret id, durably written) if
-        it still holds ``old``'s key id and nonce. False, and nothing written, if it changed."""
+        """Atomically replace record ``old`` by ``new`` (same record key, durably written)
+        if it still holds ``old``'s key id and nonce. False, and nothing written, if it
+        changed."""
 
-    async def count_not_sealed_by(self, key_id: str) -> int:
-        """How many records are sealed by any key but ``key_id``."""
+    async def convert_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
+        """Move legacy record ``old`` (keyed by its secret id) to ``new``, sealed under its
+        record key (``record_key`` of that id), keeping its lifecycle, if it still holds
+        ``old``'s key id and nonce; True once the id is no longer stored. A record already
+        under the record key wins, and ``old`` is deleted. Safe to repeat after a crash;
+        False, and nothing left behind, if the record changed or went meanwhile."""
+
+    async def count_to_rewrap(self, key_id: str) -> Remaining:
+        """How many records a pass would take: sealed by any key but ``key_id``, or keyed by
+        their id."""
 
     # The key guard (vault/keyguard.py): at start-up and periodically while serving.
 
@@ -163,10 +187,10 @@ class Backend(Protocol):
 class Imported(enum.Enum):
     """What importing one secret record did to the store."""
 
-    NEW = "new"  # stored: the store had no record under its id
+    NEW = "new"  # stored: the store had no record under its key
     PRESENT = "present"  # the store holds this very record already: nothing written
     FEWER_READS = "fewer_reads"  # held already, with more reads left: lowered to the file's
-    CONFLICT = "conflict"  # the store holds a different record under its id: left untouched
+    CONFLICT = "conflict"  # the store holds a different record under its key: left untouched
 
 
 class BulkStore(Protocol):
@@ -191,8 +215,12 @@ class BulkStore(Protocol):
     def count_audit(self) -> int:
         """How many audit records the store holds."""
 
+    def count_keyed_by_id(self) -> int:
+        """How many records are still stored under their secret id (legacy records, which
+        ``rewrap`` converts): an export refuses to write their ids into a file."""
+
     def secrets(self, now: dt.datetime) -> Iterator[StoredSecret]:
-        """Every record neither expired at ``now`` nor used up, in secret id order, each
+        """Every record neither expired at ``now`` nor used up, in record key order, each
         whole. Streamed: memory does not grow with the store."""
 
     def audit(self) -> Iterator[dict[str, Any]]:
@@ -201,7 +229,9 @@ class BulkStore(Protocol):
 
     def add_secrets(self, records: Sequence[StoredSecret]) -> list[Imported]:
         """Store the records the store does not hold, durably, in one transaction or batch;
-        one outcome per record, in order. Never raises a record's read count."""
+        one outcome per record, in order. Never raises a record's read count. A legacy
+        record (keyed by its id, from an export of format 1) is judged against the record
+        stored under its digest, if any (``stored_for``), else stored as it is."""
 
     def add_audit(self, documents: Iterable[Mapping[str, Any]]) -> int:
         """Store the audit records whose ``record_id`` is not stored yet; how many were new."""
@@ -214,16 +244,52 @@ def same_secret(stored: SealedSecret, incoming: SealedSecret) -> bool:
         stored.key_id == incoming.key_id
         and stored.nonce == incoming.nonce
         and stored.ciphertext == incoming.ciphertext
-        and stored.expires_at == incoming.expires_at
-        and (stored.reads_left is None) == (incoming.reads_left is None)
+        and same_lifecycle(stored, incoming)
     )
 
 
+def same_lifecycle(stored: SealedSecret, incoming: SealedSecret) -> bool:
+    """The same expiry, and a read limit on both or on neither."""
+    return stored.expires_at == incoming.expires_at and (stored.reads_left is None) == (
+        incoming.reads_left is None
+    )
+
+
+def lookup_keys(secret_id: str) -> tuple[str, str]:
+    """The keys a secret id's record may be stored under, the preferred one first: its
+    record key (the digest), then the id itself (a legacy record, until ``rewrap``
+    converts it). A store may look the id up; it never writes it."""
+    return record_key(secret_id), secret_id.lower()
+
+
+def import_keys(incoming: SealedSecret) -> tuple[str, ...]:
+    """Where a store may hold an imported record's secret, the preferred key first: its own
+    key, and before it, for a legacy record (keyed by its id), the digest it converts to."""
+    if keyed_by_id(incoming.record_key):
+        return lookup_keys(incoming.record_key)
+    return (incoming.record_key,)
+
+
+def stored_for(
+    incoming: SealedSecret, stored: Mapping[str, SealedSecret | None]
+) -> tuple[str, SealedSecret | None] | None:
+    """Where the store holds ``incoming``'s secret among the records ``stored`` (by record
+    key), as (key, record) - the record None when it is malformed - or None when nowhere.
+    A legacy record's secret counts as held under its digest too (converted since)."""
+    for key in import_keys(incoming):
+        if key in stored:
+            return key, stored[key]
+    return None
+
+
 def import_outcome(stored: SealedSecret | None, incoming: SealedSecret) -> Imported:
-    """What importing ``incoming`` does where the store holds ``stored`` under its id."""
+    """What importing ``incoming`` does where the store holds ``stored`` for its secret: a
+    record under the same key, or the converted form of a legacy ``incoming`` (sealed
+    anew under its digest, so only its lifecycle can be compared)."""
     if stored is None:
         return Imported.NEW
-    if not same_secret(stored, incoming):
+    converted = stored.record_key != incoming.record_key
+    if not (same_lifecycle if converted else same_secret)(stored, incoming):
         return Imported.CONFLICT
     if (
         incoming.reads_left is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pymongo
@@ -22,10 +23,13 @@ from vault.stores.base import (
     AUDIT_FIELDS,
     Imported,
     derived_record_id,
+    import_keys,
     import_outcome,
+    stored_for,
 )
 from vault.stores.mongo.documents import (
     DUPLICATE_KEY,
+    KEYED_BY_ID,
     audit_document,
     document,
     insert_each,
@@ -44,7 +48,7 @@ _BULK_SOCKET_TIMEOUT_SECONDS = 60.0
 class MongoBulk:
     """Export from and import into one MongoDB database (``BulkStore``), on its own client.
 
-    There is no snapshot: the export reads each document whole in ``_id`` order, and a
+    There is no snapshot: the export reads each document whole in ``_id`` (record key) order, and a
     document written during the export may or may not be in the file. Writes use the
     store's durable write concern (``majority``, journaled, unless configured otherwise).
     """
@@ -87,6 +91,9 @@ class MongoBulk:
     def count_secrets(self) -> int:
         return self._secrets.count_documents({})
 
+    def count_keyed_by_id(self) -> int:
+        return self._secrets.count_documents(KEYED_BY_ID)
+
     def count_audit(self) -> int:
         return self._audit.count_documents({})
 
@@ -121,9 +128,9 @@ class MongoBulk:
             outcomes += self._add_secret_batch(records[start : start + _BULK_BATCH])
         return outcomes
 
-    def _stored(self, ids: list[str]) -> dict[str, SealedSecret | None]:
+    def _stored(self, keys: list[str]) -> dict[str, SealedSecret | None]:
         found: dict[str, SealedSecret | None] = {}
-        for doc in self._secrets.find({"_id": {"$in": ids}}):
+        for doc in self._secrets.find({"_id": {"$in": keys}}):
             try:
                 found[str(doc["_id"])] = record_of(doc)
             except (KeyError, TypeError, ValueError):
@@ -131,24 +138,25 @@ class MongoBulk:
         return found
 
     def _add_secret_batch(self, records: Sequence[StoredSecret]) -> list[Imported]:
-        stored = self._stored([record.sealed.secret_id for record in records])
+        stored = self._stored(sorted({k for r in records for k in import_keys(r.sealed)}))
         outcomes: list[Imported] = []
         new: list[dict[str, Any]] = []
         for record in records:
             sealed = record.sealed
-            if sealed.secret_id in stored and stored[sealed.secret_id] is None:
+            key, held = stored_for(sealed, stored) or (sealed.record_key, None)
+            if held is None and key in stored:
                 outcomes.append(Imported.CONFLICT)
                 continue
-            outcome = import_outcome(stored.get(sealed.secret_id), sealed)
+            outcome = import_outcome(held, sealed)
             if outcome is Imported.NEW:
                 new.append(document(sealed, record.created_at))
-            elif outcome is Imported.FEWER_READS:
+                stored[key] = sealed  # the same record twice in one file
+            elif outcome is Imported.FEWER_READS and held is not None:
                 self._secrets.update_one(
-                    {"_id": sealed.secret_id, "reads_left": {"$gt": sealed.reads_left}},
+                    {"_id": key, "reads_left": {"$gt": sealed.reads_left}},
                     {"$set": {"reads_left": sealed.reads_left}},
                 )
-            if outcome in (Imported.NEW, Imported.FEWER_READS):
-                stored[sealed.secret_id] = sealed  # the same id twice in one file
+                stored[key] = replace(held, reads_left=sealed.reads_left)
             outcomes.append(outcome)
         if new:
             results = insert_each(self._secrets, new, lambda docs: set())
@@ -156,8 +164,8 @@ class MongoBulk:
             if refused:  # written meanwhile by someone else: judge against what is there now
                 now_stored = self._stored(sorted(refused))
                 for index, record in enumerate(records):
-                    if record.sealed.secret_id in refused and outcomes[index] is Imported.NEW:
-                        current = now_stored.get(record.sealed.secret_id)
+                    if record.sealed.record_key in refused and outcomes[index] is Imported.NEW:
+                        current = now_stored.get(record.sealed.record_key)
                         outcomes[index] = (
                             Imported.CONFLICT
                             if current is None

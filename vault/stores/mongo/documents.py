@@ -22,8 +22,14 @@ from vault.stores.base import (
     AuditDocument,
 )
 
-FORMAT_VERSION = 1
+# 2: keyed by the record key (the digest of the secret id); 1: keyed by the id itself.
+FORMAT_VERSION = 2
 DUPLICATE_KEY = 11000
+
+
+# A record still stored under its secret id: 36 characters (vault/records.py keyed_by_id),
+# where a record key is 64.
+KEYED_BY_ID = {"_id": {"$regex": "^.{36}$"}}
 
 
 def record_of(doc: Mapping[str, Any]) -> SealedSecret:
@@ -40,7 +46,7 @@ def record_of(doc: Mapping[str, Any]) -> SealedSecret:
     if expires_at is not None and expires_at.tzinfo is None:  # a client without tz_aware
         expires_at = expires_at.replace(tzinfo=dt.UTC)
     return SealedSecret(
-        secret_id=str(doc["_id"]),
+        record_key=str(doc["_id"]),
         key_id=key_id,
         nonce=bytes(nonce),
         ciphertext=bytes(ciphertext),
@@ -52,7 +58,7 @@ def record_of(doc: Mapping[str, Any]) -> SealedSecret:
 def document(record: SealedSecret, created_at: dt.datetime | None) -> dict[str, Any]:
     """The document a record is stored as."""
     doc: dict[str, Any] = {
-        "_id": record.secret_id,
+        "_id": record.record_key,
         "v": FORMAT_VERSION,
         "kid": record.key_id,
         "nonce": record.nonce,

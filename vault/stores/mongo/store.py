@@ -14,16 +14,18 @@ from pymongo.errors import PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from observability.audit import AuditRecord
-from vault.errors import NotReady, StoreUnavailable
+from vault.errors import CorruptRecord, NotReady, StoreUnavailable
 from vault.lifecycle import Opener, takes_a_read
-from vault.records import SealedSecret
+from vault.records import SealedSecret, keyed_by_id, record_key
 from vault.stores.base import (
     AuditWrite,
     DeleteResult,
     FetchResult,
+    Remaining,
     fetch_results,
     insert_results,
     judge_each,
+    lookup_keys,
     stamped_audits,
     stored_or_refused,
     unavailable,
@@ -31,6 +33,7 @@ from vault.stores.base import (
 )
 from vault.stores.batching import Batcher
 from vault.stores.health import UNREACHABLE, WriteHealth, stored_any
+from vault.stores.mongo import rewrap
 from vault.stores.mongo.connection import (
     MongoConnection,
     log,
@@ -40,8 +43,6 @@ from vault.stores.mongo.documents import (
     audit_document,
     document,
     insert_each,
-    record_of,
-    sealed_by,
     sealed_or_corrupt,
 )
 from vault.stores.mongo.errors import (
@@ -72,12 +73,14 @@ _CREATE_BYTES_BESIDE_RECORD = 4096
 _Insert = tuple[dict[str, Any], AuditRecord | None]
 
 
-# A fetch's batch item: the id, what opens the record, and the audit record to write.
+# A fetch's batch item: the secret id (looked up, never written), what opens the record,
+# and the audit record to write.
 _Fetch = tuple[str, Opener, AuditRecord | None]
 
 
 class MongoStore:
-    """Secrets in the ``secrets`` collection of MONGO_DB, keyed by secret id."""
+    """Secrets in the ``secrets`` collection of MONGO_DB, keyed by record key (the digest of
+    the secret id; the id itself for a legacy record, until rewrap converts it)."""
 
     def __init__(
         self,
@@ -200,17 +203,31 @@ class MongoStore:
         )
         return written
 
+    def _find_keys(self, keys: list[str]) -> dict[str, SealedSecret | CorruptRecord]:
+        """The documents stored under ``keys``, by key: each its record, or CorruptRecord
+        for a malformed one."""
+        if len(keys) == 1:
+            doc = self._secrets.find_one({"_id": keys[0]})
+            return {} if doc is None else {keys[0]: sealed_or_corrupt(doc)}
+        cursor = self._secrets.find({"_id": {"$in": keys}})
+        return {str(doc["_id"]): sealed_or_corrupt(doc) for doc in cursor}
+
     def _find_many_sync(self, secret_ids: list[str]) -> list[SealedSecret | Exception | None]:
         """One entry per id: its record, None when there is none, or CorruptRecord for a
-        malformed one, which fails only the requests for that id."""
-        wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
-        if len(wanted) == 1:
-            doc = self._secrets.find_one({"_id": wanted[0]})
-            found = {} if doc is None else {wanted[0]: sealed_or_corrupt(doc)}
-        else:
-            cursor = self._secrets.find({"_id": {"$in": wanted}})
-            found = {str(doc["_id"]): sealed_or_corrupt(doc) for doc in cursor}
-        return [found.get(secret_id) for secret_id in secret_ids]
+        malformed one, which fails only the requests for that id.
+
+        Looked up under the record keys first; only the ids found under none are looked up
+        again, under either key (a legacy record, or one converted in between), so the id
+        of a converted secret never reaches the database, whose logs may quote queries."""
+        wanted = {secret_id: lookup_keys(secret_id) for secret_id in secret_ids}  # each once
+        found = self._find_keys([digest for digest, _ in wanted.values()])
+        missing = [key for keys in wanted.values() if keys[0] not in found for key in keys]
+        if missing:
+            found.update(self._find_keys(missing))
+        return [
+            next((found[key] for key in wanted[secret_id] if key in found), None)
+            for secret_id in secret_ids
+        ]
 
     def _fetch_many_sync(self, items: list[_Fetch]) -> list[FetchResult | Exception]:
         """A batch of fetches in one budget: the records read, the reads taken (each its
@@ -220,8 +237,8 @@ class MongoStore:
         with pymongo.timeout(self._mongo.timeout):
             records = self._find_many_sync(secret_ids)
             for k, record in enumerate(records):
-                if takes_a_read(record, now):
-                    records[k] = self._take_read_sync(secret_ids[k])
+                if isinstance(record, SealedSecret) and takes_a_read(record, now):
+                    records[k] = self._take_read_sync(record.record_key, lookup_keys(secret_ids[k]))
             results, audits = judge_each(items, records, now)
             errors = self._write_audits_sync(
                 {k: audit for k, audit in enumerate(audits) if audit is not None}
@@ -242,11 +259,11 @@ class MongoStore:
         result: FetchResult = await self._reads.submit((secret_id, opener, audit))
         return result
 
-    def _take_read_sync(self, secret_id: str) -> SealedSecret | Exception | None:
+    def _take_read_sync(self, key: str, keys: tuple[str, ...]) -> SealedSecret | Exception | None:
         # One atomic document update per read: concurrent readers on any replica each
         # take a different count, and none gets past zero.
         doc = self._secrets.find_one_and_update(
-            {"_id": secret_id, "reads_left": {"$gt": 0}},
+            {"_id": key, "reads_left": {"$gt": 0}},
             {"$inc": {"reads_left": -1}},
             return_document=pymongo.ReturnDocument.AFTER,
         )
@@ -254,15 +271,25 @@ class MongoStore:
             return None
         if doc.get("reads_left") == 0:
             # The last read: the ciphertext goes before the answer does. Matched on the
-            # count, so a record rewritten meanwhile is still removed only when used up.
-            self._secrets.delete_one({"_id": secret_id, "reads_left": 0})
+            # count, so a record rewritten meanwhile is still removed only when used up;
+            # with it goes any other document of the secret's ``keys`` (a legacy one beside
+            # its converted one, or one being converted), which would serve it again. The
+            # id this may send is worthless from now on.
+            self._secrets.delete_many(
+                {"_id": {"$in": list(keys)}, "$or": [{"_id": {"$ne": key}}, {"reads_left": 0}]}
+            )
         return sealed_or_corrupt(doc)
 
     def _delete_sync(self, secret_id: str) -> dict[str, Any] | None:
+        digest, legacy = lookup_keys(secret_id)
+        projection = {"expires_at": 1, "reads_left": 1}
         doc: dict[str, Any] | None = self._secrets.find_one_and_delete(
-            {"_id": secret_id}, projection={"expires_at": 1, "reads_left": 1}
+            {"_id": digest}, projection=projection
         )
-        return doc
+        # Under the id too: a legacy record, or one left beside its converted one or being
+        # converted, which would serve the secret again. The id is worthless once deleted.
+        old = self._secrets.find_one_and_delete({"_id": legacy}, projection=projection)
+        return doc if doc is not None else old
 
     async def delete(self, secret_id: str) -> DeleteResult:
         doc = await self._write("delete", self._delete_sync, secret_id)
@@ -308,51 +335,40 @@ class MongoStore:
             "rewrap_index", self._ensure_kid_index_sync, timeout=INDEX_BUILD_TIMEOUT_SECONDS
         )
 
-    def _not_sealed_by_sync(self, key_id: str, after: str, limit: int) -> list[SealedSecret]:
-        cursor = (
-            self._secrets.find({"kid": {"$ne": key_id}, "_id": {"$gt": after}})
-            .sort("_id", pymongo.ASCENDING)
-            .limit(limit)
-        )
-        return [record_of(doc) for doc in cursor]
+    async def finish_rewrap(self) -> None:
+        """Nothing to give back: the database manages its own files."""
 
-    async def records_not_sealed_by(
-        self, key_id: str, after_secret_id: str, limit: int
-    ) -> list[SealedSecret]:
+    async def records_to_rewrap(self, key_id: str, after: str, limit: int) -> list[SealedSecret]:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         result: list[SealedSecret] = await self._mongo.run(
-            "rewrap_find", self._not_sealed_by_sync, key_id, after_secret_id, limit
+            "rewrap_find", rewrap.records_to_rewrap, self._secrets, key_id, after, limit
         )
         return result
 
-    def _replace_sync(self, old: SealedSecret, new: SealedSecret) -> bool:
-        update = {"$set": {"kid": new.key_id, "nonce": new.nonce, "ct": new.ciphertext}}
-        swap = {"_id": old.secret_id, "kid": old.key_id, "nonce": old.nonce}
-        if self._secrets.update_one(swap, update).matched_count == 1:
-            return True
-        # MongoDB matched nothing because the record changed or is gone. Some MongoDB-wire
-        # servers (the nx-27017 test server) never match a binary value in an update's
-        # filter, though: tell the two apart by reading the record, and if it is unchanged,
-        # swap on the key id alone. Records are never edited, only rewrapped, and every
-        # rewrap changes the key id, so that still never overwrites a concurrent rewrap.
-        current = self._secrets.find_one({"_id": old.secret_id}, {"kid": 1, "nonce": 1})
-        if current is None or sealed_by(current) != (old.key_id, old.nonce):
-            return False
-        fallback = {"_id": old.secret_id, "kid": old.key_id}
-        return self._secrets.update_one(fallback, update).matched_count == 1
-
     async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
-        if new.secret_id != old.secret_id:
-            raise ValueError("a record can only be replaced by a record with its own id")
-        swapped: bool = await self._write("rewrap_replace", self._replace_sync, old, new)
+        if new.record_key != old.record_key:
+            raise ValueError("a record can only be replaced by a record with its own key")
+        swapped: bool = await self._write(
+            "rewrap_replace", rewrap.replace_sealed, self._secrets, old, new
+        )
         return swapped
 
-    async def count_not_sealed_by(self, key_id: str) -> int:
-        count: int = await self._mongo.run(
-            "rewrap_count", self._secrets.count_documents, {"kid": {"$ne": key_id}}
+    def _convert_sync(self, old: SealedSecret, new: SealedSecret) -> bool:
+        with pymongo.timeout(self._mongo.timeout):  # its few round trips in one budget
+            return rewrap.convert_sealed(self._secrets, old, new)
+
+    async def convert_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
+        if not keyed_by_id(old.record_key) or new.record_key != record_key(old.record_key):
+            raise ValueError("only a record keyed by its id converts, to its own record key")
+        moved: bool = await self._write("rewrap_convert", self._convert_sync, old, new)
+        return moved
+
+    async def count_to_rewrap(self, key_id: str) -> Remaining:
+        remaining: Remaining = await self._mongo.run(
+            "rewrap_count", rewrap.count_to_rewrap, self._secrets, key_id
         )
-        return count
+        return remaining
 
     def _ensure_kid_index_sync(self) -> None:
         # Reachability first, under the store's own timeout: with the database down this

@@ -5,15 +5,18 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vault.records import StoredSecret
+from vault.records import SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     Imported,
     derived_record_id,
+    import_keys,
     import_outcome,
+    stored_for,
 )
 from vault.stores.sqlite.connection import (
     SCHEMA,
@@ -23,13 +26,15 @@ from vault.stores.sqlite.connection import (
 )
 from vault.stores.sqlite.documents import (
     INSERT_AUDIT,
+    KEYED_BY_ID,
     RECORD_COLUMNS,
     audit_row,
     epoch,
     record_of,
 )
 
-# Rows per statement when importing: under SQLite's 999 host parameters in one IN (...).
+# Rows per statement when importing: twice as many keys, under SQLite's 32766 host
+# parameters in one IN (...).
 _IMPORT_BATCH = 500
 
 
@@ -79,6 +84,12 @@ class SQLiteBulk:
         count: int = self._conn.execute("SELECT COUNT(*) FROM secrets").fetchone()[0]
         return count
 
+    def count_keyed_by_id(self) -> int:
+        count: int = self._conn.execute(
+            f"SELECT COUNT(*) FROM secrets WHERE {KEYED_BY_ID}"  # noqa: S608 - fixed text
+        ).fetchone()[0]
+        return count
+
     def count_audit(self) -> int:
         count: int = self._conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
         return count
@@ -87,7 +98,7 @@ class SQLiteBulk:
         cursor = self._conn.execute(
             f"SELECT {RECORD_COLUMNS}, created_at FROM secrets"  # noqa: S608 - fixed names
             " WHERE (expires_at IS NULL OR expires_at > ?)"
-            " AND (reads_left IS NULL OR reads_left > 0) ORDER BY secret_id",
+            " AND (reads_left IS NULL OR reads_left > 0) ORDER BY record_key",
             (int(now.timestamp()),),
         )
         while rows := cursor.fetchmany(_IMPORT_BATCH):
@@ -114,28 +125,29 @@ class SQLiteBulk:
         return outcomes
 
     def _add_secret_batch(self, records: Sequence[StoredSecret]) -> list[Imported]:
-        ids = [record.sealed.secret_id for record in records]
+        keys = {key for record in records for key in import_keys(record.sealed)}
         outcomes = []
         with self._conn:  # one transaction, one fsync, for the whole batch
             self._conn.execute("BEGIN IMMEDIATE")
-            stored = {
+            stored: dict[str, SealedSecret | None] = {
                 row[0]: record_of(row)
                 for row in self._conn.execute(
                     f"SELECT {RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names, "?"s
-                    f" WHERE secret_id IN ({', '.join('?' * len(ids))})",
-                    ids,
+                    f" WHERE record_key IN ({', '.join('?' * len(keys))})",
+                    sorted(keys),
                 )
             }
             for record in records:
                 sealed = record.sealed
-                outcome = import_outcome(stored.get(sealed.secret_id), sealed)
+                key, held = stored_for(sealed, stored) or (sealed.record_key, None)
+                outcome = import_outcome(held, sealed)
                 if outcome is Imported.NEW:
                     self._conn.execute(
-                        "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext, expires_at,"
+                        "INSERT INTO secrets (record_key, key_id, nonce, ciphertext, expires_at,"
                         " reads_left, created_at) VALUES (?, ?, ?, ?, ?, ?,"
                         " coalesce(?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
                         (
-                            sealed.secret_id,
+                            sealed.record_key,
                             sealed.key_id,
                             sealed.nonce,
                             sealed.ciphertext,
@@ -144,13 +156,13 @@ class SQLiteBulk:
                             None if record.created_at is None else _created_text(record.created_at),
                         ),
                     )
-                    stored[sealed.secret_id] = sealed  # the same id twice in one file
-                elif outcome is Imported.FEWER_READS:
+                    stored[key] = sealed  # the same record twice in one file
+                elif outcome is Imported.FEWER_READS and held is not None:
                     self._conn.execute(
-                        "UPDATE secrets SET reads_left = ? WHERE secret_id = ?",
-                        (sealed.reads_left, sealed.secret_id),
+                        "UPDATE secrets SET reads_left = ? WHERE record_key = ?",
+                        (sealed.reads_left, key),
                     )
-                    stored[sealed.secret_id] = sealed
+                    stored[key] = replace(held, reads_left=sealed.reads_left)
                 outcomes.append(outcome)
         return outcomes
 

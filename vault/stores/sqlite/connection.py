@@ -8,8 +8,10 @@ from contextlib import suppress
 from pathlib import Path
 
 SCHEMA = """
+-- record_key: the digest of the secret id (vault/records.py), never the id itself; a
+-- legacy row, written before, holds its id there until `secret-manager rewrap` converts it.
 CREATE TABLE IF NOT EXISTS secrets (
-    secret_id  TEXT PRIMARY KEY,
+    record_key TEXT PRIMARY KEY,
     key_id     TEXT NOT NULL,
     nonce      BLOB NOT NULL,
     ciphertext BLOB NOT NULL,
@@ -61,8 +63,17 @@ def checkpoint(conn: sqlite3.Connection) -> None:
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    """Bring a file written by an earlier version up to the current schema."""
+    """Bring a file written by an earlier version up to the current schema, in one
+    transaction: workers opening the file at once see it before or after, never half."""
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        _migrate(conn)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
     secret_columns = {row[1] for row in conn.execute("PRAGMA table_info(secrets)")}
+    if "secret_id" in secret_columns:  # the column's rows are record keys now, ids until rewrap
+        conn.execute("ALTER TABLE secrets RENAME COLUMN secret_id TO record_key")
     for column in ("expires_at", "reads_left"):
         if column not in secret_columns:
             conn.execute(f"ALTER TABLE secrets ADD COLUMN {column} INTEGER")
@@ -87,6 +98,12 @@ def connect(path: Path, timeout: float) -> sqlite3.Connection:
 
 
 def create_file(path: Path) -> None:
-    """The database file, readable by this user only, with the current schema."""
+    """The database file, readable by this user only, unless it exists already."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists():
+        # Not opened and closed here: closing any descriptor of the file drops every POSIX
+        # lock this process holds on it, those of its open SQLite connections included. Then
+        # another process may take the file for unused and delete its WAL and shared memory
+        # under them (their reads go stale, then fail with "disk I/O error").
+        return
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))

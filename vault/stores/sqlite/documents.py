@@ -14,12 +14,16 @@ from vault.stores.base import (
 )
 
 INSERT_RECORD = (
-    "INSERT INTO secrets (secret_id, key_id, nonce, ciphertext, expires_at, reads_left)"
+    "INSERT INTO secrets (record_key, key_id, nonce, ciphertext, expires_at, reads_left)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
 
 
-RECORD_COLUMNS = "secret_id, key_id, nonce, ciphertext, expires_at, reads_left"
+RECORD_COLUMNS = "record_key, key_id, nonce, ciphertext, expires_at, reads_left"
+
+
+# A record still stored under its secret id (vault/records.py LEGACY_KEY_LENGTH), in SQL.
+KEYED_BY_ID = "length(record_key) = 36"
 RecordRow = tuple[str, str, bytes, bytes, int | None, int | None]
 
 
@@ -54,17 +58,19 @@ def audit_row(document: AuditDocument) -> AuditRow:
     )
 
 
-def take_read(conn: sqlite3.Connection, secret_id: str) -> RecordRow | None:
-    """Take one read of a read-limited record, in the open write transaction: the record
-    with the reads left after this one, or None when it is gone or used up. The last read
-    deletes the row in the same transaction."""
+def take_read(conn: sqlite3.Connection, key: str, keys: Sequence[str]) -> RecordRow | None:
+    """Take one read of the read-limited record stored under ``key``, in the open write
+    transaction: the record with the reads left after this one, or None when it is gone or
+    used up. The last read deletes the row in the same transaction, with any other row of
+    the secret's lookup ``keys`` (a legacy row beside its converted one), which would
+    otherwise serve the secret again."""
     row: RecordRow | None = conn.execute(
         "UPDATE secrets SET reads_left = reads_left - 1"  # noqa: S608 - fixed names
-        f" WHERE secret_id = ? AND reads_left > 0 RETURNING {RECORD_COLUMNS}",
-        (secret_id,),
+        f" WHERE record_key = ? AND reads_left > 0 RETURNING {RECORD_COLUMNS}",
+        (key,),
     ).fetchone()
     if row is not None and row[5] == 0:
-        conn.execute("DELETE FROM secrets WHERE secret_id = ?", (secret_id,))
+        conn.executemany("DELETE FROM secrets WHERE record_key = ?", [(k,) for k in keys])
     return row
 
 
@@ -108,9 +114,9 @@ def epoch(value: dt.datetime | None) -> int | None:
 
 
 def record_of(row: RecordRow) -> SealedSecret:
-    secret_id, key_id, nonce, ciphertext, expires_at, reads_left = row
+    key, key_id, nonce, ciphertext, expires_at, reads_left = row
     return SealedSecret(
-        secret_id,
+        key,
         key_id,
         nonce,
         ciphertext,

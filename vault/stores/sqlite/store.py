@@ -15,14 +15,16 @@ from typing import TypeVar
 from observability.audit import AuditRecord
 from vault.errors import NotReady, StoreUnavailable
 from vault.lifecycle import Opener, takes_a_read
-from vault.records import SealedSecret
+from vault.records import SealedSecret, keyed_by_id, record_key
 from vault.stores.base import (
     AuditWrite,
     DeleteResult,
     FetchResult,
+    Remaining,
     fetch_results,
     insert_results,
     judge_each,
+    lookup_keys,
     run_off_loop,
     stamped_audits,
     store_executor,
@@ -32,6 +34,7 @@ from vault.stores.base import (
 )
 from vault.stores.batching import Batcher
 from vault.stores.health import DISK_FULL, UNREACHABLE, WriteHealth, stored_any
+from vault.stores.sqlite import rewrap
 from vault.stores.sqlite.connection import (
     SCHEMA,
     checkpoint,
@@ -65,7 +68,8 @@ T = TypeVar("T")
 _Insert = tuple[SealedSecret, AuditRecord | None]
 
 
-# A fetch's batch item: the id, what opens the record, and the audit record to write.
+# A fetch's batch item: the secret id (looked up, never written), what opens the record,
+# and the audit record to write.
 _Fetch = tuple[str, Opener, AuditRecord | None]
 PING_TIMEOUT_SECONDS = 2.0  # readiness probes (a balancer, Swarm) give up after a few seconds
 _PROBE = (
@@ -194,7 +198,7 @@ class SQLiteStore:
 
     async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
         rows = [
-            (r.secret_id, r.key_id, r.nonce, r.ciphertext, epoch(r.expires_at), r.reads_left)
+            (r.record_key, r.key_id, r.nonce, r.ciphertext, epoch(r.expires_at), r.reads_left)
             for r, _ in items
         ]
 
@@ -215,14 +219,23 @@ class SQLiteStore:
         return written
 
     def _select(self, conn: sqlite3.Connection, secret_ids: list[str]) -> dict[str, SealedSecret]:
-        wanted = list(dict.fromkeys(secret_ids))  # concurrent fetches of one id: read it once
-        placeholders = ", ".join("?" * len(wanted))  # at most MAX_BATCH, under SQLite's cap
+        """The record of each id, under its record key or else under the id itself (a
+        legacy row), in one statement; an id is only compared there, never written."""
+        wanted = {secret_id: lookup_keys(secret_id) for secret_id in secret_ids}  # each once
+        keys = [key for pair in wanted.values() for key in pair]
+        placeholders = ", ".join("?" * len(keys))  # twice MAX_BATCH at most, under SQLite's cap
         rows: list[RecordRow] = conn.execute(
             f"SELECT {RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names and "?"s
-            f" WHERE secret_id IN ({placeholders})",
-            wanted,
+            f" WHERE record_key IN ({placeholders})",
+            keys,
         ).fetchall()
-        return {row[0]: record_of(row) for row in rows}
+        by_key = {row[0]: row for row in rows}
+        found: dict[str, SealedSecret] = {}
+        for secret_id, pair in wanted.items():
+            row = next((by_key[key] for key in pair if key in by_key), None)  # the digest first
+            if row is not None:
+                found[secret_id] = record_of(row)
+        return found
 
     def _fetch_sync(
         self, conn: sqlite3.Connection, items: list[_Fetch]
@@ -232,15 +245,15 @@ class SQLiteStore:
         now = utc_now()
         found = self._select(conn, secret_ids)
         records: list[SealedSecret | None] = [found.get(i) for i in secret_ids]
-        limited = [k for k, record in enumerate(records) if takes_a_read(record, now)]
+        limited = [(k, r) for k, r in enumerate(records) if r is not None and takes_a_read(r, now)]
         if not limited:
             results, audits = judge_each(items, records, now)
             if all(audit is None for audit in audits):
                 return fetch_results(results, audits, {})  # a pure read: no transaction
         with conn:  # one transaction, one fsync: the reads taken and the audit records
             conn.execute("BEGIN IMMEDIATE")
-            for k in limited:  # each its own atomic take
-                row = take_read(conn, secret_ids[k])
+            for k, record in limited:  # each its own atomic take
+                row = take_read(conn, record.record_key, lookup_keys(secret_ids[k]))
                 records[k] = None if row is None else record_of(row)
             if limited:  # judged only now, on the records as the takes left them
                 results, audits = judge_each(items, records, now)
@@ -264,12 +277,18 @@ class SQLiteStore:
         return result
 
     async def delete(self, secret_id: str) -> DeleteResult:
+        keys = lookup_keys(secret_id)
+
         def remove(conn: sqlite3.Connection) -> tuple[int | None, int | None] | None:
-            found: tuple[int | None, int | None] | None = conn.execute(
-                "DELETE FROM secrets WHERE secret_id = ? RETURNING expires_at, reads_left",
-                (secret_id,),
-            ).fetchone()
-            return found
+            # Under either key: a legacy row left beside its converted one would bring the
+            # secret back. One statement, so atomic; the digest's row answers when both are.
+            rows: list[tuple[str, int | None, int | None]] = conn.execute(
+                "DELETE FROM secrets WHERE record_key IN (?, ?)"
+                " RETURNING record_key, expires_at, reads_left",
+                keys,
+            ).fetchall()
+            by_key = {key: (expires_at, reads_left) for key, expires_at, reads_left in rows}
+            return next((by_key[key] for key in keys if key in by_key), None)
 
         found = await self._run("delete", remove, write=True)
         if found is None or found[1] == 0:
@@ -294,43 +313,32 @@ class SQLiteStore:
     async def prepare_rewrap(self) -> None:
         """Nothing to do: the schema already indexes ``key_id``."""
 
-    async def records_not_sealed_by(
-        self, key_id: str, after_secret_id: str, limit: int
-    ) -> list[SealedSecret]:
+    async def finish_rewrap(self) -> None:
+        await self._run("rewrap_checkpoint", checkpoint, write=True)
+
+    async def records_to_rewrap(self, key_id: str, after: str, limit: int) -> list[SealedSecret]:
         if limit < 1:
             raise ValueError("limit must be at least 1")
-
-        def select(conn: sqlite3.Connection) -> list[RecordRow]:
-            rows: list[RecordRow] = conn.execute(
-                f"SELECT {RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names only
-                " WHERE key_id <> ? AND secret_id > ? ORDER BY secret_id LIMIT ?",
-                (key_id, after_secret_id, limit),
-            ).fetchall()
-            return rows
-
-        return [record_of(row) for row in await self._run("rewrap_find", select)]
+        return await self._run(
+            "rewrap_find", lambda conn: rewrap.records_to_rewrap(conn, key_id, after, limit)
+        )
 
     async def replace_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
-        if new.secret_id != old.secret_id:
-            raise ValueError("a record can only be replaced by a record with its own id")
+        if new.record_key != old.record_key:
+            raise ValueError("a record can only be replaced by a record with its own key")
+        return await self._run(
+            "rewrap_replace", lambda conn: rewrap.replace_sealed(conn, old, new), write=True
+        )
 
-        def replace(conn: sqlite3.Connection) -> bool:
-            # One statement in autocommit mode: atomic, and durable (synchronous=FULL).
-            cursor = conn.execute(
-                "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ?"
-                " WHERE secret_id = ? AND key_id = ? AND nonce = ?",
-                (new.key_id, new.nonce, new.ciphertext, old.secret_id, old.key_id, old.nonce),
-            )
-            return cursor.rowcount == 1
+    async def convert_sealed(self, old: SealedSecret, new: SealedSecret) -> bool:
+        if not keyed_by_id(old.record_key) or new.record_key != record_key(old.record_key):
+            raise ValueError("only a record keyed by its id converts, to its own record key")
+        return await self._run(
+            "rewrap_convert", lambda conn: rewrap.convert_sealed(conn, old, new), write=True
+        )
 
-        return await self._run("rewrap_replace", replace, write=True)
-
-    async def count_not_sealed_by(self, key_id: str) -> int:
-        def count(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT count(*) FROM secrets WHERE key_id <> ?", (key_id,))
-            return int(row.fetchone()[0])
-
-        return await self._run("rewrap_count", count)
+    async def count_to_rewrap(self, key_id: str) -> Remaining:
+        return await self._run("rewrap_count", lambda conn: rewrap.count_to_rewrap(conn, key_id))
 
     async def unknown_key_counts(self, known_key_ids: Collection[str]) -> dict[str, int]:
         known = frozenset(known_key_ids)
