@@ -337,6 +337,37 @@ class _StreamGuard:
         self._task_group.spawn(func, *args)
 
 
+def _refuse_stream(connection: Any, stream_id: int) -> None:
+    """Nothing is processed for this stream: REFUSED_STREAM tells the client it may retry
+    (RFC 9113 8.7)."""
+    from h2.errors import ErrorCodes
+    from h2.exceptions import StreamClosedError
+
+    with contextlib.suppress(StreamClosedError):  # the client reset it too
+        connection.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+
+
+async def _calm_down(protocol: Any, last_started: int, unfinished: int, answered: int) -> None:
+    """Close a rapid resetter's connection with GOAWAY ENHANCE_YOUR_CALM. Nothing of the
+    batch at hand is started (GOAWAY names the last stream that was); what already runs
+    finishes on its own."""
+    from h2.errors import ErrorCodes
+    from hypercorn.events import Closed
+
+    log.warning(
+        "HTTP/2 connection from %s closed: its client reset or was refused %d streams "
+        "before their answers and let %d finish (GOAWAY ENHANCE_YOUR_CALM)",
+        protocol.client[0] if protocol.client else "unknown",
+        unfinished,
+        answered,
+    )
+    protocol.connection.close_connection(
+        error_code=ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=last_started
+    )
+    await protocol._flush()
+    await protocol.send(Closed())
+
+
 def _fix_rapid_reset() -> dict[Target, Callable[..., Any]]:
     """Fix 5: HTTP/2 streams reset before their answers run on past the stream cap.
 
@@ -348,10 +379,7 @@ def _fix_rapid_reset() -> dict[Target, Callable[..., Any]]:
     stream while its app call runs on:
     https://github.com/pgjones/hypercorn/blob/0.18.0/src/hypercorn/protocol/h2.py#L244-L284
     """
-    from h2.errors import ErrorCodes
     from h2.events import DataReceived, RequestReceived, StreamReset
-    from h2.exceptions import StreamClosedError
-    from hypercorn.events import Closed
 
     original_handle_events = H2_HANDLE_EVENTS.resolve()
 
@@ -371,10 +399,8 @@ def _fix_rapid_reset() -> dict[Target, Callable[..., Any]]:
             if isinstance(event, RequestReceived):
                 if guard.running + len(admitted) >= cap:
                     # h2 caps the streams open at once, so only a client that reset streams
-                    # whose app calls still run gets here. Nothing is processed for this
-                    # one: REFUSED_STREAM tells the client it may retry (RFC 9113 8.7).
-                    with contextlib.suppress(StreamClosedError):  # the client reset it too
-                        self.connection.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+                    # whose app calls still run gets here.
+                    _refuse_stream(self.connection, stream_id)
                     refused.add(stream_id)
                     guard.refused += 1
                 else:
@@ -395,21 +421,7 @@ def _fix_rapid_reset() -> dict[Target, Callable[..., Any]]:
                 kept.append(event)
             unfinished = guard.cancelled + guard.refused
             if unfinished >= cap and unfinished > answered:
-                log.warning(
-                    "HTTP/2 connection from %s closed: its client reset or was refused %d "
-                    "streams before their answers and let %d finish (GOAWAY "
-                    "ENHANCE_YOUR_CALM)",
-                    self.client[0] if self.client else "unknown",
-                    unfinished,
-                    answered,
-                )
-                # Nothing of this batch is started (GOAWAY names the last stream that was);
-                # what already runs finishes on its own.
-                self.connection.close_connection(
-                    error_code=ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=guard.last_started
-                )
-                await self._flush()
-                await self.send(Closed())
+                await _calm_down(self, guard.last_started, unfinished, answered)
                 return
         await original_handle_events(self, kept)
         guard.last_started = max([guard.last_started, *admitted])

@@ -14,12 +14,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vault.backend import backend_for
 from vault.cli.common import fail
 from vault.errors import ConfigError, TransferRefused
 from vault.settings import Settings
 from vault.stores.base import Backend
+
+if TYPE_CHECKING:
+    from vault.transfer import Counts
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -186,21 +190,25 @@ def import_command(args: argparse.Namespace) -> int:
         return 1
     finally:
         source.close()
-    print(
-        f"secret-manager: imported {name} into {counts.store} in "
-        f"{transfer.elapsed_since(started)}: secrets {counts.new} new, {counts.present} "
-        f"already there, {counts.fewer_reads} with fewer reads left, {counts.left_out} expired "
-        f"since the export, {counts.conflicts} conflicts; audit records {counts.audit_new} new, "
+    print(_imported(name, counts, transfer.elapsed_since(started)), file=sys.stderr)
+    return 1 if counts.conflicts else 0
+
+
+def _imported(name: str, counts: Counts, took: str) -> str:
+    """The import's summary line."""
+    line = (
+        f"secret-manager: imported {name} into {counts.store} in {took}: secrets "
+        f"{counts.new} new, {counts.present} already there, {counts.fewer_reads} with fewer "
+        f"reads left, {counts.left_out} expired since the export, {counts.conflicts} "
+        f"conflicts; audit records {counts.audit_new} new, "
         f"{counts.audit - counts.audit_new} already there"
-        + (
+    )
+    if counts.keyed_by_id:
+        line += (
             f"; {_plural(counts.keyed_by_id, 'new secret')} from this format 1 file "
             "stored under their secret id: run secret-manager rewrap to convert them"
-            if counts.keyed_by_id
-            else ""
-        ),
-        file=sys.stderr,
-    )
-    return 1 if counts.conflicts else 0
+        )
+    return line
 
 
 def _plural(count: int, noun: str) -> str:

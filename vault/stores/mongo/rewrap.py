@@ -28,6 +28,9 @@ Secrets = Collection[dict[str, Any]]
 # A move older than this was cut short (a move takes a few round trips): the next pass
 # finishes it. One younger is another pass's, under way: left to it.
 STALE_MOVE_SECONDS = 60.0
+# Counting the live records of each unknown key id, through the index: several reads in one
+# budget, which a key sealing millions of records may need more than a request's for.
+KEY_COUNT_TIMEOUT_SECONDS = 60.0
 
 
 def _to_rewrap(key_id: str) -> dict[str, Any]:
@@ -143,3 +146,26 @@ def count_to_rewrap(secrets: Secrets, key_id: str) -> Remaining:
         secrets.count_documents({"kid": {"$ne": key_id}}),
         secrets.count_documents(KEYED_BY_ID),
     )
+
+
+def live_counts_of_unknown_keys(
+    secrets: Secrets, known: frozenset[str], now: dt.datetime
+) -> dict[str, int]:
+    """The key guard's question: for each key id not in ``known`` that seals a live record
+    (not expired, reads not used up), how many it seals; through the kid index."""
+    live = {
+        "$and": [
+            {"$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}]},
+            {"$or": [{"reads_left": None}, {"reads_left": {"$gt": 0}}]},
+        ]
+    }
+    counts: dict[str, int] = {}
+    with pymongo.timeout(KEY_COUNT_TIMEOUT_SECONDS):
+        for kid in secrets.distinct("kid"):  # a DISTINCT_SCAN of the kid index
+            # A kid that is not a string is a malformed record: CorruptRecord on read.
+            if not isinstance(kid, str) or kid in known:
+                continue
+            found = secrets.count_documents({"kid": kid, **live})
+            if found:
+                counts[kid] = found
+    return counts

@@ -60,11 +60,6 @@ PING_TIMEOUT_SECONDS = 2.0
 INDEX_BUILD_TIMEOUT_SECONDS = 600.0
 
 
-# Counting the live records of each unknown key id, through the index: several reads in one
-# budget, which a key sealing millions of records may need more than a request's for.
-KEY_COUNT_TIMEOUT_SECONDS = 60.0
-
-
 # What a create writes beside its record's bytes (its audit record, index entries), at most.
 _CREATE_BYTES_BESIDE_RECORD = 4096
 
@@ -385,24 +380,6 @@ class MongoStore:
         log.info("building the index on the secrets' key ids (once per database)")
         self._create_kid_index_sync()
 
-    def _unknown_key_counts_sync(self, known: frozenset[str], now: dt.datetime) -> dict[str, int]:
-        live = {
-            "$and": [
-                {"$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}]},
-                {"$or": [{"reads_left": None}, {"reads_left": {"$gt": 0}}]},
-            ]
-        }
-        counts: dict[str, int] = {}
-        with pymongo.timeout(KEY_COUNT_TIMEOUT_SECONDS):
-            for kid in self._secrets.distinct("kid"):  # a DISTINCT_SCAN of the kid index
-                # A kid that is not a string is a malformed record: CorruptRecord on read.
-                if not isinstance(kid, str) or kid in known:
-                    continue
-                found = self._secrets.count_documents({"kid": kid, **live})
-                if found:
-                    counts[kid] = found
-        return counts
-
     async def unknown_key_counts(self, known_key_ids: Iterable[str]) -> dict[str, int]:
         if not self._kid_index:
             await self._mongo.run(
@@ -411,10 +388,11 @@ class MongoStore:
             self._kid_index = True
         counts: dict[str, int] = await self._mongo.run(
             "key_id_counts",
-            self._unknown_key_counts_sync,
+            rewrap.live_counts_of_unknown_keys,
+            self._secrets,
             frozenset(known_key_ids),
             utc_now(),
-            timeout=KEY_COUNT_TIMEOUT_SECONDS,
+            timeout=rewrap.KEY_COUNT_TIMEOUT_SECONDS,
         )
         return counts
 
