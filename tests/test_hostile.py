@@ -51,17 +51,21 @@ CREATE = "/vault/secret/create"
 FETCH = "/vault/secret/fetch"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    directory = tmp_path_factory.mktemp("hostile")
-    env = {
+def hostile_env(directory: Path) -> dict[str, str]:
+    """A server with its own key and data, no rate limit, and short timeouts to probe."""
+    return {
         "MASTER_KEY": generate_key(),
         "DATA_DIR": str(directory / "data"),
         "RATE_LIMIT": "off",
         "READ_TIMEOUT_SECONDS": str(READ_TIMEOUT),
         "KEEP_ALIVE_TIMEOUT_SECONDS": str(KEEP_ALIVE),
     }
-    process = ServerProcess(env, [], directory)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    directory = tmp_path_factory.mktemp("hostile")
+    process = ServerProcess(hostile_env(directory), [], directory)
     yield process
     process.stop()
 
@@ -553,14 +557,7 @@ def test_an_announced_oversized_body_is_refused_before_it_is_sent(server: Server
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The same server serving HTTPS itself (TLS_CERT_FILE): HTTP/2 is chosen there by ALPN."""
     directory = tmp_path_factory.mktemp("hostile-tls")
-    env = {
-        "MASTER_KEY": generate_key(),
-        "DATA_DIR": str(directory / "data"),
-        "RATE_LIMIT": "off",
-        "READ_TIMEOUT_SECONDS": str(READ_TIMEOUT),
-        "KEEP_ALIVE_TIMEOUT_SECONDS": str(KEEP_ALIVE),
-    }
-    process = ServerProcess(env, [], directory, tls=True)
+    process = ServerProcess(hostile_env(directory), [], directory, tls=True)
     yield process
     process.stop()
 
