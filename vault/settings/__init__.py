@@ -279,7 +279,6 @@ class Settings:
 
 
 # Named elsewhere (the API's limits, the stores' budget): each is the table's default.
-DEFAULT_MAX_SECRET_BYTES: int = Settings.max_secret_bytes
 DEFAULT_MAX_TTL_SECONDS: int = Settings.max_ttl_seconds
 DEFAULT_STORE_TIMEOUT_SECONDS: float = Settings.store_timeout_seconds
 

@@ -74,16 +74,15 @@ def setting(
     *,
     unset: T | None = None,
     secret: bool = False,
-    hidden: bool = False,
     blank_is_default: bool = True,
 ) -> T:
-    """A field of Settings read from ``name``; secret (and hidden) values stay out of repr."""
+    """A field of Settings read from ``name``; secret values stay out of repr."""
     variable = Variable(name, parse, default, doc, unset, secret, blank_is_default)
     return cast(
         T,
         field(
             default=variable.default_value(),
-            repr=not (secret or hidden),
+            repr=not secret,
             metadata={"variable": variable},
         ),
     )
