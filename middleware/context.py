@@ -9,6 +9,7 @@ that only this module knows, so no other module writes a string key for it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +31,14 @@ class AuditRecorder(Protocol):
         from what the context holds (the store stamps it again when it decides the answer)."""
 
 
+class KeyDirectory(Protocol):
+    """The API keys a request was let in under (middleware/apikeys.py): a snapshot, so a
+    request in flight keeps the keys it started with when the key file is re-read."""
+
+    def names_in(self, tenant: str) -> Collection[str]:
+        """The names (without the tenant prefix) of the keys of ``tenant``."""
+
+
 @dataclass(slots=True)
 class RequestContext:
     """One request's shared state; ``None`` until the layer that knows it has run."""
@@ -41,7 +50,12 @@ class RequestContext:
     client_ip: str | None = None  # ClientIPMiddleware: read it through clientip.client_ip()
     op: str | None = None  # the handler: "create" | "fetch", set before it reads the body
     secret_id: str | None = None  # the handler: the id, only once it is well formed
-    api_key_name: str | None = None  # APIKeyMiddleware: the caller's key name, never its token
+    # APIKeyMiddleware: the caller's key name within its tenant (``billing`` of
+    # ``acme/billing``), never its token; its tenant; and the keys it was let in under.
+    # All None when API keys are off (every caller is then the default tenant's).
+    api_key_name: str | None = None
+    tenant: str | None = None
+    keys: KeyDirectory | None = None
     # The handler: a finer outcome of its own 404 than the status tells ("expired": the
     # record is still stored, past its expiry). The caller sees the same 404 either way.
     outcome: str | None = None
