@@ -31,6 +31,7 @@ AUDIT_FIELDS = (
     "user_agent",
     "api_key_name",
     "record_id",
+    "tenant",
 )
 
 # The outcome of an answer, by its status: the names shared by the audit log and the
@@ -39,6 +40,7 @@ _BY_STATUS = {
     200: "success",
     400: "invalid",
     401: "unauthorized",
+    403: "denied",
     404: "not_found",
     405: "invalid",  # a method the path does not take: the caller's mistake, not ours
     408: "invalid",
@@ -73,13 +75,14 @@ class AuditRecord:
     secret_id_hmac: str | None
     latency_ms: float
     user_agent: str | None
-    api_key_name: str | None = None
+    api_key_name: str | None = None  # the key's name within its tenant
     # Fixed when the record is made, so writing it again (a retry after a timeout whose
     # first attempt landed after all) finds it stored instead of storing it twice.
     record_id: str = field(default_factory=new_record_id)
     # When the request started (time.perf_counter), so that a record made before the
     # answer is known can be stamped when it is written (``answered``). Not stored.
     started: float = field(default=0.0, compare=False, repr=False)
+    tenant: str | None = None  # the key's tenant; None when API keys are off
 
     def answered(self, status: int, outcome: str | None = None) -> AuditRecord:
         """This record for the answer ``status`` (``outcome`` when finer than the status's),

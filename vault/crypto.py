@@ -3,14 +3,17 @@
 Every record carries the id of the key that sealed it, so keys rotate without a data
 migration. The associated data binds a ciphertext to its record key (vault/records.py: the
 digest of its secret id, or for a legacy record the id itself) and key id: copied onto
-another record it fails authentication instead of yielding someone else's plaintext. The
-id is not needed to re-seal a record, so key rotation works on what the store holds.
+another record it fails authentication instead of yielding someone else's plaintext. It
+binds who may see it too (tenant, owner, readers): a record of the default tenant made for
+no named readers keeps the original associated data, any other adds those. The id is not
+needed to re-seal a record, so key rotation works on what the store holds.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -22,12 +25,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vault.errors import DecryptionFailed, MalformedKey, UnknownKey
-from vault.records import SealedSecret
+from vault.records import DEFAULT_TENANT, SealedSecret
 
 KEY_BYTES = 32
 NONCE_BYTES = 12  # 96 bits, the size GCM is specified for
 _KEY_ID_LABEL = b"secret-manager key id v1"
 _AAD_PREFIX = b"secret-manager/v1\x00"
+_AAD_ACCESS_PREFIX = b"secret-manager/v2\x00"
 _AUDIT_KEY_INFO = b"secret-manager audit hmac v1"
 
 
@@ -59,8 +63,24 @@ def key_id(key: bytes) -> str:
     return hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16]
 
 
-def _aad(record_key: str, kid: str) -> bytes:
-    return _AAD_PREFIX + kid.encode("ascii") + b"\x00" + record_key.encode("ascii")
+def _aad(
+    record_key: str,
+    kid: str,
+    tenant: str = DEFAULT_TENANT,
+    owner: str | None = None,
+    readers: tuple[str, ...] | None = None,
+) -> bytes:
+    bound = _AAD_PREFIX + kid.encode("ascii") + b"\x00" + record_key.encode("ascii")
+    if tenant == DEFAULT_TENANT and owner is None and readers is None:
+        return bound  # what every record was sealed with before tenants existed
+    # Names are printable ASCII without NUL or commas (the key-name rule), so this
+    # encoding is unambiguous; None and an empty value differ by their marker.
+    access = [
+        tenant,
+        "-" if owner is None else f"+{owner}",
+        "-" if readers is None else "+" + ",".join(readers),
+    ]
+    return _AAD_ACCESS_PREFIX + bound[len(_AAD_PREFIX) :] + b"\x00" + "\x00".join(access).encode()
 
 
 class Keyring:
@@ -81,13 +101,39 @@ class Keyring:
         """Ids of every key held, the active one first."""
         return tuple(self._ciphers)
 
-    def seal(self, record_key: str, plaintext: bytes) -> SealedSecret:
+    def seal(
+        self,
+        record_key: str,
+        plaintext: bytes,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        owner: str | None = None,
+        readers: tuple[str, ...] | None = None,
+    ) -> SealedSecret:
         """Encrypt under the active key with a fresh random nonce, bound to ``record_key``
-        (``vault.records.record_key`` of the secret id)."""
+        (``vault.records.record_key`` of the secret id) and to who may see it."""
         nonce = os.urandom(NONCE_BYTES)
         kid = self.active_key_id
-        ciphertext = self._ciphers[kid].encrypt(nonce, plaintext, _aad(record_key, kid))
-        return SealedSecret(record_key=record_key, key_id=kid, nonce=nonce, ciphertext=ciphertext)
+        aad = _aad(record_key, kid, tenant, owner, readers)
+        return SealedSecret(
+            record_key=record_key,
+            key_id=kid,
+            nonce=nonce,
+            ciphertext=self._ciphers[kid].encrypt(nonce, plaintext, aad),
+            tenant=tenant,
+            owner=owner,
+            readers=readers,
+        )
+
+    def reseal(self, sealed: SealedSecret, plaintext: bytes, record_key: str) -> SealedSecret:
+        """``sealed``'s plaintext sealed again under the active key, stored under
+        ``record_key``, with its lifecycle and who may see it unchanged (key rotation)."""
+        fresh = self.seal(
+            record_key, plaintext, tenant=sealed.tenant, owner=sealed.owner, readers=sealed.readers
+        )
+        return dataclasses.replace(
+            fresh, expires_at=sealed.expires_at, reads_left=sealed.reads_left
+        )
 
     def open(self, sealed: SealedSecret) -> bytes:
         """Decrypt a record; raise UnknownKey or DecryptionFailed, never return wrong bytes."""
@@ -98,7 +144,9 @@ class Keyring:
             raise DecryptionFailed("record has a malformed nonce")
         try:
             return cipher.decrypt(
-                sealed.nonce, sealed.ciphertext, _aad(sealed.record_key, sealed.key_id)
+                sealed.nonce,
+                sealed.ciphertext,
+                _aad(sealed.record_key, sealed.key_id, sealed.tenant, sealed.owner, sealed.readers),
             )
         except InvalidTag:
             raise DecryptionFailed("record failed authentication") from None

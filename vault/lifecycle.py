@@ -1,4 +1,4 @@
-"""A secret's lifecycle rules on read: expiry, read limits, and what a fetch answers.
+"""A secret's rules on read: who may see it, expiry, read limits, and what a fetch answers.
 
 Pure domain: no I/O, nothing from Starlette, a database driver or Prometheus. The stores
 call these rules in their thread, on the record they just read, so that a fetch's read,
@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
-from vault.records import SealedSecret
+from vault.records import DEFAULT_TENANT, SealedSecret
 
 
 def utc_now() -> dt.datetime:
@@ -28,12 +28,58 @@ class Opener(Protocol):
         """The plaintext; raises when no configured key opens the record."""
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: the tenant and name of the request's API key (name None without keys)."""
+
+    tenant: str = DEFAULT_TENANT
+    name: str | None = None
+
+
+ANYONE = Caller()  # the caller of a server without API keys
+
+
+class Denied(enum.Enum):
+    """Why a caller may not see a secret (the reason counted in the metrics)."""
+
+    TENANT = "tenant"  # the secret belongs to another tenant
+    READERS = "readers"  # made for named readers, and the caller is none of them
+
+
+class Guarded(Protocol):
+    """Who may see a record: a SealedSecret, or what a store read of one for a delete."""
+
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def owner(self) -> str | None: ...
+    @property
+    def readers(self) -> tuple[str, ...] | None: ...
+
+
+def denied(record: Guarded, caller: Caller, op: str) -> Denied | None:
+    """Why ``caller`` may not ``op`` (fetch or delete) ``record``, or None when it may.
+
+    A secret made for named readers is fetched by them only, and deleted by them or the
+    key that made it; any other is open to every key of its tenant."""
+    if record.tenant != caller.tenant:
+        return Denied.TENANT
+    if record.readers is None:
+        return None
+    if caller.name is not None and (
+        caller.name in record.readers or (op == "delete" and caller.name == record.owner)
+    ):
+        return None
+    return Denied.READERS
+
+
 class Found(enum.Enum):
     """What a fetch found, with the status and audit outcome it answers."""
 
     SECRET = (200, "success")
     MISSING = (404, "not_found")  # never issued, deleted, reads used up
     EXPIRED = (404, "expired")  # still stored until the purge, never served
+    DENIED = (404, "denied")  # not this caller's to see: answered exactly as MISSING
 
     def __init__(self, status: int, outcome: str) -> None:
         self.status = status
@@ -48,23 +94,34 @@ class Fetched:
     found: Found
     record: SealedSecret | None = None
     plaintext: bytes | None = None
+    denied: Denied | None = None
 
 
-def takes_a_read(record: SealedSecret | Exception | None, now: dt.datetime) -> bool:
-    """Whether reading ``record`` takes one of its reads: it has a read limit and has not
-    expired (an expired one is refused without spending a read)."""
+def takes_a_read(
+    record: SealedSecret | Exception | None, now: dt.datetime, caller: Caller = ANYONE
+) -> bool:
+    """Whether ``caller`` reading ``record`` takes one of its reads: it has a read limit,
+    has not expired and is the caller's to see (a refusal never spends a read)."""
     return (
         isinstance(record, SealedSecret)
         and record.reads_left is not None
         and not record.expired(now)
+        and denied(record, caller, "fetch") is None
     )
 
 
-def judge_fetch(record: SealedSecret | None, now: dt.datetime, opener: Opener) -> Fetched:
+def judge_fetch(
+    record: SealedSecret | None, now: dt.datetime, opener: Opener, caller: Caller = ANYONE
+) -> Fetched:
     """The verdict on the record a fetch read (for a read-limited one, after its read was
-    taken). A record no configured key opens raises: that request fails (500) alone."""
+    taken). A record no configured key opens raises: that request fails (500) alone.
+    A record that is not the caller's to see is refused before its expiry is looked at,
+    so the refusal says nothing about it."""
     if record is None:
         return Fetched(Found.MISSING)
+    refused = denied(record, caller, "fetch")
+    if refused is not None:
+        return Fetched(Found.DENIED, denied=refused)
     if record.expired(now):
         return Fetched(Found.EXPIRED)
     return Fetched(Found.SECRET, record, opener.open(record))

@@ -15,9 +15,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # Versioned, so that a future change of digest cannot be mistaken for this one.
 _RECORD_KEY_LABEL = b"secret-manager record key v1\x00"
+# The tenant of a secret made without API keys, or by a key named without a tenant prefix.
+DEFAULT_TENANT = "default"
 RECORD_KEY_LENGTH = 64  # hex digits of a SHA-256
 LEGACY_KEY_LENGTH = 36  # a UUID in its 8-4-4-4-12 form: a record stored under its id
 
@@ -39,6 +42,20 @@ def keyed_by_id(key: str) -> bool:
     return len(key) == LEGACY_KEY_LENGTH
 
 
+class Access(NamedTuple):
+    """Who may see a record (the fields of SealedSecret of that name), as a store reads
+    them for a delete without reading the whole record."""
+
+    tenant: str = DEFAULT_TENANT
+    owner: str | None = None
+    readers: tuple[str, ...] | None = None
+
+
+# Who may see a record whose access fields are malformed (a database edit): nobody through
+# the API, and a delete through it refuses it like another tenant's.
+NOBODY = Access(tenant="\x00malformed", owner=None, readers=())
+
+
 @dataclass(frozen=True)
 class SealedSecret:
     """One encrypted secret as it is stored: nonce, ciphertext and key id, never plaintext.
@@ -50,6 +67,12 @@ class SealedSecret:
     never expires or has no read limit. They are not part of the ciphertext's associated
     data: they change as the secret is read, and whoever can write the database can delete
     a record anyway.
+
+    ``tenant``, ``owner`` and ``readers`` say who may see it: the tenant of the key that
+    made it, and, when it was made for named ``readers`` (key names of that tenant), the
+    name of the key that made it (``owner``, who may delete it). They are part of the
+    associated data, so a record moved to another tenant or given another reader by a
+    database edit no longer opens.
     """
 
     record_key: str
@@ -58,6 +81,9 @@ class SealedSecret:
     ciphertext: bytes
     expires_at: dt.datetime | None = None
     reads_left: int | None = None
+    tenant: str = DEFAULT_TENANT
+    owner: str | None = None
+    readers: tuple[str, ...] | None = None
 
     def expired(self, now: dt.datetime) -> bool:
         """True once ``now`` has reached the expiry: the secret is never served again."""

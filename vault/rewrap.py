@@ -154,14 +154,14 @@ class _Pass:
                 counts.rewrapped += 1
             return
         if legacy:  # bound to its id so far: sealed anew for its record key, and moved there
-            fresh = self.keyring.seal(record_key(record.record_key), plaintext)
+            fresh = self.keyring.reseal(record, plaintext, record_key(record.record_key))
             del plaintext
             if await self.store.convert_sealed(record, fresh):
                 counts.converted += 1
             else:
                 counts.changed += 1  # picked up by the next pass if still under its id
             return
-        fresh = self.keyring.seal(record.record_key, plaintext)
+        fresh = self.keyring.reseal(record, plaintext, record.record_key)
         del plaintext
         if await self.store.replace_sealed(record, fresh):
             counts.rewrapped += 1

@@ -127,6 +127,7 @@ class AuditMiddleware:
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
             user_agent=user_agent[:MAX_USER_AGENT] if user_agent is not None else None,
             api_key_name=context.api_key_name,
+            tenant=context.tenant,
             started=started,
         )
 

@@ -25,7 +25,17 @@ from observability.audit import AUDIT_FIELDS, AuditRecord, AuditWrite
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
 from vault.errors import StoreUnavailable
-from vault.lifecycle import Fetched, Opener, judge_fetch, utc_now
+from vault.lifecycle import (
+    ANYONE,
+    Caller,
+    Denied,
+    Fetched,
+    Guarded,
+    Opener,
+    denied,
+    judge_fetch,
+    utc_now,
+)
 from vault.records import SealedSecret, StoredSecret, keyed_by_id, record_key
 
 # Re-exported: the vocabulary of the stores and of transfer.
@@ -42,12 +52,57 @@ AuditDocument = Mapping[str, Any]
 FetchResult = tuple[Fetched, AuditWrite | None]
 
 
+class FetchItem(NamedTuple):
+    """One fetch as a store batches it: the id, what opens its record, the audit record to
+    write for its answer, and who asks."""
+
+    secret_id: str
+    opener: Opener
+    audit: AuditRecord | None
+    caller: Caller
+
+
 class DeleteResult(enum.Enum):
     """What a delete found."""
 
     DELETED = "deleted"
     EXPIRED = "expired"
     MISSING = "missing"
+    # There, and left there: not the caller's to delete (answered exactly as MISSING).
+    DENIED_TENANT = "denied_tenant"
+    DENIED_READERS = "denied_readers"
+
+    @property
+    def denied(self) -> Denied | None:
+        """Why the caller was refused, for a refusal."""
+        return _DENIALS.get(self)
+
+
+_DENIALS = {DeleteResult.DENIED_TENANT: Denied.TENANT, DeleteResult.DENIED_READERS: Denied.READERS}
+
+
+def judge_delete(
+    found: tuple[Guarded, dt.datetime | None, int | None] | None,
+    caller: Caller,
+    now: dt.datetime,
+) -> DeleteResult:
+    """What a delete answers ``caller`` for what the store found under the id: who may see
+    the record, its expiry and its reads left (None: nothing). The store removes the
+    record for DELETED and EXPIRED only. A refusal is decided before the expiry is looked
+    at, and a used-up record is missing for everyone, so a refusal tells nothing."""
+    if found is None:
+        return DeleteResult.MISSING
+    guard, expires_at, reads_left = found
+    if reads_left == 0:
+        return DeleteResult.MISSING
+    refused = denied(guard, caller, "delete")
+    if refused is Denied.TENANT:
+        return DeleteResult.DENIED_TENANT
+    if refused is Denied.READERS:
+        return DeleteResult.DENIED_READERS
+    if expires_at is not None and now >= expires_at:
+        return DeleteResult.EXPIRED
+    return DeleteResult.DELETED
 
 
 class Remaining(NamedTuple):
@@ -75,23 +130,28 @@ class SecretStore(Protocol):
         record is stored (SQLite: the same transaction); the answer says how that went."""
 
     async def fetch(
-        self, secret_id: str, opener: Opener, audit: AuditRecord | None = None
+        self,
+        secret_id: str,
+        opener: Opener,
+        audit: AuditRecord | None = None,
+        caller: Caller = ANYONE,
     ) -> FetchResult:
         """A fetch's whole store work in one call. The record is read (``lookup_keys``:
         under its record key, else under the id, a legacy record); a read-limited one
-        not expired at the store's clock then has one read taken (one atomic update, exact
-        under any concurrency, across processes and replicas; the read that leaves none
-        deletes the record). ``vault.lifecycle.judge_fetch`` then decides the answer, in
-        the store's thread (so a record ``opener`` cannot open fails with no 200 written),
-        and ``audit``, stamped for that answer, is written before the call returns (on
-        SQLite in the same transaction as the read taken). The verdict's exception (a
-        record no key opens) is raised to the caller, and no audit record is written."""
+        not expired at the store's clock and ``caller``'s to see then has one read taken
+        (one atomic update, exact under any concurrency, across processes and replicas;
+        the read that leaves none deletes the record). ``vault.lifecycle.judge_fetch``
+        then decides the answer, in the store's thread (so a record ``opener`` cannot
+        open fails with no 200 written), and ``audit``, stamped for that answer, is
+        written before the call returns (on SQLite in the same transaction as the read
+        taken). The verdict's exception (a record no key opens) is raised to the caller,
+        and no audit record is written."""
 
-    async def delete(self, secret_id: str) -> DeleteResult:
+    async def delete(self, secret_id: str, caller: Caller = ANYONE) -> DeleteResult:
         """Remove the record, under either of its ``lookup_keys`` (the row or document, not a
-        flag): ``deleted``, ``expired``
-        (it was there but past its expiry, and is removed all the same), or ``missing``
-        (none, or its reads were used up)."""
+        flag), as ``judge_delete`` decides in the same call: ``deleted``, ``expired``
+        (it was there but past its expiry, and is removed all the same), ``missing``
+        (none, or its reads were used up), or refused (not ``caller``'s, left as it is)."""
 
     async def purge_expired(self) -> int:
         """Remove the records past their expiry (and any whose reads are used up); the
@@ -238,10 +298,12 @@ class BulkStore(Protocol):
 
 
 def same_secret(stored: SealedSecret, incoming: SealedSecret) -> bool:
-    """The same record, whatever reads it has had since: sealed alike, same expiry, and a
-    read limit on both or on neither."""
+    """The same record, whatever reads it has had since: sealed alike for the same
+    readers, same expiry, and a read limit on both or on neither."""
     return (
-        stored.key_id == incoming.key_id
+        (stored.tenant, stored.owner, stored.readers)
+        == (incoming.tenant, incoming.owner, incoming.readers)
+        and stored.key_id == incoming.key_id
         and stored.nonce == incoming.nonce
         and stored.ciphertext == incoming.ciphertext
         and same_lifecycle(stored, incoming)
@@ -303,7 +365,10 @@ def import_outcome(stored: SealedSecret | None, incoming: SealedSecret) -> Impor
 def derived_record_id(document: Mapping[str, Any]) -> str:
     """A stable ``record_id`` for an audit record stored before records carried one: the
     first 24 hex digits of a SHA-256 of its fields, so every export names it alike."""
-    fields = {name: str(document.get(name)) for name in AUDIT_FIELDS if name != "record_id"}
+    # The fields records had then, so the id does not change as fields are added.
+    fields = {
+        name: str(document.get(name)) for name in AUDIT_FIELDS[: AUDIT_FIELDS.index("record_id")]
+    }
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8"))
     return digest.hexdigest()[:24]
 
@@ -354,7 +419,7 @@ async def stored_or_refused(write: Awaitable[object]) -> Exception | None:
 
 
 def judge_each(
-    items: Sequence[tuple[str, Opener, AuditRecord | None]],
+    items: Sequence[FetchItem],
     records: Sequence[SealedSecret | Exception | None],
     now: dt.datetime,
 ) -> tuple[list[Fetched | Exception], list[AuditRecord | None]]:
@@ -364,13 +429,13 @@ def judge_each(
     has none, or failed: a failure is audited by the audit layer, as the 500 it becomes)."""
     results: list[Fetched | Exception] = []
     audits: list[AuditRecord | None] = []
-    for (_, opener, audit), record in zip(items, records, strict=True):
+    for (_, opener, audit, caller), record in zip(items, records, strict=True):
         if isinstance(record, Exception):
             results.append(record)
             audits.append(None)
             continue
         try:
-            fetched = judge_fetch(record, now, opener)
+            fetched = judge_fetch(record, now, opener, caller)
         except Exception as exc:  # this request's own failure (a record no key opens)
             results.append(exc)
             audits.append(None)

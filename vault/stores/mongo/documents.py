@@ -16,7 +16,7 @@ from pymongo.errors import (
 )
 
 from vault.errors import CorruptRecord
-from vault.records import SealedSecret
+from vault.records import DEFAULT_TENANT, NOBODY, Access, SealedSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     AuditDocument,
@@ -45,6 +45,7 @@ def record_of(doc: Mapping[str, Any]) -> SealedSecret:
         raise TypeError("a field of a stored secret record has the wrong type")
     if expires_at is not None and expires_at.tzinfo is None:  # a client without tz_aware
         expires_at = expires_at.replace(tzinfo=dt.UTC)
+    tenant, owner, readers = access_of(doc)
     return SealedSecret(
         record_key=str(doc["_id"]),
         key_id=key_id,
@@ -52,7 +53,41 @@ def record_of(doc: Mapping[str, Any]) -> SealedSecret:
         ciphertext=bytes(ciphertext),
         expires_at=expires_at,
         reads_left=reads_left,
+        tenant=tenant,
+        owner=owner,
+        readers=readers,
     )
+
+
+def access_of(doc: Mapping[str, Any]) -> Access:
+    """Who may see a document's secret; TypeError when a field has the wrong type."""
+    tenant, owner, readers = doc.get("tenant", DEFAULT_TENANT), doc.get("owner"), doc.get("readers")
+    if not (
+        isinstance(tenant, str)
+        and (owner is None or isinstance(owner, str))
+        and (
+            readers is None
+            or (isinstance(readers, list) and all(isinstance(r, str) for r in readers))
+        )
+    ):
+        raise TypeError("a field of a stored secret record has the wrong type")
+    return Access(tenant, owner, None if readers is None else tuple(readers))
+
+
+def found_for_delete(doc: Mapping[str, Any]) -> tuple[Access, dt.datetime | None, int | None]:
+    """What a delete judges (vault/stores/base.py judge_delete): who may see the secret
+    (NOBODY when that cannot be read: a delete must not fail on a record malformed
+    elsewhere), its expiry and reads left (None where malformed)."""
+    try:
+        guard = access_of(doc)
+    except TypeError:
+        guard = NOBODY
+    expires_at, reads_left = doc.get("expires_at"), doc.get("reads_left")
+    if not isinstance(expires_at, dt.datetime):
+        expires_at = None
+    elif expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=dt.UTC)
+    return guard, expires_at, reads_left if type(reads_left) is int else None
 
 
 def document(record: SealedSecret, created_at: dt.datetime | None) -> dict[str, Any]:
@@ -71,6 +106,14 @@ def document(record: SealedSecret, created_at: dt.datetime | None) -> dict[str, 
         doc["expires_at"] = record.expires_at
     if record.reads_left is not None:
         doc["reads_left"] = record.reads_left
+    # Likewise who may see it: a record of the default tenant for no named readers is
+    # stored as before tenants existed.
+    if record.tenant != DEFAULT_TENANT:
+        doc["tenant"] = record.tenant
+    if record.owner is not None:
+        doc["owner"] = record.owner
+    if record.readers is not None:
+        doc["readers"] = list(record.readers)
     return doc
 
 

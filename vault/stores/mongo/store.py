@@ -15,15 +15,17 @@ from pymongo.write_concern import WriteConcern
 
 from observability.audit import AuditRecord
 from vault.errors import CorruptRecord, NotReady, StoreUnavailable
-from vault.lifecycle import Opener, takes_a_read
+from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
 from vault.records import SealedSecret, keyed_by_id, record_key
 from vault.stores.base import (
     AuditWrite,
     DeleteResult,
+    FetchItem,
     FetchResult,
     Remaining,
     fetch_results,
     insert_results,
+    judge_delete,
     judge_each,
     lookup_keys,
     stamped_audits,
@@ -42,6 +44,7 @@ from vault.stores.mongo.documents import (
     MALFORMED_AUDIT,
     audit_document,
     document,
+    found_for_delete,
     insert_each,
     sealed_or_corrupt,
 )
@@ -70,7 +73,6 @@ _Insert = tuple[dict[str, Any], AuditRecord | None]
 
 # A fetch's batch item: the secret id (looked up, never written), what opens the record,
 # and the audit record to write.
-_Fetch = tuple[str, Opener, AuditRecord | None]
 
 
 class MongoStore:
@@ -224,15 +226,15 @@ class MongoStore:
             for secret_id in secret_ids
         ]
 
-    def _fetch_many_sync(self, items: list[_Fetch]) -> list[FetchResult | Exception]:
+    def _fetch_many_sync(self, items: list[FetchItem]) -> list[FetchResult | Exception]:
         """A batch of fetches in one budget: the records read, the reads taken (each its
         own atomic update), then the audit records; one answer per item."""
-        secret_ids = [secret_id for secret_id, _, _ in items]
+        secret_ids = [item.secret_id for item in items]
         now = utc_now()
         with pymongo.timeout(self._mongo.timeout):
             records = self._find_many_sync(secret_ids)
             for k, record in enumerate(records):
-                if isinstance(record, SealedSecret) and takes_a_read(record, now):
+                if isinstance(record, SealedSecret) and takes_a_read(record, now, items[k].caller):
                     records[k] = self._take_read_sync(record.record_key, lookup_keys(secret_ids[k]))
             results, audits = judge_each(items, records, now)
             errors = self._write_audits_sync(
@@ -240,18 +242,22 @@ class MongoStore:
             )
         return fetch_results(results, audits, errors)
 
-    async def _fetch_batch(self, items: list[_Fetch]) -> list[FetchResult | Exception]:
+    async def _fetch_batch(self, items: list[FetchItem]) -> list[FetchResult | Exception]:
         results: list[FetchResult | Exception] = await self.health.track_writes(
             self._mongo.run("read", self._fetch_many_sync, items),
             readiness_reason,
-            writes=any(audit is not None for _, _, audit in items),
+            writes=any(item.audit is not None for item in items),
         )
         return results
 
     async def fetch(
-        self, secret_id: str, opener: Opener, audit: AuditRecord | None = None
+        self,
+        secret_id: str,
+        opener: Opener,
+        audit: AuditRecord | None = None,
+        caller: Caller = ANYONE,
     ) -> FetchResult:
-        result: FetchResult = await self._reads.submit((secret_id, opener, audit))
+        result: FetchResult = await self._reads.submit(FetchItem(secret_id, opener, audit, caller))
         return result
 
     def _take_read_sync(self, key: str, keys: tuple[str, ...]) -> SealedSecret | Exception | None:
@@ -275,28 +281,35 @@ class MongoStore:
             )
         return sealed_or_corrupt(doc)
 
-    def _delete_sync(self, secret_id: str) -> dict[str, Any] | None:
-        digest, legacy = lookup_keys(secret_id)
-        projection = {"expires_at": 1, "reads_left": 1}
-        doc: dict[str, Any] | None = self._secrets.find_one_and_delete(
-            {"_id": digest}, projection=projection
-        )
-        # Under the id too: a legacy record, or one left beside its converted one or being
-        # converted, which would serve the secret again. The id is worthless once deleted.
-        old = self._secrets.find_one_and_delete({"_id": legacy}, projection=projection)
-        return doc if doc is not None else old
-
-    async def delete(self, secret_id: str) -> DeleteResult:
-        doc = await self._write("delete", self._delete_sync, secret_id)
-        if doc is None or doc.get("reads_left") == 0:
+    def _delete_sync(self, secret_id: str, caller: Caller) -> DeleteResult:
+        keys = lookup_keys(secret_id)
+        projection = {"expires_at": 1, "reads_left": 1, "tenant": 1, "owner": 1, "readers": 1}
+        with pymongo.timeout(self._mongo.timeout):
+            docs = {
+                doc["_id"]: doc
+                for doc in self._secrets.find({"_id": {"$in": list(keys)}}, projection)
+            }
+            # The digest's document answers when both are there.
+            doc = next((docs[key] for key in keys if key in docs), None)
+            if doc is None:
+                return DeleteResult.MISSING
+            now = utc_now()
+            result = judge_delete(found_for_delete(doc), caller, now)
+            if result not in (DeleteResult.DELETED, DeleteResult.EXPIRED):
+                return result  # nothing removed
+            # Removed by one atomic call, which says whether this delete (of concurrent
+            # ones, or a last read) is the one that removed it; then under the other key
+            # too: a legacy record, or one left beside its converted one or being
+            # converted, which would serve the secret again.
+            gone = self._secrets.find_one_and_delete({"_id": doc["_id"]}, projection=projection)
+            self._secrets.delete_many({"_id": {"$in": [key for key in keys if key != doc["_id"]]}})
+        if gone is None:
             return DeleteResult.MISSING
-        expires_at = doc.get("expires_at")
-        if isinstance(expires_at, dt.datetime):
-            if expires_at.tzinfo is None:
-                expires_at = expires_at.replace(tzinfo=dt.UTC)
-            if utc_now() >= expires_at:
-                return DeleteResult.EXPIRED
-        return DeleteResult.DELETED
+        return judge_delete(found_for_delete(gone), caller, now)
+
+    async def delete(self, secret_id: str, caller: Caller = ANYONE) -> DeleteResult:
+        result: DeleteResult = await self._write("delete", self._delete_sync, secret_id, caller)
+        return result
 
     def _purge_sync(self, now: dt.datetime) -> int:
         if not self._expiry_index:

@@ -29,8 +29,8 @@ from vault.stores.sqlite.documents import (
     KEYED_BY_ID,
     RECORD_COLUMNS,
     audit_row,
-    epoch,
     record_of,
+    record_row,
 )
 
 # Rows per statement when importing: twice as many keys, under SQLite's 32766 host
@@ -103,8 +103,8 @@ class SQLiteBulk:
         )
         while rows := cursor.fetchmany(_IMPORT_BATCH):
             for row in rows:
-                created = None if row[6] is None else _parse_utc(row[6])
-                yield StoredSecret(record_of(row[:6]), created)
+                created = None if row[-1] is None else _parse_utc(row[-1])
+                yield StoredSecret(record_of(row[:-1]), created)
 
     def audit(self) -> Iterator[dict[str, Any]]:
         cursor = self._conn.execute(
@@ -143,16 +143,11 @@ class SQLiteBulk:
                 outcome = import_outcome(held, sealed)
                 if outcome is Imported.NEW:
                     self._conn.execute(
-                        "INSERT INTO secrets (record_key, key_id, nonce, ciphertext, expires_at,"
-                        " reads_left, created_at) VALUES (?, ?, ?, ?, ?, ?,"
+                        f"INSERT INTO secrets ({RECORD_COLUMNS}, created_at)"  # noqa: S608
+                        f" VALUES ({', '.join('?' * len(RECORD_COLUMNS.split(',')))},"
                         " coalesce(?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
                         (
-                            sealed.record_key,
-                            sealed.key_id,
-                            sealed.nonce,
-                            sealed.ciphertext,
-                            epoch(sealed.expires_at),
-                            sealed.reads_left,
+                            *record_row(sealed),
                             None if record.created_at is None else _created_text(record.created_at),
                         ),
                     )

@@ -17,7 +17,10 @@ CREATE TABLE IF NOT EXISTS secrets (
     ciphertext BLOB NOT NULL,
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     expires_at INTEGER,  -- Unix seconds; NULL: never expires
-    reads_left INTEGER   -- NULL: no read limit
+    reads_left INTEGER,  -- NULL: no read limit
+    tenant     TEXT,     -- NULL: the default tenant
+    owner      TEXT,     -- the key that made it, for a secret made for named readers
+    readers    TEXT      -- JSON array of key names; NULL: every key of its tenant
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS secrets_key_id ON secrets (key_id);
 CREATE TABLE IF NOT EXISTS audit (
@@ -32,7 +35,8 @@ CREATE TABLE IF NOT EXISTS audit (
     latency_ms     REAL NOT NULL,
     user_agent     TEXT,
     api_key_name   TEXT,
-    record_id      TEXT
+    record_id      TEXT,
+    tenant         TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 -- One row the readiness probe rewrites to learn whether writes work; never a secret.
@@ -74,15 +78,23 @@ def _migrate(conn: sqlite3.Connection) -> None:
     secret_columns = {row[1] for row in conn.execute("PRAGMA table_info(secrets)")}
     if "secret_id" in secret_columns:  # the column's rows are record keys now, ids until rewrap
         conn.execute("ALTER TABLE secrets RENAME COLUMN secret_id TO record_key")
-    for column in ("expires_at", "reads_left"):
+    for column, kind in (
+        ("expires_at", "INTEGER"),
+        ("reads_left", "INTEGER"),
+        ("tenant", "TEXT"),
+        ("owner", "TEXT"),
+        ("readers", "TEXT"),
+    ):
         if column not in secret_columns:
-            conn.execute(f"ALTER TABLE secrets ADD COLUMN {column} INTEGER")
+            conn.execute(f"ALTER TABLE secrets ADD COLUMN {column} {kind}")
     conn.execute("CREATE INDEX IF NOT EXISTS secrets_expires_at ON secrets (expires_at)")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(audit)")}
     if "api_key_name" not in columns:
         conn.execute("ALTER TABLE audit ADD COLUMN api_key_name TEXT")
     if "record_id" not in columns:
         conn.execute("ALTER TABLE audit ADD COLUMN record_id TEXT")  # NULL in older rows
+    if "tenant" not in columns:
+        conn.execute("ALTER TABLE audit ADD COLUMN tenant TEXT")  # NULL in older rows
     conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS audit_record_id ON audit (record_id)")
 
 

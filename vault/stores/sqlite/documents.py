@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 
 from observability.audit import AuditRecord
-from vault.records import SealedSecret
+from vault.errors import CorruptRecord
+from vault.records import DEFAULT_TENANT, NOBODY, Access, SealedSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     AuditDocument,
 )
 
-INSERT_RECORD = (
-    "INSERT INTO secrets (record_key, key_id, nonce, ciphertext, expires_at, reads_left)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
+RECORD_COLUMNS = (
+    "record_key, key_id, nonce, ciphertext, expires_at, reads_left, tenant, owner, readers"
 )
-
-
-RECORD_COLUMNS = "record_key, key_id, nonce, ciphertext, expires_at, reads_left"
+INSERT_RECORD = (
+    f"INSERT INTO secrets ({RECORD_COLUMNS})"  # noqa: S608 - fixed column names only
+    f" VALUES ({', '.join('?' * len(RECORD_COLUMNS.split(',')))})"
+)
 
 
 # A record still stored under its secret id (vault/records.py LEGACY_KEY_LENGTH), in SQL.
 KEYED_BY_ID = "length(record_key) = 36"
-RecordRow = tuple[str, str, bytes, bytes, int | None, int | None]
+RecordRow = tuple[
+    str, str, bytes, bytes, int | None, int | None, str | None, str | None, str | None
+]
 
 
 # A record_id already stored is a retry whose first attempt landed: nothing to do. Only
@@ -113,8 +117,30 @@ def epoch(value: dt.datetime | None) -> int | None:
     return None if value is None else int(value.timestamp())
 
 
+def record_row(record: SealedSecret) -> RecordRow:
+    """The row a record is stored as (RECORD_COLUMNS): a record of the default tenant for
+    no named readers has NULL there, as rows written before tenants existed."""
+    return (
+        record.record_key,
+        record.key_id,
+        record.nonce,
+        record.ciphertext,
+        epoch(record.expires_at),
+        record.reads_left,
+        None if record.tenant == DEFAULT_TENANT else record.tenant,
+        record.owner,
+        None if record.readers is None else json.dumps(list(record.readers)),
+    )
+
+
 def record_of(row: RecordRow) -> SealedSecret:
-    key, key_id, nonce, ciphertext, expires_at, reads_left = row
+    """The record a row holds; CorruptRecord when its readers are malformed."""
+    key, key_id, nonce, ciphertext, expires_at, reads_left = row[:6]
+    try:
+        tenant, owner, readers = access_of(row[6:])
+    except ValueError:
+        # The message names no values: the row may hold anything.
+        raise CorruptRecord("a stored secret record is malformed") from None
     return SealedSecret(
         key,
         key_id,
@@ -122,7 +148,35 @@ def record_of(row: RecordRow) -> SealedSecret:
         ciphertext,
         expires_at=None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC),
         reads_left=reads_left,
+        tenant=tenant,
+        owner=owner,
+        readers=readers,
     )
+
+
+def access_of(columns: Sequence[str | None]) -> Access:
+    """Who may see a row's secret from its tenant, owner and readers columns; ValueError
+    when readers is no JSON array of names."""
+    tenant, owner, readers = columns
+    names = None if readers is None else json.loads(readers)
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(name, str) for name in names)
+    ):
+        raise ValueError("a stored secret's readers are malformed")
+    return Access(
+        DEFAULT_TENANT if tenant is None else tenant,
+        owner,
+        None if names is None else tuple(names),
+    )
+
+
+def guard_of(columns: Sequence[str | None]) -> Access:
+    """Who may see a row's secret, NOBODY when that cannot be read: a delete's check,
+    which must not fail on a row malformed elsewhere."""
+    try:
+        return access_of(columns)
+    except ValueError:
+        return NOBODY
 
 
 def sqlite_timestamp(value: dt.datetime) -> str:

@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import TypeVar
 
 from observability.audit import AuditRecord
-from vault.errors import NotReady, StoreUnavailable
-from vault.lifecycle import Opener, takes_a_read
+from vault.errors import CorruptRecord, NotReady, StoreUnavailable
+from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
 from vault.records import SealedSecret, keyed_by_id, record_key
 from vault.stores.base import (
     AuditWrite,
     DeleteResult,
+    FetchItem,
     FetchResult,
     Remaining,
     fetch_results,
     insert_results,
+    judge_delete,
     judge_each,
     lookup_keys,
     run_off_loop,
@@ -52,10 +54,11 @@ from vault.stores.sqlite.documents import (
     AuditRow,
     RecordRow,
     audit_row,
-    epoch,
+    guard_of,
     insert_audits,
     insert_each,
     record_of,
+    record_row,
     sqlite_timestamp,
     take_read,
 )
@@ -70,7 +73,6 @@ _Insert = tuple[SealedSecret, AuditRecord | None]
 
 # A fetch's batch item: the secret id (looked up, never written), what opens the record,
 # and the audit record to write.
-_Fetch = tuple[str, Opener, AuditRecord | None]
 PING_TIMEOUT_SECONDS = 2.0  # readiness probes (a balancer, Swarm) give up after a few seconds
 _PROBE = (
     "INSERT INTO readiness (id, checked_at) VALUES (1, ?)"
@@ -197,10 +199,7 @@ class SQLiteStore:
         return await run()
 
     async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
-        rows = [
-            (r.record_key, r.key_id, r.nonce, r.ciphertext, epoch(r.expires_at), r.reads_left)
-            for r, _ in items
-        ]
+        rows = [record_row(r) for r, _ in items]
 
         def insert(conn: sqlite3.Connection) -> list[AuditWrite | Exception | None]:
             with conn:  # one transaction, one fsync: the batch and its audit records
@@ -218,7 +217,9 @@ class SQLiteStore:
         written: AuditWrite | None = await self._inserts.submit((record, audit))
         return written
 
-    def _select(self, conn: sqlite3.Connection, secret_ids: list[str]) -> dict[str, SealedSecret]:
+    def _select(
+        self, conn: sqlite3.Connection, secret_ids: list[str]
+    ) -> dict[str, SealedSecret | CorruptRecord]:
         """The record of each id, under its record key or else under the id itself (a
         legacy row), in one statement; an id is only compared there, never written."""
         wanted = {secret_id: lookup_keys(secret_id) for secret_id in secret_ids}  # each once
@@ -230,22 +231,29 @@ class SQLiteStore:
             keys,
         ).fetchall()
         by_key = {row[0]: row for row in rows}
-        found: dict[str, SealedSecret] = {}
+        found: dict[str, SealedSecret | CorruptRecord] = {}
         for secret_id, pair in wanted.items():
             row = next((by_key[key] for key in pair if key in by_key), None)  # the digest first
             if row is not None:
-                found[secret_id] = record_of(row)
+                try:
+                    found[secret_id] = record_of(row)
+                except CorruptRecord as exc:  # fails the requests for this id alone
+                    found[secret_id] = exc
         return found
 
     def _fetch_sync(
-        self, conn: sqlite3.Connection, items: list[_Fetch]
+        self, conn: sqlite3.Connection, items: list[FetchItem]
     ) -> list[FetchResult | Exception]:
         """A batch of fetches in one call: one answer per item."""
-        secret_ids = [secret_id for secret_id, _, _ in items]
+        secret_ids = [item.secret_id for item in items]
         now = utc_now()
         found = self._select(conn, secret_ids)
-        records: list[SealedSecret | None] = [found.get(i) for i in secret_ids]
-        limited = [(k, r) for k, r in enumerate(records) if r is not None and takes_a_read(r, now)]
+        records: list[SealedSecret | CorruptRecord | None] = [found.get(i) for i in secret_ids]
+        limited = [
+            (k, r)
+            for k, r in enumerate(records)
+            if isinstance(r, SealedSecret) and takes_a_read(r, now, items[k].caller)
+        ]
         if not limited:
             results, audits = judge_each(items, records, now)
             if all(audit is None for audit in audits):
@@ -262,41 +270,54 @@ class SQLiteStore:
             )
         return fetch_results(results, audits, errors)  # committed, durable
 
-    async def _fetch_batch(self, items: list[_Fetch]) -> list[FetchResult | Exception]:
+    async def _fetch_batch(self, items: list[FetchItem]) -> list[FetchResult | Exception]:
         answers: list[FetchResult | Exception] = await self.health.track_writes(
             self._run("read", lambda conn: self._fetch_sync(conn, items)),
             readiness_reason,
-            writes=any(audit is not None for _, _, audit in items),
+            writes=any(item.audit is not None for item in items),
         )
         return answers
 
     async def fetch(
-        self, secret_id: str, opener: Opener, audit: AuditRecord | None = None
+        self,
+        secret_id: str,
+        opener: Opener,
+        audit: AuditRecord | None = None,
+        caller: Caller = ANYONE,
     ) -> FetchResult:
-        result: FetchResult = await self._reads.submit((secret_id, opener, audit))
+        result: FetchResult = await self._reads.submit(FetchItem(secret_id, opener, audit, caller))
         return result
 
-    async def delete(self, secret_id: str) -> DeleteResult:
+    async def delete(self, secret_id: str, caller: Caller = ANYONE) -> DeleteResult:
         keys = lookup_keys(secret_id)
 
-        def remove(conn: sqlite3.Connection) -> tuple[int | None, int | None] | None:
-            # Under either key: a legacy row left beside its converted one would bring the
-            # secret back. One statement, so atomic; the digest's row answers when both are.
-            rows: list[tuple[str, int | None, int | None]] = conn.execute(
-                "DELETE FROM secrets WHERE record_key IN (?, ?)"
-                " RETURNING record_key, expires_at, reads_left",
-                keys,
-            ).fetchall()
-            by_key = {key: (expires_at, reads_left) for key, expires_at, reads_left in rows}
-            return next((by_key[key] for key in keys if key in by_key), None)
+        def remove(conn: sqlite3.Connection) -> DeleteResult:
+            # Judged and removed in one transaction; under either key, as a legacy row left
+            # beside its converted one would bring the secret back. The digest's row
+            # answers when both are there.
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                rows: list[tuple[str, int | None, int | None, str | None, str | None, str | None]]
+                rows = conn.execute(
+                    "SELECT record_key, expires_at, reads_left, tenant, owner, readers"
+                    " FROM secrets WHERE record_key IN (?, ?)",
+                    keys,
+                ).fetchall()
+                by_key = {row[0]: row for row in rows}
+                row = next((by_key[key] for key in keys if key in by_key), None)
+                if row is None:
+                    return DeleteResult.MISSING
+                _, expires_at, reads_left, *access = row
+                expiry = (
+                    None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC)
+                )
+                result = judge_delete((guard_of(access), expiry, reads_left), caller, utc_now())
+                if result in (DeleteResult.DELETED, DeleteResult.EXPIRED):
+                    conn.execute("DELETE FROM secrets WHERE record_key IN (?, ?)", keys)
+                return result
 
-        found = await self._run("delete", remove, write=True)
-        if found is None or found[1] == 0:
-            return DeleteResult.MISSING
-        expires_at, _ = found
-        if expires_at is not None and utc_now().timestamp() >= expires_at:
-            return DeleteResult.EXPIRED
-        return DeleteResult.DELETED
+        result: DeleteResult = await self._run("delete", remove, write=True)
+        return result
 
     async def purge_expired(self) -> int:
         now = int(utc_now().timestamp())
