@@ -71,6 +71,14 @@ SECRETS_PURGED = Counter(
     "vault_secrets_purged_total",
     "Expired or used-up records removed by the periodic purge.",
 )
+# No key names or ids as labels: who was refused is in the audit log.
+ACCESS_DENIED = Counter(
+    "vault_access_denied_total",
+    "Requests refused because their API key may not see or do it, by operation and reason "
+    "(scope: the key lacks the operation's scope; tenant: the secret is another tenant's; "
+    "readers: the secret was made for other readers).",
+    ["op", "reason"],
+)
 RATE_LIMITED = Counter(
     "vault_rate_limited_total",
     "Requests refused by the rate limiter.",
@@ -92,8 +100,9 @@ STORE_WRITABLE = Gauge(
 # multiply it). No key id label: the ids are logged, and a count is what an alert needs.
 RECORDS_UNREADABLE = Gauge(
     "vault_records_unreadable",
-    "Live records sealed by a key that is not configured, which no configured key can open "
-    "(counted at start and every SECRET_PURGE_INTERVAL_SECONDS).",
+    "Live records no configured key can open: sealed by a key that is not configured "
+    "(counted at start and every SECRET_PURGE_INTERVAL_SECONDS), or failing authentication "
+    "when read (edited in the database).",
     multiprocess_mode="livemax",
 )
 NOT_READY = Counter(

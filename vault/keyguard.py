@@ -61,7 +61,15 @@ class UnreadableRecords:
     ``count`` is None until the store has answered once. Refreshed at start and after each
     purge round, so a store that was down at start is counted once it answers; a change in
     which keys are missing is logged, naming their ids.
+
+    Records sealed by a configured key that fail authentication (edited in the database:
+    moved to another tenant, given another reader) are found only when read: a fetch that
+    meets one reports it here (``failed_authentication``), by record key, and it counts
+    until a fetch or delete of it finds it gone.
     """
+
+    # Bounds the memory a flood of edited records could take; the count is then a floor.
+    MAX_FAILED = 10_000
 
     def __init__(
         self, store: SecretStore, known_key_ids: Collection[str], retired: Collection[str]
@@ -70,13 +78,34 @@ class UnreadableRecords:
         self._known = frozenset(known_key_ids)
         self._retired = frozenset(retired)
         self._last: dict[str, int] | None = None
+        self._unknown: int | None = None
+        self._failed: set[str] = set()
         self.count: int | None = None
+
+    def _publish(self) -> None:
+        if self._unknown is None and not self._failed:
+            return
+        self.count = (self._unknown or 0) + len(self._failed)
+        RECORDS_UNREADABLE.set(self.count)
+
+    def failed_authentication(self, record_key: str) -> None:
+        """A fetch met this record, sealed by a configured key, failing authentication."""
+        if record_key not in self._failed and len(self._failed) < self.MAX_FAILED:
+            log.warning("a stored record fails authentication: edited in the database?")
+            self._failed.add(record_key)
+            self._publish()
+
+    def gone(self, record_key: str) -> None:
+        """A fetch or delete found no record under ``record_key``, or removed it."""
+        if record_key in self._failed:
+            self._failed.discard(record_key)
+            self._publish()
 
     async def refresh(self) -> None:
         """Count again; raises what the store raises (StoreUnavailable) and keeps the last."""
         counts = await self._store.unknown_key_counts(self._known)
-        self.count = sum(counts.values())
-        RECORDS_UNREADABLE.set(self.count)
+        self._unknown = sum(counts.values())
+        self._publish()
         if counts == self._last:
             return
         # A change of key ids is news; a change of counts alone (a record deleted) is not.
@@ -85,7 +114,7 @@ class UnreadableRecords:
                 retired = sorted(set(counts) & self._retired)
                 log.warning(
                     "%d records cannot be opened by any configured key: %s%s",
-                    self.count,
+                    self._unknown,
                     describe(counts),
                     f" (retired on purpose: {', '.join(retired)})" if retired else "",
                 )

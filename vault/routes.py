@@ -26,17 +26,17 @@ from starlette.types import ASGIApp
 
 from middleware.answers import RETRY_AFTER_SECONDS, error_answer
 from middleware.context import RequestContext, request_context
-from observability.metrics import NOT_READY, SECRETS_DELETED
+from observability.metrics import ACCESS_DENIED, NOT_READY, SECRETS_DELETED
 from vault.crypto import Keyring
-from vault.errors import InvalidValue, NotReady, StoreUnavailable
+from vault.errors import DecryptionFailed, InvalidValue, NotReady, StoreUnavailable
 from vault.keyguard import UnreadableRecords
-from vault.lifecycle import Found
+from vault.lifecycle import Caller, Found
 from vault.openapi import DOCS_HTML, build_openapi
-from vault.records import SealedSecret, record_key
+from vault.records import DEFAULT_TENANT, SealedSecret, record_key
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
 from vault.stores.base import DeleteResult, SecretStore
 from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE
-from vault.validation import decode_secret, normalize_secret_id
+from vault.validation import decode_secret, normalize_secret_id, reader_names
 
 log = logging.getLogger("secret_manager.routes")
 
@@ -181,13 +181,58 @@ def rfc3339(moment: dt.datetime) -> str:
 
 
 def _lifecycle(record: SealedSecret) -> dict[str, Any]:
-    """The answer's lifecycle fields: present only for a secret that has them."""
+    """The answer's lifecycle and readers fields: present only for a secret that has them."""
     fields: dict[str, Any] = {}
     if record.expires_at is not None:
         fields["expires_at"] = rfc3339(record.expires_at)
     if record.reads_left is not None:
         fields["reads_left"] = record.reads_left
+    if record.readers is not None:
+        fields["readers"] = list(record.readers)
     return fields
+
+
+def _caller(context: RequestContext) -> Caller:
+    """Who asks: the request's API key (the default tenant's anonymous caller without)."""
+    return Caller(context.tenant or DEFAULT_TENANT, context.api_key_name)
+
+
+def _readers(data: dict[str, Any], context: RequestContext) -> tuple[str, ...] | None:
+    """A create's ``readers``: key names of the caller's tenant (400 for any other)."""
+    if "readers" not in data:
+        return None
+    if context.keys is None:
+        raise HTTPException(
+            400,
+            "field 'readers' names API keys, and this server has none configured: "
+            "leave 'readers' out, or ask the operator to set API_KEYS_FILE",
+        )
+    try:
+        readers = reader_names(data["readers"])
+    except InvalidValue as exc:
+        raise HTTPException(400, str(exc)) from None
+    tenant = context.tenant or DEFAULT_TENANT
+    known = context.keys.names_in(tenant)
+    unknown = [name for name in readers if name not in known]
+    if unknown:
+        # A typo would lock the secret away for good: refuse, naming the names.
+        listed = ", ".join(repr(name) for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise HTTPException(
+            400,
+            f"field 'readers' names {listed}{more}, which {'is' if len(unknown) == 1 else 'are'}"
+            f" no API key of tenant {tenant!r}: give key names of your tenant, without the "
+            "tenant prefix",
+        )
+    return readers
+
+
+def _denied(context: RequestContext, op: str, reason: str) -> HTTPException:
+    """The 404 of a secret the caller may not see: the very answer an unknown id gets,
+    audited and counted as the refusal it is."""
+    context.outcome = "denied"
+    ACCESS_DENIED.labels(op=op, reason=reason).inc()
+    return HTTPException(404, NOT_FOUND)
 
 
 def _string_field(data: dict[str, Any], name: str) -> str:
@@ -252,9 +297,19 @@ class VaultAPI:
         max_reads = _optional_count(data, "max_reads", MAX_READS, "")
         if ttl is None and self.default_ttl_seconds:
             ttl = self.default_ttl_seconds
+        readers = _readers(data, context)
+        caller = _caller(context)
         secret_id = str(uuid.uuid4())
-        # Stored and sealed under the digest of the id: the id itself is never written.
-        record = self.keyring.seal(record_key(secret_id), plaintext)
+        # Stored and sealed under the digest of the id: the id itself is never written. Who
+        # may see it is sealed in too: the caller's tenant, and for named readers, the
+        # caller's key (the owner, who may delete it).
+        record = self.keyring.seal(
+            record_key(secret_id),
+            plaintext,
+            tenant=caller.tenant,
+            owner=None if readers is None else caller.name,
+            readers=readers,
+        )
         if ttl is not None or max_reads is not None:
             # Whole seconds, rounded up: a secret lives at least ttl_seconds.
             expires_at = (
@@ -278,10 +333,21 @@ class VaultAPI:
         secret_id = await _secret_id_of(request, context, "fetch")
         # Its status is decided in the store call, which writes it stamped for that answer.
         audit = None if context.audit is None else context.audit.record(200)
-        fetched, context.audit_written = await self.store.fetch(secret_id, self.keyring, audit)
+        try:
+            fetched, context.audit_written = await self.store.fetch(
+                secret_id, self.keyring, audit, _caller(context)
+            )
+        except DecryptionFailed:
+            if self.unreadable is not None:
+                self.unreadable.failed_authentication(record_key(secret_id))
+            raise
+        if fetched.denied is not None:
+            raise _denied(context, "fetch", fetched.denied.value)
         if fetched.found is Found.EXPIRED:
             context.outcome = fetched.found.outcome
         if fetched.record is None or fetched.plaintext is None:
+            if fetched.found is Found.MISSING and self.unreadable is not None:
+                self.unreadable.gone(record_key(secret_id))
             raise HTTPException(fetched.found.status, NOT_FOUND)
         if fetched.record.reads_left == 0:
             SECRETS_DELETED.labels("last_read").inc()  # deleted in the same call
@@ -291,7 +357,11 @@ class VaultAPI:
     async def delete_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
         secret_id = await _secret_id_of(request, context, "delete")
-        result = await self.store.delete(secret_id)
+        result = await self.store.delete(secret_id, _caller(context))
+        if result.denied is not None:
+            raise _denied(context, "delete", result.denied.value)
+        if self.unreadable is not None:
+            self.unreadable.gone(record_key(secret_id))
         if result is DeleteResult.EXPIRED:
             context.outcome = "expired"
         if result is not DeleteResult.DELETED:

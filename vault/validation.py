@@ -1,4 +1,4 @@
-"""Strict validators for the two values clients send: a base64 secret and a secret id.
+"""Strict validators for the values clients send: a base64 secret, a secret id, readers.
 
 Strict means one spelling per value: standard alphabet, padding required, no whitespace,
 and the canonical encoding (no stray bits in the last character), so a secret is stored
@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from typing import Any
 
 from vault.errors import InvalidValue
 
@@ -26,6 +27,10 @@ BASE64_PATTERN = (
 )
 
 _UUID = re.compile(UUID_PATTERN)
+# A key name as an API key file spells it after its tenant prefix (vault/apikeys.py).
+KEY_NAME_PATTERN = "^[A-Za-z0-9._-]{1,64}$"
+_KEY_NAME = re.compile(KEY_NAME_PATTERN)
+MAX_READERS = 100
 
 
 def decode_secret(value: str) -> bytes:
@@ -60,3 +65,23 @@ def normalize_secret_id(value: str) -> str:
             "as returned by /vault/secret/create"
         )
     return value.lower()
+
+
+def reader_names(value: Any) -> tuple[str, ...]:
+    """A create's ``readers``: a JSON array of 1 to MAX_READERS distinct key names (without
+    a tenant prefix), as given; raise InvalidValue otherwise."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_READERS:
+        raise InvalidValue(
+            f"field 'readers' must be a JSON array of 1 to {MAX_READERS} API key names, or left out"
+        )
+    for name in value:
+        if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
+            shown = repr(name)[:70] if isinstance(name, str) else "a non-string"
+            raise InvalidValue(
+                f"field 'readers' holds {shown}: a reader is an API key name of 1-64 characters "
+                "of A-Z a-z 0-9 . _ - (without its tenant prefix)"
+            )
+    duplicates = sorted({name for name in value if value.count(name) > 1})
+    if duplicates:
+        raise InvalidValue(f"field 'readers' names {duplicates[0]!r} twice: name each reader once")
+    return tuple(value)
