@@ -194,6 +194,28 @@ def test_delete_needs_the_api_key_in_the_spec_when_keys_are_on(
         assert refused.status_code == 401 and "www-authenticate" in refused.headers, path
 
 
+def test_readers_and_the_403_are_in_the_spec_only_when_keys_are_on(
+    make_client: Callable[..., TestClient], client: TestClient
+) -> None:
+    guarded = make_client(API_KEYS="ops:" + "a" * 40).get("/openapi.json").json()
+    readers = guarded["components"]["schemas"]["CreateRequest"]["properties"]["readers"]
+    assert (readers["minItems"], readers["maxItems"], readers["uniqueItems"]) == (1, 100, True)
+    assert readers["items"]["pattern"] == "^[A-Za-z0-9._-]{1,64}$"
+    assert "readers" in guarded["components"]["schemas"]["CreateResponse"]["properties"]
+    assert "readers" in guarded["components"]["schemas"]["FetchResponse"]["properties"]
+    for path in ("/vault/secret/create/", "/vault/secret/fetch", "/vault/secret/delete"):
+        assert "scope" in guarded["paths"][path]["post"]["responses"]["403"]["description"]
+    assert (
+        "readers"
+        in guarded["paths"]["/vault/secret/create/"]["post"]["responses"]["400"]["description"]
+    )
+    # Without keys there are no names to give, and no scope to lack.
+    open_spec = client.get("/openapi.json").json()
+    assert "readers" not in open_spec["components"]["schemas"]["CreateRequest"]["properties"]
+    for path in ("/vault/secret/create/", "/vault/secret/fetch", "/vault/secret/delete"):
+        assert "403" not in open_spec["paths"][path]["post"]["responses"]
+
+
 def test_spec_describes_the_optional_create_fields(client: TestClient) -> None:
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     create = schemas["CreateRequest"]

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from vault import __version__
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
-from vault.validation import BASE64_PATTERN, UUID_PATTERN
+from vault.validation import BASE64_PATTERN, KEY_NAME_PATTERN, MAX_READERS, UUID_PATTERN
 
 # RFC 3339 as the API writes it: UTC ("Z"), whole seconds.
 _UTC_SECONDS_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
@@ -54,7 +54,9 @@ def build_openapi(
     errors = _common_errors(max_body_bytes, api_keys=api_keys)
     security: Json = {"security": [{"apiKey": []}]} if api_keys else {}
     parts = [
-        _create(errors, security, max_secret_bytes, max_body_bytes, max_ttl_seconds),
+        _create(
+            errors, security, max_secret_bytes, max_body_bytes, max_ttl_seconds, api_keys=api_keys
+        ),
         _fetch(errors, security),
         _delete(errors, security),
         _health(),
@@ -132,16 +134,38 @@ def _common_errors(max_body_bytes: int, *, api_keys: bool) -> Json:
         ),
         "500": _error("Internal error; the X-Server-Request-ID header identifies it in the log."),
         **({"401": unauthorized} if api_keys else {}),
+        **(
+            {
+                "403": _error(
+                    "This API key may not do this operation: it lacks the operation's scope "
+                    "(create, fetch or delete). Nothing was read or changed."
+                )
+            }
+            if api_keys
+            else {}
+        ),
         "503": _error("The store is unreachable; retry later.", retry_after=True),
     }
 
 
 def _not_found() -> Json:
-    """The one 404 of fetch and delete: no oracle between its four causes."""
+    """The one 404 of fetch and delete: no oracle between its causes."""
     return _error(
-        "No secret has this id: it never existed, expired, had its reads used up or was "
-        "deleted (the same answer for all four)."
+        "No secret has this id for this caller: it never existed, expired, had its reads "
+        "used up or was deleted, or it is not the caller's to see (another tenant's, or made "
+        "for other readers). The same answer for all of them."
     )
+
+
+def _readers(description: str) -> Json:
+    return {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": MAX_READERS,
+        "uniqueItems": True,
+        "items": {"type": "string", "pattern": KEY_NAME_PATTERN},
+        "description": description,
+    }
 
 
 def _error_schema() -> Json:
@@ -213,7 +237,13 @@ def _secret_id_request() -> Json:
 
 
 def _create(
-    errors: Json, security: Json, max_secret_bytes: int, max_body_bytes: int, max_ttl_seconds: int
+    errors: Json,
+    security: Json,
+    max_secret_bytes: int,
+    max_body_bytes: int,
+    max_ttl_seconds: int,
+    *,
+    api_keys: bool,
 ) -> _Part:
     """POST /vault/secret/create/: store a secret; its id is linked into fetch and delete."""
     # Swagger UI shows these links, and schemathesis's stateful run follows them.
@@ -246,7 +276,13 @@ def _create(
             "400": _error(
                 "The body is not a JSON object, `secret` is missing or not strict base64, or "
                 "`ttl_seconds` or `max_reads` is not a JSON integer in its range (the detail "
-                "names the field and the range)."
+                "names the field and the range)"
+                + (
+                    ", or `readers` names a key that is not one of the caller's tenant (the "
+                    "detail names it)."
+                    if api_keys
+                    else "."
+                )
             ),
             "413": _error(
                 f"The decoded secret exceeds {max_secret_bytes} bytes, "
@@ -254,18 +290,25 @@ def _create(
             ),
         },
     }
-    schemas = {
-        "CreateRequest": _create_request(max_secret_bytes, max_ttl_seconds),
-        "CreateResponse": {
-            "type": "object",
-            "required": ["secret_id"],
-            "properties": {
-                "secret_id": {"type": "string", "format": "uuid"},
-                "expires_at": _expires_at(),
-                "reads_left": _reads_left(1, "The reads allowed (max_reads); only when limited."),
-            },
+    request = _create_request(max_secret_bytes, max_ttl_seconds)
+    answer: Json = {
+        "type": "object",
+        "required": ["secret_id"],
+        "properties": {
+            "secret_id": {"type": "string", "format": "uuid"},
+            "expires_at": _expires_at(),
+            "reads_left": _reads_left(1, "The reads allowed (max_reads); only when limited."),
         },
     }
+    if api_keys:  # readers are API key names: without keys there are none to name
+        request["properties"]["readers"] = _readers(
+            "The only API keys that may fetch the secret: names of keys of the caller's "
+            "tenant, without the tenant prefix. They and the key that made it may delete it; "
+            "any other key gets the 404 of an unknown id. A name that is no key of the "
+            "tenant is refused (400). Without it, every key of the tenant may."
+        )
+        answer["properties"]["readers"] = _readers("The readers, when they were given.")
+    schemas = {"CreateRequest": request, "CreateResponse": answer}
     return _Part({"/vault/secret/create/": {"post": operation}}, schemas)
 
 
@@ -340,6 +383,7 @@ def _fetch(errors: Json, security: Json) -> _Part:
                     "Reads remaining after this one; only for a read-limited "
                     "secret (0: this was the last, and the secret is gone).",
                 ),
+                "readers": _readers("The readers, for a secret made for named readers."),
             },
         },
     }
