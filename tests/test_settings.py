@@ -91,6 +91,8 @@ def test_rate_limit_storage_file_shares_the_mongo_uri_secret(tmp_path: Path) -> 
         ({"MONGO_WRITE_CONCERN": "all"}, "MONGO_WRITE_CONCERN"),
         ({"MONGO_DB": "bad.name"}, "MONGO_DB"),
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
+        ({"RATE_LIMIT": "1/minute;2/minute"}, "RATE_LIMIT"),
+        ({"RATE_LIMIT": "1/second;2/seconds"}, "RATE_LIMIT"),
         ({"API_KEYS": "ci:too-short"}, "API_KEYS"),
         ({"API_KEYS_FILE": "/nonexistent/keys"}, "API_KEYS_FILE"),
         ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
