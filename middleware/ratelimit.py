@@ -1,15 +1,18 @@
-"""Fixed-window rate limiting per client IP, with one or more limits such as 100/s and 3000/min.
+"""Fixed-window rate limiting, with one or more limits such as 100/s and 3000/min.
 
-Each limit counts a client's requests in the current window (``time // period``) through a
-Counter: in this process (MemoryCounter) or in a database shared by every replica. A request
-over any limit is answered ``429`` with ``Retry-After`` and never reaches the app; the others
-get ``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset`` for the limit nearest
-to running out. If the counter fails (its database is down), requests are let through: an
-outage of the rate-limit store must not become an outage of the vault, nor slow it down, so
-the middleware is handed a circuit breaker: after a failure the counter is skipped for the
-breaker's ``retry_after`` seconds, then one request tries it again. Every request counts,
-refused ones included: a client that keeps sending while refused spends the budgets of its
-longer windows too.
+Each limit counts a budget's requests in the current window (``time // period``) through a
+Counter: in this process (MemoryCounter) or in a database shared by every replica. Whose
+budget a request spends is the layer's ``per``: its client's address (PER_CLIENT_IP), or the
+API key it was let in under (PER_API_KEY, for a second layer inside the API keys). Both
+layers may count in one Counter: their keys never meet. A request over any limit is
+answered ``429`` with ``Retry-After`` and never reaches the app; the others get
+``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset`` for the limit nearest to
+running out, of this layer's and any rate-limit layer's inside it. If the counter fails (its
+database is down), requests are let through: an outage of the rate-limit store must not
+become an outage of the vault, nor slow it down, so the middleware is handed a circuit
+breaker: after a failure the counter is skipped for the breaker's ``retry_after`` seconds,
+then one request tries it again. Every request counts, refused ones included: a client that
+keeps sending while refused spends the budgets of its longer windows too.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from middleware.answers import error_answer
 from middleware.clientip import client_ip
+from middleware.context import request_context
 from middleware.headers import encode_pairs, set_response_headers
 from middleware.paths import UNLIMITED_PATHS, is_exempt
 
@@ -96,6 +101,36 @@ class MemoryCounter:
         return [await self.increment(key, expires_at) for key, expires_at in keys]
 
 
+@dataclass(frozen=True)
+class Budgets:
+    """Whose budget a rate-limit layer counts each request against."""
+
+    # The request's budget, the start of its counter keys; None: not counted by this layer.
+    of: Callable[[Scope], str | None]
+    # How a 429 names that budget: "at most 3 requests per hour <whose>".
+    whose: str
+
+
+def _api_key_budget(scope: Scope) -> str | None:
+    """``key:<tenant>/<name>`` of the key the request was let in under, or None (no key:
+    API keys are off, or the path needs none). Tenant and name are percent-encoded, so
+    neither can hold the ``/`` or ``:`` that separate them; no tenant (None) is the default
+    tenant's, as the empty text, which no named tenant encodes to. Never the token."""
+    context = request_context(scope)
+    if context.api_key_name is None:
+        return None
+    tenant = quote(context.tenant or "", safe="")
+    return f"key:{tenant}/{quote(context.api_key_name, safe='')}"
+
+
+# The client's address itself, as the counter keys have always begun, so counts already in
+# a shared store stay valid across an upgrade. It is an IP address (or the server's name for
+# a peer without one), never text a caller chose, so it never starts with "key:" ("k" and
+# "y" are no hex digits): no client shares a budget with an API key.
+PER_CLIENT_IP = Budgets(client_ip, "from one client")
+PER_API_KEY = Budgets(_api_key_budget, "for this API key")
+
+
 def _per(period: int) -> str:
     """60 → "minute", 120 → "2 minutes", 90 → "90 seconds"."""
     seconds, unit = next((s, u) for s, u in _UNITS if period % s == 0)  # 1 divides any period
@@ -105,7 +140,7 @@ def _per(period: int) -> str:
 
 @dataclass(frozen=True)
 class _Usage:
-    """One limit's state for this client: how many requests its window has seen."""
+    """One limit's state for this budget: how many requests its window has seen."""
 
     limit: int
     count: int
@@ -123,6 +158,20 @@ class _Usage:
             "RateLimit-Reset": str(self.reset),
         }
 
+    def nearer_than(self, message: Message) -> bool:
+        """Whether this limit is nearer to running out than the one whose headers a layer
+        inside already put in ``message`` (True when there are none): fewer requests
+        remaining, or as few and a later reset, as one layer chooses among its limits."""
+        remaining = reset = None
+        for name, value in message.get("headers", ()):
+            if name == b"ratelimit-remaining":
+                remaining = value
+            elif name == b"ratelimit-reset":
+                reset = value
+        if remaining is None or reset is None or not (remaining.isdigit() and reset.isdigit()):
+            return True
+        return (self.remaining, -self.reset) < (int(remaining), -int(reset))
+
 
 class RateLimitMiddleware:
     def __init__(
@@ -131,6 +180,7 @@ class RateLimitMiddleware:
         *,
         limits: Sequence[tuple[int, int]],
         counter: Counter,
+        per: Budgets = PER_CLIENT_IP,
         exempt_paths: Collection[str] = UNLIMITED_PATHS,
         on_limited: Callable[[], None] | None = None,
         breaker: Breaker[Any] | None = None,
@@ -156,12 +206,13 @@ class RateLimitMiddleware:
         self.app = app
         self.limits = limits
         self.counter = counter
+        self.budget_of = per.of
         self.exempt_paths = frozenset(exempt_paths)
         self.on_limited = on_limited
         self._details = {
             (limit, period): (
                 f"rate limit exceeded: at most {limit} request{'s' if limit != 1 else ''} "
-                f"per {_per(period)} from one client; retry after "
+                f"per {_per(period)} {per.whose}; retry after "
             )
             for limit, period in limits
         }
@@ -174,10 +225,12 @@ class RateLimitMiddleware:
         # (a counter that cannot fail, as in-process counting), every request counts.
         self._breaker = breaker
 
-    async def _usage(self, ip: str) -> list[_Usage]:
+    async def _usage(self, budget: str) -> list[_Usage]:
         now = time.time()
         windows = [(period, int(now // period)) for _, period in self.limits]
-        keys = [(f"{ip}:{period}:{window}", (window + 1) * period) for period, window in windows]
+        keys = [
+            (f"{budget}:{period}:{window}", (window + 1) * period) for period, window in windows
+        ]
         counts = await self.counter.increment_many(keys)
         return [
             _Usage(limit, count, max(math.ceil(ends - now), 1), self._details[limit, period])
@@ -190,7 +243,7 @@ class RateLimitMiddleware:
             self._unlogged_failures += 1
             return
         # Only the error type: a counter's message may carry its key, and the key holds
-        # the client's address.
+        # the client's address or the caller's key name.
         log.warning(
             "rate limit counter failed (%s); letting requests through unlimited, trying it "
             "again every %g s (%d more failures since the last warning)",
@@ -205,6 +258,10 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or is_exempt(scope, self.exempt_paths):
             await self.app(scope, receive, send)
             return
+        budget = self.budget_of(scope)
+        if budget is None:
+            await self.app(scope, receive, send)
+            return
 
         breaker = self._breaker
         call = None if breaker is None else breaker.try_call()
@@ -212,7 +269,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)  # the counter is down: fail open at once
             return
         try:
-            usage = await self._usage(client_ip(scope))
+            usage = await self._usage(budget)
         except Exception as exc:  # any counter failure: fail open, never fail the request
             if breaker is not None:
                 breaker.failed(call)
@@ -244,7 +301,9 @@ class RateLimitMiddleware:
         pairs = encode_pairs(nearest.headers().items())
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            # A layer inside (the per-key limit inside the per-client one) may have set
+            # its own, nearer limit's headers, its 429's among them: those stay.
+            if message["type"] == "http.response.start" and nearest.nearer_than(message):
                 set_response_headers(message, pairs)
             await send(message)
 

@@ -91,6 +91,9 @@ def test_rate_limit_storage_file_shares_the_mongo_uri_secret(tmp_path: Path) -> 
         ({"MONGO_WRITE_CONCERN": "all"}, "MONGO_WRITE_CONCERN"),
         ({"MONGO_DB": "bad.name"}, "MONGO_DB"),
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
+        ({"RATE_LIMIT": "1/minute;2/minute"}, "RATE_LIMIT"),
+        ({"RATE_LIMIT": "1/second;2/seconds"}, "RATE_LIMIT"),
+        ({"RATE_LIMIT_PER_KEY": "fast", "API_KEYS": "ci:" + "t" * 32}, "RATE_LIMIT_PER_KEY"),
         ({"API_KEYS": "ci:too-short"}, "API_KEYS"),
         ({"API_KEYS_FILE": "/nonexistent/keys"}, "API_KEYS_FILE"),
         ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
@@ -127,6 +130,26 @@ def test_typed_values_are_parsed() -> None:
     assert settings.max_secret_bytes == 1024
     assert settings.store_timeout_seconds == 1.5
     assert settings.log_level == "DEBUG"
+
+
+def test_the_per_key_limit_reads_like_the_per_client_one_and_is_off_by_default() -> None:
+    keys = {"API_KEYS": "ci:" + "t" * 32}
+    assert Settings.from_env(keys).rate_limits_per_key == ()
+    settings = Settings.from_env({**keys, "RATE_LIMIT_PER_KEY": "20/second;600/minute"})
+    assert settings.rate_limits_per_key == ((20, 1), (600, 60))
+    assert settings.rate_limits == ((100, 1), (3000, 60))  # the per-client limit stays
+    assert Settings.from_env({**keys, "RATE_LIMIT_PER_KEY": "off"}).rate_limits_per_key == ()
+
+
+def test_a_per_key_limit_without_api_keys_stops_start_up() -> None:
+    # It would limit nothing: an operator who set it would believe callers are held to it.
+    for env in ({}, {"METRICS_TOKEN": "m" * 32}):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({**env, "RATE_LIMIT_PER_KEY": "10/second"})
+        message = str(refused.value)
+        assert message.startswith("RATE_LIMIT_PER_KEY is set but API keys are off")
+        assert "API_KEYS_FILE" in message and "\n" not in message
+    assert Settings.from_env({"RATE_LIMIT_PER_KEY": "off"}).rate_limits_per_key == ()
 
 
 def test_client_url_default_and_override() -> None:

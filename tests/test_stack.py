@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
+import pytest
 from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
@@ -63,6 +64,49 @@ def test_rate_limited_calls_are_refused_recorded_and_counted(
         sample("http_requests_total", method="POST", route="/vault/secret/fetch", status="429")
         == http_before + 1
     )
+
+
+@pytest.mark.parametrize("per_client", ["100/second;3000/minute", "off"])
+def test_a_key_over_its_limit_is_refused_recorded_and_counted_and_another_key_is_not(
+    make_client: Callable[..., TestClient], store_env: dict[str, str], per_client: str
+) -> None:
+    tokens = {"noisy": "n" * 40, "quiet": "q" * 40}
+    client = make_client(
+        API_KEYS=",".join(f"{name}:{token}" for name, token in tokens.items()),
+        RATE_LIMIT=per_client,
+        RATE_LIMIT_PER_KEY="2/hour",
+    )
+
+    def fetch_as(name: str) -> httpx2.Response:
+        auth = {"Authorization": f"Bearer {tokens[name]}"}
+        return client.post(
+            "/vault/secret/fetch", json={"secret_id": str(uuid.uuid4())}, headers=auth
+        )
+
+    limited_before = sample("vault_rate_limited_total")
+    assert [fetch_as("noisy").status_code for _ in range(2)] == [404, 404]
+    refused = fetch_as("noisy")
+    assert refused.status_code == 429
+    retry_after = refused.headers["retry-after"]
+    assert refused.json()["detail"] == (
+        "rate limit exceeded: at most 2 requests per hour for this API key; "
+        f"retry after {retry_after} s"
+    )
+    assert (refused.headers["ratelimit-limit"], refused.headers["ratelimit-remaining"]) == (
+        "2",
+        "0",
+    )
+    assert refused.headers["ratelimit-reset"] == retry_after
+    # The same client address, another key: its own budget.
+    assert [fetch_as("quiet").status_code for _ in range(2)] == [404, 404]
+    assert fetch_as("quiet").status_code == 429
+
+    records = [(r["api_key_name"], r["status"], r["outcome"]) for r in audit_records(store_env)]
+    assert records == [
+        ("noisy", 404, "not_found"), ("noisy", 404, "not_found"), ("noisy", 429, "rate_limited"),
+        ("quiet", 404, "not_found"), ("quiet", 404, "not_found"), ("quiet", 429, "rate_limited"),
+    ]  # fmt: skip
+    assert sample("vault_rate_limited_total") == limited_before + 2
 
 
 def test_successful_answers_carry_rate_limit_headers(client: TestClient) -> None:

@@ -6,7 +6,10 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +19,8 @@ import httpx2 as httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
-from tests.conftest import ServerProcess, b64, worker_processes
+from loadtests.processes import free_port
+from tests.conftest import ServerProcess, b64, clean_env, worker_processes
 
 pytestmark = pytest.mark.slow
 
@@ -58,20 +62,90 @@ def test_one_rate_limit_is_shared_by_two_replicas(
         assert refused.headers["ratelimit-remaining"] == "0"
 
 
-def created_per_process(metrics_dir: Path) -> dict[str, float]:
-    """vault_secrets_created_total as each process wrote it in its own file."""
-    counts = {}
+def test_each_api_key_has_a_budget_of_its_own_shared_by_every_worker(
+    start_server: StartServer, mongo_uri: str, master_key: str, tmp_path: Path
+) -> None:
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    tokens = {"noisy": secrets.token_urlsafe(32), "quiet": secrets.token_urlsafe(32)}
+    server = start_server(
+        {
+            "MASTER_KEY": master_key,
+            "DATA_DIR": str(tmp_path / "data"),
+            "API_KEYS": ",".join(f"{name}:{token}" for name, token in tokens.items()),
+            "RATE_LIMIT_PER_KEY": "4/hour",
+            "RATE_LIMIT_STORAGE": mongo_uri,
+            "MONGO_DB": "t" + uuid.uuid4().hex[:16],
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        },
+        "--workers",
+        "2",
+    )
+
+    def create_as(name: str) -> httpx.Response:
+        auth = f"Bearer {tokens[name]}"
+        return post(server.url, "/vault/secret/create", {"secret": b64(b"x")}, Authorization=auth)
+
+    def workers_that_answered() -> int:
+        counts = counted_per_process(
+            metrics_dir, "http_requests_total", route="/vault/secret/create"
+        )
+        return sum(1 for count in counts.values() if count)
+
+    # Until both workers have answered the noisy key (the kernel hands each connection to
+    # either), and a few past its budget: with a count per worker, more than 4 would pass.
+    noisy = [create_as("noisy") for _ in range(6)]
+    while workers_that_answered() < 2 and len(noisy) < 60:
+        noisy.append(create_as("noisy"))
+    assert workers_that_answered() == 2, "both workers should have answered the noisy key"
+    assert [r.status_code for r in noisy] == [200] * 4 + [429] * (len(noisy) - 4)
+    assert "at most 4 requests per hour for this API key" in noisy[-1].json()["detail"]
+    assert noisy[-1].headers["ratelimit-remaining"] == "0"
+    # The same client address, with another key: its own budget, untouched by the first.
+    assert [create_as("quiet").status_code for _ in range(6)] == [200] * 4 + [429] * 2
+    assert server.stop() == 0
+
+
+def test_a_per_key_limit_without_api_keys_stops_serve_with_one_line(
+    master_key: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vault", "serve", "--port", str(free_port())],
+        env=clean_env(
+            MASTER_KEY=master_key, DATA_DIR=str(tmp_path / "data"), RATE_LIMIT_PER_KEY="10/second"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "secret-manager: RATE_LIMIT_PER_KEY is set but API keys are off, so it would limit "
+        "nothing: set API_KEYS or API_KEYS_FILE, or set RATE_LIMIT_PER_KEY=off\n"
+    )
+
+
+def counted_per_process(metrics_dir: Path, sample: str, **labels: str) -> dict[str, float]:
+    """A counter's ``sample`` (with at least ``labels``) as each process wrote it in its own
+    file. A request is counted once it is answered: read right after, a count may lag."""
+    counts: dict[str, float] = {}
     for path in metrics_dir.glob("counter_*.db"):
         values = MmapedDict(str(path), read_mode=True)
         try:
             counts[path.stem] = sum(
                 value
                 for key, value, _ in values.read_all_values()
-                if json.loads(key)[1] == "vault_secrets_created_total"
+                if json.loads(key)[1] == sample and labels.items() <= json.loads(key)[2].items()
             )
         finally:
             values.close()
     return counts
+
+
+def created_per_process(metrics_dir: Path) -> dict[str, float]:
+    """vault_secrets_created_total as each process wrote it in its own file."""
+    return counted_per_process(metrics_dir, "vault_secrets_created_total")
 
 
 def test_metrics_add_up_across_two_workers(

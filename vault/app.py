@@ -27,6 +27,7 @@ from middleware.errors import InternalErrorMiddleware
 from middleware.metrics import PrometheusMiddleware
 from middleware.ratelimit import (
     COUNTER_RETRY_SECONDS,
+    PER_API_KEY,
     Counter,
     MemoryCounter,
     RateLimitMiddleware,
@@ -183,7 +184,11 @@ def _services(settings: Settings, store: SecretStore | None) -> _Services:
         tracer_provider=tracer_provider,
         store=store,
         writer=build_audit_writer(settings, store) if settings.audit_enabled else None,
-        counter=build_counter(settings) if settings.rate_limits else None,
+        counter=(
+            build_counter(settings)
+            if settings.rate_limits or settings.rate_limits_per_key
+            else None
+        ),
         unreadable=UnreadableRecords(store, keyring.key_ids, settings.retired_key_ids),
     )
 
@@ -255,7 +260,9 @@ def _middleware(services: _Services) -> list[Middleware]:
     - security headers on every answer that can come from below;
     - the client IP resolved once, for the audit record and the rate-limit key;
     - audit outside the rate limiter, so refused calls are recorded too;
-    - API keys inside both, so refusals are audited and token guessing is rate limited;
+    - API keys inside both, so refusals are audited and token guessing is rate limited,
+      and the per-key rate limit inside the API keys, which tell it the caller's key (a
+      second rate-limit layer, counting in the same counter under keys of its own);
     - the error catcher inside them all, so they see a 500 response, never an exception;
     - the body limit innermost, so its refusal signal never reaches the error catcher.
     """
@@ -293,9 +300,11 @@ def _observing_layers(services: _Services) -> list[Middleware]:
 
 
 def _guarding_layers(services: _Services) -> list[Middleware]:
-    """Audit, the rate limit and API keys, each when its setting turns it on."""
+    """Audit, the rate limits and API keys, each when its setting turns it on."""
     settings = services.settings
     layers = []
+    # One breaker for the one counter: once a layer finds it down, the other skips it too.
+    breaker = CircuitBreaker(retry_after=COUNTER_RETRY_SECONDS)
     if services.writer is not None:
         layers.append(
             Middleware(
@@ -306,14 +315,14 @@ def _guarding_layers(services: _Services) -> list[Middleware]:
                 retry_after=settings.retry_after_seconds,
             )
         )
-    if services.counter is not None:
+    if services.counter is not None and settings.rate_limits:
         layers.append(
             Middleware(
                 RateLimitMiddleware,
                 limits=settings.rate_limits,
                 counter=services.counter,
                 on_limited=RATE_LIMITED.inc,
-                breaker=CircuitBreaker(retry_after=COUNTER_RETRY_SECONDS),
+                breaker=breaker,
             )
         )
     if settings.api_keys or settings.metrics_token_digest is not None:
@@ -323,6 +332,17 @@ def _guarding_layers(services: _Services) -> list[Middleware]:
                 keys=dict(settings.api_keys),
                 protected_prefixes=("/vault/",) if settings.api_keys else (),
                 metrics_token_digest=settings.metrics_token_digest,
+            )
+        )
+    if services.counter is not None and settings.rate_limits_per_key:
+        layers.append(
+            Middleware(
+                RateLimitMiddleware,
+                limits=settings.rate_limits_per_key,
+                counter=services.counter,
+                per=PER_API_KEY,
+                on_limited=RATE_LIMITED.inc,
+                breaker=breaker,
             )
         )
     return layers

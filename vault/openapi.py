@@ -129,7 +129,8 @@ def _common_errors(max_body_bytes: int, *, api_keys: bool) -> Json:
         "408": _error("The body did not arrive whole in time."),
         "415": _error("The body was not sent as application/json."),
         "429": _error(
-            "Too many requests from this client; see Retry-After and RateLimit-* headers.",
+            f"Too many requests from this client{' or with this API key' if api_keys else ''}; "
+            "see Retry-After and RateLimit-* headers.",
             retry_after=True,
         ),
         "500": _error("Internal error; the X-Server-Request-ID header identifies it in the log."),

@@ -20,9 +20,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from middleware.clientip import ClientIPMiddleware
-from middleware.ratelimit import Counter, MemoryCounter, RateLimitMiddleware
+from middleware.context import request_context
+from middleware.ratelimit import PER_API_KEY, Counter, MemoryCounter, RateLimitMiddleware
 from vault.breaker import CircuitBreaker
 from vault.errors import StoreUnavailable
 
@@ -325,3 +327,221 @@ async def test_memory_counter_purges_expired_keys_and_keeps_live_ones() -> None:
         await counter.increment(f"live-{n}", later)
     assert len(counter) == 50
     assert await counter.increment("live-7", later) == 2
+
+
+# Per API key: a second layer inside the API keys, counting in the same Counter.
+
+
+class LetInAs:
+    """Stands in for APIKeyMiddleware: puts the key named by the ``X-Test-Key`` header,
+    of the tenant in ``X-Test-Tenant`` (none: the default tenant), in the request context,
+    as the API key layer does for a caller it lets in; without it, no key (an open path)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = request_context(scope)
+        for name, value in scope["headers"]:
+            if name == b"x-test-key":
+                context.api_key_name = value.decode()
+            elif name == b"x-test-tenant":
+                context.tenant = value.decode()
+        await self.app(scope, receive, send)
+
+
+class RecordingCounter(MemoryCounter):
+    """A memory counter that remembers every key it was asked to count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[str] = []
+
+    async def increment(self, key: str, expires_at: float) -> int:
+        self.keys.append(key)
+        return await super().increment(key, expires_at)
+
+
+@dataclass
+class Keyed:
+    """An app limited per client address, then per API key in the same counter."""
+
+    app: Starlette
+    reached: list[str]
+    limited: list[str]
+
+    def get(
+        self, key: str | tuple[str, str] | None, peer: tuple[str, int] = CLIENT
+    ) -> httpx.Response:
+        """A request let in under ``key``: ``name``, ``tenant/name`` or (tenant, name)."""
+        headers = {}
+        if key is not None:
+            if isinstance(key, str):
+                tenant, _, name = key.rpartition("/")
+            else:
+                tenant, name = key
+            headers["X-Test-Key"] = name
+            if tenant:
+                headers["X-Test-Tenant"] = tenant
+        return TestClient(self.app, client=peer).get("/", headers=headers)
+
+
+@pytest.fixture
+def make_keyed() -> Callable[..., Keyed]:
+    """``make_keyed(per_key, per_client=((1000, 86400),), counter=MemoryCounter())`` → a
+    Keyed app whose two layers share the counter and its breaker, as the app's do."""
+
+    def make(
+        per_key: tuple[tuple[int, int], ...],
+        per_client: tuple[tuple[int, int], ...] = ((1000, 86400),),
+        counter: Counter | None = None,
+    ) -> Keyed:
+        counter = MemoryCounter() if counter is None else counter  # an empty one is falsy
+        reached: list[str] = []
+        limited: list[str] = []
+        breaker = CircuitBreaker(retry_after=5.0)
+
+        async def handle(request: Request) -> Response:
+            reached.append(request.headers.get("x-test-key", ""))
+            return PlainTextResponse("ok")
+
+        app = Starlette(
+            routes=[Route("/", handle)],
+            middleware=[
+                Middleware(ClientIPMiddleware),
+                Middleware(
+                    RateLimitMiddleware,
+                    limits=per_client,
+                    counter=counter,
+                    on_limited=lambda: limited.append("client"),
+                    breaker=breaker,
+                ),
+                Middleware(LetInAs),
+                Middleware(
+                    RateLimitMiddleware,
+                    limits=per_key,
+                    counter=counter,
+                    per=PER_API_KEY,
+                    on_limited=lambda: limited.append("key"),
+                    breaker=breaker,
+                ),
+            ],
+        )
+        return Keyed(app, reached, limited)
+
+    return make
+
+
+def test_two_keys_behind_one_address_each_have_a_budget_of_their_own(
+    make_keyed: Callable[..., Keyed],
+) -> None:
+    keyed = make_keyed(((2, 3600),))
+    assert [keyed.get("noisy").status_code for _ in range(2)] == [200, 200]
+    assert [keyed.get("noisy").status_code for _ in range(3)] == [429] * 3
+    # The noisy key ran out: the quiet one behind the same address has its whole budget.
+    quiet = [keyed.get("quiet") for _ in range(2)]
+    assert [r.status_code for r in quiet] == [200, 200]
+    assert [rate_headers(r)[:2] for r in quiet] == [("2", "1"), ("2", "0")]
+    assert keyed.get("quiet").status_code == 429
+    assert keyed.reached == ["noisy", "noisy", "quiet", "quiet"]
+    assert keyed.limited == ["key"] * 4
+
+
+def test_the_same_key_name_in_two_tenants_has_two_budgets(
+    make_keyed: Callable[..., Keyed],
+) -> None:
+    keyed = make_keyed(((1, 3600),))
+    assert keyed.get("acme/billing").status_code == 200
+    assert keyed.get("acme/billing").status_code == 429
+    assert keyed.get("globex/billing").status_code == 200
+    assert keyed.get("billing").status_code == 200  # the default tenant's
+    assert keyed.get("globex/billing").status_code == 429
+    assert keyed.get("billing").status_code == 429
+
+
+def test_a_tenant_and_a_key_name_are_never_confused_whatever_they_hold(
+    make_keyed: Callable[..., Keyed],
+) -> None:
+    # Joined as they are, tenant "a/b" with key "c" and tenant "a" with key "b/c" would
+    # both be "a/b/c": one budget for two keys.
+    keyed = make_keyed(((1, 3600),))
+    assert keyed.get(("a/b", "c")).status_code == 200
+    assert keyed.get(("a", "b/c")).status_code == 200
+    assert keyed.get(("a/b", "c")).status_code == 429
+
+
+def test_a_keys_429_looks_like_the_clients_and_says_whose_budget_ran_out(
+    make_keyed: Callable[..., Keyed],
+) -> None:
+    keyed = make_keyed(((2, 3600),))
+    keyed.get("ci")
+    keyed.get("ci")
+    before = window_end(3600)
+    refused = keyed.get("ci")
+    after = window_end(3600)
+
+    assert refused.status_code == 429
+    assert refused.headers["content-type"] == "application/json"
+    retry_after = int(refused.headers["retry-after"])
+    assert 1 <= after <= retry_after <= before
+    # The key's numbers, not the client address's (998 of 1000 left), though that layer
+    # is outside and sees the answer last.
+    assert rate_headers(refused) == ("2", "0", str(retry_after))
+    assert refused.json() == {
+        "detail": "rate limit exceeded: at most 2 requests per hour for this API key; "
+        f"retry after {retry_after} s"
+    }
+    assert keyed.limited == ["key"]
+
+
+def test_the_per_client_limit_still_holds_across_keys(make_keyed: Callable[..., Keyed]) -> None:
+    keyed = make_keyed(((1, 86400),), per_client=((3, 3600),))
+    assert [keyed.get(key).status_code for key in ("a", "b", "c")] == [200] * 3
+    refused = keyed.get("d")
+    assert refused.status_code == 429
+    assert "at most 3 requests per hour from one client" in refused.json()["detail"]
+    assert keyed.limited == ["client"]
+    # Refused by the client's limit, before the key's layer: "d" spent none of its budget.
+    elsewhere = keyed.get("d", peer=("198.51.100.9", 1))
+    assert (elsewhere.status_code, rate_headers(elsewhere)[:2]) == (200, ("1", "0"))
+
+
+def test_the_answer_shows_whichever_limit_is_nearer_to_running_out(
+    make_keyed: Callable[..., Keyed],
+) -> None:
+    keyed = make_keyed(((2, 86400),), per_client=((4, 3600),))
+    assert rate_headers(keyed.get(None))[:2] == ("4", "3")  # no key: the client's alone
+    assert rate_headers(keyed.get("a"))[:2] == ("2", "1")  # the key's: 1 left, the client 2
+    # As few left of each: the one that resets last, as among one layer's limits.
+    assert rate_headers(keyed.get("b"))[:2] == ("2", "1")
+    assert rate_headers(keyed.get("c"))[:2] == ("4", "0")  # the client's: 0 left, the key 1
+
+
+def test_both_limits_count_in_one_counter_under_keys_that_never_meet(
+    make_keyed: Callable[..., Keyed],
+) -> None:
+    counter = RecordingCounter()
+    keyed = make_keyed(((5, 3600),), per_client=((5, 3600),), counter=counter)
+    keyed.get("acme/ci")
+    keyed.get("ci")
+    keyed.get(None)  # a path that needs no key is counted per client only
+    window = int(time.time() // 3600)
+    client_key = f"{CLIENT[0]}:3600:{window}"
+    assert counter.keys == [
+        client_key,
+        f"key:acme/ci:3600:{window}",
+        client_key,
+        f"key:/ci:3600:{window}",
+        client_key,
+    ]
+
+
+def test_a_counter_down_lets_every_key_through_and_is_tried_by_one_layer(
+    make_keyed: Callable[..., Keyed],
+) -> None:
+    counter = DownCounter()
+    keyed = make_keyed(((1, 3600),), per_client=((1, 3600),), counter=counter)
+    assert [keyed.get("ci").status_code for _ in range(4)] == [200] * 4
+    # The layers share the counter's breaker: once the outer one found it down, the inner
+    # one skips it too, and no request pays a second timeout.
+    assert counter.calls == 1

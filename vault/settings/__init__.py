@@ -192,6 +192,9 @@ class Settings:
     rate_limits: tuple[tuple[int, int], ...] = setting(
         "RATE_LIMIT", parse.rate_limits, "100/second;3000/minute", "requests per client IP"
     )
+    rate_limits_per_key: tuple[tuple[int, int], ...] = setting(
+        "RATE_LIMIT_PER_KEY", parse.rate_limits, "off", "requests per API key, as RATE_LIMIT"
+    )
     rate_limit_storage: str = setting(
         "RATE_LIMIT_STORAGE",
         _rate_limit_storage,
@@ -256,6 +259,13 @@ class Settings:
                 f"SECRET_DEFAULT_TTL_SECONDS ({self.default_ttl_seconds}) must not exceed "
                 f"SECRET_MAX_TTL_SECONDS ({self.max_ttl_seconds}); use 0 for secrets that "
                 "never expire"
+            )
+        if self.rate_limits_per_key and not self.api_keys:
+            # Refused rather than ignored: an operator who set it believes callers are held
+            # to it, and without keys there is no key to count by.
+            raise ConfigError(
+                "RATE_LIMIT_PER_KEY is set but API keys are off, so it would limit nothing: "
+                "set API_KEYS or API_KEYS_FILE, or set RATE_LIMIT_PER_KEY=off"
             )
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must be set together (or neither)")

@@ -175,7 +175,7 @@ def rate_limits(value: str, name: str) -> tuple[tuple[int, int], ...]:
     """``100/second;2000/minute`` → ((100, 1), (2000, 60)); ``off`` → ()."""
     if value.strip().lower() == "off":
         return ()
-    limits = []
+    limits: list[tuple[int, int]] = []
     for part in value.split(";"):
         count, _, unit = part.strip().partition("/")
         unit = unit.strip().lower().removesuffix("s")
@@ -183,6 +183,14 @@ def rate_limits(value: str, name: str) -> tuple[tuple[int, int], ...]:
             raise ConfigError(
                 f"{name} must look like '50/second' or '100/second;2000/minute' "
                 f"(units: second, minute, hour, day) or 'off', got {value!r}"
+            )
+        if any(period == _PERIODS[unit] for _, period in limits):
+            # Both would count under one key, so each request would count twice. The rate
+            # limiter refuses such a pair too, but only when Starlette builds the stack on
+            # the first request, which then answers 500 to every call.
+            raise ConfigError(
+                f"{name} names the period {unit!r} twice ({value!r}): keep one limit per "
+                "period, the smaller"
             )
         limits.append((int(count), _PERIODS[unit]))
     return tuple(limits)
