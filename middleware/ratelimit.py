@@ -146,6 +146,7 @@ class _Usage:
     count: int
     reset: int  # whole seconds until the window ends, at least 1
     detail: str
+    period: int
 
     @property
     def remaining(self) -> int:
@@ -233,7 +234,9 @@ class RateLimitMiddleware:
         ]
         counts = await self.counter.increment_many(keys)
         return [
-            _Usage(limit, count, max(math.ceil(ends - now), 1), self._details[limit, period])
+            _Usage(
+                limit, count, max(math.ceil(ends - now), 1), self._details[limit, period], period
+            )
             for (limit, period), (_, ends), count in zip(self.limits, keys, counts, strict=True)
         ]
 
@@ -285,7 +288,9 @@ class RateLimitMiddleware:
 
         exceeded = [u for u in usage if u.count > u.limit]
         if exceeded:
-            worst = max(exceeded, key=lambda u: u.reset)
+            # The longest wait; of limits whose windows end together (the last hour of a
+            # day), the longest period, which is the one a caller must plan around.
+            worst = max(exceeded, key=lambda u: (u.reset, u.period))
             response = error_answer(
                 429,
                 f"{worst.detail}{worst.reset} s",
