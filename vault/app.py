@@ -320,7 +320,7 @@ def _guarding_layers(services: _Services) -> list[Middleware]:
         layers.append(
             Middleware(
                 APIKeyMiddleware,
-                keys=dict(settings.api_keys),
+                keys=settings.api_keys,
                 protected_prefixes=("/vault/",) if settings.api_keys else (),
                 metrics_token_digest=settings.metrics_token_digest,
             )

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
-from middleware.apikeys import APIKeyMiddleware
+from middleware.apikeys import APIKey, APIKeyMiddleware, KeyTable
 from middleware.context import request_context
 from vault.apikeys import parse_api_keys, parse_token, token_digest
 
@@ -304,6 +304,20 @@ async def test_state_gets_the_name_and_other_scopes_pass_through() -> None:
     assert (sent, reached) == ([], [{"type": "lifespan"}])
 
 
+@pytest.mark.anyio
+async def test_the_context_gets_the_name_within_the_tenant_the_tenant_and_the_table() -> None:
+    table = KeyTable.of_digests({"acme/billing": token_digest(ALICE), "ops": token_digest(BOB)})
+    middleware = APIKeyMiddleware(JSONResponse({}), keys=table)
+    for token, name, tenant in ((ALICE, "billing", "acme"), (BOB, "ops", "default")):
+        scope = raw_scope("/vault/secret/fetch", [(b"authorization", f"Bearer {token}".encode())])
+        sent, reached = await run_raw(middleware, scope)
+        assert sent == []
+        context = request_context(reached[0])
+        assert (context.api_key_name, context.tenant) == (name, tenant)
+        assert context.keys is table
+        assert context.keys.names_in("acme") == {"billing"}
+
+
 def test_every_key_is_compared_even_after_a_match(monkeypatch: pytest.MonkeyPatch) -> None:
     compared: list[bytes] = []
     real = hmac.compare_digest
@@ -351,3 +365,34 @@ def test_constructor_refuses_what_would_guard_nothing_or_wrongly(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         APIKeyMiddleware(JSONResponse({}), **options)  # type: ignore[arg-type]
+
+
+# --- the key table ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (
+            (APIKey("ci", token_digest(ALICE), "acme"), APIKey("ci", token_digest(BOB), "acme")),
+            "two keys are named 'acme/ci'",
+        ),
+        ((APIKey("ci", token_digest(ALICE), "ac/me"),), "tenant 'ac/me' is not 1-64"),
+        ((APIKey("ci", token_digest(ALICE), scopes=frozenset({"read"})),), "scopes must be"),
+        ((APIKey("ci", token_digest(ALICE), scopes=frozenset()),), "scopes must be"),
+    ],
+)
+def test_a_table_refuses_keys_it_could_not_tell_apart_or_use(
+    keys: tuple[APIKey, ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        KeyTable(keys)
+
+
+def test_the_same_name_in_two_tenants_is_two_keys() -> None:
+    table = KeyTable.of_digests({"acme/ci": token_digest(ALICE), "ci": token_digest(BOB)})
+    assert [(key.tenant, key.name) for key in table] == [("acme", "ci"), ("default", "ci")]
+    assert table.names_in("acme") == table.names_in("default") == {"ci"}
+    assert table.match(BOB.encode()) == APIKey("ci", token_digest(BOB))
+    assert table.match(CAROL.encode()) is None
+    assert "digest" not in repr(table) and repr(token_digest(ALICE)) not in repr(table)

@@ -20,6 +20,7 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, cast
 
+from vault.apikeys import KeyTable
 from vault.crypto import key_id
 from vault.errors import ConfigError as ConfigError  # what every caller catches
 from vault.settings import parse
@@ -143,12 +144,12 @@ class Settings:
     keep_alive_timeout_seconds: float = setting(
         "KEEP_ALIVE_TIMEOUT_SECONDS", parse.seconds(0.1), "5", "an idle connection is closed after"
     )
-    api_keys: tuple[tuple[str, bytes], ...] = setting(
+    api_keys: KeyTable = setting(
         "API_KEYS",
         parse.api_keys,
         None,
-        "name:token entries every /vault call must present",
-        unset=(),
+        "[tenant/]name:token[:scopes] entries; /vault calls must present one",
+        unset=KeyTable(),
         secret=True,
         blank_is_default=False,
     )
