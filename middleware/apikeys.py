@@ -1,4 +1,5 @@
-"""Optional API keys: ``/vault`` calls need ``Authorization: Bearer <token>`` of a known key.
+"""Optional API keys: ``/vault`` calls need ``Authorization: Bearer <token>`` of a known key,
+and a key may do only what its scopes allow.
 
 The keys come already parsed (vault/apikeys.py, from ``API_KEYS_FILE`` or ``API_KEYS``) as a
 ``KeyTable``: per key its name, its tenant, the SHA-256 digest of its token
@@ -7,8 +8,9 @@ request's token is hashed and compared in constant time with every stored digest
 that is let through has the key's name within its tenant (never its token), the tenant and
 the table it was let in under in the request context (``api_key_name``, ``tenant``,
 ``keys``); any other caller gets ``401`` with ``WWW-Authenticate`` and the app is not
-called. The health probes are always open; ``/metrics`` needs its own token when one is
-configured (paths in middleware/paths.py).
+called. A key without the scope of the operation its path names (``operations``) gets
+``403`` before the body is read. The health probes are always open; ``/metrics`` needs its
+own token when one is configured (paths in middleware/paths.py).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from middleware.answers import error_answer
 from middleware.context import request_context
 from middleware.paths import KEYLESS_PATHS, METRICS_PATH, route_path
 
@@ -194,17 +197,39 @@ def _refusals(realm: str, what: str) -> dict[str, JSONResponse]:
     }
 
 
+def _denials(realm: str, operations: Collection[str]) -> dict[str, JSONResponse]:
+    """The 403 of each operation, for a key without its scope (RFC 6750's
+    ``insufficient_scope``), built once."""
+    return {
+        op: error_answer(
+            403,
+            f"this API key may not {op} secrets: send the token of a key whose scopes "
+            f"include {op}, or ask the operator to give this key the {op} scope",
+            headers={
+                "WWW-Authenticate": (
+                    f'Bearer realm="{realm}", error="insufficient_scope", scope="{op}"'
+                )
+            },
+        )
+        for op in operations
+    }
+
+
 class APIKeyMiddleware:
     def __init__(
         self,
         app: ASGIApp,
         *,
         keys: KeyTable | Mapping[str, bytes],
+        operations: Mapping[str, str] | None = None,
+        on_denied: Callable[[str], None] | None = None,
         protected_prefixes: Collection[str] = ("/vault/",),
         metrics_token_digest: bytes | None = None,
         realm: str = "secret-manager",
     ) -> None:
-        """``keys``: the table (or {label: digest}, keys with every scope)."""
+        """``keys``: the table (or {label: digest}, keys with every scope). ``operations``:
+        the operation of each path ({"/vault/secret/fetch": "fetch", ...}), whose scope a
+        key needs; ``on_denied(op)`` counts a refusal for scope."""
         table = keys if isinstance(keys, KeyTable) else KeyTable.of_digests(keys)
         if protected_prefixes and not table:
             raise ValueError(
@@ -222,8 +247,16 @@ class APIKeyMiddleware:
         for prefix in protected_prefixes:
             if not prefix.startswith("/"):
                 raise ValueError(f"protected prefix {prefix!r} must start with '/'")
+        operations = dict(operations or {})
+        for path, op in operations.items():
+            if op not in SCOPES:
+                raise ValueError(
+                    f"operation {op!r} of {path!r} has no scope: scopes are {', '.join(SCOPES)}"
+                )
         self.app = app
         self.table = table
+        self.operations = operations
+        self.on_denied = on_denied
         self.protected_prefixes = tuple(protected_prefixes)
         # Empty when /metrics is open; a one-key table otherwise, checked like the others.
         self.metrics_keys: tuple[tuple[str, bytes], ...] = (
@@ -231,6 +264,7 @@ class APIKeyMiddleware:
         )
         self.key_refusals = _refusals(realm, "an API key")
         self.metrics_refusals = _refusals(realm, "a metrics token")
+        self.denials = _denials(realm, set(operations.values()))
 
     def _protected(self, path: str) -> bool:
         # "/vault" itself is guarded with "/vault/", so the bare prefix is no way around it.
@@ -255,7 +289,7 @@ class APIKeyMiddleware:
         ):
             await self._guard_metrics(scope, receive, send)
         elif self._protected(path):
-            await self._guard_keys(scope, receive, send)
+            await self._guard_keys(path, scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -269,7 +303,7 @@ class APIKeyMiddleware:
             # The scraper is not an API key: nothing goes in the context for the audit log.
             await self.app(scope, receive, send)
 
-    async def _guard_keys(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _guard_keys(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         token = _bearer_token(scope)
         if isinstance(token, str):
             await self.key_refusals[token](scope, receive, send)
@@ -282,4 +316,12 @@ class APIKeyMiddleware:
         context.api_key_name = key.name
         context.tenant = key.tenant
         context.keys = self.table
+        op = self.operations.get(path)
+        if op is not None:
+            context.op = op  # the audit record names the operation, refused or not
+            if op not in key.scopes:
+                if self.on_denied is not None:
+                    self.on_denied(op)
+                await self.denials[op](scope, receive, send)  # the body is never read
+                return
         await self.app(scope, receive, send)

@@ -35,7 +35,13 @@ from middleware.requestid import RequestIdMiddleware
 from middleware.securityheaders import SecurityHeadersMiddleware
 from middleware.tracing import TracingMiddleware
 from observability.logging import configure_logging
-from observability.metrics import AUDIT_RECORDS, RATE_LIMITED, SECRETS_PURGED, metrics_app
+from observability.metrics import (
+    ACCESS_DENIED,
+    AUDIT_RECORDS,
+    RATE_LIMITED,
+    SECRETS_PURGED,
+    metrics_app,
+)
 from observability.tracing import configure_tracing, shutdown_tracing
 from vault import hypercorn_fixes
 from vault.backend import backend_for
@@ -204,6 +210,10 @@ def _store_unavailable(
     return store_unavailable
 
 
+def _denied_for_scope(op: str) -> None:
+    ACCESS_DENIED.labels(op=op, reason="scope").inc()
+
+
 def _lifespan(services: _Services) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     """Open the store and start the background loops; at shutdown flush the audit log
     before the store closes."""
@@ -321,6 +331,8 @@ def _guarding_layers(services: _Services) -> list[Middleware]:
             Middleware(
                 APIKeyMiddleware,
                 keys=settings.api_keys,
+                operations=OPERATIONS,
+                on_denied=_denied_for_scope,
                 protected_prefixes=("/vault/",) if settings.api_keys else (),
                 metrics_token_digest=settings.metrics_token_digest,
             )
