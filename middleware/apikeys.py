@@ -11,6 +11,10 @@ the table it was let in under in the request context (``api_key_name``, ``tenant
 called. A key without the scope of the operation its path names (``operations``) gets
 ``403`` before the body is read. The health probes are always open; ``/metrics`` needs its
 own token when one is configured (paths in middleware/paths.py).
+
+The table in force lives in a ``LiveKeys`` holder that the app swaps whole when the key
+file is re-read (SIGHUP, vault/app.py): each request reads it once, so a request in flight
+keeps the keys it started with and the next one sees the new set.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ class APIKey:
 class KeyTable:
     """Every configured key, checked as a whole: valid names and tenants, SHA-256 digests,
     known scopes, one name per key in each tenant, one token per key. Immutable: a new set
-    of keys is a new table. Implements middleware.context's ``KeyDirectory``."""
+    of keys is a new table (``LiveKeys.replace``). Implements middleware.context's
+    ``KeyDirectory``."""
 
     keys: tuple[APIKey, ...] = ()
     # Derived from ``keys`` once: each tenant's names, and each key beside its digest.
@@ -145,6 +150,26 @@ class KeyTable:
 
     def __iter__(self) -> Iterator[APIKey]:
         return iter(self.keys)
+
+
+class LiveKeys:
+    """The key table in force: replaced whole, never changed in place. A request reads
+    ``table`` once and keeps that snapshot, so a replacement (the key file re-read on
+    SIGHUP) takes effect with the next request and never in the middle of one."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table: KeyTable) -> None:
+        self._table = table
+
+    @property
+    def table(self) -> KeyTable:
+        return self._table
+
+    def replace(self, table: KeyTable) -> KeyTable:
+        """Put ``table`` in force (one reference swap); the table it replaces."""
+        previous, self._table = self._table, table
+        return previous
 
 
 _MISSING = "missing"
@@ -220,18 +245,22 @@ class APIKeyMiddleware:
         self,
         app: ASGIApp,
         *,
-        keys: KeyTable | Mapping[str, bytes],
+        keys: LiveKeys | KeyTable | Mapping[str, bytes],
         operations: Mapping[str, str] | None = None,
         on_denied: Callable[[str], None] | None = None,
         protected_prefixes: Collection[str] = ("/vault/",),
         metrics_token_digest: bytes | None = None,
         realm: str = "secret-manager",
     ) -> None:
-        """``keys``: the table (or {label: digest}, keys with every scope). ``operations``:
-        the operation of each path ({"/vault/secret/fetch": "fetch", ...}), whose scope a
-        key needs; ``on_denied(op)`` counts a refusal for scope."""
-        table = keys if isinstance(keys, KeyTable) else KeyTable.of_digests(keys)
-        if protected_prefixes and not table:
+        """``keys``: the holder the app swaps tables in (or one table, or {label: digest}
+        with every scope). ``operations``: the operation of each path ({"/vault/secret/
+        fetch": "fetch", ...}), whose scope a key needs; ``on_denied(op)`` counts a
+        refusal for scope."""
+        if isinstance(keys, LiveKeys):
+            live = keys
+        else:
+            live = LiveKeys(keys if isinstance(keys, KeyTable) else KeyTable.of_digests(keys))
+        if protected_prefixes and not live.table:
             raise ValueError(
                 "keys is empty, so every protected request would be refused: give at least "
                 "one key, or leave APIKeyMiddleware out of the stack to turn API keys off"
@@ -254,7 +283,7 @@ class APIKeyMiddleware:
                     f"operation {op!r} of {path!r} has no scope: scopes are {', '.join(SCOPES)}"
                 )
         self.app = app
-        self.table = table
+        self.live = live
         self.operations = operations
         self.on_denied = on_denied
         self.protected_prefixes = tuple(protected_prefixes)
@@ -308,14 +337,15 @@ class APIKeyMiddleware:
         if isinstance(token, str):
             await self.key_refusals[token](scope, receive, send)
             return
-        key = self.table.match(token)
+        table = self.live.table  # this request's snapshot, whatever is swapped in meanwhile
+        key = table.match(token)
         if key is None:
             await self.key_refusals[_INVALID](scope, receive, send)
             return
         context = request_context(scope)
         context.api_key_name = key.name
         context.tenant = key.tenant
-        context.keys = self.table
+        context.keys = table
         op = self.operations.get(path)
         if op is not None:
             context.op = op  # the audit record names the operation, refused or not

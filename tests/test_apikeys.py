@@ -1,8 +1,9 @@
 """vault/apikeys.py: API_KEYS and METRICS_TOKEN parsed into names, tenants, scopes and
-token digests."""
+token digests; API_KEYS_FILE re-read into the table in force."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from vault.apikeys import (
     DEFAULT_TENANT,
     SCOPES,
     KeyTable,
+    LiveKeys,
     parse_api_keys,
     parse_key_table,
     parse_token,
+    read_key_file,
+    reload_key_file,
     token_digest,
 )
 from vault.errors import ConfigError, InvalidAPIKeys
@@ -217,7 +221,7 @@ def test_tenant_and_separator_errors_name_the_line(entry: str, reason: str) -> N
     assert TOKENS[0] not in message
 
 
-def test_settings_keep_the_table(tmp_path: Path) -> None:
+def test_settings_keep_the_table_and_the_file_it_came_from(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"acme/ci:{TOKENS[0]}:create\nops:{TOKENS[1]}\n")
     from_file = Settings.from_env({"API_KEYS_FILE": str(keys)})
@@ -225,8 +229,11 @@ def test_settings_keep_the_table(tmp_path: Path) -> None:
         ("acme/ci", {"create"}),
         ("ops", ALL_SCOPES),
     ]
+    assert from_file.api_keys_file == keys.absolute()
+    from_variable = Settings.from_env({"API_KEYS": f"ops:{TOKENS[1]}"})
+    assert from_variable.api_keys_file is None
     off = Settings.from_env({})
-    assert off.api_keys == KeyTable()
+    assert (off.api_keys, off.api_keys_file) == (KeyTable(), None)
     assert not off.api_keys
     # serve hands the settings to each spawned worker pickled; repr never shows the keys.
     assert pickle.loads(pickle.dumps(from_file)) == from_file  # noqa: S301
@@ -240,3 +247,104 @@ def test_settings_refuse_an_unknown_scope_at_start_up(tmp_path: Path) -> None:
         Settings.from_env({"API_KEYS_FILE": str(keys)})
     assert str(caught.value).startswith("API_KEYS_FILE line 2: scope 2 of 2")
     assert TOKENS[1] not in str(caught.value)
+
+
+# --- re-reading the key file (SIGHUP) ----------------------------------------------------
+
+
+def reload_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "secret_manager.apikeys"]
+
+
+def test_reload_puts_the_files_keys_in_force(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"ops:{TOKENS[0]}\nci:{TOKENS[1]}\n")
+    live = LiveKeys(read_key_file(keys))
+    before = live.table
+    keys.write_text(f"ops:{TOKENS[0]}:fetch\nacme/deploy:{TOKENS[2]}\n")
+    caplog.set_level(logging.INFO)
+    assert reload_key_file(live, keys) is True
+    assert [(key.label, key.scopes) for key in live.table] == [
+        ("ops", {"fetch"}),
+        ("acme/deploy", ALL_SCOPES),
+    ]
+    assert [(key.label, key.scopes) for key in before] == [("ops", ALL_SCOPES), ("ci", ALL_SCOPES)]
+    [line] = reload_lines(caplog)
+    assert line.levelno == logging.INFO
+    assert line.getMessage().startswith(
+        "API_KEYS_FILE re-read: 2 keys in force (1 added, 1 removed, 1 changed; process "
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (f"ops:{TOKENS[0]}\nci:{TOKENS[1]}:create+reed\n", "API_KEYS_FILE line 2: scope 2 of 2"),
+        (f"ops:{TOKENS[0]}\nci:{TOKENS[1][:20]}\n", "API_KEYS_FILE line 2: the token is shorter"),
+        ("# everyone revoked\n", "API_KEYS_FILE holds no keys"),
+        (None, "cannot be read: No such file or directory"),
+        (b"\xff\xfe", "cannot be read: not UTF-8 text"),
+    ],
+)
+def test_a_file_that_does_not_parse_keeps_the_keys_in_force_and_says_why_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str | bytes | None, problem: str
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"ops:{TOKENS[0]}\nci:{TOKENS[1]}\n")
+    live = LiveKeys(read_key_file(keys))
+    before = live.table
+    if content is None:
+        keys.unlink()
+    elif isinstance(content, bytes):
+        keys.write_bytes(content)
+    else:
+        keys.write_text(content)
+    caplog.set_level(logging.INFO)
+    assert reload_key_file(live, keys) is False
+    assert live.table is before
+    [line] = reload_lines(caplog)
+    assert line.levelno == logging.ERROR
+    message = line.getMessage()
+    assert message.startswith("API_KEYS_FILE not re-read, the 2 keys in force stay (process ")
+    assert problem in message
+    for token in TOKENS:
+        assert token[:20] not in message
+
+
+def test_reload_with_keys_from_the_environment_has_nothing_to_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    live = LiveKeys(parse_key_table(f"ops:{TOKENS[0]}", source="API_KEYS"))
+    before = live.table
+    caplog.set_level(logging.INFO)
+    assert reload_key_file(live, None) is False
+    assert live.table is before
+    [line] = reload_lines(caplog)
+    assert line.levelno == logging.WARNING
+    assert "API_KEYS, which a running process cannot re-read: nothing to re-read" in (
+        line.getMessage()
+    )
+    caplog.clear()
+    assert reload_key_file(LiveKeys(KeyTable()), None) is False
+    [line] = reload_lines(caplog)
+    assert "API keys are off: nothing to re-read" in line.getMessage()
+    caplog.clear()
+    assert reload_key_file(live, None, quiet=True) is False
+    assert reload_lines(caplog) == []
+
+
+def test_a_quiet_reload_speaks_only_of_a_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"ops:{TOKENS[0]}\n")
+    live = LiveKeys(read_key_file(keys))
+    caplog.set_level(logging.INFO)
+    assert reload_key_file(live, keys, quiet=True) is True
+    assert reload_lines(caplog) == []
+    keys.write_text(f"ops:{TOKENS[1]}\n")
+    assert reload_key_file(live, keys, quiet=True) is True
+    [line] = reload_lines(caplog)
+    assert "1 keys in force (0 added, 0 removed, 1 changed" in line.getMessage()

@@ -6,11 +6,17 @@ middleware that checks requests (middleware/apikeys.py) is handed the result, a
 ``KeyTable``: per key its name, tenant, scopes and the SHA-256 digest of its token, never
 a token. Both sides hash with ``token_digest`` and name keys by ``KEY_NAME``, which the
 middleware defines (it depends on nothing of the app) and this module uses.
+
+``reload_key_file`` is what SIGHUP does (vault/app.py): read ``API_KEYS_FILE`` again and
+put the new table in force, or keep the old one and say in one line why.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from pathlib import Path
 
 from middleware.apikeys import (
     DEFAULT_TENANT,
@@ -18,6 +24,7 @@ from middleware.apikeys import (
     SCOPES,
     APIKey,
     KeyTable,
+    LiveKeys,
     token_digest,
 )
 from vault.errors import InvalidAPIKeys
@@ -29,10 +36,14 @@ __all__ = [
     "APIKey",
     "InvalidAPIKeys",
     "KeyTable",
+    "LiveKeys",
     "token_digest",
 ]
 
+log = logging.getLogger("secret_manager.apikeys")
+
 MIN_TOKEN_LENGTH = 32
+KEY_FILE_VARIABLE = "API_KEYS_FILE"
 
 # RFC 6750's b64token: exactly what a client may put after "Bearer ". It excludes commas,
 # colons and whitespace, so entries split unambiguously, and non-ASCII, so the bytes a
@@ -173,6 +184,72 @@ def parse_api_keys(text: str, *, source: str) -> dict[str, bytes]:
     """The token digest of each key by its label (``billing``, ``acme/billing``): the
     entries of ``parse_key_table`` without their scopes."""
     return parse_key_table(text, source=source).digests()
+
+
+def read_key_file(path: Path) -> KeyTable:
+    """``API_KEYS_FILE`` read and parsed as start-up does; InvalidAPIKeys naming the problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise InvalidAPIKeys(
+            f"{KEY_FILE_VARIABLE}={str(path)!r} cannot be read: {reason}"
+        ) from None
+    return parse_key_table(text.strip(), source=KEY_FILE_VARIABLE)
+
+
+def _changes(old: KeyTable, new: KeyTable) -> str:
+    before = {(key.tenant, key.name): key for key in old}
+    after = {(key.tenant, key.name): key for key in new}
+    added = len(after.keys() - before.keys())
+    removed = len(before.keys() - after.keys())
+    changed = sum(1 for name in after.keys() & before.keys() if after[name] != before[name])
+    return f"{added} added, {removed} removed, {changed} changed"
+
+
+def reload_key_file(live: LiveKeys, path: Path | None, *, quiet: bool = False) -> bool:
+    """Re-read ``API_KEYS_FILE`` at ``path`` into ``live``, as SIGHUP asks; True if the
+    table in force is now the file's.
+
+    Logs one line: the number of keys now in force, or the problem (the parse error, which
+    never holds a token) and that the previous keys stay, or why there is nothing to read
+    (keys from ``API_KEYS``, or none). ``quiet``: say nothing when the file holds the keys
+    already in force (a worker checking at start that it missed no SIGHUP).
+    """
+    pid = os.getpid()
+    if path is None:
+        if not quiet:
+            if live.table:
+                log.warning(
+                    "SIGHUP: the API keys come from API_KEYS, which a running process cannot "
+                    "re-read: nothing to re-read (process %d). To revoke a key without a "
+                    "restart, give the keys in API_KEYS_FILE",
+                    pid,
+                )
+            else:
+                log.info("SIGHUP: API keys are off: nothing to re-read (process %d)", pid)
+        return False
+    try:
+        table = read_key_file(path)
+    except InvalidAPIKeys as exc:
+        log.error(
+            "%s not re-read, the %d keys in force stay (process %d): %s",
+            KEY_FILE_VARIABLE,
+            len(live.table),
+            pid,
+            exc,
+        )
+        return False
+    previous = live.replace(table)
+    if not quiet or previous != table:
+        log.info(
+            "%s re-read: %d keys in force (%s; process %d)",
+            KEY_FILE_VARIABLE,
+            len(table),
+            _changes(previous, table),
+            pid,
+        )
+    return True
 
 
 def parse_token(text: str, *, source: str) -> bytes:

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
-from middleware.apikeys import APIKey, APIKeyMiddleware, KeyTable
+from middleware.apikeys import APIKey, APIKeyMiddleware, KeyTable, LiveKeys
 from middleware.context import RequestContext, request_context
 from vault.apikeys import parse_api_keys, parse_token, token_digest
 
@@ -423,7 +423,7 @@ async def call(
     return start["status"], headers, json.loads(body)
 
 
-def scoped_guard(reached: Reached, keys: KeyTable = SCOPED) -> APIKeyMiddleware:
+def scoped_guard(reached: Reached, keys: KeyTable | LiveKeys = SCOPED) -> APIKeyMiddleware:
     return APIKeyMiddleware(
         JSONResponse({}), keys=keys, operations=OPERATIONS, on_denied=reached.denied.append
     )
@@ -493,6 +493,42 @@ async def test_without_operations_every_key_may_call_every_path() -> None:
     for op in ("create", "fetch", "delete"):
         status, _, _ = await call(middleware, reached, f"/vault/secret/{op}", ALICE)
         assert status == 200
+
+
+@pytest.mark.anyio
+async def test_a_request_keeps_the_table_it_started_with_and_the_next_sees_the_new_one() -> None:
+    live = LiveKeys(SCOPED)
+    without_creator = KeyTable(tuple(key for key in SCOPED if key.name != "creator"))
+    reached = Reached()
+    middleware = scoped_guard(reached, live)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        # The table is swapped while this request runs (a SIGHUP between two of its steps).
+        live.replace(without_creator)
+        reached.contexts.append(request_context(scope))
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    middleware.app = app
+    scope = raw_scope("/vault/secret/create", [(b"authorization", f"Bearer {ALICE}".encode())])
+    await middleware(scope, receive, send)
+    assert sent[0]["status"] == 200
+    assert reached.contexts[0].keys is SCOPED
+    assert reached.contexts[0].keys.names_in("default") == {"creator", "deleter"}
+    assert live.table is without_creator
+
+    status, _, _ = await call(middleware, reached, "/vault/secret/create", ALICE)
+    assert status == 401
+    status, _, _ = await call(middleware, reached, "/vault/secret/fetch", BOB)
+    assert status == 200
+    assert reached.contexts[-1].keys is without_creator
 
 
 @pytest.mark.parametrize(
