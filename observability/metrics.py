@@ -75,6 +75,13 @@ RATE_LIMITED = Counter(
     "vault_rate_limited_total",
     "Requests refused by the rate limiter.",
 )
+# No key name or secret id as a label: a denial says which operation and why, not who.
+ACCESS_DENIED = Counter(
+    "secret_manager_access_denied",
+    "Requests refused with 403 by access control, by operation and reason (scope: the key "
+    "lacks the operation's scope; tenant, readers: the secret is not the key's to use).",
+    ["op", "reason"],
+)
 AUDIT_RECORDS = Counter(
     "vault_audit_records_total",
     "Audit records, by result: written to the audit sink, or failed to be written.",
