@@ -40,7 +40,7 @@ _BY_STATUS = {
     200: "success",
     400: "invalid",
     401: "unauthorized",
-    403: "denied",
+    403: "denied",  # access control: the key may not do this, or not to this secret
     404: "not_found",
     405: "invalid",  # a method the path does not take: the caller's mistake, not ours
     408: "invalid",

@@ -1,4 +1,5 @@
-"""Optional API keys in the whole app: refusals audited, names recorded, probes open."""
+"""Optional API keys in the whole app: refusals audited, names recorded, probes open, a key's
+scopes enforced."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from starlette.testclient import TestClient
 
 from tests.conftest import ServerProcess, b64, clean_env
 from tests.test_audit import audit_records
+from tests.test_stack import sample
 
 ALICE = "alice-token-" + "a" * 32
 BOB = "bob-token-" + "b" * 32
@@ -79,3 +81,62 @@ def test_cli_sends_the_token_from_the_environment(
     )
     assert with_token.returncode == 0, with_token.stderr
     assert "secret_id" in with_token.stdout
+
+
+CREATOR = "creator-token-" + "c" * 32
+FETCHER = "fetcher-token-" + "f" * 32
+
+
+def test_a_key_without_the_scope_gets_403_is_audited_as_denied_and_changes_nothing(
+    make_client: Callable[..., TestClient], store_env: dict[str, str], tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    # Both of the default tenant (one written with its prefix): a secret is its tenant's.
+    keys.write_text(f"scribe-q7:{CREATOR}:create\ndefault/lector-q7:{FETCHER}:fetch+status\n")
+    client = make_client(API_KEYS_FILE=str(keys), RATE_LIMIT="off")
+    as_writer = {"Authorization": f"Bearer {CREATOR}"}
+    as_reader = {"Authorization": f"Bearer {FETCHER}"}
+    denied_before = {
+        op: sample("vault_access_denied_total", op=op, reason="scope")
+        for op in ("create", "fetch", "delete")
+    }
+
+    created = client.post(
+        "/vault/secret/create", json={"secret": b64(b"x"), "max_reads": 1}, headers=as_writer
+    )
+    assert created.status_code == 200
+    secret_id = created.json()["secret_id"]
+    for op in ("fetch", "delete"):
+        refused = client.post(
+            f"/vault/secret/{op}", json={"secret_id": secret_id}, headers=as_writer
+        )
+        assert refused.status_code == 403
+        assert refused.json()["detail"].startswith(f"this API key may not {op} secrets: ")
+        assert refused.headers["www-authenticate"].endswith(f'scope="{op}"')
+        assert refused.headers["cache-control"] == "no-store"  # the hygiene headers too
+    refused = client.post("/vault/secret/create/", json={"secret": b64(b"y")}, headers=as_reader)
+    assert refused.status_code == 403
+
+    # Nothing changed: the one read the secret allows is still there.
+    fetched = client.post("/vault/secret/fetch", json={"secret_id": secret_id}, headers=as_reader)
+    assert fetched.status_code == 200
+    assert fetched.json()["secret"] == b64(b"x")
+
+    records = audit_records(store_env)
+    assert [
+        (r["op"], r["status"], r["outcome"], r["api_key_name"], r["secret_id_hmac"] is None)
+        for r in records
+    ] == [
+        ("create", 200, "success", "scribe-q7", False),
+        ("fetch", 403, "denied", "scribe-q7", True),  # refused before the body named an id
+        ("delete", 403, "denied", "scribe-q7", True),
+        ("create", 403, "denied", "lector-q7", True),
+        ("fetch", 200, "success", "lector-q7", False),
+    ]
+    assert {r["tenant"] for r in records} == {"default"}
+    assert {
+        op: sample("vault_access_denied_total", op=op, reason="scope") - before
+        for op, before in denied_before.items()
+    } == {"create": 1, "fetch": 1, "delete": 1}
+    exposition = client.get("/metrics").text
+    assert "scribe-q7" not in exposition and "lector-q7" not in exposition

@@ -189,6 +189,8 @@ def test_delete_needs_the_api_key_in_the_spec_when_keys_are_on(
     delete = spec["paths"]["/vault/secret/delete"]["post"]
     assert delete["security"] == [{"apiKey": []}]
     assert "WWW-Authenticate" in delete["responses"]["401"]["headers"]
+    assert "WWW-Authenticate" in delete["responses"]["403"]["headers"]
+    assert "scopes" in delete["responses"]["403"]["description"]
     for path in ("/vault/secret/delete", "/vault/secret/delete/"):
         refused = client.post(path, json={"secret_id": "00000000-0000-4000-8000-000000000000"})
         assert refused.status_code == 401 and "www-authenticate" in refused.headers, path

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+import signal
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from middleware.apikeys import APIKeyMiddleware
+from middleware.apikeys import APIKeyMiddleware, LiveKeys
 from middleware.audit import AuditMiddleware, AuditWriter, stdout_stream
 from middleware.bodylimit import BodyLimitMiddleware
 from middleware.clientip import ClientIPMiddleware
@@ -36,9 +37,16 @@ from middleware.requestid import RequestIdMiddleware
 from middleware.securityheaders import SecurityHeadersMiddleware
 from middleware.tracing import TracingMiddleware
 from observability.logging import configure_logging
-from observability.metrics import AUDIT_RECORDS, RATE_LIMITED, SECRETS_PURGED, metrics_app
+from observability.metrics import (
+    ACCESS_DENIED,
+    AUDIT_RECORDS,
+    RATE_LIMITED,
+    SECRETS_PURGED,
+    metrics_app,
+)
 from observability.tracing import configure_tracing, shutdown_tracing
 from vault import hypercorn_fixes
+from vault.apikeys import reload_key_file
 from vault.backend import backend_for
 from vault.breaker import CircuitBreaker
 from vault.crypto import Keyring, derive_audit_key, secret_id_hmac
@@ -169,6 +177,8 @@ class _Services:
     writer: AuditWriter | None
     counter: Counter | None
     unreadable: UnreadableRecords
+    # The API key table in force, which SIGHUP replaces (empty when API keys are off).
+    live_keys: LiveKeys
 
 
 def _services(settings: Settings, store: SecretStore | None) -> _Services:
@@ -190,6 +200,7 @@ def _services(settings: Settings, store: SecretStore | None) -> _Services:
             else None
         ),
         unreadable=UnreadableRecords(store, keyring.key_ids, settings.retired_key_ids),
+        live_keys=LiveKeys(settings.api_keys),
     )
 
 
@@ -209,9 +220,39 @@ def _store_unavailable(
     return store_unavailable
 
 
-def _lifespan(services: _Services) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
-    """Open the store and start the background loops; at shutdown flush the audit log
-    before the store closes."""
+def _denied_for_scope(op: str) -> None:
+    ACCESS_DENIED.labels(op=op, reason="scope").inc()
+
+
+@contextlib.contextmanager
+def _keys_reloaded_on_sighup(services: _Services) -> Iterator[None]:
+    """While the app runs, SIGHUP re-reads API_KEYS_FILE into the table in force.
+
+    The handler runs on this event loop (between requests' steps, never inside one), and
+    the table is swapped whole: requests that start afterwards see the new keys, those in
+    flight keep the table they were let in under. Hypercorn's worker installs no SIGHUP
+    handler of its own when given a shutdown trigger, as vault/workers.py gives it, and
+    its own supervisor (which restarts the workers on SIGHUP) is not used.
+    """
+    loop = asyncio.get_running_loop()
+    reload = functools.partial(reload_key_file, services.live_keys, services.settings.api_keys_file)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        # A SIGHUP sent before the handler was installed (a worker still starting, which
+        # ignores the signal until now: vault/workers.py) is not lost: its file is read now.
+        reload(quiet=True)
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        # Ignored rather than the default, which would end the process during shutdown.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _lifespan(
+    services: _Services, *, reload_on_sighup: bool
+) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    """Open the store and start the background loops (and, in a server process, re-read
+    the API keys on SIGHUP); at shutdown flush the audit log before the store closes."""
     settings, store, writer, counter = (
         services.settings,
         services.store,
@@ -237,7 +278,10 @@ def _lifespan(services: _Services) -> Callable[[Starlette], AbstractAsyncContext
             await writer.start()
             retention = asyncio.create_task(_keep_audit_retention(store, settings.audit_ttl_days))
         try:
-            yield
+            with (
+                _keys_reloaded_on_sighup(services) if reload_on_sighup else contextlib.nullcontext()
+            ):
+                yield
         finally:
             purging.cancel()
             if retention is not None:
@@ -329,7 +373,9 @@ def _guarding_layers(services: _Services) -> list[Middleware]:
         layers.append(
             Middleware(
                 APIKeyMiddleware,
-                keys=dict(settings.api_keys),
+                keys=services.live_keys,
+                operations=OPERATIONS,
+                on_denied=_denied_for_scope,
                 protected_prefixes=("/vault/",) if settings.api_keys else (),
                 metrics_token_digest=settings.metrics_token_digest,
             )
@@ -348,8 +394,17 @@ def _guarding_layers(services: _Services) -> list[Middleware]:
     return layers
 
 
-def create_app(settings: Settings | None = None, *, store: SecretStore | None = None) -> Starlette:
-    """Build the ASGI app. With no arguments, everything comes from the environment."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: SecretStore | None = None,
+    reload_on_sighup: bool = False,
+) -> Starlette:
+    """Build the ASGI app. With no arguments, everything comes from the environment.
+
+    ``reload_on_sighup``: while the app runs, SIGHUP re-reads API_KEYS_FILE (a server
+    process's main thread only: signal handlers can be installed nowhere else).
+    """
     settings = Settings.from_env() if settings is None else settings
     services = _services(settings, store)
     api = VaultAPI(
@@ -378,20 +433,22 @@ def create_app(settings: Settings | None = None, *, store: SecretStore | None = 
             HTTPException: http_error,
             StoreUnavailable: _store_unavailable(settings.retry_after_seconds),
         },
-        lifespan=_lifespan(services),
+        lifespan=_lifespan(services, reload_on_sighup=reload_on_sighup),
     )
     app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.store = services.store
     app.state.audit_writer = services.writer
+    app.state.live_keys = services.live_keys
     return app
 
 
 def worker_app(settings: Settings) -> Starlette:
     """What each Hypercorn worker serves, built in that worker from the settings ``serve``
-    validated (handed over as a value, never through the environment): logging, and the
+    validated (handed over as a value, never through the environment): logging, the
     server's fixes (in every worker process, where its TCP server runs), which refuse with
-    a ConfigError a Hypercorn release they were not written for."""
+    a ConfigError a Hypercorn release they were not written for, and SIGHUP re-reading the
+    API keys."""
     configure_logging(settings.log_level)
     hypercorn_fixes.apply()
-    return create_app(settings)
+    return create_app(settings, reload_on_sighup=True)

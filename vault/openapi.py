@@ -123,6 +123,10 @@ def _common_errors(max_body_bytes: int, *, api_keys: bool) -> Json:
     unauthorized = _error(
         "Missing or unknown API key (Authorization: Bearer <token>).", challenge=True
     )
+    forbidden = _error(
+        "The API key's scopes do not include this operation; nothing was read or changed.",
+        challenge=True,
+    )
     return {
         "400": _error("The body is not a JSON object, or a field is missing or malformed."),
         "413": _error(f"The request body exceeds {max_body_bytes} bytes."),
@@ -134,17 +138,7 @@ def _common_errors(max_body_bytes: int, *, api_keys: bool) -> Json:
             retry_after=True,
         ),
         "500": _error("Internal error; the X-Server-Request-ID header identifies it in the log."),
-        **({"401": unauthorized} if api_keys else {}),
-        **(
-            {
-                "403": _error(
-                    "This API key may not do this operation: it lacks the operation's scope "
-                    "(create, fetch or delete). Nothing was read or changed."
-                )
-            }
-            if api_keys
-            else {}
-        ),
+        **({"401": unauthorized, "403": forbidden} if api_keys else {}),
         "503": _error("The store is unreachable; retry later.", retry_after=True),
     }
 

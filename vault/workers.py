@@ -23,6 +23,14 @@ terminal or a process manager may send to the whole group), the supervisor waits
 of them up to the graceful timeout plus a margin, and a worker that exits before shutdown
 was asked for stops the others gracefully and makes the server exit 1.
 
+SIGHUP re-reads the API key file (vault/app.py installs the handler on each worker's event
+loop, once its app has started): the supervisor passes the signal on to every worker, and
+until a worker's handler is in place the signal is ignored there (its app reads the file
+when the handler is installed, so nothing is missed). Hypercorn gives SIGHUP no meaning in
+the worker this module runs (a worker given a shutdown trigger installs no signal handler)
+and the default action would end the process; Hypercorn's own supervisor restarts every
+worker on SIGHUP, which this one does not.
+
 Two more guarantees an operator relies on when restarting the service:
 - **Workers never outlive the supervisor.** Each worker holds the read end of a pipe whose
   only write end the supervisor holds. However the supervisor dies (SIGKILL included), the
@@ -68,6 +76,7 @@ from starlette.types import ASGIApp
 log = logging.getLogger("secret_manager.workers")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RELOAD_SIGNAL = signal.SIGHUP
 # Beyond the graceful timeout: lifespan shutdown (the audit flush) and interpreter exit.
 EXIT_MARGIN_SECONDS = 5.0
 
@@ -132,6 +141,8 @@ def serve_one(make_app: Callable[[], ASGIApp], config: Config) -> int:
     # Instead of Hypercorn's own handlers, which would set its event unseen. Its worker only
     # polls is_set(), which a threading.Event has as well as a multiprocessing one.
     previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
+    # Until the app's lifespan installs its own handler (vault/app.py), rather than die.
+    previous[RELOAD_SIGNAL] = signal.signal(RELOAD_SIGNAL, signal.SIG_IGN)
     try:
         run_worker(make_app, config, sockets, cast(Event, shutdown))
     finally:
@@ -189,6 +200,13 @@ class _Supervisor:
         self.drain.signalled(signum)
         self.shutdown.set()
 
+    def reload(self, signum: int, frame: FrameType | None) -> None:
+        """SIGHUP: pass it on to every worker, which re-reads the API key file."""
+        for worker in self.alive:
+            if worker.pid is not None:
+                with contextlib.suppress(ProcessLookupError):  # it has just exited
+                    os.kill(worker.pid, signum)
+
     def _reap(self) -> None:
         for worker in [worker for worker in self.alive if worker.exitcode is not None]:
             worker.join()
@@ -237,8 +255,11 @@ def serve_workers(make_app: Callable[[], ASGIApp], config: Config, count: int) -
     supervisor = _Supervisor(
         config, context.Event(), _Drain(f"stopping {count} workers", config.graceful_timeout)
     )
-    # Workers inherit these ignored signals (a handler would not survive the spawn).
-    previous = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
+    # Workers inherit these ignored signals (a handler would not survive the spawn); SIGHUP
+    # stays ignored in a worker until its app installs its own handler.
+    previous = {
+        number: signal.signal(number, signal.SIG_IGN) for number in (*STOP_SIGNALS, RELOAD_SIGNAL)
+    }
     try:
         for _ in range(count):
             process: BaseProcess = context.Process(
@@ -259,6 +280,7 @@ def serve_workers(make_app: Callable[[], ASGIApp], config: Config, count: int) -
         parent_gone.close()
         for number in STOP_SIGNALS:
             signal.signal(number, supervisor.stop)
+        signal.signal(RELOAD_SIGNAL, supervisor.reload)
         return supervisor.supervise()
     finally:
         for worker in supervisor.alive:  # only on an error of ours above: never leave orphans

@@ -191,7 +191,7 @@ def test_the_service_reads_every_credential_from_a_docker_secret(services: dict[
 
 def test_the_stack_starts_the_service_closed(stack_settings: Settings) -> None:
     """The stack's environment as the service parses it: API keys and the metrics token on."""
-    assert [name for name, _ in stack_settings.api_keys] == ["billing"]
+    assert [key.label for key in stack_settings.api_keys] == ["billing"]
     assert stack_settings.metrics_token_digest is not None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
-from middleware.apikeys import APIKeyMiddleware
-from middleware.context import request_context
+from middleware.apikeys import APIKey, APIKeyMiddleware, KeyTable, LiveKeys
+from middleware.context import RequestContext, request_context
 from vault.apikeys import parse_api_keys, parse_token, token_digest
 
 ALICE = "alice-token-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -304,6 +305,20 @@ async def test_state_gets_the_name_and_other_scopes_pass_through() -> None:
     assert (sent, reached) == ([], [{"type": "lifespan"}])
 
 
+@pytest.mark.anyio
+async def test_the_context_gets_the_name_within_the_tenant_the_tenant_and_the_table() -> None:
+    table = KeyTable.of_digests({"acme/billing": token_digest(ALICE), "ops": token_digest(BOB)})
+    middleware = APIKeyMiddleware(JSONResponse({}), keys=table)
+    for token, name, tenant in ((ALICE, "billing", "acme"), (BOB, "ops", "default")):
+        scope = raw_scope("/vault/secret/fetch", [(b"authorization", f"Bearer {token}".encode())])
+        sent, reached = await run_raw(middleware, scope)
+        assert sent == []
+        context = request_context(reached[0])
+        assert (context.api_key_name, context.tenant) == (name, tenant)
+        assert context.keys is table
+        assert context.keys.names_in("acme") == {"billing"}
+
+
 def test_every_key_is_compared_even_after_a_match(monkeypatch: pytest.MonkeyPatch) -> None:
     compared: list[bytes] = []
     real = hmac.compare_digest
@@ -351,3 +366,199 @@ def test_constructor_refuses_what_would_guard_nothing_or_wrongly(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         APIKeyMiddleware(JSONResponse({}), **options)  # type: ignore[arg-type]
+
+
+# --- scopes ------------------------------------------------------------------------------
+
+OPERATIONS = {
+    "/vault/secret/create": "create",
+    "/vault/secret/create/": "create",
+    "/vault/secret/fetch": "fetch",
+    "/vault/secret/delete": "delete",
+}
+# One key per scope, and one with all of them.
+SCOPED = KeyTable(
+    (
+        APIKey("creator", token_digest(ALICE), scopes=frozenset({"create"})),
+        APIKey("fetcher", token_digest(BOB), "acme", frozenset({"fetch"})),
+        APIKey("deleter", token_digest(CAROL), scopes=frozenset({"delete", "status"})),
+        APIKey("admin", token_digest(METRICS), "acme"),
+    )
+)
+TOKEN_OF = {"creator": ALICE, "fetcher": BOB, "deleter": CAROL, "admin": METRICS}
+
+
+@dataclass
+class Reached:
+    """What the app behind the guard saw, and whether anyone read the request body."""
+
+    contexts: list[RequestContext] = field(default_factory=list)
+    body_reads: int = 0
+    denied: list[str] = field(default_factory=list)
+
+
+async def call(
+    middleware: APIKeyMiddleware, reached: Reached, path: str, token: str
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """One POST through the guard at the ASGI level: status, headers and JSON body sent."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        reached.body_reads += 1
+        return {"type": "http.request", "body": b'{"secret_id": "x"}', "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.contexts.append(request_context(scope))
+        await receive()
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+    middleware.app = app
+    scope = raw_scope(path, [(b"authorization", f"Bearer {token}".encode())])
+    await middleware(scope, receive, send)
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], headers, json.loads(body)
+
+
+def scoped_guard(reached: Reached, keys: KeyTable | LiveKeys = SCOPED) -> APIKeyMiddleware:
+    return APIKeyMiddleware(
+        JSONResponse({}), keys=keys, operations=OPERATIONS, on_denied=reached.denied.append
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("op", ["create", "fetch", "delete"])
+@pytest.mark.parametrize("name", ["creator", "fetcher", "deleter", "admin"])
+async def test_each_scope_is_allowed_and_refused_with_403_before_the_body(
+    op: str, name: str
+) -> None:
+    reached = Reached()
+    key = next(key for key in SCOPED if key.name == name)
+    status, headers, body = await call(
+        scoped_guard(reached), reached, f"/vault/secret/{op}", TOKEN_OF[name]
+    )
+    if op in key.scopes:
+        assert (status, body) == (200, {"ok": True})
+        assert reached.body_reads == 1
+        assert reached.denied == []
+        [context] = reached.contexts
+        assert (context.api_key_name, context.tenant, context.op) == (name, key.tenant, op)
+        assert context.keys is SCOPED
+        return
+    assert status == 403
+    assert body == {
+        "detail": f"this API key may not {op} secrets: send the token of a key whose scopes "
+        f"include {op}, or ask the operator to give this key the {op} scope"
+    }
+    assert headers["content-type"] == "application/json"
+    assert headers["www-authenticate"] == (
+        f'Bearer realm="secret-manager", error="insufficient_scope", scope="{op}"'
+    )
+    assert (reached.contexts, reached.body_reads) == ([], 0)  # the app and the body untouched
+    assert reached.denied == [op]
+    for token in (ALICE, BOB, CAROL, METRICS):
+        assert token not in json.dumps(body)
+
+
+@pytest.mark.anyio
+async def test_a_denied_request_tells_the_context_who_and_what_for_the_audit_log() -> None:
+    reached = Reached()
+    scope = raw_scope("/vault/secret/create/", [(b"authorization", f"Bearer {BOB}".encode())])
+    sent, _ = await run_raw(scoped_guard(reached), scope)
+    assert sent[0]["status"] == 403
+    context = request_context(scope)
+    assert (context.api_key_name, context.tenant, context.op) == ("fetcher", "acme", "create")
+    assert context.keys is SCOPED
+
+
+@pytest.mark.anyio
+async def test_a_path_that_names_no_operation_needs_a_key_and_no_scope() -> None:
+    reached = Reached()
+    status, _, body = await call(scoped_guard(reached), reached, "/vault/secret/list", ALICE)
+    assert (status, body) == (200, {"ok": True})
+    [context] = reached.contexts
+    assert (context.api_key_name, context.op) == ("creator", None)
+    status, headers, _ = await call(scoped_guard(reached), reached, "/vault/secret/list", "x" * 40)
+    assert status == 401
+    assert headers["www-authenticate"] == INVALID_CHALLENGE
+
+
+@pytest.mark.anyio
+async def test_without_operations_every_key_may_call_every_path() -> None:
+    reached = Reached()
+    middleware = APIKeyMiddleware(JSONResponse({}), keys=SCOPED)
+    for op in ("create", "fetch", "delete"):
+        status, _, _ = await call(middleware, reached, f"/vault/secret/{op}", ALICE)
+        assert status == 200
+
+
+@pytest.mark.anyio
+async def test_a_request_keeps_the_table_it_started_with_and_the_next_sees_the_new_one() -> None:
+    live = LiveKeys(SCOPED)
+    without_creator = KeyTable(tuple(key for key in SCOPED if key.name != "creator"))
+    reached = Reached()
+    middleware = scoped_guard(reached, live)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        # The table is swapped while this request runs (a SIGHUP between two of its steps).
+        live.replace(without_creator)
+        reached.contexts.append(request_context(scope))
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    middleware.app = app
+    scope = raw_scope("/vault/secret/create", [(b"authorization", f"Bearer {ALICE}".encode())])
+    await middleware(scope, receive, send)
+    assert sent[0]["status"] == 200
+    assert reached.contexts[0].keys is SCOPED
+    assert reached.contexts[0].keys.names_in("default") == {"creator", "deleter"}
+    assert live.table is without_creator
+
+    status, _, _ = await call(middleware, reached, "/vault/secret/create", ALICE)
+    assert status == 401
+    status, _, _ = await call(middleware, reached, "/vault/secret/fetch", BOB)
+    assert status == 200
+    assert reached.contexts[-1].keys is without_creator
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (
+            (APIKey("ci", token_digest(ALICE), "acme"), APIKey("ci", token_digest(BOB), "acme")),
+            "two keys are named 'acme/ci'",
+        ),
+        ((APIKey("ci", token_digest(ALICE), "ac/me"),), "tenant 'ac/me' is not 1-64"),
+        ((APIKey("ci", token_digest(ALICE), scopes=frozenset({"read"})),), "scopes must be"),
+        ((APIKey("ci", token_digest(ALICE), scopes=frozenset()),), "scopes must be"),
+    ],
+)
+def test_a_table_refuses_keys_it_could_not_tell_apart_or_use(
+    keys: tuple[APIKey, ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        KeyTable(keys)
+
+
+def test_the_same_name_in_two_tenants_is_two_keys() -> None:
+    table = KeyTable.of_digests({"acme/ci": token_digest(ALICE), "ci": token_digest(BOB)})
+    assert [(key.tenant, key.name) for key in table] == [("acme", "ci"), ("default", "ci")]
+    assert table.names_in("acme") == table.names_in("default") == {"ci"}
+    assert table.match(BOB.encode()) == APIKey("ci", token_digest(BOB))
+    assert table.match(CAROL.encode()) is None
+    assert "digest" not in repr(table) and repr(token_digest(ALICE)) not in repr(table)
+
+
+def test_an_operation_without_a_scope_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"operation 'list' of '/vault/list' has no scope"):
+        APIKeyMiddleware(JSONResponse({}), keys=SCOPED, operations={"/vault/list": "list"})

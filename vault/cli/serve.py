@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import ssl
 import tempfile
 from pathlib import Path
@@ -109,7 +110,11 @@ def _check_tls(certfile: Path, keyfile: Path) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Validate everything, then hand over to Hypercorn; SIGTERM/SIGINT drain it gracefully."""
+    """Validate everything, then hand over to Hypercorn; SIGTERM/SIGINT drain it gracefully,
+    SIGHUP re-reads API_KEYS_FILE."""
+    # Not the default action (the end of the process) while starting: each worker re-reads
+    # the key file when it installs its SIGHUP handler, so a signal ignored now is not lost.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         settings = _preflight(args)
     except ConfigError as exc:

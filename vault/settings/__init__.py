@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, cast
 
+from vault.apikeys import KeyTable
 from vault.crypto import key_id
 from vault.errors import ConfigError as ConfigError  # what every caller catches
 from vault.settings import parse
@@ -143,12 +144,12 @@ class Settings:
     keep_alive_timeout_seconds: float = setting(
         "KEEP_ALIVE_TIMEOUT_SECONDS", parse.seconds(0.1), "5", "an idle connection is closed after"
     )
-    api_keys: tuple[tuple[str, bytes], ...] = setting(
+    api_keys: KeyTable = setting(
         "API_KEYS",
         parse.api_keys,
         None,
-        "name:token entries every /vault call must present",
-        unset=(),
+        "[tenant/]name:token[:scopes] entries; /vault calls must present one",
+        unset=KeyTable(),
         secret=True,
         blank_is_default=False,
     )
@@ -225,6 +226,10 @@ class Settings:
     service_name: str = setting(
         "OTEL_SERVICE_NAME", parse.text, "secret-manager", "service.name of the spans"
     )
+    # Not a variable of its own: the file API_KEYS was read from (API_KEYS_FILE), made
+    # absolute, which SIGHUP reads again (vault/apikeys.py); None when the keys came from
+    # API_KEYS or there are none.
+    api_keys_file: Path | None = field(default=None, repr=False)
 
     @property
     def max_body_bytes(self) -> int:
@@ -247,7 +252,9 @@ class Settings:
         env = os.environ if environ is None else environ
         if dev_key_file is not None and "MASTER_KEY" not in env and "MASTER_KEY_FILE" not in env:
             env = {**env, "MASTER_KEY_FILE": str(dev_key_file)}
-        values = {item.name: item.metadata["variable"].read(env) for item in fields(cls)}
+        values = {item.name: item.metadata["variable"].read(env) for item in _settings_fields()}
+        if "API_KEYS_FILE" in env:
+            values["api_keys_file"] = Path(env["API_KEYS_FILE"]).absolute()
         settings = cls(**values)
         settings._check_together()
         return settings
@@ -301,9 +308,14 @@ SECRET_MANAGER_TOKEN: Variable[str] = Variable(
 )
 
 
+def _settings_fields() -> Iterator[Field[Any]]:
+    """The fields of Settings read from a variable each (not those derived from one)."""
+    return (item for item in fields(Settings) if "variable" in item.metadata)
+
+
 def all_variables() -> Iterator[Variable[Any]]:
     """Every variable the service and its client read, in the order of the docs' table."""
-    for item in fields(Settings):
+    for item in _settings_fields():
         yield item.metadata["variable"]
     yield from (SECRET_MANAGER_URL, SECRET_MANAGER_TOKEN)
 

@@ -13,7 +13,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import TypeVar
 
-from vault.apikeys import parse_api_keys, parse_token
+from vault.apikeys import KeyTable, parse_key_table, parse_token
 from vault.crypto import parse_key
 from vault.errors import ConfigError, InvalidAPIKeys, MalformedKey
 from vault.settings.variables import Parser
@@ -140,10 +140,10 @@ def write_concern(value: str, name: str) -> str | int:
     return number
 
 
-def api_keys(value: str, name: str) -> tuple[tuple[str, bytes], ...]:
-    """(name, SHA-256 of token) pairs; the tokens themselves are not kept."""
+def api_keys(value: str, name: str) -> KeyTable:
+    """Each key's name, tenant, scopes and SHA-256 of its token; the tokens are not kept."""
     try:
-        return tuple(parse_api_keys(value.strip(), source=name).items())
+        return parse_key_table(value.strip(), source=name)
     except InvalidAPIKeys as exc:
         raise ConfigError(str(exc)) from None
 
