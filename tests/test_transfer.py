@@ -34,7 +34,7 @@ from starlette.testclient import TestClient
 from tests.conftest import audit_record, b64, clean_env, keys_of, on_store, wait_until
 from vault import transfer
 from vault.crypto import Keyring, parse_key
-from vault.errors import TransferRefused
+from vault.errors import CorruptRecord, TransferRefused
 from vault.lifecycle import Caller, Fetched, Found
 from vault.records import record_key
 from vault.stores.base import SecretStore
@@ -1076,3 +1076,29 @@ def test_an_export_leaves_out_a_secret_whose_access_fields_were_edited_malformed
     imported = cli({"DATA_DIR": str(tmp_path / "t")}, "import", "-i", "b.jsonl", cwd=tmp_path)
     assert imported.returncode == 0, imported.stderr
     assert summary_counts(imported.stderr.decode())["new"] == 2
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite", "mongo"], indirect=True)
+def test_a_secret_whose_readers_are_no_list_is_left_out_and_an_import_leaves_it_alone(
+    store_env: dict[str, str], tmp_path: Path
+) -> None:
+    made = store_guarded(store_env)
+    whole = cli(without_keys(store_env), "export", cwd=tmp_path).stdout
+    broken = made[2]
+    # Not an array of names at all (SQLite: not even JSON).
+    edit_access(store_env, broken.secret_id, readers="not json")
+
+    result = cli(without_keys(store_env), "export", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert record_key(broken.secret_id) not in {
+        line["record_key"] for line in lines(result.stdout)[1:-1]
+    }
+    assert "exported 3 secrets" in result.stderr.decode()
+    # The file from before the edit, imported back: that record is a conflict, untouched.
+    again = cli(without_keys(store_env), "import", cwd=tmp_path, stdin=whole)
+    assert again.returncode == 1, again.stderr
+    counts = summary_counts(again.stderr.decode())
+    assert (counts["present"], counts["conflicts"]) == (3, 1)
+    assert fetch_as(store_env, made[0].secret_id, Caller()).found is Found.SECRET
+    with pytest.raises(CorruptRecord):
+        fetch_as(store_env, broken.secret_id, Caller("default", "ci"))
