@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -34,6 +35,8 @@ from tests.conftest import (
 )
 from vault.app import build_keyring
 from vault.crypto import Keyring, derive_audit_key, generate_key, key_id, parse_key, secret_id_hmac
+from vault.errors import DecryptionFailed
+from vault.lifecycle import Caller, Fetched, Found
 from vault.records import SealedSecret, record_key
 from vault.rewrap import rewrap
 from vault.settings import Settings
@@ -675,3 +678,94 @@ def test_rewrap_keeps_lifecycles_and_never_brings_back_what_went_while_it_ran(
         if "max_reads" in made[secret_id]:
             assert body["reads_left"] == (1 if secret_id in read else 2)
         assert ("expires_at" in body) == ("ttl_seconds" in made[secret_id])
+
+
+# --- who may see a secret survives rotation ---------------------------------------------
+
+
+def edit_access(env: dict[str, str], key: str, **fields: Any) -> None:
+    """Overwrite who may see the record stored under ``key``, below the service (a database
+    edit): ``tenant`` as text, ``readers`` as a list of names."""
+    if "MONGO_URI" in env:
+        with pymongo.MongoClient(env["MONGO_URI"]) as client:
+            client[env["MONGO_DB"]]["secrets"].update_one({"_id": key}, {"$set": fields})
+        return
+    import json
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(Path(env["DATA_DIR"]) / "vault.db")) as conn, conn:
+        for name, value in fields.items():
+            conn.execute(
+                f"UPDATE secrets SET {name} = ? WHERE record_key = ?",  # noqa: S608 - test names
+                (json.dumps(value) if name == "readers" else value, key),
+            )
+
+
+def test_rewrap_keeps_tenant_owner_and_readers_and_still_binds_them(
+    store_env: dict[str, str], rotated: dict[str, str], raw_records: RawRecords
+) -> None:
+    old_ring = build_keyring(Settings.from_env(store_env))
+    later = in_an_hour()
+    made: dict[str, tuple[bytes, SealedSecret]] = {}
+    for n in range(3):  # one to read, one to move to another tenant, one to give a reader
+        secret_id, data = str(uuid.uuid4()), os.urandom(16 + n)
+        sealed = old_ring.seal(
+            record_key(secret_id), data, tenant="acme", owner="billing", readers=("ci", "ops")
+        )
+        made[secret_id] = (data, dataclasses.replace(sealed, expires_at=later, reads_left=5))
+    plain_id, plain = str(uuid.uuid4()), b"plain"
+
+    async def insert(store: SecretStore) -> None:
+        for _, sealed in made.values():
+            await store.insert(sealed)
+        await store.insert(old_ring.seal(record_key(plain_id), plain))
+
+    on_store(store_env, insert)
+    hash_id = functools.partial(secret_id_hmac, b"k" * 32)
+    report = on_store(
+        rotated,
+        lambda store: rewrap(
+            store, build_keyring(Settings.from_env(rotated)), hash_secret_id=hash_id
+        ),
+    )
+    assert report.ok and report.totals.rewrapped == 4
+    assert set(key_ids(raw_records).values()) == {kid(rotated["MASTER_KEY"])}
+
+    new_ring = Keyring(parse_key(rotated["MASTER_KEY"]))  # the new key alone
+    assert new_ring.key_ids == (kid(rotated["MASTER_KEY"]),)
+
+    def fetch(secret_id: str, caller: Caller) -> Fetched:
+        async def work(store: SecretStore) -> Fetched:
+            fetched, _ = await store.fetch(secret_id, new_ring, None, caller)
+            return fetched
+
+        result: Fetched = on_store(rotated, work)
+        return result
+
+    (read_id, moved_id, widened_id) = made
+    data, before = made[read_id]
+    got = fetch(read_id, Caller("acme", "ops"))
+    assert (got.found, got.plaintext) == (Found.SECRET, data)
+    assert got.record is not None
+    assert (got.record.tenant, got.record.owner, got.record.readers) == (
+        "acme",
+        "billing",
+        ("ci", "ops"),
+    )
+    assert (got.record.expires_at, got.record.reads_left) == (later, 4)
+    assert got.record.nonce != before.nonce  # sealed anew, by the new key
+    for refused in (Caller("other", "ops"), Caller("acme", "billing"), Caller("acme", None)):
+        assert fetch(read_id, refused).found is Found.DENIED
+    got_plain = fetch(plain_id, Caller())
+    assert (got_plain.found, got_plain.plaintext) == (Found.SECRET, plain)
+
+    # Still bound after the rewrap: an edit that moves a secret to another tenant, or adds a
+    # reader, leaves a record the new key does not open for anyone.
+    edit_access(rotated, record_key(moved_id), tenant="globex")
+    with pytest.raises(DecryptionFailed):
+        fetch(moved_id, Caller("globex", "ops"))
+    assert fetch(moved_id, Caller("acme", "ops")).found is Found.DENIED
+    edit_access(rotated, record_key(widened_id), readers=["ci", "ops", "intruder"])
+    for caller in (Caller("acme", "intruder"), Caller("acme", "ci")):
+        with pytest.raises(DecryptionFailed):
+            fetch(widened_id, caller)

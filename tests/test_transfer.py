@@ -31,8 +31,11 @@ import pymongo
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import b64, clean_env, keys_of, on_store, wait_until
+from tests.conftest import audit_record, b64, clean_env, keys_of, on_store, wait_until
+from vault import transfer
 from vault.crypto import Keyring, parse_key
+from vault.errors import CorruptRecord, TransferRefused
+from vault.lifecycle import Caller, Fetched, Found
 from vault.records import record_key
 from vault.stores.base import SecretStore
 
@@ -736,3 +739,366 @@ def test_restore_drill_back_up_destroy_restore_fetch_everything(
     server = start_server({**store, "MASTER_KEY": master_key})
     reads = fetch_all(server.url, made)
     assert set(reads.values()) == {1}
+
+
+# --- who may see a secret: tenant, owner, readers --------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Guarded:
+    """A secret stored for a tenant and named readers, by its id and plaintext."""
+
+    secret_id: str
+    plaintext: bytes
+    tenant: str
+    owner: str | None
+    readers: tuple[str, ...] | None
+
+
+# A plain secret; one of the default tenant for a reader the importing server knows, and
+# one for a reader it does not; one of another tenant (no key of which exists today).
+GUARDED = (
+    ("default", None, None),
+    ("default", "ci", ("ci",)),
+    ("default", "ci", ("ci", "auditor")),
+    ("acme", "billing", ("billing", "deployer")),
+)
+# The importing server's keys: "ci" only, in the default tenant.
+CI_KEY = "ci:" + "c" * 40
+
+
+def store_guarded(env: dict[str, str]) -> list[Guarded]:
+    """``GUARDED`` sealed under ``env``'s key and stored below the service, with an audit
+    record of tenant acme."""
+    keyring = Keyring(parse_key(env["MASTER_KEY"]))
+    made = [
+        Guarded(str(uuid.uuid4()), os.urandom(24), tenant, owner, readers)
+        for tenant, owner, readers in GUARDED
+    ]
+
+    async def insert(store: SecretStore) -> None:
+        for secret in made:
+            await store.insert(
+                keyring.seal(
+                    record_key(secret.secret_id),
+                    secret.plaintext,
+                    tenant=secret.tenant,
+                    owner=secret.owner,
+                    readers=secret.readers,
+                )
+            )
+        audit = dataclasses.replace(audit_record("acme-request"), tenant="acme")
+        assert await store.insert_audit(dataclasses.replace(audit, api_key_name="billing")) is None
+
+    on_store(env, insert)
+    return made
+
+
+def fetch_as(env: dict[str, str], secret_id: str, caller: Caller) -> Fetched:
+    """What a fetch by ``caller`` finds in the store ``env`` names, opened with its key."""
+    keyring = Keyring(parse_key(env["MASTER_KEY"]))
+
+    async def fetch(store: SecretStore) -> Fetched:
+        fetched, _ = await store.fetch(secret_id, keyring, None, caller)
+        return fetched
+
+    result: Fetched = on_store(env, fetch)
+    return result
+
+
+def test_export_and_import_carry_tenant_owner_and_readers_between_the_stores_unchanged(
+    store_kind: str, store_env: dict[str, str], tmp_path: Path, mongo_uri: str
+) -> None:
+    made = store_guarded(store_env)
+    exported = cli(without_keys(store_env), "export", "--audit", "-o", "b.jsonl", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    data = (tmp_path / "b.jsonl").read_bytes()
+    by_key = {line["record_key"]: line for line in secret_lines(data)}
+    for secret in made:
+        line = by_key[record_key(secret.secret_id)]
+        if secret.readers is None:  # a plain secret: the line earlier releases wrote
+            assert set(line) == EXPORT_FIELDS
+            continue
+        assert set(line) - EXPORT_FIELDS == {"owner", "readers"} | (
+            {"tenant"} if secret.tenant != "default" else set()
+        )
+        assert line.get("tenant", "default") == secret.tenant
+        assert (line["owner"], tuple(line["readers"])) == (secret.owner, secret.readers)
+    audit = [line for line in lines(data) if line.get("type") == "audit"]
+    assert [(line["tenant"], line["api_key_name"]) for line in audit] == [("acme", "billing")]
+
+    target = other_store("mongo" if store_kind == "sqlite" else "sqlite", tmp_path, mongo_uri, "t")
+    imported = cli({**target, "API_KEYS": CI_KEY}, "import", "-i", "b.jsonl", cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    summary = imported.stderr.decode()
+    assert summary.count("\n") == 1
+    assert summary_counts(summary)["new"] == len(made)
+    # The one naming "auditor" and acme's: no key of theirs is configured; stored anyway.
+    assert (
+        "; 2 secrets name readers that are no API key of their tenant here: stored as they "
+        "are, and a reader fetches them once its key is configured"
+    ) in summary
+    assert stored_keys(target) == keys_of(*(secret.secret_id for secret in made))
+
+    # Exported again from the target: every line exactly as it left the source.
+    again = cli(without_keys(target), "export", "--audit", cwd=tmp_path).stdout
+    assert sorted(map(json.dumps, secret_lines(again))) == sorted(
+        map(json.dumps, secret_lines(data))
+    )
+    audit_again = [line for line in lines(again) if line.get("type") == "audit"]
+    # (ts aside: MongoDB keeps it to the millisecond)
+    assert [(a["record_id"], a["tenant"]) for a in audit_again] == [
+        (a["record_id"], a["tenant"]) for a in audit
+    ]
+
+    key = {"MASTER_KEY": store_env["MASTER_KEY"]}
+    for secret in made:
+        reader = Caller(secret.tenant, None if secret.readers is None else secret.readers[-1])
+        fetched = fetch_as({**target, **key}, secret.secret_id, reader)
+        assert (fetched.found, fetched.plaintext) == (Found.SECRET, secret.plaintext)
+        assert fetched.record is not None
+        assert (fetched.record.tenant, fetched.record.owner, fetched.record.readers) == (
+            secret.tenant,
+            secret.owner,
+            secret.readers,
+        )
+        elsewhere = Caller("other" if secret.tenant == "default" else "default", reader.name)
+        assert fetch_as({**target, **key}, secret.secret_id, elsewhere).found is Found.DENIED
+        if secret.readers is not None:
+            stranger = Caller(secret.tenant, "stranger")
+            assert fetch_as({**target, **key}, secret.secret_id, stranger).found is Found.DENIED
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite"], indirect=True)
+def test_without_api_keys_every_secret_for_named_readers_is_counted_and_stored(
+    store_env: dict[str, str], tmp_path: Path
+) -> None:
+    made = store_guarded(store_env)
+    data = cli(without_keys(store_env), "export", cwd=tmp_path).stdout
+    target = {"DATA_DIR": str(tmp_path / "target")}
+
+    first = cli(target, "import", cwd=tmp_path, stdin=data)
+    assert first.returncode == 0, first.stderr
+    assert (
+        "; 3 secrets are for named readers and this server has no API keys: stored as they "
+        "are, and only those readers' keys, once configured, fetch them"
+    ) in first.stderr.decode()
+    # Already there the second time, and still counted: the store holds them as they are.
+    second = cli(target, "import", cwd=tmp_path, stdin=data)
+    assert summary_counts(second.stderr.decode())["present"] == len(made)
+    assert "; 3 secrets are for named readers" in second.stderr.decode()
+
+
+def test_the_known_readers_of_a_server_come_from_its_key_names_by_tenant() -> None:
+    from vault.cli.transfer import _known_readers
+
+    assert _known_readers([]) is None
+    known = _known_readers(["ci", "deployer", "acme/billing", "acme/ci"])
+    assert known is not None
+    assert set(known("default")) == {"ci", "deployer"}
+    assert set(known("acme")) == {"billing", "ci"}
+    assert set(known("globex")) == set()
+
+
+def export_file(*records: dict[str, Any], version: int = 2) -> bytes:
+    """A whole export file of ``records`` (secret and audit lines), with its end line."""
+
+    def line(value: dict[str, Any]) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+    header = {"format": "secret-manager-export", "version": version, "store": "sqlite"}
+    data = line({**header, "exported_at": "2026-01-01T00:00:00.000000Z", "audit": True})
+    data += b"".join(line(record) for record in records)
+    secrets = sum(record["type"] == "secret" for record in records)
+    end = {"type": "end", "secrets": secrets, "audit": len(records) - secrets}
+    return data + line({**end, "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def a_secret_line(master_key: str, secret_id: str, plaintext: bytes) -> dict[str, Any]:
+    """A plain secret's line, as this release and the one before write it."""
+    sealed = Keyring(parse_key(master_key)).seal(record_key(secret_id), plaintext)
+    return {
+        "type": "secret",
+        "record_key": sealed.record_key,
+        "key_id": sealed.key_id,
+        "nonce": b64(sealed.nonce),
+        "ciphertext": b64(sealed.ciphertext),
+        "created_at": "2026-01-01T00:00:00.000000Z",
+        "expires_at": None,
+        "reads_left": None,
+    }
+
+
+# An audit line as the release before tenants wrote it: no "tenant".
+OLD_AUDIT_LINE = {
+    "type": "audit",
+    "ts": "2026-01-01T00:00:00.123000Z",  # whole milliseconds: MongoDB keeps no more
+    "op": "fetch",
+    "status": 404,
+    "outcome": "not_found",
+    "client_ip": "10.0.0.1",
+    "request_id": "r-1",
+    "secret_id_hmac": None,
+    "latency_ms": 1.5,
+    "user_agent": None,
+    "api_key_name": None,
+    "record_id": "0123456789abcdef01234567",
+}
+
+
+def test_a_file_written_before_tenants_existed_is_imported_as_plain_secrets(
+    make_client: Callable[..., TestClient],
+    store_env: dict[str, str],
+    master_key: str,
+    tmp_path: Path,
+) -> None:
+    secret_id, plaintext = str(uuid.uuid4()), os.urandom(16)
+    data = export_file(a_secret_line(master_key, secret_id, plaintext), OLD_AUDIT_LINE)
+
+    result = cli(without_keys(store_env), "import", cwd=tmp_path, stdin=data)
+    assert result.returncode == 0, result.stderr
+    counts = summary_counts(result.stderr.decode())
+    assert (counts["new"], counts["audit_new"]) == (1, 1)
+    assert "readers" not in result.stderr.decode()
+    got = make_client().post("/vault/secret/fetch", json={"secret_id": secret_id})
+    assert got.status_code == 200 and got.json()["secret"] == b64(plaintext)
+    # Exported again, both lines are what they were (the audit line without a tenant).
+    again = cli(without_keys(store_env), "export", "--audit", cwd=tmp_path).stdout
+    assert secret_lines(again) == secret_lines(data)
+    assert OLD_AUDIT_LINE in lines(again)
+
+
+NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ -"
+BAD_ACCESS: dict[str, tuple[dict[str, Any], str]] = {
+    "empty tenant": ({"tenant": ""}, "tenant is not a tenant name"),
+    "null tenant": ({"tenant": None}, "tenant is not a tenant name"),
+    "tenant with a slash": ({"tenant": "acme/x"}, "tenant is not a tenant name"),
+    "tenant too long": ({"tenant": "t" * 65}, "tenant is not a tenant name"),
+    "owner not text": ({"owner": 7}, "owner is not a key name"),
+    "owner with a comma": ({"owner": "a,b"}, "owner is not a key name"),
+    "readers not a list": ({"readers": "ci"}, "readers is not a JSON array of 1 to 100"),
+    "no readers": ({"readers": []}, "readers is not a JSON array of 1 to 100"),
+    "101 readers": (
+        {"readers": [f"r{n}" for n in range(101)]},
+        "readers is not a JSON array of 1 to 100",
+    ),
+    "a reader not text": ({"readers": ["ci", 1]}, "readers holds something that is not"),
+    "a reader with a NUL": ({"readers": ["c\u0000i"]}, "readers holds something that is not"),
+    "a non-ASCII reader": ({"readers": ["cï"]}, "readers holds something that is not"),
+    "a reader twice": ({"readers": ["ci", "ops", "ci"]}, "readers names a key more than once"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_ACCESS))
+def test_a_malformed_tenant_owner_or_reader_is_refused_naming_its_line(
+    bad: str, master_key: str, tmp_path: Path
+) -> None:
+    fields, reason = BAD_ACCESS[bad]
+    good = a_secret_line(master_key, str(uuid.uuid4()), b"fine")
+    line = {**a_secret_line(master_key, str(uuid.uuid4()), b"x"), **fields}
+    target = {"DATA_DIR": str(tmp_path / "target")}
+    result = cli(target, "import", cwd=tmp_path, stdin=export_file(good, OLD_AUDIT_LINE, line))
+    assert result.returncode == 2
+    message = result.stderr.decode()
+    assert message.count("\n") == 1, message
+    assert f"refused standard input: line 4: {reason}" in message
+    assert message.rstrip().endswith("nothing was written")
+    for value in fields.values():  # named by its field and line, never its value
+        if isinstance(value, str) and value:
+            assert value not in message
+    assert store_is_untouched(target)
+
+
+def test_well_formed_access_fields_and_an_audit_tenant_are_read_as_written(
+    master_key: str,
+) -> None:
+    line = {
+        **a_secret_line(master_key, str(uuid.uuid4()), b"x"),
+        "tenant": "acme",
+        "owner": "billing",
+        "readers": [f"r-{n}.x_" for n in range(100)],
+    }
+    record = transfer.parse_secret(line, 2)
+    assert (record.sealed.tenant, record.sealed.owner) == ("acme", "billing")
+    assert record.sealed.readers == tuple(line["readers"])
+    assert transfer.secret_line(record) == line
+    # Explicit nulls and the default tenant read as a plain secret's; written as one.
+    plain = {**line, "tenant": "default", "owner": None, "readers": None}
+    written = {name: value for name, value in line.items() if name in EXPORT_FIELDS}
+    assert transfer.secret_line(transfer.parse_secret(plain, 2)) == written
+    # An audit line with a tenant keeps it; one without has none; a tenant must be text.
+    assert transfer.parse_audit({**OLD_AUDIT_LINE, "tenant": "acme"}, 2)["tenant"] == "acme"
+    assert transfer.parse_audit(OLD_AUDIT_LINE, 2)["tenant"] is None
+    with pytest.raises(TransferRefused, match=r"^line 2: tenant is not text or null$"):
+        transfer.parse_audit({**OLD_AUDIT_LINE, "tenant": 5}, 2)
+    # A format 1 file was written before these fields: there, they are no field at all.
+    v1 = {k: v for k, v in line.items() if k != "record_key"} | {"secret_id": str(uuid.uuid4())}
+    with pytest.raises(TransferRefused, match=r"^line 2 is not a whole secret record"):
+        transfer.parse_secret(v1, 2, version=1)
+
+
+def edit_access(env: dict[str, str], secret_id: str, **fields: Any) -> None:
+    """Overwrite who may see a stored secret, below the service (a database edit)."""
+    key = record_key(secret_id)
+    if "MONGO_URI" in env:
+        with pymongo.MongoClient(env["MONGO_URI"]) as client:
+            client[env["MONGO_DB"]]["secrets"].update_one({"_id": key}, {"$set": fields})
+        return
+    import sqlite3
+
+    if "readers" in fields and not isinstance(fields["readers"], str):
+        fields["readers"] = json.dumps(fields["readers"])
+    with sqlite3.connect(Path(env["DATA_DIR"]) / "vault.db") as conn:
+        for name, value in fields.items():
+            conn.execute(
+                f"UPDATE secrets SET {name} = ? WHERE record_key = ?",  # noqa: S608 - test names
+                (value, key),
+            )
+
+
+def test_an_export_leaves_out_a_secret_whose_access_fields_were_edited_malformed(
+    store_env: dict[str, str], tmp_path: Path
+) -> None:
+    made = store_guarded(store_env)
+    moved, doubled = made[1], made[3]
+    edit_access(store_env, moved.secret_id, tenant="not a tenant")
+    edit_access(store_env, doubled.secret_id, readers=["billing", "billing"])
+
+    result = cli(without_keys(store_env), "export", "-o", "b.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "exported 2 secrets" in result.stderr.decode()
+    assert "(2 expired or used up, left out)" in result.stderr.decode()
+    data = (tmp_path / "b.jsonl").read_bytes()
+    assert {line["record_key"] for line in secret_lines(data)} == keys_of(
+        made[0].secret_id, made[2].secret_id
+    )
+    # The file those two make is whole: an import takes it.
+    imported = cli({"DATA_DIR": str(tmp_path / "t")}, "import", "-i", "b.jsonl", cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    assert summary_counts(imported.stderr.decode())["new"] == 2
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite", "mongo"], indirect=True)
+def test_a_secret_whose_readers_are_no_list_is_left_out_and_an_import_leaves_it_alone(
+    store_env: dict[str, str], tmp_path: Path
+) -> None:
+    made = store_guarded(store_env)
+    whole = cli(without_keys(store_env), "export", cwd=tmp_path).stdout
+    broken = made[2]
+    # Not an array of names at all (SQLite: not even JSON).
+    edit_access(store_env, broken.secret_id, readers="not json")
+
+    result = cli(without_keys(store_env), "export", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert record_key(broken.secret_id) not in {
+        line["record_key"] for line in lines(result.stdout)[1:-1]
+    }
+    assert "exported 3 secrets" in result.stderr.decode()
+    # The file from before the edit, imported back: that record is a conflict, untouched.
+    again = cli(without_keys(store_env), "import", cwd=tmp_path, stdin=whole)
+    assert again.returncode == 1, again.stderr
+    counts = summary_counts(again.stderr.decode())
+    assert (counts["present"], counts["conflicts"]) == (3, 1)
+    assert fetch_as(store_env, made[0].secret_id, Caller()).found is Found.SECRET
+    with pytest.raises(CorruptRecord):
+        fetch_as(store_env, broken.secret_id, Caller("default", "ci"))

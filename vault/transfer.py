@@ -9,6 +9,11 @@ digest of the secret id), never by an id: an export of a store that still holds 
 keyed by their id is refused until ``rewrap`` converts them. Files of format 1, whose
 records carry their id, are still imported, as such legacy records.
 
+Who may see a secret (its tenant, owner and readers, bound into its ciphertext) travels
+with it, written only where it differs from a plain secret's (the default tenant, no named
+readers): a file of plain secrets is byte for byte what earlier releases wrote, and an
+earlier release refuses, naming the line, a file holding a record it could not store whole.
+
 Both stream. An import checks the whole file, copying it to an unnamed temporary file as it
 goes, before it writes anything; only a file that passes is then read back into the store.
 """
@@ -24,17 +29,20 @@ import json
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import IO, Any
 
+from vault.apikeys import KEY_NAME
 from vault.errors import InvalidValue, TransferRefused
-from vault.records import SealedSecret, StoredSecret, keyed_by_id
+from vault.records import DEFAULT_TENANT, SealedSecret, StoredSecret, keyed_by_id
 from vault.stores.base import AUDIT_FIELDS, BulkStore, Imported, utc_now
 from vault.validation import normalize_secret_id
 
 FORMAT = "secret-manager-export"
-VERSION = 2  # 2: records named by record key; 1: by secret id (still imported)
+# 2: records named by record key; 1: by secret id (still imported). Who may see a secret
+# (tenant, owner, readers) joined version 2 as optional fields: see the module's docstring.
+VERSION = 2
 BATCH = 1000  # records per store call
 # No record comes near this (a secret is at most MAX_SECRET_BYTES): a longer line is damage,
 # and reading it whole would let a broken file take any amount of memory.
@@ -43,6 +51,13 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 _HEX = frozenset("0123456789abcdef")
 RECORD_KEY_DIGITS = 64
+# Who may see a secret, as a line holds it when not a plain secret's; an audit line's tenant
+# is written when the record has one (API keys on).
+ACCESS_FIELDS = ("tenant", "owner", "readers")
+MAX_READERS = 100  # as many as a create may name
+NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ -"
+# Tenant -> the names of the API keys of that tenant, as the importing server knows them.
+KnownReaders = Callable[[str], Collection[str]]
 
 
 @dataclasses.dataclass
@@ -58,6 +73,9 @@ class Counts:
     fewer_reads: int = 0
     conflicts: int = 0
     audit_new: int = 0
+    # import: of the secrets the store now holds as the file has them, those naming a reader
+    # that is no API key of their tenant on the importing server (stored all the same)
+    unknown_readers: int = 0
     sha256: str = ""
     store: str = ""  # the store's label, for the summary
 
@@ -88,9 +106,10 @@ def _b64(data: bytes) -> str:
 
 
 def secret_line(record: StoredSecret) -> dict[str, Any]:
-    """A secret record as the file holds it."""
+    """A secret record as the file holds it: who may see it only where that is not a plain
+    secret's (the default tenant, no owner, no named readers)."""
     sealed = record.sealed
-    return {
+    line: dict[str, Any] = {
         "type": "secret",
         "record_key": sealed.record_key,
         "key_id": sealed.key_id,
@@ -100,14 +119,47 @@ def secret_line(record: StoredSecret) -> dict[str, Any]:
         "expires_at": None if sealed.expires_at is None else _seconds(sealed.expires_at),
         "reads_left": sealed.reads_left,
     }
+    if sealed.tenant != DEFAULT_TENANT:
+        line["tenant"] = sealed.tenant
+    if sealed.owner is not None:
+        line["owner"] = sealed.owner
+    if sealed.readers is not None:
+        line["readers"] = list(sealed.readers)
+    return line
 
 
 def audit_line(document: dict[str, Any]) -> dict[str, Any]:
-    """An audit record as the file holds it."""
+    """An audit record as the file holds it; ``tenant`` only when it has one (a record of a
+    server without API keys is written as before tenants existed)."""
     line: dict[str, Any] = {"type": "audit"}
     for name in AUDIT_FIELDS:
+        if name == "tenant" and document[name] is None:
+            continue
         line[name] = _timestamp(document[name]) if name == "ts" else document[name]
     return line
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and KEY_NAME.fullmatch(value) is not None
+
+
+def access_problem(tenant: Any, owner: Any, readers: Any) -> str | None:
+    """What makes who may see a record unfit for the file (naming the field, never a
+    value), or None. Names are key names: the associated data that binds them to the
+    ciphertext relies on their having no separator in them."""
+    if not _is_name(tenant):
+        return f"tenant is not a tenant name ({NAME_RULE})"
+    if owner is not None and not _is_name(owner):
+        return f"owner is not a key name ({NAME_RULE}) or null"
+    if readers is None:
+        return None
+    if not isinstance(readers, list | tuple) or not 1 <= len(readers) <= MAX_READERS:
+        return f"readers is not a JSON array of 1 to {MAX_READERS} key names, or null"
+    if not all(_is_name(reader) for reader in readers):
+        return f"readers holds something that is not a key name ({NAME_RULE})"
+    if len(set(readers)) != len(readers):
+        return "readers names a key more than once"
+    return None
 
 
 class Writer:
@@ -182,8 +234,13 @@ def export(store: BulkStore, out: IO[bytes], *, audit: bool, store_kind: str, ba
         writer.header(store=store_kind, audit=audit)
         with bar("exporting", total) as advance:
             for record in store.secrets(now):
-                if keyed_by_id(record.sealed.record_key):
+                sealed = record.sealed
+                if keyed_by_id(sealed.record_key):
                     raise keyed_by_id_refusal(1)
+                if access_problem(sealed.tenant, sealed.owner, sealed.readers) is not None:
+                    # Edited in the database: it no longer opens, and written out it would
+                    # make the whole file refused by import. Left out, as malformed.
+                    continue
                 writer.secret(record)
                 advance(1)
             advance(stored - writer.secrets)  # left out: expired, used up or malformed
@@ -200,8 +257,14 @@ def export(store: BulkStore, out: IO[bytes], *, audit: bool, store_kind: str, ba
 # ---- reading ------------------------------------------------------------------------------
 
 
-def _fields(value: Any, line: int, kind: str, names: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(value, dict) or set(value) != {"type", *names}:
+def _fields(
+    value: Any, line: int, kind: str, names: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The fields of a record line: every one of ``names``, any of ``optional`` (fields a
+    later release added, absent from files written before), nothing else."""
+    if not isinstance(value, dict) or not (
+        {"type", *names} <= set(value) <= {"type", *names, *optional}
+    ):
         raise TransferRefused(
             f"line {line} is not a whole {kind} record (its fields are not the ones "
             "this format has)"
@@ -236,10 +299,12 @@ def _text(value: Any, line: int, name: str, *, optional: bool = False) -> Any:
 def parse_secret(value: Any, line: int, version: int = VERSION) -> StoredSecret:
     """The record a secret line holds; TransferRefused naming the line (never a value) if
     malformed. A line of format 1 names its record by secret id: it is read as a legacy
-    record, keyed by that id."""
+    record, keyed by that id. Who may see it (``ACCESS_FIELDS``) is optional: a line
+    without them is a plain secret's, as every line written before they existed."""
     name = "record_key" if version >= 2 else "secret_id"
     names = (name, "key_id", "nonce", "ciphertext", "created_at", "expires_at")
-    fields = _fields(value, line, "secret", (*names, "reads_left"))
+    optional = ACCESS_FIELDS if version >= 2 else ()
+    fields = _fields(value, line, "secret", (*names, "reads_left"), optional)
     key = _text(fields[name], line, name)
     if version >= 2:
         if len(key) != RECORD_KEY_DIGITS or not set(key) <= _HEX:
@@ -264,6 +329,12 @@ def parse_secret(value: Any, line: int, version: int = VERSION) -> StoredSecret:
     reads_left = fields["reads_left"]
     if reads_left is not None and (type(reads_left) is not int or reads_left < 1):
         raise TransferRefused(f"line {line}: reads_left is not a whole number of reads, at least 1")
+    tenant = fields.get("tenant", DEFAULT_TENANT)
+    owner = fields.get("owner")
+    readers = fields.get("readers")
+    problem = access_problem(tenant, owner, readers)
+    if problem is not None:
+        raise TransferRefused(f"line {line}: {problem}")
     sealed = SealedSecret(
         key,
         key_id,
@@ -271,21 +342,29 @@ def parse_secret(value: Any, line: int, version: int = VERSION) -> StoredSecret:
         ciphertext,
         expires_at=None if expires is None else _time(expires, line, "expires_at"),
         reads_left=reads_left,
+        tenant=tenant,
+        owner=owner,
+        readers=None if readers is None else tuple(readers),
     )
     return StoredSecret(sealed, None if created is None else _time(created, line, "created_at"))
 
 
+_AUDIT_REQUIRED = tuple(name for name in AUDIT_FIELDS if name != "tenant")
+
+
 def parse_audit(value: Any, line: int) -> dict[str, Any]:
-    """The document an audit line holds; TransferRefused naming the line if malformed."""
-    fields = _fields(value, line, "audit", AUDIT_FIELDS)
-    document = {name: fields[name] for name in AUDIT_FIELDS}
+    """The document an audit line holds; TransferRefused naming the line if malformed.
+    ``tenant`` is optional (null when absent): a record of a server without API keys has
+    none, and no line written before tenants existed."""
+    fields = _fields(value, line, "audit", _AUDIT_REQUIRED, ("tenant",))
+    document = {name: fields.get(name) for name in AUDIT_FIELDS}
     record_id = _text(document["record_id"], line, "record_id")
     if len(record_id) != 24 or not set(record_id) <= _HEX:
         raise TransferRefused(f"line {line}: record_id is not 24 hex digits")
     document["ts"] = _time(document["ts"], line, "ts")
     for name in ("op", "outcome", "client_ip", "request_id"):
         _text(document[name], line, name)
-    for name in ("secret_id_hmac", "user_agent", "api_key_name"):
+    for name in ("secret_id_hmac", "user_agent", "api_key_name", "tenant"):
         _text(document[name], line, name, optional=True)
     if type(document["status"]) is not int:
         raise TransferRefused(f"line {line}: status is not a whole number")
@@ -412,10 +491,16 @@ def import_(
     *,
     bar: Bar,
     conflict: Callable[[int], None],
+    known_readers: KnownReaders | None = None,
 ) -> Counts:
     """Check ``source`` whole, then open the store and add its records; ``conflict(line)``
     is called for each record left untouched because the store holds another under its id.
-    A file refused leaves the store as it was (not even created)."""
+    A file refused leaves the store as it was (not even created).
+
+    ``known_readers`` gives the names of the importing server's API keys of a tenant (None:
+    it has no API keys). A record naming a reader that is none of them is stored all the
+    same (the record is the truth: the key may be added later) and counted in
+    ``unknown_readers``."""
     counts = Counts()
     with tempfile.TemporaryFile(prefix="secret-manager-import-") as copy:
         with bar("checking", None) as advance:
@@ -425,7 +510,15 @@ def import_(
         store = open_store()
         counts.store = store.label
         try:
-            _add(store, copy, checked, counts, bar=bar, conflict=conflict)
+            _add(
+                store,
+                copy,
+                checked,
+                counts,
+                bar=bar,
+                conflict=conflict,
+                unknown=_unknown_readers(known_readers),
+            )
         finally:
             store.close()
     return counts
@@ -439,6 +532,7 @@ def _add(
     *,
     bar: Bar,
     conflict: Callable[[int], None],
+    unknown: Callable[[SealedSecret], bool],
 ) -> None:
     """Add the checked records in ``copy`` to ``store``, a batch at a time."""
     now = utc_now()
@@ -455,6 +549,8 @@ def _add(
                         counts.keyed_by_id += 1
                     if outcome is Imported.CONFLICT:
                         conflict(line)
+                    elif unknown(record.sealed):  # held now as the file has it
+                        counts.unknown_readers += 1
                 advance(len(secrets))
                 secrets.clear()
             if audit:
@@ -476,6 +572,24 @@ def _add(
             if len(secrets) + len(audit) >= BATCH:
                 flush()
         flush()
+
+
+def _unknown_readers(known_readers: KnownReaders | None) -> Callable[[SealedSecret], bool]:
+    """Whether a record names a reader that is no API key of its tenant (every record that
+    names readers, for a server without API keys); each tenant's names asked once."""
+    names: dict[str, Collection[str]] = {}
+
+    def unknown(sealed: SealedSecret) -> bool:
+        if sealed.readers is None:
+            return False
+        if known_readers is None:
+            return True
+        if sealed.tenant not in names:
+            names[sealed.tenant] = known_readers(sealed.tenant)
+        known = names[sealed.tenant]
+        return any(reader not in known for reader in sealed.readers)
+
+    return unknown
 
 
 def _count(counts: Counts, outcome: Imported) -> None:

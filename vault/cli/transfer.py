@@ -12,18 +12,19 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vault.backend import backend_for
 from vault.cli.common import fail
 from vault.errors import ConfigError, TransferRefused
+from vault.records import DEFAULT_TENANT
 from vault.settings import Settings
 from vault.stores.base import Backend
 
 if TYPE_CHECKING:
-    from vault.transfer import Counts
+    from vault.transfer import Counts, KnownReaders
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -146,7 +147,7 @@ def import_command(args: argparse.Namespace) -> int:
     from vault import transfer
 
     try:
-        _, backend = _configured()
+        settings, backend = _configured()
         backend.check_writable(create=False)
     except ConfigError as exc:
         return fail(str(exc))
@@ -178,6 +179,7 @@ def import_command(args: argparse.Namespace) -> int:
             source,
             bar=_progress,
             conflict=conflict,
+            known_readers=_known_readers(label for label, _ in settings.api_keys),
         )
     except TransferRefused as exc:
         return fail(f"import: refused {name}: {exc}; nothing was written")
@@ -190,11 +192,25 @@ def import_command(args: argparse.Namespace) -> int:
         return 1
     finally:
         source.close()
-    print(_imported(name, counts, transfer.elapsed_since(started)), file=sys.stderr)
+    took = transfer.elapsed_since(started)
+    print(_imported(name, counts, took, api_keys=bool(settings.api_keys)), file=sys.stderr)
     return 1 if counts.conflicts else 0
 
 
-def _imported(name: str, counts: Counts, took: str) -> str:
+def _known_readers(labels: Iterable[str]) -> KnownReaders | None:
+    """Each tenant's key names, from the keys' names as a key file writes them
+    (``acme/billing`` is ``billing`` of tenant ``acme``; a name without a ``/`` is the
+    default tenant's); None when there are no keys."""
+    names: dict[str, set[str]] = {}
+    for label in labels:
+        tenant, slash, key_name = label.rpartition("/")
+        names.setdefault(tenant if slash else DEFAULT_TENANT, set()).add(key_name)
+    if not names:
+        return None
+    return lambda tenant: names.get(tenant, set())
+
+
+def _imported(name: str, counts: Counts, took: str, *, api_keys: bool) -> str:
     """The import's summary line."""
     line = (
         f"secret-manager: imported {name} into {counts.store} in {took}: secrets "
@@ -208,7 +224,26 @@ def _imported(name: str, counts: Counts, took: str) -> str:
             f"; {_plural(counts.keyed_by_id, 'new secret')} from this format 1 file "
             "stored under their secret id: run secret-manager rewrap to convert them"
         )
+    if counts.unknown_readers:
+        line += _unknown_readers(counts.unknown_readers, api_keys=api_keys)
     return line
+
+
+def _unknown_readers(count: int, *, api_keys: bool) -> str:
+    """What the summary says of records naming readers no key of this server is."""
+    one = count == 1
+    secrets, it = _plural(count, "secret"), "it" if one else "them"
+    stored = f"stored as {'it is' if one else 'they are'}"
+    if not api_keys:
+        return (
+            f"; {secrets} {'is' if one else 'are'} for named readers and this server has no "
+            f"API keys: {stored}, and only those readers' keys, once configured, fetch {it}"
+        )
+    return (
+        f"; {secrets} {'names' if one else 'name'} readers that are no API key of "
+        f"{'its' if one else 'their'} tenant here: {stored}, and a reader fetches {it} "
+        "once its key is configured"
+    )
 
 
 def _plural(count: int, noun: str) -> str:

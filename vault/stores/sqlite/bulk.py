@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from vault.errors import CorruptRecord
 from vault.records import SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
@@ -28,6 +29,7 @@ from vault.stores.sqlite.documents import (
     INSERT_AUDIT,
     KEYED_BY_ID,
     RECORD_COLUMNS,
+    RecordRow,
     audit_row,
     record_of,
     record_row,
@@ -42,6 +44,15 @@ def _created_text(value: dt.datetime) -> str:
     """``created_at`` as the column's default writes it: UTC, milliseconds."""
     utc = value.astimezone(dt.UTC)
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _held(row: RecordRow) -> SealedSecret | None:
+    """The record a row holds, None when it is not a whole one: an import counts that a
+    conflict and never overwrites it, as on MongoDB."""
+    try:
+        return record_of(row)
+    except CorruptRecord:
+        return None
 
 
 def _parse_utc(text: str) -> dt.datetime:
@@ -103,8 +114,12 @@ class SQLiteBulk:
         )
         while rows := cursor.fetchmany(_IMPORT_BATCH):
             for row in rows:
+                try:
+                    sealed = record_of(row[:-1])
+                except CorruptRecord:
+                    continue  # not a whole record (its readers edited): left out, as MongoDB's
                 created = None if row[-1] is None else _parse_utc(row[-1])
-                yield StoredSecret(record_of(row[:-1]), created)
+                yield StoredSecret(sealed, created)
 
     def audit(self) -> Iterator[dict[str, Any]]:
         cursor = self._conn.execute(
@@ -130,7 +145,7 @@ class SQLiteBulk:
         with self._conn:  # one transaction, one fsync, for the whole batch
             self._conn.execute("BEGIN IMMEDIATE")
             stored: dict[str, SealedSecret | None] = {
-                row[0]: record_of(row)
+                row[0]: _held(row)
                 for row in self._conn.execute(
                     f"SELECT {RECORD_COLUMNS} FROM secrets"  # noqa: S608 - fixed names, "?"s
                     f" WHERE record_key IN ({', '.join('?' * len(keys))})",
@@ -140,6 +155,9 @@ class SQLiteBulk:
             for record in records:
                 sealed = record.sealed
                 key, held = stored_for(sealed, stored) or (sealed.record_key, None)
+                if held is None and key in stored:
+                    outcomes.append(Imported.CONFLICT)  # malformed: never overwritten
+                    continue
                 outcome = import_outcome(held, sealed)
                 if outcome is Imported.NEW:
                     self._conn.execute(
