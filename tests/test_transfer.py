@@ -889,17 +889,6 @@ def test_without_api_keys_every_secret_for_named_readers_is_counted_and_stored(
     assert "; 3 secrets are for named readers" in second.stderr.decode()
 
 
-def test_the_known_readers_of_a_server_come_from_its_key_names_by_tenant() -> None:
-    from vault.cli.transfer import _known_readers
-
-    assert _known_readers([]) is None
-    known = _known_readers(["ci", "deployer", "acme/billing", "acme/ci"])
-    assert known is not None
-    assert set(known("default")) == {"ci", "deployer"}
-    assert set(known("acme")) == {"billing", "ci"}
-    assert set(known("globex")) == set()
-
-
 def export_file(*records: dict[str, Any], version: int = 2) -> bytes:
     """A whole export file of ``records`` (secret and audit lines), with its end line."""
 

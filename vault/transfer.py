@@ -37,7 +37,7 @@ from vault.apikeys import KEY_NAME
 from vault.errors import InvalidValue, TransferRefused
 from vault.records import DEFAULT_TENANT, SealedSecret, StoredSecret, keyed_by_id
 from vault.stores.base import AUDIT_FIELDS, BulkStore, Imported, utc_now
-from vault.validation import normalize_secret_id
+from vault.validation import MAX_READERS, normalize_secret_id
 
 FORMAT = "secret-manager-export"
 # 2: records named by record key; 1: by secret id (still imported). Who may see a secret
@@ -54,7 +54,6 @@ RECORD_KEY_DIGITS = 64
 # Who may see a secret, as a line holds it when not a plain secret's; an audit line's tenant
 # is written when the record has one (API keys on).
 ACCESS_FIELDS = ("tenant", "owner", "readers")
-MAX_READERS = 100  # as many as a create may name
 NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ -"
 # Tenant -> the names of the API keys of that tenant, as the importing server knows them.
 KnownReaders = Callable[[str], Collection[str]]

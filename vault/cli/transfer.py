@@ -12,19 +12,18 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vault.backend import backend_for
 from vault.cli.common import fail
 from vault.errors import ConfigError, TransferRefused
-from vault.records import DEFAULT_TENANT
 from vault.settings import Settings
 from vault.stores.base import Backend
 
 if TYPE_CHECKING:
-    from vault.transfer import Counts, KnownReaders
+    from vault.transfer import Counts
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -179,7 +178,7 @@ def import_command(args: argparse.Namespace) -> int:
             source,
             bar=_progress,
             conflict=conflict,
-            known_readers=_known_readers(label for label, _ in settings.api_keys),
+            known_readers=settings.api_keys.names_in if settings.api_keys else None,
         )
     except TransferRefused as exc:
         return fail(f"import: refused {name}: {exc}; nothing was written")
@@ -195,19 +194,6 @@ def import_command(args: argparse.Namespace) -> int:
     took = transfer.elapsed_since(started)
     print(_imported(name, counts, took, api_keys=bool(settings.api_keys)), file=sys.stderr)
     return 1 if counts.conflicts else 0
-
-
-def _known_readers(labels: Iterable[str]) -> KnownReaders | None:
-    """Each tenant's key names, from the keys' names as a key file writes them
-    (``acme/billing`` is ``billing`` of tenant ``acme``; a name without a ``/`` is the
-    default tenant's); None when there are no keys."""
-    names: dict[str, set[str]] = {}
-    for label in labels:
-        tenant, slash, key_name = label.rpartition("/")
-        names.setdefault(tenant if slash else DEFAULT_TENANT, set()).add(key_name)
-    if not names:
-        return None
-    return lambda tenant: names.get(tenant, set())
 
 
 def _imported(name: str, counts: Counts, took: str, *, api_keys: bool) -> str:
