@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # Versioned, so that a future change of digest cannot be mistaken for this one.
 _RECORD_KEY_LABEL = b"secret-manager record key v1\x00"
@@ -99,3 +99,17 @@ class StoredSecret:
 
     sealed: SealedSecret
     created_at: dt.datetime | None
+
+
+def access_fields(record: SealedSecret) -> dict[str, Any]:
+    """Who may see ``record``, as a document or an export line stores it: only the fields
+    that differ from a plain secret's (the default tenant, no owner, no named readers), so
+    a plain secret is stored and exported exactly as before tenants existed."""
+    fields: dict[str, Any] = {}
+    if record.tenant != DEFAULT_TENANT:
+        fields["tenant"] = record.tenant
+    if record.owner is not None:
+        fields["owner"] = record.owner
+    if record.readers is not None:
+        fields["readers"] = list(record.readers)
+    return fields

@@ -35,7 +35,7 @@ from typing import IO, Any
 
 from vault.apikeys import KEY_NAME
 from vault.errors import InvalidValue, TransferRefused
-from vault.records import DEFAULT_TENANT, SealedSecret, StoredSecret, keyed_by_id
+from vault.records import DEFAULT_TENANT, SealedSecret, StoredSecret, access_fields, keyed_by_id
 from vault.stores.base import AUDIT_FIELDS, BulkStore, Imported, utc_now
 from vault.validation import MAX_READERS, normalize_secret_id
 
@@ -117,13 +117,8 @@ def secret_line(record: StoredSecret) -> dict[str, Any]:
         "created_at": None if record.created_at is None else _timestamp(record.created_at),
         "expires_at": None if sealed.expires_at is None else _seconds(sealed.expires_at),
         "reads_left": sealed.reads_left,
+        **access_fields(sealed),
     }
-    if sealed.tenant != DEFAULT_TENANT:
-        line["tenant"] = sealed.tenant
-    if sealed.owner is not None:
-        line["owner"] = sealed.owner
-    if sealed.readers is not None:
-        line["readers"] = list(sealed.readers)
     return line
 
 

@@ -16,7 +16,7 @@ from pymongo.errors import (
 )
 
 from vault.errors import CorruptRecord
-from vault.records import DEFAULT_TENANT, NOBODY, Access, SealedSecret
+from vault.records import DEFAULT_TENANT, NOBODY, Access, SealedSecret, access_fields
 from vault.stores.base import (
     AUDIT_FIELDS,
     AuditDocument,
@@ -106,14 +106,8 @@ def document(record: SealedSecret, created_at: dt.datetime | None) -> dict[str, 
         doc["expires_at"] = record.expires_at
     if record.reads_left is not None:
         doc["reads_left"] = record.reads_left
-    # Likewise who may see it: a record of the default tenant for no named readers is
-    # stored as before tenants existed.
-    if record.tenant != DEFAULT_TENANT:
-        doc["tenant"] = record.tenant
-    if record.owner is not None:
-        doc["owner"] = record.owner
-    if record.readers is not None:
-        doc["readers"] = list(record.readers)
+    # Likewise who may see it: a plain secret is stored as before tenants existed.
+    doc.update(access_fields(record))
     return doc
 
 
