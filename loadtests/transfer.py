@@ -155,7 +155,13 @@ def _audit_document(
         "secret_id_hmac": secret_id_hmac(audit_key, secret_id),
         "latency_ms": round(rng.uniform(2, 40), 3),
         "user_agent": "secret-manager-cli/1.0",
-        "api_key_name": rng.choice((None, "ci", "deploy")),
+        **rng.choice(
+            (
+                {"api_key_name": None, "tenant": None},
+                {"api_key_name": "ci", "tenant": "default"},
+                {"api_key_name": "deploy", "tenant": "acme"},
+            )
+        ),
         "record_id": str(ObjectId()),
     }
 

@@ -29,7 +29,7 @@ from typing import TypeVar
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from middleware.answers import error_answer
+from middleware.answers import error_answer, refuse_unread
 from middleware.context import request_context
 from middleware.paths import KEYLESS_PATHS, METRICS_PATH, route_path
 
@@ -335,12 +335,12 @@ class APIKeyMiddleware:
     async def _guard_keys(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         token = _bearer_token(scope)
         if isinstance(token, str):
-            await self.key_refusals[token](scope, receive, send)
+            await refuse_unread(self.key_refusals[token], scope, receive, send)
             return
         table = self.live.table  # this request's snapshot, whatever is swapped in meanwhile
         key = table.match(token)
         if key is None:
-            await self.key_refusals[_INVALID](scope, receive, send)
+            await refuse_unread(self.key_refusals[_INVALID], scope, receive, send)
             return
         context = request_context(scope)
         context.api_key_name = key.name
@@ -352,6 +352,6 @@ class APIKeyMiddleware:
             if op not in key.scopes:
                 if self.on_denied is not None:
                     self.on_denied(op)
-                await self.denials[op](scope, receive, send)  # the body is never read
+                await refuse_unread(self.denials[op], scope, receive, send)  # body never read
                 return
         await self.app(scope, receive, send)

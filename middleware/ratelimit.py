@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from middleware.answers import error_answer
+from middleware.answers import error_answer, refuse_unread
 from middleware.clientip import client_ip
 from middleware.context import request_context
 from middleware.headers import encode_pairs, set_response_headers
@@ -299,7 +299,7 @@ class RateLimitMiddleware:
             )
             if self.on_limited is not None:
                 self.on_limited()
-            await response(scope, receive, send)
+            await refuse_unread(response, scope, receive, send)
             return
 
         nearest = min(usage, key=lambda u: (u.remaining, -u.reset))

@@ -137,6 +137,21 @@ def test_missing_header_is_refused_before_the_app(make_guarded: Callable[..., Gu
     assert guarded.reached == []
 
 
+def test_a_refusal_with_an_unread_body_closes_its_connection(
+    make_guarded: Callable[..., Guarded],
+) -> None:
+    """The server closes an HTTP/1.1 connection whose request body it did not read, so
+    the refusal says so: a client sends its next request on a new connection instead of
+    on one that is closing, where it would fail without an answer."""
+    client = make_guarded().client()
+    with_body = client.post("/vault/secret/create/", json={"secret": "aGk="})
+    assert_refused(with_body)
+    assert with_body.headers["connection"] == "close"
+    without_body = client.get("/vault")  # nothing left unread: the connection is reused
+    assert_refused(without_body)
+    assert "connection" not in without_body.headers
+
+
 @pytest.mark.parametrize(
     "token",
     [
