@@ -23,6 +23,7 @@ OTHER_SPELLINGS = {
     "/vault/secret/create": "/vault/secret/create/",
     "/vault/secret/fetch/": "/vault/secret/fetch",
     "/vault/secret/delete/": "/vault/secret/delete",
+    "/vault/secret/status/": "/vault/secret/status",
 }
 
 
@@ -75,6 +76,7 @@ def test_docs_list_each_operation_once_grouped_by_tag(
             "POST /vault/secret/create/",
             "POST /vault/secret/fetch",
             "POST /vault/secret/delete",
+            "POST /vault/secret/status",
         },
         "health": {"GET /healthz", "GET /readyz"},
         "metrics": {"GET /metrics"},

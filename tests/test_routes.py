@@ -318,7 +318,8 @@ def test_unknown_paths_and_wrong_methods_say_what_to_do(client: TestClient) -> N
     assert unknown.status_code == 404
     assert unknown.json() == {
         "detail": "no such path: this service answers POST /vault/secret/create/, "
-        "POST /vault/secret/fetch and POST /vault/secret/delete (GET /docs describes them all)"
+        "POST /vault/secret/fetch, POST /vault/secret/delete and POST /vault/secret/status "
+        "(GET /docs describes them all)"
     }
 
     wrong = client.get("/vault/secret/create/")

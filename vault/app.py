@@ -140,16 +140,23 @@ def body_deadline(read_timeout: float) -> float:
 
 
 async def _keep_purging(
-    store: SecretStore, interval: float, unreadable: UnreadableRecords | None = None
+    store: SecretStore,
+    interval: float,
+    unreadable: UnreadableRecords | None = None,
+    receipt_retention_seconds: float | None = None,
 ) -> None:
-    """Remove expired and used-up records at start, then every ``interval`` seconds; after
-    each round, count again the records no configured key can open (``unreadable``).
+    """Remove expired and used-up records at start, then every ``interval`` seconds, and
+    the receipts past their retention; after each round, count again the records no
+    configured key can open (``unreadable``).
 
-    Only tidiness: an expired secret is refused on read whether or not it was purged.
+    Only tidiness: an expired secret is refused on read whether or not it was purged, and a
+    receipt past its retention answers 404 whether or not it was.
     """
     while True:
         try:
             purged = await store.purge_expired()
+            if receipt_retention_seconds is not None:
+                await store.purge_receipts(receipt_retention_seconds)
         except Exception as exc:  # the store may be down; the next round tries again
             log.warning("expired secrets not purged yet: %s", type(exc).__name__)
         else:
@@ -272,7 +279,12 @@ def _lifespan(
             await counter.open()
         retention = None
         purging = asyncio.create_task(
-            _keep_purging(store, settings.purge_interval_seconds, services.unreadable)
+            _keep_purging(
+                store,
+                settings.purge_interval_seconds,
+                services.unreadable,
+                settings.receipt_retention_seconds,
+            )
         )
         if writer is not None:
             await writer.start()
@@ -414,6 +426,7 @@ def create_app(
         max_secret_bytes=settings.max_secret_bytes,
         max_ttl_seconds=settings.max_ttl_seconds,
         default_ttl_seconds=settings.default_ttl_seconds,
+        receipt_retention_seconds=settings.receipt_retention_seconds,
         retry_after=settings.retry_after_seconds,
     )
     metrics = (

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
-from vault.records import DEFAULT_TENANT, SealedSecret
+from vault.records import DEFAULT_TENANT, Receipt, ReceiptState, SealedSecret, receipt_key
 
 
 def utc_now() -> dt.datetime:
@@ -125,3 +125,44 @@ def judge_fetch(
     if record.expired(now):
         return Fetched(Found.EXPIRED)
     return Fetched(Found.SECRET, record, opener.open(record))
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptChange:
+    """What a store call writes to a receipt: a read served at ``at`` (``used_up`` when it
+    took the last read), or the secret's end (``ended``: a ReceiptState) at ``at``."""
+
+    receipt_key: str
+    at: dt.datetime
+    read: bool = False
+    used_up: bool = False
+    ended: str | None = None
+
+
+def receipt_read(fetched: Fetched, now: dt.datetime) -> ReceiptChange | None:
+    """The receipt's change for a fetch's verdict: a served read of a secret with a
+    receipt (the last one ends it), else nothing."""
+    record = fetched.record
+    if fetched.found is not Found.SECRET or record is None or record.receipt_id is None:
+        return None
+    used_up = record.reads_left == 0
+    return ReceiptChange(receipt_key(record.receipt_id), now, read=True, used_up=used_up)
+
+
+def receipt_as_of(receipt: Receipt, now: dt.datetime) -> Receipt:
+    """The receipt as it stands at ``now``: an active secret past its expiry is expired
+    since ``expires_at``, whether or not the purge has removed it yet."""
+    if (
+        receipt.state == ReceiptState.ACTIVE
+        and receipt.expires_at is not None
+        and now >= receipt.expires_at
+    ):
+        return replace(receipt, state=ReceiptState.EXPIRED, ended_at=receipt.expires_at)
+    return receipt
+
+
+def receipt_kept(receipt: Receipt, now: dt.datetime, retention_seconds: float) -> bool:
+    """Whether a receipt still answers at ``now``: until ``retention_seconds`` after the
+    end of its secret (an active secret's receipt always answers)."""
+    ended_at = receipt_as_of(receipt, now).ended_at
+    return ended_at is None or now < ended_at + dt.timedelta(seconds=retention_seconds)

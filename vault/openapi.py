@@ -17,7 +17,14 @@ from typing import Any, NamedTuple
 
 from vault import __version__
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
-from vault.validation import BASE64_PATTERN, KEY_NAME_PATTERN, MAX_READERS, UUID_PATTERN
+from vault.validation import (
+    BASE64_PATTERN,
+    KEY_NAME_PATTERN,
+    LABEL_PATTERN,
+    MAX_LABEL,
+    MAX_READERS,
+    UUID_PATTERN,
+)
 
 # RFC 3339 as the API writes it: UTC ("Z"), whole seconds.
 _UTC_SECONDS_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
@@ -59,6 +66,7 @@ def build_openapi(
         ),
         _fetch(errors, security),
         _delete(errors, security),
+        _receipt_status(errors, security),
         _health(),
         _self_description(),
         *([_metrics(metrics_token)] if metrics else []),
@@ -293,7 +301,33 @@ def _create(
             "secret_id": {"type": "string", "format": "uuid"},
             "expires_at": _expires_at(),
             "reads_left": _reads_left(1, "The reads allowed (max_reads); only when limited."),
+            "receipt_id": {
+                "type": "string",
+                "format": "uuid",
+                "description": (
+                    "Only with `receipt: true`: the id that asks the secret's status "
+                    "(POST /vault/secret/status). A capability of its own: it never reads "
+                    "the secret, and the secret_id never asks the status."
+                ),
+            },
         },
+    }
+    request["properties"]["receipt"] = {
+        "type": "boolean",
+        "description": (
+            "true: keep a receipt of what becomes of the secret (reads, its end), and answer "
+            "its `receipt_id`. Without it (or false) the answer is as without receipts."
+        ),
+    }
+    request["properties"]["label"] = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_LABEL,
+        "pattern": LABEL_PATTERN,
+        "description": (
+            f"1 to {MAX_LABEL} printable characters for the creator's own bookkeeping, "
+            "stored beside the secret and shown by its status and webhook events. Not secret."
+        ),
     }
     if api_keys:  # readers are API key names: without keys there are none to name
         request["properties"]["readers"] = _readers(
@@ -416,6 +450,89 @@ def _delete(errors: Json, security: Json) -> _Part:
         },
     }
     return _Part({"/vault/secret/delete": {"post": operation}}, schemas)
+
+
+def _receipt_status(errors: Json, security: Json) -> _Part:
+    """POST /vault/secret/status: what became of a secret made with a receipt."""
+    moment = {"type": "string", "format": "date-time", "nullable": True}
+    operation = {
+        **security,
+        "summary": "Ask what became of a secret",
+        "description": (
+            "Answers the status of the secret a receipt was made for: never the secret, and "
+            "it spends no read. It keeps answering after the secret ends (used up, expired, "
+            "deleted) until RECEIPT_RETENTION_SECONDS after the end. Every field is present; "
+            "those that do not apply are null."
+            + _also_at("/vault/secret/status/", "with a trailing slash")
+        ),
+        "operationId": "secretStatus",
+        "tags": [SECRETS],
+        "requestBody": _json_body("StatusRequest"),
+        "responses": {
+            "200": _json("StatusResponse", "The secret's status."),
+            "404": _error(
+                "No receipt has this id for this caller: it never existed, its retention "
+                "ended, or it is another tenant's (the same answer for all of them)."
+            ),
+            **errors,
+        },
+    }
+    schemas = {
+        "StatusRequest": {
+            "type": "object",
+            "required": ["receipt_id"],
+            "properties": {
+                "receipt_id": {"type": "string", "format": "uuid", "pattern": UUID_PATTERN}
+            },
+        },
+        "StatusResponse": {
+            "type": "object",
+            "required": [
+                "state",
+                "label",
+                "created_at",
+                "expires_at",
+                "max_reads",
+                "reads_left",
+                "reads",
+                "first_read_at",
+                "last_read_at",
+                "ended_at",
+            ],
+            "properties": {
+                "state": {
+                    "type": "string",
+                    "enum": ["active", "used_up", "expired", "deleted"],
+                    "description": "active until the secret ends; then how it ended.",
+                },
+                "label": {"type": "string", "nullable": True, "description": "As created."},
+                "created_at": {**moment, "nullable": False, "description": "When stored (ms)."},
+                "expires_at": {
+                    **moment,
+                    "description": "When it expires (whole seconds); null: never.",
+                },
+                "max_reads": {
+                    "type": "integer",
+                    "nullable": True,
+                    "description": "The reads it was made with; null: no read limit.",
+                },
+                "reads_left": {
+                    "type": "integer",
+                    "nullable": True,
+                    "minimum": 0,
+                    "description": "Reads remaining; null: no read limit.",
+                },
+                "reads": {"type": "integer", "minimum": 0, "description": "Fetches served."},
+                "first_read_at": {**moment, "description": "The first fetch served; null: none."},
+                "last_read_at": {**moment, "description": "The last fetch served; null: none."},
+                "ended_at": {
+                    **moment,
+                    "description": "When it was used up, deleted or expired; null while active.",
+                },
+            },
+        },
+    }
+    return _Part({"/vault/secret/status": {"post": operation}}, schemas)
 
 
 # --- everything else: probes, this document, metrics ------------------------------------------

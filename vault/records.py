@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 # Versioned, so that a future change of digest cannot be mistaken for this one.
 _RECORD_KEY_LABEL = b"secret-manager record key v1\x00"
+_RECEIPT_KEY_LABEL = b"secret-manager receipt key v1\x00"
 # The tenant of a secret made without API keys, or by a key named without a tenant prefix.
 DEFAULT_TENANT = "default"
 RECORD_KEY_LENGTH = 64  # hex digits of a SHA-256
@@ -34,6 +35,13 @@ def record_key(secret_id: str) -> str:
     lookups, rotation and moving records between stores free of key management.
     """
     return hashlib.sha256(_RECORD_KEY_LABEL + secret_id.lower().encode("ascii")).hexdigest()
+
+
+def receipt_key(receipt_id: str) -> str:
+    """The key a receipt is stored under: hex SHA-256 of a fixed label and the receipt id in
+    lower case, as ``record_key`` is for a secret (so a status query sends no receipt id
+    to the database, whose logs may quote queries)."""
+    return hashlib.sha256(_RECEIPT_KEY_LABEL + receipt_id.lower().encode("ascii")).hexdigest()
 
 
 def keyed_by_id(key: str) -> bool:
@@ -84,10 +92,57 @@ class SealedSecret:
     tenant: str = DEFAULT_TENANT
     owner: str | None = None
     readers: tuple[str, ...] | None = None
+    # A secret made with a receipt: its id (a capability to ask the secret's status, never
+    # to read it; events carry it), and the creator's label, neither of them secret.
+    receipt_id: str | None = None
+    label: str | None = None
 
     def expired(self, now: dt.datetime) -> bool:
         """True once ``now`` has reached the expiry: the secret is never served again."""
         return self.expires_at is not None and now >= self.expires_at
+
+
+class ReceiptState:
+    """What became of a secret, as its receipt says."""
+
+    ACTIVE = "active"
+    USED_UP = "used_up"
+    EXPIRED = "expired"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a receipt keeps of a secret's life, stored apart from the secret so that it
+    outlives it (until RECEIPT_RETENTION_SECONDS after its end). Times are UTC; ``reads``
+    counts the fetches served; ``ended_at`` is set when the secret is used up, deleted or
+    found expired (an expiry not yet found is judged from ``expires_at`` on reading)."""
+
+    receipt_key: str
+    tenant: str
+    label: str | None
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    max_reads: int | None
+    reads: int = 0
+    first_read_at: dt.datetime | None = None
+    last_read_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+    state: str = ReceiptState.ACTIVE
+
+    @classmethod
+    def of(cls, record: SealedSecret, created_at: dt.datetime) -> Receipt:
+        """The receipt of a secret made with one, as it is when the secret is stored."""
+        if record.receipt_id is None:
+            raise ValueError("the record has no receipt")
+        return cls(
+            receipt_key=receipt_key(record.receipt_id),
+            tenant=record.tenant,
+            label=record.label,
+            created_at=created_at,
+            expires_at=record.expires_at,
+            max_reads=record.reads_left,
+        )
 
 
 @dataclass(frozen=True)

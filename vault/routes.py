@@ -30,13 +30,13 @@ from observability.metrics import ACCESS_DENIED, NOT_READY, SECRETS_DELETED
 from vault.crypto import Keyring
 from vault.errors import DecryptionFailed, InvalidValue, NotReady, StoreUnavailable
 from vault.keyguard import UnreadableRecords
-from vault.lifecycle import Caller, Found
+from vault.lifecycle import Caller, Found, receipt_as_of, receipt_kept, utc_now
 from vault.openapi import DOCS_HTML, build_openapi
-from vault.records import DEFAULT_TENANT, SealedSecret, record_key
+from vault.records import DEFAULT_TENANT, Receipt, SealedSecret, record_key
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
 from vault.stores.base import DeleteResult, SecretStore
 from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE
-from vault.validation import decode_secret, normalize_secret_id, reader_names
+from vault.validation import decode_secret, label_text, normalize_secret_id, reader_names
 
 log = logging.getLogger("secret_manager.routes")
 
@@ -48,9 +48,13 @@ OPERATIONS = {
     "/vault/secret/fetch/": "fetch",
     "/vault/secret/delete": "delete",
     "/vault/secret/delete/": "delete",
+    "/vault/secret/status": "status",
+    "/vault/secret/status/": "status",
 }
 # Unknown, deleted, used up or expired: one answer, so it tells a caller nothing.
 NOT_FOUND = "no secret has this secret_id; check the id you were given"
+# Unknown, past its retention, or another tenant's: likewise one answer.
+NO_RECEIPT = "no receipt has this receipt_id; check the id the create answered"
 STORE_UNAVAILABLE = "the secret store is unavailable; retry after the time in Retry-After"
 # What a 503 from /readyz says, by reason: what an operator reads, and what to look at.
 NOT_READY_DETAIL = {
@@ -227,12 +231,52 @@ def _readers(data: dict[str, Any], context: RequestContext) -> tuple[str, ...] |
     return readers
 
 
-def _denied(context: RequestContext, op: str, reason: str) -> HTTPException:
-    """The 404 of a secret the caller may not see: the very answer an unknown id gets,
-    audited and counted as the refusal it is."""
+def _denied(
+    context: RequestContext, op: str, reason: str, detail: str = NOT_FOUND
+) -> HTTPException:
+    """The 404 of a secret (or receipt) the caller may not see: the very answer an unknown
+    id gets, audited and counted as the refusal it is."""
     context.outcome = "denied"
     ACCESS_DENIED.labels(op=op, reason=reason).inc()
-    return HTTPException(404, NOT_FOUND)
+    return HTTPException(404, detail)
+
+
+def _receipt_fields(data: dict[str, Any]) -> tuple[bool, str | None]:
+    """A create's ``receipt`` (a JSON boolean) and ``label`` (printable text)."""
+    receipt = data.get("receipt", False)
+    if type(receipt) is not bool:
+        raise HTTPException(400, "field 'receipt' must be true or false, or left out")
+    if "label" not in data:
+        return receipt, None
+    try:
+        return receipt, label_text(data["label"])
+    except InvalidValue as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+def rfc3339_ms(moment: dt.datetime | None) -> str | None:
+    """``2026-12-01T15:04:05.123Z``: UTC, milliseconds; None stays None."""
+    if moment is None:
+        return None
+    text = moment.astimezone(dt.UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _status(receipt: Receipt) -> dict[str, Any]:
+    """A receipt's answer: every field, null where it does not apply."""
+    reads_left = None if receipt.max_reads is None else max(receipt.max_reads - receipt.reads, 0)
+    return {
+        "state": receipt.state,
+        "label": receipt.label,
+        "created_at": rfc3339_ms(receipt.created_at),
+        "expires_at": None if receipt.expires_at is None else rfc3339(receipt.expires_at),
+        "max_reads": receipt.max_reads,
+        "reads_left": reads_left,
+        "reads": receipt.reads,
+        "first_read_at": rfc3339_ms(receipt.first_read_at),
+        "last_read_at": rfc3339_ms(receipt.last_read_at),
+        "ended_at": rfc3339_ms(receipt.ended_at),
+    }
 
 
 def _string_field(data: dict[str, Any], name: str) -> str:
@@ -270,8 +314,10 @@ class VaultAPI:
         default_ttl_seconds: int = 0,
         unreadable: UnreadableRecords | None = None,
         retry_after: int = RETRY_AFTER_SECONDS,
+        receipt_retention_seconds: float = 30 * 86400,
     ) -> None:
         self.retry_after = retry_after
+        self.receipt_retention_seconds = receipt_retention_seconds
         self.keyring = keyring
         self.store = store
         self.unreadable = unreadable
@@ -298,6 +344,7 @@ class VaultAPI:
         if ttl is None and self.default_ttl_seconds:
             ttl = self.default_ttl_seconds
         readers = _readers(data, context)
+        receipt, label = _receipt_fields(data)
         caller = _caller(context)
         secret_id = str(uuid.uuid4())
         # Stored and sealed under the digest of the id: the id itself is never written. Who
@@ -318,6 +365,11 @@ class VaultAPI:
                 else None
             )
             record = replace(record, expires_at=expires_at, reads_left=max_reads)
+        # A receipt is a capability of its own: it asks what became of the secret, never
+        # reads it; the answer hands it out once.
+        receipt_id = str(uuid.uuid4()) if receipt else None
+        if receipt_id is not None or label is not None:
+            record = replace(record, receipt_id=receipt_id, label=label)
         context.secret_id = secret_id  # named by the audit record
         # The answer is 200 once stored: its audit record goes in the same store call.
         audit = None if context.audit is None else context.audit.record(200)
@@ -326,7 +378,10 @@ class VaultAPI:
         except BaseException:
             context.secret_id = None  # never handed out: the failure's record names no id
             raise
-        return JSONResponse({"secret_id": secret_id, **_lifecycle(record)})
+        answer = {"secret_id": secret_id, **_lifecycle(record)}
+        if receipt_id is not None:
+            answer["receipt_id"] = receipt_id
+        return JSONResponse(answer)
 
     async def fetch_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
@@ -367,6 +422,24 @@ class VaultAPI:
         if result is not DeleteResult.DELETED:
             raise HTTPException(404, NOT_FOUND)
         return JSONResponse({"secret_id": secret_id, "deleted": True})
+
+    async def secret_status(self, request: Request) -> Response:
+        """What became of a secret made with a receipt; never spends a read."""
+        context = request_context(request.scope)
+        context.op = "status"
+        data = await _json_object(request)
+        try:
+            receipt_id = normalize_secret_id(_string_field(data, "receipt_id"), "receipt_id")
+        except InvalidValue as exc:
+            raise HTTPException(400, str(exc)) from None
+        context.secret_id = receipt_id  # audited by its HMAC, as a secret id is
+        receipt = await self.store.receipt(receipt_id)
+        now = utc_now()
+        if receipt is None or not receipt_kept(receipt, now, self.receipt_retention_seconds):
+            raise HTTPException(404, NO_RECEIPT)
+        if receipt.tenant != _caller(context).tenant:
+            raise _denied(context, "status", "tenant", NO_RECEIPT)
+        return JSONResponse(_status(receipt_as_of(receipt, now)))
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -418,6 +491,7 @@ class VaultAPI:
             "create": self.create_secret,
             "fetch": self.fetch_secret,
             "delete": self.delete_secret,
+            "status": self.secret_status,
         }
         return [
             *(Route(path, endpoints[op], methods=["POST"]) for path, op in OPERATIONS.items()),

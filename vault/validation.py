@@ -57,14 +57,32 @@ def decode_secret(value: str) -> bytes:
     return decoded
 
 
-def normalize_secret_id(value: str) -> str:
-    """Accept a UUID in its canonical 8-4-4-4-12 hex form; return it in lower case."""
+def normalize_secret_id(value: str, name: str = "secret_id") -> str:
+    """Accept a UUID in its canonical 8-4-4-4-12 hex form; return it in lower case.
+    ``name`` is the field's (``receipt_id`` is checked alike)."""
     if not _UUID.fullmatch(value):
         raise InvalidValue(
-            "secret_id must be a UUID like 123e4567-e89b-42d3-a456-426614174000, "
+            f"{name} must be a UUID like 123e4567-e89b-42d3-a456-426614174000, "
             "as returned by /vault/secret/create"
         )
     return value.lower()
+
+
+MAX_LABEL = 200
+# Printable text: no control characters (C0, DEL, C1) and no line or paragraph separators,
+# so a label is one line wherever it is shown. The OpenAPI document states this pattern.
+LABEL_PATTERN = f"^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]{{1,{MAX_LABEL}}}$"
+_LABEL = re.compile(LABEL_PATTERN)
+
+
+def label_text(value: Any) -> str:
+    """A create's ``label``: 1 to MAX_LABEL printable characters; InvalidValue otherwise."""
+    if not isinstance(value, str) or not _LABEL.fullmatch(value):
+        raise InvalidValue(
+            f"field 'label' must be a string of 1 to {MAX_LABEL} printable characters "
+            "(no control characters or line breaks), or left out"
+        )
+    return value
 
 
 def reader_names(value: Any) -> tuple[str, ...]:

@@ -123,6 +123,12 @@ class Settings:
     max_ttl_seconds: int = setting(
         "SECRET_MAX_TTL_SECONDS", parse.whole(1), "315360000", "largest ttl_seconds (ten years)"
     )
+    receipt_retention_seconds: int = setting(
+        "RECEIPT_RETENTION_SECONDS",
+        parse.whole(0),
+        "2592000",
+        "how long a receipt answers after its secret ended (30 days)",
+    )
     default_ttl_seconds: int = setting(
         "SECRET_DEFAULT_TTL_SECONDS",
         parse.whole(0),

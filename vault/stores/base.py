@@ -32,11 +32,21 @@ from vault.lifecycle import (
     Fetched,
     Guarded,
     Opener,
+    ReceiptChange,
     denied,
     judge_fetch,
+    receipt_read,
     utc_now,
 )
-from vault.records import SealedSecret, StoredSecret, keyed_by_id, record_key
+from vault.records import (
+    Receipt,
+    ReceiptState,
+    SealedSecret,
+    StoredSecret,
+    keyed_by_id,
+    receipt_key,
+    record_key,
+)
 
 # Re-exported: the vocabulary of the stores and of transfer.
 __all__ = ["AUDIT_FIELDS", "AuditWrite", "utc_now"]
@@ -105,6 +115,35 @@ def judge_delete(
     return DeleteResult.DELETED
 
 
+def receipt_changes(
+    results: Sequence[Fetched | Exception], now: dt.datetime
+) -> list[ReceiptChange]:
+    """The receipts' changes for a batch of fetch verdicts: one per read served of a
+    secret with a receipt."""
+    changes = []
+    for result in results:
+        if isinstance(result, Fetched):
+            change = receipt_read(result, now)
+            if change is not None:
+                changes.append(change)
+    return changes
+
+
+def delete_changes(
+    receipt_id: object, expires_at: dt.datetime | None, result: DeleteResult, now: dt.datetime
+) -> list[ReceiptChange]:
+    """The receipt's change for a delete that removed a secret with a receipt: deleted
+    now, or, for one found past its expiry, expired when it expired."""
+    if not isinstance(receipt_id, str):
+        return []
+    key = receipt_key(receipt_id)
+    if result is DeleteResult.DELETED:
+        return [ReceiptChange(key, now, ended=ReceiptState.DELETED)]
+    if result is DeleteResult.EXPIRED:
+        return [ReceiptChange(key, expires_at or now, ended=ReceiptState.EXPIRED)]
+    return []
+
+
 class Remaining(NamedTuple):
     """What key rotation has left to do in a store (``secret-manager rewrap``)."""
 
@@ -156,6 +195,13 @@ class SecretStore(Protocol):
     async def purge_expired(self) -> int:
         """Remove the records past their expiry (and any whose reads are used up); the
         count removed. Called at start and every SECRET_PURGE_INTERVAL_SECONDS."""
+
+    async def purge_receipts(self, retention_seconds: float) -> int:
+        """Remove the receipts ``retention_seconds`` past the end of their secret (or past
+        its expiry, for one never seen ending); the count removed. Called with the purge."""
+
+    async def receipt(self, receipt_id: str) -> Receipt | None:
+        """The receipt stored for ``receipt_id`` (under its ``receipt_key``), or None."""
 
     async def ping(self) -> None:
         """Return if the store answers and writes work (vault/stores/health.py), else raise

@@ -46,6 +46,9 @@ def record_of(doc: Mapping[str, Any]) -> SealedSecret:
     if expires_at is not None and expires_at.tzinfo is None:  # a client without tz_aware
         expires_at = expires_at.replace(tzinfo=dt.UTC)
     tenant, owner, readers = access_of(doc)
+    receipt_id, label = doc.get("receipt_id"), doc.get("label")
+    if not all(value is None or isinstance(value, str) for value in (receipt_id, label)):
+        raise TypeError("a field of a stored secret record has the wrong type")
     return SealedSecret(
         record_key=str(doc["_id"]),
         key_id=key_id,
@@ -56,6 +59,8 @@ def record_of(doc: Mapping[str, Any]) -> SealedSecret:
         tenant=tenant,
         owner=owner,
         readers=readers,
+        receipt_id=receipt_id,
+        label=label,
     )
 
 
@@ -108,6 +113,10 @@ def document(record: SealedSecret, created_at: dt.datetime | None) -> dict[str, 
         doc["reads_left"] = record.reads_left
     # Likewise who may see it: a plain secret is stored as before tenants existed.
     doc.update(access_fields(record))
+    if record.receipt_id is not None:
+        doc["receipt_id"] = record.receipt_id
+    if record.label is not None:
+        doc["label"] = record.label
     return doc
 
 

@@ -16,18 +16,20 @@ from pymongo.write_concern import WriteConcern
 from observability.audit import AuditRecord
 from vault.errors import CorruptRecord, NotReady, StoreUnavailable
 from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
-from vault.records import SealedSecret, keyed_by_id, record_key
+from vault.records import Receipt, SealedSecret, keyed_by_id, receipt_key, record_key
 from vault.stores.base import (
     AuditWrite,
     DeleteResult,
     FetchItem,
     FetchResult,
     Remaining,
+    delete_changes,
     fetch_results,
     insert_results,
     judge_delete,
     judge_each,
     lookup_keys,
+    receipt_changes,
     stamped_audits,
     stored_or_refused,
     unavailable,
@@ -35,7 +37,7 @@ from vault.stores.base import (
 )
 from vault.stores.batching import Batcher
 from vault.stores.health import UNREACHABLE, WriteHealth, stored_any
-from vault.stores.mongo import rewrap
+from vault.stores.mongo import receipts, rewrap
 from vault.stores.mongo.connection import (
     MongoConnection,
     log,
@@ -68,7 +70,8 @@ _CREATE_BYTES_BESIDE_RECORD = 4096
 
 
 # A create's batch item: its document, and the audit record to write once it is stored.
-_Insert = tuple[dict[str, Any], AuditRecord | None]
+# A create's batch item: its document and its receipt's (None without), and its audit record.
+_Insert = tuple[tuple[dict[str, Any], dict[str, Any] | None], AuditRecord | None]
 
 
 # A fetch's batch item: the secret id (looked up, never written), what opens the record,
@@ -97,6 +100,9 @@ class MongoStore:
             "secrets", write_concern=durable
         )
         self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
+        self._receipts: Collection[dict[str, Any]] = db.get_collection(
+            "receipts", write_concern=durable
+        )
         # The documents the readiness probe rewrites to learn whether writes work; no secret.
         self._readiness: Collection[dict[str, Any]] = db.get_collection(
             "readiness", write_concern=durable
@@ -134,7 +140,12 @@ class MongoStore:
         """Insert a batch, then the audit records of the records stored, in one budget; one
         answer per item: its record's own error, or its audit record's write."""
         with pymongo.timeout(self._mongo.timeout):
-            results = insert_each(self._secrets, [doc for doc, _ in items], self._already_stored)
+            docs = [doc for (doc, _), _ in items]
+            results = insert_each(self._secrets, docs, self._already_stored)
+            receipts.insert_receipts(
+                self._receipts,
+                [r for ((_, r), _), e in zip(items, results, strict=True) if r and e is None],
+            )
             audits = stamped_audits(items, results)
             errors = self._write_audits_sync(audits)
         return insert_results(results, audits, errors)
@@ -195,8 +206,12 @@ class MongoStore:
     async def insert(
         self, record: SealedSecret, audit: AuditRecord | None = None
     ) -> AuditWrite | None:
+        now = dt.datetime.now(dt.UTC)
+        receipt = None
+        if record.receipt_id is not None:
+            receipt = receipts.receipt_document(Receipt.of(record, now))
         written: AuditWrite | None = await self._inserts.submit(
-            (document(record, dt.datetime.now(dt.UTC)), audit)
+            ((document(record, now), receipt), audit)
         )
         return written
 
@@ -237,6 +252,7 @@ class MongoStore:
                 if isinstance(record, SealedSecret) and takes_a_read(record, now, items[k].caller):
                     records[k] = self._take_read_sync(record.record_key, lookup_keys(secret_ids[k]))
             results, audits = judge_each(items, records, now)
+            receipts.apply_changes(self._receipts, receipt_changes(results, now))
             errors = self._write_audits_sync(
                 {k: audit for k, audit in enumerate(audits) if audit is not None}
             )
@@ -283,7 +299,15 @@ class MongoStore:
 
     def _delete_sync(self, secret_id: str, caller: Caller) -> DeleteResult:
         keys = lookup_keys(secret_id)
-        projection = {"expires_at": 1, "reads_left": 1, "tenant": 1, "owner": 1, "readers": 1}
+        projection = {
+            "_id": 1,
+            "expires_at": 1,
+            "reads_left": 1,
+            "tenant": 1,
+            "owner": 1,
+            "readers": 1,
+            "receipt_id": 1,
+        }
         with pymongo.timeout(self._mongo.timeout):
             docs = {
                 doc["_id"]: doc
@@ -303,9 +327,13 @@ class MongoStore:
             # converted, which would serve the secret again.
             gone = self._secrets.find_one_and_delete({"_id": doc["_id"]}, projection=projection)
             self._secrets.delete_many({"_id": {"$in": [key for key in keys if key != doc["_id"]]}})
-        if gone is None:
-            return DeleteResult.MISSING
-        return judge_delete(found_for_delete(gone), caller, now)
+            if gone is None:
+                return DeleteResult.MISSING
+            _, expires_at, _ = found = found_for_delete(gone)
+            result = judge_delete(found, caller, now)
+            changes = delete_changes(gone.get("receipt_id"), expires_at, result, now)
+            receipts.apply_changes(self._receipts, changes)
+        return result
 
     async def delete(self, secret_id: str, caller: Caller = ANYONE) -> DeleteResult:
         result: DeleteResult = await self._write("delete", self._delete_sync, secret_id, caller)
@@ -327,6 +355,24 @@ class MongoStore:
         expired = self._secrets.delete_many({"expires_at": {"$lte": now}}).deleted_count
         used_up = self._secrets.delete_many({"reads_left": 0}).deleted_count
         return expired + used_up
+
+    async def purge_receipts(self, retention_seconds: float) -> int:
+        removed: int = await self._write(
+            "purge_receipts",
+            receipts.purge_receipts,
+            self._receipts,
+            utc_now(),
+            retention_seconds,
+        )
+        return removed
+
+    def _receipt_sync(self, receipt_id: str) -> Receipt | None:
+        doc = self._receipts.find_one({"_id": receipt_key(receipt_id)})
+        return None if doc is None else receipts.receipt_of(doc)
+
+    async def receipt(self, receipt_id: str) -> Receipt | None:
+        found: Receipt | None = await self._mongo.run("receipt", self._receipt_sync, receipt_id)
+        return found
 
     async def purge_expired(self) -> int:
         removed: int = await self._write("purge_expired", self._purge_sync, utc_now())

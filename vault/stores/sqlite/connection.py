@@ -20,7 +20,25 @@ CREATE TABLE IF NOT EXISTS secrets (
     reads_left INTEGER,  -- NULL: no read limit
     tenant     TEXT,     -- NULL: the default tenant
     owner      TEXT,     -- the key that made it, for a secret made for named readers
-    readers    TEXT      -- JSON array of key names; NULL: every key of its tenant
+    readers    TEXT,     -- JSON array of key names; NULL: every key of its tenant
+    receipt_id TEXT,     -- the receipt's id, for a secret made with one
+    label      TEXT      -- the creator's label, not secret
+) WITHOUT ROWID;
+-- What became of a secret made with a receipt; outlives it until the retention ends.
+-- receipt_key: the digest of the receipt id (vault/records.py receipt_key). Times: Unix
+-- seconds, fractional for the reads and the end.
+CREATE TABLE IF NOT EXISTS receipts (
+    receipt_key   TEXT PRIMARY KEY,
+    tenant        TEXT NOT NULL,
+    label         TEXT,
+    created_at    REAL NOT NULL,
+    expires_at    INTEGER,
+    max_reads     INTEGER,
+    reads         INTEGER NOT NULL DEFAULT 0,
+    first_read_at REAL,
+    last_read_at  REAL,
+    ended_at      REAL,
+    state         TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS secrets_key_id ON secrets (key_id);
 CREATE TABLE IF NOT EXISTS audit (
@@ -84,6 +102,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
         ("tenant", "TEXT"),
         ("owner", "TEXT"),
         ("readers", "TEXT"),
+        ("receipt_id", "TEXT"),
+        ("label", "TEXT"),
     ):
         if column not in secret_columns:
             conn.execute(f"ALTER TABLE secrets ADD COLUMN {column} {kind}")

@@ -16,7 +16,8 @@ from vault.stores.base import (
 )
 
 RECORD_COLUMNS = (
-    "record_key, key_id, nonce, ciphertext, expires_at, reads_left, tenant, owner, readers"
+    "record_key, key_id, nonce, ciphertext, expires_at, reads_left, tenant, owner, readers,"
+    " receipt_id, label"
 )
 INSERT_RECORD = (
     f"INSERT INTO secrets ({RECORD_COLUMNS})"  # noqa: S608 - fixed column names only
@@ -27,7 +28,17 @@ INSERT_RECORD = (
 # A record still stored under its secret id (vault/records.py LEGACY_KEY_LENGTH), in SQL.
 KEYED_BY_ID = "length(record_key) = 36"
 RecordRow = tuple[
-    str, str, bytes, bytes, int | None, int | None, str | None, str | None, str | None
+    str,
+    str,
+    bytes,
+    bytes,
+    int | None,
+    int | None,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
 ]
 
 
@@ -130,6 +141,8 @@ def record_row(record: SealedSecret) -> RecordRow:
         None if record.tenant == DEFAULT_TENANT else record.tenant,
         record.owner,
         None if record.readers is None else json.dumps(list(record.readers)),
+        record.receipt_id,
+        record.label,
     )
 
 
@@ -137,7 +150,7 @@ def record_of(row: RecordRow) -> SealedSecret:
     """The record a row holds; CorruptRecord when its readers are malformed."""
     key, key_id, nonce, ciphertext, expires_at, reads_left = row[:6]
     try:
-        tenant, owner, readers = access_of(row[6:])
+        tenant, owner, readers = access_of(row[6:9])
     except ValueError:
         # The message names no values: the row may hold anything.
         raise CorruptRecord("a stored secret record is malformed") from None
@@ -151,6 +164,8 @@ def record_of(row: RecordRow) -> SealedSecret:
         tenant=tenant,
         owner=owner,
         readers=readers,
+        receipt_id=row[9],
+        label=row[10],
     )
 
 

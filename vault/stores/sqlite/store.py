@@ -10,23 +10,25 @@ from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from observability.audit import AuditRecord
 from vault.errors import CorruptRecord, NotReady, StoreUnavailable
 from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
-from vault.records import SealedSecret, keyed_by_id, record_key
+from vault.records import Receipt, SealedSecret, keyed_by_id, receipt_key, record_key
 from vault.stores.base import (
     AuditWrite,
     DeleteResult,
     FetchItem,
     FetchResult,
     Remaining,
+    delete_changes,
     fetch_results,
     insert_results,
     judge_delete,
     judge_each,
     lookup_keys,
+    receipt_changes,
     run_off_loop,
     stamped_audits,
     store_executor,
@@ -36,7 +38,7 @@ from vault.stores.base import (
 )
 from vault.stores.batching import Batcher
 from vault.stores.health import DISK_FULL, UNREACHABLE, WriteHealth, stored_any
-from vault.stores.sqlite import rewrap
+from vault.stores.sqlite import receipts, rewrap
 from vault.stores.sqlite.connection import (
     SCHEMA,
     checkpoint,
@@ -201,10 +203,24 @@ class SQLiteStore:
     async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
         rows = [record_row(r) for r, _ in items]
 
+        now = utc_now()
+        # Each item's receipt, for a secret made with one: stored only with its secret.
+        item_receipts = [
+            None if record.receipt_id is None else Receipt.of(record, now) for record, _ in items
+        ]
+
         def insert(conn: sqlite3.Connection) -> list[AuditWrite | Exception | None]:
-            with conn:  # one transaction, one fsync: the batch and its audit records
+            with conn:  # one transaction, one fsync: the batch, its receipts and audit records
                 conn.execute("BEGIN IMMEDIATE")
                 results = insert_each(conn, INSERT_RECORD, rows)
+                receipts.insert_receipts(
+                    conn,
+                    [
+                        receipt
+                        for receipt, error in zip(item_receipts, results, strict=True)
+                        if receipt is not None and error is None
+                    ],
+                )
                 audits = stamped_audits(items, results)
                 errors = insert_audits(conn, audits)
             return insert_results(results, audits, errors)  # only now: committed, durable
@@ -256,15 +272,18 @@ class SQLiteStore:
         ]
         if not limited:
             results, audits = judge_each(items, records, now)
-            if all(audit is None for audit in audits):
+            changes = receipt_changes(results, now)
+            if not changes and all(audit is None for audit in audits):
                 return fetch_results(results, audits, {})  # a pure read: no transaction
-        with conn:  # one transaction, one fsync: the reads taken and the audit records
+        with conn:  # one transaction, one fsync: the reads taken, receipts, audit records
             conn.execute("BEGIN IMMEDIATE")
             for k, record in limited:  # each its own atomic take
                 row = take_read(conn, record.record_key, lookup_keys(secret_ids[k]))
                 records[k] = None if row is None else record_of(row)
             if limited:  # judged only now, on the records as the takes left them
                 results, audits = judge_each(items, records, now)
+                changes = receipt_changes(results, now)
+            receipts.apply_changes(conn, changes)
             errors = insert_audits(
                 conn, {k: audit for k, audit in enumerate(audits) if audit is not None}
             )
@@ -297,27 +316,42 @@ class SQLiteStore:
             # answers when both are there.
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                rows: list[tuple[str, int | None, int | None, str | None, str | None, str | None]]
-                rows = conn.execute(
-                    "SELECT record_key, expires_at, reads_left, tenant, owner, readers"
-                    " FROM secrets WHERE record_key IN (?, ?)",
+                rows: list[tuple[Any, ...]] = conn.execute(
+                    "SELECT record_key, expires_at, reads_left, tenant, owner, readers,"
+                    " receipt_id FROM secrets WHERE record_key IN (?, ?)",
                     keys,
                 ).fetchall()
                 by_key = {row[0]: row for row in rows}
                 row = next((by_key[key] for key in keys if key in by_key), None)
                 if row is None:
                     return DeleteResult.MISSING
-                _, expires_at, reads_left, *access = row
+                _, expires_at, reads_left, tenant, owner, readers, receipt_id = row
                 expiry = (
                     None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC)
                 )
-                result = judge_delete((guard_of(access), expiry, reads_left), caller, utc_now())
+                now = utc_now()
+                guard = guard_of((tenant, owner, readers))
+                result = judge_delete((guard, expiry, reads_left), caller, now)
                 if result in (DeleteResult.DELETED, DeleteResult.EXPIRED):
                     conn.execute("DELETE FROM secrets WHERE record_key IN (?, ?)", keys)
+                    changes = delete_changes(receipt_id, expiry, result, now)
+                    receipts.apply_changes(conn, changes)
                 return result
 
         result: DeleteResult = await self._run("delete", remove, write=True)
         return result
+
+    async def purge_receipts(self, retention_seconds: float) -> int:
+        now = utc_now()
+        return await self._run(
+            "purge_receipts",
+            lambda conn: receipts.purge_receipts(conn, now, retention_seconds),
+            write=True,
+        )
+
+    async def receipt(self, receipt_id: str) -> Receipt | None:
+        key = receipt_key(receipt_id)
+        return await self._run("receipt", lambda conn: receipts.get_receipt(conn, key))
 
     async def purge_expired(self) -> int:
         now = int(utc_now().timestamp())
