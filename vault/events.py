@@ -11,6 +11,7 @@ An event never holds a secret, nor a secret id in clear (its audit HMAC stands f
 from __future__ import annotations
 
 import datetime as dt
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -45,3 +46,25 @@ class Event:
         """The body a delivery sends: ``{"type", "timestamp", "data"}``."""
         timestamp = self.at.astimezone(dt.UTC).isoformat(timespec="milliseconds")
         return {"type": self.type, "timestamp": timestamp.replace("+00:00", "Z"), "data": self.data}
+
+
+def event_body(event: Event) -> str:
+    """The body every delivery of ``event`` sends and signs: its payload as compact JSON,
+    ASCII only (whatever a label holds, the signed bytes read alike in any language). Made
+    once, when the event is written to the outbox, and stored: every retry sends exactly
+    these bytes."""
+    return json.dumps(event.payload(), separators=(",", ":"), ensure_ascii=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """An event in a store's outbox, as a deliverer claimed it: the event, the body stored
+    for it (``event_body``), the delivery attempts made so far, when it was written to the
+    outbox (the store's clock; its age counts from then) and the receivers that have it
+    already (their digests, vault/webhooks.py), which are not sent it again."""
+
+    event: Event
+    body: str
+    attempts: int
+    created_at: dt.datetime
+    delivered_to: frozenset[str] = frozenset()

@@ -25,6 +25,7 @@ from observability.audit import AUDIT_FIELDS, AuditRecord, AuditWrite
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
 from vault.errors import StoreUnavailable
+from vault.events import Event, PendingEvent
 from vault.lifecycle import (
     ANYONE,
     Caller,
@@ -152,6 +153,18 @@ class Remaining(NamedTuple):
     keyed_by_id: int  # of those, stored under their secret id (legacy records)
 
 
+class Settlement(NamedTuple):
+    """What a deliverer made of an event it claimed: with ``next_attempt_at`` None, remove
+    it (every receiver has it, or it is dropped); else try it again then, the receivers
+    ``delivered_to`` (digests) having it already. Applied only while ``owner`` still holds
+    the event's lease."""
+
+    event_id: str
+    owner: str
+    next_attempt_at: dt.datetime | None = None
+    delivered_to: frozenset[str] = frozenset()
+
+
 class SecretStore(Protocol):
     """What the routes need from a store. Every method runs its I/O off the event loop."""
 
@@ -254,6 +267,47 @@ class SecretStore(Protocol):
         """For each key id that seals a live record (not expired, reads not used up) and is
         not in ``known_key_ids``: how many live records it seals. Found through the key id
         index (distinct ids by index seeks, then a count per unknown id), never a scan."""
+
+    # The outbox of lifecycle events (vault/events.py), drained by the webhook deliverer
+    # (vault/webhooks.py). A request's store call writes its events itself, in its own
+    # transaction or batch (documents.py's ``insert_events``).
+
+    async def add_events(self, events: Sequence[Event]) -> None:
+        """Durably write ``events`` to the outbox, due at once, in a write of their own (an
+        event made outside a request's store call); an event id already stored is left as
+        it is. Nothing is written for no events."""
+
+    async def claim_events(
+        self, owner: str, now: dt.datetime, lease_seconds: float, limit: int
+    ) -> list[PendingEvent]:
+        """Up to ``limit`` events due at ``now`` (their next attempt's time has come and no
+        deliverer holds a live lease on them), the oldest first, each leased to ``owner``
+        until ``now`` + ``lease_seconds`` by one atomic write: across processes and replicas
+        one deliverer at a time holds an event. An event whose lease ends unsettled (its
+        deliverer died) is due again then. Only a read when nothing is due."""
+
+    async def event_delivered(self, event_id: str, owner: str) -> bool:
+        """Every receiver has the event: remove it, if ``owner`` still holds its lease (the
+        answer says so; else nothing changes)."""
+
+    async def event_failed(
+        self,
+        event_id: str,
+        owner: str,
+        next_attempt_at: dt.datetime,
+        delivered_to: Collection[str] = (),
+    ) -> bool:
+        """A delivery failed: count the attempt, free the lease and make the event due again
+        at ``next_attempt_at``, noting the receivers that have it (``delivered_to``, the
+        whole set so far), if ``owner`` still holds its lease (the answer says so)."""
+
+    async def drop_event(self, event_id: str, owner: str) -> bool:
+        """Remove an event that will not be delivered (too old), if ``owner`` still holds its
+        lease: True when this call removed it."""
+
+    async def outbox_backlog(self, now: dt.datetime) -> tuple[int, dt.datetime | None]:
+        """How many events the outbox holds (delivered ones leave it), and when the oldest
+        was written to it (None: empty), as of ``now``."""
 
 
 class Backend(Protocol):

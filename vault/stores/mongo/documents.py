@@ -1,9 +1,11 @@
-"""A secret and an audit record as MongoDB documents, and the unordered insert both use."""
+"""A secret, an audit record and an outbox event as MongoDB documents, and the unordered
+insert the first two use."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bson import ObjectId
@@ -16,6 +18,8 @@ from pymongo.errors import (
 )
 
 from vault.errors import CorruptRecord
+from vault.events import Event, PendingEvent, event_body
+from vault.lifecycle import utc_now
 from vault.records import DEFAULT_TENANT, NOBODY, Access, SealedSecret, access_fields
 from vault.stores.base import (
     AUDIT_FIELDS,
@@ -170,3 +174,74 @@ def insert_each(
 def sealed_by(doc: Mapping[str, Any]) -> tuple[object, bytes | None]:
     nonce = doc.get("nonce")
     return doc.get("kid"), bytes(nonce) if isinstance(nonce, bytes) else None
+
+
+# --- the outbox -------------------------------------------------------------------------
+# One document per event in the collection ``outbox``: ``_id`` the event id, ``type``,
+# ``at``, ``payload`` (the JSON body every delivery sends and signs, as text: exactly the
+# same bytes on every attempt), ``attempts``, ``next_attempt_at`` (while a deliverer holds
+# the lease, the lease's end), ``lease_owner``, ``lease_until``, ``delivered`` (the
+# receivers that have it) and ``created_at``. Never a secret nor a secret id.
+
+
+def event_document(event: Event, now: dt.datetime) -> dict[str, Any]:
+    """The document an event is written to the outbox as, due at once."""
+    return {
+        "_id": event.id,
+        "type": event.type,
+        "at": event.at,
+        "payload": event_body(event),
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+    }
+
+
+def insert_events(
+    collection: Collection[dict[str, Any]],
+    events: Sequence[Event],
+    now: dt.datetime | None = None,
+) -> None:
+    """Write ``events`` to the outbox ``collection`` in one unordered ``insert_many``, due
+    at once (``now``, by default the store's clock, is their ``created_at``). An event id
+    already stored is a retry whose first attempt landed: ignored. Any other refusal is
+    raised (WriteError), as is a write concern not met. Nothing is sent for no events."""
+    if not events:
+        return
+    stamp = utc_now() if now is None else now
+    try:
+        collection.insert_many([event_document(e, stamp) for e in events], ordered=False)
+    except BulkWriteError as exc:
+        if exc.details.get("writeConcernErrors"):
+            raise WriteConcernError("write concern not satisfied") from None
+        for error in exc.details.get("writeErrors", []):
+            if error.get("code") != DUPLICATE_KEY:
+                raise WriteError(error.get("errmsg"), error.get("code")) from None
+
+
+def pending_of(doc: Mapping[str, Any]) -> PendingEvent:
+    """The outbox document as the deliverer gets it; ValueError, TypeError or KeyError when
+    it is malformed."""
+    payload = doc["payload"]
+    data = json.loads(payload).get("data")
+    if not isinstance(data, dict):
+        raise ValueError("an outbox event's payload is malformed")
+    delivered = doc.get("delivered") or []
+    return PendingEvent(
+        Event(str(doc["type"]), aware(doc["at"]), data, str(doc["_id"])),
+        payload,
+        int(doc.get("attempts", 0)),
+        aware(doc["created_at"]),
+        frozenset(str(digest) for digest in delivered),
+    )
+
+
+MALFORMED_EVENT = (KeyError, TypeError, ValueError, AttributeError)  # what pending_of raises
+
+
+def aware(value: Any) -> dt.datetime:
+    """A stored time as an aware UTC datetime (a client without tz_aware reads naive ones);
+    TypeError when it is no time."""
+    if not isinstance(value, dt.datetime):
+        raise TypeError("not a stored time")
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pymongo
@@ -15,6 +15,7 @@ from pymongo.write_concern import WriteConcern
 
 from observability.audit import AuditRecord
 from vault.errors import CorruptRecord, NotReady, StoreUnavailable
+from vault.events import Event, PendingEvent
 from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
 from vault.records import Receipt, SealedSecret, keyed_by_id, receipt_key, record_key
 from vault.stores.base import (
@@ -23,6 +24,7 @@ from vault.stores.base import (
     FetchItem,
     FetchResult,
     Remaining,
+    Settlement,
     delete_changes,
     fetch_results,
     insert_results,
@@ -44,10 +46,14 @@ from vault.stores.mongo.connection import (
 )
 from vault.stores.mongo.documents import (
     MALFORMED_AUDIT,
+    MALFORMED_EVENT,
     audit_document,
+    aware,
     document,
     found_for_delete,
     insert_each,
+    insert_events,
+    pending_of,
     sealed_or_corrupt,
 )
 from vault.stores.mongo.errors import (
@@ -103,6 +109,10 @@ class MongoStore:
         self._receipts: Collection[dict[str, Any]] = db.get_collection(
             "receipts", write_concern=durable
         )
+        # Lifecycle events waiting for their webhook deliveries (documents.py says how).
+        self._outbox: Collection[dict[str, Any]] = db.get_collection(
+            "outbox", write_concern=durable
+        )
         # The documents the readiness probe rewrites to learn whether writes work; no secret.
         self._readiness: Collection[dict[str, Any]] = db.get_collection(
             "readiness", write_concern=durable
@@ -124,6 +134,11 @@ class MongoStore:
         self._audits = Batcher(
             self._insert_audit_batch, operation="insert_audit", timeout=deadline, breaker=breaker
         )
+        # The deliverers' outcomes (delivered, failed, dropped): one thread hand-off a batch.
+        self._settles = Batcher(
+            self._settle_batch, operation="outbox_settle", timeout=deadline, breaker=breaker
+        )
+        self._outbox_indexes = False  # made by the first claim or backlog count
         self._expiry_index = False  # the TTL index on expires_at, made by the first purge
         self._kid_index = False  # the index on kid, made by the first key guard check
 
@@ -134,6 +149,7 @@ class MongoStore:
         await self._inserts.close()
         await self._reads.close()
         await self._audits.close()
+        await self._settles.close()
         await self._mongo.close()
 
     def _insert_many_sync(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
@@ -454,6 +470,136 @@ class MongoStore:
             timeout=rewrap.KEY_COUNT_TIMEOUT_SECONDS,
         )
         return counts
+
+    def _ensure_outbox_indexes(self) -> None:
+        """The indexes on ``next_attempt_at`` (what is due) and ``created_at`` (the oldest),
+        unless made already, under any name (another replica, nx-27017's own names)."""
+        if self._outbox_indexes:
+            return
+        keys = {
+            tuple(field for field, _ in info.get("key", []))
+            for info in self._outbox.index_information().values()
+        }
+        for field in ("next_attempt_at", "created_at"):
+            if (field,) not in keys:
+                self._outbox.create_index(field, name=f"outbox_{field}")
+        self._outbox_indexes = True
+
+    async def add_events(self, events: Sequence[Event]) -> None:
+        if events:
+            await self._write("outbox_add", insert_events, self._outbox, events, utc_now())
+
+    def _claim_sync(
+        self, owner: str, now: dt.datetime, lease_seconds: float, limit: int
+    ) -> list[PendingEvent]:
+        """The events due, then each of them leased by one atomic update of its document
+        (matched only while still due: of deliverers racing for it, one gets it), then the
+        documents this call leased read back: three round trips, whatever the count."""
+        until = now + dt.timedelta(seconds=lease_seconds)
+        until = until.replace(microsecond=until.microsecond // 1000 * 1000)  # as BSON keeps it
+        with pymongo.timeout(self._mongo.timeout):
+            self._ensure_outbox_indexes()
+            due = [
+                doc["_id"]
+                for doc in self._outbox.find({"next_attempt_at": {"$lte": now}}, {"_id": 1})
+                .sort("next_attempt_at", 1)
+                .limit(limit)
+            ]
+            if not due:
+                return []
+            self._outbox.update_many(
+                {"_id": {"$in": due}, "next_attempt_at": {"$lte": now}},
+                {"$set": {"lease_owner": owner, "lease_until": until, "next_attempt_at": until}},
+            )
+            # A document this owner leased before has its lease's end as next_attempt_at,
+            # past ``now``: it was not due, so only this call's leases match.
+            leased = self._outbox.find(
+                {"_id": {"$in": due}, "lease_owner": owner, "lease_until": until}
+            )
+            claimed: list[PendingEvent] = []
+            malformed: list[object] = []
+            for doc in leased:
+                try:
+                    claimed.append(pending_of(doc))
+                except MALFORMED_EVENT:
+                    malformed.append(doc["_id"])
+            if malformed:  # edited in the database: it could never be delivered
+                self._outbox.delete_many({"_id": {"$in": malformed}, "lease_owner": owner})
+                for event_id in malformed:
+                    log.warning("outbox event %s is malformed; removed undelivered", event_id)
+        claimed.sort(key=lambda pending: pending.created_at)
+        return claimed
+
+    async def claim_events(
+        self, owner: str, now: dt.datetime, lease_seconds: float, limit: int
+    ) -> list[PendingEvent]:
+        if limit < 1:
+            return []
+        claimed: list[PendingEvent] = await self._write(
+            "outbox_claim", self._claim_sync, owner, now, lease_seconds, limit
+        )
+        return claimed
+
+    def _settle_sync(self, items: list[Settlement]) -> list[bool]:
+        """Each settlement by one conditional write (still leased by its owner), in one
+        budget: whether it applied, for each."""
+        done: list[bool] = []
+        with pymongo.timeout(self._mongo.timeout):
+            for item in items:
+                leased = {"_id": item.event_id, "lease_owner": item.owner}
+                if item.next_attempt_at is None:
+                    done.append(self._outbox.delete_one(leased).deleted_count == 1)
+                    continue
+                update = {
+                    "next_attempt_at": item.next_attempt_at,
+                    "delivered": sorted(item.delivered_to),
+                    "lease_owner": None,
+                    "lease_until": None,
+                }
+                result = self._outbox.update_one(leased, {"$inc": {"attempts": 1}, "$set": update})
+                done.append(result.matched_count == 1)
+        return done
+
+    async def _settle_batch(self, items: list[Settlement]) -> list[bool]:
+        done: list[bool] = await self._write("outbox_settle", self._settle_sync, items)
+        return done
+
+    async def event_delivered(self, event_id: str, owner: str) -> bool:
+        done: bool = await self._settles.submit(Settlement(event_id, owner))
+        return done
+
+    async def event_failed(
+        self,
+        event_id: str,
+        owner: str,
+        next_attempt_at: dt.datetime,
+        delivered_to: Iterable[str] = (),
+    ) -> bool:
+        item = Settlement(event_id, owner, next_attempt_at, frozenset(delivered_to))
+        done: bool = await self._settles.submit(item)
+        return done
+
+    async def drop_event(self, event_id: str, owner: str) -> bool:
+        done: bool = await self._settles.submit(Settlement(event_id, owner))
+        return done
+
+    def _backlog_sync(self) -> tuple[int, dt.datetime | None]:
+        with pymongo.timeout(self._mongo.timeout):
+            self._ensure_outbox_indexes()
+            count = self._outbox.count_documents({})
+            oldest = self._outbox.find_one({}, {"created_at": 1}, sort=[("created_at", 1)])
+        if oldest is None:
+            return count, None
+        try:
+            return count, aware(oldest.get("created_at"))
+        except TypeError:
+            return count, None
+
+    async def outbox_backlog(self, now: dt.datetime) -> tuple[int, dt.datetime | None]:
+        backlog: tuple[int, dt.datetime | None] = await self._mongo.run(
+            "outbox_backlog", self._backlog_sync
+        )
+        return backlog
 
     def _insert_audit_sync(self, documents: list[dict[str, Any]]) -> list[Exception | None]:
         # A duplicate _id is this very record (ids are made with the record), stored by an

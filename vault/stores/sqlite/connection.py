@@ -69,6 +69,22 @@ CREATE TABLE IF NOT EXISTS readiness_room (
     bytes BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_secret_id_hmac ON audit (secret_id_hmac);
+-- Lifecycle events waiting for their webhook deliveries (vault/events.py, vault/webhooks.py),
+-- written in the transaction of the change each reports; never a secret nor a secret id.
+-- Times are sqlite_timestamp text. While a deliverer holds a row's lease, next_attempt_at
+-- is the lease's end: a row is due, to whoever claims it first, when that time has passed.
+CREATE TABLE IF NOT EXISTS outbox (
+    event_id        TEXT PRIMARY KEY,
+    type            TEXT NOT NULL,
+    at              TEXT NOT NULL,
+    payload         TEXT NOT NULL,  -- the JSON body every delivery sends and signs, exactly
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT NOT NULL,
+    lease_owner     TEXT,
+    lease_until     TEXT,
+    delivered       TEXT,           -- JSON array of the receivers (digests) that have it
+    created_at      TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -116,6 +132,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
     if "tenant" not in columns:
         conn.execute("ALTER TABLE audit ADD COLUMN tenant TEXT")  # NULL in older rows
     conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS audit_record_id ON audit (record_id)")
+    # The outbox (a table of its own, made by SCHEMA in a file of any age): what is due, in
+    # order, and the oldest row, each one index seek.
+    conn.execute("CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at)")
+    conn.execute("CREATE INDEX IF NOT EXISTS outbox_created_at ON outbox (created_at)")
 
 
 def connect(path: Path, timeout: float) -> sqlite3.Connection:

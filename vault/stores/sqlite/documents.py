@@ -1,4 +1,5 @@
-"""A secret and an audit record as rows, and the statements that read and write them."""
+"""A secret, an audit record and an outbox event as rows, and the statements that read and
+write them."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from collections.abc import Mapping, Sequence
 
 from observability.audit import AuditRecord
 from vault.errors import CorruptRecord
+from vault.events import Event, PendingEvent, event_body
+from vault.lifecycle import utc_now
 from vault.records import DEFAULT_TENANT, NOBODY, Access, SealedSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     AuditDocument,
+    Settlement,
 )
 
 RECORD_COLUMNS = (
@@ -197,3 +201,121 @@ def guard_of(columns: Sequence[str | None]) -> Access:
 def sqlite_timestamp(value: dt.datetime) -> str:
     """UTC, fixed width, so timestamps compare correctly as text."""
     return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --- the outbox -------------------------------------------------------------------------
+
+# An event id already stored is a retry whose first attempt landed: nothing to do.
+INSERT_EVENT = (
+    "INSERT INTO outbox (event_id, type, at, payload, attempts, next_attempt_at, created_at)"
+    " VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+)
+EVENT_COLUMNS = "event_id, type, at, payload, attempts, created_at, delivered"
+EventRow = tuple[str, str, str, str, int, str, str | None]
+# Whether anything is due: a read, so that an idle deliverer never takes the write lock.
+ANY_DUE = "SELECT 1 FROM outbox WHERE next_attempt_at <= ? LIMIT 1"
+# Claimed in one statement, the earliest due first: each row due now gets the lease, which
+# makes it due again only when the lease ends (next_attempt_at is set to its end).
+CLAIM_EVENTS = (
+    "UPDATE outbox SET lease_owner = ?, lease_until = ?, next_attempt_at = ?"  # noqa: S608
+    " WHERE event_id IN (SELECT event_id FROM outbox WHERE next_attempt_at <= ?"
+    " ORDER BY next_attempt_at LIMIT ?)"
+    f" RETURNING {EVENT_COLUMNS}"
+)
+# Delivered to every receiver, or dropped: gone, if this deliverer still holds its lease.
+REMOVE_EVENT = "DELETE FROM outbox WHERE event_id = ? AND lease_owner = ?"
+RESCHEDULE_EVENT = (
+    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, delivered = ?,"
+    " lease_owner = NULL, lease_until = NULL WHERE event_id = ? AND lease_owner = ?"
+)
+OUTBOX_BACKLOG = "SELECT count(*), min(created_at) FROM outbox"
+
+
+def insert_events(
+    conn: sqlite3.Connection, events: Sequence[Event], now: dt.datetime | None = None
+) -> None:
+    """Write ``events`` to the outbox in the caller's open transaction, due at once (``now``,
+    by default the store's clock, is their ``created_at``). An event id already stored is a
+    retry whose first attempt landed: left as it is. Nothing is run for no events."""
+    if not events:
+        return
+    stamp = sqlite_timestamp(utc_now() if now is None else now)
+    conn.executemany(
+        INSERT_EVENT,
+        [(e.id, e.type, sqlite_timestamp(e.at), event_body(e), stamp, stamp) for e in events],
+    )
+
+
+def claim_events(
+    conn: sqlite3.Connection, owner: str, now: dt.datetime, lease_seconds: float, limit: int
+) -> tuple[list[PendingEvent], list[str]]:
+    """Lease up to ``limit`` events due at ``now`` to ``owner`` for ``lease_seconds``, in one
+    write transaction (BEGIN IMMEDIATE: one claimer at a time across processes), the
+    earliest due first; with them the ids of malformed rows met, removed in the same
+    transaction. Only a read when nothing is due."""
+    stamp = sqlite_timestamp(now)
+    if conn.execute(ANY_DUE, (stamp,)).fetchone() is None:
+        return [], []
+    until = sqlite_timestamp(now + dt.timedelta(seconds=lease_seconds))
+    claimed: list[PendingEvent] = []
+    malformed: list[str] = []
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        rows: list[EventRow] = conn.execute(
+            CLAIM_EVENTS, (owner, until, until, stamp, limit)
+        ).fetchall()
+        for row in rows:
+            try:
+                claimed.append(pending_of(row))
+            except (ValueError, TypeError, AttributeError):
+                malformed.append(row[0])
+        conn.executemany("DELETE FROM outbox WHERE event_id = ?", [(i,) for i in malformed])
+    claimed.sort(key=lambda pending: pending.created_at)
+    return claimed, malformed
+
+
+def settle_events(conn: sqlite3.Connection, settlements: Sequence[Settlement]) -> list[bool]:
+    """Apply each settlement in one write transaction: the event removed, or rescheduled
+    with its attempts counted and its lease freed; for each, whether its owner still held
+    the lease (else nothing was changed: another deliverer has the event now)."""
+    done: list[bool] = []
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        for item in settlements:
+            if item.next_attempt_at is None:
+                cursor = conn.execute(REMOVE_EVENT, (item.event_id, item.owner))
+            else:
+                delivered = json.dumps(sorted(item.delivered_to)) if item.delivered_to else None
+                cursor = conn.execute(
+                    RESCHEDULE_EVENT,
+                    (sqlite_timestamp(item.next_attempt_at), delivered, item.event_id, item.owner),
+                )
+            done.append(cursor.rowcount == 1)
+    return done
+
+
+def outbox_backlog(conn: sqlite3.Connection) -> tuple[int, dt.datetime | None]:
+    """How many events the outbox holds, and when the oldest was written to it."""
+    count, oldest = conn.execute(OUTBOX_BACKLOG).fetchone()
+    return int(count), None if oldest is None else parse_timestamp(oldest)
+
+
+def pending_of(row: EventRow) -> PendingEvent:
+    """The outbox row as the deliverer gets it; ValueError when it is malformed."""
+    event_id, kind, at, payload, attempts, created_at, delivered = row
+    data = json.loads(payload).get("data")
+    if not isinstance(data, dict):
+        raise ValueError("an outbox event's payload is malformed")
+    receivers = () if delivered is None else json.loads(delivered)
+    return PendingEvent(
+        Event(kind, parse_timestamp(at), data, event_id),
+        payload,
+        attempts,
+        parse_timestamp(created_at),
+        frozenset(str(digest) for digest in receivers),
+    )
+
+
+def parse_timestamp(value: str) -> dt.datetime:
+    """A ``sqlite_timestamp`` read back."""
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
