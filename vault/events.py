@@ -11,6 +11,7 @@ An event never holds a secret, nor a secret id in clear (its audit HMAC stands f
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import secrets
 import time
@@ -32,6 +33,14 @@ def new_event_id() -> str:
     return f"msg_{int(time.time()) & 0xFFFFFFFF:08x}{secrets.token_hex(10)}"
 
 
+def derived_event_id(record_key: str, type: str) -> str:
+    """The id of an event that happens once to a record (its expiry), whoever notices it:
+    a digest of the record key and the type, so every process that finds it makes the
+    same event, which an outbox stores once."""
+    digest = hashlib.sha256(f"secret-manager event v1\x00{type}\x00{record_key}".encode())
+    return f"msg_{digest.hexdigest()[:28]}"
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One lifecycle event: ``type`` one of EVENT_TYPES, ``at`` when the change happened
@@ -46,6 +55,56 @@ class Event:
         """The body a delivery sends: ``{"type", "timestamp", "data"}``."""
         timestamp = self.at.astimezone(dt.UTC).isoformat(timespec="milliseconds")
         return {"type": self.type, "timestamp": timestamp.replace("+00:00", "Z"), "data": self.data}
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who made a change, as its events name them: the request's key (name and tenant, None
+    without API keys), its client address, and the audit HMAC of the secret id. None for a
+    change no request made (an expiry found by the purge)."""
+
+    key_name: str | None = None
+    tenant: str | None = None
+    client_ip: str | None = None
+    secret_id_hmac: str | None = None
+
+
+def _seconds(moment: dt.datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def secret_event(
+    type: str,
+    at: dt.datetime,
+    *,
+    tenant: str,
+    receipt_id: str | None,
+    label: str | None,
+    reads_left: int | None,
+    expires_at: dt.datetime | None,
+    actor: Actor | None,
+) -> Event:
+    """The event of a change to one secret: its receipt id and label (null without), its
+    tenant, reads left and expiry, and who made the change (their key's name and tenant,
+    which for a refusal may be another tenant's). Never the secret, never its
+    id (its audit HMAC stands for it, when a request named it)."""
+    return Event(
+        type=type,
+        at=at,
+        data={
+            "receipt_id": receipt_id,
+            "label": label,
+            "secret_id_hmac": None if actor is None else actor.secret_id_hmac,
+            "tenant": tenant,
+            "key_name": None if actor is None else actor.key_name,
+            "key_tenant": None if actor is None else actor.tenant,
+            "client_ip": None if actor is None else actor.client_ip,
+            "reads_left": reads_left,
+            "expires_at": _seconds(expires_at),
+        },
+    )
 
 
 def event_body(event: Event) -> str:

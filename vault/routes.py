@@ -13,6 +13,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +30,7 @@ from middleware.context import RequestContext, request_context
 from observability.metrics import ACCESS_DENIED, NOT_READY, SECRETS_DELETED
 from vault.crypto import Keyring
 from vault.errors import DecryptionFailed, InvalidValue, NotReady, StoreUnavailable
+from vault.events import Actor
 from vault.keyguard import UnreadableRecords
 from vault.lifecycle import Caller, Found, receipt_as_of, receipt_kept, utc_now
 from vault.openapi import DOCS_HTML, build_openapi
@@ -231,6 +233,19 @@ def _readers(data: dict[str, Any], context: RequestContext) -> tuple[str, ...] |
     return readers
 
 
+def _actor(context: RequestContext, hash_secret_id: Callable[[str], str] | None) -> Actor | None:
+    """Who this request's events name; None when no events are written."""
+    if hash_secret_id is None:
+        return None
+    secret_id = context.secret_id
+    return Actor(
+        key_name=context.api_key_name,
+        tenant=context.tenant,
+        client_ip=context.client_ip,
+        secret_id_hmac=None if secret_id is None else hash_secret_id(secret_id),
+    )
+
+
 def _denied(
     context: RequestContext, op: str, reason: str, detail: str = NOT_FOUND
 ) -> HTTPException:
@@ -315,8 +330,12 @@ class VaultAPI:
         unreadable: UnreadableRecords | None = None,
         retry_after: int = RETRY_AFTER_SECONDS,
         receipt_retention_seconds: float = 30 * 86400,
+        hash_secret_id: Callable[[str], str] | None = None,
     ) -> None:
         self.retry_after = retry_after
+        # Set when the store writes lifecycle events: each change's event names who made it
+        # (vault/events.py Actor), the secret id by its audit HMAC made with this.
+        self.hash_secret_id = hash_secret_id
         self.receipt_retention_seconds = receipt_retention_seconds
         self.keyring = keyring
         self.store = store
@@ -374,7 +393,9 @@ class VaultAPI:
         # The answer is 200 once stored: its audit record goes in the same store call.
         audit = None if context.audit is None else context.audit.record(200)
         try:
-            context.audit_written = await self.store.insert(record, audit)
+            context.audit_written = await self.store.insert(
+                record, audit, _actor(context, self.hash_secret_id)
+            )
         except BaseException:
             context.secret_id = None  # never handed out: the failure's record names no id
             raise
@@ -390,7 +411,11 @@ class VaultAPI:
         audit = None if context.audit is None else context.audit.record(200)
         try:
             fetched, context.audit_written = await self.store.fetch(
-                secret_id, self.keyring, audit, _caller(context)
+                secret_id,
+                self.keyring,
+                audit,
+                _caller(context),
+                _actor(context, self.hash_secret_id),
             )
         except DecryptionFailed:
             if self.unreadable is not None:
@@ -412,7 +437,9 @@ class VaultAPI:
     async def delete_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
         secret_id = await _secret_id_of(request, context, "delete")
-        result = await self.store.delete(secret_id, _caller(context))
+        result = await self.store.delete(
+            secret_id, _caller(context), _actor(context, self.hash_secret_id)
+        )
         if result.denied is not None:
             raise _denied(context, "delete", result.denied.value)
         if self.unreadable is not None:

@@ -24,13 +24,15 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 from observability.audit import AUDIT_FIELDS, AuditRecord, AuditWrite
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
+from vault import events
 from vault.errors import StoreUnavailable
-from vault.events import Event, PendingEvent
+from vault.events import Actor, Event, PendingEvent, secret_event
 from vault.lifecycle import (
     ANYONE,
     Caller,
     Denied,
     Fetched,
+    Found,
     Guarded,
     Opener,
     ReceiptChange,
@@ -65,12 +67,54 @@ FetchResult = tuple[Fetched, AuditWrite | None]
 
 class FetchItem(NamedTuple):
     """One fetch as a store batches it: the id, what opens its record, the audit record to
-    write for its answer, and who asks."""
+    write for its answer, who asks, and who the events name (None: no events wanted)."""
 
     secret_id: str
     opener: Opener
     audit: AuditRecord | None
     caller: Caller
+    actor: Actor | None = None
+
+
+def record_event(type: str, record: SealedSecret, at: dt.datetime, actor: Actor | None) -> Event:
+    """The event ``type`` of a change to ``record``."""
+    return secret_event(
+        type,
+        at,
+        tenant=record.tenant,
+        receipt_id=record.receipt_id,
+        label=record.label,
+        reads_left=record.reads_left,
+        expires_at=record.expires_at,
+        actor=actor,
+    )
+
+
+def fetch_events(
+    items: Sequence[FetchItem],
+    records: Sequence[SealedSecret | Exception | None],
+    results: Sequence[Fetched | Exception],
+    now: dt.datetime,
+    types: Collection[str],
+) -> list[Event]:
+    """The events of a batch of fetch verdicts on the ``records`` read, of the ``types``
+    wanted: a read served (and, for the last read, the secret used up), or a refusal (whose
+    verdict carries nothing of the record, so its event is made from what was read)."""
+    found: list[Event] = []
+    if not types:
+        return found
+    for item, read, result in zip(items, records, results, strict=True):
+        if not isinstance(result, Fetched) or not isinstance(read, SealedSecret):
+            continue
+        record = result.record or read
+        if result.found is Found.DENIED:
+            wanted = [events.DENIED]
+        elif result.found is Found.SECRET:
+            wanted = [events.READ, *([events.USED_UP] if record.reads_left == 0 else [])]
+        else:
+            continue
+        found += [record_event(t, record, now, item.actor) for t in wanted if t in types]
+    return found
 
 
 class DeleteResult(enum.Enum):
@@ -145,6 +189,27 @@ def delete_changes(
     return []
 
 
+def delete_events(
+    result: DeleteResult,
+    now: dt.datetime,
+    actor: Actor | None,
+    types: Collection[str],
+    **seen: Any,
+) -> list[Event]:
+    """The event of a delete's verdict, of the ``types`` wanted: deleted, found expired (at
+    its expiry), or refused. ``seen`` is what the store read of the secret: the keywords
+    of ``vault.events.secret_event`` (tenant, receipt_id, label, reads_left, expires_at)."""
+    if result is DeleteResult.DELETED:
+        type, at = events.DELETED, now
+    elif result is DeleteResult.EXPIRED:
+        type, at = events.EXPIRED, seen.get("expires_at") or now
+    elif result.denied is not None:
+        type, at = events.DENIED, now
+    else:
+        return []
+    return [secret_event(type, at, actor=actor, **seen)] if type in types else []
+
+
 class Remaining(NamedTuple):
     """What key rotation has left to do in a store (``secret-manager rewrap``)."""
 
@@ -175,7 +240,7 @@ class SecretStore(Protocol):
         """Release connections."""
 
     async def insert(
-        self, record: SealedSecret, audit: AuditRecord | None = None
+        self, record: SealedSecret, audit: AuditRecord | None = None, actor: Actor | None = None
     ) -> AuditWrite | None:
         """Durably store a new record; return only once it would survive a crash. With
         ``audit`` (the record of answering 200), it is written in the same call once the
@@ -187,6 +252,7 @@ class SecretStore(Protocol):
         opener: Opener,
         audit: AuditRecord | None = None,
         caller: Caller = ANYONE,
+        actor: Actor | None = None,
     ) -> FetchResult:
         """A fetch's whole store work in one call. The record is read (``lookup_keys``:
         under its record key, else under the id, a legacy record); a read-limited one
@@ -199,7 +265,9 @@ class SecretStore(Protocol):
         taken). The verdict's exception (a record no key opens) is raised to the caller,
         and no audit record is written."""
 
-    async def delete(self, secret_id: str, caller: Caller = ANYONE) -> DeleteResult:
+    async def delete(
+        self, secret_id: str, caller: Caller = ANYONE, actor: Actor | None = None
+    ) -> DeleteResult:
         """Remove the record, under either of its ``lookup_keys`` (the row or document, not a
         flag), as ``judge_delete`` decides in the same call: ``deleted``, ``expired``
         (it was there but past its expiry, and is removed all the same), ``missing``
@@ -529,7 +597,7 @@ def judge_each(
     has none, or failed: a failure is audited by the audit layer, as the 500 it becomes)."""
     results: list[Fetched | Exception] = []
     audits: list[AuditRecord | None] = []
-    for (_, opener, audit, caller), record in zip(items, records, strict=True):
+    for (_, opener, audit, caller, _), record in zip(items, records, strict=True):
         if isinstance(record, Exception):
             results.append(record)
             audits.append(None)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Collection as Many
 from typing import Any
 
 import pymongo
@@ -15,7 +17,15 @@ from pymongo.write_concern import WriteConcern
 
 from observability.audit import AuditRecord
 from vault.errors import CorruptRecord, NotReady, StoreUnavailable
-from vault.events import Event, PendingEvent
+from vault.events import (
+    CREATED,
+    EXPIRED,
+    Actor,
+    Event,
+    PendingEvent,
+    derived_event_id,
+    secret_event,
+)
 from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
 from vault.records import Receipt, SealedSecret, keyed_by_id, receipt_key, record_key
 from vault.stores.base import (
@@ -26,12 +36,15 @@ from vault.stores.base import (
     Remaining,
     Settlement,
     delete_changes,
+    delete_events,
+    fetch_events,
     fetch_results,
     insert_results,
     judge_delete,
     judge_each,
     lookup_keys,
     receipt_changes,
+    record_event,
     stamped_audits,
     stored_or_refused,
     unavailable,
@@ -76,8 +89,9 @@ _CREATE_BYTES_BESIDE_RECORD = 4096
 
 
 # A create's batch item: its document, and the audit record to write once it is stored.
-# A create's batch item: its document and its receipt's (None without), and its audit record.
-_Insert = tuple[tuple[dict[str, Any], dict[str, Any] | None], AuditRecord | None]
+# A create's batch item: its document, its receipt's and its created event (None without
+# either), and its audit record.
+_Insert = tuple[tuple[dict[str, Any], dict[str, Any] | None, Event | None], AuditRecord | None]
 
 
 # A fetch's batch item: the secret id (looked up, never written), what opens the record,
@@ -98,8 +112,11 @@ class MongoStore:
         pool_size: int = 32,
         timeout: float,
         max_secret_bytes: int,
+        events: Many[str] = (),
     ) -> None:
         self._mongo = MongoConnection(uri, pool_size=pool_size, timeout=timeout)
+        # The lifecycle events this store writes to its outbox (none: webhooks are off).
+        self._events = frozenset(events)
         durable = WriteConcern(w=write_concern, j=journal)
         db = self._mongo.client[database]
         self._secrets: Collection[dict[str, Any]] = db.get_collection(
@@ -156,12 +173,11 @@ class MongoStore:
         """Insert a batch, then the audit records of the records stored, in one budget; one
         answer per item: its record's own error, or its audit record's write."""
         with pymongo.timeout(self._mongo.timeout):
-            docs = [doc for (doc, _), _ in items]
+            docs = [doc for (doc, _, _), _ in items]
             results = insert_each(self._secrets, docs, self._already_stored)
-            receipts.insert_receipts(
-                self._receipts,
-                [r for ((_, r), _), e in zip(items, results, strict=True) if r and e is None],
-            )
+            stored = [parts for (parts, _), e in zip(items, results, strict=True) if e is None]
+            receipts.insert_receipts(self._receipts, [r for _, r, _ in stored if r is not None])
+            insert_events(self._outbox, [e for _, _, e in stored if e is not None])
             audits = stamped_audits(items, results)
             errors = self._write_audits_sync(audits)
         return insert_results(results, audits, errors)
@@ -220,14 +236,15 @@ class MongoStore:
         return results
 
     async def insert(
-        self, record: SealedSecret, audit: AuditRecord | None = None
+        self, record: SealedSecret, audit: AuditRecord | None = None, actor: Actor | None = None
     ) -> AuditWrite | None:
         now = dt.datetime.now(dt.UTC)
         receipt = None
         if record.receipt_id is not None:
             receipt = receipts.receipt_document(Receipt.of(record, now))
+        event = record_event(CREATED, record, now, actor) if CREATED in self._events else None
         written: AuditWrite | None = await self._inserts.submit(
-            ((document(record, now), receipt), audit)
+            ((document(record, now), receipt, event), audit)
         )
         return written
 
@@ -269,6 +286,9 @@ class MongoStore:
                     records[k] = self._take_read_sync(record.record_key, lookup_keys(secret_ids[k]))
             results, audits = judge_each(items, records, now)
             receipts.apply_changes(self._receipts, receipt_changes(results, now))
+            insert_events(
+                self._outbox, fetch_events(items, records, results, now, self._events), now
+            )
             errors = self._write_audits_sync(
                 {k: audit for k, audit in enumerate(audits) if audit is not None}
             )
@@ -278,7 +298,7 @@ class MongoStore:
         results: list[FetchResult | Exception] = await self.health.track_writes(
             self._mongo.run("read", self._fetch_many_sync, items),
             readiness_reason,
-            writes=any(item.audit is not None for item in items),
+            writes=any(item.audit is not None for item in items) or bool(self._events),
         )
         return results
 
@@ -288,8 +308,11 @@ class MongoStore:
         opener: Opener,
         audit: AuditRecord | None = None,
         caller: Caller = ANYONE,
+        actor: Actor | None = None,
     ) -> FetchResult:
-        result: FetchResult = await self._reads.submit(FetchItem(secret_id, opener, audit, caller))
+        result: FetchResult = await self._reads.submit(
+            FetchItem(secret_id, opener, audit, caller, actor)
+        )
         return result
 
     def _take_read_sync(self, key: str, keys: tuple[str, ...]) -> SealedSecret | Exception | None:
@@ -313,7 +336,28 @@ class MongoStore:
             )
         return sealed_or_corrupt(doc)
 
-    def _delete_sync(self, secret_id: str, caller: Caller) -> DeleteResult:
+    def _delete_events(
+        self, result: DeleteResult, doc: Mapping[str, Any], now: dt.datetime, actor: Actor | None
+    ) -> None:
+        """Write the event of a delete's verdict on ``doc`` (what was read of it)."""
+        if not self._events:
+            return
+        guard, expires_at, reads_left = found_for_delete(doc)
+        receipt_id, label = doc.get("receipt_id"), doc.get("label")
+        made = delete_events(
+            result,
+            now,
+            actor,
+            self._events,
+            tenant=guard.tenant,
+            receipt_id=receipt_id if isinstance(receipt_id, str) else None,
+            label=label if isinstance(label, str) else None,
+            reads_left=reads_left,
+            expires_at=expires_at,
+        )
+        insert_events(self._outbox, made, now)
+
+    def _delete_sync(self, secret_id: str, caller: Caller, actor: Actor | None) -> DeleteResult:
         keys = lookup_keys(secret_id)
         projection = {
             "_id": 1,
@@ -323,6 +367,7 @@ class MongoStore:
             "owner": 1,
             "readers": 1,
             "receipt_id": 1,
+            "label": 1,
         }
         with pymongo.timeout(self._mongo.timeout):
             docs = {
@@ -336,6 +381,7 @@ class MongoStore:
             now = utc_now()
             result = judge_delete(found_for_delete(doc), caller, now)
             if result not in (DeleteResult.DELETED, DeleteResult.EXPIRED):
+                self._delete_events(result, doc, now, actor)
                 return result  # nothing removed
             # Removed by one atomic call, which says whether this delete (of concurrent
             # ones, or a last read) is the one that removed it; then under the other key
@@ -349,14 +395,47 @@ class MongoStore:
             result = judge_delete(found, caller, now)
             changes = delete_changes(gone.get("receipt_id"), expires_at, result, now)
             receipts.apply_changes(self._receipts, changes)
+            self._delete_events(result, gone, now, actor)
         return result
 
-    async def delete(self, secret_id: str, caller: Caller = ANYONE) -> DeleteResult:
-        result: DeleteResult = await self._write("delete", self._delete_sync, secret_id, caller)
+    async def delete(
+        self, secret_id: str, caller: Caller = ANYONE, actor: Actor | None = None
+    ) -> DeleteResult:
+        result: DeleteResult = await self._write(
+            "delete", self._delete_sync, secret_id, caller, actor
+        )
         return result
+
+    def _expired_events_sync(self, now: dt.datetime) -> None:
+        """Write the expiry event of every secret the purge is about to remove, before it
+        removes them. Each event's id derives from its record key, so replicas purging at
+        once write one event per expiry (the outbox keeps the first), and a purge cut short
+        between the two steps loses none: the next one writes the same ids again."""
+        fields = {"expires_at": 1, "reads_left": 1, "tenant": 1, "receipt_id": 1, "label": 1}
+        made = []
+        for doc in self._secrets.find({"expires_at": {"$lte": now}}, fields):
+            guard, expires_at, reads_left = found_for_delete(doc)
+            receipt_id, label = doc.get("receipt_id"), doc.get("label")
+            event = secret_event(
+                EXPIRED,
+                expires_at or now,
+                tenant=guard.tenant,
+                receipt_id=receipt_id if isinstance(receipt_id, str) else None,
+                label=label if isinstance(label, str) else None,
+                reads_left=reads_left,
+                expires_at=expires_at,
+                actor=None,
+            )
+            made.append(dataclasses.replace(event, id=derived_event_id(str(doc["_id"]), EXPIRED)))
+        insert_events(self._outbox, made, now)
 
     def _purge_sync(self, now: dt.datetime) -> int:
-        if not self._expiry_index:
+        if EXPIRED in self._events:
+            # MongoDB's TTL monitor would remove expired documents without their events:
+            # with expiry events on, the purge alone removes them (an existing TTL index
+            # should be dropped: docs/operations.md).
+            self._expired_events_sync(now)
+        elif not self._expiry_index:
             # MongoDB's own TTL monitor removes expired documents (about once a minute);
             # the explicit purge below makes removal prompt and countable on any server.
             # Found by its key, as another replica (or nx-27017, which renames indexes)

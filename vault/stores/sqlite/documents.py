@@ -173,6 +173,14 @@ def record_of(row: RecordRow) -> SealedSecret:
     )
 
 
+def record_or_none(row: RecordRow) -> SealedSecret | None:
+    """The record a row holds, or None for a malformed one (left out, as export does)."""
+    try:
+        return record_of(row)
+    except CorruptRecord:
+        return None
+
+
 def access_of(columns: Sequence[str | None]) -> Access:
     """Who may see a row's secret from its tenant, owner and readers columns; ValueError
     when readers is no JSON array of names."""

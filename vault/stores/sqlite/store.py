@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from observability.audit import AuditRecord
 from vault.errors import CorruptRecord, NotReady, StoreUnavailable
-from vault.events import Event, PendingEvent
+from vault.events import CREATED, EXPIRED, Actor, Event, PendingEvent
 from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
 from vault.records import Receipt, SealedSecret, keyed_by_id, receipt_key, record_key
 from vault.stores.base import (
@@ -26,12 +26,15 @@ from vault.stores.base import (
     Remaining,
     Settlement,
     delete_changes,
+    delete_events,
+    fetch_events,
     fetch_results,
     insert_results,
     judge_delete,
     judge_each,
     lookup_keys,
     receipt_changes,
+    record_event,
     run_off_loop,
     stamped_audits,
     store_executor,
@@ -66,6 +69,7 @@ from vault.stores.sqlite.documents import (
     insert_events,
     outbox_backlog,
     record_of,
+    record_or_none,
     record_row,
     settle_events,
     sqlite_timestamp,
@@ -78,7 +82,9 @@ log = logging.getLogger("secret_manager.store")
 
 
 # A create's batch item: its record, and the audit record to write once it is stored.
-_Insert = tuple[SealedSecret, AuditRecord | None]
+# A create's batch item: its record and its created event (None: none wanted), and the
+# audit record to write once it is stored.
+_Insert = tuple[tuple[SealedSecret, Event | None], AuditRecord | None]
 
 
 # A fetch's batch item: the secret id (looked up, never written), what opens the record,
@@ -114,8 +120,11 @@ class SQLiteStore:
         timeout: float,
         max_secret_bytes: int,
         connections: int = 4,
+        events: Collection[str] = (),
     ) -> None:
         self._path = path
+        # The lifecycle events this store writes to its outbox (none: webhooks are off).
+        self._events = frozenset(events)
         self._timeout = timeout
         self._size = connections
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -214,12 +223,13 @@ class SQLiteStore:
         return await run()
 
     async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
-        rows = [record_row(r) for r, _ in items]
+        rows = [record_row(r) for (r, _), _ in items]
 
         now = utc_now()
         # Each item's receipt, for a secret made with one: stored only with its secret.
         item_receipts = [
-            None if record.receipt_id is None else Receipt.of(record, now) for record, _ in items
+            None if record.receipt_id is None else Receipt.of(record, now)
+            for (record, _), _ in items
         ]
 
         def insert(conn: sqlite3.Connection) -> list[AuditWrite | Exception | None]:
@@ -234,6 +244,12 @@ class SQLiteStore:
                         if receipt is not None and error is None
                     ],
                 )
+                created = [
+                    event
+                    for ((_, event), _), error in zip(items, results, strict=True)
+                    if event is not None and error is None
+                ]
+                insert_events(conn, created, now)
                 audits = stamped_audits(items, results)
                 errors = insert_audits(conn, audits)
             return insert_results(results, audits, errors)  # only now: committed, durable
@@ -241,9 +257,12 @@ class SQLiteStore:
         return await self._run("insert", insert, write=True, proves=stored_any)
 
     async def insert(
-        self, record: SealedSecret, audit: AuditRecord | None = None
+        self, record: SealedSecret, audit: AuditRecord | None = None, actor: Actor | None = None
     ) -> AuditWrite | None:
-        written: AuditWrite | None = await self._inserts.submit((record, audit))
+        event = None
+        if CREATED in self._events:
+            event = record_event(CREATED, record, utc_now(), actor)
+        written: AuditWrite | None = await self._inserts.submit(((record, event), audit))
         return written
 
     def _select(
@@ -286,9 +305,10 @@ class SQLiteStore:
         if not limited:
             results, audits = judge_each(items, records, now)
             changes = receipt_changes(results, now)
-            if not changes and all(audit is None for audit in audits):
+            made = fetch_events(items, records, results, now, self._events)
+            if not changes and not made and all(audit is None for audit in audits):
                 return fetch_results(results, audits, {})  # a pure read: no transaction
-        with conn:  # one transaction, one fsync: the reads taken, receipts, audit records
+        with conn:  # one transaction, one fsync: reads taken, receipts, events, audit records
             conn.execute("BEGIN IMMEDIATE")
             for k, record in limited:  # each its own atomic take
                 row = take_read(conn, record.record_key, lookup_keys(secret_ids[k]))
@@ -296,7 +316,9 @@ class SQLiteStore:
             if limited:  # judged only now, on the records as the takes left them
                 results, audits = judge_each(items, records, now)
                 changes = receipt_changes(results, now)
+                made = fetch_events(items, records, results, now, self._events)
             receipts.apply_changes(conn, changes)
+            insert_events(conn, made, now)
             errors = insert_audits(
                 conn, {k: audit for k, audit in enumerate(audits) if audit is not None}
             )
@@ -306,7 +328,7 @@ class SQLiteStore:
         answers: list[FetchResult | Exception] = await self.health.track_writes(
             self._run("read", lambda conn: self._fetch_sync(conn, items)),
             readiness_reason,
-            writes=any(item.audit is not None for item in items),
+            writes=any(item.audit is not None for item in items) or bool(self._events),
         )
         return answers
 
@@ -316,11 +338,16 @@ class SQLiteStore:
         opener: Opener,
         audit: AuditRecord | None = None,
         caller: Caller = ANYONE,
+        actor: Actor | None = None,
     ) -> FetchResult:
-        result: FetchResult = await self._reads.submit(FetchItem(secret_id, opener, audit, caller))
+        result: FetchResult = await self._reads.submit(
+            FetchItem(secret_id, opener, audit, caller, actor)
+        )
         return result
 
-    async def delete(self, secret_id: str, caller: Caller = ANYONE) -> DeleteResult:
+    async def delete(
+        self, secret_id: str, caller: Caller = ANYONE, actor: Actor | None = None
+    ) -> DeleteResult:
         keys = lookup_keys(secret_id)
 
         def remove(conn: sqlite3.Connection) -> DeleteResult:
@@ -331,14 +358,14 @@ class SQLiteStore:
                 conn.execute("BEGIN IMMEDIATE")
                 rows: list[tuple[Any, ...]] = conn.execute(
                     "SELECT record_key, expires_at, reads_left, tenant, owner, readers,"
-                    " receipt_id FROM secrets WHERE record_key IN (?, ?)",
+                    " receipt_id, label FROM secrets WHERE record_key IN (?, ?)",
                     keys,
                 ).fetchall()
                 by_key = {row[0]: row for row in rows}
                 row = next((by_key[key] for key in keys if key in by_key), None)
                 if row is None:
                     return DeleteResult.MISSING
-                _, expires_at, reads_left, tenant, owner, readers, receipt_id = row
+                _, expires_at, reads_left, tenant, owner, readers, receipt_id, label = row
                 expiry = (
                     None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC)
                 )
@@ -349,6 +376,18 @@ class SQLiteStore:
                     conn.execute("DELETE FROM secrets WHERE record_key IN (?, ?)", keys)
                     changes = delete_changes(receipt_id, expiry, result, now)
                     receipts.apply_changes(conn, changes)
+                made = delete_events(
+                    result,
+                    now,
+                    actor,
+                    self._events,
+                    tenant=guard.tenant,
+                    receipt_id=receipt_id,
+                    label=label,
+                    reads_left=reads_left,
+                    expires_at=expiry,
+                )
+                insert_events(conn, made, now)
                 return result
 
         result: DeleteResult = await self._run("delete", remove, write=True)
@@ -367,14 +406,32 @@ class SQLiteStore:
         return await self._run("receipt", lambda conn: receipts.get_receipt(conn, key))
 
     async def purge_expired(self) -> int:
-        now = int(utc_now().timestamp())
+        moment = utc_now()
+        now = int(moment.timestamp())
 
         def purge(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
-                "DELETE FROM secrets WHERE expires_at <= ? OR reads_left = 0", (now,)
-            )
+            if EXPIRED not in self._events:
+                cursor = conn.execute(
+                    "DELETE FROM secrets WHERE expires_at <= ? OR reads_left = 0", (now,)
+                )
+                removed = cursor.rowcount
+            else:  # each expiry's event in the transaction that removes the secret
+                with conn:
+                    conn.execute("BEGIN IMMEDIATE")
+                    rows = conn.execute(
+                        f"DELETE FROM secrets WHERE expires_at <= ? OR reads_left = 0"  # noqa: S608
+                        f" RETURNING {RECORD_COLUMNS}",
+                        (now,),
+                    ).fetchall()
+                    expired = [
+                        record_event(EXPIRED, r, r.expires_at or moment, None)
+                        for r in map(record_or_none, rows)
+                        if r is not None and r.reads_left != 0
+                    ]
+                    insert_events(conn, expired, moment)
+                removed = len(rows)
             checkpoint(conn)  # periodically, so the WAL gives its space back between bursts
-            return cursor.rowcount
+            return removed
 
         return await self._run("purge_expired", purge, write=True)
 
