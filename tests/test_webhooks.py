@@ -389,3 +389,31 @@ def test_replicas_and_workers_sharing_mongodb_deliver_each_event_once(
         assert client[env["MONGO_DB"]]["outbox"].count_documents({}) == 0
     body = json.loads(receiver.snapshot()[0].body)
     assert set(body) == {"type", "timestamp", "data"}
+
+
+@pytest.mark.slow
+def test_a_deliverer_killed_mid_delivery_leaves_the_event_to_the_next_under_its_id(
+    tmp_path: Path,
+    master_key: str,
+    receiver: Receiver,
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """SIGKILL while the event is leased and its delivery hangs: once the lease ends (the
+    timeout and 10 s), the restarted server sends it, under the same webhook-id."""
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")}
+    hooked = webhook_env(env, receiver.url, WEBHOOK_TIMEOUT_SECONDS="1")
+    receiver.mode = HANG
+    first = start_server(hooked)
+    pending = event()
+    add_events(env, [pending])
+    receiver.wait_for(lambda r: len(r.snapshot()) == 1, 10, "the hanging delivery")
+    first.process.kill()
+    first.process.wait()
+    receiver.mode = OK
+    killed_at = time.monotonic()
+    start_server(hooked)
+    receiver.wait_for(lambda r: r.acknowledged_ids() == {pending.id}, 30, "the redelivery")
+    assert {d.id for d in receiver.snapshot()} == {pending.id}
+    assert all(verified(SECRET, d) for d in receiver.acknowledged())
+    # Not before the killed deliverer's lease ended (claimed a moment before the kill).
+    assert receiver.acknowledged()[0].at - killed_at > 5
