@@ -24,11 +24,13 @@ import httpx2 as httpx
 import pymongo
 import pytest
 from standardwebhooks.webhooks import Webhook
+from starlette.testclient import TestClient
 
 from observability.audit import AuditRecord
 from observability.metrics import WEBHOOK_DELIVERIES
 from tests.conftest import ServerProcess, b64, on_store, wait_until
 from tests.webhook_receiver import FAIL, HANG, OK, Receiver, verified
+from vault.app import create_app
 from vault.backend import backend_for
 from vault.errors import ConfigError
 from vault.events import EVENT_TYPES, READ, Event, event_body
@@ -417,3 +419,19 @@ def test_a_deliverer_killed_mid_delivery_leaves_the_event_to_the_next_under_its_
     assert all(verified(SECRET, d) for d in receiver.acknowledged())
     # Not before the killed deliverer's lease ended (claimed a moment before the kill).
     assert receiver.acknowledged()[0].at - killed_at > 5
+
+
+def test_the_app_runs_a_deliverer_only_with_webhooks_on_and_a_request_may_wake_it(
+    tmp_path: Path, master_key: str, receiver: Receiver
+) -> None:
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")}
+    with TestClient(create_app(Settings.from_env(env))) as client:
+        assert client.app.state.webhooks is None  # type: ignore[attr-defined]
+    with TestClient(create_app(Settings.from_env(webhook_env(env, receiver.url)))) as client:
+        deliverer = client.app.state.webhooks  # type: ignore[attr-defined]
+        assert isinstance(deliverer, Deliverer)
+        pending = event()
+        add_events(env, [pending])
+        assert client.portal is not None
+        client.portal.call(deliverer.wake)  # on the app's event loop, as a request would
+        receiver.wait_for(lambda r: r.acknowledged_ids() == {pending.id}, 10, "the event")

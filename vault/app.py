@@ -284,6 +284,8 @@ def _lifespan(
         )
         if deliverer is not None:
             deliverer.start()
+        # What a request that wrote events may wake (``wake()``), to skip the poll's wait.
+        app.state.webhooks = deliverer
         try:
             with (
                 _keys_reloaded_on_sighup(services) if reload_on_sighup else contextlib.nullcontext()

@@ -256,7 +256,8 @@ class Deliverer:
         self._task = asyncio.create_task(self.run(), name="webhook-deliverer")
 
     def wake(self) -> None:
-        """Look at the outbox now rather than at the next poll (events were just written)."""
+        """Look at the outbox now rather than at the next poll (events were just written).
+        Call it on the deliverer's event loop (a request handler's)."""
         self._wakeup.set()
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
