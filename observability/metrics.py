@@ -142,6 +142,32 @@ STORE_SHORT_CIRCUITED = Counter(
     ["store"],
 )
 
+# Webhooks (vault/webhooks.py). No receiver URL as a label: it may carry a token.
+WEBHOOK_DELIVERIES = Counter(
+    "vault_webhook_deliveries_total",
+    "Webhook deliveries, by event type and result: delivered (a receiver answered 2xx), "
+    "failed (an attempt to one receiver that did not; retried later), dropped (an event "
+    "past WEBHOOK_MAX_AGE_SECONDS, given up).",
+    ["event", "result"],
+)
+WEBHOOK_DELIVERY_SECONDS = Histogram(
+    "vault_webhook_delivery_seconds",
+    "Time from the change an event reports to a receiver's 2xx for it, retries included.",
+    ["event"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 86400.0),
+)
+# Every worker and replica counts the same outbox: the highest live value is the store's.
+WEBHOOK_BACKLOG = Gauge(
+    "vault_webhook_backlog",
+    "Events in the store's outbox, not yet delivered to every receiver nor dropped.",
+    multiprocess_mode="livemax",
+)
+WEBHOOK_OLDEST_PENDING_SECONDS = Gauge(
+    "vault_webhook_oldest_pending_seconds",
+    "Age of the oldest event in the outbox (0 when it is empty).",
+    multiprocess_mode="livemax",
+)
+
 
 def observe_store_operation(operation: str, seconds: float) -> None:
     """Record how long one store operation (``insert``, ``get``, ``ping``) took."""

@@ -56,6 +56,7 @@ from vault.routes import OPERATIONS, VaultAPI, http_error, unavailable_response
 from vault.settings import AuditMode, RateLimitStorage, Settings
 from vault.stores.base import SecretStore
 from vault.stores.counters import MongoCounter
+from vault.webhooks import Deliverer
 
 log = logging.getLogger("secret_manager.app")
 
@@ -289,6 +290,14 @@ def _lifespan(
         if writer is not None:
             await writer.start()
             retention = asyncio.create_task(_keep_audit_retention(store, settings.audit_ttl_days))
+        # Webhooks, when configured: a task of its own, its own HTTP threads (vault/webhooks.py).
+        deliverer = Deliverer.from_settings(
+            settings, store, None if writer is None else writer.submit
+        )
+        if deliverer is not None:
+            deliverer.start()
+        # What a request that wrote events may wake (``wake()``), to skip the poll's wait.
+        app.state.webhooks = deliverer
         try:
             with (
                 _keys_reloaded_on_sighup(services) if reload_on_sighup else contextlib.nullcontext()
@@ -298,6 +307,8 @@ def _lifespan(
             purging.cancel()
             if retention is not None:
                 retention.cancel()
+            if deliverer is not None:  # settles what it can, before the audit and store go
+                await deliverer.stop()
             if writer is not None:
                 await writer.close()  # every pending audit record, before the store goes
             if isinstance(counter, MongoCounter):

@@ -407,6 +407,8 @@ def test_monitoring_scrapes_every_replica_and_loads_the_rules(services: dict[str
         "SecretManagerReplicaNotReady",
         "SecretManagerEdgeNoHealthyBackend",
         "SecretManagerUnreadableRecords",
+        "SecretManagerWebhookBacklog",
+        "SecretManagerWebhookEventsDropped",
     }
     (edge_job,) = [j for j in config["scrape_configs"] if j["job_name"] == "edge"]
     # Each edge task's exporter, on the port haproxy.cfg binds it to.

@@ -232,6 +232,31 @@ class Settings:
     service_name: str = setting(
         "OTEL_SERVICE_NAME", parse.text, "secret-manager", "service.name of the spans"
     )
+    # Webhooks (vault/webhooks.py): lifecycle events, signed, to the operator's receivers.
+    webhook_urls: tuple[str, ...] = setting(
+        "WEBHOOK_URLS",
+        parse.webhook_urls,
+        None,
+        "receivers of lifecycle events, comma-separated; none: no webhooks",
+        unset=(),
+        secret=True,  # a receiver's URL may carry its token: also WEBHOOK_URLS_FILE
+    )
+    webhook_secret: bytes | None = setting(
+        "WEBHOOK_SECRET",
+        parse.webhook_secret,
+        None,
+        "whsec_ key every delivery is signed with",
+        secret=True,
+    )
+    webhook_events: tuple[str, ...] = setting(
+        "WEBHOOK_EVENTS", parse.event_types, "all", "which lifecycle events are delivered"
+    )
+    webhook_timeout_seconds: float = setting(
+        "WEBHOOK_TIMEOUT_SECONDS", parse.seconds(0.1), "10", "a receiver answers 2xx within"
+    )
+    webhook_max_age_seconds: float = setting(
+        "WEBHOOK_MAX_AGE_SECONDS", parse.seconds(1.0), "86400", "an event is retried for"
+    )
     # Not a variable of its own: the file API_KEYS was read from (API_KEYS_FILE), made
     # absolute, which SIGHUP reads again (vault/apikeys.py); None when the keys came from
     # API_KEYS or there are none.
@@ -241,6 +266,12 @@ class Settings:
     def max_body_bytes(self) -> int:
         """Hard cap on a request body: the base64 of the largest secret plus room for JSON."""
         return 4 * -(-self.max_secret_bytes // 3) + 16384
+
+    @property
+    def emitted_events(self) -> frozenset[str]:
+        """The event types the stores write to the outbox: WEBHOOK_EVENTS while webhooks are
+        on (WEBHOOK_URLS set), else none (nothing would deliver them)."""
+        return frozenset(self.webhook_events) if self.webhook_urls else frozenset()
 
     @property
     def dev_key_path(self) -> Path:
@@ -279,6 +310,11 @@ class Settings:
             raise ConfigError(
                 "RATE_LIMIT_PER_KEY is set but API keys are off, so it would limit nothing: "
                 "set API_KEYS or API_KEYS_FILE, or set RATE_LIMIT_PER_KEY=off"
+            )
+        if self.webhook_urls and self.webhook_secret is None:
+            raise ConfigError(
+                "WEBHOOK_URLS is set but WEBHOOK_SECRET (or WEBHOOK_SECRET_FILE) is not: every "
+                "delivery is signed with it (whsec_ and base64 of 24 to 64 random bytes)"
             )
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must be set together (or neither)")

@@ -7,7 +7,10 @@ that variable and says what is wanted. Secret values are never quoted.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
+import urllib.parse
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import TypeVar
 from vault.apikeys import KeyTable, parse_key_table, parse_token
 from vault.crypto import parse_key
 from vault.errors import ConfigError, InvalidAPIKeys, MalformedKey
+from vault.events import EVENT_TYPES
 from vault.settings.variables import Parser
 
 
@@ -209,3 +213,76 @@ def networks(value: str, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
                 f"got {part.strip()!r}"
             ) from None
     return tuple(networks)
+
+
+def _entries(value: str) -> list[str]:
+    """Comma- or newline-separated entries, blank ones left out."""
+    return [part.strip() for part in value.replace("\n", ",").split(",") if part.strip()]
+
+
+def webhook_urls(value: str, name: str) -> tuple[str, ...]:
+    """http:// or https:// URLs, each once. An entry is named by its position, never
+    quoted: a receiver's URL may carry a token."""
+    urls: list[str] = []
+    for number, url in enumerate(_entries(value), start=1):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is no number
+        except ValueError:
+            parts = None
+        if (
+            parts is None
+            or parts.scheme.lower() not in ("http", "https")
+            or not parts.hostname
+            or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url)
+        ):
+            raise ConfigError(
+                f"{name}: entry {number} is not an http:// or https:// URL with a host"
+            )
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(
+                f"{name}: entry {number} carries a user or password, which is not sent: "
+                "put the receiver's token in its path or query instead"
+            )
+        urls.append(url)
+    return tuple(dict.fromkeys(urls))
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - the form's prefix, not a secret
+
+
+def webhook_secret(value: str, name: str) -> bytes:
+    """A Standard Webhooks signing secret: ``whsec_`` and the base64 of 24 to 64 bytes; the
+    bytes (the HMAC key) are returned."""
+    text = value.strip()
+    how = (
+        "generate one with: python3 -c 'import base64, secrets; "
+        'print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())\''
+    )
+    if not text.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ConfigError(f"{name} must be whsec_ followed by base64 ({how})")
+    encoded = text.removeprefix(WEBHOOK_SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{name} is not whsec_ followed by base64 ({how})") from None
+    if not 24 <= len(key) <= 64:
+        raise ConfigError(f"{name} must hold 24 to 64 bytes once decoded ({how})")
+    return key
+
+
+ALL_EVENTS = "all"
+
+
+def event_types(value: str, name: str) -> tuple[str, ...]:
+    """``all``, or lifecycle event types (vault/events.py), comma-separated."""
+    if value.strip().lower() == ALL_EVENTS:
+        return EVENT_TYPES
+    chosen = _entries(value)
+    for kind in chosen:
+        if kind not in EVENT_TYPES:
+            raise ConfigError(
+                f"{name} names {kind[:40]!r}, which is no event type: use {ALL_EVENTS} or "
+                f"some of {', '.join(EVENT_TYPES)}"
+            )
+    return tuple(kind for kind in EVENT_TYPES if kind in chosen)

@@ -606,7 +606,7 @@ class MongoStore:
                 self._outbox.delete_many({"_id": {"$in": malformed}, "lease_owner": owner})
                 for event_id in malformed:
                     log.warning("outbox event %s is malformed; removed undelivered", event_id)
-        claimed.sort(key=lambda pending: pending.created_at)
+        claimed.sort(key=lambda pending: (pending.created_at, pending.event.at))
         return claimed
 
     async def claim_events(

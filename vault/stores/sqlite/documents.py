@@ -278,7 +278,7 @@ def claim_events(
             except (ValueError, TypeError, AttributeError):
                 malformed.append(row[0])
         conn.executemany("DELETE FROM outbox WHERE event_id = ?", [(i,) for i in malformed])
-    claimed.sort(key=lambda pending: pending.created_at)
+    claimed.sort(key=lambda pending: (pending.created_at, pending.event.at))
     return claimed, malformed
 
 

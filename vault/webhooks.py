@@ -1,0 +1,438 @@
+"""Webhooks: the lifecycle events in the store's outbox, delivered to the operator's receivers.
+
+Each serving process runs one ``Deliverer`` while WEBHOOK_URLS is set (vault/app.py). It
+claims due events from the outbox under a lease (``SecretStore.claim_events``: across
+workers and replicas one deliverer at a time holds an event) and sends each to every
+receiver that does not have it yet, as the Standard Webhooks specification asks: a POST of
+the event's JSON body with ``webhook-id`` (the event's id, the same on every attempt),
+``webhook-timestamp`` (this attempt's, in seconds) and ``webhook-signature`` (``v1,`` and
+the base64 HMAC-SHA256 of ``id.timestamp.body`` under WEBHOOK_SECRET's key). An event
+leaves the outbox once every receiver answered 2xx within WEBHOOK_TIMEOUT_SECONDS; else it
+is due again after an exponential backoff, for the receivers still missing it, until
+WEBHOOK_MAX_AGE_SECONDS after it was written, when it is dropped with a log line, an audit
+record and a metric. At least once: a deliverer that dies after a receiver's 2xx, before
+it settled the event, leaves it to be sent again, under the same id, when its lease ends.
+
+Requests never wait on it: it is a task of its own, its HTTP calls run in threads of its
+own (the standard library's ``http.client``), each cut off at WEBHOOK_TIMEOUT_SECONDS, and
+at most ``CONCURRENCY`` events are in flight. A receiver that does not answer at all
+(refused, reset, timed out) is skipped, one probe at a time, until it answers again (a
+circuit breaker per receiver), so a dead receiver does not hold up the others' events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import http.client
+import logging
+import os
+import random
+import secrets
+import socket
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from observability.audit import AuditRecord
+from observability.metrics import (
+    WEBHOOK_BACKLOG,
+    WEBHOOK_DELIVERIES,
+    WEBHOOK_DELIVERY_SECONDS,
+    WEBHOOK_OLDEST_PENDING_SECONDS,
+)
+from vault.breaker import CircuitBreaker
+from vault.events import PendingEvent
+from vault.lifecycle import utc_now
+from vault.settings import Settings
+from vault.stores.base import SecretStore
+
+log = logging.getLogger("secret_manager.webhooks")
+
+CONCURRENCY = 16  # events in flight per process, each sent to its receivers at once
+POLL_SECONDS = 0.25  # how often an idle deliverer asks the outbox what is due
+# A lease outlives its attempt (at most WEBHOOK_TIMEOUT_SECONDS) and the store call that
+# settles it: only a deliverer that died or hangs lets its events go to another.
+LEASE_MARGIN_SECONDS = 10.0
+FIRST_RETRY_SECONDS = 1.0  # the backoff after the first failed attempt, doubling after each
+MAX_RETRY_SECONDS = 600.0
+BACKLOG_SECONDS = 5.0  # how often the backlog gauges are refreshed from the store
+STORE_RETRY_SECONDS = 1.0  # the pause after the store failed a claim
+RECEIVER_RETRY_SECONDS = 1.0  # a receiver known not to answer is probed this often
+SHUTDOWN_GRACE_SECONDS = 2.0  # in-flight deliveries may finish for this long at shutdown
+USER_AGENT = "secret-manager-webhooks"
+
+# What a deliverer hands a dropped event's audit record to (the audit writer's submit).
+AuditSink = Callable[[AuditRecord], None]
+
+
+def receiver_digest(url: str) -> str:
+    """What the outbox records of a receiver that has an event: 16 hex digits of the SHA-256
+    of its URL, never the URL (which may carry a token). Stable across restarts, whatever
+    the order of WEBHOOK_URLS."""
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+
+
+def sign(key: bytes, event_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: ``v1,`` and the base64 HMAC-SHA256 of
+    ``id.timestamp.body`` under ``key`` (WEBHOOK_SECRET decoded)."""
+    mac = hmac.new(key, f"{event_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode("ascii")
+
+
+def retry_delay(attempts: int, rand: Callable[[], float] = random.random) -> float:
+    """Seconds until the next attempt after ``attempts`` failed ones: 1 s doubling each
+    time, at most 10 min, each drawn between half and all of that (jitter, so receivers
+    coming back are not met by every deliverer at once)."""
+    doublings = max(0, min(attempts - 1, 30))
+    full = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * float(1 << doublings))
+    return full * (0.5 + rand() / 2)
+
+
+def dropped_record(pending: PendingEvent) -> AuditRecord:
+    """The audit record of an event dropped undelivered: op ``webhook``, outcome
+    ``dropped``, status 0 (no request was answered), the event's id as the request id, and
+    the event's secret HMAC, key, tenant and client address where its data names them."""
+    data = pending.event.data
+
+    def text(*names: str) -> str | None:
+        value = next((data[name] for name in names if name in data), None)
+        return value if isinstance(value, str) else None
+
+    return AuditRecord(
+        ts=utc_now(),
+        op="webhook",
+        status=0,
+        outcome="dropped",
+        client_ip=text("client_ip") or "",
+        request_id=pending.event.id,
+        secret_id_hmac=text("secret_id_hmac"),
+        latency_ms=0.0,
+        user_agent=None,
+        api_key_name=text("api_key_name", "key_name"),
+        tenant=text("tenant"),
+    )
+
+
+class Receiver:
+    """One of WEBHOOK_URLS: where to POST, and whether it answers. Logged by its position
+    in WEBHOOK_URLS (``receiver 2``), never by its URL."""
+
+    def __init__(self, index: int, url: str) -> None:
+        self.index = index
+        self.digest = receiver_digest(url)
+        parts = urllib.parse.urlsplit(url)
+        self._https = parts.scheme.lower() == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port
+        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._tls = ssl.create_default_context() if self._https else None
+        self._failing: str | None = None  # why it last failed, until it answers 2xx again
+        self.breaker = CircuitBreaker(
+            retry_after=RECEIVER_RETRY_SECONDS, on_close=self._answers_again
+        )
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._tls is not None:
+            return http.client.HTTPSConnection(
+                self._host, self._port, timeout=timeout, context=self._tls
+            )
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _exchange(
+        self, conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str]
+    ) -> int:
+        """In a delivery thread: the POST and the answer's status (its body is not read)."""
+        try:
+            conn.request("POST", self._target, body=body, headers=headers)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    async def post(
+        self, body: bytes, headers: dict[str, str], timeout: float, threads: ThreadPoolExecutor
+    ) -> int:
+        """The status the receiver answered within ``timeout`` seconds, whole exchange
+        included; TimeoutError, OSError or an http.client error when it did not. A call cut
+        off has its socket shut, so its thread returns at once."""
+        conn = self._connection(timeout)
+        exchange = asyncio.get_running_loop().run_in_executor(
+            threads, self._exchange, conn, body, headers
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                return await exchange
+        except BaseException:
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            raise
+
+    def failed(self, reason: str) -> None:
+        """Log the first failure of a run of them; each one at DEBUG."""
+        if self._failing is None:
+            log.warning(
+                "webhook receiver %d failed (%s); its deliveries are retried with backoff",
+                self.index,
+                reason,
+            )
+        self._failing = reason
+
+    def delivered(self) -> None:
+        self._answers_again()
+
+    def _answers_again(self) -> None:
+        if self._failing is not None:
+            log.warning("webhook receiver %d answers 2xx again", self.index)
+            self._failing = None
+
+
+class Deliverer:
+    """Drains the store's outbox to the receivers; see the module docstring. ``start`` it on
+    the serving event loop, ``stop`` it before the store closes."""
+
+    def __init__(
+        self,
+        store: SecretStore,
+        urls: Sequence[str],
+        key: bytes,
+        *,
+        timeout: float,
+        max_age: float,
+        audit: AuditSink | None = None,
+        owner: str | None = None,
+        poll: float = POLL_SECONDS,
+        concurrency: int = CONCURRENCY,
+    ) -> None:
+        if not urls:
+            raise ValueError("a deliverer needs at least one receiver")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._store = store
+        self._receivers = [Receiver(index, url) for index, url in enumerate(urls, start=1)]
+        self._key = key
+        self._timeout = timeout
+        self._max_age = dt.timedelta(seconds=max_age)
+        self._audit = audit
+        # Unique per deliverer: a lease is this process's, not its host's or its pid's alone.
+        self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+        self._poll = poll
+        self._concurrency = concurrency
+        self._lease = timeout + LEASE_MARGIN_SECONDS
+        self._threads = ThreadPoolExecutor(
+            max_workers=concurrency * len(self._receivers), thread_name_prefix="webhooks"
+        )
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._store_failing: str | None = None
+        self._backlog_due = 0.0
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, store: SecretStore, audit: AuditSink | None
+    ) -> Deliverer | None:
+        """The deliverer the settings ask for; None while WEBHOOK_URLS is unset."""
+        if not settings.webhook_urls or settings.webhook_secret is None:
+            return None
+        return cls(
+            store,
+            settings.webhook_urls,
+            settings.webhook_secret,
+            timeout=settings.webhook_timeout_seconds,
+            max_age=settings.webhook_max_age_seconds,
+            audit=audit,
+        )
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="webhook-deliverer")
+
+    def wake(self) -> None:
+        """Look at the outbox now rather than at the next poll (events were just written).
+        Call it on the deliverer's event loop (a request handler's)."""
+        self._wakeup.set()
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop claiming; let deliveries in flight finish for ``grace`` seconds, then
+        abandon them (their leases end, and another deliverer sends them again)."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._in_flight:
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self) -> None:
+        """Claim, deliver, settle, until stopped; a failure is logged and tried again."""
+        while not self._stopping:
+            try:
+                await self._refresh_backlog()
+                room = self._concurrency - len(self._in_flight)
+                if room > 0:
+                    claimed = await self._claim(room)
+                    if claimed is None:  # the store failed: it was logged
+                        await asyncio.sleep(STORE_RETRY_SECONDS)
+                        continue
+                    for pending in claimed:
+                        self._begin(pending)
+                    if len(claimed) == room:
+                        continue  # more may be due: ask again at once
+                await self._idle()
+            except Exception as exc:  # never ends the process's deliveries
+                log.error("webhook deliverer failed (%s); going on", type(exc).__name__)
+                await asyncio.sleep(STORE_RETRY_SECONDS)
+
+    async def _idle(self) -> None:
+        """Wait for the next poll, a wake-up, or room for more events."""
+        self._wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._poll):
+                await self._wakeup.wait()
+
+    async def _claim(self, room: int) -> list[PendingEvent] | None:
+        try:
+            claimed = await self._store.claim_events(self.owner, utc_now(), self._lease, room)
+        except Exception as exc:
+            reason = type(exc).__name__
+            if self._store_failing is None:
+                log.warning("webhook deliveries wait for the store (%s)", reason)
+            self._store_failing = reason
+            return None
+        if self._store_failing is not None:
+            log.warning("webhook deliveries go on: the store answers again")
+            self._store_failing = None
+        return claimed
+
+    async def _refresh_backlog(self) -> None:
+        if time.monotonic() < self._backlog_due:
+            return
+        self._backlog_due = time.monotonic() + BACKLOG_SECONDS
+        now = utc_now()
+        try:
+            count, oldest = await self._store.outbox_backlog(now)
+        except Exception:  # the claim that follows meets it too, and logs it
+            return
+        WEBHOOK_BACKLOG.set(count)
+        age = 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+        WEBHOOK_OLDEST_PENDING_SECONDS.set(age)
+
+    def _begin(self, pending: PendingEvent) -> None:
+        task = asyncio.create_task(self._handle(pending))
+        self._in_flight.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._in_flight.discard(task)
+            self._wakeup.set()  # room for one more
+
+        task.add_done_callback(done)
+
+    async def _handle(self, pending: PendingEvent) -> None:
+        """Send one claimed event to the receivers still missing it, then settle it."""
+        event = pending.event
+        try:
+            deadline = pending.created_at + self._max_age
+            if utc_now() >= deadline:
+                await self._drop(pending)
+                return
+            missing = [r for r in self._receivers if r.digest not in pending.delivered_to]
+            answers = await asyncio.gather(*(self._send(r, pending) for r in missing))
+            if all(answers):
+                await self._store.event_delivered(event.id, self.owner)
+                return
+            have = pending.delivered_to | {
+                r.digest for r, ok in zip(missing, answers, strict=True) if ok
+            }
+            delay = dt.timedelta(seconds=retry_delay(pending.attempts + 1))
+            # Never later than its deadline, when the claim that finds it due drops it.
+            next_attempt = min(utc_now() + delay, deadline)
+            await self._store.event_failed(event.id, self.owner, next_attempt, have)
+        except Exception as exc:  # not settled: its lease ends, and it is tried again
+            log.warning(
+                "webhook event %s not settled (%s); it is tried again when its lease ends",
+                event.id,
+                type(exc).__name__,
+            )
+
+    async def _send(self, receiver: Receiver, pending: PendingEvent) -> bool:
+        """One attempt to one receiver: whether it answered 2xx in time."""
+        call = receiver.breaker.try_call()
+        if call is None:  # known not to answer: tried again with the event's next attempt
+            return False
+        event = pending.event
+        body = pending.body.encode("utf-8")
+        timestamp = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "webhook-id": event.id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self._key, event.id, timestamp, body),
+        }
+        try:
+            status = await receiver.post(body, headers, self._timeout, self._threads)
+        except asyncio.CancelledError:
+            receiver.breaker.abandoned(call)
+            raise
+        except Exception as exc:  # refused, reset, timed out, TLS, a garbled answer
+            receiver.breaker.failed(call)
+            reason = (
+                f"no answer within {self._timeout:g} s"
+                if isinstance(exc, TimeoutError)
+                else type(exc).__name__
+            )
+            self._failed(receiver, pending, reason)
+            return False
+        receiver.breaker.succeeded(call)  # it answered, whatever it said
+        if 200 <= status < 300:
+            WEBHOOK_DELIVERIES.labels(event.type, "delivered").inc()
+            seconds = max(0.0, (utc_now() - event.at).total_seconds())
+            WEBHOOK_DELIVERY_SECONDS.labels(event.type).observe(seconds)
+            receiver.delivered()
+            return True
+        self._failed(receiver, pending, f"HTTP {status}")
+        return False
+
+    def _failed(self, receiver: Receiver, pending: PendingEvent, reason: str) -> None:
+        WEBHOOK_DELIVERIES.labels(pending.event.type, "failed").inc()
+        receiver.failed(reason)
+        log.debug(
+            "webhook event %s to receiver %d failed (%s), attempt %d",
+            pending.event.id,
+            receiver.index,
+            reason,
+            pending.attempts + 1,
+        )
+
+    async def _drop(self, pending: PendingEvent) -> None:
+        """Give up an event past WEBHOOK_MAX_AGE_SECONDS: one log line (its id and type,
+        nothing of its data), an audit record, a metric."""
+        event = pending.event
+        if not await self._store.drop_event(event.id, self.owner):
+            return  # another deliverer has it now, and drops it itself
+        missing = [r.index for r in self._receivers if r.digest not in pending.delivered_to]
+        log.warning(
+            "webhook event %s (%s) dropped after %d attempts: receiver %s never answered 2xx "
+            "within WEBHOOK_MAX_AGE_SECONDS",
+            event.id,
+            event.type,
+            pending.attempts,
+            ", ".join(map(str, missing)) or "-",
+        )
+        WEBHOOK_DELIVERIES.labels(event.type, "dropped").inc()
+        if self._audit is not None:
+            self._audit(dropped_record(pending))
