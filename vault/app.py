@@ -439,6 +439,9 @@ def create_app(
         default_ttl_seconds=settings.default_ttl_seconds,
         receipt_retention_seconds=settings.receipt_retention_seconds,
         retry_after=settings.retry_after_seconds,
+        hash_secret_id=functools.partial(secret_id_hmac, audit_hmac_key(settings))
+        if settings.emitted_events
+        else None,
     )
     metrics = (
         metrics_app(multiprocess_dir=settings.prometheus_multiproc_dir)

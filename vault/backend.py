@@ -24,6 +24,7 @@ def backend_for(settings: Settings) -> Backend:
             pool_size=settings.mongo_pool_size,
             timeout=settings.store_timeout_seconds,
             max_secret_bytes=settings.max_secret_bytes,
+            events=settings.emitted_events,
         )
     from vault.stores.sqlite import SQLiteBackend
 
@@ -31,4 +32,5 @@ def backend_for(settings: Settings) -> Backend:
         settings.data_dir,
         timeout=settings.store_timeout_seconds,
         max_secret_bytes=settings.max_secret_bytes,
+        events=settings.emitted_events,
     )

@@ -246,6 +246,14 @@ def _actor(context: RequestContext, hash_secret_id: Callable[[str], str] | None)
     )
 
 
+def _wake_deliverer(request: Request) -> None:
+    """Tell this process's webhook deliverer that events were just written, so it sends
+    them now rather than at its next poll (app.state.webhooks: None without webhooks)."""
+    deliverer = getattr(request.app.state, "webhooks", None)
+    if deliverer is not None:
+        deliverer.wake()
+
+
 def _denied(
     context: RequestContext, op: str, reason: str, detail: str = NOT_FOUND
 ) -> HTTPException:
@@ -396,6 +404,8 @@ class VaultAPI:
             context.audit_written = await self.store.insert(
                 record, audit, _actor(context, self.hash_secret_id)
             )
+            if self.hash_secret_id is not None:
+                _wake_deliverer(request)
         except BaseException:
             context.secret_id = None  # never handed out: the failure's record names no id
             raise
@@ -417,6 +427,8 @@ class VaultAPI:
                 _caller(context),
                 _actor(context, self.hash_secret_id),
             )
+            if self.hash_secret_id is not None:
+                _wake_deliverer(request)
         except DecryptionFailed:
             if self.unreadable is not None:
                 self.unreadable.failed_authentication(record_key(secret_id))
@@ -440,6 +452,8 @@ class VaultAPI:
         result = await self.store.delete(
             secret_id, _caller(context), _actor(context, self.hash_secret_id)
         )
+        if self.hash_secret_id is not None:
+            _wake_deliverer(request)
         if result.denied is not None:
             raise _denied(context, "delete", result.denied.value)
         if self.unreadable is not None:

@@ -44,6 +44,8 @@ class MongoBackend:
     timeout: float
     max_secret_bytes: int
     kind: str = "mongodb"
+    # The lifecycle events its serving store writes (Settings.emitted_events).
+    events: frozenset[str] = frozenset()
 
     @property
     def label(self) -> str:
@@ -83,6 +85,7 @@ class MongoBackend:
             pool_size=self.pool_size,
             timeout=self.timeout,
             max_secret_bytes=self.max_secret_bytes,
+            events=self.events,
         )
 
     def open_bulk(self, *, create: bool) -> BulkStore:

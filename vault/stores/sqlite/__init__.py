@@ -43,6 +43,8 @@ class SQLiteBackend:
     timeout: float
     max_secret_bytes: int
     kind: str = "sqlite"
+    # The lifecycle events its serving store writes (Settings.emitted_events).
+    events: frozenset[str] = frozenset()
 
     @property
     def path(self) -> Path:
@@ -78,7 +80,12 @@ class SQLiteBackend:
         return self.path.is_file()
 
     def open(self) -> SecretStore:
-        return SQLiteStore(self.path, timeout=self.timeout, max_secret_bytes=self.max_secret_bytes)
+        return SQLiteStore(
+            self.path,
+            timeout=self.timeout,
+            max_secret_bytes=self.max_secret_bytes,
+            events=self.events,
+        )
 
     def open_bulk(self, *, create: bool) -> BulkStore:
         return SQLiteBulk(self.path, create=create, timeout=self.timeout)
