@@ -359,10 +359,12 @@ class BulkStore(Protocol):
 
 def same_secret(stored: SealedSecret, incoming: SealedSecret) -> bool:
     """The same record, whatever reads it has had since: sealed alike for the same
-    readers, same expiry, and a read limit on both or on neither."""
+    readers, with the same receipt and label, same expiry, and a read limit on both or on
+    neither."""
     return (
         (stored.tenant, stored.owner, stored.readers)
         == (incoming.tenant, incoming.owner, incoming.readers)
+        and (stored.receipt_id, stored.label) == (incoming.receipt_id, incoming.label)
         and stored.key_id == incoming.key_id
         and stored.nonce == incoming.nonce
         and stored.ciphertext == incoming.ciphertext
