@@ -168,3 +168,14 @@ def access_fields(record: SealedSecret) -> dict[str, Any]:
     if record.readers is not None:
         fields["readers"] = list(record.readers)
     return fields
+
+
+def receipt_fields(record: SealedSecret) -> dict[str, Any]:
+    """A secret's receipt id and label, as a document or an export line stores them: only
+    those that are set, so a secret made without them is stored and exported as before."""
+    fields: dict[str, Any] = {}
+    if record.receipt_id is not None:
+        fields["receipt_id"] = record.receipt_id
+    if record.label is not None:
+        fields["label"] = record.label
+    return fields

@@ -1,18 +1,25 @@
 """``secret-manager export`` and ``import``: a store's records in a file, sealed as stored.
 
 The file is JSON Lines (docs/operations.md#export-file-format): a header naming the format
-and its version, one line per secret record, then per audit record, and an end line with
-the counts and a SHA-256 of every byte before it, so that a truncated or altered file is
-refused. Records stay sealed (nonce, ciphertext, key id): neither command needs a master
-key, and nothing in the file is plaintext. Records are named by their record key (the
-digest of the secret id), never by an id: an export of a store that still holds records
-keyed by their id is refused until ``rewrap`` converts them. Files of format 1, whose
-records carry their id, are still imported, as such legacy records.
+and its version, one line per secret record, then per receipt, then per audit record, and
+an end line with the counts and a SHA-256 of every byte before it, so that a truncated or
+altered file is refused. Records stay sealed (nonce, ciphertext, key id): neither command
+needs a master key, and nothing in the file is plaintext. Records are named by their record
+key (the digest of the secret id), never by an id: an export of a store that still holds
+records keyed by their id is refused until ``rewrap`` converts them. Files of format 1,
+whose records carry their id, are still imported, as such legacy records.
 
 Who may see a secret (its tenant, owner and readers, bound into its ciphertext) travels
 with it, written only where it differs from a plain secret's (the default tenant, no named
 readers): a file of plain secrets is byte for byte what earlier releases wrote, and an
 earlier release refuses, naming the line, a file holding a record it could not store whole.
+A secret's receipt id and label travel the same way, on its line when set, and receipts as
+lines of their own, every one stored (its secret live or ended), counted in the end line
+only when there are some.
+
+The webhook outbox does not travel: its events report changes made on the exporting
+deployment, which delivers them; an import changes no secret's life, and the importing
+side sending them again would deliver each a second time, from another deliverer.
 
 Both stream. An import checks the whole file, copying it to an unnamed temporary file as it
 goes, before it writes anything; only a file that passes is then read back into the store.
@@ -35,13 +42,23 @@ from typing import IO, Any
 
 from vault.apikeys import KEY_NAME
 from vault.errors import InvalidValue, TransferRefused
-from vault.records import DEFAULT_TENANT, SealedSecret, StoredSecret, access_fields, keyed_by_id
+from vault.records import (
+    DEFAULT_TENANT,
+    Receipt,
+    ReceiptState,
+    SealedSecret,
+    StoredSecret,
+    access_fields,
+    keyed_by_id,
+    receipt_fields,
+)
 from vault.stores.base import AUDIT_FIELDS, BulkStore, Imported, utc_now
-from vault.validation import MAX_READERS, normalize_secret_id
+from vault.validation import MAX_LABEL, MAX_READERS, label_text, normalize_secret_id
 
 FORMAT = "secret-manager-export"
 # 2: records named by record key; 1: by secret id (still imported). Who may see a secret
-# (tenant, owner, readers) joined version 2 as optional fields: see the module's docstring.
+# (tenant, owner, readers), its receipt id and label, and receipt lines joined version 2 as
+# optional: see the module's docstring.
 VERSION = 2
 BATCH = 1000  # records per store call
 # No record comes near this (a secret is at most MAX_SECRET_BYTES): a longer line is damage,
@@ -55,6 +72,24 @@ RECORD_KEY_DIGITS = 64
 # is written when the record has one (API keys on).
 ACCESS_FIELDS = ("tenant", "owner", "readers")
 NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ -"
+# A secret made with a receipt: its receipt id and label, on its line when set.
+RECEIPT_ID_FIELDS = ("receipt_id", "label")
+LABEL_RULE = f"1-{MAX_LABEL} printable characters (no control characters or line breaks)"
+# A receipt line's fields, every one always written (null where it does not apply).
+RECEIPT_FIELDS = (
+    "receipt_key",
+    "tenant",
+    "label",
+    "created_at",
+    "expires_at",
+    "max_reads",
+    "reads",
+    "first_read_at",
+    "last_read_at",
+    "ended_at",
+    "state",
+)
+STATES = (ReceiptState.ACTIVE, ReceiptState.USED_UP, ReceiptState.EXPIRED, ReceiptState.DELETED)
 # Tenant -> the names of the API keys of that tenant, as the importing server knows them.
 KnownReaders = Callable[[str], Collection[str]]
 
@@ -65,7 +100,10 @@ class Counts:
 
     secrets: int = 0
     audit: int = 0
+    receipts: int = 0
     left_out: int = 0  # export: expired, used up or malformed; import: expired since export
+    receipts_left_out: int = 0  # export: receipts that are not whole (a database edit)
+    receipts_new: int = 0  # import: receipts the store did not hold
     new: int = 0
     keyed_by_id: int = 0  # import: of the new, those of a format 1 file, stored under their id
     present: int = 0
@@ -118,8 +156,31 @@ def secret_line(record: StoredSecret) -> dict[str, Any]:
         "expires_at": None if sealed.expires_at is None else _seconds(sealed.expires_at),
         "reads_left": sealed.reads_left,
         **access_fields(sealed),
+        **receipt_fields(sealed),
     }
     return line
+
+
+def _optional(moment: dt.datetime | None, form: Callable[[dt.datetime], str]) -> str | None:
+    return None if moment is None else form(moment)
+
+
+def receipt_line(receipt: Receipt) -> dict[str, Any]:
+    """A receipt as the file holds it: every field, null where it does not apply."""
+    return {
+        "type": "receipt",
+        "receipt_key": receipt.receipt_key,
+        "tenant": receipt.tenant,
+        "label": receipt.label,
+        "created_at": _timestamp(receipt.created_at),
+        "expires_at": _optional(receipt.expires_at, _seconds),
+        "max_reads": receipt.max_reads,
+        "reads": receipt.reads,
+        "first_read_at": _optional(receipt.first_read_at, _timestamp),
+        "last_read_at": _optional(receipt.last_read_at, _timestamp),
+        "ended_at": _optional(receipt.ended_at, _timestamp),
+        "state": receipt.state,
+    }
 
 
 def audit_line(document: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +217,47 @@ def access_problem(tenant: Any, owner: Any, readers: Any) -> str | None:
     return None
 
 
+def _is_label(value: Any) -> bool:
+    try:
+        label_text(value)
+    except InvalidValue:
+        return False
+    return True
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return type(value) is int and value >= least  # bool is no count
+
+
+def receipt_problem(receipt: Receipt) -> str | None:
+    """What makes a receipt unfit for the file (naming the field, never a value), or None:
+    the rules every receipt a store writes keeps, so that one edited in the database is
+    left out of an export rather than making the whole file refused."""
+    key = receipt.receipt_key
+    if not isinstance(key, str) or len(key) != RECORD_KEY_DIGITS or not set(key) <= _HEX:
+        return f"receipt_key is not {RECORD_KEY_DIGITS} hex digits"
+    if not _is_name(receipt.tenant):
+        return f"tenant is not a tenant name ({NAME_RULE})"
+    if receipt.label is not None and not _is_label(receipt.label):
+        return f"label is not {LABEL_RULE}, or null"
+    max_reads = receipt.max_reads
+    if max_reads is not None and not _is_count(max_reads, 1):
+        return "max_reads is not a whole number of reads, at least 1, or null"
+    reads = receipt.reads
+    if not _is_count(reads, 0) or (max_reads is not None and reads > max_reads):
+        return "reads is not a whole number of reads, from 0 to max_reads"
+    first, last = receipt.first_read_at, receipt.last_read_at
+    if (first is None, last is None) != (reads == 0, reads == 0) or (
+        first is not None and last is not None and first > last
+    ):
+        return "first_read_at and last_read_at are not the times of its first and last read"
+    if receipt.state not in STATES:
+        return f"state is not one of {', '.join(STATES)}"
+    if (receipt.state == ReceiptState.ACTIVE) != (receipt.ended_at is None):
+        return "ended_at is not null exactly while state is active"
+    return None
+
+
 class Writer:
     """Writes the file: header, records, and the end line with counts and SHA-256."""
 
@@ -164,6 +266,7 @@ class Writer:
         self._hash = hashlib.sha256()
         self.secrets = 0
         self.audit = 0
+        self.receipts = 0
 
     def _line(self, value: dict[str, Any]) -> None:
         data = json.dumps(value, separators=(",", ":")).encode("utf-8") + b"\n"
@@ -185,14 +288,23 @@ class Writer:
         self._line(secret_line(record))
         self.secrets += 1
 
+    def receipt(self, receipt: Receipt) -> None:
+        self._line(receipt_line(receipt))
+        self.receipts += 1
+
     def audit_record(self, document: dict[str, Any]) -> None:
         self._line(audit_line(document))
         self.audit += 1
 
     def end(self) -> str:
-        """Write the end line (not itself hashed); the SHA-256 it carries."""
+        """Write the end line (not itself hashed); the SHA-256 it carries. It counts the
+        receipts only when there are some: a file without them ends as before they
+        existed."""
         digest = self._hash.hexdigest()
-        end = {"type": "end", "secrets": self.secrets, "audit": self.audit, "sha256": digest}
+        end: dict[str, Any] = {"type": "end", "secrets": self.secrets}
+        if self.receipts:
+            end["receipts"] = self.receipts
+        end.update(audit=self.audit, sha256=digest)
         self._out.write(json.dumps(end, separators=(",", ":")).encode("utf-8") + b"\n")
         self._out.flush()
         return digest
@@ -224,7 +336,8 @@ def export(store: BulkStore, out: IO[bytes], *, audit: bool, store_kind: str, ba
         if legacy:
             raise keyed_by_id_refusal(legacy)
         stored = store.count_secrets()
-        total = stored + (store.count_audit() if audit else 0)
+        receipts = store.count_receipts()
+        total = stored + receipts + (store.count_audit() if audit else 0)
         writer.header(store=store_kind, audit=audit)
         with bar("exporting", total) as advance:
             for record in store.secrets(now):
@@ -238,13 +351,20 @@ def export(store: BulkStore, out: IO[bytes], *, audit: bool, store_kind: str, ba
                 writer.secret(record)
                 advance(1)
             advance(stored - writer.secrets)  # left out: expired, used up or malformed
+            # Every receipt, its secret's end included: the importing server's purge applies
+            # its own RECEIPT_RETENTION_SECONDS to them.
+            for receipt in store.receipts():
+                if receipt_problem(receipt) is None:  # else edited malformed: left out
+                    writer.receipt(receipt)
+            advance(receipts)
             if audit:
                 for document in store.audit():
                     writer.audit_record(document)
                     advance(1)
     counts.sha256 = writer.end()
-    counts.secrets, counts.audit = writer.secrets, writer.audit
+    counts.secrets, counts.audit, counts.receipts = writer.secrets, writer.audit, writer.receipts
     counts.left_out = max(stored - writer.secrets, 0)
+    counts.receipts_left_out = max(receipts - writer.receipts, 0)
     return counts
 
 
@@ -293,11 +413,12 @@ def _text(value: Any, line: int, name: str, *, optional: bool = False) -> Any:
 def parse_secret(value: Any, line: int, version: int = VERSION) -> StoredSecret:
     """The record a secret line holds; TransferRefused naming the line (never a value) if
     malformed. A line of format 1 names its record by secret id: it is read as a legacy
-    record, keyed by that id. Who may see it (``ACCESS_FIELDS``) is optional: a line
-    without them is a plain secret's, as every line written before they existed."""
+    record, keyed by that id. Who may see it (``ACCESS_FIELDS``) and its receipt id and
+    label (``RECEIPT_ID_FIELDS``) are optional: a line without them is a plain secret's, as
+    every line written before they existed."""
     name = "record_key" if version >= 2 else "secret_id"
     names = (name, "key_id", "nonce", "ciphertext", "created_at", "expires_at")
-    optional = ACCESS_FIELDS if version >= 2 else ()
+    optional = (*ACCESS_FIELDS, *RECEIPT_ID_FIELDS) if version >= 2 else ()
     fields = _fields(value, line, "secret", (*names, "reads_left"), optional)
     key = _text(fields[name], line, name)
     if version >= 2:
@@ -329,6 +450,12 @@ def parse_secret(value: Any, line: int, version: int = VERSION) -> StoredSecret:
     problem = access_problem(tenant, owner, readers)
     if problem is not None:
         raise TransferRefused(f"line {line}: {problem}")
+    receipt_id = fields.get("receipt_id")
+    if receipt_id is not None and not _is_uuid(receipt_id):
+        raise TransferRefused(f"line {line}: receipt_id is not a lower-case UUID, or null")
+    label = fields.get("label")
+    if label is not None and not _is_label(label):
+        raise TransferRefused(f"line {line}: label is not {LABEL_RULE}, or null")
     sealed = SealedSecret(
         key,
         key_id,
@@ -339,8 +466,50 @@ def parse_secret(value: Any, line: int, version: int = VERSION) -> StoredSecret:
         tenant=tenant,
         owner=owner,
         readers=None if readers is None else tuple(readers),
+        receipt_id=receipt_id,
+        label=label,
     )
     return StoredSecret(sealed, None if created is None else _time(created, line, "created_at"))
+
+
+def _is_uuid(value: Any) -> bool:
+    """A UUID in its canonical form, in lower case (as the service makes them)."""
+    try:
+        return isinstance(value, str) and normalize_secret_id(value) == value
+    except InvalidValue:
+        return False
+
+
+def _optional_time(value: Any, line: int, name: str) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        return _time(value, line, name)
+    except TransferRefused:
+        raise TransferRefused(f"line {line}: {name} is not an RFC 3339 UTC time or null") from None
+
+
+def parse_receipt(value: Any, line: int) -> Receipt:
+    """The receipt a receipt line holds; TransferRefused naming the line and the field
+    (never a value) if malformed."""
+    fields = _fields(value, line, "receipt", RECEIPT_FIELDS)
+    receipt = Receipt(
+        receipt_key=fields["receipt_key"],
+        tenant=fields["tenant"],
+        label=fields["label"],
+        created_at=_time(fields["created_at"], line, "created_at"),
+        expires_at=_optional_time(fields["expires_at"], line, "expires_at"),
+        max_reads=fields["max_reads"],
+        reads=fields["reads"],
+        first_read_at=_optional_time(fields["first_read_at"], line, "first_read_at"),
+        last_read_at=_optional_time(fields["last_read_at"], line, "last_read_at"),
+        ended_at=_optional_time(fields["ended_at"], line, "ended_at"),
+        state=fields["state"],
+    )
+    problem = receipt_problem(receipt)
+    if problem is not None:
+        raise TransferRefused(f"line {line}: {problem}")
+    return receipt
 
 
 _AUDIT_REQUIRED = tuple(name for name in AUDIT_FIELDS if name != "tenant")
@@ -413,6 +582,7 @@ class Checked:
     audit: int
     sha256: str
     version: int = VERSION
+    receipts: int = 0
 
 
 def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Checked:
@@ -424,7 +594,7 @@ def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Ch
         raise TransferRefused("it is empty: not a secret-manager export")
     version: int = check_header(first[1])["version"]
     digest = hashlib.sha256(first[1])
-    secrets = audit = 0
+    secrets = audit = receipts = 0
     number = 1
     for number, data in lines:
         if not data.endswith(b"\n"):
@@ -436,11 +606,14 @@ def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Ch
         if kind == "secret":
             parse_secret(value, number, version)
             secrets += 1
+        elif kind == "receipt":
+            parse_receipt(value, number)
+            receipts += 1
         elif kind == "audit":
             parse_audit(value, number)
             audit += 1
         elif kind == "end":
-            checked = Checked(secrets, audit, digest.hexdigest(), version)
+            checked = Checked(secrets, audit, digest.hexdigest(), version, receipts)
             _check_end(value, checked)
             if next(lines, None) is not None:
                 raise TransferRefused(f"it is damaged: more follows its end line (line {number})")
@@ -456,10 +629,30 @@ def check_and_copy(source: IO[bytes], copy: IO[bytes], progress: Progress) -> Ch
     )
 
 
+# The end line's fields; "receipts" only in a file that holds receipt lines.
+END_FIELDS = frozenset({"type", "secrets", "audit", "sha256"})
+
+
 def _check_end(value: dict[str, Any], found: Checked) -> None:
-    if set(value) != {"type", "secrets", "audit", "sha256"}:
+    """The end line's counts and SHA-256 against the file's. ``receipts`` is there only in
+    a file holding receipts (absent: none), so files without them end as they always did."""
+    if not END_FIELDS <= set(value) <= END_FIELDS | {"receipts"}:
         raise TransferRefused("its end line is damaged")
-    if value["secrets"] != found.secrets or value["audit"] != found.audit:
+    receipts = value.get("receipts", 0)
+    if type(receipts) is not int:
+        raise TransferRefused("its end line is damaged")
+    if receipts or found.receipts:
+        if (value["secrets"], receipts, value["audit"]) != (
+            found.secrets,
+            found.receipts,
+            found.audit,
+        ):
+            raise TransferRefused(
+                f"it is damaged: its end line counts {value['secrets']} secrets, {receipts} "
+                f"receipts and {value['audit']} audit records, the file holds "
+                f"{found.secrets}, {found.receipts} and {found.audit}"
+            )
+    elif value["secrets"] != found.secrets or value["audit"] != found.audit:
         raise TransferRefused(
             f"it is damaged: its end line counts {value['secrets']} secrets and "
             f"{value['audit']} audit records, the file holds {found.secrets} and {found.audit}"
@@ -468,13 +661,17 @@ def _check_end(value: dict[str, Any], found: Checked) -> None:
         raise TransferRefused("it is damaged or altered: its SHA-256 does not match its end line")
 
 
-def _records(copy: IO[bytes], version: int) -> Iterator[tuple[int, StoredSecret | dict[str, Any]]]:
+def _records(
+    copy: IO[bytes], version: int
+) -> Iterator[tuple[int, StoredSecret | Receipt | dict[str, Any]]]:
     """The records of a checked copy, with their line numbers in the original file."""
     for number, data in _lines(copy):
         value = json.loads(data)
         line = number + 1  # the copy has no header line
         if value["type"] == "secret":
             yield line, parse_secret(value, line, version)
+        elif value["type"] == "receipt":
+            yield line, parse_receipt(value, line)
         else:
             yield line, parse_audit(value, line)
 
@@ -531,8 +728,9 @@ def _add(
     """Add the checked records in ``copy`` to ``store``, a batch at a time."""
     now = utc_now()
     secrets: list[tuple[int, StoredSecret]] = []
+    receipts: list[Receipt] = []
     audit: list[dict[str, Any]] = []
-    with bar("importing", checked.secrets + checked.audit) as advance:
+    with bar("importing", checked.secrets + checked.receipts + checked.audit) as advance:
 
         def flush() -> None:
             if secrets:
@@ -547,6 +745,10 @@ def _add(
                         counts.unknown_readers += 1
                 advance(len(secrets))
                 secrets.clear()
+            if receipts:
+                counts.receipts_new += store.add_receipts(receipts)
+                advance(len(receipts))
+                receipts.clear()
             if audit:
                 counts.audit_new += store.add_audit(audit)
                 advance(len(audit))
@@ -560,10 +762,14 @@ def _add(
                     advance(1)
                     continue
                 secrets.append((line, record))
+            elif isinstance(record, Receipt):
+                # Kept whatever became of its secret: the purge here ends it in its time.
+                counts.receipts += 1
+                receipts.append(record)
             else:
                 counts.audit += 1
                 audit.append(record)
-            if len(secrets) + len(audit) >= BATCH:
+            if len(secrets) + len(receipts) + len(audit) >= BATCH:
                 flush()
         flush()
 

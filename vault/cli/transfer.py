@@ -131,10 +131,19 @@ def export_command(args: argparse.Namespace) -> int:
         f"secret-manager: exported {_plural(counts.secrets, 'secret')} and "
         f"{_plural(counts.audit, 'audit record')} "
         f"from {store.label} to {name} in {transfer.elapsed_since(started)} "
-        f"({counts.left_out} expired or used up, left out); SHA-256 {counts.sha256}",
+        f"({counts.left_out} expired or used up, left out); {_receipts_out(counts)}SHA-256 "
+        f"{counts.sha256}",
         file=sys.stderr,
     )
     return 0
+
+
+def _receipts_out(counts: Counts) -> str:
+    """What the export's summary says of receipts: how many, and any left out."""
+    said = _plural(counts.receipts, "receipt")
+    if counts.receipts_left_out:
+        said += f" ({counts.receipts_left_out} not whole, left out)"
+    return said + "; "
 
 
 # Conflicts named one per line, up to this many; the summary gives their number.
@@ -203,7 +212,8 @@ def _imported(name: str, counts: Counts, took: str, *, api_keys: bool) -> str:
         f"{counts.new} new, {counts.present} already there, {counts.fewer_reads} with fewer "
         f"reads left, {counts.left_out} expired since the export, {counts.conflicts} "
         f"conflicts; audit records {counts.audit_new} new, "
-        f"{counts.audit - counts.audit_new} already there"
+        f"{counts.audit - counts.audit_new} already there; receipts {counts.receipts_new} new, "
+        f"{counts.receipts - counts.receipts_new} already there"
     )
     if counts.keyed_by_id:
         line += (

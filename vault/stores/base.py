@@ -464,13 +464,29 @@ class BulkStore(Protocol):
     def add_audit(self, documents: Iterable[Mapping[str, Any]]) -> int:
         """Store the audit records whose ``record_id`` is not stored yet; how many were new."""
 
+    def count_receipts(self) -> int:
+        """How many receipts the store holds."""
+
+    def receipts(self) -> Iterator[Receipt]:
+        """Every stored receipt, whether its secret is live or ended, in receipt key order,
+        each whole (a document that is not a whole receipt is left out). Streamed."""
+
+    def add_receipts(self, receipts: Sequence[Receipt]) -> int:
+        """Store the receipts the store does not hold, durably, in one transaction or
+        batch; how many were new. A receipt held already (of the same tenant) is brought
+        forward, never back: the greater count of reads, the earlier first read and the
+        later last read, and the file's end if the stored one has not ended (a secret ends
+        once). Nothing else of a stored receipt changes."""
+
 
 def same_secret(stored: SealedSecret, incoming: SealedSecret) -> bool:
     """The same record, whatever reads it has had since: sealed alike for the same
-    readers, same expiry, and a read limit on both or on neither."""
+    readers, with the same receipt and label, same expiry, and a read limit on both or on
+    neither."""
     return (
         (stored.tenant, stored.owner, stored.readers)
         == (incoming.tenant, incoming.owner, incoming.readers)
+        and (stored.receipt_id, stored.label) == (incoming.receipt_id, incoming.label)
         and stored.key_id == incoming.key_id
         and stored.nonce == incoming.nonce
         and stored.ciphertext == incoming.ciphertext

@@ -15,10 +15,11 @@ from pymongo.collection import Collection
 from pymongo.errors import (
     BulkWriteError,
     WriteConcernError,
+    WriteError,
 )
 from pymongo.write_concern import WriteConcern
 
-from vault.records import SealedSecret, StoredSecret
+from vault.records import Receipt, SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     Imported,
@@ -35,6 +36,7 @@ from vault.stores.mongo.documents import (
     insert_each,
     record_of,
 )
+from vault.stores.mongo.receipts import merge_updates, receipt_document, receipt_of
 
 # Documents per find and insert_many when exporting and importing.
 _BULK_BATCH = 1000
@@ -80,6 +82,9 @@ class MongoBulk:
             "secrets", write_concern=durable
         )
         self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
+        self._receipts: Collection[dict[str, Any]] = db.get_collection(
+            "receipts", write_concern=durable
+        )
         self.malformed = 0  # documents an export left out because they are not whole records
 
     def close(self) -> None:
@@ -187,3 +192,43 @@ class MongoBulk:
                 raise
             return len(docs) - len(errors)  # the duplicates: imported before
         return len(docs)
+
+    def count_receipts(self) -> int:
+        return self._receipts.count_documents({})
+
+    def receipts(self) -> Iterator[Receipt]:
+        for doc in self._receipts.find({}, sort=[("_id", pymongo.ASCENDING)]).batch_size(
+            _BULK_BATCH
+        ):
+            try:
+                yield receipt_of(doc)
+            except (KeyError, TypeError, ValueError, OverflowError, OSError):
+                continue  # not a whole receipt (an edit): it may hold anything
+
+    def add_receipts(self, receipts: Sequence[Receipt]) -> int:
+        new = 0
+        for start in range(0, len(receipts), _BULK_BATCH):
+            new += self._add_receipt_batch(receipts[start : start + _BULK_BATCH])
+        return new
+
+    def _add_receipt_batch(self, receipts: Sequence[Receipt]) -> int:
+        """One ``insert_many`` of the receipts not stored, then one ``bulk_write`` bringing
+        forward those that are (or were written meanwhile, or twice in the file)."""
+        keys = sorted({receipt.receipt_key for receipt in receipts})
+        held = {str(doc["_id"]) for doc in self._receipts.find({"_id": {"$in": keys}}, {"_id": 1})}
+        new: list[Receipt] = []
+        merged: list[Receipt] = []
+        for receipt in receipts:
+            (merged if receipt.receipt_key in held else new).append(receipt)
+            held.add(receipt.receipt_key)
+        docs = [receipt_document(receipt) for receipt in new]
+        errors = insert_each(self._receipts, docs, lambda docs: set()) if docs else []
+        for receipt, error in zip(new, errors, strict=True):
+            if isinstance(error, WriteError) and error.code == DUPLICATE_KEY:
+                merged.append(receipt)  # stored meanwhile: brought forward instead
+            elif error is not None:
+                raise error
+        updates = [update for receipt in merged for update in merge_updates(receipt)]
+        if updates:
+            self._receipts.bulk_write(updates, ordered=True)
+        return len(new) - sum(error is not None for error in errors)

@@ -20,7 +20,14 @@ from pymongo.errors import (
 from vault.errors import CorruptRecord
 from vault.events import Event, PendingEvent, event_body
 from vault.lifecycle import utc_now
-from vault.records import DEFAULT_TENANT, NOBODY, Access, SealedSecret, access_fields
+from vault.records import (
+    DEFAULT_TENANT,
+    NOBODY,
+    Access,
+    SealedSecret,
+    access_fields,
+    receipt_fields,
+)
 from vault.stores.base import (
     AUDIT_FIELDS,
     AuditDocument,
@@ -117,10 +124,7 @@ def document(record: SealedSecret, created_at: dt.datetime | None) -> dict[str, 
         doc["reads_left"] = record.reads_left
     # Likewise who may see it: a plain secret is stored as before tenants existed.
     doc.update(access_fields(record))
-    if record.receipt_id is not None:
-        doc["receipt_id"] = record.receipt_id
-    if record.label is not None:
-        doc["label"] = record.label
+    doc.update(receipt_fields(record))
     return doc
 
 

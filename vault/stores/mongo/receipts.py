@@ -8,6 +8,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
@@ -22,6 +23,10 @@ def _moment(seconds: object) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(seconds, dt.UTC) if isinstance(seconds, int | float) else None
 
 
+def _seconds(moment: dt.datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
 def receipt_document(receipt: Receipt) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "_id": receipt.receipt_key,
@@ -33,8 +38,11 @@ def receipt_document(receipt: Receipt) -> dict[str, Any]:
     # Absent until set: $min and $max then set them, and "ended_at" absent means active.
     optional = {
         "label": receipt.label,
-        "expires_at": None if receipt.expires_at is None else receipt.expires_at.timestamp(),
+        "expires_at": _seconds(receipt.expires_at),
         "max_reads": receipt.max_reads,
+        "first_read_at": _seconds(receipt.first_read_at),
+        "last_read_at": _seconds(receipt.last_read_at),
+        "ended_at": _seconds(receipt.ended_at),
     }
     doc.update({name: value for name, value in optional.items() if value is not None})
     return doc
@@ -70,6 +78,39 @@ def apply_changes(receipts: Receipts, changes: Sequence[ReceiptChange]) -> None:
                 {"_id": change.receipt_key, "ended_at": {"$exists": False}},
                 {"$set": {"state": ended, "ended_at": at}},
             )
+
+
+def merge_updates(receipt: Receipt) -> list[UpdateOne]:
+    """An import's updates of a receipt stored already, for the same tenant: brought forward,
+    never back (more reads, the earlier first and later last read, an end where it had
+    none: a secret ends once). Nothing else changes. Each is a ``$set`` guarded by a filter
+    that matches only when it moves the field forward (atomic, as ``$max`` is), so a
+    receipt that is already as far along is not written at all: nx-27017 keeps a number an
+    update writes to 15 significant digits, which would move a time by microseconds. A time
+    not yet set and one behind are two updates: nx-27017 applies an update whose filter
+    has a top-level ``$or`` beside ``_id`` to another document."""
+    held = {"_id": receipt.receipt_key, "tenant": receipt.tenant}
+    updates: list[UpdateOne] = []
+    if receipt.reads:
+        updates.append(
+            UpdateOne({**held, "reads": {"$lt": receipt.reads}}, {"$set": {"reads": receipt.reads}})
+        )
+    for name, moment, later in (
+        ("first_read_at", receipt.first_read_at, "$gt"),
+        ("last_read_at", receipt.last_read_at, "$lt"),
+    ):
+        if moment is not None:
+            at = moment.timestamp()
+            for unset_or_behind in ({"$exists": False}, {later: at}):
+                updates.append(UpdateOne({**held, name: unset_or_behind}, {"$set": {name: at}}))
+    if receipt.ended_at is not None:
+        updates.append(
+            UpdateOne(
+                {**held, "ended_at": {"$exists": False}},
+                {"$set": {"state": receipt.state, "ended_at": receipt.ended_at.timestamp()}},
+            )
+        )
+    return updates
 
 
 def receipt_of(doc: Mapping[str, Any]) -> Receipt:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vault.errors import CorruptRecord
-from vault.records import SealedSecret, StoredSecret
+from vault.records import Receipt, SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     Imported,
@@ -34,6 +34,7 @@ from vault.stores.sqlite.documents import (
     record_of,
     record_row,
 )
+from vault.stores.sqlite.receipts import ALL_RECEIPTS, MERGE_RECEIPT, receipt_of, receipt_row
 
 # Rows per statement when importing: twice as many keys, under SQLite's 32766 host
 # parameters in one IN (...).
@@ -186,3 +187,34 @@ class SQLiteBulk:
             before = self._conn.total_changes
             self._conn.executemany(INSERT_AUDIT, rows)  # a stored record_id: DO NOTHING
             return self._conn.total_changes - before
+
+    def count_receipts(self) -> int:
+        count: int = self._conn.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
+        return count
+
+    def receipts(self) -> Iterator[Receipt]:
+        cursor = self._conn.execute(ALL_RECEIPTS)
+        while rows := cursor.fetchmany(_IMPORT_BATCH):
+            for row in rows:
+                try:
+                    yield receipt_of(row)
+                except (TypeError, ValueError, OverflowError, OSError):
+                    continue  # a time that is no number (an edit): not a whole receipt
+
+    def add_receipts(self, receipts: Sequence[Receipt]) -> int:
+        keys = sorted({receipt.receipt_key for receipt in receipts})
+        with self._conn:  # one transaction, one fsync, for the whole batch
+            self._conn.execute("BEGIN IMMEDIATE")
+            stored: set[str] = set()
+            for start in range(0, len(keys), _IMPORT_BATCH):
+                chunk = keys[start : start + _IMPORT_BATCH]
+                stored.update(
+                    row[0]
+                    for row in self._conn.execute(
+                        "SELECT receipt_key FROM receipts"  # noqa: S608 - fixed names, "?"s
+                        f" WHERE receipt_key IN ({', '.join('?' * len(chunk))})",
+                        chunk,
+                    )
+                )
+            self._conn.executemany(MERGE_RECEIPT, [receipt_row(r) for r in receipts])
+        return len(keys) - len(stored)

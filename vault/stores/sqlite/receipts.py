@@ -23,27 +23,52 @@ def _moment(seconds: float | None) -> dt.datetime | None:
     return None if seconds is None else dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
+ReceiptRow = tuple[
+    str, str, str | None, float, int | None, int | None, int, float | None, float | None,
+    float | None, str,
+]  # fmt: skip
+
+
+def receipt_row(r: Receipt) -> ReceiptRow:
+    """The row a receipt is stored as (``_COLUMNS``)."""
+    return (
+        r.receipt_key,
+        r.tenant,
+        r.label,
+        r.created_at.timestamp(),
+        None if r.expires_at is None else int(r.expires_at.timestamp()),
+        r.max_reads,
+        r.reads,
+        _seconds(r.first_read_at),
+        _seconds(r.last_read_at),
+        _seconds(r.ended_at),
+        r.state,
+    )
+
+
 def insert_receipts(conn: sqlite3.Connection, receipts: Sequence[Receipt]) -> None:
     """Store new receipts in the open transaction."""
     conn.executemany(
         f"INSERT INTO receipts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-        [
-            (
-                r.receipt_key,
-                r.tenant,
-                r.label,
-                r.created_at.timestamp(),
-                None if r.expires_at is None else int(r.expires_at.timestamp()),
-                r.max_reads,
-                r.reads,
-                _seconds(r.first_read_at),
-                _seconds(r.last_read_at),
-                _seconds(r.ended_at),
-                r.state,
-            )
-            for r in receipts
-        ],
+        [receipt_row(r) for r in receipts],
     )
+
+
+# An import's: a receipt not stored yet is inserted; one stored for the same tenant is
+# brought forward, never back (more reads, the earlier first and later last read, an end
+# where it had none: a secret ends once). In the SET, bare names are the stored row's.
+MERGE_RECEIPT = (
+    f"INSERT INTO receipts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    " ON CONFLICT (receipt_key) DO UPDATE SET"
+    " reads = max(reads, excluded.reads),"
+    " first_read_at = coalesce(min(first_read_at, excluded.first_read_at), first_read_at,"
+    " excluded.first_read_at),"
+    " last_read_at = coalesce(max(last_read_at, excluded.last_read_at), last_read_at,"
+    " excluded.last_read_at),"
+    " state = CASE WHEN ended_at IS NULL THEN excluded.state ELSE state END,"
+    " ended_at = coalesce(ended_at, excluded.ended_at)"
+    " WHERE tenant = excluded.tenant"
+)
 
 
 def apply_changes(conn: sqlite3.Connection, changes: Sequence[ReceiptChange]) -> None:
@@ -73,8 +98,15 @@ def get_receipt(conn: sqlite3.Connection, key: str) -> Receipt | None:
         f"SELECT {_COLUMNS} FROM receipts WHERE receipt_key = ?",  # noqa: S608 - fixed names
         (key,),
     ).fetchone()
-    if row is None:
-        return None
+    return None if row is None else receipt_of(row)
+
+
+# Every receipt, in key order, as ``receipt_of`` reads them (an export's).
+ALL_RECEIPTS = f"SELECT {_COLUMNS} FROM receipts ORDER BY receipt_key"  # noqa: S608
+
+
+def receipt_of(row: ReceiptRow) -> Receipt:
+    """The receipt a row holds."""
     key, tenant, label, created, expires, max_reads, reads, first, last, ended, state = row
     return Receipt(
         receipt_key=key,
