@@ -114,6 +114,15 @@ def _record(server: ServerProcess, case: schemathesis.Case, status: int) -> None
                 seen[f"{field} {'valid' if valid else 'invalid'}"] += 1
 
 
+def _fresh_idempotency_key(case: schemathesis.Case) -> None:
+    """A generated Idempotency-Key is well formed but may repeat one generated before with
+    another body, which the server rightly refuses (422): in a case meant to be valid it is
+    replaced by a fresh one. A negative case keeps its own (it may be what is invalid)."""
+    positive = case.meta is not None and case.meta.generation.mode.is_positive
+    if positive and case.headers and "Idempotency-Key" in case.headers:
+        case.headers["Idempotency-Key"] = str(uuid.uuid4())
+
+
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
 def test_api_conforms_to_its_openapi_document(
@@ -122,6 +131,7 @@ def test_api_conforms_to_its_openapi_document(
     # All of schemathesis's checks: not_a_server_error, status_code_conformance,
     # content_type_conformance, response_schema_conformance, response_headers_conformance,
     # negative_data_rejection, positive_data_acceptance, unsupported_method, ...
+    _fresh_idempotency_key(case)
     response = case.call(timeout=10)
     _record(fuzz_server, case, response.status_code)
     case.validate_response(response)
@@ -154,7 +164,10 @@ def test_lifecycle_workflows_conform_to_its_openapi_document(fuzz_server: Server
     secrets answer too, each answer checked against the document."""
     # On the guarded server the key is configured, so schemathesis knows calls carry it.
     headers = {"Authorization": f"Bearer {API_KEY}"} if "API_KEYS" in fuzz_server.env else {}
-    config = SchemathesisConfig.from_dict({"headers": headers})
+    # Given as the document's bearer scheme's credentials (not as a bare header), so that
+    # schemathesis counts them as configured auth even in a case with generated headers.
+    auth = {"openapi": {"apiKey": {"bearer": API_KEY}}} if headers else {}
+    config = SchemathesisConfig.from_dict({"auth": auth} if auth else {})
     workflow_schema = schemathesis.openapi.from_url(
         fuzz_server.url + "/openapi.json", config=config
     )
@@ -166,6 +179,7 @@ def test_lifecycle_workflows_conform_to_its_openapi_document(fuzz_server: Server
 
         def before_call(self, case: schemathesis.Case) -> None:
             super().before_call(case)
+            _fresh_idempotency_key(case)
             # Generated readers are well formed but name no configured key, which the server
             # refuses (400: a typo must not lock a secret away); the document cannot list a
             # server's key names, so a generated list is replaced by the one key there is.
@@ -248,6 +262,18 @@ def test_every_lifecycle_answer_is_documented(
             post("/vault/secret/fetch", {"secret_id": named["secret_id"]}, 403)
             post("/vault/secret/delete", {"secret_id": named["secret_id"]}, 403)
             client.headers["Authorization"] = f"Bearer {API_KEY}"
+
+        # An idempotent create, its replay, and its key reused for another body.
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        body = {"secret": b64(b"retried")}
+        first = client.post("/vault/secret/create", json=body, headers=key)
+        replay = client.post("/vault/secret/create/", json=body, headers=key)
+        assert replay.headers["idempotent-replayed"] == "true"
+        assert replay.content == first.content
+        reused = client.post("/vault/secret/create", json={"secret": b64(b"other")}, headers=key)
+        assert reused.status_code == 422
+        for response in (first, replay, reused):
+            _documented(api_schema, "/vault/secret/create", response)
 
         # A receipt, and its status before and after the secret ends.
         receipted = post("/vault/secret/create", {"secret": b64(b"r"), "receipt": True}, 200)

@@ -158,6 +158,7 @@ async def _keep_purging(
             purged = await store.purge_expired()
             if receipt_retention_seconds is not None:
                 await store.purge_receipts(receipt_retention_seconds)
+            await store.purge_idempotency()
         except Exception as exc:  # the store may be down; the next round tries again
             log.warning("expired secrets not purged yet: %s", type(exc).__name__)
         else:
@@ -438,6 +439,7 @@ def create_app(
         max_ttl_seconds=settings.max_ttl_seconds,
         default_ttl_seconds=settings.default_ttl_seconds,
         receipt_retention_seconds=settings.receipt_retention_seconds,
+        idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
         retry_after=settings.retry_after_seconds,
         hash_secret_id=functools.partial(secret_id_hmac, audit_hmac_key(settings))
         if settings.emitted_events

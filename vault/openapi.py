@@ -272,14 +272,50 @@ def _create(
         ),
         "operationId": "createSecret",
         "tags": [SECRETS],
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 255,
+                    "pattern": "^[ -~]+$",
+                },
+                "description": (
+                    "Makes a retried create safe: a repeat with the same key and the same body "
+                    "within IDEMPOTENCY_TTL_SECONDS gets the first answer again (header "
+                    "Idempotent-Replayed: true) and stores nothing. 1-255 printable ASCII "
+                    "characters, scoped to the API key; a UUID per create is a good one."
+                ),
+            }
+        ],
         "requestBody": _json_body("CreateRequest"),
         "responses": {
-            "200": {**_json("CreateResponse", "Stored."), "links": links},
+            "200": {
+                **_json("CreateResponse", "Stored, or the first answer to this Idempotency-Key."),
+                "links": links,
+                "headers": {
+                    "Idempotent-Replayed": {
+                        "description": "true when this is the stored answer to a repeat.",
+                        "schema": {"type": "string", "enum": ["true"]},
+                    }
+                },
+            },
             **errors,
+            "409": _error(
+                "A create with this Idempotency-Key is still in progress; retry after "
+                "Retry-After to get its answer.",
+                retry_after=True,
+            ),
+            "422": _error(
+                "This Idempotency-Key was used with a different request body within its window."
+            ),
             "400": _error(
                 "The body is not a JSON object, `secret` is missing or not strict base64, or "
                 "`ttl_seconds` or `max_reads` is not a JSON integer in its range (the detail "
-                "names the field and the range)"
+                "names the field and the range), or the Idempotency-Key header is malformed"
                 + (
                     ", or `readers` names a key that is not one of the caller's tenant (the "
                     "detail names it)."

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 # Versioned, so that a future change of digest cannot be mistaken for this one.
 _RECORD_KEY_LABEL = b"secret-manager record key v1\x00"
 _RECEIPT_KEY_LABEL = b"secret-manager receipt key v1\x00"
+_IDEMPOTENCY_KEY_LABEL = b"secret-manager idempotency key v1\x00"
 # The tenant of a secret made without API keys, or by a key named without a tenant prefix.
 DEFAULT_TENANT = "default"
 RECORD_KEY_LENGTH = 64  # hex digits of a SHA-256
@@ -42,6 +43,14 @@ def receipt_key(receipt_id: str) -> str:
     lower case, as ``record_key`` is for a secret (so a status query sends no receipt id
     to the database, whose logs may quote queries)."""
     return hashlib.sha256(_RECEIPT_KEY_LABEL + receipt_id.lower().encode("ascii")).hexdigest()
+
+
+def idempotency_key(tenant: str, key_name: str | None, header: str) -> str:
+    """The key an idempotent create's record is stored under: hex SHA-256 of a fixed label,
+    the scope (the API key's tenant and name; one shared scope without keys) and the
+    client's Idempotency-Key, so two API keys' equal headers never meet."""
+    scope = f"{tenant}\x00{key_name or ''}\x00{header}".encode()
+    return hashlib.sha256(_IDEMPOTENCY_KEY_LABEL + scope).hexdigest()
 
 
 def keyed_by_id(key: str) -> bool:
@@ -100,6 +109,24 @@ class SealedSecret:
     def expired(self, now: dt.datetime) -> bool:
         """True once ``now`` has reached the expiry: the secret is never served again."""
         return self.expires_at is not None and now >= self.expires_at
+
+
+@dataclass(frozen=True)
+class IdempotentCreate:
+    """What an idempotent create stores beside its secret, in the same store call: the
+    digest of its request body and its answer, sealed like a secret (it names the secret
+    id, which is never stored in clear), so that a repeat gets that very answer.
+
+    ``state`` is ``done`` once the secret is stored; ``pending`` only on MongoDB, between
+    the two writes of one create (a repeat then meets a create still in flight)."""
+
+    key: str  # idempotency_key(...)
+    body_digest: str  # hex SHA-256 of the request body
+    answer: SealedSecret  # the answer's bytes, sealed under the key (record_key = key)
+    record_key: str  # the secret's, to find whether a create cut short stored it
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    state: str = "done"
 
 
 class ReceiptState:

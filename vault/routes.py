@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -34,9 +36,16 @@ from vault.events import Actor
 from vault.keyguard import UnreadableRecords
 from vault.lifecycle import Caller, Found, receipt_as_of, receipt_kept, utc_now
 from vault.openapi import DOCS_HTML, build_openapi
-from vault.records import DEFAULT_TENANT, Receipt, SealedSecret, record_key
+from vault.records import (
+    DEFAULT_TENANT,
+    IdempotentCreate,
+    Receipt,
+    SealedSecret,
+    idempotency_key,
+    record_key,
+)
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
-from vault.stores.base import DeleteResult, SecretStore
+from vault.stores.base import DeleteResult, IdempotentRepeat, SecretStore
 from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE
 from vault.validation import decode_secret, label_text, normalize_secret_id, reader_names
 
@@ -55,6 +64,16 @@ OPERATIONS = {
 }
 # Unknown, deleted, used up or expired: one answer, so it tells a caller nothing.
 NOT_FOUND = "no secret has this secret_id; check the id you were given"
+IN_FLIGHT = (
+    "a create with this Idempotency-Key is still in progress; retry after the time in "
+    "Retry-After to get its answer"
+)
+KEY_REUSED = (
+    "this Idempotency-Key was already used with a different request body; send a new key "
+    "for a new secret, or the same body to get the first answer again"
+)
+# Printable ASCII, 1 to 255 characters (the header as the draft standard describes it).
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 # Unknown, past its retention, or another tenant's: likewise one answer.
 NO_RECEIPT = "no receipt has this receipt_id; check the id the create answered"
 STORE_UNAVAILABLE = "the secret store is unavailable; retry after the time in Retry-After"
@@ -198,6 +217,21 @@ def _lifecycle(record: SealedSecret) -> dict[str, Any]:
     return fields
 
 
+def _idempotency_key(request: Request, caller: Caller) -> str | None:
+    """The stored key of a create's ``Idempotency-Key`` header (scoped to the caller's API
+    key), None without one; 400 for a malformed one, before the body is read."""
+    values = request.headers.getlist("idempotency-key")
+    if not values:
+        return None
+    if len(values) > 1 or not _IDEMPOTENCY_KEY.fullmatch(values[0]):
+        raise HTTPException(
+            400,
+            "the Idempotency-Key header must be sent once, 1 to 255 printable ASCII "
+            "characters (a UUID is a good one)",
+        )
+    return idempotency_key(caller.tenant, caller.name, values[0])
+
+
 def _caller(context: RequestContext) -> Caller:
     """Who asks: the request's API key (the default tenant's anonymous caller without)."""
     return Caller(context.tenant or DEFAULT_TENANT, context.api_key_name)
@@ -339,7 +373,11 @@ class VaultAPI:
         retry_after: int = RETRY_AFTER_SECONDS,
         receipt_retention_seconds: float = 30 * 86400,
         hash_secret_id: Callable[[str], str] | None = None,
+        idempotency_ttl_seconds: float = 86400,
     ) -> None:
+        self.idempotency_ttl_seconds = idempotency_ttl_seconds
+        # Idempotency keys whose first create this process is handling (a repeat gets 409).
+        self._in_flight: set[str] = set()
         self.retry_after = retry_after
         # Set when the store writes lifecycle events: each change's event names who made it
         # (vault/events.py Actor), the secret id by its audit HMAC made with this.
@@ -355,7 +393,23 @@ class VaultAPI:
     async def create_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
         context.op = "create"
-        data = await _json_object(request)
+        key = _idempotency_key(request, _caller(context))
+        if key is None:
+            return await self._create(request, context, None)
+        # A repeat while the first is in flight in this process is refused before its body
+        # is read; across processes the store's record of the key decides (_repeat).
+        if key in self._in_flight:
+            raise HTTPException(409, IN_FLIGHT, headers={"Retry-After": "1"})
+        self._in_flight.add(key)
+        try:
+            return await self._create(request, context, key)
+        finally:
+            self._in_flight.discard(key)
+
+    def _new_secret(
+        self, data: dict[str, Any], context: RequestContext
+    ) -> tuple[SealedSecret, dict[str, Any]]:
+        """A create's record, sealed, and the answer that hands out its id."""
         try:
             plaintext = decode_secret(_string_field(data, "secret"))
         except InvalidValue as exc:
@@ -397,22 +451,62 @@ class VaultAPI:
         receipt_id = str(uuid.uuid4()) if receipt else None
         if receipt_id is not None or label is not None:
             record = replace(record, receipt_id=receipt_id, label=label)
-        context.secret_id = secret_id  # named by the audit record
+        answer = {"secret_id": secret_id, **_lifecycle(record)}
+        if receipt_id is not None:
+            answer["receipt_id"] = receipt_id
+        return record, answer
+
+    async def _create(self, request: Request, context: RequestContext, key: str | None) -> Response:
+        data = await _json_object(request)
+        record, answer = self._new_secret(data, context)
+        response = JSONResponse(answer)
+        idempotent = None
+        digest = ""
+        if key is not None:
+            # The body only as the digest of its JSON object, written one way (key order and
+            # whitespace aside, a retry that serializes it again is the same request); the
+            # answer sealed (it names the secret id).
+            canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+            now = utc_now()
+            idempotent = IdempotentCreate(
+                key=key,
+                body_digest=digest,
+                answer=self.keyring.seal(key, bytes(response.body)),
+                record_key=record.record_key,
+                created_at=now,
+                expires_at=now + dt.timedelta(seconds=self.idempotency_ttl_seconds),
+            )
+        context.secret_id = answer["secret_id"]  # named by the audit record
         # The answer is 200 once stored: its audit record goes in the same store call.
         audit = None if context.audit is None else context.audit.record(200)
         try:
             context.audit_written = await self.store.insert(
-                record, audit, _actor(context, self.hash_secret_id)
+                record, audit, _actor(context, self.hash_secret_id), idempotent
             )
             if self.hash_secret_id is not None:
                 _wake_deliverer(request)
+        except IdempotentRepeat as repeat:
+            context.secret_id = None  # this request's id was never stored nor handed out
+            return self._repeat(repeat.existing, digest, context)
         except BaseException:
             context.secret_id = None  # never handed out: the failure's record names no id
             raise
-        answer = {"secret_id": secret_id, **_lifecycle(record)}
-        if receipt_id is not None:
-            answer["receipt_id"] = receipt_id
-        return JSONResponse(answer)
+        return response
+
+    def _repeat(self, first: IdempotentCreate, digest: str, context: RequestContext) -> Response:
+        """The answer to a create whose Idempotency-Key is stored: the first's answer, byte
+        for byte, if the body is the same and the first is done."""
+        if first.body_digest != digest:
+            raise HTTPException(422, KEY_REUSED)
+        if first.state != "done":
+            raise HTTPException(409, IN_FLIGHT, headers={"Retry-After": "1"})
+        body = self.keyring.open(first.answer)
+        context.outcome = "replayed"
+        context.secret_id = json.loads(body)["secret_id"]  # the audit names the secret
+        return Response(
+            body, media_type="application/json", headers={"Idempotent-Replayed": "true"}
+        )
 
     async def fetch_secret(self, request: Request) -> Response:
         context = request_context(request.scope)

@@ -123,6 +123,12 @@ class Settings:
     max_ttl_seconds: int = setting(
         "SECRET_MAX_TTL_SECONDS", parse.whole(1), "315360000", "largest ttl_seconds (ten years)"
     )
+    idempotency_ttl_seconds: int = setting(
+        "IDEMPOTENCY_TTL_SECONDS",
+        parse.whole(1),
+        "86400",
+        "how long a create's Idempotency-Key answers its repeats",
+    )
     receipt_retention_seconds: int = setting(
         "RECEIPT_RETENTION_SECONDS",
         parse.whole(0),

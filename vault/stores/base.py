@@ -25,7 +25,7 @@ from observability.audit import AUDIT_FIELDS, AuditRecord, AuditWrite
 from observability.metrics import observe_store_operation
 from observability.tracing import store_span
 from vault import events
-from vault.errors import StoreUnavailable
+from vault.errors import StoreUnavailable, VaultError
 from vault.events import Actor, Event, PendingEvent, secret_event
 from vault.lifecycle import (
     ANYONE,
@@ -42,6 +42,7 @@ from vault.lifecycle import (
     utc_now,
 )
 from vault.records import (
+    IdempotentCreate,
     Receipt,
     ReceiptState,
     SealedSecret,
@@ -115,6 +116,15 @@ def fetch_events(
             continue
         found += [record_event(t, record, now, item.actor) for t in wanted if t in types]
     return found
+
+
+class IdempotentRepeat(VaultError):
+    """A create whose Idempotency-Key is already stored: ``existing`` is what the first
+    create with it stored. Nothing of this create was written."""
+
+    def __init__(self, existing: IdempotentCreate) -> None:
+        super().__init__("a create with this Idempotency-Key is already stored")
+        self.existing = existing
 
 
 class DeleteResult(enum.Enum):
@@ -240,11 +250,18 @@ class SecretStore(Protocol):
         """Release connections."""
 
     async def insert(
-        self, record: SealedSecret, audit: AuditRecord | None = None, actor: Actor | None = None
+        self,
+        record: SealedSecret,
+        audit: AuditRecord | None = None,
+        actor: Actor | None = None,
+        idempotent: IdempotentCreate | None = None,
     ) -> AuditWrite | None:
         """Durably store a new record; return only once it would survive a crash. With
         ``audit`` (the record of answering 200), it is written in the same call once the
-        record is stored (SQLite: the same transaction); the answer says how that went."""
+        record is stored (SQLite: the same transaction); the answer says how that went.
+        With ``idempotent``, that is stored in the same call, the record only if no create
+        with its key is stored yet: else IdempotentRepeat is raised, naming that one, and
+        nothing is written."""
 
     async def fetch(
         self,
@@ -276,6 +293,9 @@ class SecretStore(Protocol):
     async def purge_expired(self) -> int:
         """Remove the records past their expiry (and any whose reads are used up); the
         count removed. Called at start and every SECRET_PURGE_INTERVAL_SECONDS."""
+
+    async def purge_idempotency(self) -> int:
+        """Remove the idempotent creates' records past their window; the count removed."""
 
     async def purge_receipts(self, retention_seconds: float) -> int:
         """Remove the receipts ``retention_seconds`` past the end of their secret (or past

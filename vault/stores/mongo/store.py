@@ -27,12 +27,20 @@ from vault.events import (
     secret_event,
 )
 from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
-from vault.records import Receipt, SealedSecret, keyed_by_id, receipt_key, record_key
+from vault.records import (
+    IdempotentCreate,
+    Receipt,
+    SealedSecret,
+    keyed_by_id,
+    receipt_key,
+    record_key,
+)
 from vault.stores.base import (
     AuditWrite,
     DeleteResult,
     FetchItem,
     FetchResult,
+    IdempotentRepeat,
     Remaining,
     Settlement,
     delete_changes,
@@ -52,7 +60,7 @@ from vault.stores.base import (
 )
 from vault.stores.batching import Batcher
 from vault.stores.health import UNREACHABLE, WriteHealth, stored_any
-from vault.stores.mongo import receipts, rewrap
+from vault.stores.mongo import idempotency, receipts, rewrap
 from vault.stores.mongo.connection import (
     MongoConnection,
     log,
@@ -91,7 +99,10 @@ _CREATE_BYTES_BESIDE_RECORD = 4096
 # A create's batch item: its document, and the audit record to write once it is stored.
 # A create's batch item: its document, its receipt's and its created event (None without
 # either), and its audit record.
-_Insert = tuple[tuple[dict[str, Any], dict[str, Any] | None, Event | None], AuditRecord | None]
+_Insert = tuple[
+    tuple[dict[str, Any], dict[str, Any] | None, Event | None, IdempotentCreate | None],
+    AuditRecord | None,
+]
 
 
 # A fetch's batch item: the secret id (looked up, never written), what opens the record,
@@ -125,6 +136,9 @@ class MongoStore:
         self._audit: Collection[dict[str, Any]] = db.get_collection("audit", write_concern=durable)
         self._receipts: Collection[dict[str, Any]] = db.get_collection(
             "receipts", write_concern=durable
+        )
+        self._idempotency: Collection[dict[str, Any]] = db.get_collection(
+            "idempotency", write_concern=durable
         )
         # Lifecycle events waiting for their webhook deliveries (documents.py says how).
         self._outbox: Collection[dict[str, Any]] = db.get_collection(
@@ -173,14 +187,39 @@ class MongoStore:
         """Insert a batch, then the audit records of the records stored, in one budget; one
         answer per item: its record's own error, or its audit record's write."""
         with pymongo.timeout(self._mongo.timeout):
-            docs = [doc for (doc, _, _), _ in items]
-            results = insert_each(self._secrets, docs, self._already_stored)
+            results = self._insert_docs_sync(items)
             stored = [parts for (parts, _), e in zip(items, results, strict=True) if e is None]
-            receipts.insert_receipts(self._receipts, [r for _, r, _ in stored if r is not None])
-            insert_events(self._outbox, [e for _, _, e in stored if e is not None])
+            receipts.insert_receipts(self._receipts, [r for _, r, _, _ in stored if r is not None])
+            insert_events(self._outbox, [e for _, _, e, _ in stored if e is not None])
             audits = stamped_audits(items, results)
             errors = self._write_audits_sync(audits)
         return insert_results(results, audits, errors)
+
+    def _insert_docs_sync(self, items: list[_Insert]) -> list[Exception | None]:
+        """Insert the batch's documents; one entry per item: None, or its own error. An
+        idempotent create's key is claimed first, and its secret written only then (else
+        IdempotentRepeat); the key is marked done, or removed, once the insert answered."""
+        now = utc_now()
+        results: list[Exception | None] = [None] * len(items)
+        for k, ((_, _, _, idem), _) in enumerate(items):
+            if idem is not None:
+                existing = idempotency.claim(
+                    self._idempotency, self._secrets, idem, now, self._mongo.timeout * 2 + 5
+                )
+                if existing is not None:
+                    results[k] = IdempotentRepeat(existing)
+        todo = [k for k in range(len(items)) if results[k] is None]
+        docs = [items[k][0][0] for k in todo]
+        inserted = insert_each(self._secrets, docs, self._already_stored) if docs else []
+        for k, error in zip(todo, inserted, strict=True):
+            results[k] = error
+        claimed = [(k, idem) for k in todo if (idem := items[k][0][3]) is not None]
+        idempotency.finish(
+            self._idempotency,
+            stored=[idem.key for k, idem in claimed if results[k] is None],
+            failed=[idem.key for k, idem in claimed if results[k] is not None],
+        )
+        return results
 
     def _write_audits_sync(self, audits: Mapping[int, AuditRecord]) -> dict[int, Exception | None]:
         """Write the audit records riding with a batch (after its own records): each one's
@@ -236,7 +275,11 @@ class MongoStore:
         return results
 
     async def insert(
-        self, record: SealedSecret, audit: AuditRecord | None = None, actor: Actor | None = None
+        self,
+        record: SealedSecret,
+        audit: AuditRecord | None = None,
+        actor: Actor | None = None,
+        idempotent: IdempotentCreate | None = None,
     ) -> AuditWrite | None:
         now = dt.datetime.now(dt.UTC)
         receipt = None
@@ -244,9 +287,15 @@ class MongoStore:
             receipt = receipts.receipt_document(Receipt.of(record, now))
         event = record_event(CREATED, record, now, actor) if CREATED in self._events else None
         written: AuditWrite | None = await self._inserts.submit(
-            ((document(record, now), receipt, event), audit)
+            ((document(record, now), receipt, event, idempotent), audit)
         )
         return written
+
+    async def purge_idempotency(self) -> int:
+        removed: int = await self._write(
+            "purge_idempotency", idempotency.purge, self._idempotency, utc_now()
+        )
+        return removed
 
     def _find_keys(self, keys: list[str]) -> dict[str, SealedSecret | CorruptRecord]:
         """The documents stored under ``keys``, by key: each its record, or CorruptRecord

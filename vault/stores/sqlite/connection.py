@@ -24,6 +24,19 @@ CREATE TABLE IF NOT EXISTS secrets (
     receipt_id TEXT,     -- the receipt's id, for a secret made with one
     label      TEXT      -- the creator's label, not secret
 ) WITHOUT ROWID;
+-- Idempotent creates (Idempotency-Key): the key's digest, the request body's digest and
+-- the answer sealed under the master key (it names the secret id), until expires_at.
+CREATE TABLE IF NOT EXISTS idempotency (
+    idempotency_key TEXT PRIMARY KEY,
+    body_digest     TEXT NOT NULL,
+    key_id          TEXT NOT NULL,
+    nonce           BLOB NOT NULL,
+    ciphertext      BLOB NOT NULL,
+    record_key      TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    expires_at      REAL NOT NULL,
+    state           TEXT NOT NULL
+) WITHOUT ROWID;
 -- What became of a secret made with a receipt; outlives it until the retention ends.
 -- receipt_key: the digest of the receipt id (vault/records.py receipt_key). Times: Unix
 -- seconds, fractional for the reads and the end.

@@ -17,12 +17,20 @@ from observability.audit import AuditRecord
 from vault.errors import CorruptRecord, NotReady, StoreUnavailable
 from vault.events import CREATED, EXPIRED, Actor, Event, PendingEvent
 from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
-from vault.records import Receipt, SealedSecret, keyed_by_id, receipt_key, record_key
+from vault.records import (
+    IdempotentCreate,
+    Receipt,
+    SealedSecret,
+    keyed_by_id,
+    receipt_key,
+    record_key,
+)
 from vault.stores.base import (
     AuditWrite,
     DeleteResult,
     FetchItem,
     FetchResult,
+    IdempotentRepeat,
     Remaining,
     Settlement,
     delete_changes,
@@ -44,7 +52,7 @@ from vault.stores.base import (
 )
 from vault.stores.batching import Batcher
 from vault.stores.health import DISK_FULL, UNREACHABLE, WriteHealth, stored_any
-from vault.stores.sqlite import receipts, rewrap
+from vault.stores.sqlite import idempotency, receipts, rewrap
 from vault.stores.sqlite.connection import (
     SCHEMA,
     checkpoint,
@@ -84,7 +92,7 @@ log = logging.getLogger("secret_manager.store")
 # A create's batch item: its record, and the audit record to write once it is stored.
 # A create's batch item: its record and its created event (None: none wanted), and the
 # audit record to write once it is stored.
-_Insert = tuple[tuple[SealedSecret, Event | None], AuditRecord | None]
+_Insert = tuple[tuple[SealedSecret, Event | None, IdempotentCreate | None], AuditRecord | None]
 
 
 # A fetch's batch item: the secret id (looked up, never written), what opens the record,
@@ -222,20 +230,48 @@ class SQLiteStore:
             return await self.health.track(run(), readiness_reason, proves=proves)
         return await run()
 
+    @staticmethod
+    def _insert_rows(
+        conn: sqlite3.Connection, items: list[_Insert], rows: list[RecordRow], now: dt.datetime
+    ) -> list[Exception | None]:
+        """Insert the batch's records in the open transaction; one entry per item: None, or
+        the error that item alone met. An idempotent create's record goes in with its key's
+        (a savepoint makes the two one), unless that key is stored: IdempotentRepeat."""
+        results: list[Exception | None] = [None] * len(items)
+        plain = [k for k, ((_, _, idem), _) in enumerate(items) if idem is None]
+        plain_rows = [rows[k] for k in plain]
+        for k, error in zip(plain, insert_each(conn, INSERT_RECORD, plain_rows), strict=True):
+            results[k] = error
+        for k, ((_, _, idem), _) in enumerate(items):
+            if idem is None:
+                continue
+            conn.execute("SAVEPOINT idempotent")
+            existing = idempotency.claim(conn, idem, now)
+            if existing is not None:
+                results[k] = IdempotentRepeat(existing)
+            else:
+                try:
+                    conn.execute(INSERT_RECORD, rows[k])
+                except sqlite3.IntegrityError as exc:
+                    conn.execute("ROLLBACK TO idempotent")
+                    results[k] = exc
+            conn.execute("RELEASE idempotent")
+        return results
+
     async def _insert_batch(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
-        rows = [record_row(r) for (r, _), _ in items]
+        rows = [record_row(r) for (r, _, _), _ in items]
 
         now = utc_now()
         # Each item's receipt, for a secret made with one: stored only with its secret.
         item_receipts = [
             None if record.receipt_id is None else Receipt.of(record, now)
-            for (record, _), _ in items
+            for (record, _, _), _ in items
         ]
 
         def insert(conn: sqlite3.Connection) -> list[AuditWrite | Exception | None]:
             with conn:  # one transaction, one fsync: the batch, its receipts and audit records
                 conn.execute("BEGIN IMMEDIATE")
-                results = insert_each(conn, INSERT_RECORD, rows)
+                results = self._insert_rows(conn, items, rows, now)
                 receipts.insert_receipts(
                     conn,
                     [
@@ -246,7 +282,7 @@ class SQLiteStore:
                 )
                 created = [
                     event
-                    for ((_, event), _), error in zip(items, results, strict=True)
+                    for ((_, event, _), _), error in zip(items, results, strict=True)
                     if event is not None and error is None
                 ]
                 insert_events(conn, created, now)
@@ -257,13 +293,25 @@ class SQLiteStore:
         return await self._run("insert", insert, write=True, proves=stored_any)
 
     async def insert(
-        self, record: SealedSecret, audit: AuditRecord | None = None, actor: Actor | None = None
+        self,
+        record: SealedSecret,
+        audit: AuditRecord | None = None,
+        actor: Actor | None = None,
+        idempotent: IdempotentCreate | None = None,
     ) -> AuditWrite | None:
         event = None
         if CREATED in self._events:
             event = record_event(CREATED, record, utc_now(), actor)
-        written: AuditWrite | None = await self._inserts.submit(((record, event), audit))
+        written: AuditWrite | None = await self._inserts.submit(
+            ((record, event, idempotent), audit)
+        )
         return written
+
+    async def purge_idempotency(self) -> int:
+        now = utc_now()
+        return await self._run(
+            "purge_idempotency", lambda conn: idempotency.purge(conn, now), write=True
+        )
 
     def _select(
         self, conn: sqlite3.Connection, secret_ids: list[str]
