@@ -51,6 +51,7 @@ from vault.records import (
     receipt_key,
     record_key,
 )
+from vault.stores.batching import Batcher
 
 # Re-exported: the vocabulary of the stores and of transfer.
 __all__ = ["AUDIT_FIELDS", "AuditWrite", "utc_now"]
@@ -238,6 +239,32 @@ class Settlement(NamedTuple):
     owner: str
     next_attempt_at: dt.datetime | None = None
     delivered_to: frozenset[str] = frozenset()
+
+
+class OutboxSettling:
+    """The deliverers' three outcomes, the same in both stores: each a Settlement through
+    the store's ``_settles`` batcher, so concurrent outcomes share one write."""
+
+    _settles: Batcher[Settlement, bool]
+
+    async def event_delivered(self, event_id: str, owner: str) -> bool:
+        done: bool = await self._settles.submit(Settlement(event_id, owner))
+        return done
+
+    async def event_failed(
+        self,
+        event_id: str,
+        owner: str,
+        next_attempt_at: dt.datetime,
+        delivered_to: Collection[str] = (),
+    ) -> bool:
+        item = Settlement(event_id, owner, next_attempt_at, frozenset(delivered_to))
+        done: bool = await self._settles.submit(item)
+        return done
+
+    async def drop_event(self, event_id: str, owner: str) -> bool:
+        done: bool = await self._settles.submit(Settlement(event_id, owner))
+        return done
 
 
 class SecretStore(Protocol):

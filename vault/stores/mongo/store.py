@@ -41,6 +41,7 @@ from vault.stores.base import (
     FetchItem,
     FetchResult,
     IdempotentRepeat,
+    OutboxSettling,
     Remaining,
     Settlement,
     delete_changes,
@@ -109,7 +110,7 @@ _Insert = tuple[
 # and the audit record to write.
 
 
-class MongoStore:
+class MongoStore(OutboxSettling):
     """Secrets in the ``secrets`` collection of MONGO_DB, keyed by record key (the digest of
     the secret id; the id itself for a legacy record, until rewrap converts it)."""
 
@@ -690,25 +691,6 @@ class MongoStore:
 
     async def _settle_batch(self, items: list[Settlement]) -> list[bool]:
         done: list[bool] = await self._write("outbox_settle", self._settle_sync, items)
-        return done
-
-    async def event_delivered(self, event_id: str, owner: str) -> bool:
-        done: bool = await self._settles.submit(Settlement(event_id, owner))
-        return done
-
-    async def event_failed(
-        self,
-        event_id: str,
-        owner: str,
-        next_attempt_at: dt.datetime,
-        delivered_to: Iterable[str] = (),
-    ) -> bool:
-        item = Settlement(event_id, owner, next_attempt_at, frozenset(delivered_to))
-        done: bool = await self._settles.submit(item)
-        return done
-
-    async def drop_event(self, event_id: str, owner: str) -> bool:
-        done: bool = await self._settles.submit(Settlement(event_id, owner))
         return done
 
     def _backlog_sync(self) -> tuple[int, dt.datetime | None]:

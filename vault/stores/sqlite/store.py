@@ -31,6 +31,7 @@ from vault.stores.base import (
     FetchItem,
     FetchResult,
     IdempotentRepeat,
+    OutboxSettling,
     Remaining,
     Settlement,
     delete_changes,
@@ -118,7 +119,7 @@ _CREATE_PAGES_BESIDE_RECORD = 7
 _PAGE_BYTES = 4096  # SQLite's default page size, which the store keeps
 
 
-class SQLiteStore:
+class SQLiteStore(OutboxSettling):
     """Secrets in the ``secrets`` table of one SQLite file."""
 
     def __init__(
@@ -559,25 +560,6 @@ class SQLiteStore:
 
     async def _settle_batch(self, items: list[Settlement]) -> list[bool]:
         return await self._run("outbox_settle", lambda conn: settle_events(conn, items), write=True)
-
-    async def event_delivered(self, event_id: str, owner: str) -> bool:
-        done: bool = await self._settles.submit(Settlement(event_id, owner))
-        return done
-
-    async def event_failed(
-        self,
-        event_id: str,
-        owner: str,
-        next_attempt_at: dt.datetime,
-        delivered_to: Collection[str] = (),
-    ) -> bool:
-        item = Settlement(event_id, owner, next_attempt_at, frozenset(delivered_to))
-        done: bool = await self._settles.submit(item)
-        return done
-
-    async def drop_event(self, event_id: str, owner: str) -> bool:
-        done: bool = await self._settles.submit(Settlement(event_id, owner))
-        return done
 
     async def outbox_backlog(self, now: dt.datetime) -> tuple[int, dt.datetime | None]:
         return await self._run("outbox_backlog", outbox_backlog)
