@@ -512,6 +512,28 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         server.stop()
 
 
+@pytest.fixture
+def start_replicas(
+    start_server: Callable[..., ServerProcess], mongo_uri: str, master_key: str, tmp_path: Path
+) -> Callable[..., tuple[list[ServerProcess], dict[str, str]]]:
+    """``start_replicas(**env)``: two real servers sharing one fresh MongoDB database, as
+    replicas do (an SQLite file is one host's, so replicas are MongoDB's), rate limit off;
+    the servers and the environment they share."""
+
+    def start(**extra: str) -> tuple[list[ServerProcess], dict[str, str]]:
+        env = {
+            "MASTER_KEY": master_key,
+            "MONGO_URI": mongo_uri,
+            "MONGO_DB": "t" + uuid.uuid4().hex[:16],
+            "RATE_LIMIT": "off",
+            **extra,
+        }
+        servers = [start_server({**env, "DATA_DIR": str(tmp_path / f"r{n}")}) for n in (1, 2)]
+        return servers, env
+
+    return start
+
+
 def audit_record(request_id: str) -> AuditRecord:
     """An audit record of a refused fetch, told apart by its request id."""
     return AuditRecord(

@@ -10,7 +10,6 @@ plain is a key of the default tenant written as before tenants existed.
 from __future__ import annotations
 
 import sqlite3
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -197,17 +196,10 @@ def test_readers_hold_across_two_workers(
 
 
 def test_readers_hold_across_two_replicas(
-    start_server: Callable[..., ServerProcess], mongo_uri: str, master_key: str, tmp_path: Path
+    start_replicas: Callable[..., Any], tmp_path: Path
 ) -> None:
-    """Two replicas share a MongoDB (an SQLite file is one host's, so only on MongoDB)."""
-    env = {
-        "MASTER_KEY": master_key,
-        "MONGO_URI": mongo_uri,
-        "MONGO_DB": "t" + uuid.uuid4().hex[:16],
-        "API_KEYS_FILE": str(key_file(tmp_path)),
-        "RATE_LIMIT": "off",
-    }
-    _readers_hold([start_server({**env, "DATA_DIR": str(tmp_path / f"r{n}")}) for n in (1, 2)])
+    servers, _ = start_replicas(API_KEYS_FILE=str(key_file(tmp_path)))
+    _readers_hold(servers)
 
 
 def test_refusals_are_audited_as_denied_and_counted_without_names(

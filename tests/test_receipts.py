@@ -228,13 +228,6 @@ def test_receipts_are_exact_across_two_workers(
 
 
 @pytest.mark.slow
-def test_receipts_are_exact_across_two_replicas(
-    start_server: Callable[..., ServerProcess], mongo_uri: str, master_key: str, tmp_path: Path
-) -> None:
-    env = {
-        "MASTER_KEY": master_key,
-        "MONGO_URI": mongo_uri,
-        "MONGO_DB": "t" + uuid.uuid4().hex[:16],
-        "RATE_LIMIT": "off",
-    }
-    _exact_across([start_server({**env, "DATA_DIR": str(tmp_path / f"r{n}")}) for n in (1, 2)])
+def test_receipts_are_exact_across_two_replicas(start_replicas: Callable[..., Any]) -> None:
+    servers, _ = start_replicas()
+    _exact_across(servers)
