@@ -25,6 +25,7 @@ import bson
 import httpx2 as httpx
 import pymongo
 
+from loadtests.processes import free_port
 from tests.conftest import ServerProcess, b64, clean_env, keys_of, write_legacy
 from vault.crypto import Keyring, parse_key
 from vault.records import SealedSecret, record_key
@@ -87,9 +88,17 @@ def fetch(client: httpx.Client, secret_id: str) -> httpx.Response:
 def test_nothing_the_service_writes_holds_a_secret_id(
     start_server: Callable[..., ServerProcess], store_env: dict[str, str]
 ) -> None:
-    # Everything on: audit records mirrored to the log, the most verbose log level.
+    # Everything on: audit records mirrored to the log, the most verbose log level, and
+    # webhooks to a receiver that never answers, so every event stays in the outbox.
     server = start_server(
-        {**store_env, "LOG_LEVEL": "DEBUG", "AUDIT_STDOUT": "true", "RATE_LIMIT": "off"}
+        {
+            **store_env,
+            "LOG_LEVEL": "DEBUG",
+            "AUDIT_STDOUT": "true",
+            "RATE_LIMIT": "off",
+            "WEBHOOK_URLS": f"http://127.0.0.1:{free_port()}/hooks",
+            "WEBHOOK_SECRET": "whsec_" + base64.b64encode(os.urandom(32)).decode(),
+        }
     )
     made: dict[str, bytes] = {}
     with httpx.Client(base_url=server.url, timeout=10) as client:
@@ -98,7 +107,13 @@ def test_nothing_the_service_writes_holds_a_secret_id(
             fields: dict[str, Any] = [{}, {"ttl_seconds": 3600}, {"max_reads": 3}][n % 3]
             if n % 8 == 7:
                 fields = {"max_reads": 1}
-            answer = client.post("/vault/secret/create", json={"secret": b64(plaintext), **fields})
+            if n % 4 == 0:  # a receipt: its id is in the record, the secret's is not
+                fields = {**fields, "receipt": True, "label": f"label {n}"}
+            # Half of them idempotent: the stored answer names the secret id, sealed.
+            headers = {"Idempotency-Key": f"create-{n}"} if n % 2 == 0 else {}
+            answer = client.post(
+                "/vault/secret/create", json={"secret": b64(plaintext), **fields}, headers=headers
+            )
             assert answer.status_code == 200, answer.text
             made[answer.json()["secret_id"]] = plaintext
         ids = list(made)
@@ -120,6 +135,10 @@ def test_nothing_the_service_writes_holds_a_secret_id(
         # Below the service: every table and collection, the SQLite file and its WAL.
         held = dump(store_env)
         assert_no_id_in(held, [*ids, *unknown], "the store")
+        # It did look where they would be: the events waiting in the outbox, and the
+        # idempotent creates' sealed answers.
+        assert b"secret.created" in held and b"secret.deleted" in held
+        assert b"create-0" not in held  # an Idempotency-Key is stored as its digest
         assert stored_keys(store_env) == keys_of(*live)
         assert all(record_key(i).encode() in held for i in live)  # the dump holds them all
         # What the store does hold fetches nothing: a record key is no secret id.
