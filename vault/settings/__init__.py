@@ -343,7 +343,7 @@ class Settings:
 DEFAULT_MAX_TTL_SECONDS: int = Settings.max_ttl_seconds
 DEFAULT_STORE_TIMEOUT_SECONDS: float = Settings.store_timeout_seconds
 
-# The client side: read by the create, fetch and delete commands, and by
+# The client side: read by the create, fetch, delete and status commands, and by
 # vault.client itself (which keeps these names and defaults; tests/test_client.py checks).
 SECRET_MANAGER_URL: Variable[str] = Variable(
     "SECRET_MANAGER_URL", parse.verbatim, "http://localhost:8000", "where the client sends requests"
