@@ -382,6 +382,76 @@ def test_delete_sends_the_api_key(
     }
 
 
+# --- receipts and readers ----------------------------------------------------------------
+
+
+def test_create_with_a_receipt_and_a_label_then_status(server: Any) -> None:
+    created = _json_line(
+        cli(
+            "create", "--url", server.url, "--max-reads", "1", "--receipt",
+            "--label", "db password for alice", "aGk=",
+        )
+    )  # fmt: skip
+    assert set(created) == {"secret_id", "reads_left", "receipt_id"}
+    receipt_id = created["receipt_id"]
+    active = _json_line(cli("status", "--url", server.url, receipt_id))
+    assert (active["state"], active["label"], active["reads"]) == (
+        "active",
+        "db password for alice",
+        0,
+    )
+    assert _json_line(cli("fetch", "--url", server.url, created["secret_id"]))["secret"] == "aGk="
+    env = clean_env(SECRET_MANAGER_URL=server.url)
+    used = _json_line(cli("status", receipt_id, env=env))
+    assert (used["state"], used["reads"], used["reads_left"]) == ("used_up", 1, 0)
+    assert used["ended_at"] == used["last_read_at"] is not None
+
+    unknown = cli("status", "--url", server.url, str(uuid.uuid4()))
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert unknown.stderr.splitlines() == [
+        "secret-manager: HTTP 404: no receipt has this receipt_id; check the id the create answered"
+    ]
+    # Without --receipt, no receipt_id; a label alone is accepted.
+    plain = _json_line(cli("create", "--url", server.url, "--label", "note", "aGk="))
+    assert set(plain) == {"secret_id"}
+
+
+def test_help_names_receipts_readers_and_status() -> None:
+    assert "status" in cli("--help").stdout
+    create = " ".join(cli("create", "--help").stdout.split())
+    for option in ("--receipt", "--label TEXT", "--readers NAMES"):
+        assert option in create
+    status = cli("status", "--help")
+    assert status.returncode == 0 and "receipt_id" in status.stdout
+
+
+def test_create_with_readers_lets_only_them_fetch(
+    start_server: Callable[..., Any], tmp_path: Path, master_key: str
+) -> None:
+    tokens = {"acme/ci": "c" * 40, "acme/billing": "b" * 40, "acme/web": "w" * 40}
+    keys = f"acme/ci:{tokens['acme/ci']},acme/billing:{tokens['acme/billing']}:fetch+delete,"
+    keys += f"acme/web:{tokens['acme/web']}"
+    guarded = start_server(
+        {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data"), "API_KEYS": keys}
+    )
+
+    def env(key: str) -> dict[str, str]:
+        return clean_env(SECRET_MANAGER_URL=guarded.url, SECRET_MANAGER_TOKEN=tokens[key])
+
+    created = _json_line(cli("create", "--readers", "billing, web", "aGk=", env=env("acme/ci")))
+    assert created["readers"] == ["billing", "web"]
+    fetched = _json_line(cli("fetch", created["secret_id"], env=env("acme/billing")))
+    assert fetched == {"secret": "aGk=", "readers": ["billing", "web"]}
+    creator = cli("fetch", created["secret_id"], env=env("acme/ci"))  # not a reader
+    assert creator.returncode == 1 and "HTTP 404" in creator.stderr
+
+    unknown = cli("create", "--readers", "billing,nobody", "aGk=", env=env("acme/ci"))
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert "HTTP 400" in unknown.stderr and "nobody" in unknown.stderr
+    forbidden = cli("create", "aGk=", env=env("acme/billing"))
+    assert forbidden.returncode == 1 and "HTTP 403" in forbidden.stderr
+
+
 # --- serve refuses to start on configuration a user can fix -------------------------------
 
 

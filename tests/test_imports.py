@@ -54,6 +54,11 @@ def test_every_import_contract_is_kept() -> None:
         ("vault/lifecycle.py", "import prometheus_client", "the domain does no I/O"),
         ("vault/routes.py", "import middleware.apikeys", "routes share only"),
         ("observability/audit.py", "import bson", "the audit record needs no"),
+        ("vault/client.py", "import vault.stores.base", "the client is light"),
+        ("vault/client.py", "import vault.settings", "the client is light"),
+        ("vault/client.py", "import middleware.context", "the client is light"),
+        ("vault/client.py", "import starlette.responses", "the client is light"),
+        ("vault/client.py", "import pymongo", "the client is light"),
     ],
 )
 def test_a_planted_upward_import_breaks_its_contract(

@@ -10,9 +10,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from vault.client import TOKEN_VARIABLE, URL_VARIABLE
 from vault.crypto import generate_key, key_id, parse_key
 from vault.errors import ConfigError
-from vault.settings import AuditMode, RateLimitStorage, Settings, TracesExporter, client_url
+from vault.settings import (
+    AuditMode,
+    RateLimitStorage,
+    Settings,
+    TracesExporter,
+    all_variables,
+    client_url,
+)
 
 
 def test_defaults_with_only_a_key() -> None:
@@ -245,8 +253,10 @@ def _environment_uses(path: Path) -> list[str]:
 
 
 def test_nothing_but_the_settings_reads_the_environment() -> None:
-    """The one exception writes PROMETHEUS_MULTIPROC_DIR, which prometheus_client itself
-    reads in each spawned worker (vault/cli/serve.py says why)."""
+    """Two exceptions: serve writes PROMETHEUS_MULTIPROC_DIR, which prometheus_client itself
+    reads in each spawned worker (vault/cli/serve.py says why); vault.client, which must not
+    import the server's settings, reads the two client variables they declare, in one
+    place (tests/test_client.py checks it reads them as the commands do)."""
     uses = {
         str(path.relative_to(ROOT)): found
         for package in ("vault", "middleware", "observability")
@@ -254,8 +264,11 @@ def test_nothing_but_the_settings_reads_the_environment() -> None:
         if not path.is_relative_to(ROOT / "vault" / "settings")
         if (found := _environment_uses(path))
     }
-    assert list(uses) == ["vault/cli/serve.py"]
+    assert list(uses) == ["vault/cli/serve.py", "vault/client.py"]
     [write] = uses["vault/cli/serve.py"]
     assert write.endswith('os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)')
+    [read] = uses["vault/client.py"]
+    assert read.endswith("env = os.environ if environ is None else environ")
+    assert {URL_VARIABLE, TOKEN_VARIABLE} <= {variable.name for variable in all_variables()}
     # The walk sees the settings' own reads.
     assert _environment_uses(ROOT / "vault" / "settings" / "__init__.py")

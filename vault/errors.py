@@ -4,6 +4,9 @@
 VaultError
 ├── ConfigError           a setting is missing or malformed: serve and the commands stop
 │                         with one line naming the variable (exit status 2)
+├── ClientError           what vault.client raises: an answer's status, the server's detail
+│                         and request id (BadRequest, NotFound, Unavailable, ...; its
+│                         ConfigurationError is a ConfigError too)
 ├── InvalidInput          a value is malformed; the message says what is expected
 │   ├── InvalidValue      a secret or secret id in a request (400)
 │   ├── MalformedKey      a master key

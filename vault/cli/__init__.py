@@ -1,9 +1,10 @@
-"""The ``secret-manager`` command: serve, genkey, rewrap, and the create/fetch/delete client.
+"""The ``secret-manager`` command: serve, genkey, rewrap, and the create/fetch/delete/status
+client.
 
 One module per job: ``serve`` (checks, then Hypercorn), ``admin`` (genkey, audit-hash,
-rewrap), ``transfer`` (export, import) and ``client`` (create, fetch, delete); ``common``
-holds the refusal and the store checks they share. Each module adds its own subcommands
-to the parser assembled here, with the function that runs each.
+rewrap), ``transfer`` (export, import) and ``client`` (create, fetch, delete, status, on
+vault.client); ``common`` holds the refusal and the store checks they share. Each module
+adds its own subcommands to the parser assembled here, with the function that runs each.
 """
 
 from __future__ import annotations

@@ -1,22 +1,41 @@
-"""``create``, ``fetch`` and ``delete``: a small HTTP client of a running service."""
+"""``create``, ``fetch``, ``delete`` and ``status``: the command line's side of vault.client.
+
+Each command makes one call through ``vault.client.Client`` (its retries, its idempotency
+key, its typed errors) and prints the server's JSON answer (its object, every field in its
+order) on one line, which scripts read; an error is one line on standard error and exit
+status 1, a setting that cannot be used one line and exit status 2. The commands hand the
+client the body they build (``create`` forwards the base64 text it was given, so the
+server, not the command, judges it) and print the answer, so they call the client's
+``_call`` below its typed methods.
+"""
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import re
 import sys
-import urllib.error
-import urllib.request
+from collections.abc import Mapping
+from typing import Any
 
 from vault.cli.common import fail
+from vault.client import (
+    CREATE,
+    DELETE,
+    FETCH,
+    STATUS,
+    Client,
+    ClientError,
+    ConfigurationError,
+    _create_body,
+    _Operation,
+)
 from vault.errors import ConfigError
 from vault.settings import client_token, client_url
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``create``, ``fetch`` and ``delete``, and their options."""
+    """``create``, ``fetch``, ``delete`` and ``status``, and their options."""
     default_url = client_url()
     create_cmd = commands.add_parser("create", help="store a secret, print the JSON answer")
     create_cmd.add_argument("secret", help="the secret, standard base64; '-' reads it from stdin")
@@ -33,6 +52,21 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="N",
         help="the secret is deleted by its Nth fetch (default: no limit)",
     )
+    create_cmd.add_argument(
+        "--readers",
+        metavar="NAMES",
+        help="only these API keys of your tenant may fetch it, comma-separated: billing,web",
+    )
+    create_cmd.add_argument(
+        "--receipt",
+        action="store_true",
+        help="answer a receipt_id too, for `status` to tell whether and when it was read",
+    )
+    create_cmd.add_argument(
+        "--label",
+        metavar="TEXT",
+        help="your own note, shown by `status` (stored in clear: never the secret itself)",
+    )
     create_cmd.set_defaults(run=create)
 
     fetch_cmd = commands.add_parser("fetch", help="print the secret stored under an id")
@@ -44,6 +78,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     delete_cmd.add_argument("secret_id", help="the id printed by create")
     delete_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
     delete_cmd.set_defaults(run=delete)
+
+    status_cmd = commands.add_parser(
+        "status", help="print what became of a secret made with --receipt"
+    )
+    status_cmd.add_argument("receipt_id", help="the receipt_id printed by create --receipt")
+    status_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
+    status_cmd.set_defaults(run=status)
 
 
 # A duration: a whole number of seconds, or of minutes, hours or days with their unit. The
@@ -84,7 +125,8 @@ def parse_max_reads(text: str) -> int:
         raise ValueError(f"--max-reads is far too large: {text[:20]}...") from None
 
 
-def post(url: str, path: str, payload: dict[str, str | int]) -> int:
+def call(url: str, op: _Operation, body: Mapping[str, Any]) -> int:
+    """Send one call through the client; print its answer, or its error in one line."""
     if not url.startswith(("http://", "https://")):
         return fail(f"the URL (--url or SECRET_MANAGER_URL) must start with http://, got {url!r}")
     try:
@@ -92,55 +134,45 @@ def post(url: str, path: str, payload: dict[str, str | int]) -> int:
     except ConfigError as exc:
         return fail(str(exc))
     try:
-        request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
-            url.rstrip("/") + path,
-            data=json.dumps(payload).encode("utf-8"),
-            headers={
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-                **({"Authorization": f"Bearer {token}"} if token else {}),
-            },
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-            print(response.read().decode("utf-8"))
-            return 0
-    except urllib.error.HTTPError as exc:
-        body = exc.read().decode("utf-8", "replace")
-        try:
-            detail = json.loads(body)["detail"]
-        except (ValueError, KeyError, TypeError):
-            detail = body.strip() or exc.reason
-        print(f"secret-manager: HTTP {exc.code}: {detail}", file=sys.stderr)
+        # The token as read above (or none): the client reads no variable of its own here.
+        client = Client(url, token, environ={})
+    except ConfigurationError as exc:
+        return fail(f"--url or SECRET_MANAGER_URL: {exc}")
+    try:
+        with client:
+            answer = client._call(op, body).answer
+    except ClientError as exc:
+        print(f"secret-manager: {exc}", file=sys.stderr)
         return 1
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
-        # ValueError and HTTPException: a malformed URL (bad port, broken IPv6 literal).
-        reason = getattr(exc, "reason", exc)
-        print(f"secret-manager: cannot reach {url}: {reason}", file=sys.stderr)
-        return 1
+    print(json.dumps(answer, ensure_ascii=False, separators=(",", ":")))
+    return 0
 
 
 def create(args: argparse.Namespace) -> int:
-    """Store a secret; --ttl and --max-reads are checked before stdin is read or a request sent."""
-    payload: dict[str, str | int] = {}
+    """Store a secret; the options are checked before stdin is read or a request sent."""
     try:
-        if args.ttl is not None:
-            payload["ttl_seconds"] = parse_duration(args.ttl)
-        if args.max_reads is not None:
-            payload["max_reads"] = parse_max_reads(args.max_reads)
+        ttl = None if args.ttl is None else parse_duration(args.ttl)
+        max_reads = None if args.max_reads is None else parse_max_reads(args.max_reads)
     except ValueError as exc:
         return fail(str(exc))
+    readers = None if args.readers is None else [n.strip() for n in args.readers.split(",")]
     text = sys.stdin.read() if args.secret == "-" else args.secret  # noqa: S105
     # `base64` wraps its output every 76 columns; whitespace is never part of the secret.
-    return post(args.url, "/vault/secret/create", {"secret": "".join(text.split()), **payload})
+    body = _create_body("".join(text.split()), ttl, max_reads, readers, args.receipt, args.label)
+    return call(args.url, CREATE, body)
 
 
 def fetch(args: argparse.Namespace) -> int:
     """Print the secret stored under an id."""
     # The id goes in the body, never in the URL: it is a bearer capability.
-    return post(args.url, "/vault/secret/fetch", {"secret_id": args.secret_id})
+    return call(args.url, FETCH, {"secret_id": args.secret_id})
 
 
 def delete(args: argparse.Namespace) -> int:
     """Delete the secret stored under an id."""
-    return post(args.url, "/vault/secret/delete", {"secret_id": args.secret_id})
+    return call(args.url, DELETE, {"secret_id": args.secret_id})
+
+
+def status(args: argparse.Namespace) -> int:
+    """Print what became of a secret made with a receipt; never spends a read."""
+    return call(args.url, STATUS, {"receipt_id": args.receipt_id})

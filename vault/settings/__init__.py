@@ -6,8 +6,10 @@ and parsed like any other value) and what it means, in the manner of starlette.c
 ``config(key, cast=..., default=...)``. ``Settings.from_env`` reads every field from that
 table, and docs/configuration.md's table is checked against it (tests/test_docs.py).
 
-Nothing else in the code base reads ``os.environ``, and every malformed value stops start-up
-with a message naming the variable.
+Nothing else in the code base reads ``os.environ`` (but vault.client, the public client,
+which reads the two client variables declared here itself: it must not import the server's
+settings, and tests/test_client.py checks that both read them alike), and every malformed
+value stops start-up with a message naming the variable.
 """
 
 from __future__ import annotations
@@ -347,7 +349,8 @@ class Settings:
 DEFAULT_MAX_TTL_SECONDS: int = Settings.max_ttl_seconds
 DEFAULT_STORE_TIMEOUT_SECONDS: float = Settings.store_timeout_seconds
 
-# The client side: read by the create, fetch and delete commands only.
+# The client side: read by the create, fetch, delete and status commands, and by
+# vault.client itself (which keeps these names and defaults; tests/test_client.py checks).
 SECRET_MANAGER_URL: Variable[str] = Variable(
     "SECRET_MANAGER_URL", parse.verbatim, "http://localhost:8000", "where the client sends requests"
 )
@@ -369,7 +372,7 @@ def all_variables() -> Iterator[Variable[Any]]:
 
 
 def client_token(environ: Mapping[str, str] | None = None) -> str | None:
-    """The API key the ``create``, ``fetch`` and ``delete`` commands send: SECRET_MANAGER_TOKEN.
+    """The API key the client commands (``create``, ``fetch``, ...) send: SECRET_MANAGER_TOKEN.
 
     Surrounding whitespace (a CRLF env file) is dropped; a token a Bearer header cannot carry
     is a ConfigError that never quotes it, instead of an HTTP library error that would.
@@ -378,5 +381,5 @@ def client_token(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def client_url(environ: Mapping[str, str] | None = None) -> str:
-    """Where the ``create``, ``fetch`` and ``delete`` commands send requests: SECRET_MANAGER_URL."""
+    """Where the client commands (``create``, ``fetch``, ...) send requests: SECRET_MANAGER_URL."""
     return cast(str, SECRET_MANAGER_URL.read(os.environ if environ is None else environ))
