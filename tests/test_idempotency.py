@@ -20,6 +20,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.conftest import ServerProcess, b64, wait_until
+from vault.client import Client
 
 BODY = {"secret": b64(b"once only"), "max_reads": 3, "receipt": True}
 
@@ -34,6 +35,22 @@ def stored_secrets(env: dict[str, str]) -> int:
 
 def read_answer(sock: socket.socket) -> bytes:
     """One whole HTTP/1.1 answer with a Content-Length, as it arrives."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def read_request(sock: socket.socket) -> bytes:
+    """One whole HTTP/1.1 request with a Content-Length, as it arrives."""
     data = b""
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
@@ -201,36 +218,33 @@ def test_one_secret_across_two_replicas(start_replicas: Callable[..., Any]) -> N
 
 
 class DroppingProxy:
-    """A TCP proxy on 127.0.0.1 that forwards one request to the server, reads the whole
-    answer, and then closes the client's connection without sending it: the server acted,
-    and the client cannot know."""
+    """A TCP proxy on 127.0.0.1 that forwards each request to the server and reads its whole
+    answer; the first answer it then drops (it closes the client's connection without
+    sending it: the server acted, and the client cannot know), later ones it passes on."""
 
     def __init__(self, upstream: int) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.upstream = upstream
+        self.requests: list[bytes] = []
         self.answers: list[bytes] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        with conn, socket.create_connection(("127.0.0.1", self.upstream)) as up:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += conn.recv(65536)
-            head, _, body = request.partition(b"\r\n\r\n")
-            length = int(
-                next(
-                    line.split(b":")[1]
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
-                )
-            )
-            while len(body) < length:
-                body += conn.recv(65536)
-            up.sendall(head + b"\r\n\r\n" + body)
-            self.answers.append(read_answer(up))
-        # conn closed here with nothing sent back
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            with conn, socket.create_connection(("127.0.0.1", self.upstream)) as up:
+                request = read_request(conn)
+                self.requests.append(request)
+                up.sendall(request)
+                answer = read_answer(up)
+                self.answers.append(answer)
+                if len(self.answers) > 1:
+                    conn.sendall(answer)
+            # the first connection closed here with nothing sent back
 
     def close(self) -> None:
         self.listener.close()
@@ -265,4 +279,25 @@ def test_a_create_whose_answer_was_lost_is_retried_into_the_same_secret(
     assert retried.status_code == 200 and retried.headers["idempotent-replayed"] == "true"
     lost = json.loads(proxy.answers[0].split(b"\r\n\r\n", 1)[1])
     assert retried.json() == lost
+    assert stored_secrets(store_env) == 1
+
+
+@pytest.mark.slow
+def test_the_client_retries_a_create_whose_answer_was_lost_into_one_secret(
+    dropping: Any, store_env: dict[str, str]
+) -> None:
+    """vault.client sends one Idempotency-Key per create and retries a create cut off after
+    it was sent: the server stored the secret once, and the retry gets its id."""
+    _, proxy = dropping
+    with Client(f"http://127.0.0.1:{proxy.port}", max_attempts=3, backoff_seconds=0.1) as client:
+        created = client.create(b"cut off once", max_reads=2)
+    assert len(proxy.requests) == 2  # the first answer was lost, the retry got one
+    keys = {
+        line
+        for request in proxy.requests
+        for line in request.split(b"\r\n")
+        if line.lower().startswith(b"idempotency-key:")
+    }
+    assert len(keys) == 1  # the same key on both attempts
+    assert json.loads(proxy.answers[0].split(b"\r\n\r\n", 1)[1])["secret_id"] == created.secret_id
     assert stored_secrets(store_env) == 1
