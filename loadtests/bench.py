@@ -448,10 +448,13 @@ def drain_outbox(mongo_uri: str, database: str, seconds: float) -> int:
     delivered every event its cells made); the events it still holds."""
     client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(mongo_uri)
     try:
+        outbox = client[database]["outbox"]
         deadline = time.monotonic() + seconds
-        while (left := outbox_count(client, database)) and time.monotonic() < deadline:
+        # Polled with find_one, counted once: nx-27017 counts by reading every document
+        # (13 ms of its CPU for 1,000 events), which would slow the deliveries it waits for.
+        while outbox.find_one({}, {"_id": 1}) is not None and time.monotonic() < deadline:
             time.sleep(0.2)
-        return left
+        return outbox_count(client, database)
     finally:
         client.close()
 
