@@ -10,6 +10,12 @@ package) through ``loadtests/bench.lua``:
 - ``+ shared counters``: rate-limit counters in MongoDB, as ``stack.yml`` deploys it;
 - the full stack with each middleware switched off in turn, and with all of them off;
 - ``+ tracing``: the full stack exporting every span over OTLP/HTTP to a local sink;
+- ``+ webhooks``: the full stack delivering every lifecycle event (``WEBHOOK_URLS``, a
+  ``whsec_`` secret made for the run) to a receiver the bench serves on 127.0.0.1
+  (``loadtests/receivers.py``), which answers 200 at once and notes each delivery; after
+  its cells each server has up to ``DRAIN_SECONDS`` to empty its outbox;
+- ``+ webhooks, hanging receiver``: the same, to a receiver that accepts each connection
+  and never answers (``WEBHOOK_TIMEOUT_SECONDS`` at its default, 10 s);
 - ``naive``: two synchronous, unbatched inserts per request (secret, then audit record).
 
 Each configuration first takes creates, then fetches of the secrets those creates stored,
@@ -59,6 +65,16 @@ previous revision beside it, in the same interleaved run, give a checkout of tha
 
 which adds ``full stack @<DIR's short hash>``: the full stack served with PYTHONPATH=DIR,
 and a table of ratios (this checkout's full stack / that one's) per op and concurrency.
+
+With the full stack and a webhooks configuration, tables of the same ratios compare them
+(webhooks on / off, and receiver hanging / healthy). With ``+ webhooks``, one more table
+gives per concurrency, every round together, the deliveries the healthy receiver answered
+(by event type), how many repeated a ``webhook-id``, p50/p99/max of the time from each
+event's ``timestamp`` (its change) to the receiver's 200, and the events the servers left
+in their outboxes; with the hanging receiver, a line says how many connections it held::
+
+    python -m loadtests.bench --concurrency 1,20 --no-lifecycle \
+        --only "full stack" "full stack + webhooks" "full stack + webhooks, hanging receiver"
 """
 
 from __future__ import annotations
@@ -68,6 +84,7 @@ import base64
 import json
 import math
 import os
+import secrets
 import signal
 import statistics
 import subprocess
@@ -76,8 +93,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -88,6 +105,7 @@ import pymongo
 
 from loadtests.mongo import mongodb, nx_pid
 from loadtests.processes import ClusterError, executable, free_port, positive_int
+from loadtests.receivers import Deliveries, Receiver, percentile, receiver
 from loadtests.revisions import check_source, revision
 from vault.crypto import generate_key
 
@@ -112,6 +130,23 @@ NAIVE = "naive (2 sync inserts)"
 # which a real mongod does not): what its reads cost on a server that does not do that.
 NAIVE_NO_TTL = "naive, no TTL index"
 ECHO = "echo (floor)"
+WEBHOOKS = "full stack + webhooks"
+WEBHOOKS_HANGING = "full stack + webhooks, hanging receiver"
+# Placeholders in a configuration's environment that each cell fills in (bench_config):
+# the run's receivers, started by the run when a configuration names them, and its secret.
+HEALTHY_RECEIVER = "$WEBHOOK_RECEIVER"
+HANGING_RECEIVER = "$HANGING_RECEIVER"
+WEBHOOK_SECRET = "$WEBHOOK_SECRET"  # noqa: S105 - a placeholder: each run makes its own
+# The webhook tables of ratios, each printed when the run has both: (current, previous, what
+# the ratio is).
+WEBHOOK_COMPARISONS = (
+    (WEBHOOKS, FULL_STACK, "webhooks on / off"),
+    (WEBHOOKS_HANGING, FULL_STACK, "webhooks on, receiver hanging / off"),
+    (WEBHOOKS_HANGING, WEBHOOKS, "receiver hanging / healthy"),
+)
+# After its cells, a server delivering to the healthy receiver has this long to empty its
+# outbox (what it leaves is counted); the other configurations are stopped at once.
+DRAIN_SECONDS = 30.0
 ISSUE17_CONCURRENCY = (1, 20, 100)
 ISSUE17_CONFIGS = (ECHO, FULL_STACK, NAIVE)
 
@@ -138,6 +173,16 @@ CONFIGS = [
         {"RATE_LIMIT": "off", "AUDIT_ENABLED": "false", "METRICS_ENABLED": "false"},
     ),
     Config("full stack + tracing", "serve", {**FULL, "OTEL_TRACES_EXPORTER": "otlp"}),
+    Config(
+        WEBHOOKS,
+        "serve",
+        {**FULL, "WEBHOOK_URLS": HEALTHY_RECEIVER, "WEBHOOK_SECRET": WEBHOOK_SECRET},
+    ),
+    Config(
+        WEBHOOKS_HANGING,
+        "serve",
+        {**FULL, "WEBHOOK_URLS": HANGING_RECEIVER, "WEBHOOK_SECRET": WEBHOOK_SECRET},
+    ),
     Config(NAIVE, "naive"),
     Config(NAIVE_NO_TTL, "naive", {"NAIVE_TTL_INDEX": "0"}),
 ]
@@ -317,51 +362,106 @@ def bench_config(
     concurrency: int,
     db_pid: int | None = None,
     lifecycle: bool = True,
+    placeholders: Mapping[str, str] | None = None,
+    drain: float = 0.0,
 ) -> dict[str, Cell]:
     """Serve ``config`` on the database of ``env`` (``MONGO_URI``, ``MONGO_DB``) and measure
     its cells at ``concurrency``: create and fetch, then (``lifecycle``, the service only)
-    the lifecycle's requests. ``db_pid``: the database process charged for them."""
-    config_env = {k: v.replace("$MONGO_URI", env["MONGO_URI"]) for k, v in config.env.items()}
+    the lifecycle's requests. ``db_pid``: the database process charged for them.
+    ``placeholders``: the values of the ``$NAME``s in its environment besides ``MONGO_URI``.
+    ``drain``: seconds the server may then take to deliver its outbox before it stops."""
+    values = {"MONGO_URI": env["MONGO_URI"], **(placeholders or {})}
+    config_env = {k: expand(v, values) for k, v in config.env.items()}
     with server(replace(config, env=config_env), env, workdir) as (url, pid):
-        created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
-        secret_id = created.json().get("secret_id", str(uuid.uuid4()))
-        fetch_url, create_url = url + "/vault/secret/fetch", url + "/vault/secret/create"
-        delete_url = url + "/vault/secret/delete"
-        wrk(fetch_url, [json.dumps({"secret_id": secret_id})], 1, concurrency, workdir)  # warm up
-
-        def cell(target: str, ids: list[str]) -> Cell:
-            bodies = [json.dumps({"secret_id": i}) for i in ids]
-            return measure(target, pid, bodies, seconds, concurrency, workdir, db_pid)
-
-        answers = workdir / "created-ids"
-        answers.unlink(missing_ok=True)  # this configuration's own creates only
-        cells = {
-            "create": measure(
-                create_url, pid, [json.dumps({"secret": SECRET})], seconds, concurrency,
-                workdir, db_pid, answers,
-            )
-        }  # fmt: skip
-        # Every secret the creates stored, each fetched in turn (the echo stored none).
-        cells["fetch"] = cell(fetch_url, created_ids(answers, FETCH_IDS) or [secret_id])
-        if config.command == "naive" or not lifecycle:
-            return cells
-        if config.command == "echo":
-            for op in LIFECYCLE_OPS:
-                cells[op] = cell(delete_url if op == "delete" else fetch_url, [secret_id])
-            return cells
-
-        rate = max(cells["create"].rps, 1.0)
-        # Each request of these cells uses a secret up: expect about the plain fetch's rate.
-        needed = max(MIN_POOL, math.ceil(cells["fetch"].rps * seconds * POOL_MARGIN))
-        lasting = {"secret": SECRET, "max_reads": READS_THAT_LAST}
-        pool = fresh_secrets(url, lasting, FETCH_POOL, rate, concurrency, workdir, answers)
-        cells["fetch (max_reads 1000000)"] = cell(fetch_url, pool[:FETCH_POOL])
-        one_time = {"secret": SECRET, "max_reads": 1}
-        pool = fresh_secrets(url, one_time, needed, rate, concurrency, workdir, answers)
-        cells["fetch (max_reads 1)"] = cell(fetch_url, pool)
-        pool = fresh_secrets(url, {"secret": SECRET}, needed, rate, concurrency, workdir, answers)
-        cells["delete"] = cell(delete_url, pool)
+        cells = measure_ops(config, url, pid, workdir, seconds, concurrency, db_pid, lifecycle)
+        if drain:
+            drain_outbox(env["MONGO_URI"], env["MONGO_DB"], drain)
         return cells
+
+
+def measure_ops(
+    config: Config,
+    url: str,
+    pid: int,
+    workdir: Path,
+    seconds: float,
+    concurrency: int,
+    db_pid: int | None,
+    lifecycle: bool,
+) -> dict[str, Cell]:
+    """The cells of ``config``, served at ``url`` by process ``pid``: see ``bench_config``."""
+    created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
+    secret_id = created.json().get("secret_id", str(uuid.uuid4()))
+    fetch_url, create_url = url + "/vault/secret/fetch", url + "/vault/secret/create"
+    delete_url = url + "/vault/secret/delete"
+    wrk(fetch_url, [json.dumps({"secret_id": secret_id})], 1, concurrency, workdir)  # warm up
+
+    def cell(target: str, ids: list[str]) -> Cell:
+        bodies = [json.dumps({"secret_id": i}) for i in ids]
+        return measure(target, pid, bodies, seconds, concurrency, workdir, db_pid)
+
+    answers = workdir / "created-ids"
+    answers.unlink(missing_ok=True)  # this configuration's own creates only
+    cells = {
+        "create": measure(
+            create_url, pid, [json.dumps({"secret": SECRET})], seconds, concurrency,
+            workdir, db_pid, answers,
+        )
+    }  # fmt: skip
+    # Every secret the creates stored, each fetched in turn (the echo stored none).
+    cells["fetch"] = cell(fetch_url, created_ids(answers, FETCH_IDS) or [secret_id])
+    if config.command == "naive" or not lifecycle:
+        return cells
+    if config.command == "echo":
+        for op in LIFECYCLE_OPS:
+            cells[op] = cell(delete_url if op == "delete" else fetch_url, [secret_id])
+        return cells
+
+    rate = max(cells["create"].rps, 1.0)
+    # Each request of these cells uses a secret up: expect about the plain fetch's rate.
+    needed = max(MIN_POOL, math.ceil(cells["fetch"].rps * seconds * POOL_MARGIN))
+    lasting = {"secret": SECRET, "max_reads": READS_THAT_LAST}
+    pool = fresh_secrets(url, lasting, FETCH_POOL, rate, concurrency, workdir, answers)
+    cells["fetch (max_reads 1000000)"] = cell(fetch_url, pool[:FETCH_POOL])
+    one_time = {"secret": SECRET, "max_reads": 1}
+    pool = fresh_secrets(url, one_time, needed, rate, concurrency, workdir, answers)
+    cells["fetch (max_reads 1)"] = cell(fetch_url, pool)
+    pool = fresh_secrets(url, {"secret": SECRET}, needed, rate, concurrency, workdir, answers)
+    cells["delete"] = cell(delete_url, pool)
+    return cells
+
+
+def expand(value: str, values: Mapping[str, str]) -> str:
+    """``value`` with each ``$NAME`` of ``values`` replaced by its value."""
+    for name, text in values.items():
+        value = value.replace(f"${name}", text)
+    return value
+
+
+def outbox_count(client: pymongo.MongoClient[dict[str, object]], database: str) -> int:
+    """The events in the outbox of ``database``: not yet delivered to every receiver."""
+    return int(client[database]["outbox"].count_documents({}))
+
+
+def drain_outbox(mongo_uri: str, database: str, seconds: float) -> int:
+    """Wait, ``seconds`` at most, until the outbox of ``database`` is empty (its server
+    delivered every event its cells made); the events it still holds."""
+    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(mongo_uri)
+    try:
+        outbox = client[database]["outbox"]
+        deadline = time.monotonic() + seconds
+        # Polled with find_one, counted once: nx-27017 counts by reading every document
+        # (13 ms of its CPU for 1,000 events), which would slow the deliveries it waits for.
+        while outbox.find_one({}, {"_id": 1}) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return outbox_count(client, database)
+    finally:
+        client.close()
+
+
+def delivers_to(config: Config, placeholder: str) -> bool:
+    """Whether ``config``'s webhooks go to the receiver of ``placeholder``."""
+    return placeholder in config.env.get("WEBHOOK_URLS", "")
 
 
 def databases(mongo_uri: str) -> list[str]:
@@ -382,11 +482,15 @@ def bench_cell(
     concurrency: int,
     lifecycle: bool,
     progress: str,
-) -> dict[str, Cell]:
+    placeholders: Mapping[str, str] | None = None,
+    receiver: Receiver | None = None,
+) -> tuple[dict[str, Cell], Deliveries | None]:
     """One configuration at one concurrency in one round, on a fresh database of a MongoDB of
     its own: ``mongo_uri``'s when given, else an nx-27017 started for it in ``workdir`` (a
     directory of its own) and stopped once its cells are measured. Reports on stderr the
-    server it ran on and, for its own nx-27017, the databases that server held at the end."""
+    server it ran on and, for its own nx-27017, the databases that server held at the end.
+    With ``receiver`` (the one its webhooks go to), also what that receiver got from it,
+    after its server had up to DRAIN_SECONDS to deliver its outbox, and what it left there."""
     workdir.mkdir()
     database = "bench" + uuid.uuid4().hex[:8]
     with mongodb(mongo_uri, workdir) as uri:
@@ -398,11 +502,18 @@ def bench_cell(
             file=sys.stderr, flush=True,
         )  # fmt: skip
         env = {**base_env, "MONGO_URI": uri, "MONGO_DB": database}
-        cells = bench_config(config, env, workdir, seconds, concurrency, db_pid, lifecycle)
+        drain = DRAIN_SECONDS if receiver is not None else 0.0
+        cells = bench_config(
+            config, env, workdir, seconds, concurrency, db_pid, lifecycle, placeholders, drain
+        )
+        deliveries = None
+        if receiver is not None:  # its server stopped: every answered delivery is in
+            left = drain_outbox(uri, database, 0)
+            deliveries = Deliveries.of(receiver.take(), undelivered=left)
         if db_pid is not None:
             held = ", ".join(databases(uri)) or "none"
             print(f"  nx-27017 pid {db_pid} held databases: {held}", file=sys.stderr, flush=True)
-    return cells
+    return cells, deliveries
 
 
 def notes(own_servers: bool, compared: list[Config]) -> str:
@@ -582,6 +693,37 @@ def comparison_table(results: Results, previous: str, current: str = FULL_STACK)
     )
 
 
+def deliveries_table(by_concurrency: Mapping[int, Deliveries]) -> str | None:
+    """The healthy receiver's deliveries per concurrency, every round's together: how many
+    (and of which event types), how many repeated a webhook-id, the time from each event's
+    change to the receiver's 200 (p50, p99, max), and the events left in the outboxes when
+    their servers stopped. None without deliveries."""
+    rows: list[str] = []
+    for concurrency, run in by_concurrency.items():
+        types = ", ".join(f"{name} {count}" for name, count in sorted(run.types.items()))
+        latency = [percentile(run.latencies_ms, q) for q in (0.5, 0.99, 1.0)]
+        rows.append(
+            f"| {concurrency} | {run.count} | {types or '-'} | {run.duplicates} "
+            f"| {' | '.join('-' if math.isnan(ms) else f'{ms:.1f}' for ms in latency)} "
+            f"| {run.undelivered} |"
+        )
+    if not rows:
+        return None
+    return "\n".join(
+        [
+            "| connections | deliveries | by event type | duplicate webhook-ids "
+            "| p50 ms | p99 ms | max ms | left undelivered |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
+def webhook_secret() -> str:
+    """A signing secret in the whsec_ form, fresh for the run."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
 def compared_configs(parser: argparse.ArgumentParser, sources: list[Path]) -> list[Config]:
     """``--compare-source``: the full stack of each checkout, named by its revision."""
     configs: list[Config] = []
@@ -705,13 +847,27 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[int, str], list[dict[str, Cell]]] = {
         (n, c.name): [] for n in concurrencies for c in configs
     }
+    deliveries: dict[int, Deliveries] = {}  # the healthy receiver's, by concurrency
     with tempfile.TemporaryDirectory(prefix="secret-manager-bench-") as tmp:
         workdir = Path(tmp)
-        with otlp_sink() as sink:
+        with otlp_sink() as sink, ExitStack() as helpers:
+            # The webhook receivers, each only when a configuration delivers to it.
+            healthy = hanging = None
+            if any(delivers_to(c, HEALTHY_RECEIVER) for c in configs):
+                healthy = helpers.enter_context(receiver(hang=False))
+            if any(delivers_to(c, HANGING_RECEIVER) for c in configs):
+                hanging = helpers.enter_context(receiver(hang=True))
+            placeholders = {name.lstrip("$"): value for name, value in (
+                (WEBHOOK_SECRET, webhook_secret()),
+                (HEALTHY_RECEIVER, healthy.url if healthy else ""),
+                (HANGING_RECEIVER, hanging.url if hanging else ""),
+            )}  # fmt: skip
             base_env = {
                 key: value
                 for key, value in os.environ.items()
-                if not key.startswith(("MASTER_KEY", "MONGO", "OTEL_", "AUDIT", "RATE_LIMIT"))
+                if not key.startswith(
+                    ("MASTER_KEY", "MONGO", "OTEL_", "AUDIT", "RATE_LIMIT", "WEBHOOK")
+                )
             }
             base_env.update(
                 MASTER_KEY=generate_key(), LOG_LEVEL="WARNING", OTEL_EXPORTER_OTLP_ENDPOINT=sink
@@ -724,13 +880,16 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             order = schedule(configs, concurrencies, args.rounds)
             for index, (number, config, concurrency) in enumerate(order, 1):
-                runs[concurrency, config.name].append(
-                    bench_cell(
-                        config, base_env, args.mongo_uri, workdir / f"cell-{index}",
-                        cell_seconds(args.duration, concurrency), concurrency, lifecycle,
-                        progress=f"round {number + 1}",
-                    )
+                got = healthy if delivers_to(config, HEALTHY_RECEIVER) else None
+                cells, run = bench_cell(
+                    config, base_env, args.mongo_uri, workdir / f"cell-{index}",
+                    cell_seconds(args.duration, concurrency), concurrency, lifecycle,
+                    progress=f"round {number + 1}", placeholders=placeholders, receiver=got,
                 )  # fmt: skip
+                runs[concurrency, config.name].append(cells)
+                if run is not None:
+                    deliveries.setdefault(concurrency, Deliveries()).add(run)
+            hung = hanging.accepted if hanging else None
     results: Results = {
         n: {
             c.name: {op: median_cell([r[op] for r in runs[n, c.name]]) for op in runs[n, c.name][0]}
@@ -758,6 +917,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"This checkout's {FULL_STACK!r} against {config.name!r} (current / previous):")
             print()
             print(text)
+    for current, previous, what in WEBHOOK_COMPARISONS:
+        text = comparison_table(results, previous, current=current)
+        if text is not None:
+            print()
+            print(f"{current!r} against {previous!r} ({what}):")
+            print()
+            print(text)
+    delivered = deliveries_table(deliveries)
+    if delivered is not None:
+        print()
+        print(
+            f"Deliveries to the healthy receiver ({WEBHOOKS!r}, every round together), from "
+            "each event's\ntimestamp (its change) to the receiver's 200:"
+        )
+        print()
+        print(delivered)
+    if hung is not None:
+        print()
+        print(f"The hanging receiver accepted {hung} connections and answered none.")
     return 0
 
 

@@ -17,22 +17,31 @@ from pathlib import Path
 import pytest
 
 from loadtests.bench import (
+    CONFIGS,
     ECHO,
     FULL_STACK,
+    HANGING_RECEIVER,
+    HEALTHY_RECEIVER,
     NAIVE,
     NAIVE_NO_TTL,
     TARGETS,
+    WEBHOOKS,
+    WEBHOOKS_HANGING,
     Cell,
     Results,
     Target,
     cell_seconds,
     comparison_table,
     concurrency_list,
+    deliveries_table,
+    delivers_to,
+    expand,
     ratio_table,
     ratios,
     schedule,
     verdicts,
 )
+from loadtests.receivers import Deliveries, Delivery
 from tests.conftest import ROOT, clean_env
 from tests.loadtests.conftest import git
 
@@ -453,3 +462,90 @@ def test_a_configuration_name_that_does_not_exist_is_refused() -> None:
     assert result.returncode == 2
     assert "no configuration named 'fullstack'" in result.stderr
     assert "'full stack'" in result.stderr  # the names it knows
+
+
+def test_the_webhook_configurations_are_known_to_the_cli() -> None:
+    # --only checks its names first; the fraction of a second then stops it before anything
+    # starts, so this runs no bench.
+    result = run_bench("--only", WEBHOOKS, WEBHOOKS_HANGING, "--duration", "2.5", timeout=60)
+    assert result.returncode == 2
+    assert "no configuration named" not in result.stderr
+    assert "--duration must be a whole number of seconds" in result.stderr
+
+
+def test_the_webhook_configurations_are_the_full_stack_delivering_to_the_runs_receivers() -> None:
+    by_name = {config.name: config for config in CONFIGS}
+    full, healthy, hanging = by_name[FULL_STACK], by_name[WEBHOOKS], by_name[WEBHOOKS_HANGING]
+    assert not any(key.startswith("WEBHOOK") for key in full.env)  # webhooks off
+    for config, receiver in ((healthy, HEALTHY_RECEIVER), (hanging, HANGING_RECEIVER)):
+        assert config.command == "serve"
+        assert {k: v for k, v in config.env.items() if not k.startswith("WEBHOOK")} == full.env
+        assert "WEBHOOK_TIMEOUT_SECONDS" not in config.env  # its default, 10 s
+        filled = {
+            key: expand(value, {"WEBHOOK_RECEIVER": "http://127.0.0.1:1/hooks",
+                                "HANGING_RECEIVER": "http://127.0.0.1:2/hooks",
+                                "WEBHOOK_SECRET": "whsec_c2VjcmV0"})
+            for key, value in config.env.items()
+        }  # fmt: skip
+        assert filled["WEBHOOK_SECRET"] == "whsec_c2VjcmV0"
+        assert filled["WEBHOOK_URLS"] == (
+            "http://127.0.0.1:1/hooks" if config is healthy else "http://127.0.0.1:2/hooks"
+        )
+        assert delivers_to(config, receiver)
+    assert [c.name for c in CONFIGS if delivers_to(c, HEALTHY_RECEIVER)] == [WEBHOOKS]
+    assert [c.name for c in CONFIGS if delivers_to(c, HANGING_RECEIVER)] == [WEBHOOKS_HANGING]
+
+
+def test_the_deliveries_table_from_made_up_deliveries() -> None:
+    # Sorted: 1, 2, 2, 3, ..., 100, 500: the 51st is 50, the 101st 100.
+    one = Deliveries.of(
+        [Delivery(f"msg_{i}", "secret.created", float(i)) for i in range(1, 101)]
+        + [Delivery("msg_1", "secret.created", 500.0), Delivery("msg_x", "secret.read", 2.0)],
+        undelivered=3,
+    )
+    text = deliveries_table({1: one, 20: Deliveries()})
+    assert text is not None
+    assert text.splitlines()[0] == (
+        "| connections | deliveries | by event type | duplicate webhook-ids "
+        "| p50 ms | p99 ms | max ms | left undelivered |"
+    )
+    assert text.splitlines()[2:] == [
+        "| 1 | 102 | secret.created 101, secret.read 1 | 1 | 50.0 | 100.0 | 500.0 | 3 |",
+        "| 20 | 0 | - | 0 | - | - | - | 0 |",
+    ]
+    assert deliveries_table({}) is None
+
+
+@pytest.mark.slow
+def test_a_short_run_with_webhooks_delivers_every_event_once_and_compares_with_them_off() -> None:
+    need_wrk()
+    result = run_bench(
+        "--only", FULL_STACK, WEBHOOKS, "--no-lifecycle", "--duration", "1",
+        "--concurrency", "2", "--rounds", "1", timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    main_table, on_off, delivered = tables(result.stdout)
+    cells = {(row[1], row[2]): row for row in main_table[1:]}
+    assert sorted(cells) == sorted(
+        (config, op) for config in (ECHO, FULL_STACK, WEBHOOKS) for op in ("create", "fetch")
+    )
+    for key, row in cells.items():
+        assert row[-1] == "0", f"{key} had errors: {row}"
+        assert float(row[3]) > 0 and float(row[7]) > 0
+    assert_own_servers(result.stderr, cells=3, stores={FULL_STACK, WEBHOOKS})
+    # Webhooks on against off, from the main table's cells.
+    assert f"{WEBHOOKS!r} against {FULL_STACK!r} (webhooks on / off):" in result.stdout
+    assert [(row[0], row[1]) for row in on_off[1:]] == [("create", "2"), ("fetch", "2")]
+    for row in on_off[1:]:
+        now, then = cells[WEBHOOKS, row[0]], cells[FULL_STACK, row[0]]
+        assert float(row[2][:-1]) == pytest.approx(float(now[3]) / float(then[3]), abs=0.02)
+    # Every event the creates and fetches made reached the receiver, once, timed.
+    assert delivered[0][:2] == ["connections", "deliveries"]
+    (row,) = delivered[1:]
+    connections, count, types, duplicates, p50, p99, top, left = row
+    assert connections == "2" and int(count) > 0
+    by_type = dict(part.rsplit(" ", 1) for part in types.split(", "))
+    assert set(by_type) == {"secret.created", "secret.read"}
+    assert sum(map(int, by_type.values())) == int(count)
+    assert duplicates == "0" and left == "0"
+    assert 0 <= float(p50) <= float(p99) <= float(top)
