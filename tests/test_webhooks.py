@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx2 as httpx
 import pymongo
@@ -250,6 +250,84 @@ def test_a_dead_receiver_does_not_hold_up_a_live_one_nor_is_a_live_one_sent_twic
     assert Counter(d.id for d in receiver.snapshot()).most_common(1)[0][1] == 1
     hung = {d.id for d in second_receiver.snapshot() if d.status == 0}
     assert hung and hung <= {e.id for e in events}
+
+
+class CountingStore:
+    """A real store, its outbox writes counted: each claim and each settlement (delivered,
+    failed, dropped) the deliverer asks of it. Everything else goes straight through."""
+
+    def __init__(self, store: SecretStore) -> None:
+        self.store = store
+        self.claims = 0
+        self.settles = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def claim_events(self, *args: Any) -> Any:
+        self.claims += 1
+        return await self.store.claim_events(*args)
+
+    async def event_failed(self, *args: Any) -> Any:
+        self.settles += 1
+        return await self.store.event_failed(*args)
+
+    async def event_delivered(self, *args: Any) -> Any:
+        self.settles += 1
+        return await self.store.event_delivered(*args)
+
+    async def drop_event(self, *args: Any) -> Any:
+        self.settles += 1
+        return await self.store.drop_event(*args)
+
+    def writes(self) -> int:
+        return self.claims + self.settles
+
+
+def test_a_dead_receivers_backlog_is_left_in_the_outbox_not_claimed_event_by_event(
+    store_env: dict[str, str], receiver: Receiver
+) -> None:
+    """The only receiver dead, N events pending: the deliverer claims one event a second to
+    probe it, not every event rescheduled one by one; every event arrives once it is back."""
+    events = [event(n=n) for n in range(200)]
+    receiver.stop()  # dead: its port refuses connections
+
+    async def main() -> tuple[int, int]:
+        store = backend_for(Settings.from_env(store_env)).open()
+        await store.open()
+        counting = CountingStore(store)
+        deliverer = Deliverer(
+            cast(SecretStore, counting),
+            [receiver.url],
+            KEY,
+            timeout=1.0,
+            max_age=3600,
+            poll=0.05,
+            concurrency=16,
+        )
+        deliverer.start()
+        try:
+            await store.add_events(events)
+            await until(lambda: counting.settles >= 1, 10, "the first failed attempts")
+            await asyncio.sleep(0.5)  # the first claim's attempts settled
+            before = counting.writes()
+            await asyncio.sleep(4)
+            during = counting.writes() - before
+            receiver.mode = OK
+            receiver.start()
+            await until(lambda: len(receiver.acknowledged_ids()) == 200, 40, "every event")
+            await asyncio.sleep(0.3)
+            backlog, _ = await store.outbox_backlog(dt.datetime.now(dt.UTC))
+            return during, backlog
+        finally:
+            await deliverer.stop()
+            await store.close()
+
+    during, backlog = asyncio.run(main())
+    # Four seconds of a dead receiver: a probe claim and its settle a second, not 200 events.
+    assert during <= 12, during
+    assert backlog == 0
+    assert receiver.acknowledged_ids() == {e.id for e in events}
 
 
 def test_an_event_past_its_age_is_dropped_with_a_log_line_an_audit_record_and_a_metric(

@@ -18,6 +18,9 @@ own (the standard library's ``http.client``), each cut off at WEBHOOK_TIMEOUT_SE
 at most ``CONCURRENCY`` events are in flight. A receiver that does not answer at all
 (refused, reset, timed out) is skipped, one probe at a time, until it answers again (a
 circuit breaker per receiver), so a dead receiver does not hold up the others' events.
+While every receiver is skipped the deliverer claims nothing but one event a second to
+probe with: a dead receiver's backlog waits in the outbox untouched (no claim, no
+reschedule per event) and is delivered once it answers again.
 """
 
 from __future__ import annotations
@@ -235,6 +238,7 @@ class Deliverer:
         self._stopping = False
         self._store_failing: str | None = None
         self._backlog_due = 0.0
+        self._next_probe_claim = 0.0  # while every receiver is skipped: the next probe's claim
 
     @classmethod
     def from_settings(
@@ -282,7 +286,7 @@ class Deliverer:
         while not self._stopping:
             try:
                 await self._refresh_backlog()
-                room = self._concurrency - len(self._in_flight)
+                room = self._claimable(self._concurrency - len(self._in_flight))
                 if room > 0:
                     claimed = await self._claim(room)
                     if claimed is None:  # the store failed: it was logged
@@ -296,6 +300,23 @@ class Deliverer:
             except Exception as exc:  # never ends the process's deliveries
                 log.error("webhook deliverer failed (%s); going on", type(exc).__name__)
                 await asyncio.sleep(STORE_RETRY_SECONDS)
+
+    def _claimable(self, room: int) -> int:
+        """How many events to claim now, given room for ``room``: all of it while some
+        receiver answers (an event is sent to the live ones; the skipped ones get it with its
+        next attempt, rescheduled in the settle batch); while every receiver is skipped
+        (breaker open), nothing, so that a dead receiver's backlog is not claimed and
+        rescheduled event by event, except a single event, at most once per
+        RECEIVER_RETRY_SECONDS, when one may be probed."""
+        if room <= 0 or any(not r.breaker.is_open for r in self._receivers):
+            return room
+        now = time.monotonic()
+        if now < self._next_probe_claim:
+            return 0
+        if all(r.breaker.refuses_now() for r in self._receivers):
+            return 0  # none may be probed yet, or a probe is in flight
+        self._next_probe_claim = now + RECEIVER_RETRY_SECONDS
+        return 1
 
     async def _idle(self) -> None:
         """Wait for the next poll, a wake-up, or room for more events."""
