@@ -10,9 +10,9 @@
   answers, until the sender gives up (``WEBHOOK_TIMEOUT_SECONDS``) or the receiver stops;
   it counts the connections it accepted.
 
-Both speak just enough HTTP/1.1 for the service's deliverer (``http.client``: one request
-per connection, a ``Content-Length`` body). ``stop`` closes every connection and ends the
-thread within a bounded wait.
+Both speak just enough HTTP/1.1 for the service's deliverer (``http.client``: requests one
+after the other on a connection kept alive, each with a ``Content-Length`` body). ``stop``
+closes every connection and ends the thread within a bounded wait.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"  # the connection kept alive
 START_SECONDS = 10.0  # the receiver's thread is listening within this, or the bench stops
 STOP_SECONDS = 5.0  # and has closed everything within this
 
@@ -175,14 +175,18 @@ class Receiver:
                 await asyncio.wait(set(connections), timeout=STOP_SECONDS)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        fields = header_fields(head)
-        body = await reader.readexactly(int(fields.get(b"content-length", b"0")))
-        answered = time.time()
-        with self._lock:  # noted before the sender can see the answer
-            self._received.append((fields.get(b"webhook-id", b"").decode(), body, answered))
-        writer.write(OK)
-        await writer.drain()
+        while True:  # requests one after the other on the connection, until the sender closes
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            fields = header_fields(head)
+            body = await reader.readexactly(int(fields.get(b"content-length", b"0")))
+            answered = time.time()
+            with self._lock:  # noted before the sender can see the answer
+                self._received.append((fields.get(b"webhook-id", b"").decode(), body, answered))
+            writer.write(OK)
+            await writer.drain()
 
     @staticmethod
     async def _hold(reader: asyncio.StreamReader) -> None:

@@ -330,6 +330,38 @@ def test_a_dead_receivers_backlog_is_left_in_the_outbox_not_claimed_event_by_eve
     assert receiver.acknowledged_ids() == {e.id for e in events}
 
 
+def test_a_connection_to_a_receiver_is_kept_for_the_next_events_and_reopened_when_closed(
+    tmp_path: Path, master_key: str, receiver: Receiver
+) -> None:
+    """One delivery thread, one connection: 30 events over it, not 30 connections; the
+    receiver restarted (it closed the kept connection), the next event goes on a new one at
+    once, not counted as a failure nor retried after a backoff."""
+    env = {"MASTER_KEY": master_key, "DATA_DIR": str(tmp_path / "data")}
+    events = [event(n=n) for n in range(30)]
+    late = event(n=30)
+    failed = WEBHOOK_DELIVERIES.labels(READ, "failed")._value.get()
+
+    async def main() -> float:
+        async with delivering(env, [receiver.url], concurrency=1) as (store, _):
+            await store.add_events(events)
+            await until(lambda: len(receiver.acknowledged_ids()) == 30, 10, "the events")
+            receiver.stop()
+            receiver.start()
+            started = time.monotonic()
+            await store.add_events([late])
+            await until(lambda: late.id in receiver.acknowledged_ids(), 10, "the late one")
+            return time.monotonic() - started
+
+    took = asyncio.run(main())
+    assert took < 0.9  # not after the 1 s backoff of a failed attempt
+    got = receiver.snapshot()
+    assert sorted(d.id for d in got) == sorted(e.id for e in [*events, late])  # each once
+    assert got[-1].id == late.id
+    assert len({d.peer for d in got[:30]}) == 1
+    assert got[30].peer != got[0].peer
+    assert WEBHOOK_DELIVERIES.labels(READ, "failed")._value.get() == failed
+
+
 def test_an_event_past_its_age_is_dropped_with_a_log_line_an_audit_record_and_a_metric(
     tmp_path: Path, master_key: str, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -4,7 +4,9 @@ all (it hangs), or is down (its port refuses connections) until started again.""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +34,7 @@ class Delivery:
     path: str
     status: int
     at: float
+    peer: int = 0  # the sender's port: one per connection
 
     @property
     def id(self) -> str:
@@ -47,6 +50,7 @@ class Receiver:
         self.deliveries: list[Delivery] = []
         self._lock = threading.Lock()
         self._release = threading.Event()
+        self._open: set[socket.socket] = set()  # connections being served
         self._server: _Server | None = None
         self.start()
 
@@ -58,7 +62,17 @@ class Receiver:
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+            protocol_version = "HTTP/1.1"  # a connection is kept alive between requests
+
+            def setup(self) -> None:
+                super().setup()
+                with receiver._lock:
+                    receiver._open.add(self.connection)
+
+            def finish(self) -> None:
+                with receiver._lock:
+                    receiver._open.discard(self.connection)
+                super().finish()
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -71,6 +85,7 @@ class Receiver:
                         self.path,
                         status,
                         time.monotonic(),
+                        self.client_address[1],
                     )
                 )
                 if mode == HANG:
@@ -96,6 +111,11 @@ class Receiver:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:  # and the connections kept alive are closed: it is down
+            kept, self._open = list(self._open), set()
+        for conn in kept:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def _record(self, delivery: Delivery) -> None:
         with self._lock:

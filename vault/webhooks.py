@@ -14,8 +14,9 @@ record and a metric. At least once: a deliverer that dies after a receiver's 2xx
 it settled the event, leaves it to be sent again, under the same id, when its lease ends.
 
 Requests never wait on it: it is a task of its own, its HTTP calls run in threads of its
-own (the standard library's ``http.client``), each cut off at WEBHOOK_TIMEOUT_SECONDS, and
-at most ``CONCURRENCY`` events are in flight. A receiver that does not answer at all
+own (the standard library's ``http.client``, each thread keeping one connection alive per
+receiver), each cut off at WEBHOOK_TIMEOUT_SECONDS, and at most ``CONCURRENCY`` events are
+in flight, claimed in batches of what room there is. A receiver that does not answer at all
 (refused, reset, timed out) is skipped, one probe at a time, until it answers again (a
 circuit breaker per receiver), so a dead receiver does not hold up the others' events.
 While every receiver is skipped the deliverer claims nothing but one event a second to
@@ -38,6 +39,7 @@ import random
 import secrets
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -70,6 +72,9 @@ STORE_RETRY_SECONDS = 1.0  # the pause after the store failed a claim
 RECEIVER_RETRY_SECONDS = 1.0  # a receiver known not to answer is probed this often
 SHUTDOWN_GRACE_SECONDS = 2.0  # in-flight deliveries may finish for this long at shutdown
 USER_AGENT = "secret-manager-webhooks"
+MAX_ANSWER_BYTES = 65536  # an answer's body read to keep its connection; a longer one closes it
+# What a kept connection the receiver closed while it was idle fails with, before an answer.
+STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 # What a deliverer hands a dropped event's audit record to (the audit writer's submit).
 AuditSink = Callable[[AuditRecord], None]
@@ -123,6 +128,37 @@ def dropped_record(pending: PendingEvent) -> AuditRecord:
     )
 
 
+class _Cut:
+    """Between an exchange in a delivery thread and the task awaiting it: the task cuts the
+    exchange off at its timeout by shutting the socket it uses, and only while it uses it
+    (the thread's connection is kept for its next event)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+        self._cut = False
+
+    def begin(self, conn: http.client.HTTPConnection) -> bool:
+        """The thread is about to use ``conn``; False when it was cut off already."""
+        with self._lock:
+            self._conn = conn
+            return not self._cut
+
+    def end(self) -> bool:
+        """The thread is done with its connection; False when it was cut off."""
+        with self._lock:
+            self._conn = None
+            return not self._cut
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            sock = None if self._conn is None else self._conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 class Receiver:
     """One of WEBHOOK_URLS: where to POST, and whether it answers. Logged by its position
     in WEBHOOK_URLS (``receiver 2``), never by its URL."""
@@ -136,6 +172,9 @@ class Receiver:
         self._port = parts.port
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._tls = ssl.create_default_context() if self._https else None
+        self._local = threading.local()  # each delivery thread's kept connection to it
+        self._kept: set[http.client.HTTPConnection] = set()  # every thread's, to close them
+        self._kept_lock = threading.Lock()
         self._failing: str | None = None  # why it last failed, until it answers 2xx again
         self.breaker = CircuitBreaker(
             retry_after=RECEIVER_RETRY_SECONDS, on_close=self._answers_again
@@ -148,15 +187,51 @@ class Receiver:
             )
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
-    def _exchange(
-        self, conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str]
-    ) -> int:
-        """In a delivery thread: the POST and the answer's status (its body is not read)."""
-        try:
-            conn.request("POST", self._target, body=body, headers=headers)
-            return conn.getresponse().status
-        finally:
-            conn.close()
+    def _exchange(self, cut: _Cut, body: bytes, headers: dict[str, str], timeout: float) -> int:
+        """In a delivery thread: the POST and the answer's status, on this thread's
+        connection to the receiver (kept alive between events, opened again after an error
+        or a ``Connection: close``). A kept connection the receiver closed meanwhile (its
+        idle timeout) is retried once on a new one, before anything was answered."""
+        while True:
+            conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = self._connection(timeout)
+                with self._kept_lock:
+                    self._kept.add(conn)
+            fresh = conn.sock is None  # http.client connects it in request()
+            if not cut.begin(conn):
+                raise TimeoutError("cut off before it was sent")
+            try:
+                conn.request("POST", self._target, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read(MAX_ANSWER_BYTES)  # drained: the connection carries the next
+                if not response.isclosed():  # a long answer: not worth draining
+                    raise http.client.HTTPException("answer too long to keep the connection")
+                status = response.status
+            except Exception as exc:
+                self._forget(conn)
+                stale = isinstance(exc, STALE_CONNECTION) and not fresh
+                if cut.end() and stale:
+                    continue  # the receiver closed a kept connection: once more, anew
+                raise
+            if not cut.end():  # cut off as it answered: its socket was shut
+                self._forget(conn)
+            return status
+
+    def _forget(self, conn: http.client.HTTPConnection) -> None:
+        """In a delivery thread: close its connection; the next exchange opens another."""
+        self._local.conn = None
+        with self._kept_lock:
+            self._kept.discard(conn)
+        conn.close()
+
+    def close(self) -> None:
+        """Close every kept connection (the deliverer stopped)."""
+        with self._kept_lock:
+            kept, self._kept = self._kept, set()
+        for conn in kept:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     async def post(
         self, body: bytes, headers: dict[str, str], timeout: float, threads: ThreadPoolExecutor
@@ -164,18 +239,15 @@ class Receiver:
         """The status the receiver answered within ``timeout`` seconds, whole exchange
         included; TimeoutError, OSError or an http.client error when it did not. A call cut
         off has its socket shut, so its thread returns at once."""
-        conn = self._connection(timeout)
+        cut = _Cut()
         exchange = asyncio.get_running_loop().run_in_executor(
-            threads, self._exchange, conn, body, headers
+            threads, self._exchange, cut, body, headers, timeout
         )
         try:
             async with asyncio.timeout(timeout):
                 return await exchange
         except BaseException:
-            sock = conn.sock
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            cut.cut()
             raise
 
     def failed(self, reason: str) -> None:
@@ -280,6 +352,8 @@ class Deliverer:
             if pending:
                 await asyncio.wait(pending)
         self._threads.shutdown(wait=False, cancel_futures=True)
+        for receiver in self._receivers:
+            receiver.close()
 
     async def run(self) -> None:
         """Claim, deliver, settle, until stopped; a failure is logged and tried again."""

@@ -19,7 +19,7 @@ from loadtests.receivers import Deliveries, Delivery, percentile, receiver
 def post(url: str, webhook_id: str, body: bytes, timeout: float = 5) -> int:
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
-    try:  # as the service's deliverer sends it: one request per connection
+    try:  # one request on a connection of its own
         conn.request(
             "POST", parts.path, body=body,
             headers={"Content-Type": "application/json", "webhook-id": webhook_id},
@@ -50,6 +50,23 @@ def test_the_healthy_receiver_answers_200_and_times_each_delivery_from_its_chang
     run = Deliveries.of(received, undelivered=2)
     assert run.count == 3 and run.duplicates == 1 and run.undelivered == 2
     assert run.types == {"secret.created": 2, "secret.read": 1}
+
+
+def test_the_healthy_receiver_keeps_a_connection_for_the_next_request() -> None:
+    with receiver(hang=False) as healthy:
+        parts = urllib.parse.urlsplit(healthy.url)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=5)
+        try:  # as the service's deliverer sends them: one after the other, kept alive
+            for webhook_id in ("msg_a", "msg_b", "msg_c"):
+                body = event("secret.read", dt.datetime.now(dt.UTC))
+                conn.request("POST", parts.path, body=body, headers={"webhook-id": webhook_id})
+                response = conn.getresponse()
+                response.read()
+                assert response.status == 200 and not response.will_close
+        finally:
+            conn.close()
+        assert [d.webhook_id for d in healthy.take()] == ["msg_a", "msg_b", "msg_c"]
+        assert healthy.accepted == 1
 
 
 def test_the_hanging_receiver_accepts_and_never_answers_until_it_stops() -> None:
