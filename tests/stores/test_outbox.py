@@ -103,6 +103,38 @@ def test_a_failed_delivery_counts_the_attempt_and_is_due_again_later(
     on_store(store_env, work)
 
 
+def test_settlements_made_together_apply_each_only_under_its_owners_lease(
+    store_env: dict[str, str],
+) -> None:
+    """Outcomes submitted at once share one batch (on MongoDB one bulk write): each is
+    applied, and answered, as if alone."""
+    events = [event(n=n) for n in range(5)]
+
+    async def work(store: SecretStore) -> None:
+        await store.add_events(events)
+        assert len(await store.claim_events("a", now(), LEASE, 10)) == 5
+        assert await store.event_delivered(events[4].id, "a") is True  # gone before the batch
+        later = now() + dt.timedelta(seconds=120)
+        answers = await asyncio.gather(
+            store.event_delivered(events[0].id, "a"),
+            store.event_failed(events[1].id, "a", later, {"r1"}),
+            store.event_delivered(events[2].id, "b"),  # not b's lease
+            store.event_failed(events[3].id, "b", later),  # not b's either
+            store.drop_event(events[4].id, "a"),  # gone already
+        )
+        assert answers == [True, True, False, False, False]
+        assert (await store.outbox_backlog(now()))[0] == 3
+        # events[2] and [3] are still a's, due again only when a's lease ends
+        taken = await store.claim_events("c", now() + dt.timedelta(seconds=LEASE + 1), 600.0, 10)
+        assert sorted(p.event.id for p in taken) == sorted(e.id for e in events[2:4])
+        [again] = await store.claim_events("d", later + dt.timedelta(seconds=1), LEASE, 10)
+        assert (again.event.id, again.attempts, again.delivered_to) == (
+            events[1].id, 1, frozenset({"r1"}),
+        )  # fmt: skip
+
+    on_store(store_env, work)
+
+
 def test_an_expired_lease_lets_another_deliverer_claim_and_the_first_settle_nothing(
     store_env: dict[str, str],
 ) -> None:

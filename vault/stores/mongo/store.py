@@ -11,6 +11,7 @@ from collections.abc import Collection as Many
 from typing import Any
 
 import pymongo
+from pymongo import DeleteOne, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 from pymongo.write_concern import WriteConcern
@@ -670,14 +671,27 @@ class MongoStore(OutboxSettling):
         return claimed
 
     def _settle_sync(self, items: list[Settlement]) -> list[bool]:
-        """Each settlement by one conditional write (still leased by its owner), in one
-        budget: whether it applied, for each."""
-        done: list[bool] = []
+        """Every settlement of the batch in two round trips, whatever its size: which events
+        their owners still lease, then one unordered bulk write of the settlements of those,
+        each conditional on the lease again; whether each applied. Should a lease end
+        between the two (it outlives its attempt by seconds), the events are looked up once
+        more: a removed one counts as applied when gone, a rescheduled one when unleased."""
+        if not items:
+            return []
+        ids = [item.event_id for item in items]
         with pymongo.timeout(self._mongo.timeout):
-            for item in items:
+            owners = {
+                doc["_id"]: doc.get("lease_owner")
+                for doc in self._outbox.find({"_id": {"$in": ids}}, {"lease_owner": 1})
+            }
+            held = [owners.get(item.event_id, False) == item.owner for item in items]
+            writes: list[DeleteOne | UpdateOne] = []
+            for item, holds in zip(items, held, strict=True):
+                if not holds:
+                    continue
                 leased = {"_id": item.event_id, "lease_owner": item.owner}
                 if item.next_attempt_at is None:
-                    done.append(self._outbox.delete_one(leased).deleted_count == 1)
+                    writes.append(DeleteOne(leased))
                     continue
                 update = {
                     "next_attempt_at": item.next_attempt_at,
@@ -685,9 +699,25 @@ class MongoStore(OutboxSettling):
                     "lease_owner": None,
                     "lease_until": None,
                 }
-                result = self._outbox.update_one(leased, {"$inc": {"attempts": 1}, "$set": update})
-                done.append(result.matched_count == 1)
-        return done
+                writes.append(UpdateOne(leased, {"$inc": {"attempts": 1}, "$set": update}))
+            if not writes:
+                return held
+            result = self._outbox.bulk_write(writes, ordered=False)
+            if result.deleted_count + result.matched_count == len(writes):
+                return held
+            after = {
+                doc["_id"]: doc.get("lease_owner")
+                for doc in self._outbox.find({"_id": {"$in": ids}}, {"lease_owner": 1})
+            }
+        return [
+            holds
+            and (
+                item.event_id not in after
+                if item.next_attempt_at is None
+                else item.event_id in after and after[item.event_id] is None
+            )
+            for item, holds in zip(items, held, strict=True)
+        ]
 
     async def _settle_batch(self, items: list[Settlement]) -> list[bool]:
         done: list[bool] = await self._write("outbox_settle", self._settle_sync, items)
