@@ -33,24 +33,8 @@ def stored_secrets(env: dict[str, str]) -> int:
         return int(conn.execute("SELECT count(*) FROM secrets").fetchone()[0])
 
 
-def read_answer(sock: socket.socket) -> bytes:
-    """One whole HTTP/1.1 answer with a Content-Length, as it arrives."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
-
-
-def read_request(sock: socket.socket) -> bytes:
-    """One whole HTTP/1.1 request with a Content-Length, as it arrives."""
+def read_message(sock: socket.socket) -> bytes:
+    """One whole HTTP/1.1 request or answer with a Content-Length, as it arrives."""
     data = b""
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
@@ -176,7 +160,7 @@ def test_a_repeat_while_the_first_is_in_flight_gets_409(
             busy = create(client, "slow-one")
             assert busy.status_code == 409 and busy.headers["retry-after"] == "1"
             slow.sendall(body[10:])
-            answer = read_answer(slow).decode()
+            answer = read_message(slow).decode()
             assert answer.startswith("HTTP/1.1 200"), answer
             first = json.loads(answer.split("\r\n\r\n", 1)[1])
             again = create(client, "slow-one")
@@ -237,10 +221,10 @@ class DroppingProxy:
             except OSError:  # closed
                 return
             with conn, socket.create_connection(("127.0.0.1", self.upstream)) as up:
-                request = read_request(conn)
+                request = read_message(conn)
                 self.requests.append(request)
                 up.sendall(request)
-                answer = read_answer(up)
+                answer = read_message(up)
                 self.answers.append(answer)
                 if len(self.answers) > 1:
                     conn.sendall(answer)
