@@ -569,15 +569,16 @@ class _Base:
 
     def __init__(
         self,
-        url: str | None,
-        token: str | None,
+        url: str | None = None,
+        token: str | None = None,
         *,
-        timeout: float,
-        max_attempts: int,
-        max_total_seconds: float,
-        backoff_seconds: float,
-        max_backoff: float,
-        environ: Mapping[str, str] | None,
+        timeout: float = 10.0,
+        max_attempts: int = 5,
+        max_total_seconds: float = 30.0,
+        backoff_seconds: float = 0.25,
+        max_backoff: float = 5.0,
+        verify: ssl.SSLContext | str | bool = True,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         env = os.environ if environ is None else environ
         self.url = _url(url, env)
@@ -597,6 +598,11 @@ class _Base:
         self.max_total_seconds = float(max_total_seconds)
         self.backoff_seconds = float(backoff_seconds)
         self.max_backoff = float(max_backoff)
+        self._open(verify)
+
+    def _open(self, verify: ssl.SSLContext | str | bool) -> None:
+        """Make the client's own httpx2 client (blocking or async)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:  # never the token
         return f"{type(self).__name__}({self.url!r})"
@@ -623,29 +629,9 @@ class Client(_Base):
     bundle's path, or an ``ssl.SSLContext``).
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float = 10.0,
-        max_attempts: int = 5,
-        max_total_seconds: float = 30.0,
-        backoff_seconds: float = 0.25,
-        max_backoff: float = 5.0,
-        verify: ssl.SSLContext | str | bool = True,
-        environ: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(
-            url,
-            token,
-            timeout=timeout,
-            max_attempts=max_attempts,
-            max_total_seconds=max_total_seconds,
-            backoff_seconds=backoff_seconds,
-            max_backoff=max_backoff,
-            environ=environ,
-        )
+    _http: httpx2.Client
+
+    def _open(self, verify: ssl.SSLContext | str | bool) -> None:
         self._http = httpx2.Client(verify=verify)
 
     def __enter__(self) -> Client:
@@ -706,29 +692,9 @@ class AsyncClient(_Base):
     """The same client for ``async`` code (asyncio or trio, through anyio): the same
     arguments and methods, awaited. Use it as an async context manager, or ``aclose()``."""
 
-    def __init__(
-        self,
-        url: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float = 10.0,
-        max_attempts: int = 5,
-        max_total_seconds: float = 30.0,
-        backoff_seconds: float = 0.25,
-        max_backoff: float = 5.0,
-        verify: ssl.SSLContext | str | bool = True,
-        environ: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(
-            url,
-            token,
-            timeout=timeout,
-            max_attempts=max_attempts,
-            max_total_seconds=max_total_seconds,
-            backoff_seconds=backoff_seconds,
-            max_backoff=max_backoff,
-            environ=environ,
-        )
+    _http: httpx2.AsyncClient
+
+    def _open(self, verify: ssl.SSLContext | str | bool) -> None:
         self._http = httpx2.AsyncClient(verify=verify)
 
     async def __aenter__(self) -> AsyncClient:
