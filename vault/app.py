@@ -188,6 +188,8 @@ class _Services:
     unreadable: UnreadableRecords
     # The API key table in force, which SIGHUP replaces (empty when API keys are off).
     live_keys: LiveKeys
+    # How the audit log and the webhook events name a secret id: its HMAC (one key).
+    hash_secret_id: Callable[[str], str]
 
 
 def _services(settings: Settings, store: SecretStore | None) -> _Services:
@@ -210,6 +212,7 @@ def _services(settings: Settings, store: SecretStore | None) -> _Services:
         ),
         unreadable=UnreadableRecords(store, keyring.key_ids, settings.retired_key_ids),
         live_keys=LiveKeys(settings.api_keys),
+        hash_secret_id=functools.partial(secret_id_hmac, audit_hmac_key(settings)),
     )
 
 
@@ -379,7 +382,7 @@ def _guarding_layers(services: _Services) -> list[Middleware]:
                 AuditMiddleware,
                 sink=services.writer,
                 operations=OPERATIONS,
-                hash_secret_id=functools.partial(secret_id_hmac, audit_hmac_key(settings)),
+                hash_secret_id=services.hash_secret_id,
                 retry_after=settings.retry_after_seconds,
             )
         )
@@ -441,9 +444,7 @@ def create_app(
         receipt_retention_seconds=settings.receipt_retention_seconds,
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
         retry_after=settings.retry_after_seconds,
-        hash_secret_id=functools.partial(secret_id_hmac, audit_hmac_key(settings))
-        if settings.emitted_events
-        else None,
+        hash_secret_id=services.hash_secret_id if settings.emitted_events else None,
     )
     metrics = (
         metrics_app(multiprocess_dir=settings.prometheus_multiproc_dir)
