@@ -443,6 +443,7 @@ def create_app(
         default_ttl_seconds=settings.default_ttl_seconds,
         receipt_retention_seconds=settings.receipt_retention_seconds,
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+        passphrase_max_attempts=settings.passphrase_max_attempts,
         retry_after=settings.retry_after_seconds,
         hash_secret_id=services.hash_secret_id if settings.emitted_events else None,
     )

@@ -27,6 +27,21 @@ class Opener(Protocol):
     def open(self, sealed: SealedSecret) -> bytes:
         """The plaintext; raises when no configured key opens the record."""
 
+    def open_locked(self, sealed: SealedSecret, key: bytes) -> bytes | None:
+        """The plaintext of a secret under a passphrase, with ``key`` derived from it; None
+        when ``key`` is not its passphrase's; raises as ``open`` does."""
+
+
+@dataclass(frozen=True, slots=True)
+class Passphrase:
+    """What a fetch brings for a secret under a passphrase: that one was given (``key``
+    None: not derived yet, as the derivation is the record's ``kdf``), or the ``key``
+    derived from it with ``kdf``; and the wrong tries after which the secret is deleted."""
+
+    key: bytes | None = None
+    kdf: str | None = None
+    max_attempts: int = 5
+
 
 @dataclass(frozen=True, slots=True)
 class Caller:
@@ -80,6 +95,10 @@ class Found(enum.Enum):
     MISSING = (404, "not_found")  # never issued, deleted, reads used up
     EXPIRED = (404, "expired")  # still stored until the purge, never served
     DENIED = (404, "denied")  # not this caller's to see: answered exactly as MISSING
+    PASSPHRASE = (403, "denied")  # under a passphrase, asked without it or with a wrong one
+    # Under a passphrase, which was given: nothing answered yet; the caller derives the key
+    # (the record's ``kdf``, slow on purpose, so never in a store call) and asks again.
+    UNLOCK = (0, "unlock")
 
     def __init__(self, status: int, outcome: str) -> None:
         self.status = status
@@ -95,28 +114,56 @@ class Fetched:
     record: SealedSecret | None = None
     plaintext: bytes | None = None
     denied: Denied | None = None
+    # PASSPHRASE: whether a passphrase was given (and is wrong), and once the store counted
+    # that try, the tries left before the secret is deleted (0: this try deleted it).
+    wrong: bool = False
+    tries_left: int | None = None
+
+
+def unlocks(record: SealedSecret, passphrase: Passphrase | None, opener: Opener) -> bool:
+    """Whether a fetch may have ``record``: it has no passphrase, or the key brought opens
+    it and its wrong tries have not reached the limit."""
+    if record.kdf is None:
+        return True
+    if passphrase is None or passphrase.key is None or passphrase.kdf != record.kdf:
+        return False
+    if record.passphrase_failures >= passphrase.max_attempts:
+        return False
+    return opener.open_locked(record, passphrase.key) is not None
 
 
 def takes_a_read(
-    record: SealedSecret | Exception | None, now: dt.datetime, caller: Caller = ANYONE
+    record: SealedSecret | Exception | None,
+    now: dt.datetime,
+    caller: Caller = ANYONE,
+    passphrase: Passphrase | None = None,
+    opener: Opener | None = None,
 ) -> bool:
     """Whether ``caller`` reading ``record`` takes one of its reads: it has a read limit,
-    has not expired and is the caller's to see (a refusal never spends a read)."""
+    has not expired, is the caller's to see and, under a passphrase, ``passphrase`` opens
+    it (a refusal never spends a read)."""
     return (
         isinstance(record, SealedSecret)
         and record.reads_left is not None
         and not record.expired(now)
         and denied(record, caller, "fetch") is None
+        and (record.kdf is None or (opener is not None and unlocks(record, passphrase, opener)))
     )
 
 
 def judge_fetch(
-    record: SealedSecret | None, now: dt.datetime, opener: Opener, caller: Caller = ANYONE
+    record: SealedSecret | None,
+    now: dt.datetime,
+    opener: Opener,
+    caller: Caller = ANYONE,
+    passphrase: Passphrase | None = None,
 ) -> Fetched:
     """The verdict on the record a fetch read (for a read-limited one, after its read was
     taken). A record no configured key opens raises: that request fails (500) alone.
     A record that is not the caller's to see is refused before its expiry is looked at,
-    so the refusal says nothing about it."""
+    so the refusal says nothing about it; an expired one is gone before its passphrase is
+    asked for. A secret whose wrong tries reached the limit is gone (its deletion may
+    still be on its way)."""
     if record is None:
         return Fetched(Found.MISSING)
     refused = denied(record, caller, "fetch")
@@ -124,7 +171,18 @@ def judge_fetch(
         return Fetched(Found.DENIED, denied=refused)
     if record.expired(now):
         return Fetched(Found.EXPIRED)
-    return Fetched(Found.SECRET, record, opener.open(record))
+    if record.kdf is None:
+        return Fetched(Found.SECRET, record, opener.open(record))
+    if passphrase is None:
+        return Fetched(Found.PASSPHRASE, record)
+    if record.passphrase_failures >= passphrase.max_attempts:
+        return Fetched(Found.MISSING)
+    if passphrase.key is None or passphrase.kdf != record.kdf:
+        return Fetched(Found.UNLOCK, record)
+    plaintext = opener.open_locked(record, passphrase.key)
+    if plaintext is None:
+        return Fetched(Found.PASSPHRASE, record, wrong=True)
+    return Fetched(Found.SECRET, record, plaintext)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,13 +195,20 @@ class ReceiptChange:
     read: bool = False
     used_up: bool = False
     ended: str | None = None
+    failed: bool = False  # a wrong passphrase tried (with ``ended`` when it deleted it)
 
 
 def receipt_read(fetched: Fetched, now: dt.datetime) -> ReceiptChange | None:
     """The receipt's change for a fetch's verdict: a served read of a secret with a
-    receipt (the last one ends it), else nothing."""
+    receipt (the last one ends it), a wrong passphrase counted (the last one ends it
+    too, deleted), else nothing."""
     record = fetched.record
-    if fetched.found is not Found.SECRET or record is None or record.receipt_id is None:
+    if record is None or record.receipt_id is None:
+        return None
+    if fetched.found is Found.PASSPHRASE and fetched.tries_left is not None:
+        ended = ReceiptState.DELETED if fetched.tries_left == 0 else None
+        return ReceiptChange(receipt_key(record.receipt_id), now, failed=True, ended=ended)
+    if fetched.found is not Found.SECRET:
         return None
     used_up = record.reads_left == 0
     return ReceiptChange(receipt_key(record.receipt_id), now, read=True, used_up=used_up)

@@ -105,6 +105,11 @@ class SealedSecret:
     # to read it; events carry it), and the creator's label, neither of them secret.
     receipt_id: str | None = None
     label: str | None = None
+    # A secret under a passphrase: the marker of the key derivation its passphrase layer
+    # was made with (vault/crypto.py SCRYPT_KDF; part of the associated data), and the
+    # wrong passphrases tried so far (at PASSPHRASE_MAX_ATTEMPTS the secret is deleted).
+    kdf: str | None = None
+    passphrase_failures: int = 0
 
     def expired(self, now: dt.datetime) -> bool:
         """True once ``now`` has reached the expiry: the secret is never served again."""
@@ -152,6 +157,8 @@ class Receipt:
     expires_at: dt.datetime | None
     max_reads: int | None
     reads: int = 0
+    # For a secret under a passphrase: the wrong passphrases tried (None: it has none).
+    passphrase_failures: int | None = None
     first_read_at: dt.datetime | None = None
     last_read_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
@@ -169,6 +176,7 @@ class Receipt:
             created_at=created_at,
             expires_at=record.expires_at,
             max_reads=record.reads_left,
+            passphrase_failures=None if record.kdf is None else record.passphrase_failures,
         )
 
 
@@ -206,3 +214,11 @@ def receipt_fields(record: SealedSecret) -> dict[str, Any]:
     if record.label is not None:
         fields["label"] = record.label
     return fields
+
+
+def passphrase_fields(record: SealedSecret) -> dict[str, Any]:
+    """A secret's passphrase marker and wrong tries, as a document or an export line stores
+    them: only for a secret under a passphrase, so any other is stored as before."""
+    if record.kdf is None:
+        return {}
+    return {"kdf": record.kdf, "passphrase_failures": record.passphrase_failures}

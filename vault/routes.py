@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import anyio
 import swagger_ui_bundle
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -30,11 +30,11 @@ from starlette.types import ASGIApp
 from middleware.answers import RETRY_AFTER_SECONDS, error_answer
 from middleware.context import RequestContext, request_context
 from observability.metrics import ACCESS_DENIED, NOT_READY, SECRETS_DELETED
-from vault.crypto import Keyring
+from vault.crypto import SCRYPT_KDF, Keyring, derive_passphrase_key, lock
 from vault.errors import DecryptionFailed, InvalidValue, NotReady, StoreUnavailable
 from vault.events import Actor
 from vault.keyguard import UnreadableRecords
-from vault.lifecycle import Caller, Found, receipt_as_of, receipt_kept, utc_now
+from vault.lifecycle import Caller, Found, Passphrase, receipt_as_of, receipt_kept, utc_now
 from vault.openapi import DOCS_HTML, build_openapi
 from vault.records import (
     DEFAULT_TENANT,
@@ -47,7 +47,13 @@ from vault.records import (
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
 from vault.stores.base import DeleteResult, IdempotentRepeat, SecretStore
 from vault.stores.health import DISK_FULL, REFUSING_WRITES, UNREACHABLE
-from vault.validation import decode_secret, label_text, normalize_secret_id, reader_names
+from vault.validation import (
+    decode_secret,
+    label_text,
+    normalize_secret_id,
+    passphrase_text,
+    reader_names,
+)
 
 log = logging.getLogger("secret_manager.routes")
 
@@ -74,6 +80,9 @@ KEY_REUSED = (
 )
 # Printable ASCII, 1 to 255 characters (the header as the draft standard describes it).
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+LOCKED = 'this secret is protected by a passphrase: send it as "passphrase" in the fetch body'
+# Passphrase derivations running at once, at most (each takes 32 MiB and ~0.2 s of a core).
+KDF_CONCURRENCY = 2
 # Unknown, past its retention, or another tenant's: likewise one answer.
 NO_RECEIPT = "no receipt has this receipt_id; check the id the create answered"
 STORE_UNAVAILABLE = "the secret store is unavailable; retry after the time in Retry-After"
@@ -320,9 +329,10 @@ def rfc3339_ms(moment: dt.datetime | None) -> str | None:
 
 
 def _status(receipt: Receipt) -> dict[str, Any]:
-    """A receipt's answer: every field, null where it does not apply."""
+    """A receipt's answer: every field, null where it does not apply; for a secret under a
+    passphrase, also the wrong passphrases tried."""
     reads_left = None if receipt.max_reads is None else max(receipt.max_reads - receipt.reads, 0)
-    return {
+    answer: dict[str, Any] = {
         "state": receipt.state,
         "label": receipt.label,
         "created_at": rfc3339_ms(receipt.created_at),
@@ -334,6 +344,27 @@ def _status(receipt: Receipt) -> dict[str, Any]:
         "last_read_at": rfc3339_ms(receipt.last_read_at),
         "ended_at": rfc3339_ms(receipt.ended_at),
     }
+    if receipt.passphrase_failures is not None:
+        answer["passphrase_failures"] = receipt.passphrase_failures
+    return answer
+
+
+def _passphrase(data: dict[str, Any]) -> str | None:
+    """A create's or fetch's ``passphrase``, or None when there is none (400 if malformed)."""
+    if "passphrase" not in data:
+        return None
+    try:
+        return passphrase_text(data["passphrase"])
+    except InvalidValue as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+def _wrong_passphrase(tries_left: int) -> str:
+    """The detail of a 403 for a wrong passphrase, saying what the next wrong one costs."""
+    if tries_left == 0:
+        return "the passphrase is wrong, and that was the last try allowed: the secret is deleted"
+    tries = "try" if tries_left == 1 else "tries"
+    return f"the passphrase is wrong; after {tries_left} more wrong {tries} the secret is deleted"
 
 
 def _string_field(data: dict[str, Any], name: str) -> str:
@@ -345,9 +376,12 @@ def _string_field(data: dict[str, Any], name: str) -> str:
     return value
 
 
-async def _secret_id_of(request: Request, context: RequestContext, op: str) -> str:
+async def _secret_id_of(
+    request: Request, context: RequestContext, op: str
+) -> tuple[str, dict[str, Any]]:
     """The well-formed secret_id of a fetch or delete body (400 otherwise), named in the
-    request context for the audit log; ``op`` is set first, so a refusal is audited too."""
+    request context for the audit log, and the body; ``op`` is set first, so a refusal is
+    audited too."""
     context.op = op
     data = await _json_object(request)
     try:
@@ -355,7 +389,7 @@ async def _secret_id_of(request: Request, context: RequestContext, op: str) -> s
     except InvalidValue as exc:
         raise HTTPException(400, str(exc)) from None
     context.secret_id = secret_id
-    return secret_id
+    return secret_id, data
 
 
 class VaultAPI:
@@ -374,8 +408,11 @@ class VaultAPI:
         receipt_retention_seconds: float = 30 * 86400,
         hash_secret_id: Callable[[str], str] | None = None,
         idempotency_ttl_seconds: float = 86400,
+        passphrase_max_attempts: int = 5,
     ) -> None:
         self.idempotency_ttl_seconds = idempotency_ttl_seconds
+        self.passphrase_max_attempts = passphrase_max_attempts
+        self._kdf_limiter: anyio.CapacityLimiter | None = None
         # Idempotency keys whose first create this process is handling (a repeat gets 409).
         self._in_flight: set[str] = set()
         self.retry_after = retry_after
@@ -406,7 +443,16 @@ class VaultAPI:
         finally:
             self._in_flight.discard(key)
 
-    def _new_secret(
+    async def _derive(self, passphrase: str, secret_id: str, kdf: str) -> bytes:
+        """The key of a secret's passphrase layer, derived in a thread (a few at a time:
+        each takes memory and a core's fraction of a second)."""
+        if self._kdf_limiter is None:
+            self._kdf_limiter = anyio.CapacityLimiter(KDF_CONCURRENCY)
+        return await anyio.to_thread.run_sync(
+            derive_passphrase_key, passphrase, secret_id, kdf, limiter=self._kdf_limiter
+        )
+
+    async def _new_secret(
         self, data: dict[str, Any], context: RequestContext
     ) -> tuple[SealedSecret, dict[str, Any]]:
         """A create's record, sealed, and the answer that hands out its id."""
@@ -426,8 +472,15 @@ class VaultAPI:
             ttl = self.default_ttl_seconds
         readers = _readers(data, context)
         receipt, label = _receipt_fields(data)
+        passphrase = _passphrase(data)
         caller = _caller(context)
         secret_id = str(uuid.uuid4())
+        kdf = None
+        if passphrase is not None:
+            # Sealed twice: under a key only the passphrase gives, then under the master
+            # key, so neither the database nor the master key alone opens it.
+            kdf = SCRYPT_KDF
+            plaintext = lock(await self._derive(passphrase, secret_id, kdf), plaintext)
         # Stored and sealed under the digest of the id: the id itself is never written. Who
         # may see it is sealed in too: the caller's tenant, and for named readers, the
         # caller's key (the owner, who may delete it).
@@ -437,6 +490,7 @@ class VaultAPI:
             tenant=caller.tenant,
             owner=None if readers is None else caller.name,
             readers=readers,
+            kdf=kdf,
         )
         if ttl is not None or max_reads is not None:
             # Whole seconds, rounded up: a secret lives at least ttl_seconds.
@@ -458,20 +512,20 @@ class VaultAPI:
 
     async def _create(self, request: Request, context: RequestContext, key: str | None) -> Response:
         data = await _json_object(request)
-        record, answer = self._new_secret(data, context)
+        record, answer = await self._new_secret(data, context)
         response = JSONResponse(answer)
         idempotent = None
-        digest = ""
+        # The body only as the keyed digest of its JSON object, written one way (key order
+        # and whitespace aside, a retry that serializes it again is the same request): it
+        # holds the secret and any passphrase, which a bare hash would let a reader of the
+        # database test guesses against. The answer is sealed (it names the secret id).
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        body = canonical.encode("utf-8")
         if key is not None:
-            # The body only as the digest of its JSON object, written one way (key order and
-            # whitespace aside, a retry that serializes it again is the same request); the
-            # answer sealed (it names the secret id).
-            canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-            digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
             now = utc_now()
             idempotent = IdempotentCreate(
                 key=key,
-                body_digest=digest,
+                body_digest=self.keyring.digest(body),
                 answer=self.keyring.seal(key, bytes(response.body)),
                 record_key=record.record_key,
                 created_at=now,
@@ -488,16 +542,17 @@ class VaultAPI:
                 _wake_deliverer(request)
         except IdempotentRepeat as repeat:
             context.secret_id = None  # this request's id was never stored nor handed out
-            return self._repeat(repeat.existing, digest, context)
+            return self._repeat(repeat.existing, body, context)
         except BaseException:
             context.secret_id = None  # never handed out: the failure's record names no id
             raise
         return response
 
-    def _repeat(self, first: IdempotentCreate, digest: str, context: RequestContext) -> Response:
+    def _repeat(self, first: IdempotentCreate, body: bytes, context: RequestContext) -> Response:
         """The answer to a create whose Idempotency-Key is stored: the first's answer, byte
-        for byte, if the body is the same and the first is done."""
-        if first.body_digest != digest:
+        for byte, if the body (``body``: its canonical JSON) is the same and the first is
+        done."""
+        if not self.keyring.same_digest(first.body_digest, body):
             raise HTTPException(422, KEY_REUSED)
         if first.state != "done":
             raise HTTPException(409, IN_FLIGHT, headers={"Retry-After": "1"})
@@ -510,17 +565,35 @@ class VaultAPI:
 
     async def fetch_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
-        secret_id = await _secret_id_of(request, context, "fetch")
+        secret_id, data = await _secret_id_of(request, context, "fetch")
+        passphrase = _passphrase(data)
+        given = None
+        if passphrase is not None:
+            given = Passphrase(max_attempts=self.passphrase_max_attempts)
         # Its status is decided in the store call, which writes it stamped for that answer.
         audit = None if context.audit is None else context.audit.record(200)
-        try:
-            fetched, context.audit_written = await self.store.fetch(
+
+        async def fetch(brought: Passphrase | None) -> Any:
+            return await self.store.fetch(
                 secret_id,
                 self.keyring,
                 audit,
                 _caller(context),
                 _actor(context, self.hash_secret_id),
+                brought,
             )
+
+        try:
+            fetched, context.audit_written = await fetch(given)
+            if fetched.found is Found.UNLOCK and fetched.record is not None:
+                # Under a passphrase, which was given: its key is derived with the record's
+                # own derivation, off the store call, and the store asked again (the answer,
+                # its read and its audit record all come from that second call).
+                kdf = fetched.record.kdf or ""
+                key = await self._derive(passphrase or "", secret_id, kdf)
+                fetched, context.audit_written = await fetch(
+                    Passphrase(key=key, kdf=kdf, max_attempts=self.passphrase_max_attempts)
+                )
             if self.hash_secret_id is not None:
                 _wake_deliverer(request)
         except DecryptionFailed:
@@ -529,6 +602,14 @@ class VaultAPI:
             raise
         if fetched.denied is not None:
             raise _denied(context, "fetch", fetched.denied.value)
+        if fetched.found is Found.PASSPHRASE:
+            context.outcome = "denied"
+            ACCESS_DENIED.labels(op="fetch", reason="passphrase").inc()
+            if fetched.tries_left is None:
+                raise HTTPException(403, LOCKED)
+            if fetched.tries_left == 0:
+                SECRETS_DELETED.labels("passphrase").inc()  # deleted in the same call
+            raise HTTPException(403, _wrong_passphrase(fetched.tries_left))
         if fetched.found is Found.EXPIRED:
             context.outcome = fetched.found.outcome
         if fetched.record is None or fetched.plaintext is None:
@@ -542,7 +623,7 @@ class VaultAPI:
 
     async def delete_secret(self, request: Request) -> Response:
         context = request_context(request.scope)
-        secret_id = await _secret_id_of(request, context, "delete")
+        secret_id, _ = await _secret_id_of(request, context, "delete")
         result = await self.store.delete(
             secret_id, _caller(context), _actor(context, self.hash_secret_id)
         )

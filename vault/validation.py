@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import unicodedata
 from typing import Any
 
 from vault.errors import InvalidValue
@@ -83,6 +84,20 @@ def label_text(value: Any) -> str:
             "(no control characters or line breaks), or left out"
         )
     return value
+
+
+MAX_PASSPHRASE = 1024
+
+
+def passphrase_text(value: Any) -> str:
+    """A create's or fetch's ``passphrase``: a string of 1 to MAX_PASSPHRASE characters, in
+    Unicode normalization form NFC (so the same words typed on two systems match);
+    InvalidValue otherwise, whose message never quotes it."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_PASSPHRASE:
+        raise InvalidValue(
+            f"field 'passphrase' must be a string of 1 to {MAX_PASSPHRASE} characters, or left out"
+        )
+    return unicodedata.normalize("NFC", value)
 
 
 def reader_names(value: Any) -> tuple[str, ...]:

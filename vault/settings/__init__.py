@@ -131,6 +131,12 @@ class Settings:
         "86400",
         "how long a create's Idempotency-Key answers its repeats",
     )
+    passphrase_max_attempts: int = setting(
+        "PASSPHRASE_MAX_ATTEMPTS",
+        parse.whole(1),
+        "5",
+        "wrong passphrases after which a secret is deleted",
+    )
     receipt_retention_seconds: int = setting(
         "RECEIPT_RETENTION_SECONDS",
         parse.whole(0),

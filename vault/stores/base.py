@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from observability.audit import AUDIT_FIELDS, AuditRecord, AuditWrite
@@ -35,10 +36,12 @@ from vault.lifecycle import (
     Found,
     Guarded,
     Opener,
+    Passphrase,
     ReceiptChange,
     denied,
     judge_fetch,
     receipt_read,
+    takes_a_read,
     utc_now,
 )
 from vault.records import (
@@ -69,13 +72,19 @@ FetchResult = tuple[Fetched, AuditWrite | None]
 
 class FetchItem(NamedTuple):
     """One fetch as a store batches it: the id, what opens its record, the audit record to
-    write for its answer, who asks, and who the events name (None: no events wanted)."""
+    write for its answer, who asks, who the events name (None: no events wanted), and
+    the passphrase it brings (None: none given)."""
 
     secret_id: str
     opener: Opener
     audit: AuditRecord | None
     caller: Caller
     actor: Actor | None = None
+    passphrase: Passphrase | None = None
+
+    def takes_a_read(self, record: SealedSecret | Exception | None, now: dt.datetime) -> bool:
+        """Whether this fetch takes one of ``record``'s reads (``lifecycle.takes_a_read``)."""
+        return takes_a_read(record, now, self.caller, self.passphrase, self.opener)
 
 
 def record_event(type: str, record: SealedSecret, at: dt.datetime, actor: Actor | None) -> Event:
@@ -111,6 +120,8 @@ def fetch_events(
         record = result.record or read
         if result.found is Found.DENIED:
             wanted = [events.DENIED]
+        elif result.found is Found.PASSPHRASE:  # missing, or wrong and counted
+            wanted = [events.DENIED, *([events.DELETED] if result.tries_left == 0 else [])]
         elif result.found is Found.SECRET:
             wanted = [events.READ, *([events.USED_UP] if record.reads_left == 0 else [])]
         else:
@@ -175,7 +186,7 @@ def receipt_changes(
     results: Sequence[Fetched | Exception], now: dt.datetime
 ) -> list[ReceiptChange]:
     """The receipts' changes for a batch of fetch verdicts: one per read served of a
-    secret with a receipt."""
+    secret with a receipt, and per wrong passphrase counted."""
     changes = []
     for result in results:
         if isinstance(result, Fetched):
@@ -297,6 +308,7 @@ class SecretStore(Protocol):
         audit: AuditRecord | None = None,
         caller: Caller = ANYONE,
         actor: Actor | None = None,
+        passphrase: Passphrase | None = None,
     ) -> FetchResult:
         """A fetch's whole store work in one call. The record is read (``lookup_keys``:
         under its record key, else under the id, a legacy record); a read-limited one
@@ -307,7 +319,12 @@ class SecretStore(Protocol):
         open fails with no 200 written), and ``audit``, stamped for that answer, is
         written before the call returns (on SQLite in the same transaction as the read
         taken). The verdict's exception (a record no key opens) is raised to the caller,
-        and no audit record is written."""
+        and no audit record is written.
+
+        A secret under a passphrase takes a read only when ``passphrase`` brings the key
+        that opens it; a wrong key is counted in the same call (one atomic increment; the
+        try that reaches ``passphrase.max_attempts`` deletes the record), and a passphrase
+        given but not derived yet answers Found.UNLOCK with nothing written."""
 
     async def delete(
         self, secret_id: str, caller: Caller = ANYONE, actor: Actor | None = None
@@ -660,21 +677,57 @@ def judge_each(
     has none, or failed: a failure is audited by the audit layer, as the 500 it becomes)."""
     results: list[Fetched | Exception] = []
     audits: list[AuditRecord | None] = []
-    for (_, opener, audit, caller, _), record in zip(items, records, strict=True):
+    for item, record in zip(items, records, strict=True):
         if isinstance(record, Exception):
             results.append(record)
             audits.append(None)
             continue
         try:
-            fetched = judge_fetch(record, now, opener, caller)
+            fetched = judge_fetch(record, now, item.opener, item.caller, item.passphrase)
         except Exception as exc:  # this request's own failure (a record no key opens)
             results.append(exc)
             audits.append(None)
             continue
         results.append(fetched)
         found = fetched.found
-        audits.append(None if audit is None else audit.answered(found.status, found.outcome))
+        if item.audit is None or found is Found.UNLOCK:  # no answer yet: nothing to audit
+            audits.append(None)
+        else:
+            audits.append(item.audit.answered(found.status, found.outcome))
     return results, audits
+
+
+def wrong_passphrases(results: Sequence[Fetched | Exception]) -> list[int]:
+    """The indexes of the verdicts that are a wrong passphrase: each a try to count."""
+    return [
+        k
+        for k, result in enumerate(results)
+        if isinstance(result, Fetched) and result.found is Found.PASSPHRASE and result.wrong
+    ]
+
+
+def count_wrong_passphrases(
+    items: Sequence[FetchItem],
+    results: list[Fetched | Exception],
+    audits: list[AuditRecord | None],
+    count: Callable[[SealedSecret, int], int | None],
+) -> None:
+    """Count each wrong passphrase of a batch's verdicts with ``count`` (the store's atomic
+    increment of the record's wrong tries, below ``limit``, which deletes the record at
+    the limit: the tries after it, or None when the record was gone or at the limit
+    already), and set the verdict and its audit record as that count decides: the tries
+    left, or a secret gone (404)."""
+    for k in wrong_passphrases(results):
+        result, passphrase = results[k], items[k].passphrase
+        if not isinstance(result, Fetched) or result.record is None or passphrase is None:
+            continue
+        failures = count(result.record, passphrase.max_attempts)
+        if failures is None:
+            results[k] = Fetched(Found.MISSING)
+            audit = items[k].audit
+            audits[k] = None if audit is None else audit.answered(*Found.MISSING.value)
+        else:
+            results[k] = replace(result, tries_left=max(passphrase.max_attempts - failures, 0))
 
 
 def fetch_results(

@@ -26,6 +26,7 @@ from vault.records import (
     Access,
     SealedSecret,
     access_fields,
+    passphrase_fields,
     receipt_fields,
 )
 from vault.stores.base import (
@@ -57,8 +58,11 @@ def record_of(doc: Mapping[str, Any]) -> SealedSecret:
     if expires_at is not None and expires_at.tzinfo is None:  # a client without tz_aware
         expires_at = expires_at.replace(tzinfo=dt.UTC)
     tenant, owner, readers = access_of(doc)
-    receipt_id, label = doc.get("receipt_id"), doc.get("label")
-    if not all(value is None or isinstance(value, str) for value in (receipt_id, label)):
+    receipt_id, label, kdf = doc.get("receipt_id"), doc.get("label"), doc.get("kdf")
+    if not all(value is None or isinstance(value, str) for value in (receipt_id, label, kdf)):
+        raise TypeError("a field of a stored secret record has the wrong type")
+    failures = doc.get("passphrase_failures", 0)
+    if type(failures) is not int:
         raise TypeError("a field of a stored secret record has the wrong type")
     return SealedSecret(
         record_key=str(doc["_id"]),
@@ -72,6 +76,8 @@ def record_of(doc: Mapping[str, Any]) -> SealedSecret:
         readers=readers,
         receipt_id=receipt_id,
         label=label,
+        kdf=kdf,
+        passphrase_failures=failures,
     )
 
 
@@ -125,6 +131,7 @@ def document(record: SealedSecret, created_at: dt.datetime | None) -> dict[str, 
     # Likewise who may see it: a plain secret is stored as before tenants existed.
     doc.update(access_fields(record))
     doc.update(receipt_fields(record))
+    doc.update(passphrase_fields(record))
     return doc
 
 

@@ -43,6 +43,7 @@ def receipt_document(receipt: Receipt) -> dict[str, Any]:
         "first_read_at": _seconds(receipt.first_read_at),
         "last_read_at": _seconds(receipt.last_read_at),
         "ended_at": _seconds(receipt.ended_at),
+        "passphrase_failures": receipt.passphrase_failures,
     }
     doc.update({name: value for name, value in optional.items() if value is not None})
     return doc
@@ -72,6 +73,8 @@ def apply_changes(receipts: Receipts, changes: Sequence[ReceiptChange]) -> None:
                 {"_id": change.receipt_key},
                 {"$inc": {"reads": 1}, "$min": {"first_read_at": at}, "$max": {"last_read_at": at}},
             )
+        if change.failed:
+            receipts.update_one({"_id": change.receipt_key}, {"$inc": {"passphrase_failures": 1}})
         ended = ReceiptState.USED_UP if change.used_up else change.ended
         if ended is not None:
             receipts.update_one(
@@ -103,6 +106,14 @@ def merge_updates(receipt: Receipt) -> list[UpdateOne]:
             at = moment.timestamp()
             for unset_or_behind in ({"$exists": False}, {later: at}):
                 updates.append(UpdateOne({**held, name: unset_or_behind}, {"$set": {name: at}}))
+    if receipt.passphrase_failures:
+        wrong = receipt.passphrase_failures
+        updates.append(
+            UpdateOne(
+                {**held, "passphrase_failures": {"$lt": wrong}},
+                {"$set": {"passphrase_failures": wrong}},
+            )
+        )
     if receipt.ended_at is not None:
         updates.append(
             UpdateOne(
@@ -114,7 +125,7 @@ def merge_updates(receipt: Receipt) -> list[UpdateOne]:
 
 
 def receipt_of(doc: Mapping[str, Any]) -> Receipt:
-    max_reads = doc.get("max_reads")
+    max_reads, wrong = doc.get("max_reads"), doc.get("passphrase_failures")
     return Receipt(
         receipt_key=str(doc["_id"]),
         tenant=str(doc["tenant"]),
@@ -127,6 +138,7 @@ def receipt_of(doc: Mapping[str, Any]) -> Receipt:
         last_read_at=_moment(doc.get("last_read_at")),
         ended_at=_moment(doc.get("ended_at")),
         state=str(doc.get("state", ReceiptState.ACTIVE)),
+        passphrase_failures=wrong if type(wrong) is int else None,
     )
 
 

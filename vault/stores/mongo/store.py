@@ -27,7 +27,7 @@ from vault.events import (
     derived_event_id,
     secret_event,
 )
-from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
+from vault.lifecycle import ANYONE, Caller, Opener, Passphrase
 from vault.records import (
     IdempotentCreate,
     Receipt,
@@ -45,6 +45,7 @@ from vault.stores.base import (
     OutboxSettling,
     Remaining,
     Settlement,
+    count_wrong_passphrases,
     delete_changes,
     delete_events,
     fetch_events,
@@ -333,9 +334,12 @@ class MongoStore(OutboxSettling):
         with pymongo.timeout(self._mongo.timeout):
             records = self._find_many_sync(secret_ids)
             for k, record in enumerate(records):
-                if isinstance(record, SealedSecret) and takes_a_read(record, now, items[k].caller):
-                    records[k] = self._take_read_sync(record.record_key, lookup_keys(secret_ids[k]))
+                if isinstance(record, SealedSecret) and items[k].takes_a_read(record, now):
+                    records[k] = self._take_read_sync(
+                        record.record_key, lookup_keys(secret_ids[k]), items[k].passphrase
+                    )
             results, audits = judge_each(items, records, now)
+            count_wrong_passphrases(items, results, audits, self._count_wrong_passphrase_sync)
             receipts.apply_changes(self._receipts, receipt_changes(results, now))
             insert_events(
                 self._outbox, fetch_events(items, records, results, now, self._events), now
@@ -360,17 +364,41 @@ class MongoStore(OutboxSettling):
         audit: AuditRecord | None = None,
         caller: Caller = ANYONE,
         actor: Actor | None = None,
+        passphrase: Passphrase | None = None,
     ) -> FetchResult:
         result: FetchResult = await self._reads.submit(
-            FetchItem(secret_id, opener, audit, caller, actor)
+            FetchItem(secret_id, opener, audit, caller, actor, passphrase)
         )
         return result
 
-    def _take_read_sync(self, key: str, keys: tuple[str, ...]) -> SealedSecret | Exception | None:
-        # One atomic document update per read: concurrent readers on any replica each
-        # take a different count, and none gets past zero.
+    def _count_wrong_passphrase_sync(self, record: SealedSecret, limit: int) -> int | None:
+        """One wrong passphrase counted by one atomic update, so tries racing on any
+        replica each count once and none past ``limit``; the try that reaches it deletes
+        the record (and, between the two, no read is taken: ``_take_read_sync``)."""
         doc = self._secrets.find_one_and_update(
-            {"_id": key, "reads_left": {"$gt": 0}},
+            {"_id": record.record_key, "passphrase_failures": {"$lt": limit}},
+            {"$inc": {"passphrase_failures": 1}},
+            projection={"passphrase_failures": 1},
+            return_document=pymongo.ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return None
+        failures = int(doc["passphrase_failures"])
+        if failures >= limit:
+            self._secrets.delete_one({"_id": record.record_key})
+        return failures
+
+    def _take_read_sync(
+        self, key: str, keys: tuple[str, ...], passphrase: Passphrase | None = None
+    ) -> SealedSecret | Exception | None:
+        # One atomic document update per read: concurrent readers on any replica each
+        # take a different count, and none gets past zero (nor, under a passphrase, past
+        # a limit of wrong tries that its deletion has not followed yet).
+        wanted: dict[str, Any] = {"_id": key, "reads_left": {"$gt": 0}}
+        if passphrase is not None:
+            wanted["passphrase_failures"] = {"$lt": passphrase.max_attempts}
+        doc = self._secrets.find_one_and_update(
+            wanted,
             {"$inc": {"reads_left": -1}},
             return_document=pymongo.ReturnDocument.AFTER,
         )

@@ -22,7 +22,9 @@ CREATE TABLE IF NOT EXISTS secrets (
     owner      TEXT,     -- the key that made it, for a secret made for named readers
     readers    TEXT,     -- JSON array of key names; NULL: every key of its tenant
     receipt_id TEXT,     -- the receipt's id, for a secret made with one
-    label      TEXT      -- the creator's label, not secret
+    label      TEXT,     -- the creator's label, not secret
+    kdf        TEXT,     -- under a passphrase: how its key is derived; NULL: no passphrase
+    passphrase_failures INTEGER  -- under a passphrase: the wrong ones tried so far
 ) WITHOUT ROWID;
 -- Idempotent creates (Idempotency-Key): the key's digest, the request body's digest and
 -- the answer sealed under the master key (it names the secret id), until expires_at.
@@ -51,7 +53,8 @@ CREATE TABLE IF NOT EXISTS receipts (
     first_read_at REAL,
     last_read_at  REAL,
     ended_at      REAL,
-    state         TEXT NOT NULL
+    state         TEXT NOT NULL,
+    passphrase_failures INTEGER  -- NULL: the secret has no passphrase
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS secrets_key_id ON secrets (key_id);
 CREATE TABLE IF NOT EXISTS audit (
@@ -133,10 +136,15 @@ def _migrate(conn: sqlite3.Connection) -> None:
         ("readers", "TEXT"),
         ("receipt_id", "TEXT"),
         ("label", "TEXT"),
+        ("kdf", "TEXT"),
+        ("passphrase_failures", "INTEGER"),
     ):
         if column not in secret_columns:
             conn.execute(f"ALTER TABLE secrets ADD COLUMN {column} {kind}")
     conn.execute("CREATE INDEX IF NOT EXISTS secrets_expires_at ON secrets (expires_at)")
+    receipt_columns = {row[1] for row in conn.execute("PRAGMA table_info(receipts)")}
+    if "passphrase_failures" not in receipt_columns:
+        conn.execute("ALTER TABLE receipts ADD COLUMN passphrase_failures INTEGER")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(audit)")}
     if "api_key_name" not in columns:
         conn.execute("ALTER TABLE audit ADD COLUMN api_key_name TEXT")

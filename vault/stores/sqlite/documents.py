@@ -21,7 +21,7 @@ from vault.stores.base import (
 
 RECORD_COLUMNS = (
     "record_key, key_id, nonce, ciphertext, expires_at, reads_left, tenant, owner, readers,"
-    " receipt_id, label"
+    " receipt_id, label, kdf, passphrase_failures"
 )
 INSERT_RECORD = (
     f"INSERT INTO secrets ({RECORD_COLUMNS})"  # noqa: S608 - fixed column names only
@@ -43,6 +43,8 @@ RecordRow = tuple[
     str | None,
     str | None,
     str | None,
+    str | None,
+    int | None,
 ]
 
 
@@ -91,6 +93,25 @@ def take_read(conn: sqlite3.Connection, key: str, keys: Sequence[str]) -> Record
     if row is not None and row[5] == 0:
         conn.executemany("DELETE FROM secrets WHERE record_key = ?", [(k,) for k in keys])
     return row
+
+
+def count_wrong_passphrase(
+    conn: sqlite3.Connection, key: str, keys: Sequence[str], limit: int
+) -> int | None:
+    """Count one wrong passphrase of the record stored under ``key``, in the open write
+    transaction: the wrong tries after this one, or None when the record is gone or at
+    ``limit`` already. The try that reaches ``limit`` deletes the record in the same
+    transaction, with any other row of its lookup ``keys``."""
+    row = conn.execute(
+        "UPDATE secrets SET passphrase_failures = passphrase_failures + 1"
+        " WHERE record_key = ? AND passphrase_failures < ? RETURNING passphrase_failures",
+        (key, limit),
+    ).fetchone()
+    if row is None:
+        return None
+    if row[0] >= limit:
+        conn.executemany("DELETE FROM secrets WHERE record_key = ?", [(k,) for k in keys])
+    return int(row[0])
 
 
 def insert_each(
@@ -147,6 +168,8 @@ def record_row(record: SealedSecret) -> RecordRow:
         None if record.readers is None else json.dumps(list(record.readers)),
         record.receipt_id,
         record.label,
+        record.kdf,
+        None if record.kdf is None else record.passphrase_failures,
     )
 
 
@@ -170,6 +193,8 @@ def record_of(row: RecordRow) -> SealedSecret:
         readers=readers,
         receipt_id=row[9],
         label=row[10],
+        kdf=row[11],
+        passphrase_failures=row[12] or 0,
     )
 
 

@@ -11,7 +11,7 @@ from vault.records import Receipt, ReceiptState
 
 _COLUMNS = (
     "receipt_key, tenant, label, created_at, expires_at, max_reads, reads, first_read_at,"
-    " last_read_at, ended_at, state"
+    " last_read_at, ended_at, state, passphrase_failures"
 )
 
 
@@ -25,7 +25,7 @@ def _moment(seconds: float | None) -> dt.datetime | None:
 
 ReceiptRow = tuple[
     str, str, str | None, float, int | None, int | None, int, float | None, float | None,
-    float | None, str,
+    float | None, str, int | None,
 ]  # fmt: skip
 
 
@@ -43,13 +43,14 @@ def receipt_row(r: Receipt) -> ReceiptRow:
         _seconds(r.last_read_at),
         _seconds(r.ended_at),
         r.state,
+        r.passphrase_failures,
     )
 
 
 def insert_receipts(conn: sqlite3.Connection, receipts: Sequence[Receipt]) -> None:
     """Store new receipts in the open transaction."""
     conn.executemany(
-        f"INSERT INTO receipts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+        f"INSERT INTO receipts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
         [receipt_row(r) for r in receipts],
     )
 
@@ -58,13 +59,16 @@ def insert_receipts(conn: sqlite3.Connection, receipts: Sequence[Receipt]) -> No
 # brought forward, never back (more reads, the earlier first and later last read, an end
 # where it had none: a secret ends once). In the SET, bare names are the stored row's.
 MERGE_RECEIPT = (
-    f"INSERT INTO receipts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    f"INSERT INTO receipts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
     " ON CONFLICT (receipt_key) DO UPDATE SET"
     " reads = max(reads, excluded.reads),"
     " first_read_at = coalesce(min(first_read_at, excluded.first_read_at), first_read_at,"
     " excluded.first_read_at),"
     " last_read_at = coalesce(max(last_read_at, excluded.last_read_at), last_read_at,"
     " excluded.last_read_at),"
+    " passphrase_failures = CASE WHEN excluded.passphrase_failures"
+    " > coalesce(passphrase_failures, -1) THEN excluded.passphrase_failures"
+    " ELSE passphrase_failures END,"
     " state = CASE WHEN ended_at IS NULL THEN excluded.state ELSE state END,"
     " ended_at = coalesce(ended_at, excluded.ended_at)"
     " WHERE tenant = excluded.tenant"
@@ -83,6 +87,12 @@ def apply_changes(conn: sqlite3.Connection, changes: Sequence[ReceiptChange]) ->
                 " last_read_at = max(coalesce(last_read_at, ?), ?)"
                 " WHERE receipt_key = ?",
                 (at, at, at, change.receipt_key),
+            )
+        if change.failed:
+            conn.execute(
+                "UPDATE receipts SET passphrase_failures = passphrase_failures + 1"
+                " WHERE receipt_key = ?",
+                (change.receipt_key,),
             )
         ended = ReceiptState.USED_UP if change.used_up else change.ended
         if ended is not None:
@@ -107,7 +117,7 @@ ALL_RECEIPTS = f"SELECT {_COLUMNS} FROM receipts ORDER BY receipt_key"  # noqa: 
 
 def receipt_of(row: ReceiptRow) -> Receipt:
     """The receipt a row holds."""
-    key, tenant, label, created, expires, max_reads, reads, first, last, ended, state = row
+    key, tenant, label, created, expires, max_reads, reads, first, last, ended, state, wrong = row
     return Receipt(
         receipt_key=key,
         tenant=tenant,
@@ -120,6 +130,7 @@ def receipt_of(row: ReceiptRow) -> Receipt:
         last_read_at=_moment(last),
         ended_at=_moment(ended),
         state=state,
+        passphrase_failures=wrong,
     )
 
 

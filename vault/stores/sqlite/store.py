@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from observability.audit import AuditRecord
 from vault.errors import CorruptRecord, NotReady, StoreUnavailable
 from vault.events import CREATED, EXPIRED, Actor, Event, PendingEvent
-from vault.lifecycle import ANYONE, Caller, Opener, takes_a_read
+from vault.lifecycle import ANYONE, Caller, Opener, Passphrase
 from vault.records import (
     IdempotentCreate,
     Receipt,
@@ -34,6 +34,7 @@ from vault.stores.base import (
     OutboxSettling,
     Remaining,
     Settlement,
+    count_wrong_passphrases,
     delete_changes,
     delete_events,
     fetch_events,
@@ -50,6 +51,7 @@ from vault.stores.base import (
     stored_or_refused,
     unavailable,
     utc_now,
+    wrong_passphrases,
 )
 from vault.stores.batching import Batcher
 from vault.stores.health import DISK_FULL, UNREACHABLE, WriteHealth, stored_any
@@ -72,6 +74,7 @@ from vault.stores.sqlite.documents import (
     RecordRow,
     audit_row,
     claim_events,
+    count_wrong_passphrase,
     guard_of,
     insert_audits,
     insert_each,
@@ -349,13 +352,14 @@ class SQLiteStore(OutboxSettling):
         limited = [
             (k, r)
             for k, r in enumerate(records)
-            if isinstance(r, SealedSecret) and takes_a_read(r, now, items[k].caller)
+            if isinstance(r, SealedSecret) and items[k].takes_a_read(r, now)
         ]
         if not limited:
             results, audits = judge_each(items, records, now)
+            wrong = wrong_passphrases(results)
             changes = receipt_changes(results, now)
             made = fetch_events(items, records, results, now, self._events)
-            if not changes and not made and all(audit is None for audit in audits):
+            if not wrong and not changes and not made and all(a is None for a in audits):
                 return fetch_results(results, audits, {})  # a pure read: no transaction
         with conn:  # one transaction, one fsync: reads taken, receipts, events, audit records
             conn.execute("BEGIN IMMEDIATE")
@@ -364,6 +368,15 @@ class SQLiteStore(OutboxSettling):
                 records[k] = None if row is None else record_of(row)
             if limited:  # judged only now, on the records as the takes left them
                 results, audits = judge_each(items, records, now)
+            if limited or wrong_passphrases(results):
+                count_wrong_passphrases(
+                    items,
+                    results,
+                    audits,
+                    lambda record, limit: count_wrong_passphrase(
+                        conn, record.record_key, (record.record_key,), limit
+                    ),
+                )
                 changes = receipt_changes(results, now)
                 made = fetch_events(items, records, results, now, self._events)
             receipts.apply_changes(conn, changes)
@@ -388,9 +401,10 @@ class SQLiteStore(OutboxSettling):
         audit: AuditRecord | None = None,
         caller: Caller = ANYONE,
         actor: Actor | None = None,
+        passphrase: Passphrase | None = None,
     ) -> FetchResult:
         result: FetchResult = await self._reads.submit(
-            FetchItem(secret_id, opener, audit, caller, actor)
+            FetchItem(secret_id, opener, audit, caller, actor, passphrase)
         )
         return result
 
