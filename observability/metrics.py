@@ -58,8 +58,9 @@ SECRETS_FETCHED = Counter(
 )
 SECRETS_DELETED = Counter(
     "vault_secrets_deleted_total",
-    "Secrets removed before their time: by a delete request, or by the fetch that used "
-    "their last read.",
+    "Secrets removed before their time: by a delete request (request), by the fetch that "
+    "used their last read (last_read), or by the wrong passphrase that reached the limit "
+    "(passphrase).",
     ["reason"],
 )
 SECRETS_EXPIRED = Counter(
@@ -76,7 +77,8 @@ ACCESS_DENIED = Counter(
     "vault_access_denied_total",
     "Requests refused because their API key may not see or do it, by operation and reason "
     "(scope: the key lacks the operation's scope; tenant: the secret is another tenant's; "
-    "readers: the secret was made for other readers).",
+    "readers: the secret was made for other readers; passphrase: a fetch without the "
+    "secret's passphrase, or with a wrong one).",
     ["op", "reason"],
 )
 RATE_LIMITED = Counter(
