@@ -452,6 +452,132 @@ def test_create_with_readers_lets_only_them_fetch(
     assert forbidden.returncode == 1 and "HTTP 403" in forbidden.stderr
 
 
+# --- passphrases -------------------------------------------------------------------------
+
+LOCKED = 'this secret is protected by a passphrase: send it as "passphrase" in the fetch body'
+PASSPHRASE = "correct horse  battery staple "  # its spaces are part of it
+
+
+def test_create_and_fetch_with_a_passphrase_file(
+    start_server: Callable[..., Any], tmp_path: Path, master_key: str
+) -> None:
+    # Every request's audit record and every debug line in the log, to search it there.
+    server = start_server(
+        {
+            "MASTER_KEY": master_key,
+            "DATA_DIR": str(tmp_path / "data"),
+            "AUDIT_STDOUT": "true",
+            "LOG_LEVEL": "DEBUG",
+        }
+    )
+    right = tmp_path / "passphrase"
+    right.write_text(PASSPHRASE + "\n")  # as `echo` writes it
+    secret = base64.b64encode(b"behind a passphrase").decode()
+    runs = []
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        runs.append(cli(*args, stdin=stdin))
+        return runs[-1]
+
+    created = _json_line(
+        run("create", "--url", server.url, "--receipt", "--passphrase-file", str(right), secret)
+    )
+    assert set(created) == {"secret_id", "receipt_id"}
+    secret_id, receipt_id = created["secret_id"], created["receipt_id"]
+
+    locked = run("fetch", "--url", server.url, secret_id)
+    assert (locked.returncode, locked.stdout) == (1, "")
+    assert locked.stderr.splitlines() == [f"secret-manager: HTTP 403: {LOCKED}"]
+    # Only the one trailing newline is dropped: without its trailing space, or with a second
+    # newline, it is another passphrase, and each wrong one is counted once.
+    for n, content in enumerate((PASSPHRASE.rstrip() + "\n", PASSPHRASE + "\n\n")):
+        wrong_file = tmp_path / f"wrong{n}"
+        wrong_file.write_text(content)
+        wrong = run("fetch", "--url", server.url, "--passphrase-file", str(wrong_file), secret_id)
+        assert (wrong.returncode, wrong.stdout) == (1, "")
+        assert wrong.stderr.splitlines() == [
+            f"secret-manager: HTTP 403: the passphrase is wrong; after {4 - n} more wrong tries "
+            "the secret is deleted"
+        ]
+    status = _json_line(run("status", "--url", server.url, receipt_id))
+    assert (status["passphrase_failures"], status["reads"], status["state"]) == (2, 0, "active")
+
+    fetched = run("fetch", "--url", server.url, "--passphrase-file", str(right), secret_id)
+    assert _json_line(fetched) == {"secret": secret}
+    # '-' reads it from standard input; a CRLF line ending is one newline too.
+    piped = run(
+        "fetch", "--url", server.url, "--passphrase-file", "-", secret_id,
+        stdin=PASSPHRASE + "\r\n",
+    )  # fmt: skip
+    assert _json_line(piped) == {"secret": secret}
+    used = _json_line(run("status", "--url", server.url, receipt_id))
+    assert (used["passphrase_failures"], used["reads"]) == (2, 2)
+    # A secret without a passphrase has no such field.
+    plain = _json_line(run("create", "--url", server.url, "--receipt", secret))
+    assert "passphrase_failures" not in _json_line(
+        run("status", "--url", server.url, plain["receipt_id"])
+    )
+
+    # The passphrase is in no output of the command, nor in the server's log.
+    logs = [path.read_text(errors="replace") for path in tmp_path.glob("serve-*.log")]
+    assert any(log.count('"denied"') >= 3 for log in logs)  # the refusals' audit records
+    for text in [r.stdout + r.stderr for r in runs] + logs:
+        assert "battery staple" not in text
+
+
+@pytest.mark.parametrize("command", ["create", "fetch"])
+def test_a_passphrase_file_that_cannot_be_used_is_one_line_and_exit_2(
+    tmp_path: Path, command: str
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: a request would say so
+    operand = "aGk=" if command == "create" else str(uuid.uuid4())
+    empty, blank, binary = tmp_path / "empty", tmp_path / "blank", tmp_path / "binary"
+    empty.write_bytes(b"")
+    blank.write_bytes(b"\n")
+    binary.write_bytes(b"\xffbattery staple")
+    cases = {
+        tmp_path / "missing": "cannot read {}: No such file or directory",
+        tmp_path: "cannot read {}: Is a directory",
+        empty: "{} is empty; write the passphrase in it",
+        blank: "{} is empty; write the passphrase in it",
+        binary: "{} is not UTF-8 text",
+    }
+    for path, message in cases.items():
+        result = cli(command, "--url", url, "--passphrase-file", str(path), operand)
+        assert (result.returncode, result.stdout) == (2, ""), path
+        assert result.stderr.splitlines() == [
+            f"secret-manager: --passphrase-file: {message.format(path)}"
+        ]
+        assert "battery staple" not in result.stderr
+    from_stdin = cli(command, "--url", url, "--passphrase-file", "-", operand, stdin="")
+    assert from_stdin.returncode == 2
+    assert from_stdin.stderr.splitlines() == [
+        "secret-manager: --passphrase-file: standard input is empty; write the passphrase in it"
+    ]
+
+
+@pytest.mark.parametrize("command", ["create", "fetch"])
+def test_a_passphrase_is_never_taken_as_an_argument(command: str) -> None:
+    operand = "aGk=" if command == "create" else str(uuid.uuid4())
+    for args in (["--passphrase", "battery staple"], ["--passphrase=battery staple"]):
+        result = cli(command, "--url", "http://127.0.0.1:9", *args, operand)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert "--passphrase-file FILE" in result.stderr and "history" in result.stderr
+        assert "battery staple" not in result.stderr
+    usage = " ".join(cli(command, "--help").stdout.split())
+    assert "--passphrase-file FILE" in usage and "--passphrase " not in usage
+
+
+def test_the_secret_and_the_passphrase_cannot_both_come_from_stdin() -> None:
+    result = cli(
+        "create", "--url", "http://127.0.0.1:9", "--passphrase-file", "-", "-", stdin="aGk=\n"
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        "secret-manager: the secret and --passphrase-file cannot both be read from standard input"
+    ]
+
+
 # --- serve refuses to start on configuration a user can fix -------------------------------
 
 

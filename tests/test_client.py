@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import http.server
 import json
+import logging
 import os
 import re
 import socket
@@ -660,3 +661,124 @@ async def test_the_async_client_retries_alike(
     assert len(fetch_front.seen) == 2  # the 429 retried, the reset not
     async with AsyncClient(server.url) as vault:
         assert (await vault.fetch(made.secret_id)).secret == b"async retried"
+
+
+# --- passphrases ----------------------------------------------------------------------------
+
+LOCKED = 'this secret is protected by a passphrase: send it as "passphrase" in the fetch body'
+
+
+def _wrong(tries_left: int) -> str:
+    tries = "try" if tries_left == 1 else "tries"
+    return f"the passphrase is wrong; after {tries_left} more wrong {tries} the secret is deleted"
+
+
+def test_a_passphrase_round_trip_and_a_wrong_one_is_sent_once(
+    server: Any, scripted: Callable[..., Scripted]
+) -> None:
+    passphrase = "correct horse battery staple"
+    with Client(server.url) as direct:
+        made = direct.create(b"behind a passphrase", passphrase=passphrase, receipt=True)
+        plain = direct.create(b"no passphrase", receipt=True)
+    assert made.receipt_id is not None and plain.receipt_id is not None
+    assert set(made.answer) == {"secret_id", "receipt_id"}  # the answer says nothing more
+
+    # Every request through a front that counts them, with retries allowed.
+    front = scripted([PROXY], server.url)
+    with Client(front.url, max_attempts=5) as vault:
+        locked = _raised(Forbidden, lambda: vault.fetch(made.secret_id))
+        assert locked.detail == LOCKED
+        wrong = _raised(Forbidden, lambda: vault.fetch(made.secret_id, passphrase="wrong"))
+        assert (wrong.status, wrong.detail) == (403, _wrong(4))
+        assert len(front.seen) == 2  # one request each: neither 403 was sent again
+        status = vault.status(made.receipt_id)
+        # The server counted that one wrong try once, and not the missing one.
+        assert (status.passphrase_failures, status.reads, status.state) == (1, 0, "active")
+        # The next wrong try is told one fewer is left: the first was counted exactly once.
+        again = _raised(Forbidden, lambda: vault.fetch(made.secret_id, passphrase=passphrase[:-1]))
+        assert again.detail == _wrong(3)
+        fetched = vault.fetch(made.secret_id, passphrase=passphrase)
+        assert fetched.secret == b"behind a passphrase"
+        assert set(fetched.answer) == {"secret"}
+        after = vault.status(made.receipt_id)
+        assert (after.passphrase_failures, after.reads) == (2, 1)
+        # A secret without a passphrase: no such field.
+        assert vault.status(plain.receipt_id).passphrase_failures is None
+        assert "passphrase_failures" not in vault.status(plain.receipt_id).answer
+    assert [json.loads(seen.body).get("passphrase") for seen in front.seen[:4]] == [
+        None,
+        "wrong",
+        None,
+        passphrase[:-1],
+    ]
+
+
+def test_wrong_passphrases_up_to_the_limit_delete_the_secret(server: Any) -> None:
+    with Client(server.url) as vault:
+        made = vault.create(b"x", passphrase="right", receipt=True)
+        for left in (4, 3, 2, 1):
+            with pytest.raises(Forbidden) as wrong:
+                vault.fetch(made.secret_id, passphrase=f"wrong {left}")
+            assert (wrong.value.detail, wrong.value.attempts) == (_wrong(left), 1)
+        with pytest.raises(Forbidden) as last:
+            vault.fetch(made.secret_id, passphrase="wrong 0")
+        assert last.value.detail == (
+            "the passphrase is wrong, and that was the last try allowed: the secret is deleted"
+        )
+        with pytest.raises(NotFound):  # the right one comes too late
+            vault.fetch(made.secret_id, passphrase="right")
+        assert made.receipt_id is not None
+        gone = vault.status(made.receipt_id)
+        assert (gone.state, gone.passphrase_failures, gone.reads) == ("deleted", 5, 0)
+
+
+def test_a_passphrase_must_be_text(server: Any) -> None:
+    with Client(server.url) as vault:
+        with pytest.raises(TypeError, match="passphrase must be a str") as refused:
+            vault.create(b"x", passphrase=b"bytes pass")  # type: ignore[arg-type]
+        assert "bytes pass" not in str(refused.value)
+        with pytest.raises(TypeError, match="passphrase must be a str"):
+            vault.fetch(str(uuid.uuid4()), passphrase=1234)  # type: ignore[arg-type]
+        # Its length is the server's to judge, and its 400 does not quote it.
+        too_long = "p" * 1025
+        with pytest.raises(BadRequest) as long:
+            vault.create(b"x", passphrase=too_long)
+        assert "passphrase" in long.value.detail and too_long not in str(long.value)
+
+
+def test_a_create_with_a_passphrase_retried_sends_the_same_body_and_key(
+    server: Any, scripted: Callable[..., Scripted], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="secret_manager.client")
+    front = scripted([RESET, busy(503, "0"), PROXY], server.url)
+    with Client(front.url) as vault:
+        made = vault.create(b"once, under a passphrase", passphrase="s3same", max_reads=1)
+    assert len(front.seen) == 3
+    assert len({seen.body for seen in front.seen}) == 1  # byte for byte, passphrase included
+    assert json.loads(front.seen[0].body)["passphrase"] == "s3same"
+    assert front.keys()[0] is not None and len(set(front.keys())) == 1
+    retries = [r.getMessage() for r in caplog.records if r.name == "secret_manager.client"]
+    assert len(retries) == 2 and all("retrying" in line for line in retries)
+    assert not any("s3same" in line for line in retries)  # the retries' log never shows it
+    with Client(server.url) as direct:
+        fetched = direct.fetch(made.secret_id, passphrase="s3same")
+    assert (fetched.secret, fetched.reads_left) == (b"once, under a passphrase", 0)
+
+
+@pytest.mark.anyio
+async def test_async_passphrase_round_trip_and_a_wrong_one_sent_once(
+    server: Any, scripted: Callable[..., Scripted]
+) -> None:
+    async with AsyncClient(server.url) as direct:
+        made = await direct.create(b"async, under a passphrase", passphrase="é pass", receipt=True)
+    assert made.receipt_id is not None
+    front = scripted([PROXY], server.url)
+    async with AsyncClient(front.url) as vault:
+        with pytest.raises(Forbidden) as wrong:
+            await vault.fetch(made.secret_id, passphrase="e pass")
+        assert (wrong.value.detail, wrong.value.attempts) == (_wrong(4), 1)
+        assert wrong.value.request_id is not None and REQUEST_ID.fullmatch(wrong.value.request_id)
+        assert len(front.seen) == 1
+        assert (await vault.status(made.receipt_id)).passphrase_failures == 1
+        fetched = await vault.fetch(made.secret_id, passphrase="é pass")
+    assert fetched.secret == b"async, under a passphrase"

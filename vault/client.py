@@ -8,6 +8,8 @@ same typed errors::
     with Client("https://vault.example.com", token="...") as vault:
         created = vault.create(b"hunter2", ttl_seconds=3600, max_reads=1, receipt=True)
         secret = vault.fetch(created.secret_id).secret  # b"hunter2"
+        guarded = vault.create(b"hunter3", passphrase="correct horse")
+        vault.fetch(guarded.secret_id, passphrase="correct horse")
         print(vault.status(created.receipt_id).state)  # "used_up"
 
 The base URL and the API key come from the arguments, or else from ``SECRET_MANAGER_URL``
@@ -22,7 +24,8 @@ the time budget is not begun, the typed error is raised at once. A create sends 
 and the connection failed before an answer (a reset, a read timeout): the server stores one
 secret for one key. A fetch or a delete is never retried once the request may have reached
 the server: a fetch of a read-limited secret may have spent its read. A status changes
-nothing, and is retried as a create is.
+nothing, and is retried as a create is. No 403 is ever retried: a wrong passphrase is one
+of the tries the server counts before it deletes the secret, and a repeat would be another.
 
 This module is the package's only public API besides the command line, and is kept light:
 it imports httpx2, the standard library and the package's error base (vault/errors.py, itself
@@ -132,7 +135,9 @@ class Unauthorized(ClientError):
 
 
 class Forbidden(ClientError):
-    """403: the API key may not do this operation."""
+    """403: the API key may not do this operation, or the secret is under a passphrase and
+    none or a wrong one was sent (the detail says which, and how many wrong tries are left).
+    Never retried: the server counts each wrong passphrase."""
 
 
 class NotFound(ClientError):
@@ -209,7 +214,8 @@ class Fetched:
 @dataclass(frozen=True)
 class Status:
     """What became of a secret made with a receipt (docs/api.md, "Receipts"); None where a
-    field does not apply. ``state``: ``active``, ``used_up``, ``expired`` or ``deleted``."""
+    field does not apply. ``state``: ``active``, ``used_up``, ``expired`` or ``deleted``;
+    ``passphrase_failures``: the wrong passphrases tried, for a secret under one only."""
 
     state: str
     label: str | None
@@ -221,6 +227,7 @@ class Status:
     first_read_at: dt.datetime | None
     last_read_at: dt.datetime | None
     ended_at: dt.datetime | None
+    passphrase_failures: int | None = None
     answer: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -328,6 +335,7 @@ def _status(fields: _Fields) -> Status:
         first_read_at=fields.optional_time("first_read_at"),
         last_read_at=fields.optional_time("last_read_at"),
         ended_at=fields.optional_time("ended_at"),
+        passphrase_failures=fields.optional_int("passphrase_failures"),
         answer=fields.answer,
     )
 
@@ -396,7 +404,8 @@ class _Operation:
     # May be sent again after it may have reached the server: a create, because it carries
     # an Idempotency-Key (a repeat is answered with the first answer, nothing new stored),
     # and a status, which changes nothing. Never a fetch (it may have spent a read) nor a
-    # delete (a repeat of one that went through answers 404).
+    # delete (a repeat of one that went through answers 404). No operation is sent again
+    # after a 403 (see _Attempts.after_answer).
     replayable: bool
     keyed: bool = False  # sends an Idempotency-Key, once per call
 
@@ -456,7 +465,9 @@ class _Attempts:
         return self._wait_or_raise(error, self._backoff() if retry else None, cause=exc)
 
     def after_answer(self, error: ClientError) -> float:
-        """An error answer: the wait before the next attempt, or ``error`` raised."""
+        """An error answer: the wait before the next attempt, or ``error`` raised. Every
+        4xx but 429 (and a keyed retry's 409) is final: a 403 to a fetch with a wrong
+        passphrase is one of the tries the server counts before it deletes the secret."""
         wait = None
         if error.status in (429, 503):
             retry_after = getattr(error, "retry_after", None)
@@ -540,8 +551,12 @@ def _create_body(
     readers: Sequence[str] | None,
     receipt: bool,
     label: str | None,
+    passphrase: str | None = None,
 ) -> dict[str, Any]:
-    """A create's JSON body; fields left at their default are left out, as the API asks."""
+    """A create's JSON body; fields left at their default are left out, as the API asks.
+    Built once per call: every attempt sends this same body with the same Idempotency-Key,
+    which the server needs to answer a retry with the first answer (a different body under
+    the same key is a 422)."""
     body: dict[str, Any] = {"secret": encoded}
     if ttl_seconds is not None:
         body["ttl_seconds"] = ttl_seconds
@@ -555,7 +570,25 @@ def _create_body(
         body["receipt"] = True
     if label is not None:
         body["label"] = label
+    if passphrase is not None:
+        body["passphrase"] = _passphrase(passphrase)
     return body
+
+
+def _fetch_body(secret_id: str, passphrase: str | None) -> dict[str, Any]:
+    """A fetch's JSON body: the id, and the passphrase when one is given."""
+    body: dict[str, Any] = {"secret_id": secret_id}
+    if passphrase is not None:
+        body["passphrase"] = _passphrase(passphrase)
+    return body
+
+
+def _passphrase(passphrase: str) -> str:
+    """A passphrase as sent: text (its length is the server's to judge, whose 400 never
+    quotes it); anything else is a TypeError that does not quote it either."""
+    if not isinstance(passphrase, str):
+        raise TypeError(f"passphrase must be a str, got {type(passphrase).__name__}")
+    return passphrase
 
 
 def _encode(secret: bytes) -> str:
@@ -652,14 +685,20 @@ class Client(_Base):
         readers: Sequence[str] | None = None,
         receipt: bool = False,
         label: str | None = None,
+        passphrase: str | None = None,
     ) -> Created:
-        """Store ``secret``; retried safely after any failure, with one Idempotency-Key."""
-        body = _create_body(_encode(secret), ttl_seconds, max_reads, readers, receipt, label)
+        """Store ``secret``; retried safely after any failure, with one Idempotency-Key.
+        With ``passphrase``, it is fetched only with the same passphrase."""
+        body = _create_body(
+            _encode(secret), ttl_seconds, max_reads, readers, receipt, label, passphrase
+        )
         return _created(self._call(CREATE, body))
 
-    def fetch(self, secret_id: str) -> Fetched:
-        """The secret stored under ``secret_id`` (a read of a read-limited one is spent)."""
-        return _fetched(self._call(FETCH, {"secret_id": secret_id}))
+    def fetch(self, secret_id: str, *, passphrase: str | None = None) -> Fetched:
+        """The secret stored under ``secret_id`` (a read of a read-limited one is spent);
+        ``passphrase`` for a secret created with one (Forbidden without it or with a wrong
+        one, each wrong one counted by the server: never retried)."""
+        return _fetched(self._call(FETCH, _fetch_body(secret_id, passphrase)))
 
     def delete(self, secret_id: str) -> None:
         """Delete the secret stored under ``secret_id``; NotFound when there is none."""
@@ -715,14 +754,20 @@ class AsyncClient(_Base):
         readers: Sequence[str] | None = None,
         receipt: bool = False,
         label: str | None = None,
+        passphrase: str | None = None,
     ) -> Created:
-        """Store ``secret``; retried safely after any failure, with one Idempotency-Key."""
-        body = _create_body(_encode(secret), ttl_seconds, max_reads, readers, receipt, label)
+        """Store ``secret``; retried safely after any failure, with one Idempotency-Key.
+        With ``passphrase``, it is fetched only with the same passphrase."""
+        body = _create_body(
+            _encode(secret), ttl_seconds, max_reads, readers, receipt, label, passphrase
+        )
         return _created(await self._call(CREATE, body))
 
-    async def fetch(self, secret_id: str) -> Fetched:
-        """The secret stored under ``secret_id`` (a read of a read-limited one is spent)."""
-        return _fetched(await self._call(FETCH, {"secret_id": secret_id}))
+    async def fetch(self, secret_id: str, *, passphrase: str | None = None) -> Fetched:
+        """The secret stored under ``secret_id`` (a read of a read-limited one is spent);
+        ``passphrase`` for a secret created with one (Forbidden without it or with a wrong
+        one, each wrong one counted by the server: never retried)."""
+        return _fetched(await self._call(FETCH, _fetch_body(secret_id, passphrase)))
 
     async def delete(self, secret_id: str) -> None:
         """Delete the secret stored under ``secret_id``; NotFound when there is none."""

@@ -7,6 +7,9 @@ status 1, a setting that cannot be used one line and exit status 2. The commands
 client the body they build (``create`` forwards the base64 text it was given, so the
 server, not the command, judges it) and print the answer, so they call the client's
 ``_call`` below its typed methods.
+
+A passphrase is read from a file (``--passphrase-file``), never taken as an argument: an
+argument stays in the shell's history and is shown to every user by ``ps``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 from vault.cli.common import fail
 from vault.client import (
@@ -28,10 +31,38 @@ from vault.client import (
     ClientError,
     ConfigurationError,
     _create_body,
+    _fetch_body,
     _Operation,
 )
 from vault.errors import ConfigError
 from vault.settings import client_token, client_url
+
+
+class _RefusePassphrase(argparse.Action):
+    """``--passphrase``, refused without quoting its value: a passphrase in the command
+    line stays in the shell's history. Declared so that argparse never reads it as an
+    abbreviation of ``--passphrase-file``, whose error would then name the passphrase as
+    the file it could not read."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        parser.error(
+            "--passphrase is not taken on the command line, where it would stay in the "
+            "shell's history: put it in a file and give --passphrase-file FILE "
+            "('-' reads standard input)"
+        )
+
+
+def _add_passphrase_file(command: argparse.ArgumentParser, meaning: str) -> None:
+    command.add_argument("--passphrase-file", metavar="FILE", help=meaning)
+    command.add_argument(
+        "--passphrase", nargs="?", action=_RefusePassphrase, help=argparse.SUPPRESS
+    )
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,11 +98,21 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="TEXT",
         help="your own note, shown by `status` (stored in clear: never the secret itself)",
     )
+    _add_passphrase_file(
+        create_cmd,
+        "the secret can be fetched only with the passphrase in FILE ('-': standard input), "
+        "its one trailing newline dropped; wrong tries are limited, then the secret is deleted",
+    )
     create_cmd.set_defaults(run=create)
 
     fetch_cmd = commands.add_parser("fetch", help="print the secret stored under an id")
     fetch_cmd.add_argument("secret_id", help="the id printed by create")
     fetch_cmd.add_argument("--url", default=default_url, help=f"service URL ({default_url})")
+    _add_passphrase_file(
+        fetch_cmd,
+        "the secret's passphrase, read from FILE ('-': standard input), its one trailing "
+        "newline dropped; each wrong one counts towards the secret's deletion",
+    )
     fetch_cmd.set_defaults(run=fetch)
 
     delete_cmd = commands.add_parser("delete", help="delete the secret stored under an id")
@@ -125,6 +166,32 @@ def parse_max_reads(text: str) -> int:
         raise ValueError(f"--max-reads is far too large: {text[:20]}...") from None
 
 
+def read_passphrase(name: str) -> str:
+    """The passphrase in file ``name`` (``-``: standard input), without its one trailing
+    newline (``\n`` or ``\r\n``, as ``echo`` or an editor leaves it); any other whitespace
+    is part of it. ValueError naming the file, never quoting what is in it, when it cannot
+    be read, is not UTF-8 text or holds nothing else."""
+    shown = "standard input" if name == "-" else name
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(name, "rb") as file:
+                data = file.read()
+    except OSError as exc:
+        raise ValueError(
+            f"--passphrase-file: cannot read {shown}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--passphrase-file: {shown} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+    if not text:
+        raise ValueError(f"--passphrase-file: {shown} is empty; write the passphrase in it")
+    return text
+
+
 def call(url: str, op: _Operation, body: Mapping[str, Any]) -> int:
     """Send one call through the client; print its answer, or its error in one line."""
     if not url.startswith(("http://", "https://")):
@@ -150,22 +217,35 @@ def call(url: str, op: _Operation, body: Mapping[str, Any]) -> int:
 
 def create(args: argparse.Namespace) -> int:
     """Store a secret; the options are checked before stdin is read or a request sent."""
+    if args.secret == "-" and args.passphrase_file == "-":  # noqa: S105 - stdin, not a password
+        return fail("the secret and --passphrase-file cannot both be read from standard input")
     try:
         ttl = None if args.ttl is None else parse_duration(args.ttl)
         max_reads = None if args.max_reads is None else parse_max_reads(args.max_reads)
+        passphrase = None
+        if args.passphrase_file is not None:
+            passphrase = read_passphrase(args.passphrase_file)
     except ValueError as exc:
         return fail(str(exc))
     readers = None if args.readers is None else [n.strip() for n in args.readers.split(",")]
     text = sys.stdin.read() if args.secret == "-" else args.secret  # noqa: S105
     # `base64` wraps its output every 76 columns; whitespace is never part of the secret.
-    body = _create_body("".join(text.split()), ttl, max_reads, readers, args.receipt, args.label)
+    body = _create_body(
+        "".join(text.split()), ttl, max_reads, readers, args.receipt, args.label, passphrase
+    )
     return call(args.url, CREATE, body)
 
 
 def fetch(args: argparse.Namespace) -> int:
     """Print the secret stored under an id."""
+    passphrase = None
+    if args.passphrase_file is not None:
+        try:
+            passphrase = read_passphrase(args.passphrase_file)
+        except ValueError as exc:
+            return fail(str(exc))
     # The id goes in the body, never in the URL: it is a bearer capability.
-    return call(args.url, FETCH, {"secret_id": args.secret_id})
+    return call(args.url, FETCH, _fetch_body(args.secret_id, passphrase))
 
 
 def delete(args: argparse.Namespace) -> int:
