@@ -24,6 +24,7 @@ from tests.test_transfer import (
     OLD_AUDIT_LINE,
     a_secret_line,
     cli,
+    edit_access,
     export_file,
     lines,
     other_store,
@@ -191,6 +192,24 @@ def test_a_secret_held_under_another_passphrase_marker_is_a_conflict(
     assert summary_counts(result.stderr.decode())["conflicts"] == 1
     (held,) = stored_records(target).values()
     assert held.kdf == "scrypt:16384:8:1"  # left untouched
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite", "mongo"], indirect=True)
+def test_an_export_leaves_out_a_secret_whose_passphrase_marker_was_edited_malformed(
+    make_client: Callable[..., TestClient], store_env: dict[str, str], tmp_path: Path
+) -> None:
+    client = make_client()
+    kept, edited = (make_locked(client, wrong=0) for _ in range(2))
+    edit_access(store_env, edited["secret_id"], kdf="scrypt:bogus")
+
+    result = cli(without_keys(store_env), "export", "-o", "b.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "exported 1 secret and" in result.stderr.decode()
+    assert "(1 expired or used up, left out)" in result.stderr.decode()
+    data = (tmp_path / "b.jsonl").read_bytes()
+    assert [line["record_key"] for line in secret_lines(data)] == [record_key(kept["secret_id"])]
+    imported = cli({"DATA_DIR": str(tmp_path / "t")}, "import", "-i", "b.jsonl", cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
 
 
 def test_plain_secret_and_receipt_lines_are_written_byte_for_byte_as_before(

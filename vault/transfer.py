@@ -232,6 +232,15 @@ def access_problem(tenant: Any, owner: Any, readers: Any) -> str | None:
     return None
 
 
+def passphrase_fit(sealed: SealedSecret) -> bool:
+    """Whether a secret's passphrase fields are fit for the file: none, or a marker this
+    release derives with and a whole number of wrong tries (an edited marker no longer
+    opens the record, and written out would make the whole file refused by import)."""
+    if sealed.kdf is None:
+        return True
+    return known_kdf(sealed.kdf) and _is_count(sealed.passphrase_failures, 0)
+
+
 def _is_label(value: Any) -> bool:
     try:
         label_text(value)
@@ -362,7 +371,9 @@ def export(store: BulkStore, out: IO[bytes], *, audit: bool, store_kind: str, ba
                 sealed = record.sealed
                 if keyed_by_id(sealed.record_key):
                     raise keyed_by_id_refusal(1)
-                if access_problem(sealed.tenant, sealed.owner, sealed.readers) is not None:
+                if access_problem(
+                    sealed.tenant, sealed.owner, sealed.readers
+                ) is not None or not passphrase_fit(sealed):
                     # Edited in the database: it no longer opens, and written out it would
                     # make the whole file refused by import. Left out, as malformed.
                     continue
