@@ -34,6 +34,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from tests.conftest import ServerProcess, b64
 from vault.crypto import generate_key
 from vault.settings import DEFAULT_MAX_TTL_SECONDS, MAX_READS
+from vault.validation import MAX_PASSPHRASE
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +113,11 @@ def _record(server: ServerProcess, case: schemathesis.Case, status: int) -> None
                 value = case.body[field]
                 valid = type(value) is int and 1 <= value <= maximum
                 seen[f"{field} {'valid' if valid else 'invalid'}"] += 1
+        if "passphrase" in case.body and "status" not in case.path:
+            value = case.body["passphrase"]
+            valid = isinstance(value, str) and 1 <= len(value) <= MAX_PASSPHRASE
+            operation = "create" if "create" in case.path else "fetch"
+            seen[f"{operation} passphrase {'valid' if valid else 'invalid'}"] += 1
 
 
 def _fresh_idempotency_key(case: schemathesis.Case) -> None:
@@ -147,8 +153,9 @@ def test_api_conforms_to_its_openapi_document(
 
 
 def test_the_fuzzer_sent_delete_and_the_lifecycle_fields(fuzz_server: ServerProcess) -> None:
-    """After the run above on this server: each delete spelling was called, and creates
-    carried ttl_seconds and max_reads both in range (accepted) and out of it (refused)."""
+    """After the run above on this server: each delete spelling was called, creates
+    carried ttl_seconds and max_reads both in range (accepted) and out of it (refused), and
+    creates and fetches a passphrase of a valid length and of an invalid one."""
     seen = SENT.get(fuzz_server.url)
     if seen is None:
         pytest.skip("the schemathesis run was not selected")
@@ -156,6 +163,9 @@ def test_the_fuzzer_sent_delete_and_the_lifecycle_fields(fuzz_server: ServerProc
         assert any(key.startswith(path + " ") for key in seen), sorted(seen)
     for field in LIFECYCLE_FIELDS:
         assert seen[f"{field} valid"] > 0 and seen[f"{field} invalid"] > 0, sorted(seen)
+    for operation in ("create", "fetch"):
+        for validity in ("valid", "invalid"):
+            assert seen[f"{operation} passphrase {validity}"] > 0, sorted(seen)
 
 
 def test_lifecycle_workflows_conform_to_its_openapi_document(fuzz_server: ServerProcess) -> None:
@@ -172,6 +182,7 @@ def test_lifecycle_workflows_conform_to_its_openapi_document(fuzz_server: Server
         fuzz_server.url + "/openapi.json", config=config
     )
     statuses: Counter[str] = Counter()
+    passphrases: dict[str, str] = {}  # secret id -> the passphrase it was created with
 
     class Workflow(workflow_schema.as_state_machine()):
         def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
@@ -189,10 +200,21 @@ def test_lifecycle_workflows_conform_to_its_openapi_document(fuzz_server: Server
             positive = case.meta is not None and case.meta.generation.mode.is_positive
             if positive and isinstance(body, dict) and isinstance(body.get("readers"), list):
                 body["readers"] = ["fuzz"]
+            # Likewise a generated passphrase on a fetch following the link from a create
+            # made with one: the secret's own, so the link leads to the secret (a fetch
+            # without one meets the documented 403; a wrong one is checked below).
+            if positive and isinstance(body, dict) and "passphrase" in body:
+                known = passphrases.get(str(body.get("secret_id")))
+                if known is not None and "fetch" in case.operation.path:
+                    body["passphrase"] = known
 
         def after_call(self, response: schemathesis.Response, case: schemathesis.Case) -> None:
             super().after_call(response, case)
             statuses[f"{case.operation.path} {response.status_code}"] += 1
+            body = case.body
+            made = response.status_code == 200 and "create" in case.operation.path
+            if made and isinstance(body, dict) and isinstance(body.get("passphrase"), str):
+                passphrases[json.loads(response.content)["secret_id"]] = body["passphrase"]
             if response.status_code == 200 and case.operation.path.startswith("/vault"):
                 statuses[f"{case.operation.path} 200 {sorted(json.loads(response.content))}"] += 1
             assert_hygiene(response, case.operation.path)
@@ -284,6 +306,23 @@ def test_every_lifecycle_answer_is_documented(
         assert post("/vault/secret/status/", receipt, 200)["state"] == "deleted"
         post("/vault/secret/status", {"receipt_id": "00000000-0000-4000-8000-000000000000"}, 404)
 
+        # A secret under a passphrase: refused without it and with a wrong one (its tries
+        # counted by the status), served with it.
+        locked = post(
+            "/vault/secret/create",
+            {"secret": b64(b"locked"), "passphrase": "open sesame", "receipt": True},
+            200,
+        )
+        assert set(locked) == {"secret_id", "receipt_id"}
+        secret_id = {"secret_id": locked["secret_id"]}
+        assert "passphrase" in post("/vault/secret/fetch", secret_id, 403)["detail"]
+        wrong = post("/vault/secret/fetch/", {**secret_id, "passphrase": "open sesame!"}, 403)
+        assert "wrong" in wrong["detail"]
+        status = post("/vault/secret/status", {"receipt_id": locked["receipt_id"]}, 200)
+        assert status["passphrase_failures"] == 1
+        opened = post("/vault/secret/fetch", {**secret_id, "passphrase": "open sesame"}, 200)
+        assert opened["secret"] == b64(b"locked")
+
         kept = post("/vault/secret/create", {"secret": b64(b"kept")}, 200)
         assert set(kept) == {"secret_id"}
         deleted = post("/vault/secret/delete/", kept, 200)
@@ -364,6 +403,24 @@ HOSTILE_REQUESTS: dict[str, tuple[str, bytes, dict[str, str], int]] = {
     "max_reads of zero": (
         "/vault/secret/create/",
         b'{"secret": "aGk=", "max_reads": 0}',
+        {"Content-Type": "application/json"},
+        400,
+    ),
+    "empty passphrase": (
+        "/vault/secret/create",
+        b'{"secret": "aGk=", "passphrase": ""}',
+        {"Content-Type": "application/json"},
+        400,
+    ),
+    "passphrase past its length": (
+        "/vault/secret/create/",
+        b'{"secret": "aGk=", "passphrase": "%s"}' % (b"p" * (MAX_PASSPHRASE + 1)),
+        {"Content-Type": "application/json"},
+        400,
+    ),
+    "passphrase as a number on fetch": (
+        "/vault/secret/fetch",
+        b'{"secret_id": "00000000-0000-4000-8000-000000000000", "passphrase": 1234}',
         {"Content-Type": "application/json"},
         400,
     ),

@@ -148,7 +148,8 @@ def test_spec_describes_delete_like_fetch_once_for_both_spellings(
     delete = spec["paths"]["/vault/secret/delete"]["post"]
     assert delete["operationId"] == "deleteSecret"
     fetch = spec["paths"]["/vault/secret/fetch"]["post"]
-    assert set(delete["responses"]) == set(fetch["responses"])
+    # The same answers but fetch's 403 of a secret under a passphrase (a delete needs none).
+    assert set(delete["responses"]) == set(fetch["responses"]) - {"403"}
     assert {"200", "400", "404", "415", "429", "503"} <= set(delete["responses"])
     body = delete["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/DeleteRequest"}
@@ -167,7 +168,10 @@ def test_spec_describes_delete_like_fetch_once_for_both_spellings(
     # The id in the body, never in the URL (it is a bearer capability that proxies would log).
     assert "parameters" not in spec["paths"]["/vault/secret/delete"]["post"]
     assert schemas["DeleteRequest"]["required"] == ["secret_id"]
-    assert schemas["DeleteRequest"]["properties"] == schemas["FetchRequest"]["properties"]
+    fetch_fields = schemas["FetchRequest"]["properties"]
+    assert schemas["DeleteRequest"]["properties"] == {
+        name: field for name, field in fetch_fields.items() if name != "passphrase"
+    }
     assert schemas["DeleteResponse"] == {
         "type": "object",
         "required": ["secret_id", "deleted"],
@@ -209,15 +213,20 @@ def test_readers_and_the_403_are_in_the_spec_only_when_keys_are_on(
     assert "readers" in guarded["components"]["schemas"]["FetchResponse"]["properties"]
     for path in ("/vault/secret/create/", "/vault/secret/fetch", "/vault/secret/delete"):
         assert "scope" in guarded["paths"][path]["post"]["responses"]["403"]["description"]
+    fetch_403 = guarded["paths"]["/vault/secret/fetch"]["post"]["responses"]["403"]
+    assert "passphrase" in fetch_403["description"] and "WWW-Authenticate" in fetch_403["headers"]
     assert (
         "readers"
         in guarded["paths"]["/vault/secret/create/"]["post"]["responses"]["400"]["description"]
     )
-    # Without keys there are no names to give, and no scope to lack.
+    # Without keys there are no names to give, and no scope to lack: fetch's only 403 is a
+    # passphrase's.
     open_spec = client.get("/openapi.json").json()
     assert "readers" not in open_spec["components"]["schemas"]["CreateRequest"]["properties"]
-    for path in ("/vault/secret/create/", "/vault/secret/fetch", "/vault/secret/delete"):
+    for path in ("/vault/secret/create/", "/vault/secret/delete"):
         assert "403" not in open_spec["paths"][path]["post"]["responses"]
+    locked = open_spec["paths"]["/vault/secret/fetch"]["post"]["responses"]["403"]
+    assert "scope" not in locked["description"] and "passphrase" in locked["description"]
 
 
 def test_spec_describes_the_optional_create_fields(client: TestClient) -> None:
@@ -296,3 +305,53 @@ def test_the_documented_ranges_are_what_the_server_accepts(
             assert answer.status_code == (200 if documented else 400), (field, value)
             if not documented:
                 assert field in answer.json()["detail"], (field, value)
+
+
+def test_spec_describes_the_passphrase_its_403_and_its_wrong_tries(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for name in ("CreateRequest", "FetchRequest"):
+        passphrase = schemas[name]["properties"]["passphrase"]
+        assert (passphrase["type"], passphrase["minLength"], passphrase["maxLength"]) == (
+            "string",
+            1,
+            1024,
+        )
+        assert "passphrase" not in schemas[name]["required"]
+    locked = spec["paths"]["/vault/secret/fetch"]["post"]["responses"]["403"]
+    assert locked["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert "PASSPHRASE_MAX_ATTEMPTS" in locked["description"]
+    status = schemas["StatusResponse"]
+    assert status["properties"]["passphrase_failures"] == {
+        "type": "integer",
+        "minimum": 0,
+        "description": status["properties"]["passphrase_failures"]["description"],
+    }
+    # Only for a secret with a passphrase: a status of any other is as it was.
+    assert "passphrase_failures" not in status["required"]
+
+
+def test_the_documented_passphrase_lengths_are_what_the_server_accepts(
+    client: TestClient,
+) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    low, high = (
+        schemas["CreateRequest"]["properties"]["passphrase"][k] for k in ("minLength", "maxLength")
+    )
+    assert schemas["FetchRequest"]["properties"]["passphrase"]["maxLength"] == high
+    unknown = "00000000-0000-4000-8000-000000000000"
+    probes: list[object] = ["", "p" * low, "\u00e9" * high, "p" * (high + 1), 5, None, ["p"]]
+    for value in probes:
+        documented = isinstance(value, str) and low <= len(value) <= high
+        # A fetch of an unknown id checks the field before it asks the store: no derivation.
+        fetched = client.post(
+            "/vault/secret/fetch", json={"secret_id": unknown, "passphrase": value}
+        )
+        assert fetched.status_code == (404 if documented else 400), value
+        if not documented:
+            assert "passphrase" in fetched.json()["detail"]
+    for value in ("", "p" * (high + 1), 5):
+        made = client.post("/vault/secret/create", json={"secret": "aGk=", "passphrase": value})
+        assert made.status_code == 400 and "passphrase" in made.json()["detail"], value
+    made = client.post("/vault/secret/create", json={"secret": "aGk=", "passphrase": "p" * high})
+    assert made.status_code == 200

@@ -34,7 +34,17 @@ from tests.conftest import (
     write_legacy,
 )
 from vault.app import build_keyring
-from vault.crypto import Keyring, derive_audit_key, generate_key, key_id, parse_key, secret_id_hmac
+from vault.crypto import (
+    SCRYPT_KDF,
+    Keyring,
+    derive_audit_key,
+    derive_passphrase_key,
+    generate_key,
+    key_id,
+    parse_key,
+    secret_id_hmac,
+    unlock,
+)
 from vault.errors import DecryptionFailed
 from vault.lifecycle import Caller, Fetched, Found
 from vault.records import SealedSecret, record_key
@@ -769,3 +779,100 @@ def test_rewrap_keeps_tenant_owner_and_readers_and_still_binds_them(
     for caller in (Caller("acme", "intruder"), Caller("acme", "ci")):
         with pytest.raises(DecryptionFailed):
             fetch(widened_id, caller)
+
+
+# --- secrets under a passphrase ---------------------------------------------------------
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def fetch_with(client: TestClient, secret_id: str, **fields: Any) -> tuple[int, dict[str, Any]]:
+    answer = client.post("/vault/secret/fetch", json={"secret_id": secret_id, **fields})
+    body: dict[str, Any] = answer.json()
+    return answer.status_code, body
+
+
+def make_locked(client: TestClient, plaintext: bytes, *, wrong: int) -> dict[str, Any]:
+    """A secret under PASSPHRASE with a receipt, and ``wrong`` wrong passphrases tried."""
+    made = client.post(
+        "/vault/secret/create",
+        json={"secret": b64(plaintext), "passphrase": PASSPHRASE, "receipt": True},
+    )
+    assert made.status_code == 200, made.text
+    answer: dict[str, Any] = made.json()
+    for _ in range(wrong):
+        assert fetch_with(client, answer["secret_id"], passphrase="tr0ub4dor&3")[0] == 403
+    return answer
+
+
+def wrong_tries(client: TestClient, receipt_id: str) -> int:
+    answer = client.post("/vault/secret/status", json={"receipt_id": receipt_id})
+    assert answer.status_code == 200, answer.text
+    failures: int = answer.json()["passphrase_failures"]
+    return failures
+
+
+def test_a_secret_under_a_passphrase_is_rewrapped_without_it_and_still_asks_for_it(
+    make_client: Callable[..., TestClient], rotated: dict[str, str], raw_records: RawRecords
+) -> None:
+    plaintext = os.urandom(24)
+    locked = make_locked(make_client(), plaintext, wrong=2)
+    secret_id = locked["secret_id"]
+    before = on_store(rotated, lambda store: read_back(store, secret_id))
+    assert before is not None and before.kdf is not None
+
+    # The command is given no passphrase: only the master key's layer is sealed anew.
+    result = run_rewrap(rotated)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (summary(result.stdout)["rewrapped"], summary(result.stdout)["unknown key"]) == (1, 0)
+    assert raw_records.get(secret_id)["key_id"] == kid(rotated["MASTER_KEY"])
+    after = on_store(rotated, lambda store: read_back(store, secret_id))
+    assert after is not None and after.nonce != before.nonce
+    assert (after.kdf, after.passphrase_failures) == (before.kdf, 2)
+
+    only_new_key = make_client(MASTER_KEY=rotated["MASTER_KEY"])
+    status, body = fetch_with(only_new_key, secret_id)
+    assert status == 403 and "protected by a passphrase" in body["detail"]
+    assert wrong_tries(only_new_key, locked["receipt_id"]) == 2
+    # The two wrong tries spent before the rotation still count: the third leaves two.
+    assert fetch_with(only_new_key, secret_id, passphrase="Tr0ub4dor&3") == (
+        403,
+        {"detail": "the passphrase is wrong; after 2 more wrong tries the secret is deleted"},
+    )
+    status, body = fetch_with(only_new_key, secret_id, passphrase=PASSPHRASE)
+    assert (status, base64.b64decode(body["secret"])) == (200, plaintext)
+
+
+def test_the_right_passphrase_under_a_wrong_master_key_opens_nothing(
+    make_client: Callable[..., TestClient], store_env: dict[str, str]
+) -> None:
+    plaintext = b"launch codes " + os.urandom(8)
+    owner = make_client()
+    locked = make_locked(owner, plaintext, wrong=0)
+    secret_id = locked["secret_id"]
+
+    stranger = make_client(MASTER_KEY=generate_key())  # a server with another master key
+    answer = stranger.post(
+        "/vault/secret/fetch", json={"secret_id": secret_id, "passphrase": PASSPHRASE}
+    )
+    assert answer.status_code == 500, answer.text
+    assert set(answer.json()) == {"detail"}
+    assert b64(plaintext) not in answer.text
+    # Nothing was spent: the secret is there, no wrong try counted, for the right key.
+    assert wrong_tries(owner, locked["receipt_id"]) == 0
+
+    # The database and the master key together, without the passphrase, give only the
+    # passphrase's layer: sealed under a key that only the passphrase derives.
+    sealed = on_store(store_env, lambda store: read_back(store, secret_id))
+    assert sealed is not None and sealed.kdf == SCRYPT_KDF
+    assert plaintext not in sealed.ciphertext
+    layer = Keyring(parse_key(store_env["MASTER_KEY"])).open(sealed)
+    assert plaintext not in layer
+    assert unlock(derive_passphrase_key("not it", secret_id, sealed.kdf), layer) is None
+    assert unlock(derive_passphrase_key(PASSPHRASE, secret_id, sealed.kdf), layer) == plaintext
+    # Stripped of its marker (a database edit), the record no longer opens at all.
+    with pytest.raises(DecryptionFailed):
+        Keyring(parse_key(store_env["MASTER_KEY"])).open(dataclasses.replace(sealed, kdf=None))
+
+    status, body = fetch_with(owner, secret_id, passphrase=PASSPHRASE)
+    assert (status, base64.b64decode(body["secret"])) == (200, plaintext)

@@ -235,7 +235,9 @@ def _scrypt_params(kdf: str) -> tuple[int, int, int]:
     cost past what this service ever seals with (a marker edited in the database must not
     make a fetch take all memory)."""
     name, *numbers = kdf.split(":")
-    if name != "scrypt" or len(numbers) != 3 or not all(n.isdigit() for n in numbers):
+    # ASCII digits, a few of them: int() refuses other Unicode digits and very long numbers
+    # with a ValueError, which must not escape as anything but an unknown marker.
+    if name != "scrypt" or len(numbers) != 3 or not all(_small_number(n) for n in numbers):
         raise MalformedKey("unknown passphrase key derivation")
     n, r, p = (int(number) for number in numbers)
     if not (1 < n <= _MAX_SCRYPT[0] and n & (n - 1) == 0 and 0 < r <= _MAX_SCRYPT[1]):
@@ -243,6 +245,22 @@ def _scrypt_params(kdf: str) -> tuple[int, int, int]:
     if not 0 < p <= _MAX_SCRYPT[2]:
         raise MalformedKey("unknown passphrase key derivation")
     return n, r, p
+
+
+def _small_number(text: str) -> bool:
+    return 0 < len(text) <= 8 and text.isascii() and text.isdigit()
+
+
+def known_kdf(kdf: object) -> bool:
+    """Whether ``kdf`` is a passphrase key derivation marker this release derives keys
+    with (within the costs it allows): what an import checks a record's marker against."""
+    if not isinstance(kdf, str):
+        return False
+    try:
+        _scrypt_params(kdf)
+    except MalformedKey:
+        return False
+    return True
 
 
 def derive_passphrase_key(passphrase: str, secret_id: str, kdf: str = SCRYPT_KDF) -> bytes:

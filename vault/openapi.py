@@ -22,6 +22,7 @@ from vault.validation import (
     KEY_NAME_PATTERN,
     LABEL_PATTERN,
     MAX_LABEL,
+    MAX_PASSPHRASE,
     MAX_READERS,
     UUID_PATTERN,
 )
@@ -236,6 +237,17 @@ def _secret_id_request() -> Json:
     }
 
 
+def _passphrase(description: str) -> Json:
+    """A create's or fetch's ``passphrase`` (vault/validation.py ``passphrase_text``)."""
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_PASSPHRASE,
+        "description": f"1 to {MAX_PASSPHRASE} characters (compared in Unicode NFC). "
+        + description,
+    }
+
+
 # --- the secret operations --------------------------------------------------------------------
 
 
@@ -267,7 +279,8 @@ def _create(
         "description": (
             "Encrypts the secret and returns the id that fetches it back. With `ttl_seconds` "
             "it expires that long after it is stored (the answer says when, in `expires_at`); "
-            "with `max_reads` the fetch that uses the last read deletes it."
+            "with `max_reads` the fetch that uses the last read deletes it; with `passphrase` "
+            "only a fetch that brings it gets the secret."
             + _also_at("/vault/secret/create", "without the trailing slash")
         ),
         "operationId": "createSecret",
@@ -314,8 +327,9 @@ def _create(
             ),
             "400": _error(
                 "The body is not a JSON object, `secret` is missing or not strict base64, or "
-                "`ttl_seconds` or `max_reads` is not a JSON integer in its range (the detail "
-                "names the field and the range), or the Idempotency-Key header is malformed"
+                "`ttl_seconds` or `max_reads` is not a JSON integer in its range, or `label` or "
+                "`passphrase` is not a string of its length (the detail names the field and "
+                "the range), or the Idempotency-Key header is malformed"
                 + (
                     ", or `readers` names a key that is not one of the caller's tenant (the "
                     "detail names it)."
@@ -365,6 +379,12 @@ def _create(
             "stored beside the secret and shown by its status and webhook events. Not secret."
         ),
     }
+    request["properties"]["passphrase"] = _passphrase(
+        "The secret is then sealed under a key derived from it (scrypt) as well as under the "
+        "master key, and a fetch must bring the same `passphrase`: without it, or with a "
+        "wrong one, the fetch answers 403 and spends no read; after "
+        "PASSPHRASE_MAX_ATTEMPTS wrong ones the secret is deleted. Never stored nor logged."
+    )
     if api_keys:  # readers are API key names: without keys there are none to name
         request["properties"]["readers"] = _readers(
             "The only API keys that may fetch the secret: names of keys of the caller's "
@@ -418,12 +438,21 @@ def _create_request(max_secret_bytes: int, max_ttl_seconds: int) -> Json:
 
 def _fetch(errors: Json, security: Json) -> _Part:
     """POST /vault/secret/fetch: the secret stored under an id."""
+    locked = (
+        "The secret is protected by a passphrase and the body brings none, or a wrong one "
+        "(the detail says so, and how many more wrong ones delete it; the one that reaches "
+        "PASSPHRASE_MAX_ATTEMPTS does). No read is spent."
+    )
+    forbidden = errors.get("403")  # with API keys: a key without the fetch scope
+    if forbidden is not None:
+        locked = f"{forbidden['description']} Or: {locked[0].lower()}{locked[1:]}"
     operation = {
         **security,
         "summary": "Fetch a secret",
         "description": (
             "Returns the secret stored under the id, with `reads_left` (the reads remaining "
-            "after this one) for a read-limited secret and `expires_at` for an expiring one."
+            "after this one) for a read-limited secret and `expires_at` for an expiring one. "
+            "A secret created with a `passphrase` is returned only to a fetch that brings it."
             + _also_at("/vault/secret/fetch/", "with a trailing slash")
         ),
         "operationId": "fetchSecret",
@@ -433,10 +462,15 @@ def _fetch(errors: Json, security: Json) -> _Part:
             "200": _json("FetchResponse", "The secret."),
             "404": _not_found(),
             **errors,
+            "403": {**(forbidden or _error("")), "description": locked},
         },
     }
+    request = _secret_id_request()
+    request["properties"]["passphrase"] = _passphrase(
+        "Only for a secret created with one: the same passphrase. Ignored for any other."
+    )
     schemas = {
-        "FetchRequest": _secret_id_request(),
+        "FetchRequest": request,
         "FetchResponse": {
             "type": "object",
             "required": ["secret"],
@@ -498,7 +532,8 @@ def _receipt_status(errors: Json, security: Json) -> _Part:
             "Answers the status of the secret a receipt was made for: never the secret, and "
             "it spends no read. It keeps answering after the secret ends (used up, expired, "
             "deleted) until RECEIPT_RETENTION_SECONDS after the end. Every field is present; "
-            "those that do not apply are null."
+            "those that do not apply are null (but `passphrase_failures`, there only for a "
+            "secret created with a passphrase)."
             + _also_at("/vault/secret/status/", "with a trailing slash")
         ),
         "operationId": "secretStatus",
@@ -559,6 +594,14 @@ def _receipt_status(errors: Json, security: Json) -> _Part:
                     "description": "Reads remaining; null: no read limit.",
                 },
                 "reads": {"type": "integer", "minimum": 0, "description": "Fetches served."},
+                "passphrase_failures": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": (
+                        "Wrong passphrases tried so far; only for a secret created with a "
+                        "passphrase (at PASSPHRASE_MAX_ATTEMPTS it was deleted)."
+                    ),
+                },
                 "first_read_at": {**moment, "description": "The first fetch served; null: none."},
                 "last_read_at": {**moment, "description": "The last fetch served; null: none."},
                 "ended_at": {

@@ -15,7 +15,9 @@ readers): a file of plain secrets is byte for byte what earlier releases wrote, 
 earlier release refuses, naming the line, a file holding a record it could not store whole.
 A secret's receipt id and label travel the same way, on its line when set, and receipts as
 lines of their own, every one stored (its secret live or ended), counted in the end line
-only when there are some.
+only when there are some. A secret under a passphrase carries its key derivation's marker
+(bound into its ciphertext) and its wrong tries so far, and its receipt those tries: only
+for such a secret, so every other line is written as before.
 
 The webhook outbox does not travel: its events report changes made on the exporting
 deployment, which delivers them; an import changes no secret's life, and the importing
@@ -41,6 +43,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import IO, Any
 
 from vault.apikeys import KEY_NAME
+from vault.crypto import known_kdf
 from vault.errors import InvalidValue, TransferRefused
 from vault.records import (
     DEFAULT_TENANT,
@@ -50,6 +53,7 @@ from vault.records import (
     StoredSecret,
     access_fields,
     keyed_by_id,
+    passphrase_fields,
     receipt_fields,
 )
 from vault.stores.base import AUDIT_FIELDS, BulkStore, Imported, utc_now
@@ -57,8 +61,8 @@ from vault.validation import MAX_LABEL, MAX_READERS, label_text, normalize_secre
 
 FORMAT = "secret-manager-export"
 # 2: records named by record key; 1: by secret id (still imported). Who may see a secret
-# (tenant, owner, readers), its receipt id and label, and receipt lines joined version 2 as
-# optional: see the module's docstring.
+# (tenant, owner, readers), its receipt id and label, receipt lines, and a passphrase's
+# marker and wrong tries joined version 2 as optional: see the module's docstring.
 VERSION = 2
 BATCH = 1000  # records per store call
 # No record comes near this (a secret is at most MAX_SECRET_BYTES): a longer line is damage,
@@ -75,6 +79,10 @@ NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ -"
 # A secret made with a receipt: its receipt id and label, on its line when set.
 RECEIPT_ID_FIELDS = ("receipt_id", "label")
 LABEL_RULE = f"1-{MAX_LABEL} printable characters (no control characters or line breaks)"
+# A secret under a passphrase: its key derivation's marker and its wrong tries, both on its
+# line or neither; its receipt's line has the tries (left out for a secret without one).
+PASSPHRASE_FIELDS = ("kdf", "passphrase_failures")
+KDF_RULE = "a passphrase key derivation this release knows (scrypt:N:r:p)"
 # A receipt line's fields, every one always written (null where it does not apply).
 RECEIPT_FIELDS = (
     "receipt_key",
@@ -108,6 +116,7 @@ class Counts:
     keyed_by_id: int = 0  # import: of the new, those of a format 1 file, stored under their id
     present: int = 0
     fewer_reads: int = 0
+    more_failures: int = 0  # import: held already, with fewer wrong passphrase tries
     conflicts: int = 0
     audit_new: int = 0
     # import: of the secrets the store now holds as the file has them, those naming a reader
@@ -157,6 +166,7 @@ def secret_line(record: StoredSecret) -> dict[str, Any]:
         "reads_left": sealed.reads_left,
         **access_fields(sealed),
         **receipt_fields(sealed),
+        **passphrase_fields(sealed),
     }
     return line
 
@@ -166,8 +176,10 @@ def _optional(moment: dt.datetime | None, form: Callable[[dt.datetime], str]) ->
 
 
 def receipt_line(receipt: Receipt) -> dict[str, Any]:
-    """A receipt as the file holds it: every field, null where it does not apply."""
-    return {
+    """A receipt as the file holds it: every field, null where it does not apply, and the
+    wrong passphrase tries only for a secret under a passphrase (a receipt of any other is
+    written as before)."""
+    line: dict[str, Any] = {
         "type": "receipt",
         "receipt_key": receipt.receipt_key,
         "tenant": receipt.tenant,
@@ -181,6 +193,9 @@ def receipt_line(receipt: Receipt) -> dict[str, Any]:
         "ended_at": _optional(receipt.ended_at, _timestamp),
         "state": receipt.state,
     }
+    if receipt.passphrase_failures is not None:
+        line["passphrase_failures"] = receipt.passphrase_failures
+    return line
 
 
 def audit_line(document: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +232,15 @@ def access_problem(tenant: Any, owner: Any, readers: Any) -> str | None:
     return None
 
 
+def passphrase_fit(sealed: SealedSecret) -> bool:
+    """Whether a secret's passphrase fields are fit for the file: none, or a marker this
+    release derives with and a whole number of wrong tries (an edited marker no longer
+    opens the record, and written out would make the whole file refused by import)."""
+    if sealed.kdf is None:
+        return True
+    return known_kdf(sealed.kdf) and _is_count(sealed.passphrase_failures, 0)
+
+
 def _is_label(value: Any) -> bool:
     try:
         label_text(value)
@@ -251,6 +275,9 @@ def receipt_problem(receipt: Receipt) -> str | None:
         first is not None and last is not None and first > last
     ):
         return "first_read_at and last_read_at are not the times of its first and last read"
+    wrong = receipt.passphrase_failures
+    if wrong is not None and not _is_count(wrong, 0):
+        return "passphrase_failures is not a whole number of wrong tries, at least 0, or null"
     if receipt.state not in STATES:
         return f"state is not one of {', '.join(STATES)}"
     if (receipt.state == ReceiptState.ACTIVE) != (receipt.ended_at is None):
@@ -344,7 +371,9 @@ def export(store: BulkStore, out: IO[bytes], *, audit: bool, store_kind: str, ba
                 sealed = record.sealed
                 if keyed_by_id(sealed.record_key):
                     raise keyed_by_id_refusal(1)
-                if access_problem(sealed.tenant, sealed.owner, sealed.readers) is not None:
+                if access_problem(
+                    sealed.tenant, sealed.owner, sealed.readers
+                ) is not None or not passphrase_fit(sealed):
                     # Edited in the database: it no longer opens, and written out it would
                     # make the whole file refused by import. Left out, as malformed.
                     continue
@@ -414,11 +443,11 @@ def parse_secret(value: Any, line: int, version: int = VERSION) -> StoredSecret:
     """The record a secret line holds; TransferRefused naming the line (never a value) if
     malformed. A line of format 1 names its record by secret id: it is read as a legacy
     record, keyed by that id. Who may see it (``ACCESS_FIELDS``) and its receipt id and
-    label (``RECEIPT_ID_FIELDS``) are optional: a line without them is a plain secret's, as
-    every line written before they existed."""
+    label (``RECEIPT_ID_FIELDS``) and its passphrase's (``PASSPHRASE_FIELDS``) are optional:
+    a line without them is a plain secret's, as every line written before they existed."""
     name = "record_key" if version >= 2 else "secret_id"
     names = (name, "key_id", "nonce", "ciphertext", "created_at", "expires_at")
-    optional = (*ACCESS_FIELDS, *RECEIPT_ID_FIELDS) if version >= 2 else ()
+    optional = (*ACCESS_FIELDS, *RECEIPT_ID_FIELDS, *PASSPHRASE_FIELDS) if version >= 2 else ()
     fields = _fields(value, line, "secret", (*names, "reads_left"), optional)
     key = _text(fields[name], line, name)
     if version >= 2:
@@ -456,6 +485,7 @@ def parse_secret(value: Any, line: int, version: int = VERSION) -> StoredSecret:
     label = fields.get("label")
     if label is not None and not _is_label(label):
         raise TransferRefused(f"line {line}: label is not {LABEL_RULE}, or null")
+    kdf, failures = _passphrase(fields, line)
     sealed = SealedSecret(
         key,
         key_id,
@@ -468,8 +498,33 @@ def parse_secret(value: Any, line: int, version: int = VERSION) -> StoredSecret:
         readers=None if readers is None else tuple(readers),
         receipt_id=receipt_id,
         label=label,
+        kdf=kdf,
+        passphrase_failures=failures,
     )
     return StoredSecret(sealed, None if created is None else _time(created, line, "created_at"))
+
+
+def _passphrase(fields: dict[str, Any], line: int) -> tuple[str | None, int]:
+    """A secret line's passphrase marker and wrong tries: both there (a secret under a
+    passphrase) or neither (None, 0). Without its marker such a secret would no longer open
+    (the marker is bound into its ciphertext), and without its tries it would be given back
+    the guesses already spent."""
+    present = [name in fields for name in PASSPHRASE_FIELDS]
+    if not any(present):
+        return None, 0
+    if not all(present):
+        raise TransferRefused(
+            f"line {line}: kdf and passphrase_failures are not both there (a secret under a "
+            "passphrase has both, any other neither)"
+        )
+    kdf, failures = fields["kdf"], fields["passphrase_failures"]
+    if not known_kdf(kdf):
+        raise TransferRefused(f"line {line}: kdf is not {KDF_RULE}")
+    if not _is_count(failures, 0):
+        raise TransferRefused(
+            f"line {line}: passphrase_failures is not a whole number of wrong tries, at least 0"
+        )
+    return kdf, failures
 
 
 def _is_uuid(value: Any) -> bool:
@@ -492,7 +547,7 @@ def _optional_time(value: Any, line: int, name: str) -> dt.datetime | None:
 def parse_receipt(value: Any, line: int) -> Receipt:
     """The receipt a receipt line holds; TransferRefused naming the line and the field
     (never a value) if malformed."""
-    fields = _fields(value, line, "receipt", RECEIPT_FIELDS)
+    fields = _fields(value, line, "receipt", RECEIPT_FIELDS, ("passphrase_failures",))
     receipt = Receipt(
         receipt_key=fields["receipt_key"],
         tenant=fields["tenant"],
@@ -505,6 +560,7 @@ def parse_receipt(value: Any, line: int) -> Receipt:
         last_read_at=_optional_time(fields["last_read_at"], line, "last_read_at"),
         ended_at=_optional_time(fields["ended_at"], line, "ended_at"),
         state=fields["state"],
+        passphrase_failures=fields.get("passphrase_failures"),
     )
     problem = receipt_problem(receipt)
     if problem is not None:
@@ -799,6 +855,8 @@ def _count(counts: Counts, outcome: Imported) -> None:
         counts.present += 1
     elif outcome is Imported.FEWER_READS:
         counts.fewer_reads += 1
+    elif outcome is Imported.MORE_FAILURES:
+        counts.more_failures += 1
     else:
         counts.conflicts += 1
 

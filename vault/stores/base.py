@@ -482,6 +482,8 @@ class Imported(enum.Enum):
     NEW = "new"  # stored: the store had no record under its key
     PRESENT = "present"  # the store holds this very record already: nothing written
     FEWER_READS = "fewer_reads"  # held already, with more reads left: lowered to the file's
+    # held already (with as many reads left), with fewer wrong passphrase tries: raised
+    MORE_FAILURES = "more_failures"
     CONFLICT = "conflict"  # the store holds a different record under its key: left untouched
 
 
@@ -544,13 +546,14 @@ class BulkStore(Protocol):
 
 
 def same_secret(stored: SealedSecret, incoming: SealedSecret) -> bool:
-    """The same record, whatever reads it has had since: sealed alike for the same
-    readers, with the same receipt and label, same expiry, and a read limit on both or on
-    neither."""
+    """The same record, whatever reads and wrong passphrases it has had since: sealed alike
+    for the same readers, with the same receipt and label and passphrase marker, same
+    expiry, and a read limit on both or on neither."""
     return (
         (stored.tenant, stored.owner, stored.readers)
         == (incoming.tenant, incoming.owner, incoming.readers)
         and (stored.receipt_id, stored.label) == (incoming.receipt_id, incoming.label)
+        and stored.kdf == incoming.kdf
         and stored.key_id == incoming.key_id
         and stored.nonce == incoming.nonce
         and stored.ciphertext == incoming.ciphertext
@@ -607,7 +610,23 @@ def import_outcome(stored: SealedSecret | None, incoming: SealedSecret) -> Impor
         and incoming.reads_left < stored.reads_left
     ):
         return Imported.FEWER_READS  # taken since: a read is never given back
+    if incoming.passphrase_failures > stored.passphrase_failures:
+        return Imported.MORE_FAILURES  # tried since: nor is a wrong passphrase
     return Imported.PRESENT
+
+
+def brought_forward(stored: SealedSecret, incoming: SealedSecret) -> SealedSecret:
+    """``stored`` as an import of ``incoming`` (the same record, ``import_outcome``
+    FEWER_READS or MORE_FAILURES) leaves it: the fewer reads left and the more wrong
+    passphrase tries of the two, so neither a read nor a guess is ever given back."""
+    reads_left = stored.reads_left
+    if reads_left is not None and incoming.reads_left is not None:
+        reads_left = min(reads_left, incoming.reads_left)
+    return replace(
+        stored,
+        reads_left=reads_left,
+        passphrase_failures=max(stored.passphrase_failures, incoming.passphrase_failures),
+    )
 
 
 def derived_record_id(document: Mapping[str, Any]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import pymongo
@@ -23,6 +22,7 @@ from vault.records import Receipt, SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     Imported,
+    brought_forward,
     derived_record_id,
     import_keys,
     import_outcome,
@@ -156,12 +156,9 @@ class MongoBulk:
             if outcome is Imported.NEW:
                 new.append(document(sealed, record.created_at))
                 stored[key] = sealed  # the same record twice in one file
-            elif outcome is Imported.FEWER_READS and held is not None:
-                self._secrets.update_one(
-                    {"_id": key, "reads_left": {"$gt": sealed.reads_left}},
-                    {"$set": {"reads_left": sealed.reads_left}},
-                )
-                stored[key] = replace(held, reads_left=sealed.reads_left)
+            elif outcome in (Imported.FEWER_READS, Imported.MORE_FAILURES) and held is not None:
+                self._bring_forward(key, sealed)
+                stored[key] = brought_forward(held, sealed)
             outcomes.append(outcome)
         if new:
             results = insert_each(self._secrets, new, lambda docs: set())
@@ -177,6 +174,21 @@ class MongoBulk:
                             else import_outcome(current, record.sealed)
                         )
         return outcomes
+
+    def _bring_forward(self, key: str, incoming: SealedSecret) -> None:
+        """Lower the reads left and raise the wrong passphrase tries of the record under
+        ``key`` to ``incoming``'s, each only where that is a step forward (the server may
+        have taken reads or counted tries since the store was read)."""
+        if incoming.reads_left is not None:
+            self._secrets.update_one(
+                {"_id": key, "reads_left": {"$gt": incoming.reads_left}},
+                {"$set": {"reads_left": incoming.reads_left}},
+            )
+        if incoming.kdf is not None:
+            self._secrets.update_one(
+                {"_id": key, "passphrase_failures": {"$lt": incoming.passphrase_failures}},
+                {"$set": {"passphrase_failures": incoming.passphrase_failures}},
+            )
 
     def add_audit(self, documents: Iterable[Mapping[str, Any]]) -> int:
         docs = [audit_document(document) for document in documents]

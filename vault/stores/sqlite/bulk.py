@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from vault.records import Receipt, SealedSecret, StoredSecret
 from vault.stores.base import (
     AUDIT_FIELDS,
     Imported,
+    brought_forward,
     derived_record_id,
     import_keys,
     import_outcome,
@@ -39,6 +39,9 @@ from vault.stores.sqlite.receipts import ALL_RECEIPTS, MERGE_RECEIPT, receipt_of
 # Rows per statement when importing: twice as many keys, under SQLite's 32766 host
 # parameters in one IN (...).
 _IMPORT_BATCH = 500
+# What an import changes of a record the store holds: reads taken and wrong passphrases
+# tried since, which are never given back.
+_BROUGHT_FORWARD = (Imported.FEWER_READS, Imported.MORE_FAILURES)
 
 
 def _created_text(value: dt.datetime) -> str:
@@ -171,12 +174,15 @@ class SQLiteBulk:
                         ),
                     )
                     stored[key] = sealed  # the same record twice in one file
-                elif outcome is Imported.FEWER_READS and held is not None:
+                elif outcome in _BROUGHT_FORWARD and held is not None:
+                    merged = brought_forward(held, sealed)  # read in this transaction
+                    failures = None if merged.kdf is None else merged.passphrase_failures
                     self._conn.execute(
-                        "UPDATE secrets SET reads_left = ? WHERE record_key = ?",
-                        (sealed.reads_left, key),
+                        "UPDATE secrets SET reads_left = ?, passphrase_failures = ?"
+                        " WHERE record_key = ?",
+                        (merged.reads_left, failures, key),
                     )
-                    stored[key] = replace(held, reads_left=sealed.reads_left)
+                    stored[key] = merged
                 outcomes.append(outcome)
         return outcomes
 
