@@ -317,3 +317,26 @@ def test_refusals_and_the_deletion_are_signed_events(
     bodies = "".join(str(delivery.body) for delivery in receiver.acknowledged())
     assert PASSPHRASE not in bodies
     assert made["secret_id"] not in bodies
+
+
+@pytest.mark.parametrize("marker", ["scrypt:16384:8:1", None], ids=["cheaper", "stripped"])
+def test_a_passphrase_marker_edited_in_the_database_is_not_served(
+    client: TestClient, store_env: dict[str, str], raw_records: RawRecords, marker: str | None
+) -> None:
+    secret_id = create(client)["secret_id"]
+    key = record_key(secret_id)
+    if raw_records.kind == "sqlite":
+        with sqlite3.connect(Path(store_env["DATA_DIR"]) / "vault.db") as conn:
+            conn.execute("UPDATE secrets SET kdf = ? WHERE record_key = ?", (marker, key))
+    else:
+        with pymongo.MongoClient(store_env["MONGO_URI"]) as mongo:
+            secrets = mongo[store_env["MONGO_DB"]]["secrets"]
+            edit = {"$set": {"kdf": marker}} if marker else {"$unset": {"kdf": ""}}
+            secrets.update_one({"_id": key}, edit)
+    # The marker is in the master key's associated data: the record fails authentication
+    # (500) before any derivation, rather than weakening or dropping the passphrase layer.
+    for fields in ({"passphrase": PASSPHRASE}, {}):
+        answer = fetch(client, secret_id, **fields)
+        assert answer.status_code == 500, answer.text
+        assert b64(PLAINTEXT) not in answer.text
+    assert client.get("/readyz").json()["records_unreadable"] >= 1

@@ -173,11 +173,15 @@ def judge_fetch(
         return Fetched(Found.EXPIRED)
     if record.kdf is None:
         return Fetched(Found.SECRET, record, opener.open(record))
-    if passphrase is None:
-        return Fetched(Found.PASSPHRASE, record)
-    if record.passphrase_failures >= passphrase.max_attempts:
+    if passphrase is not None and record.passphrase_failures >= passphrase.max_attempts:
         return Fetched(Found.MISSING)
-    if passphrase.key is None or passphrase.kdf != record.kdf:
+    if passphrase is None or passphrase.key is None or passphrase.kdf != record.kdf:
+        # The master key's layer first: a record no configured key opens, or whose marker
+        # was edited (it is in the associated data), fails here as any unreadable record
+        # does, before a derivation (a fifth of a second, 32 MiB) is spent on it.
+        opener.open(record)
+        if passphrase is None:
+            return Fetched(Found.PASSPHRASE, record)
         return Fetched(Found.UNLOCK, record)
     plaintext = opener.open_locked(record, passphrase.key)
     if plaintext is None:

@@ -210,7 +210,8 @@ def _imported(name: str, counts: Counts, took: str, *, api_keys: bool) -> str:
     line = (
         f"secret-manager: imported {name} into {counts.store} in {took}: secrets "
         f"{counts.new} new, {counts.present} already there, {counts.fewer_reads} with fewer "
-        f"reads left, {counts.left_out} expired since the export, {counts.conflicts} "
+        f"reads left, {_more_failures(counts.more_failures)}{counts.left_out} expired since "
+        f"the export, {counts.conflicts} "
         f"conflicts; audit records {counts.audit_new} new, "
         f"{counts.audit - counts.audit_new} already there; receipts {counts.receipts_new} new, "
         f"{counts.receipts - counts.receipts_new} already there"
@@ -223,6 +224,12 @@ def _imported(name: str, counts: Counts, took: str, *, api_keys: bool) -> str:
     if counts.unknown_readers:
         line += _unknown_readers(counts.unknown_readers, api_keys=api_keys)
     return line
+
+
+def _more_failures(count: int) -> str:
+    """The summary's clause for secrets whose wrong passphrase tries the file raised: only
+    when there are any (an import of secrets without passphrases reads as before)."""
+    return f"{count} with more wrong passphrase tries, " if count else ""
 
 
 def _unknown_readers(count: int, *, api_keys: bool) -> str:
