@@ -101,6 +101,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
@@ -598,21 +599,25 @@ def notes(own_servers: bool, compared: list[Config], sqlite: bool = False) -> st
             "the server's process, so its CPU is in the server's and DB CPU shows '-'.\n"
         )
     if not own_servers:
+        which = "The MongoDB configurations" if sqlite else "Every configuration"
         return code + (
-            "The MongoDB configurations ran on the MongoDB of --mongo-uri, each cell on a fresh\n"
+            f"{which} ran on the MongoDB of --mongo-uri, each cell on a fresh\n"
             "database; DB CPU is not measured (that server is no process of this run)."
         )
-    return code + (
-        "Each MongoDB configuration ran on an nx-27017 of its own, started fresh for it in\n"
-        "every round and at every connection count (its own data directory and port) and\n"
-        "stopped after its cells; DB CPU is that server's process. nx-27017 is not mongod:\n"
-        "it purges every TTL-indexed collection it holds, in any database, on each find (two\n"
-        "scans each), which a real mongod never does on a read (its TTL monitor deletes in\n"
-        "the background, once a minute): on one shared server, each configuration's reads\n"
-        "would pay for the collections the others left behind. It is one process over SQLite\n"
-        "with no replica set: w='majority' is acknowledged by that one server, and j=True is\n"
-        "an SQLite commit with synchronous=FULL, where a mongod replica set would wait for a\n"
-        "secondary and for its journal."
+    which = "Each MongoDB configuration (and the echo)" if sqlite else "Each configuration"
+    return code + textwrap.fill(
+        f"{which} ran on an nx-27017 of its own, started fresh for it in every round and at "
+        "every connection count (its own data directory and port) and stopped after its "
+        "cells; DB CPU is that server's process. nx-27017 purges every TTL-indexed "
+        "collection it holds, in any database, on each find (two scans each), which a real "
+        "mongod never does on a read (its TTL monitor deletes in the background, once a "
+        "minute): on one shared server, each configuration's reads would pay for the "
+        "collections the others left behind. nx-27017 is also one process over SQLite with "
+        "no replica set: w='majority' is acknowledged by that one server, and j=True makes "
+        "it commit with SQLite's synchronous=FULL, where a mongod replica set would wait "
+        "for a majority of its members and their journals.",
+        width=88,
+        break_on_hyphens=False,
     )
 
 
