@@ -1,15 +1,22 @@
-"""Two reference apps the benchmark serves on the same Hypercorn as the service.
+"""Reference apps the benchmark serves on the same Hypercorn as the service.
 
 - ``echo``: a bare Starlette endpoint that answers the JSON it was sent: the floor of
   this stack (routing, JSON, Hypercorn), with no crypto, store or middleware.
-- ``naive``: the straightforward implementation the service must beat: a synchronous
-  endpoint (Starlette runs it in its thread pool) that seals the secret and does one
-  insert for it and another for its audit record on every request, on the same store,
-  with the same schema: expiry (``ttl_seconds``) kept the straightforward MongoDB way, by
-  a TTL index on ``expires_at``, as the service's own collection has one.
+- ``naive``: the straightforward implementation the service must beat on MongoDB: a
+  synchronous endpoint (Starlette runs it in its thread pool) that seals the secret and
+  does one insert for it and another for its audit record on every request, on the same
+  store, with the same schema: expiry (``ttl_seconds``) kept the straightforward MongoDB
+  way, by a TTL index on ``expires_at``, as the service's own collection has one.
+- ``naive-sqlite``: the same on an embedded SQLite file at the service's durability: one
+  ``sqlite3`` connection per thread of that pool, WAL, ``synchronous=FULL``, and each
+  insert (the secret, then its audit record) committed on its own, as the MongoDB naive
+  app's two inserts are each durable on their own. Expiry is a column checked on read.
 
-Run one: ``python -m loadtests.baselines echo --port 8001`` (``naive`` reads MONGO_URI,
-MONGO_DB and MASTER_KEY like the service does).
+Both naive apps fetch the same way: read the secret by id, answer 404 when it is missing
+or expired, else open it, then insert the fetch's audit record; neither deletes nor
+counts reads (no read limits). Run one: ``python -m loadtests.baselines echo --port 8001``
+(``naive`` reads MONGO_URI, MONGO_DB and MASTER_KEY like the service does; ``naive-sqlite``
+reads DATA_DIR, where it keeps ``naive.db``, and MASTER_KEY).
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ import argparse
 import base64
 import datetime as dt
 import os
+import sqlite3
+import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 from hypercorn.config import Config
@@ -113,14 +123,117 @@ def naive_app() -> Starlette:
     )
 
 
+NAIVE_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS secrets (
+    id         TEXT PRIMARY KEY,
+    kid        TEXT NOT NULL,
+    nonce      BLOB NOT NULL,
+    ct         BLOB NOT NULL,
+    expires_at REAL  -- Unix seconds; NULL: never expires
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id        INTEGER PRIMARY KEY,
+    ts        TEXT NOT NULL,
+    op        TEXT NOT NULL,
+    status    INTEGER NOT NULL,
+    client_ip TEXT NOT NULL,
+    secret_id TEXT NOT NULL
+);
+"""
+# How long a connection waits for the write lock before it fails the request: far past any
+# wait the bench causes, so the naive app answers every request however slowly.
+NAIVE_SQLITE_BUSY_SECONDS = 30.0
+
+
+def naive_sqlite_app() -> Starlette:
+    """Create and fetch on SQLite with two synchronous, unbatched commits per create.
+
+    The MongoDB naive app's shape on DATA_DIR/naive.db (a fresh file per bench cell): the
+    same pool threads, each with its own connection; every commit durable before the
+    answer (``synchronous=FULL``), so it pays the same fsyncs the service's store pays.
+    """
+    path = Path(os.environ.get("DATA_DIR", "./data")) / "naive.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as setup:
+        setup.execute("PRAGMA journal_mode=WAL")  # a property of the file: every connection
+        setup.executescript(NAIVE_SQLITE_SCHEMA)
+    setup.close()
+    keyring = Keyring(parse_key(os.environ["MASTER_KEY"]))
+    local = threading.local()
+
+    def connection() -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(path, timeout=NAIVE_SQLITE_BUSY_SECONDS)
+            conn.execute("PRAGMA synchronous=FULL")  # per connection: durable commits
+            local.conn = conn
+        return conn
+
+    def record(request: Request, op: str, status: int, secret_id: str) -> None:
+        peer = request.client.host if request.client else "unknown"
+        conn = connection()
+        with conn:  # commits
+            conn.execute(
+                "INSERT INTO audit (ts, op, status, client_ip, secret_id) VALUES (?, ?, ?, ?, ?)",
+                (dt.datetime.now(dt.UTC).isoformat(), op, status, peer, secret_id),
+            )
+
+    def create_sync(request: Request, body: dict[str, Any]) -> Response:
+        secret_id = str(uuid.uuid4())
+        sealed = keyring.seal(secret_id, base64.b64decode(body["secret"], validate=True))
+        expires_at = None
+        if "ttl_seconds" in body:
+            expires_at = dt.datetime.now(dt.UTC).timestamp() + body["ttl_seconds"]
+        conn = connection()
+        with conn:  # commits
+            conn.execute(
+                "INSERT INTO secrets (id, kid, nonce, ct, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (secret_id, sealed.key_id, sealed.nonce, sealed.ciphertext, expires_at),
+            )
+        record(request, "create", 200, secret_id)
+        return JSONResponse({"secret_id": secret_id})
+
+    def fetch_sync(request: Request, body: dict[str, Any]) -> Response:
+        secret_id = body["secret_id"]
+        row = (
+            connection()
+            .execute("SELECT kid, nonce, ct, expires_at FROM secrets WHERE id = ?", (secret_id,))
+            .fetchone()
+        )
+        if row is not None and row[3] is not None and row[3] <= dt.datetime.now(dt.UTC).timestamp():
+            row = None
+        if row is None:
+            record(request, "fetch", 404, secret_id)
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        plaintext = keyring.open(SealedSecret(secret_id, row[0], bytes(row[1]), bytes(row[2])))
+        record(request, "fetch", 200, secret_id)
+        return JSONResponse({"secret": base64.b64encode(plaintext).decode()})
+
+    async def create(request: Request) -> Response:
+        return await run_in_threadpool(create_sync, request, await request.json())
+
+    async def fetch(request: Request) -> Response:
+        return await run_in_threadpool(fetch_sync, request, await request.json())
+
+    return Starlette(
+        routes=[
+            Route("/vault/secret/create", create, methods=["POST"]),
+            Route("/vault/secret/fetch", fetch, methods=["POST"]),
+        ]
+    )
+
+
+APPS = {"echo": "echo_app", "naive": "naive_app", "naive-sqlite": "naive_sqlite_app"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("app", choices=["echo", "naive"])
+    parser.add_argument("app", choices=sorted(APPS))
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args()
     config = Config()
     config.bind = [f"127.0.0.1:{args.port}"]
-    config.application_path = f"loadtests.baselines:{args.app}_app()"
+    config.application_path = f"loadtests.baselines:{APPS[args.app]}()"
     config.workers = 0  # one worker in this process, as `secret-manager serve` runs it
     config.include_server_header = False
     config.accesslog = None

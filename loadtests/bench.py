@@ -1,8 +1,8 @@
 """Benchmark: create and fetch through the full stack, beside its floor and its baseline.
 
 In one run, each configuration is started as a real server process (one Hypercorn worker,
-as in a container) on a MongoDB-wire server of its own, and loaded with ``wrk`` (Debian
-package) through ``loadtests/bench.lua``:
+as in a container) on a store of its own (a MongoDB-wire server, or a SQLite data
+directory), and loaded with ``wrk`` (Debian package) through ``loadtests/bench.lua``:
 
 - ``echo``: a bare Starlette JSON echo endpoint on the same Hypercorn: the stack's floor;
 - ``full stack``: the service with its defaults (audit in sync mode, rate limiting with
@@ -16,7 +16,14 @@ package) through ``loadtests/bench.lua``:
   its cells each server has up to ``DRAIN_SECONDS`` to empty its outbox;
 - ``+ webhooks, hanging receiver``: the same, to a receiver that accepts each connection
   and never answers (``WEBHOOK_TIMEOUT_SECONDS`` at its default, 10 s);
-- ``naive``: two synchronous, unbatched inserts per request (secret, then audit record).
+- ``naive``: two synchronous, unbatched inserts per request (secret, then audit record);
+  ``naive, no TTL index``: the same without the service's TTL index on its secrets;
+- ``full stack (sqlite)``: the service on its embedded SQLite store (``DATA_DIR``);
+- ``naive (sqlite)``: the naive app on SQLite at the service's durability (one connection
+  per thread, WAL, ``synchronous=FULL``, the secret and its audit record each committed).
+
+``--store mongo|sqlite|both`` (both) runs the configurations of those stores only; the echo
+runs always. Each SQLite cell gets a data directory made for it alone.
 
 Each configuration first takes creates, then fetches of the secrets those creates stored,
 each request a different id in turn (so concurrent fetches never share a read). The
@@ -37,6 +44,7 @@ on a shared machine), and prints a markdown table::
     python -m loadtests.bench                      # 5 s per cell, 20 connections, 3 rounds
     python -m loadtests.bench --duration 10 --concurrency 1,20,100 --mongo-uri mongodb://...
     python -m loadtests.bench --issue17            # exactly the table issue #17 asks for
+    python -m loadtests.bench --issue27            # issue #27's: both stores, both naives
 
 Without ``--mongo-uri`` each (round, configuration, concurrency) gets an nx-27017 server of
 its own, started fresh (its own data directory and port) and stopped after that cell's
@@ -53,9 +61,12 @@ most. Each cell is the median of the rounds. A cell at one connection runs
 ``LOW_CONCURRENCY_FACTOR`` times ``--duration``: requests there come one at a time, and its
 p50 is the number compared.
 
-When the run has both the full stack and the naive app, a second table gives their ratios
-per cell (full stack / naive: throughput, p50, p99, server CPU per request) beside the
-targets of issue #17, each marked met or not met.
+When the run has both a full stack and the naive app of its store, a table gives their
+ratios per cell (full stack / naive: throughput, p50, p99, server CPU per request) beside
+the targets of issues #17 and #27 (the same numbers), each marked met or not met: on
+MongoDB against the naive app with the TTL index and against it without, on SQLite against
+the SQLite naive app. "req/s vs naive" in the main table divides by the naive app of the
+configuration's own store.
 
 Every server imports the service from this checkout (PYTHONPATH set to it). To measure a
 previous revision beside it, in the same interleaved run, give a checkout of that revision
@@ -90,6 +101,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
@@ -129,6 +141,9 @@ NAIVE = "naive (2 sync inserts)"
 # The naive app without the TTL index (on nx-27017 that index costs every read a purge,
 # which a real mongod does not): what its reads cost on a server that does not do that.
 NAIVE_NO_TTL = "naive, no TTL index"
+# The same two on the service's embedded store: a SQLite file of their own per cell.
+FULL_STACK_SQLITE = "full stack (sqlite)"
+NAIVE_SQLITE = "naive (sqlite)"
 ECHO = "echo (floor)"
 WEBHOOKS = "full stack + webhooks"
 WEBHOOKS_HANGING = "full stack + webhooks, hanging receiver"
@@ -149,6 +164,23 @@ WEBHOOK_COMPARISONS = (
 DRAIN_SECONDS = 30.0
 ISSUE17_CONCURRENCY = (1, 20, 100)
 ISSUE17_CONFIGS = (ECHO, FULL_STACK, NAIVE)
+# Issue #27 sets #17's targets on both stores: MongoDB against the naive app with the TTL
+# index (and, reported beside it, without), SQLite against its own naive app.
+ISSUE27_CONFIGS = (ECHO, FULL_STACK, NAIVE, NAIVE_NO_TTL, FULL_STACK_SQLITE, NAIVE_SQLITE)
+# The stores a configuration can run on (Config.store), and what --store names.
+MONGO, SQLITE = "mongo", "sqlite"
+STORES = {MONGO: (MONGO,), SQLITE: (SQLITE,), "both": (MONGO, SQLITE)}
+# The ratio tables, each printed when the run has both: (full stack, its naive baseline of
+# the same store, the line above the table).
+RATIO_TABLES = (
+    (FULL_STACK, NAIVE, f"MongoDB wire (nx-27017): {FULL_STACK!r} against {NAIVE!r}:"),
+    (
+        FULL_STACK,
+        NAIVE_NO_TTL,
+        f"MongoDB wire (nx-27017): {FULL_STACK!r} against {NAIVE_NO_TTL!r}:",
+    ),
+    (FULL_STACK_SQLITE, NAIVE_SQLITE, f"SQLite: {FULL_STACK_SQLITE!r} against {NAIVE_SQLITE!r}:"),
+)
 
 
 @dataclass(frozen=True)
@@ -157,6 +189,9 @@ class Config:
     command: str  # "serve" or a loadtests.baselines app
     env: dict[str, str] = field(default_factory=dict)
     source: Path = ROOT  # the checkout whose packages the server imports (its PYTHONPATH)
+    # MONGO: a fresh database on a MongoDB of its own per cell (the echo too, which uses
+    # none); SQLITE: a fresh data directory per cell, the store inside the server process.
+    store: str = MONGO
 
 
 FULL = {"RATE_LIMIT": "1000000/second"}  # the limiter runs but never refuses the benchmark
@@ -185,7 +220,15 @@ CONFIGS = [
     ),
     Config(NAIVE, "naive"),
     Config(NAIVE_NO_TTL, "naive", {"NAIVE_TTL_INDEX": "0"}),
+    Config(FULL_STACK_SQLITE, "serve", FULL, store=SQLITE),
+    Config(NAIVE_SQLITE, "naive-sqlite", store=SQLITE),
 ]
+
+
+def baseline_of(name: str) -> str:
+    """The naive app a configuration's "req/s vs naive" divides by: its own store's."""
+    sqlite = {c.name for c in CONFIGS if c.store == SQLITE}
+    return NAIVE_SQLITE if name in sqlite else NAIVE
 
 
 @dataclass
@@ -365,12 +408,13 @@ def bench_config(
     placeholders: Mapping[str, str] | None = None,
     drain: float = 0.0,
 ) -> dict[str, Cell]:
-    """Serve ``config`` on the database of ``env`` (``MONGO_URI``, ``MONGO_DB``) and measure
-    its cells at ``concurrency``: create and fetch, then (``lifecycle``, the service only)
-    the lifecycle's requests. ``db_pid``: the database process charged for them.
+    """Serve ``config`` on the store of ``env`` (``MONGO_URI`` and ``MONGO_DB``, or SQLite's
+    ``DATA_DIR``) and measure its cells at ``concurrency``: create and fetch, then
+    (``lifecycle``, the service only) the lifecycle's requests. ``db_pid``: the database
+    process charged for them (none on SQLite: the store runs in the server's process).
     ``placeholders``: the values of the ``$NAME``s in its environment besides ``MONGO_URI``.
     ``drain``: seconds the server may then take to deliver its outbox before it stops."""
-    values = {"MONGO_URI": env["MONGO_URI"], **(placeholders or {})}
+    values = {"MONGO_URI": env.get("MONGO_URI", ""), **(placeholders or {})}
     config_env = {k: expand(v, values) for k, v in config.env.items()}
     with server(replace(config, env=config_env), env, workdir) as (url, pid):
         cells = measure_ops(config, url, pid, workdir, seconds, concurrency, db_pid, lifecycle)
@@ -410,7 +454,7 @@ def measure_ops(
     }  # fmt: skip
     # Every secret the creates stored, each fetched in turn (the echo stored none).
     cells["fetch"] = cell(fetch_url, created_ids(answers, FETCH_IDS) or [secret_id])
-    if config.command == "naive" or not lifecycle:
+    if config.command.startswith("naive") or not lifecycle:
         return cells
     if config.command == "echo":
         for op in LIFECYCLE_OPS:
@@ -490,8 +534,12 @@ def bench_cell(
     directory of its own) and stopped once its cells are measured. Reports on stderr the
     server it ran on and, for its own nx-27017, the databases that server held at the end.
     With ``receiver`` (the one its webhooks go to), also what that receiver got from it,
-    after its server had up to DRAIN_SECONDS to deliver its outbox, and what it left there."""
+    after its server had up to DRAIN_SECONDS to deliver its outbox, and what it left there.
+    A SQLite configuration runs on a data directory made for it in ``workdir`` instead, and
+    reports the files it held at the end."""
     workdir.mkdir()
+    if config.store == SQLITE:
+        return sqlite_cell(config, base_env, workdir, seconds, concurrency, lifecycle, progress)
     database = "bench" + uuid.uuid4().hex[:8]
     with mongodb(mongo_uri, workdir) as uri:
         db_pid = nx_pid(workdir)
@@ -516,24 +564,60 @@ def bench_cell(
     return cells, deliveries
 
 
-def notes(own_servers: bool, compared: list[Config]) -> str:
-    """What the tables were measured on, printed above them: the code and the database."""
+def sqlite_cell(
+    config: Config,
+    base_env: dict[str, str],
+    workdir: Path,
+    seconds: float,
+    concurrency: int,
+    lifecycle: bool,
+    progress: str,
+) -> tuple[dict[str, Cell], None]:
+    """``bench_cell`` for a SQLite configuration: a data directory that did not exist before
+    this cell (DATA_DIR), no MongoDB; DB CPU is not measured apart (it is the server's)."""
+    data = workdir / "data"
+    print(
+        f"{progress}: {config.name}, {concurrency} connection(s), fresh data directory {data}",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
+    env = {**base_env, "DATA_DIR": str(data)}
+    cells = bench_config(config, env, workdir, seconds, concurrency, None, lifecycle)
+    held = ", ".join(sorted(path.name for path in data.glob("*.db"))) or "none"
+    print(f"  data directory {data} held: {held}", file=sys.stderr, flush=True)
+    return cells, None
+
+
+def notes(own_servers: bool, compared: list[Config], sqlite: bool = False) -> str:
+    """What the tables were measured on, printed above them: the code and the stores."""
     at = revision(ROOT)
     code = f"The servers imported the service from {ROOT}" + (f" (@{at})" if at else "")
     code += "".join(f";\n{c.name!r} from {c.source}" for c in compared) + ".\n"
+    if sqlite:
+        code += (
+            "The SQLite configurations ran each on a data directory of their own, made fresh\n"
+            "for every cell (round, configuration, connection count); their store works in\n"
+            "the server's process, so its CPU is in the server's and DB CPU shows '-'.\n"
+        )
     if not own_servers:
+        which = "The MongoDB configurations" if sqlite else "Every configuration"
         return code + (
-            "Every configuration ran on the MongoDB of --mongo-uri, each cell on a fresh\n"
+            f"{which} ran on the MongoDB of --mongo-uri, each cell on a fresh\n"
             "database; DB CPU is not measured (that server is no process of this run)."
         )
-    return code + (
-        "Each configuration ran on an nx-27017 of its own, started fresh for it in every round\n"
-        "and at every connection count (its own data directory and port) and stopped after\n"
-        "its cells; DB CPU is that server's process. nx-27017 purges every TTL-indexed\n"
-        "collection it holds, in any database, on each find (two scans each), which a real\n"
-        "mongod never does on a read (its TTL monitor deletes in the background, once a\n"
-        "minute): on one shared server, each configuration's reads would pay for the\n"
-        "collections the others left behind."
+    which = "Each MongoDB configuration (and the echo)" if sqlite else "Each configuration"
+    return code + textwrap.fill(
+        f"{which} ran on an nx-27017 of its own, started fresh for it in every round and at "
+        "every connection count (its own data directory and port) and stopped after its "
+        "cells; DB CPU is that server's process. nx-27017 purges every TTL-indexed "
+        "collection it holds, in any database, on each find (two scans each), which a real "
+        "mongod never does on a read (its TTL monitor deletes in the background, once a "
+        "minute): on one shared server, each configuration's reads would pay for the "
+        "collections the others left behind. nx-27017 is also one process over SQLite with "
+        "no replica set: w='majority' is acknowledged by that one server, and j=True makes "
+        "it commit with SQLite's synchronous=FULL, where a mongod replica set would wait "
+        "for a majority of its members and their journals.",
+        width=88,
+        break_on_hyphens=False,
     )
 
 
@@ -567,8 +651,8 @@ def table(results: Results) -> str:
     ]
     for concurrency, by_config in results.items():
         floor = by_config[ECHO]
-        naive = by_config.get(NAIVE)
         for name, cells in by_config.items():
+            naive = by_config.get(baseline_of(name))  # the naive app of its own store
             for op, cell in cells.items():
                 vs_naive = (
                     f"{ratio(cell.rps, naive[op].rps):.2f}x" if naive and op in naive else "-"
@@ -585,8 +669,9 @@ def table(results: Results) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """One of issue #17's targets: the full stack's ratio to the naive app on ``metric``
-    must be at least (``at_least``) or at most ``bound``."""
+    """One of the targets of issues #17 and #27 (the same): the full stack's ratio to the
+    naive app of its store on ``metric`` must be at least (``at_least``) or at most
+    ``bound``."""
 
     metric: str  # "req/s", "p50", "p99" or "CPU/req"
     bound: float
@@ -600,7 +685,8 @@ class Target:
         return f"{'≥' if self.at_least else '≤'} {self.bound:g}x"
 
 
-# Issue #17's targets per connection count: full stack against the naive app, both ops.
+# The targets per connection count, issue #17's and #27's alike: full stack against the
+# naive app of the same store, create and fetch.
 _UNDER_LOAD = (Target("req/s", 1.5, True), Target("p99", 1.0, False), Target("CPU/req", 0.6, False))
 TARGETS: dict[int, tuple[Target, ...]] = {
     1: (Target("req/s", 1.0, True), Target("p50", 1.0, False)),
@@ -627,19 +713,19 @@ def ratios(full: Cell, naive: Cell) -> dict[str, float]:
 
 
 def verdicts(concurrency: int, measured: dict[str, float]) -> dict[str, bool]:
-    """Met (True) or not, for each target issue #17 sets at ``concurrency`` (none: empty)."""
+    """Met (True) or not, for each target #17 and #27 set at ``concurrency`` (none: empty)."""
     return {t.metric: t.met(measured[t.metric]) for t in TARGETS.get(concurrency, ())}
 
 
-def ratio_table(results: Results, naive: str = NAIVE) -> str | None:
-    """Full stack / ``naive`` per op and concurrency, beside #17's targets, each met or not
-    met; None when the run lacks one of the two."""
+def ratio_table(results: Results, naive: str = NAIVE, full: str = FULL_STACK) -> str | None:
+    """``full`` / ``naive`` per op and concurrency, beside the targets (#17's, #27's), each
+    met or not met; None when the run lacks one of the two."""
     rows: list[str] = []
     for op in BASE_OPS:  # the only ops the naive app serves
         for concurrency, by_config in results.items():
-            if FULL_STACK not in by_config or naive not in by_config:
+            if full not in by_config or naive not in by_config:
                 continue
-            measured = ratios(by_config[FULL_STACK][op], by_config[naive][op])
+            measured = ratios(by_config[full][op], by_config[naive][op])
             met = verdicts(concurrency, measured)
             targets = {t.metric: t for t in TARGETS.get(concurrency, ())}
             cells = []
@@ -778,6 +864,44 @@ def cell_seconds(duration: float, concurrency: int) -> float:
     return duration * LOW_CONCURRENCY_FACTOR if concurrency == 1 else duration
 
 
+def selection(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    """Apply a preset (``--issue17``, ``--issue27``) to ``args`` and check the names and stores
+    asked for; the stores whose configurations run."""
+    if args.issue17 and args.issue27:
+        parser.error("--issue17 and --issue27 are two presets: give one")
+    preset = "--issue17" if args.issue17 else "--issue27" if args.issue27 else None
+    if preset:
+        given = [
+            flag
+            for flag, value in (("--concurrency", args.concurrency), ("--only", args.only),
+                                ("--lifecycle", args.lifecycle))
+            if value is not None
+        ]  # fmt: skip
+        if args.issue17 and args.store is not None:
+            given.append("--store")  # #17's table is MongoDB's
+        if given:
+            parser.error(f"{preset} sets {', '.join(given)} itself")
+        args.concurrency, args.lifecycle = list(ISSUE17_CONCURRENCY), False
+        args.only = list(ISSUE17_CONFIGS if args.issue17 else ISSUE27_CONFIGS)
+    stores = STORES[args.store or "both"]
+    unknown = sorted(set(args.only or ()) - {c.name for c in CONFIGS})
+    if unknown:
+        names = ", ".join(repr(c.name) for c in CONFIGS)
+        parser.error(f"--only: no configuration named {', '.join(map(repr, unknown))} ({names})")
+    if not preset:
+        elsewhere = [
+            c.name
+            for c in CONFIGS
+            if c.name in (args.only or ()) and c.name != ECHO and c.store not in stores
+        ]
+        if elsewhere:
+            names = ", ".join(map(repr, elsewhere))
+            parser.error(f"--only {names}: not a configuration of --store {args.store}")
+    if args.compare_source and MONGO not in stores:
+        parser.error(f"--compare-source adds {FULL_STACK!r} (MongoDB): not with --store sqlite")
+    return stores
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -796,6 +920,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--only", nargs="*", help="configuration names to run (all)")
     parser.add_argument(
+        "--store", choices=sorted(STORES), default=None,
+        help="run the configurations of this store only: mongo (MongoDB wire), sqlite "
+        "(embedded), or both (both; the echo floor always runs)",
+    )  # fmt: skip
+    parser.add_argument(
         "--lifecycle", action=argparse.BooleanOptionalAction, default=None,
         help="also measure the lifecycle's requests on the service (on)",
     )  # fmt: skip
@@ -805,28 +934,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(repr(n) for n in ISSUE17_CONFIGS)} --no-lifecycle",
     )  # fmt: skip
     parser.add_argument(
+        "--issue27", action="store_true",
+        help="issue #27's tables, both stores: --concurrency 1,20,100 --only "
+        f"{' '.join(repr(n) for n in ISSUE27_CONFIGS)} --no-lifecycle (narrow to one store "
+        "with --store)",
+    )  # fmt: skip
+    parser.add_argument(
         "--compare-source", action="append", type=Path, default=[], metavar="DIR",
         help="a checkout of another revision (git worktree add DIR COMMIT): adds its full "
         "stack, served with PYTHONPATH=DIR, and this one's / its ratios (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.issue17:
-        given = [
-            flag
-            for flag, value in (("--concurrency", args.concurrency), ("--only", args.only),
-                                ("--lifecycle", args.lifecycle))
-            if value is not None
-        ]  # fmt: skip
-        if given:
-            parser.error(f"--issue17 sets {', '.join(given)} itself")
-        args.concurrency, args.lifecycle = list(ISSUE17_CONCURRENCY), False
-        args.only = list(ISSUE17_CONFIGS)
+    stores = selection(parser, args)
     concurrencies: list[int] = args.concurrency or [20]
     lifecycle: bool = args.lifecycle is not False
-    unknown = sorted(set(args.only or ()) - {c.name for c in CONFIGS})
-    if unknown:
-        names = ", ".join(repr(c.name) for c in CONFIGS)
-        parser.error(f"--only: no configuration named {', '.join(map(repr, unknown))} ({names})")
     if not args.duration > 0:
         parser.error("--duration must be a positive number of seconds")
     if args.duration != int(args.duration):
@@ -841,7 +962,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # The floor always runs; so does the full stack when another revision's compares with it.
     always = {ECHO, FULL_STACK} if compared else {ECHO}
-    configs = [c for c in CONFIGS if not args.only or c.name in args.only or c.name in always]
+    configs = [
+        c
+        for c in CONFIGS
+        if c.name in always or ((not args.only or c.name in args.only) and c.store in stores)
+    ]
     after_full = [c.name for c in configs].index(FULL_STACK) + 1 if compared else 0
     configs[after_full:after_full] = compared  # measured right after it in every round
     runs: dict[tuple[int, str], list[dict[str, Cell]]] = {
@@ -866,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
                 key: value
                 for key, value in os.environ.items()
                 if not key.startswith(
-                    ("MASTER_KEY", "MONGO", "OTEL_", "AUDIT", "RATE_LIMIT", "WEBHOOK")
+                    ("MASTER_KEY", "MONGO", "OTEL_", "AUDIT", "RATE_LIMIT", "WEBHOOK", "DATA_DIR")
                 )
             }
             base_env.update(
@@ -897,19 +1022,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         for n in concurrencies
     }
-    print(notes(own_servers=not args.mongo_uri, compared=compared))
+    sqlite = any(c.store == SQLITE for c in configs)
+    print(notes(own_servers=not args.mongo_uri, compared=compared, sqlite=sqlite))
     print()
     print(table(results))
-    ratios_text = ratio_table(results)
-    if ratios_text is not None:
-        print()
-        print(ratios_text)
-    variant = ratio_table(results, NAIVE_NO_TTL)
-    if variant is not None:
-        print()
-        print(f"Against {NAIVE_NO_TTL!r}:")
-        print()
-        print(variant)
+    for full, naive, heading in RATIO_TABLES:
+        ratios_text = ratio_table(results, naive, full)
+        if ratios_text is not None:
+            print()
+            print(heading)
+            print()
+            print(ratios_text)
     for config in compared:
         text = comparison_table(results, config.name)
         if text is not None:

@@ -1,7 +1,8 @@
 """The benchmark runs as docs/performance.md says and prints its tables (speed is never gated):
 create and fetch beside the naive app, the lifecycle's read-limited fetches and deletes, and
 issue #17's shape (1, 20 and 100 connections, full stack / naive ratios with verdicts), each
-configuration on an nx-27017 of its own, and another checkout's full stack beside this one's."""
+configuration on an nx-27017 of its own, and another checkout's full stack beside this one's;
+on SQLite too, each full stack against the naive app of its own store (issue #27)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,14 @@ from loadtests.bench import (
     CONFIGS,
     ECHO,
     FULL_STACK,
+    FULL_STACK_SQLITE,
     HANGING_RECEIVER,
     HEALTHY_RECEIVER,
     NAIVE,
     NAIVE_NO_TTL,
+    NAIVE_SQLITE,
+    RATIO_TABLES,
+    SQLITE,
     TARGETS,
     WEBHOOKS,
     WEBHOOKS_HANGING,
@@ -39,6 +44,7 @@ from loadtests.bench import (
     ratio_table,
     ratios,
     schedule,
+    table,
     verdicts,
 )
 from loadtests.receivers import Deliveries, Delivery
@@ -59,6 +65,12 @@ PROGRESS = re.compile(
     r"database (?P<database>\w+) on nx-27017 pid (?P<pid>\d+) \(mongodb://[^)]+\)$"
 )
 HELD = re.compile(r"^  nx-27017 pid (?P<pid>\d+) held databases: (?P<held>.+)$")
+# "round 1: naive (sqlite), 4 connection(s), fresh data directory /tmp/.../cell-3/data"
+# and, once its cells are measured, "  data directory /tmp/.../cell-3/data held: naive.db"
+SQLITE_PROGRESS = re.compile(
+    r"^round \d+: (?P<config>.+), \d+ connection\(s\), fresh data directory (?P<dir>\S+)$"
+)
+SQLITE_HELD = re.compile(r"^  data directory (?P<dir>\S+) held: (?P<held>.+)$")
 
 
 @dataclass
@@ -549,3 +561,138 @@ def test_a_short_run_with_webhooks_delivers_every_event_once_and_compares_with_t
     assert sum(map(int, by_type.values())) == int(count)
     assert duplicates == "0" and left == "0"
     assert 0 <= float(p50) <= float(p99) <= float(top)
+
+
+def test_the_sqlite_configurations_are_the_full_stack_and_the_naive_app_on_sqlite() -> None:
+    by_name = {config.name: config for config in CONFIGS}
+    full, naive = by_name[FULL_STACK_SQLITE], by_name[NAIVE_SQLITE]
+    assert full.store == naive.store == SQLITE
+    assert (full.command, full.env) == ("serve", by_name[FULL_STACK].env)  # same settings
+    assert naive.command == "naive-sqlite"
+    assert [c.name for c in CONFIGS if c.store == SQLITE] == [FULL_STACK_SQLITE, NAIVE_SQLITE]
+    # Each full stack is judged against the naive app of its own store only.
+    assert [(full, naive) for full, naive, _ in RATIO_TABLES] == [
+        (FULL_STACK, NAIVE), (FULL_STACK, NAIVE_NO_TTL), (FULL_STACK_SQLITE, NAIVE_SQLITE),
+    ]  # fmt: skip
+
+
+def test_each_store_is_compared_with_its_own_naive_app_from_made_up_cells() -> None:
+    mongo_naive, sqlite_naive = cell(rps=100, p50=10), cell(rps=400, p50=2, p99=4, cpu=500)
+    results: Results = {
+        20: {
+            ECHO: {"create": cell(rps=1000), "fetch": cell(rps=1000)},
+            FULL_STACK: {"create": cell(rps=200), "fetch": cell(rps=200)},
+            NAIVE: {"create": mongo_naive, "fetch": mongo_naive},
+            FULL_STACK_SQLITE: {
+                "create": cell(rps=600, p99=4, cpu=300),
+                "fetch": cell(rps=400, p99=5, cpu=400),
+            },
+            NAIVE_SQLITE: {"create": sqlite_naive, "fetch": sqlite_naive},
+        }
+    }
+    text = ratio_table(results, NAIVE_SQLITE, FULL_STACK_SQLITE)
+    assert text is not None
+    assert text.splitlines()[2:] == [
+        "| create | 20 | 1.50x (≥ 1.5x: met) | 5.00x | 1.00x (≤ 1x: met) "
+        "| 0.60x (≤ 0.6x: met) | 3 of 3 |",
+        "| fetch | 20 | 1.00x (≥ 1.5x: not met) | 5.00x | 1.25x (≤ 1x: not met) "
+        "| 0.80x (≤ 0.6x: not met) | 0 of 3 |",
+    ]
+    # MongoDB's full stack against MongoDB's naive app, never against SQLite's.
+    assert "| create | 20 | 2.00x (≥ 1.5x: met)" in (ratio_table(results) or "")
+    # The main table's "req/s vs naive" divides by the naive app of the row's store too.
+    rows = {
+        (row[1], row[2]): row
+        for row in tables(table(results))[0][1:]
+    }  # fmt: skip
+    assert rows[FULL_STACK, "create"][9] == "2.00x"
+    assert rows[FULL_STACK_SQLITE, "create"][9] == "1.50x"
+    assert rows[NAIVE_SQLITE, "fetch"][9] == "1.00x"
+    assert rows[ECHO, "create"][9] == "10.00x"  # the floor, against MongoDB's as before
+    # Without the SQLite naive app in the run, no SQLite table.
+    del results[20][NAIVE_SQLITE]
+    assert ratio_table(results, NAIVE_SQLITE, FULL_STACK_SQLITE) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "refusal"),
+    [
+        (["--issue27", "--only", FULL_STACK], "--issue27 sets --only itself"),
+        (["--issue27", "--concurrency", "20"], "--issue27 sets --concurrency itself"),
+        (["--issue17", "--store", "sqlite"], "--issue17 sets --store itself"),
+        (["--issue17", "--issue27"], "two presets"),
+        (["--store", "mongo", "--only", NAIVE_SQLITE], "not a configuration of --store mongo"),
+        (["--store", "sqlite", "--only", FULL_STACK], "not a configuration of --store sqlite"),
+        (["--store", "sqlite", "--compare-source", "."], "not with --store sqlite"),
+    ],
+)
+def test_store_and_preset_flags_that_contradict_each_other_are_refused(
+    args: list[str], refusal: str
+) -> None:
+    result = run_bench(*args, timeout=60)
+    assert result.returncode == 2
+    assert refusal in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--issue27", "--store", "sqlite"],  # the preset, narrowed to one store
+        ["--store", "sqlite", "--only", ECHO, NAIVE_SQLITE],  # the floor belongs to none
+        ["--only", FULL_STACK, FULL_STACK_SQLITE],  # both stores by default
+    ],
+)
+def test_store_and_preset_flags_that_agree_are_taken(args: list[str]) -> None:
+    # The fraction of a second stops the run after the flags were checked, before anything
+    # starts.
+    result = run_bench(*args, "--duration", "2.5", timeout=60)
+    assert result.returncode == 2
+    assert "--duration must be a whole number of seconds" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_a_short_run_on_both_stores_compares_each_full_stack_with_its_own_naive_app() -> None:
+    need_wrk()
+    result = run_bench(
+        "--only", FULL_STACK, NAIVE, FULL_STACK_SQLITE, NAIVE_SQLITE, "--no-lifecycle",
+        "--duration", "1", "--concurrency", "4", "--rounds", "1", timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    main_table, mongo_ratios, sqlite_ratios = tables(result.stdout)
+    cells = {(row[1], row[2]): row for row in main_table[1:]}
+    configs = (ECHO, FULL_STACK, NAIVE, FULL_STACK_SQLITE, NAIVE_SQLITE)
+    assert sorted(cells) == sorted((c, op) for c in configs for op in ("create", "fetch"))
+    for key, row in cells.items():
+        assert row[-1] == "0", f"{key} had errors: {row}"
+        assert float(row[3]) > 0 and float(row[7]) > 0
+    # The store runs inside the SQLite servers: no database process to charge.
+    assert cells[FULL_STACK_SQLITE, "create"][-2] == "-"
+    assert float(cells[FULL_STACK, "create"][-2]) > 0
+    # The MongoDB cells each on an nx-27017 of their own, as before.
+    assert_own_servers(result.stderr, cells=3, stores={FULL_STACK, NAIVE})
+    # The SQLite cells each on a data directory of their own, holding its own file only.
+    started = [m for line in result.stderr.splitlines() if (m := SQLITE_PROGRESS.match(line))]
+    held = {
+        m["dir"]: m["held"]
+        for line in result.stderr.splitlines()
+        if (m := SQLITE_HELD.match(line))
+    }  # fmt: skip
+    assert sorted(m["config"] for m in started) == sorted([FULL_STACK_SQLITE, NAIVE_SQLITE])
+    assert len({m["dir"] for m in started}) == 2
+    for match in started:
+        assert held[match["dir"]] == (
+            "vault.db" if match["config"] == FULL_STACK_SQLITE else "naive.db"
+        )
+    assert "The SQLite configurations ran each on a data directory of their own" in result.stdout
+    assert "w='majority' is acknowledged by that one server" in " ".join(result.stdout.split())
+    # One ratio table per store, each dividing by the naive app of that store.
+    assert f"SQLite: {FULL_STACK_SQLITE!r} against {NAIVE_SQLITE!r}:" in result.stdout
+    for ratio_rows, full, naive in (
+        (mongo_ratios, FULL_STACK, NAIVE),
+        (sqlite_ratios, FULL_STACK_SQLITE, NAIVE_SQLITE),
+    ):
+        assert [(row[0], row[1]) for row in ratio_rows[1:]] == [("create", "4"), ("fetch", "4")]
+        for row in ratio_rows[1:]:
+            mine, theirs = cells[full, row[0]], cells[naive, row[0]]
+            assert float(row[2][:-1]) == pytest.approx(float(mine[3]) / float(theirs[3]), abs=0.02)
+            assert mine[9] == row[2]  # the main table's "req/s vs naive" is the same ratio
