@@ -144,6 +144,10 @@ NAIVE_NO_TTL = "naive, no TTL index"
 # The same two on the service's embedded store: a SQLite file of their own per cell.
 FULL_STACK_SQLITE = "full stack (sqlite)"
 NAIVE_SQLITE = "naive (sqlite)"
+# The full stack served by two worker processes (`serve --workers 2`), on each store: what a
+# second core adds to one replica (docs/scaling.md).
+FULL_STACK_2 = "full stack, 2 workers"
+FULL_STACK_SQLITE_2 = "full stack (sqlite), 2 workers"
 ECHO = "echo (floor)"
 WEBHOOKS = "full stack + webhooks"
 WEBHOOKS_HANGING = "full stack + webhooks, hanging receiver"
@@ -192,6 +196,7 @@ class Config:
     # MONGO: a fresh database on a MongoDB of its own per cell (the echo too, which uses
     # none); SQLITE: a fresh data directory per cell, the store inside the server process.
     store: str = MONGO
+    args: tuple[str, ...] = ()  # more arguments of `serve`, such as ("--workers", "2")
 
 
 FULL = {"RATE_LIMIT": "1000000/second"}  # the limiter runs but never refuses the benchmark
@@ -222,6 +227,8 @@ CONFIGS = [
     Config(NAIVE_NO_TTL, "naive", {"NAIVE_TTL_INDEX": "0"}),
     Config(FULL_STACK_SQLITE, "serve", FULL, store=SQLITE),
     Config(NAIVE_SQLITE, "naive-sqlite", store=SQLITE),
+    Config(FULL_STACK_2, "serve", FULL, args=("--workers", "2")),
+    Config(FULL_STACK_SQLITE_2, "serve", FULL, store=SQLITE, args=("--workers", "2")),
 ]
 
 
@@ -243,9 +250,25 @@ class Cell:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """utime + stime of a process and of its live descendants (the workers of `serve
+    --workers N`), from /proc."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        child = int(stat.parent.name)
+        parents[child] = int(fields[1])
+        used[child] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    family = {pid}
+    grew = True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in family} - family
+        grew = bool(more)
+        family |= more
+    return sum(used.get(member, 0.0) for member in family)
 
 
 def wait_for(url: str, timeout: float = 30) -> None:
@@ -288,7 +311,7 @@ def otlp_sink() -> Iterator[str]:
 def server(config: Config, env: dict[str, str], workdir: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     if config.command == "serve":
-        command = [sys.executable, "-m", "vault", "serve", "--port", str(port)]
+        command = [sys.executable, "-m", "vault", "serve", "--port", str(port), *config.args]
     else:
         command = [sys.executable, "-m", "loadtests.baselines", config.command, "--port", str(port)]
     log = (workdir / f"{config.command}-{port}.log").open("wb")

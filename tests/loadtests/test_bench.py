@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from loadtests.bench import (
     CONFIGS,
     ECHO,
     FULL_STACK,
+    FULL_STACK_2,
     FULL_STACK_SQLITE,
+    FULL_STACK_SQLITE_2,
     HANGING_RECEIVER,
     HEALTHY_RECEIVER,
     NAIVE,
@@ -35,9 +38,11 @@ from loadtests.bench import (
     Cell,
     Results,
     Target,
+    baseline_of,
     cell_seconds,
     comparison_table,
     concurrency_list,
+    cpu_seconds,
     deliveries_table,
     delivers_to,
     expand,
@@ -569,7 +574,9 @@ def test_the_sqlite_configurations_are_the_full_stack_and_the_naive_app_on_sqlit
     assert full.store == naive.store == SQLITE
     assert (full.command, full.env) == ("serve", by_name[FULL_STACK].env)  # same settings
     assert naive.command == "naive-sqlite"
-    assert [c.name for c in CONFIGS if c.store == SQLITE] == [FULL_STACK_SQLITE, NAIVE_SQLITE]
+    assert [c.name for c in CONFIGS if c.store == SQLITE] == [
+        FULL_STACK_SQLITE, NAIVE_SQLITE, FULL_STACK_SQLITE_2,
+    ]  # fmt: skip
     # Each full stack is judged against the naive app of its own store only.
     assert [(full, naive) for full, naive, _ in RATIO_TABLES] == [
         (FULL_STACK, NAIVE), (FULL_STACK, NAIVE_NO_TTL), (FULL_STACK_SQLITE, NAIVE_SQLITE),
@@ -696,3 +703,38 @@ def test_a_short_run_on_both_stores_compares_each_full_stack_with_its_own_naive_
             mine, theirs = cells[full, row[0]], cells[naive, row[0]]
             assert float(row[2][:-1]) == pytest.approx(float(mine[3]) / float(theirs[3]), abs=0.02)
             assert mine[9] == row[2]  # the main table's "req/s vs naive" is the same ratio
+
+
+def test_the_two_worker_configurations_are_the_full_stack_with_a_second_worker() -> None:
+    by_name = {config.name: config for config in CONFIGS}
+    for two, one in ((FULL_STACK_2, FULL_STACK), (FULL_STACK_SQLITE_2, FULL_STACK_SQLITE)):
+        assert by_name[two].args == ("--workers", "2")
+        assert (by_name[two].env, by_name[two].store) == (by_name[one].env, by_name[one].store)
+        assert by_name[one].args == ()
+    assert baseline_of(FULL_STACK_SQLITE_2) == NAIVE_SQLITE
+    assert baseline_of(FULL_STACK_2) == NAIVE
+
+
+def test_cpu_seconds_counts_the_workers_a_server_forked() -> None:
+    # A parent that only waits, and a child that burns half a second of a core and stays
+    # alive, as a worker does while its cell runs: the CPU of `serve --workers 2` is in
+    # its workers, not in the supervisor.
+    burn = (
+        "import time\nend = time.process_time() + 0.5\n"
+        "while time.process_time() < end: pass\ntime.sleep(5)\n"
+    )
+    wait = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+        "child.wait(); time.sleep(5)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", wait])
+    try:
+        time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while cpu_seconds(parent.pid) < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cpu_seconds(parent.pid) >= 0.4
+    finally:
+        parent.kill()
+        parent.wait()
