@@ -28,6 +28,7 @@ import os
 import sqlite3
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,27 @@ def echo_app() -> Starlette:
     """POST / (and the vault paths) answer the JSON body back."""
     paths = ["/", "/vault/secret/create", "/vault/secret/fetch", "/vault/secret/delete"]
     return Starlette(routes=[Route(path, _echo, methods=["POST"]) for path in paths])
+
+
+SyncHandler = Callable[[Request, dict[str, Any]], Response]
+
+
+def _threadpool_app(create_sync: SyncHandler, fetch_sync: SyncHandler) -> Starlette:
+    """Create and fetch answered by synchronous handlers in Starlette's thread pool, as the
+    straightforward implementation on either store does."""
+
+    async def create(request: Request) -> Response:
+        return await run_in_threadpool(create_sync, request, await request.json())
+
+    async def fetch(request: Request) -> Response:
+        return await run_in_threadpool(fetch_sync, request, await request.json())
+
+    return Starlette(
+        routes=[
+            Route("/vault/secret/create", create, methods=["POST"]),
+            Route("/vault/secret/fetch", fetch, methods=["POST"]),
+        ]
+    )
 
 
 def naive_app() -> Starlette:
@@ -109,18 +131,7 @@ def naive_app() -> Starlette:
         record(request, "fetch", 200, secret_id)
         return JSONResponse({"secret": base64.b64encode(plaintext).decode()})
 
-    async def create(request: Request) -> Response:
-        return await run_in_threadpool(create_sync, request, await request.json())
-
-    async def fetch(request: Request) -> Response:
-        return await run_in_threadpool(fetch_sync, request, await request.json())
-
-    return Starlette(
-        routes=[
-            Route("/vault/secret/create", create, methods=["POST"]),
-            Route("/vault/secret/fetch", fetch, methods=["POST"]),
-        ]
-    )
+    return _threadpool_app(create_sync, fetch_sync)
 
 
 NAIVE_SQLITE_SCHEMA = """
@@ -209,18 +220,7 @@ def naive_sqlite_app() -> Starlette:
         record(request, "fetch", 200, secret_id)
         return JSONResponse({"secret": base64.b64encode(plaintext).decode()})
 
-    async def create(request: Request) -> Response:
-        return await run_in_threadpool(create_sync, request, await request.json())
-
-    async def fetch(request: Request) -> Response:
-        return await run_in_threadpool(fetch_sync, request, await request.json())
-
-    return Starlette(
-        routes=[
-            Route("/vault/secret/create", create, methods=["POST"]),
-            Route("/vault/secret/fetch", fetch, methods=["POST"]),
-        ]
-    )
+    return _threadpool_app(create_sync, fetch_sync)
 
 
 APPS = {"echo": "echo_app", "naive": "naive_app", "naive-sqlite": "naive_sqlite_app"}
