@@ -724,9 +724,13 @@ class MongoStore(OutboxSettling):
         return done
 
     def _backlog_sync(self) -> tuple[int, dt.datetime | None]:
+        """The count from the collection's metadata, not ``count_documents`` (which reads
+        every document: 93 ms of nx-27017's CPU at 5,000 waiting events, and a scan on a
+        real mongod too, every BACKLOG_SECONDS in every process), and the oldest through
+        the ``created_at`` index."""
         with pymongo.timeout(self._mongo.timeout):
             self._ensure_outbox_indexes()
-            count = self._outbox.count_documents({})
+            count = self._outbox.estimated_document_count()
             oldest = self._outbox.find_one({}, {"created_at": 1}, sort=[("created_at", 1)])
         if oldest is None:
             return count, None
