@@ -439,7 +439,9 @@ class SecretStore(Protocol):
 
     async def outbox_backlog(self, now: dt.datetime) -> tuple[int, dt.datetime | None]:
         """How many events the outbox holds (delivered ones leave it), and when the oldest
-        was written to it (None: empty), as of ``now``."""
+        was written to it (None: empty), as of ``now``. For a gauge refreshed every few
+        seconds: neither reads the events one by one (on MongoDB the count is the
+        collection's own, kept with it)."""
 
 
 class Backend(Protocol):

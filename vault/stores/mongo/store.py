@@ -652,11 +652,15 @@ class MongoStore(OutboxSettling):
     ) -> list[PendingEvent]:
         """The events due, then each of them leased by one atomic update of its document
         (matched only while still due: of deliverers racing for it, one gets it), then the
-        documents this call leased read back: three round trips, whatever the count."""
+        documents this call leased read back: three round trips, whatever the count. One
+        event (a probe of receivers known down) in one round trip: see ``_claim_one``."""
         until = now + dt.timedelta(seconds=lease_seconds)
         until = until.replace(microsecond=until.microsecond // 1000 * 1000)  # as BSON keeps it
+        lease = {"$set": {"lease_owner": owner, "lease_until": until, "next_attempt_at": until}}
         with pymongo.timeout(self._mongo.timeout):
             self._ensure_outbox_indexes()
+            if limit == 1:
+                return self._leased(self._claim_one(now, lease), owner)
             due = [
                 doc["_id"]
                 for doc in self._outbox.find({"next_attempt_at": {"$lte": now}}, {"_id": 1})
@@ -665,27 +669,43 @@ class MongoStore(OutboxSettling):
             ]
             if not due:
                 return []
-            self._outbox.update_many(
-                {"_id": {"$in": due}, "next_attempt_at": {"$lte": now}},
-                {"$set": {"lease_owner": owner, "lease_until": until, "next_attempt_at": until}},
-            )
+            self._outbox.update_many({"_id": {"$in": due}, "next_attempt_at": {"$lte": now}}, lease)
             # A document this owner leased before has its lease's end as next_attempt_at,
             # past ``now``: it was not due, so only this call's leases match.
             leased = self._outbox.find(
                 {"_id": {"$in": due}, "lease_owner": owner, "lease_until": until}
             )
-            claimed: list[PendingEvent] = []
-            malformed: list[object] = []
-            for doc in leased:
-                try:
-                    claimed.append(pending_of(doc))
-                except MALFORMED_EVENT:
-                    malformed.append(doc["_id"])
-            if malformed:  # edited in the database: it could never be delivered
-                self._outbox.delete_many({"_id": {"$in": malformed}, "lease_owner": owner})
-                for event_id in malformed:
-                    log.warning("outbox event %s is malformed; removed undelivered", event_id)
+            claimed = self._leased(leased, owner)
         claimed.sort(key=lambda pending: (pending.created_at, pending.event.at))
+        return claimed
+
+    def _claim_one(self, now: dt.datetime, lease: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The soonest due event, leased and read back by one findAndModify: one round trip,
+        answered through the ``next_attempt_at`` index with the first match. The batch's
+        query reads every due event before its limit on nx-27017 (40 ms of its CPU at
+        4,000 waiting), which a probe of a dead receiver's backlog paid each time."""
+        doc = self._outbox.find_one_and_update(
+            {"next_attempt_at": {"$lte": now}},
+            lease,
+            sort=[("next_attempt_at", 1)],
+            return_document=pymongo.ReturnDocument.AFTER,
+        )
+        return [] if doc is None else [doc]
+
+    def _leased(self, docs: Iterable[Mapping[str, Any]], owner: str) -> list[PendingEvent]:
+        """The events of the documents just leased to ``owner``; one that is malformed
+        (edited in the database: it could never be delivered) is removed, with a log line."""
+        claimed: list[PendingEvent] = []
+        malformed: list[object] = []
+        for doc in docs:
+            try:
+                claimed.append(pending_of(doc))
+            except MALFORMED_EVENT:
+                malformed.append(doc["_id"])
+        if malformed:
+            self._outbox.delete_many({"_id": {"$in": malformed}, "lease_owner": owner})
+            for event_id in malformed:
+                log.warning("outbox event %s is malformed; removed undelivered", event_id)
         return claimed
 
     async def claim_events(
@@ -752,9 +772,13 @@ class MongoStore(OutboxSettling):
         return done
 
     def _backlog_sync(self) -> tuple[int, dt.datetime | None]:
+        """The count from the collection's metadata, not ``count_documents`` (which reads
+        every document: 93 ms of nx-27017's CPU at 5,000 waiting events, and a scan on a
+        real mongod too, every BACKLOG_SECONDS in every process), and the oldest through
+        the ``created_at`` index."""
         with pymongo.timeout(self._mongo.timeout):
             self._ensure_outbox_indexes()
-            count = self._outbox.count_documents({})
+            count = self._outbox.estimated_document_count()
             oldest = self._outbox.find_one({}, {"created_at": 1}, sort=[("created_at", 1)])
         if oldest is None:
             return count, None
