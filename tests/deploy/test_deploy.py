@@ -215,7 +215,8 @@ def test_mongodb_is_a_three_member_replica_set(
     volumes = set()
     for name in members:
         member = services[name]
-        assert re.fullmatch(r"mongo:7(\.\d+)*", member["image"])
+        # 8.0: the client-level bulkWrite that writes a batch of creates in one command.
+        assert re.fullmatch(r"mongo:8(\.\d+)*", member["image"])
         assert member["command"][-3:] == ["--replSet", "rs0", "--bind_ip_all"]
         assert "ports" not in member  # never published outside the overlay network
         (volume,) = member["volumes"]

@@ -18,6 +18,7 @@ from pymongo.errors import DuplicateKeyError
 from vault.records import IdempotentCreate, SealedSecret
 
 PENDING, DONE = "pending", "done"
+MARK_DONE = {"$set": {"state": DONE}}  # the update that finishes a key whose secret is stored
 Documents = Collection[dict[str, Any]]
 
 
@@ -33,6 +34,11 @@ def _document(create: IdempotentCreate, state: str) -> dict[str, Any]:
         "expires_at": create.expires_at.timestamp(),
         "state": state,
     }
+
+
+def pending_document(create: IdempotentCreate) -> dict[str, Any]:
+    """The document that claims ``create``'s key while its secret is written."""
+    return _document(create, PENDING)
 
 
 def _create_of(doc: Mapping[str, Any]) -> IdempotentCreate:
@@ -85,7 +91,7 @@ def finish(keys: Documents, stored: Sequence[str], failed: Sequence[str]) -> Non
     """After the secrets' insert: the keys whose secret is stored are done; the keys of
     those refused are removed, so a retry may claim them."""
     if stored:
-        keys.update_many({"_id": {"$in": list(stored)}}, {"$set": {"state": DONE}})
+        keys.update_many({"_id": {"$in": list(stored)}}, MARK_DONE)
     if failed:
         keys.delete_many({"_id": {"$in": list(failed)}, "state": PENDING})
 

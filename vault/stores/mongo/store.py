@@ -68,12 +68,19 @@ from vault.stores.mongo.connection import (
     MongoConnection,
     log,
 )
+from vault.stores.mongo.creates import (
+    CreateWrites,
+    Namespaces,
+    supports_bulk_write,
+    write_creates,
+)
 from vault.stores.mongo.documents import (
     MALFORMED_AUDIT,
     MALFORMED_EVENT,
     audit_document,
     aware,
     document,
+    event_document,
     found_for_delete,
     insert_each,
     insert_events,
@@ -151,6 +158,14 @@ class MongoStore(OutboxSettling):
         self._readiness: Collection[dict[str, Any]] = db.get_collection(
             "readiness", write_concern=durable
         )
+        # Where a create batch's one command (creates.py) writes each kind of document.
+        self._names = Namespaces(
+            secrets=self._secrets.full_name,
+            idempotency=self._idempotency.full_name,
+            receipts=self._receipts.full_name,
+            outbox=self._outbox.full_name,
+            audit=self._audit.full_name,
+        )
         self.health = WriteHealth()  # what /readyz reports: do writes work?
         # What the probe writes while writes fail: at least what the largest create does.
         self._probe_room = max_secret_bytes + _CREATE_BYTES_BESIDE_RECORD
@@ -188,8 +203,11 @@ class MongoStore(OutboxSettling):
 
     def _insert_many_sync(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
         """Insert a batch, then the audit records of the records stored, in one budget; one
-        answer per item: its record's own error, or its audit record's write."""
+        answer per item: its record's own error, or its audit record's write. One command
+        where every server is MongoDB 8.0 or later (creates.py), else two or more in turn."""
         with pymongo.timeout(self._mongo.timeout):
+            if supports_bulk_write(self._mongo.client):
+                return self._insert_one_command_sync(items)
             results = self._insert_docs_sync(items)
             stored = [parts for (parts, _), e in zip(items, results, strict=True) if e is None]
             receipts.insert_receipts(self._receipts, [r for _, r, _, _ in stored if r is not None])
@@ -197,6 +215,43 @@ class MongoStore(OutboxSettling):
             audits = stamped_audits(items, results)
             errors = self._write_audits_sync(audits)
         return insert_results(results, audits, errors)
+
+    def _insert_one_command_sync(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
+        """``_insert_many_sync`` in one client-level bulkWrite. The audit records are
+        stamped before it is sent (the answer, 200, is decided unless a secret is refused,
+        whose record is then never written)."""
+        now = utc_now()
+        audits = {k: audit.answered(200) for k, (_, audit) in enumerate(items) if audit}
+        malformed: dict[int, Exception] = {}
+        audit_docs: dict[int, dict[str, Any]] = {}
+        for k, audit in audits.items():
+            try:
+                audit_docs[k] = audit_document(audit.as_document())
+            except MALFORMED_AUDIT as exc:  # refused alone
+                malformed[k] = exc
+        writes = [
+            CreateWrites(
+                secret=doc,
+                receipt=receipt,
+                event=None if event is None else event_document(event, now),
+                audit=audit_docs.get(k),
+                idempotent=idem,
+            )
+            for k, ((doc, receipt, event, idem), _) in enumerate(items)
+        ]
+        results, refused = write_creates(
+            self._mongo.client,
+            self._names,
+            writes,
+            write_concern=self._secrets.write_concern,
+            claim_again=lambda idem: idempotency.claim(
+                self._idempotency, self._secrets, idem, now, self._mongo.timeout * 2 + 5
+            ),
+            secret_stored=lambda doc: doc["_id"] in self._already_stored([doc]),
+            audit_stored=lambda doc: doc["_id"] in self._audits_stored([doc]),
+        )
+        stored = {k: audit for k, audit in audits.items() if results[k] is None}
+        return insert_results(results, stored, {**malformed, **refused})
 
     def _insert_docs_sync(self, items: list[_Insert]) -> list[Exception | None]:
         """Insert the batch's documents; one entry per item: None, or its own error. An
@@ -796,11 +851,12 @@ class MongoStore(OutboxSettling):
     def _insert_audit_sync(self, documents: list[dict[str, Any]]) -> list[Exception | None]:
         # A duplicate _id is this very record (ids are made with the record), stored by an
         # attempt whose answer was lost; a duplicate under another unique index is a refusal.
-        def stored(docs: list[dict[str, Any]]) -> set[object]:
-            ids = [doc["_id"] for doc in docs]
-            return {doc["_id"] for doc in self._audit.find({"_id": {"$in": ids}}, {"_id": 1})}
+        return insert_each(self._audit, documents, self._audits_stored)
 
-        return insert_each(self._audit, documents, stored)
+    def _audits_stored(self, docs: list[dict[str, Any]]) -> set[object]:
+        """The ``_id`` of those of ``docs`` whose record is already stored."""
+        ids = [doc["_id"] for doc in docs]
+        return {doc["_id"] for doc in self._audit.find({"_id": {"$in": ids}}, {"_id": 1})}
 
     async def _insert_audit_batch(self, documents: list[dict[str, Any]]) -> list[Exception | None]:
         try:
