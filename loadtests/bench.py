@@ -75,7 +75,8 @@ previous revision beside it, in the same interleaved run, give a checkout of tha
     python -m loadtests.bench --issue17 --compare-source DIR
 
 which adds ``full stack @<DIR's short hash>``: the full stack served with PYTHONPATH=DIR,
-and a table of ratios (this checkout's full stack / that one's) per op and concurrency.
+and a table of ratios (this checkout's full stack / that one's) per op and concurrency;
+when the run has ``full stack (sqlite)``, ``full stack (sqlite) @<hash>`` and its table too.
 
 With the full stack and a webhooks configuration, tables of the same ratios compare them
 (webhooks on / off, and receiver hanging / healthy). With ``+ webhooks``, one more table
@@ -235,7 +236,8 @@ CONFIGS = [
 def baseline_of(name: str) -> str:
     """The naive app a configuration's "req/s vs naive" divides by: its own store's."""
     sqlite = {c.name for c in CONFIGS if c.store == SQLITE}
-    return NAIVE_SQLITE if name in sqlite else NAIVE
+    # Another revision's (--compare-source) is named after this one's: "full stack (sqlite) @…".
+    return NAIVE_SQLITE if name.split(" @")[0] in sqlite else NAIVE
 
 
 @dataclass
@@ -965,7 +967,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare-source", action="append", type=Path, default=[], metavar="DIR",
         help="a checkout of another revision (git worktree add DIR COMMIT): adds its full "
-        "stack, served with PYTHONPATH=DIR, and this one's / its ratios (repeatable)",
+        "stack (and its SQLite one, when the run has it), served with PYTHONPATH=DIR, and "
+        "this one's / its ratios (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     stores = selection(parser, args)
@@ -992,6 +995,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     after_full = [c.name for c in configs].index(FULL_STACK) + 1 if compared else 0
     configs[after_full:after_full] = compared  # measured right after it in every round
+    if compared and FULL_STACK_SQLITE in [c.name for c in configs]:  # its SQLite one too
+        after_full = [c.name for c in configs].index(FULL_STACK_SQLITE) + 1
+        configs[after_full:after_full] = [
+            replace(c, name=c.name.replace(FULL_STACK, FULL_STACK_SQLITE, 1), store=SQLITE)
+            for c in compared
+        ]
     runs: dict[tuple[int, str], list[dict[str, Cell]]] = {
         (n, c.name): [] for n in concurrencies for c in configs
     }
@@ -1046,6 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in concurrencies
     }
     sqlite = any(c.store == SQLITE for c in configs)
+    compared = [c for c in configs if c.source != ROOT]
     print(notes(own_servers=not args.mongo_uri, compared=compared, sqlite=sqlite))
     print()
     print(table(results))
@@ -1057,10 +1067,11 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(ratios_text)
     for config in compared:
-        text = comparison_table(results, config.name)
+        current = FULL_STACK_SQLITE if config.store == SQLITE else FULL_STACK
+        text = comparison_table(results, config.name, current=current)
         if text is not None:
             print()
-            print(f"This checkout's {FULL_STACK!r} against {config.name!r} (current / previous):")
+            print(f"This checkout's {current!r} against {config.name!r} (current / previous):")
             print()
             print(text)
     for current, previous, what in WEBHOOK_COMPARISONS:

@@ -616,6 +616,13 @@ def test_each_store_is_compared_with_its_own_naive_app_from_made_up_cells() -> N
     assert rows[FULL_STACK_SQLITE, "create"][9] == "1.50x"
     assert rows[NAIVE_SQLITE, "fetch"][9] == "1.00x"
     assert rows[ECHO, "create"][9] == "10.00x"  # the floor, against MongoDB's as before
+    # Another revision's full stacks (--compare-source) against their own store's too.
+    results[20][f"{FULL_STACK_SQLITE} @abc1234"] = results[20][FULL_STACK_SQLITE]
+    results[20][f"{FULL_STACK} @abc1234"] = results[20][FULL_STACK]
+    rows = {(row[1], row[2]): row for row in tables(table(results))[0][1:]}
+    assert rows[f"{FULL_STACK_SQLITE} @abc1234", "create"][9] == "1.50x"
+    assert rows[f"{FULL_STACK} @abc1234", "create"][9] == "2.00x"
+    del results[20][f"{FULL_STACK_SQLITE} @abc1234"], results[20][f"{FULL_STACK} @abc1234"]
     # Without the SQLite naive app in the run, no SQLite table.
     del results[20][NAIVE_SQLITE]
     assert ratio_table(results, NAIVE_SQLITE, FULL_STACK_SQLITE) is None

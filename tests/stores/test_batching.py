@@ -159,3 +159,38 @@ async def test_while_the_store_is_known_down_submissions_fail_at_once_and_queue_
     assert await batcher.submit(10) == 100
     breaker.succeeded(breaker.try_call() or pytest.fail("a probe is due"))
     assert not breaker.is_open
+
+
+async def test_an_idle_call_runs_in_its_callers_task_and_later_ones_queue_behind_it() -> None:
+    tasks: list[asyncio.Task[object] | None] = []
+
+    async def call(items: list[int]) -> list[int | Exception]:
+        tasks.append(asyncio.current_task())
+        await asyncio.sleep(0.02)
+        return list(items)
+
+    batcher = Batcher(call, operation="test")
+
+    async def caller() -> tuple[int, asyncio.Task[object] | None]:
+        return await batcher.submit(1), asyncio.current_task()
+
+    first = asyncio.ensure_future(caller())
+    await asyncio.sleep(0)  # the first call is out, from the first caller's own task
+    rest = await asyncio.gather(batcher.submit(2), batcher.submit(3))
+    result, own_task = await first
+    assert (result, rest) == (1, [2, 3])
+    assert tasks[0] is own_task  # no task of its own: sent by its caller
+    assert len(tasks) == 2 and tasks[1] is not own_task  # the two queued went out together
+
+
+async def test_a_caller_that_gives_up_on_its_call_does_not_strand_those_queued_behind_it() -> None:
+    call = Recorder(delay=0.05)
+    batcher = Batcher(call, operation="test")
+    first = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0)
+    queued = asyncio.ensure_future(batcher.submit(4))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await queued == 40
+    assert call.batches == [[2], [4]]
+    await batcher.close()

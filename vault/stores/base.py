@@ -17,7 +17,6 @@ import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -55,6 +54,7 @@ from vault.records import (
     record_key,
 )
 from vault.stores.batching import Batcher
+from vault.stores.threads import StoreThreads
 
 # Re-exported: the vocabulary of the stores and of transfer.
 __all__ = ["AUDIT_FIELDS", "AuditWrite", "utc_now"]
@@ -642,25 +642,20 @@ def derived_record_id(document: Mapping[str, Any]) -> str:
     return digest.hexdigest()[:24]
 
 
-def store_executor(threads: int, name: str) -> ThreadPoolExecutor:
-    """A store's own thread pool: as many threads as it has connections, and no more."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
-
-
 async def run_off_loop(
     func: Callable[..., T],
     *args: object,
-    executor: ThreadPoolExecutor,
+    threads: StoreThreads,
     timeout: float,
     operation: str,
     system: str,
 ) -> T:
-    """Run blocking store I/O in the store's thread pool, giving up after ``timeout`` seconds.
+    """Run blocking store I/O in one of the store's threads, giving up after ``timeout``
+    seconds.
 
     The caller is answered in bounded time even when the database hangs: a call still queued
-    is cancelled, one already running is abandoned (its driver's own timeouts end it), and
-    the request gets StoreUnavailable. The pool is the event loop's own executor machinery
-    rather than anyio's to_thread, which costs about three times the CPU per call.
+    is never started, one already running is abandoned (its driver's own timeouts end it), and
+    the request gets StoreUnavailable.
     """
     started = time.perf_counter()
     try:
@@ -668,7 +663,7 @@ async def run_off_loop(
             # The thread runs in a copy of this context, so driver spans nest under ours.
             call = functools.partial(contextvars.copy_context().run, func, *args)
             async with asyncio.timeout(timeout):
-                return await asyncio.get_running_loop().run_in_executor(executor, call)
+                return await threads.submit(call)
     except TimeoutError:
         raise StoreUnavailable.after(timeout) from None
     finally:

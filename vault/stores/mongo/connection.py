@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pymongo
@@ -15,15 +14,13 @@ from pymongo.errors import PyMongoError
 from observability.metrics import STORE_BREAKER_OPEN, STORE_BREAKER_OPENED, STORE_SHORT_CIRCUITED
 from vault.breaker import Call, CircuitBreaker
 from vault.errors import StoreKnownDown, StoreUnavailable
-from vault.stores.base import (
-    run_off_loop,
-    store_executor,
-)
+from vault.stores.base import run_off_loop
 from vault.stores.mongo.errors import (
     is_down,
     is_unavailable,
     mapped_unavailable,
 )
+from vault.stores.threads import StoreThreads
 
 CLOSE_TIMEOUT_SECONDS = 2.0
 
@@ -90,11 +87,11 @@ class MongoConnection:
             tz_aware=True,
             connect=False,
         )
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads: StoreThreads | None = None
         self.breaker = store_breaker(store)
 
     async def open(self) -> None:
-        self._executor = store_executor(self._pool_size, "mongo")
+        self._threads = StoreThreads(self._pool_size, "mongo")
 
     def _close_sync(self) -> None:
         # close() ends the client's server sessions, selecting a server for that under
@@ -104,8 +101,8 @@ class MongoConnection:
             self.client.close()
 
     async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
         await asyncio.get_running_loop().run_in_executor(None, self._close_sync)
 
     async def run(
@@ -113,7 +110,7 @@ class MongoConnection:
     ) -> Any:
         """Run ``func(*args)`` in the pool; ``timeout`` replaces the store's budget for calls
         that wrap themselves in a longer ``pymongo.timeout``."""
-        if self._executor is None:
+        if self._threads is None:
             raise RuntimeError("MongoDB used before open()")
         call = self.breaker.try_call()
         if call is None:
@@ -122,7 +119,7 @@ class MongoConnection:
             result = await run_off_loop(
                 func,
                 *args,
-                executor=self._executor,
+                threads=self._threads,
                 timeout=self._deadline if timeout is None else timeout + 1.0,
                 operation=operation,
                 system="mongodb",

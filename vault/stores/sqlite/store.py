@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import queue
 import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,7 +45,6 @@ from vault.stores.base import (
     record_event,
     run_off_loop,
     stamped_audits,
-    store_executor,
     stored_or_refused,
     unavailable,
     utc_now,
@@ -88,6 +85,7 @@ from vault.stores.sqlite.documents import (
     take_read,
 )
 from vault.stores.sqlite.errors import mapped_unavailable, readiness_reason
+from vault.stores.threads import StoreThreads
 
 T = TypeVar("T")
 log = logging.getLogger("secret_manager.store")
@@ -140,7 +138,7 @@ class SQLiteStore(OutboxSettling):
         self._timeout = timeout
         self._size = connections
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads: StoreThreads | None = None
         self.health = WriteHealth()  # what /readyz reports: do writes work?
         # What the probe writes while writes fail: at least the pages the largest create does.
         self._probe_room = max_secret_bytes + _CREATE_PAGES_BESIDE_RECORD * _PAGE_BYTES
@@ -168,16 +166,16 @@ class SQLiteStore(OutboxSettling):
             self._pool.put(self._connect())
 
     async def open(self) -> None:
-        self._executor = store_executor(self._size, "sqlite")
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_sync)
+        self._threads = StoreThreads(self._size, "sqlite")
+        await self._threads.submit(self._open_sync)
 
     async def close(self) -> None:
         await self._inserts.close()
         await self._reads.close()
         await self._audits.close()
         await self._settles.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
         while not self._pool.empty():
             self._pool.get_nowait().close()
 
@@ -201,8 +199,8 @@ class SQLiteStore(OutboxSettling):
         """Run ``func`` on a pooled connection off the loop. A ``write``'s failure is
         reported to ``self.health``, and so is its success when ``proves`` says it shows
         writes work (a write as large as a create; see vault/stores/health.py)."""
-        executor = self._executor
-        if executor is None:
+        threads = self._threads
+        if threads is None:
             raise RuntimeError("store used before open()")
 
         def call() -> T:
@@ -222,7 +220,7 @@ class SQLiteStore(OutboxSettling):
             try:
                 return await run_off_loop(
                     call,
-                    executor=executor,
+                    threads=threads,
                     timeout=self._timeout + 1.0 if timeout is None else timeout,
                     operation=operation,
                     system="sqlite",
