@@ -44,6 +44,7 @@ class PrometheusMiddleware:
         self._gauges: dict[str, Any] = {}
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._fetched: dict[str, Any] = {}
+        self._labelled: dict[tuple[Any, str], Any] = {}
 
     # labels() validates and locks on every call; the label sets here are few and fixed
     # (methods x route templates x statuses), so each child is looked up once and kept.
@@ -62,6 +63,13 @@ class PrometheusMiddleware:
                 HTTP_REQUEST_DURATION.labels(method, template),
             )
         return series
+
+    def _child(self, metric: Any, value: str) -> Any:
+        """``metric.labels(value)``, looked up once (a series appears when first counted)."""
+        child = self._labelled.get((metric, value))
+        if child is None:
+            child = self._labelled[metric, value] = metric.labels(value)
+        return child
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_exempt(scope, self.exempt_paths):
@@ -102,10 +110,10 @@ class PrometheusMiddleware:
                     fetched = self._fetched[outcome] = SECRETS_FETCHED.labels(outcome)
                 fetched.inc()
                 if outcome == "expired":
-                    SECRETS_EXPIRED.labels("fetch").inc()
+                    self._child(SECRETS_EXPIRED, "fetch").inc()
             elif op == "delete":
                 outcome = outcome_of(scope, status)
                 if status == 200:
-                    SECRETS_DELETED.labels("request").inc()
+                    self._child(SECRETS_DELETED, "request").inc()
                 elif outcome == "expired":
-                    SECRETS_EXPIRED.labels("delete").inc()
+                    self._child(SECRETS_EXPIRED, "delete").inc()

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from middleware.answers import error_answer, refuse_unread
 from middleware.clientip import client_ip
 from middleware.context import request_context
-from middleware.headers import encode_pairs, set_response_headers
+from middleware.headers import Pair, set_response_headers
 from middleware.paths import UNLIMITED_PATHS, is_exempt
 
 log = logging.getLogger("secret_manager.ratelimit")
@@ -138,7 +138,7 @@ def _per(period: int) -> str:
     return unit if n == 1 else f"{n} {unit}s"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a setattr per field
 class _Usage:
     """One limit's state for this budget: how many requests its window has seen."""
 
@@ -159,6 +159,14 @@ class _Usage:
             "RateLimit-Reset": str(self.reset),
         }
 
+    def pairs(self) -> tuple[Pair, ...]:
+        """``headers()`` as an ASGI message carries them, encoded without a dict between."""
+        return (
+            (b"ratelimit-limit", b"%d" % self.limit),
+            (b"ratelimit-remaining", b"%d" % self.remaining),
+            (b"ratelimit-reset", b"%d" % self.reset),
+        )
+
     def nearer_than(self, message: Message) -> bool:
         """Whether this limit is nearer to running out than the one whose headers a layer
         inside already put in ``message`` (True when there are none): fewer requests
@@ -172,6 +180,11 @@ class _Usage:
         if remaining is None or reset is None or not (remaining.isdigit() and reset.isdigit()):
             return True
         return (self.remaining, -self.reset) < (int(remaining), -int(reset))
+
+
+def _nearness(usage: _Usage) -> tuple[int, int]:
+    """Sorts the limit nearest to running out first: fewest remaining, then latest reset."""
+    return (usage.remaining, -usage.reset)
 
 
 class RateLimitMiddleware:
@@ -302,8 +315,8 @@ class RateLimitMiddleware:
             await refuse_unread(response, scope, receive, send)
             return
 
-        nearest = min(usage, key=lambda u: (u.remaining, -u.reset))
-        pairs = encode_pairs(nearest.headers().items())
+        nearest = usage[0] if len(usage) == 1 else min(usage, key=_nearness)
+        pairs = nearest.pairs()
 
         async def send_with_headers(message: Message) -> None:
             # A layer inside (the per-key limit inside the per-client one) may have set

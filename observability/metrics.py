@@ -171,9 +171,17 @@ WEBHOOK_OLDEST_PENDING_SECONDS = Gauge(
 )
 
 
+# labels() validates its arguments and takes a lock on every call; the operations are a
+# few fixed names, so each one's child is looked up once and kept.
+_STORE_OPERATIONS: dict[str, Histogram] = {}
+
+
 def observe_store_operation(operation: str, seconds: float) -> None:
     """Record how long one store operation (``insert``, ``get``, ``ping``) took."""
-    STORE_OPERATION_SECONDS.labels(operation).observe(seconds)
+    child = _STORE_OPERATIONS.get(operation)
+    if child is None:
+        child = _STORE_OPERATIONS[operation] = STORE_OPERATION_SECONDS.labels(operation)
+    child.observe(seconds)
 
 
 def prepare_multiprocess_dir(path: Path) -> None:

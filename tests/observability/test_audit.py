@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -27,3 +28,22 @@ def test_json_line_is_utc_with_a_z_and_carries_the_record_id() -> None:
     assert line["ts"].endswith("Z") and "+00:00" not in line["ts"]
     assert line["record_id"] == record.record_id
     assert line["request_id"] == "r1"
+
+
+def test_answered_restamps_the_answer_and_keeps_every_other_field() -> None:
+    record = dataclasses.replace(
+        audit_record("r1"),
+        secret_id_hmac="ab" * 32,
+        user_agent="curl/8",
+        api_key_name="ci",
+        tenant="acme",
+        started=1.0,
+    )
+    answered = record.answered(404, "expired")
+    assert (answered.status, answered.outcome) == (404, "expired")
+    stamped = {"ts", "status", "outcome", "latency_ms"}
+    for field in dataclasses.fields(record):
+        if field.name not in stamped:
+            assert getattr(answered, field.name) == getattr(record, field.name), field.name
+    assert answered.ts >= record.ts
+    assert record.answered(200).outcome == "success"
