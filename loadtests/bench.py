@@ -319,16 +319,27 @@ def wrk(
     concurrency: int,
     workdir: Path,
     answers: Path | None = None,
+    headers: list[str] | None = None,
+    timeout: float | None = None,
 ) -> dict[str, int]:
     """Run wrk for ``seconds``, sending ``bodies`` in turn; return bench.lua's summary.
-    With ``answers``, the secret_id of every 200 answer is appended to that file."""
+    With ``answers``, the secret_id of every 200 answer is appended to that file; with
+    ``headers`` ("Name: value", one per body), each body's request carries its own; with
+    ``timeout``, wrk waits that many seconds for an answer (else its 2 s)."""
     bodies_file = workdir / "bodies.jsonl"
     bodies_file.write_text("".join(body + "\n" for body in bodies))
     ids = [] if answers is None else [str(answers)]
+    if headers is not None:
+        if len(headers) != len(bodies):
+            raise ValueError(f"{len(headers)} header lines for {len(bodies)} bodies")
+        headers_file = workdir / "headers.txt"
+        headers_file.write_text("".join(header + "\n" for header in headers))
+        ids = [*(ids or ["-"]), str(headers_file)]
+    waits = [] if timeout is None else ["--timeout", f"{math.ceil(timeout)}s"]
     result = subprocess.run(  # noqa: S603 - our own arguments, no shell
-        [executable("wrk"), "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-s", str(SCRIPT),
-         url, "--", str(bodies_file), *ids],
-        capture_output=True, text=True, timeout=seconds + 60, check=True,
+        [executable("wrk"), "-t1", f"-c{concurrency}", f"-d{seconds:g}s", *waits,
+         "-s", str(SCRIPT), url, "--", str(bodies_file), *ids],
+        capture_output=True, text=True, timeout=seconds + (timeout or 0) + 60, check=True,
     )  # fmt: skip
     summary: dict[str, int] = json.loads(result.stdout.strip().splitlines()[-1])
     return summary
@@ -343,10 +354,12 @@ def measure(
     workdir: Path,
     db_pid: int | None,
     answers: Path | None = None,
+    headers: list[str] | None = None,
+    timeout: float | None = None,
 ) -> Cell:
     before = cpu_seconds(pid)
     db_before = cpu_seconds(db_pid) if db_pid else 0.0
-    summary = wrk(url, bodies, seconds, concurrency, workdir, answers)
+    summary = wrk(url, bodies, seconds, concurrency, workdir, answers, headers, timeout)
     cpu = cpu_seconds(pid) - before
     db_cpu = cpu_seconds(db_pid) - db_before if db_pid else None
     requests = max(summary["requests"], 1)

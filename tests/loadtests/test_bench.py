@@ -7,6 +7,7 @@ on SQLite too, each full stack against the naive app of its own store (issue #27
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -46,10 +48,11 @@ from loadtests.bench import (
     schedule,
     table,
     verdicts,
+    wrk,
 )
 from loadtests.receivers import Deliveries, Delivery
 from tests.conftest import ROOT, clean_env
-from tests.loadtests.conftest import git
+from tests.loadtests.conftest import JSONHandler, git, stand_in_server
 
 ALL_OPS = ("create", "fetch", "fetch (max_reads 1000000)", "fetch (max_reads 1)", "delete")
 # "0.95x (≥ 1.5x: not met)", or a bare "1.11x" where #17 sets no target
@@ -287,6 +290,41 @@ def test_compare_source_serves_the_other_checkouts_full_stack_beside_this_ones(
         now, then = cells[FULL_STACK, row[0]], cells[previous, row[0]]
         assert float(row[2][:-1]) == pytest.approx(float(now[3]) / float(then[3]), abs=0.02)
         assert float(row[6][:-1]) == pytest.approx(float(now[10]) / float(then[10]), rel=0.02)
+
+
+class Recorder(JSONHandler):
+    """Notes each request's body and its Idempotency-Key and Content-Type headers."""
+
+    seen: ClassVar[list[tuple[object, str | None, str | None]]] = []
+
+    def do_POST(self) -> None:
+        body = self.json_body()
+        self.seen.append(
+            (body, self.headers.get("Idempotency-Key"), self.headers.get("Content-Type"))
+        )
+        self.answer(200, {"secret_id": "00000000-0000-0000-0000-000000000000"})
+
+
+@pytest.mark.slow
+def test_wrk_sends_each_bodys_own_header_and_none_without_headers(tmp_path: Path) -> None:
+    need_wrk()
+    Recorder.seen = []
+    bodies = [json.dumps({"n": n}) for n in range(50)]
+    headers = [f"Idempotency-Key: key-{n}" for n in range(50)]
+    with stand_in_server(Recorder) as url:
+        summary = wrk(url, bodies, 1, 2, tmp_path, headers=headers, timeout=5)
+        with_headers, Recorder.seen = Recorder.seen, []
+        wrk(url, bodies, 1, 2, tmp_path)
+        without = Recorder.seen
+    assert summary["requests"] > 50 and summary["status_errors"] == 0
+    # Every request carried the header of its own body's line, and its JSON type.
+    assert len(with_headers) >= 50
+    for body, key, kind in with_headers:
+        assert isinstance(body, dict)
+        assert (key, kind) == (f"key-{body['n']}", "application/json")
+    # Without a headers file the requests are what they always were.
+    assert without and all(key is None for _, key, _ in without)
+    assert {kind for _, _, kind in without} == {"application/json"}
 
 
 def test_compare_source_refuses_a_directory_without_the_service(tmp_path: Path) -> None:
