@@ -34,12 +34,25 @@ it before its timed cell (untimed):
   of ``FETCH_POOL`` asked in turn): the atomic take of one read, without a last read;
 - ``fetch (max_reads 1)``: one-time secrets, a fresh one per request: the take of the last
   read, which also deletes the record before answering (the dearest read-limited fetch);
-- ``delete``: deletes of fresh secrets, one per request.
+- ``delete``: deletes of fresh secrets, one per request;
+- ``create (receipt)``: creates asking for a receipt, with a label;
+- ``create (idempotent)``: creates each with an ``Idempotency-Key`` header of its own
+  (bench.lua's per-request headers; a key sent twice would be a replay, counted an error);
+- ``create (passphrase)``, ``fetch (passphrase)``: creates with a passphrase, then fetches
+  with it of the secrets those creates stored (at most ``PASSPHRASE_POOL``, asked in turn;
+  made up, untimed, to one per connection when they stored fewer). Each such request costs
+  a scrypt derivation (about 0.2 s of a core, at most two at once per process): a few
+  requests a second, so their cells come last, let wrk wait past the cell's end for an
+  answer, and count the server's CPU until it has worked off what wrk left queued (one
+  request per connection), over the requests answered and those (``--no-passphrase``
+  leaves them out).
 
 The echo takes the same requests (it answers them back); the naive app only creates and
-fetches, so only those rows compare with it. For each cell it reports throughput,
-p50/p95/p99 latency and the server process's CPU time per request (steadier than wall time
-on a shared machine), and prints a markdown table::
+fetches, so only those rows compare with it. A table then divides each lifecycle row by
+the plain create (for the create rows) or fetch (the others) of the same configuration and
+concurrency: throughput, p50, server and database CPU per request. For each cell it
+reports throughput, p50/p95/p99 latency and the server process's CPU time per request
+(steadier than wall time on a shared machine), and prints a markdown table::
 
     python -m loadtests.bench                      # 5 s per cell, 20 connections, 3 rounds
     python -m loadtests.bench --duration 10 --concurrency 1,20,100 --mongo-uri mongodb://...
@@ -135,7 +148,36 @@ READS_THAT_LAST = 1_000_000  # the API's largest max_reads: no cell uses them up
 POOL_MARGIN = 1.5
 MIN_POOL = 200
 BASE_OPS = ("create", "fetch")  # what every configuration, the naive app too, serves
-LIFECYCLE_OPS = ("fetch (max_reads 1000000)", "fetch (max_reads 1)", "delete")
+LIFECYCLE_OPS = (
+    "fetch (max_reads 1000000)",
+    "fetch (max_reads 1)",
+    "delete",
+    "create (receipt)",
+    "create (idempotent)",
+    "create (passphrase)",
+    "fetch (passphrase)",
+)
+# Each request of these derives a key from its passphrase (scrypt, about 0.2 s of a core;
+# at most two at once per process): a few requests a second. Measured last, each with a
+# wrk timeout past the cell's end (a queued request waits seconds, and is no error), and
+# drained: the server finishes what wrk left queued, charged to the cell (see measure).
+PASSPHRASE_OPS = ("create (passphrase)", "fetch (passphrase)")
+PASSPHRASE = "correct horse battery staple"  # noqa: S105 - the bench's own, in every body
+PLAIN: dict[str, object] = {"secret": SECRET}
+# The create bodies of the lifecycle's create rows (the idempotent one adds a header).
+CREATE_BODIES: dict[str, dict[str, object]] = {
+    "create (receipt)": {**PLAIN, "receipt": True, "label": "bench receipt"},
+    "create (idempotent)": PLAIN,
+    "create (passphrase)": {**PLAIN, "passphrase": PASSPHRASE},
+}
+# The passphrase fetch asks in turn for at most this many secrets (no read limit), those
+# its create cell stored first, made up to min(connections, this) when it stored fewer:
+# each made costs a derivation, so the untimed part stays a few seconds at most.
+PASSPHRASE_POOL = 20
+# Idempotency-Keys for the idempotent create cell, each sent once: this many times the
+# requests the plain create cell took (a key repeated would be a replay, counted an error).
+KEY_MARGIN = 4
+SETTLE_SECONDS = 30.0  # the longest the bench waits for a server to finish a cell's queue
 LOW_CONCURRENCY_FACTOR = 2  # a cell at one connection runs this many times --duration
 FULL_STACK = "full stack"
 NAIVE = "naive (2 sync inserts)"
@@ -344,16 +386,27 @@ def wrk(
     concurrency: int,
     workdir: Path,
     answers: Path | None = None,
+    headers: list[str] | None = None,
+    timeout: float | None = None,
 ) -> dict[str, int]:
     """Run wrk for ``seconds``, sending ``bodies`` in turn; return bench.lua's summary.
-    With ``answers``, the secret_id of every 200 answer is appended to that file."""
+    With ``answers``, the secret_id of every 200 answer is appended to that file; with
+    ``headers`` ("Name: value", one per body), each body's request carries its own; with
+    ``timeout``, wrk waits that many seconds for an answer (else its 2 s)."""
     bodies_file = workdir / "bodies.jsonl"
     bodies_file.write_text("".join(body + "\n" for body in bodies))
     ids = [] if answers is None else [str(answers)]
+    if headers is not None:
+        if len(headers) != len(bodies):
+            raise ValueError(f"{len(headers)} header lines for {len(bodies)} bodies")
+        headers_file = workdir / "headers.txt"
+        headers_file.write_text("".join(header + "\n" for header in headers))
+        ids = [*(ids or ["-"]), str(headers_file)]
+    waits = [] if timeout is None else ["--timeout", f"{math.ceil(timeout)}s"]
     result = subprocess.run(  # noqa: S603 - our own arguments, no shell
-        [executable("wrk"), "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-s", str(SCRIPT),
-         url, "--", str(bodies_file), *ids],
-        capture_output=True, text=True, timeout=seconds + 60, check=True,
+        [executable("wrk"), "-t1", f"-c{concurrency}", f"-d{seconds:g}s", *waits,
+         "-s", str(SCRIPT), url, "--", str(bodies_file), *ids],
+        capture_output=True, text=True, timeout=seconds + (timeout or 0) + 60, check=True,
     )  # fmt: skip
     summary: dict[str, int] = json.loads(result.stdout.strip().splitlines()[-1])
     return summary
@@ -368,13 +421,23 @@ def measure(
     workdir: Path,
     db_pid: int | None,
     answers: Path | None = None,
+    headers: list[str] | None = None,
+    timeout: float | None = None,
+    drained: bool = False,
 ) -> Cell:
+    """One cell: wrk's throughput and latencies, and the CPU per request of the server and
+    the database. ``drained`` (requests that take seconds): the server then finishes what
+    wrk left in flight, one request per connection, and the CPU is counted until it has,
+    over the requests answered and those; else it is counted while wrk runs, over the
+    requests answered (what a request left unanswered costs then is negligible)."""
     before = cpu_seconds(pid)
     db_before = cpu_seconds(db_pid) if db_pid else 0.0
-    summary = wrk(url, bodies, seconds, concurrency, workdir, answers)
+    summary = wrk(url, bodies, seconds, concurrency, workdir, answers, headers, timeout)
+    if drained:
+        settle(pid)
     cpu = cpu_seconds(pid) - before
     db_cpu = cpu_seconds(db_pid) - db_before if db_pid else None
-    requests = max(summary["requests"], 1)
+    requests = max(summary["requests"] + (concurrency if drained else 0), 1)
     answered = summary["requests"] - summary["status_errors"]  # 2xx and 3xx: none of ours is 3xx
     return Cell(
         rps=answered / (summary["duration_us"] / 1e6),
@@ -429,7 +492,7 @@ def bench_config(
     seconds: float,
     concurrency: int,
     db_pid: int | None = None,
-    lifecycle: bool = True,
+    lifecycle: tuple[str, ...] = LIFECYCLE_OPS,
     placeholders: Mapping[str, str] | None = None,
     drain: float = 0.0,
 ) -> dict[str, Cell]:
@@ -438,7 +501,8 @@ def bench_config(
     (``lifecycle``, the service only) the lifecycle's requests. ``db_pid``: the database
     process charged for them (none on SQLite: the store runs in the server's process).
     ``placeholders``: the values of the ``$NAME``s in its environment besides ``MONGO_URI``.
-    ``drain``: seconds the server may then take to deliver its outbox before it stops."""
+    ``drain``: seconds the server may then take to deliver its outbox before it stops.
+    ``lifecycle``: the rows of LIFECYCLE_OPS to measure (none: create and fetch only)."""
     values = {"MONGO_URI": env.get("MONGO_URI", ""), **(placeholders or {})}
     config_env = {k: expand(v, values) for k, v in config.env.items()}
     with server(replace(config, env=config_env), env, workdir) as (url, pid):
@@ -456,7 +520,7 @@ def measure_ops(
     seconds: float,
     concurrency: int,
     db_pid: int | None,
-    lifecycle: bool,
+    lifecycle: tuple[str, ...],
 ) -> dict[str, Cell]:
     """The cells of ``config``, served at ``url`` by process ``pid``: see ``bench_config``."""
     created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
@@ -481,23 +545,103 @@ def measure_ops(
     cells["fetch"] = cell(fetch_url, created_ids(answers, FETCH_IDS) or [secret_id])
     if config.command.startswith("naive") or not lifecycle:
         return cells
-    if config.command == "echo":
-        for op in LIFECYCLE_OPS:
-            cells[op] = cell(delete_url if op == "delete" else fetch_url, [secret_id])
+    keys = max(MIN_POOL, math.ceil(cells["create"].rps * seconds * KEY_MARGIN))
+
+    def run(op: str, ids: list[str], made: Path | None = None) -> Cell:
+        """The cell of a lifecycle row without a pool of its own to make (made: where its
+        creates' answers go); a passphrase row's is drained (see ``measure``)."""
+        path, bodies, headers = op_requests(op, ids, keys)
+        slow = op in PASSPHRASE_OPS
+        return measure(
+            url + path, pid, bodies, seconds, concurrency, workdir, db_pid, made, headers,
+            timeout=seconds + 10 if slow else None, drained=slow,
+        )  # fmt: skip
+
+    if config.command == "echo":  # the same requests, answered back
+        for op in lifecycle:
+            cells[op] = run(op, [secret_id])
         return cells
 
     rate = max(cells["create"].rps, 1.0)
     # Each request of these cells uses a secret up: expect about the plain fetch's rate.
     needed = max(MIN_POOL, math.ceil(cells["fetch"].rps * seconds * POOL_MARGIN))
-    lasting = {"secret": SECRET, "max_reads": READS_THAT_LAST}
-    pool = fresh_secrets(url, lasting, FETCH_POOL, rate, concurrency, workdir, answers)
-    cells["fetch (max_reads 1000000)"] = cell(fetch_url, pool[:FETCH_POOL])
-    one_time = {"secret": SECRET, "max_reads": 1}
-    pool = fresh_secrets(url, one_time, needed, rate, concurrency, workdir, answers)
-    cells["fetch (max_reads 1)"] = cell(fetch_url, pool)
-    pool = fresh_secrets(url, {"secret": SECRET}, needed, rate, concurrency, workdir, answers)
-    cells["delete"] = cell(delete_url, pool)
+    if "fetch (max_reads 1000000)" in lifecycle:
+        lasting = {"secret": SECRET, "max_reads": READS_THAT_LAST}
+        pool = fresh_secrets(url, lasting, FETCH_POOL, rate, concurrency, workdir, answers)
+        cells["fetch (max_reads 1000000)"] = cell(fetch_url, pool[:FETCH_POOL])
+    if "fetch (max_reads 1)" in lifecycle:
+        one_time = {"secret": SECRET, "max_reads": 1}
+        pool = fresh_secrets(url, one_time, needed, rate, concurrency, workdir, answers)
+        cells["fetch (max_reads 1)"] = cell(fetch_url, pool)
+    if "delete" in lifecycle:
+        pool = fresh_secrets(url, {"secret": SECRET}, needed, rate, concurrency, workdir, answers)
+        cells["delete"] = cell(delete_url, pool)
+    if "create (receipt)" in lifecycle:
+        cells["create (receipt)"] = run("create (receipt)", [])
+    if "create (idempotent)" in lifecycle:
+        made = workdir / "idempotent-ids"
+        measured = run("create (idempotent)", [], made)
+        # A key sent twice is answered with the first create's secret_id (a replay, no
+        # second secret): not what the row measures, so each repeat counts as an error.
+        stored = created_ids(made)
+        cells["create (idempotent)"] = replace(
+            measured, errors=measured.errors + len(stored) - len(set(stored))
+        )
+    if "create (passphrase)" in lifecycle:
+        made = workdir / "passphrase-ids"
+        cells["create (passphrase)"] = run("create (passphrase)", [], made)
+        if "fetch (passphrase)" in lifecycle:
+            pool, missing = passphrase_pool(created_ids(made), concurrency)
+            pool += [passphrase_secret(url) for _ in range(missing)]
+            cells["fetch (passphrase)"] = run("fetch (passphrase)", pool)
     return cells
+
+
+def op_requests(op: str, ids: list[str], keys: int) -> tuple[str, list[str], list[str] | None]:
+    """A lifecycle row's path, request bodies and per-request headers: a create row's body
+    (with ``keys`` Idempotency-Keys, one per request, for the idempotent one), or a body per
+    secret of ``ids`` for a fetch or delete (with the passphrase for the passphrase fetch)."""
+    if op in CREATE_BODIES:
+        body = json.dumps(CREATE_BODIES[op])
+        if op == "create (idempotent)":
+            headers = [f"Idempotency-Key: {uuid.uuid4()}" for _ in range(keys)]
+            return "/vault/secret/create", [body] * keys, headers
+        return "/vault/secret/create", [body], None
+    extra = {"passphrase": PASSPHRASE} if op == "fetch (passphrase)" else {}
+    path = "/vault/secret/delete" if op == "delete" else "/vault/secret/fetch"
+    return path, [json.dumps({"secret_id": i, **extra}) for i in ids], None
+
+
+def passphrase_pool(stored: list[str], concurrency: int) -> tuple[list[str], int]:
+    """The secrets the passphrase fetch asks for in turn: those its create cell stored, at
+    most PASSPHRASE_POOL; and how many more to make (each one a derivation) so that up to
+    that many connections each ask a secret of their own."""
+    pool = stored[:PASSPHRASE_POOL]
+    return pool, max(0, min(concurrency, PASSPHRASE_POOL) - len(pool))
+
+
+def passphrase_secret(url: str) -> str:
+    """One secret made with the bench's passphrase (untimed): its id."""
+    created = httpx.post(
+        url + "/vault/secret/create", json=CREATE_BODIES["create (passphrase)"], timeout=60
+    )
+    created.raise_for_status()
+    return str(created.json()["secret_id"])
+
+
+def settle(pid: int, seconds: float = SETTLE_SECONDS) -> None:
+    """Wait, ``seconds`` at most, until process ``pid`` is idle (under a tenth of a core
+    for a quarter of a second): a server still works through the requests a cell left
+    queued when wrk stopped (passphrase derivations, 0.2 s each), which would otherwise
+    run in the next cell and be charged to it."""
+    deadline = time.monotonic() + seconds
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = cpu_seconds(pid)
+        if now - before < 0.025:
+            return
+        before = now
 
 
 def expand(value: str, values: Mapping[str, str]) -> str:
@@ -549,7 +693,7 @@ def bench_cell(
     workdir: Path,
     seconds: float,
     concurrency: int,
-    lifecycle: bool,
+    lifecycle: tuple[str, ...],
     progress: str,
     placeholders: Mapping[str, str] | None = None,
     receiver: Receiver | None = None,
@@ -595,7 +739,7 @@ def sqlite_cell(
     workdir: Path,
     seconds: float,
     concurrency: int,
-    lifecycle: bool,
+    lifecycle: tuple[str, ...],
     progress: str,
 ) -> tuple[dict[str, Cell], None]:
     """``bench_cell`` for a SQLite configuration: a data directory that did not exist before
@@ -804,6 +948,48 @@ def comparison_table(results: Results, previous: str, current: str = FULL_STACK)
     )
 
 
+def plain_of(op: str) -> str:
+    """The plain request a lifecycle row is compared with: a create row with the create,
+    the others (fetches, delete) with the fetch."""
+    return "create" if op.startswith("create") else "fetch"
+
+
+def lifecycle_table(results: Results) -> str | None:
+    """Each lifecycle row of each service configuration against the plain create or fetch
+    of the same configuration, concurrency and run (row / plain): throughput, p50, server
+    and database CPU per request. None without lifecycle rows."""
+    rows: list[str] = []
+    for concurrency, by_config in results.items():
+        for name, cells in by_config.items():
+            if name == ECHO:
+                continue
+            for op in LIFECYCLE_OPS:
+                if op not in cells:
+                    continue
+                row, plain = cells[op], cells[plain_of(op)]
+                db = (
+                    "-"
+                    if row.db_cpu_us is None or plain.db_cpu_us is None
+                    else f"{ratio(row.db_cpu_us, plain.db_cpu_us):.2f}x"
+                )
+                rows.append(
+                    f"| {concurrency} | {name} | {op} | {plain_of(op)} "
+                    f"| {ratio(row.rps, plain.rps):.2f}x | {ratio(row.p50_ms, plain.p50_ms):.2f}x "
+                    f"| {ratio(row.cpu_us, plain.cpu_us):.2f}x "
+                    f"| {row.cpu_us - plain.cpu_us:+.0f} | {db} |"
+                )
+    if not rows:
+        return None
+    return "\n".join(
+        [
+            "| connections | configuration | op | against | req/s vs plain | p50 vs plain "
+            "| CPU/req vs plain | CPU µs/req more | DB CPU/req vs plain |",
+            "|---:|---|---|---|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
 def deliveries_table(by_concurrency: Mapping[int, Deliveries]) -> str | None:
     """The healthy receiver's deliveries per concurrency, every round's together: how many
     (and of which event types), how many repeated a webhook-id, the time from each event's
@@ -954,6 +1140,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure the lifecycle's requests on the service (on)",
     )  # fmt: skip
     parser.add_argument(
+        "--passphrase", action=argparse.BooleanOptionalAction, default=True,
+        help="with the lifecycle, also measure the passphrase rows: a few requests a second, "
+        "each one a scrypt derivation (on)",
+    )  # fmt: skip
+    parser.add_argument(
         "--issue17", action="store_true",
         help="issue #17's table: --concurrency 1,20,100 --only "
         f"{' '.join(repr(n) for n in ISSUE17_CONFIGS)} --no-lifecycle",
@@ -973,7 +1164,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stores = selection(parser, args)
     concurrencies: list[int] = args.concurrency or [20]
-    lifecycle: bool = args.lifecycle is not False
+    lifecycle = tuple(
+        op
+        for op in LIFECYCLE_OPS
+        if args.lifecycle is not False and (args.passphrase or op not in PASSPHRASE_OPS)
+    )
     if not args.duration > 0:
         parser.error("--duration must be a positive number of seconds")
     if args.duration != int(args.duration):
@@ -1059,6 +1254,15 @@ def main(argv: list[str] | None = None) -> int:
     print(notes(own_servers=not args.mongo_uri, compared=compared, sqlite=sqlite))
     print()
     print(table(results))
+    costs = lifecycle_table(results)
+    if costs is not None:
+        print()
+        print(
+            "Each lifecycle row against the plain create or fetch of its configuration "
+            "(row / plain):"
+        )
+        print()
+        print(costs)
     for full, naive, heading in RATIO_TABLES:
         ratios_text = ratio_table(results, naive, full)
         if ratios_text is not None:
