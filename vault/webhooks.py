@@ -19,8 +19,8 @@ receiver), each cut off at WEBHOOK_TIMEOUT_SECONDS, and at most ``CONCURRENCY`` 
 being sent, claimed in batches of what room there is. An event's room is free again once
 its receivers answered: its settling (batched with the others', one store write) does not
 hold it. While a backlog waits (the last claim filled its room) room is claimed again as
-soon as it frees, without the short wait that gathers the events of requests close
-together into one claim. A receiver that does not answer at all
+soon as a few events' worth has freed (BEHIND_BATCH), without the short wait that gathers
+the events of requests close together into one claim. A receiver that does not answer at all
 (refused, reset, timed out) is skipped, one probe at a time, until it answers again (a
 circuit breaker per receiver), so a dead receiver does not hold up the others' events.
 While every receiver is skipped the deliverer claims nothing but one event a second to
@@ -68,6 +68,7 @@ CONCURRENCY = 16  # events in flight per process, each sent to its receivers at 
 POLL_SECONDS = 0.25  # how often an idle deliverer asks the outbox what is due
 GATHER_SECONDS = 0.02  # after a wake-up, before the claim: events close together, one claim
 SETTLING_ROOMS = 4  # events sent and not yet settled, at most, per CONCURRENCY of them
+BEHIND_BATCH = 4  # while behind, the room a claim waits for (of CONCURRENCY) while others send
 # A lease outlives its attempt (at most WEBHOOK_TIMEOUT_SECONDS) and the store call that
 # settles it: only a deliverer that died or hangs lets its events go to another.
 LEASE_MARGIN_SECONDS = 10.0
@@ -369,7 +370,7 @@ class Deliverer:
             try:
                 await self._refresh_backlog()
                 room = self._claimable(self._room())
-                if room > 0:
+                if room > 0 and self._worth_claiming(room):
                     claimed = await self._claim(room)
                     if claimed is None:  # the store failed: it was logged
                         self._behind = False
@@ -390,6 +391,12 @@ class Deliverer:
         sent but not settled yet (a store slow to settle slows the claims too)."""
         settling = SETTLING_ROOMS * self._concurrency - len(self._in_flight)
         return min(self._concurrency - self._sending, settling)
+
+    def _worth_claiming(self, room: int) -> bool:
+        """While behind, room freed one event at a time is claimed a few at a time (each
+        claim is a store write, whatever its size), unless no event is being sent or settled."""
+        floor = min(BEHIND_BATCH, self._concurrency)
+        return not self._behind or room >= floor or not self._in_flight
 
     def _claimable(self, room: int) -> int:
         """How many events to claim now, given room for ``room``: all of it while some
