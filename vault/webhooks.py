@@ -16,7 +16,11 @@ it settled the event, leaves it to be sent again, under the same id, when its le
 Requests never wait on it: it is a task of its own, its HTTP calls run in threads of its
 own (the standard library's ``http.client``, each thread keeping one connection alive per
 receiver), each cut off at WEBHOOK_TIMEOUT_SECONDS, and at most ``CONCURRENCY`` events are
-in flight, claimed in batches of what room there is. A receiver that does not answer at all
+being sent, claimed in batches of what room there is. An event's room is free again once
+its receivers answered: its settling (batched with the others', one store write) does not
+hold it. While a backlog waits (the last claim filled its room) room is claimed again as
+soon as a few events' worth has freed (BEHIND_BATCH), without the short wait that gathers
+the events of requests close together into one claim. A receiver that does not answer at all
 (refused, reset, timed out) is skipped, one probe at a time, until it answers again (a
 circuit breaker per receiver), so a dead receiver does not hold up the others' events.
 While every receiver is skipped the deliverer claims nothing but one event a second to
@@ -63,6 +67,8 @@ log = logging.getLogger("secret_manager.webhooks")
 CONCURRENCY = 16  # events in flight per process, each sent to its receivers at once
 POLL_SECONDS = 0.25  # how often an idle deliverer asks the outbox what is due
 GATHER_SECONDS = 0.02  # after a wake-up, before the claim: events close together, one claim
+SETTLING_ROOMS = 4  # events sent and not yet settled, at most, per CONCURRENCY of them
+BEHIND_BATCH = 4  # while behind, the room a claim waits for (of CONCURRENCY) while others send
 # A lease outlives its attempt (at most WEBHOOK_TIMEOUT_SECONDS) and the store call that
 # settles it: only a deliverer that died or hangs lets its events go to another.
 LEASE_MARGIN_SECONDS = 10.0
@@ -305,7 +311,9 @@ class Deliverer:
         self._threads = ThreadPoolExecutor(
             max_workers=concurrency * len(self._receivers), thread_name_prefix="webhooks"
         )
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: set[asyncio.Task[None]] = set()  # being sent, or settled
+        self._sending = 0  # of those, how many are still being sent
+        self._behind = False  # the last claim filled its room: more may be due
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -361,20 +369,34 @@ class Deliverer:
         while not self._stopping:
             try:
                 await self._refresh_backlog()
-                room = self._claimable(self._concurrency - len(self._in_flight))
-                if room > 0:
+                room = self._claimable(self._room())
+                if room > 0 and self._worth_claiming(room):
                     claimed = await self._claim(room)
                     if claimed is None:  # the store failed: it was logged
+                        self._behind = False
                         await asyncio.sleep(STORE_RETRY_SECONDS)
                         continue
                     for pending in claimed:
                         self._begin(pending)
-                    if len(claimed) == room:
+                    self._behind = len(claimed) == room
+                    if self._behind:
                         continue  # more may be due: ask again at once
                 await self._idle()
             except Exception as exc:  # never ends the process's deliveries
                 log.error("webhook deliverer failed (%s); going on", type(exc).__name__)
                 await asyncio.sleep(STORE_RETRY_SECONDS)
+
+    def _room(self) -> int:
+        """Events that may be claimed now: room among those being sent, and among those
+        sent but not settled yet (a store slow to settle slows the claims too)."""
+        settling = SETTLING_ROOMS * self._concurrency - len(self._in_flight)
+        return min(self._concurrency - self._sending, settling)
+
+    def _worth_claiming(self, room: int) -> bool:
+        """While behind, room freed one event at a time is claimed a few at a time (each
+        claim is a store write, whatever its size), unless no event is being sent or settled."""
+        floor = min(BEHIND_BATCH, self._concurrency)
+        return not self._behind or room >= floor or not self._in_flight
 
     def _claimable(self, room: int) -> int:
         """How many events to claim now, given room for ``room``: all of it while some
@@ -394,14 +416,18 @@ class Deliverer:
         return 1
 
     async def _idle(self) -> None:
-        """Wait for the next poll, a wake-up, or room for more events; after a wake-up a
+        """Wait for the next poll, a wake-up, or room for more events. After a wake-up a
         little longer (GATHER_SECONDS), so that the events of requests close together, and
-        the room of deliveries ending together, make one claim rather than one each."""
+        the room of deliveries ending together, make one claim rather than one each; but
+        not while behind (the last claim filled its room): the room that frees is claimed
+        at once, the claim's own round trips gathering what frees meanwhile, where the wait
+        capped the events a second that a backlog drains at."""
         self._wakeup.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._poll):
                 await self._wakeup.wait()
-                await asyncio.sleep(GATHER_SECONDS)
+                if not self._behind:
+                    await asyncio.sleep(GATHER_SECONDS)
 
     async def _claim(self, room: int) -> list[PendingEvent] | None:
         try:
@@ -431,6 +457,7 @@ class Deliverer:
         WEBHOOK_OLDEST_PENDING_SECONDS.set(age)
 
     def _begin(self, pending: PendingEvent) -> None:
+        self._sending += 1
         task = asyncio.create_task(self._handle(pending))
         self._in_flight.add(task)
 
@@ -440,16 +467,28 @@ class Deliverer:
 
         task.add_done_callback(done)
 
+    def _sent(self) -> None:
+        """An event's sending is over (its settling may not be): room for one more."""
+        self._sending -= 1
+        self._wakeup.set()
+
     async def _handle(self, pending: PendingEvent) -> None:
         """Send one claimed event to the receivers still missing it, then settle it."""
         event = pending.event
+        sending = True
         try:
             deadline = pending.created_at + self._max_age
             if utc_now() >= deadline:
+                sending = False
+                self._sent()
                 await self._drop(pending)
                 return
             missing = [r for r in self._receivers if r.digest not in pending.delivered_to]
-            answers = await asyncio.gather(*(self._send(r, pending) for r in missing))
+            try:
+                answers = await asyncio.gather(*(self._send(r, pending) for r in missing))
+            finally:
+                sending = False
+                self._sent()
             if all(answers):
                 await self._store.event_delivered(event.id, self.owner)
                 return
@@ -466,6 +505,9 @@ class Deliverer:
                 event.id,
                 type(exc).__name__,
             )
+        finally:
+            if sending:  # ended before its sending did (the deadline's clock failed)
+                self._sent()
 
     async def _send(self, receiver: Receiver, pending: PendingEvent) -> bool:
         """One attempt to one receiver: whether it answered 2xx in time."""
