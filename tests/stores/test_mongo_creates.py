@@ -1,6 +1,5 @@
 """A batch of creates on MongoDB: one client-level bulkWrite where every server is 8.0 or
-later (in one transaction where the deployment takes them), the two-command path before
-that, and the same documents (and refusals) either way."""
+later, the two-command path before that, and the same documents (and refusals) either way."""
 
 from __future__ import annotations
 
@@ -21,11 +20,9 @@ from tests.conftest import audit_record, id_of, read_back, stored_record
 from vault.events import CREATED
 from vault.records import IdempotentCreate, SealedSecret
 from vault.stores.base import AuditWrite, IdempotentRepeat
-from vault.stores.mongo.creates import Transactions, refuses_transactions
 from vault.stores.mongo.store import MongoStore
 
 WRITES = {"insert", "update", "delete", "bulkWrite"}
-TRANSACTIONS = {"commitTransaction", "abortTransaction"}
 
 
 class Commands(monitoring.CommandListener):
@@ -33,17 +30,10 @@ class Commands(monitoring.CommandListener):
     clients made after this module is imported; idle outside these tests)."""
 
     seen: list[str] | None = None
-    # Beside it, the same commands and the transactions' ends, a bulkWrite that starts a
-    # transaction as "bulkWrite (transaction)".
-    transactions: list[str] | None = None
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        name = event.command_name
-        if self.seen is not None and name in WRITES:
-            self.seen.append(name)
-        if self.transactions is not None and name in WRITES | TRANSACTIONS:
-            starts = event.command.get("startTransaction", False)
-            self.transactions.append(f"{name} (transaction)" if starts else name)
+        if self.seen is not None and event.command_name in WRITES:
+            self.seen.append(event.command_name)
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -56,15 +46,12 @@ COMMANDS = Commands()
 monitoring.register(COMMANDS)
 
 
-@pytest.fixture(params=["bulkWrite", "bulkWrite, no transactions", "two commands"])
+@pytest.fixture(params=["bulkWrite", "two commands"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Which path creates take: the server (nx-27017) speaks 8.0 and takes transactions, so
-    the two-command path, a 7.0 server's, is taken by saying the server does not, and the
-    plain bulkWrite, a standalone mongod's, by saying it refused a transaction already."""
+    """Which path creates take: the server (nx-27017) speaks 8.0, so the two-command path,
+    a 7.0 server's, is taken by saying the server does not."""
     if request.param == "two commands":
         monkeypatch.setattr(mongo_store, "supports_bulk_write", lambda client: False)
-    if request.param == "bulkWrite, no transactions":
-        monkeypatch.setattr(mongo_store, "Transactions", lambda: Transactions(refused=True))
     return str(request.param)
 
 
@@ -144,7 +131,7 @@ def test_a_batch_of_creates_writes_everything_in_one_command_on_8_0(
         ]
         written, seen, batches = await commands_of(asyncio.gather(*creates))
         assert all(isinstance(w, AuditWrite) and w.error is None for w in written)
-        if path.startswith("bulkWrite"):
+        if path == "bulkWrite":
             assert seen == ["bulkWrite"] * int(batches)  # each batch, one command
         else:
             assert "bulkWrite" not in seen and seen.count("insert") >= 2 * batches
@@ -247,60 +234,3 @@ def test_a_repeated_key_in_a_batch_writes_nothing_and_gets_the_first_answer(
     run_on_store(mongo_uri, database, work)
     assert "repeat" not in {doc["request_id"] for doc in database.audit.find()}
     assert ids(database.idempotency, state="done") == {key.key}
-
-
-def test_a_batch_commits_as_one_transaction_and_a_refusal_aborts_all_of_it(
-    mongo_uri: str, database: Any
-) -> None:
-    """Where the deployment takes transactions (nx-27017 does, as a replica set would), a
-    batch's bulkWrite starts one and a commit follows; a refused secret aborts it, so that
-    nothing of the batch is written until the batch goes again without a transaction, where
-    the refusal fails its own create alone (the test above checks what is written then)."""
-    taken = stored_record()
-    batch = [stored_record(receipt_id=str(uuid.uuid4())) for _ in range(3)]
-    conflicting = stored_record(id_of(taken))
-
-    async def work(store: MongoStore) -> None:
-        await store.insert(taken)
-        COMMANDS.transactions = []
-        try:
-            # The first goes alone; the other two queue behind it and go as one batch.
-            await asyncio.gather(
-                *(store.insert(r, audit_record(f"b{k}")) for k, r in enumerate(batch))
-            )
-            assert COMMANDS.transactions == ["bulkWrite (transaction)", "commitTransaction"] * 2
-            COMMANDS.transactions = []
-            others = [stored_record() for _ in range(2)]
-            results = await asyncio.gather(
-                store.insert(stored_record(), audit_record("alone")),
-                store.insert(others[0], audit_record("o0")),
-                store.insert(conflicting, audit_record("refused")),
-                store.insert(others[1], audit_record("o1")),
-                return_exceptions=True,
-            )
-            sent = COMMANDS.transactions
-        finally:
-            COMMANDS.transactions = None
-        assert isinstance(results[2], pymongo.errors.WriteError)
-        assert sent[:2] == ["bulkWrite (transaction)", "commitTransaction"]  # the first alone
-        # The batch of three: its transaction aborted, then the plain command, which stops
-        # at the refusal, and again without it.
-        assert sent[2:] == [
-            "bulkWrite (transaction)",
-            "abortTransaction",
-            "bulkWrite",
-            "bulkWrite",
-        ]
-        assert await asyncio.gather(*(read_back(store, id_of(r)) for r in others)) == others
-
-    run_on_store(mongo_uri, database, work)
-    assert "refused" not in {doc["request_id"] for doc in database.audit.find()}
-
-
-def test_a_standalone_servers_refusal_of_transactions_is_known_as_such() -> None:
-    refusal = pymongo.errors.OperationFailure(
-        "Transaction numbers are only allowed on a replica set member or mongos", code=20
-    )
-    assert refuses_transactions(refusal)
-    assert not refuses_transactions(pymongo.errors.OperationFailure("E11000", code=11000))
-    assert not refuses_transactions(pymongo.errors.AutoReconnect("connection closed"))

@@ -9,13 +9,6 @@ already claimed is looked at as ``idempotency.claim`` does; an audit record's re
 that record's), and the writes not yet made are sent again without it. Without a refusal,
 which is what a batch almost always meets, a batch is one round trip where the two-command
 path (``_insert_many_sync`` in store.py, kept for servers before 8.0) makes two or more.
-
-Where the deployment takes transactions (a replica set, a sharded cluster), that command
-runs in one: the batch's documents commit together, once, with the store's write concern,
-instead of each on its own; a create's secret is never durable without its audit record and
-its receipt, nor they without it. A refusal inside the transaction aborts all of it, and
-the batch is then written as above, one refusal at a time. A standalone ``mongod`` refuses
-transactions: the first refusal is remembered and its batches take the plain command.
 """
 
 from __future__ import annotations
@@ -25,14 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
 from pymongo import DeleteOne, InsertOne, MongoClient, UpdateOne
-from pymongo.errors import (
-    ClientBulkWriteException,
-    CollectionInvalid,
-    OperationFailure,
-    PyMongoError,
-    WriteConcernError,
-    WriteError,
-)
+from pymongo.errors import ClientBulkWriteException, WriteConcernError, WriteError
 from pymongo.write_concern import WriteConcern
 
 from vault.records import IdempotentCreate
@@ -42,10 +28,6 @@ from vault.stores.mongo.documents import DUPLICATE_KEY
 
 # The wire version of MongoDB 8.0, the first with the client-level bulkWrite command.
 BULK_WRITE_WIRE_VERSION = 25
-# What a standalone mongod answers a transaction: "Transaction numbers are only allowed on a
-# replica set member or mongos" (IllegalOperation).
-ILLEGAL_OPERATION = 20
-NAMESPACE_EXISTS = 48
 
 Kind = Literal["forget", "claim", "secret", "done", "receipt", "event", "audit"]
 Model = InsertOne[dict[str, Any]] | UpdateOne | DeleteOne
@@ -57,23 +39,6 @@ def supports_bulk_write(client: MongoClient[dict[str, Any]]) -> bool:
     first batch then takes the two-command path."""
     servers = client.topology_description.known_servers
     return bool(servers) and all(s.max_wire_version >= BULK_WRITE_WIRE_VERSION for s in servers)
-
-
-@dataclasses.dataclass
-class Transactions:
-    """Whether create batches still try a transaction: until the deployment refuses one
-    (a standalone mongod), then never again in this process. Before the first, the
-    collections a batch writes are made if missing: a transaction that made one and was
-    then aborted would take the collection with it (before MongoDB 4.4, a transaction
-    could make none)."""
-
-    refused: bool = False
-    collections_made: bool = False
-
-
-def refuses_transactions(exc: BaseException | None) -> bool:
-    """Whether ``exc`` is a deployment's refusal of transactions as such."""
-    return isinstance(exc, OperationFailure) and exc.code == ILLEGAL_OPERATION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +107,6 @@ def write_creates(
     claim_again: Callable[[IdempotentCreate], IdempotentCreate | None],
     secret_stored: Callable[[dict[str, Any]], bool],
     audit_stored: Callable[[dict[str, Any]], bool],
-    transactions: Transactions | None = None,
 ) -> tuple[list[Exception | None], dict[int, Exception]]:
     """Write a batch of creates, in one command unless a write is refused; the error of
     each create's secret (None: stored, IdempotentRepeat: its key is taken), and the error
@@ -152,15 +116,8 @@ def write_creates(
     after all); ``secret_stored`` and ``audit_stored`` say whether a document refused as a
     duplicate is this very one, stored by an attempt whose answer was lost. A write
     concern not met, or a refusal of a receipt, an event or a key's update, fails the
-    batch (raised), as on the two-command path. With ``transactions`` (not refused yet),
-    the batch is first tried in one transaction (see the module docstring)."""
+    batch (raised), as on the two-command path."""
     pending = _writes(names, creates)
-    if transactions is not None and not transactions.refused:
-        if not transactions.collections_made:
-            _make_collections(client, names)
-            transactions.collections_made = True
-        if _in_one_transaction(client, [w.model for w in pending], write_concern, transactions):
-            return [None] * len(creates), {}
     failed: dict[int, Exception] = {}
     audit_errors: dict[int, Exception] = {}
     while pending:
@@ -206,59 +163,3 @@ def write_creates(
         again += [w for w in rest if w.kind == "forget" or w.item not in failed]
         pending = again
     return [failed.get(k) for k in range(len(creates))], audit_errors
-
-
-def _make_collections(client: MongoClient[dict[str, Any]], names: Namespaces) -> None:
-    """Make those of the batch's collections that do not exist yet (another process may
-    make one meanwhile: NamespaceExists is what it was for)."""
-    wanted = [name.split(".", 1) for name in dataclasses.astuple(names)]
-    existing: dict[str, set[str]] = {}
-    for database, collection in wanted:
-        if database not in existing:
-            existing[database] = set(client[database].list_collection_names())
-        if collection not in existing[database]:
-            try:
-                client[database].create_collection(collection)
-            except CollectionInvalid:  # made meanwhile, seen by the driver's own check
-                pass
-            except OperationFailure as exc:
-                if exc.code != NAMESPACE_EXISTS:  # made meanwhile, said by the server
-                    raise
-
-
-def _in_one_transaction(
-    client: MongoClient[dict[str, Any]],
-    models: list[Model],
-    write_concern: WriteConcern,
-    transactions: Transactions,
-) -> bool:
-    """Make ``models`` in one transaction committed with ``write_concern``: True once it
-    committed. False, with nothing written, when a write was refused (a duplicate, or a
-    conflict with another replica's transaction), or when the deployment takes no
-    transactions (remembered in ``transactions``). Anything else (the database down, the
-    commit not confirmed) is raised: nobody may be acknowledged."""
-    try:
-        with (
-            client.start_session() as session,
-            session.start_transaction(write_concern=write_concern),
-        ):
-            client.bulk_write(models, ordered=True, session=session)
-    except ClientBulkWriteException as exc:
-        cause = exc.error if isinstance(exc.error, PyMongoError) else None
-        if cause is None:  # write errors: the server refused a write and aborted it all
-            return False
-        return _aborted(cause, transactions)
-    except OperationFailure as exc:
-        return _aborted(exc, transactions)
-    return True
-
-
-def _aborted(exc: PyMongoError, transactions: Transactions) -> bool:
-    """False when ``exc`` refused the transaction as such (the batch is then written
-    without one); else it is raised."""
-    if refuses_transactions(exc):
-        transactions.refused = True
-        return False
-    if isinstance(exc, OperationFailure) and exc.has_error_label("TransientTransactionError"):
-        return False  # a conflict with another transaction: written without one, in turn
-    raise exc

@@ -71,7 +71,6 @@ from vault.stores.mongo.connection import (
 from vault.stores.mongo.creates import (
     CreateWrites,
     Namespaces,
-    Transactions,
     supports_bulk_write,
     write_creates,
 )
@@ -167,8 +166,6 @@ class MongoStore(OutboxSettling):
             outbox=self._outbox.full_name,
             audit=self._audit.full_name,
         )
-        # Create batches commit as one transaction until the deployment refuses one.
-        self._transactions = Transactions()
         self.health = WriteHealth()  # what /readyz reports: do writes work?
         # What the probe writes while writes fail: at least what the largest create does.
         self._probe_room = max_secret_bytes + _CREATE_BYTES_BESIDE_RECORD
@@ -252,7 +249,6 @@ class MongoStore(OutboxSettling):
             ),
             secret_stored=lambda doc: doc["_id"] in self._already_stored([doc]),
             audit_stored=lambda doc: doc["_id"] in self._audits_stored([doc]),
-            transactions=self._transactions,
         )
         stored = {k: audit for k, audit in audits.items() if results[k] is None}
         return insert_results(results, stored, {**malformed, **refused})
