@@ -55,22 +55,24 @@ async def _create(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-def _scope() -> Scope:
+def post_scope(path: str = PATH, length: int = len(BODY["body"])) -> Scope:
+    """The scope Hypercorn hands an app for a JSON POST to ``path`` with a body of
+    ``length`` bytes, from a local client."""
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": PATH,
-        "raw_path": PATH.encode(),
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": [
             (b"host", b"127.0.0.1:8000"),
             (b"user-agent", b"wrk"),
             (b"content-type", b"application/json"),
-            (b"content-length", b"22"),
+            (b"content-length", str(length).encode()),
         ],
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8000),
@@ -106,7 +108,7 @@ async def _measure(app: ASGIApp, requests: int, batches: int) -> tuple[float, fl
 
     async def one() -> None:
         queue.put_nowait(BODY)
-        await app(_scope(), queue.get, discard)
+        await app(post_scope(), queue.get, discard)
 
     for _ in range(min(requests, 500)):
         await one()

@@ -30,38 +30,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from starlette.types import ASGIApp, Message, Scope
+from starlette.types import ASGIApp, Message
 
 from loadtests.baselines import naive_app, naive_sqlite_app
+from loadtests.middleware_cost import post_scope
 from vault.app import create_app
 from vault.crypto import generate_key
 from vault.settings import Settings
 
 SECRET = b'{"secret": "c2VjcmV0"}'
 SEEDED = 2000  # secrets created before measuring; fetches take them in turn
-
-
-def _scope(path: str, length: int) -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"127.0.0.1:8000"),
-            (b"user-agent", b"request-cost"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(length).encode()),
-        ],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
 
 
 async def call(app: ASGIApp, path: str, body: bytes) -> tuple[int, bytes]:
@@ -73,7 +51,7 @@ async def call(app: ASGIApp, path: str, body: bytes) -> tuple[int, bytes]:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await app(_scope(path, len(body)), received.get, send)
+    await app(post_scope(path, len(body)), received.get, send)
     return int(sent[0]["status"]), b"".join(m.get("body", b"") for m in sent[1:])
 
 

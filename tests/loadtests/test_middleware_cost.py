@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from starlette.types import Message
 
-from loadtests.middleware_cost import BODY, _scope, _stack, _wrap, run
+from loadtests.middleware_cost import BODY, _stack, _wrap, post_scope, run
 from middleware.audit import AuditWriter
 from observability.audit import AuditRecord
 
@@ -29,7 +29,7 @@ def test_the_measured_stack_answers_through_every_layer() -> None:
         async def send(message: Message) -> None:
             sent.append(message)
 
-        await _wrap(await _stack(writer))(_scope(), queue.get, send)
+        await _wrap(await _stack(writer))(post_scope(), queue.get, send)
         await writer.close()
         return sent
 
