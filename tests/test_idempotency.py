@@ -182,7 +182,11 @@ def _one_secret(servers: list[ServerProcess], env: dict[str, str]) -> None:
     for round_ in range(3):
         answers = _race(servers, f"race-{round_}", 12)
         ok = [a for a in answers if a.status_code == 200]
-        assert ok and all(a.status_code in (200, 409) for a in answers), answers
+        # On failure: every answer, and what the servers logged (the 5xx's request id).
+        assert ok and all(a.status_code in (200, 409) for a in answers), (
+            [(a.status_code, a.text) for a in answers],
+            [server.log.read_text()[-4000:] for server in {id(s): s for s in servers}.values()],
+        )
         assert len({a.json()["secret_id"] for a in ok}) == 1
     assert stored_secrets(env) == 3
 
