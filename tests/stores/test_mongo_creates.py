@@ -4,7 +4,6 @@ later, the two-command path before that, and the same documents (and refusals) e
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from tests.conftest import audit_record, id_of, read_back, stored_record
 from vault.events import CREATED
 from vault.records import IdempotentCreate, SealedSecret
 from vault.stores.base import AuditWrite, IdempotentRepeat
+from vault.stores.mongo import idempotency as mongo_idempotency
 from vault.stores.mongo.store import MongoStore
 
 WRITES = {"insert", "update", "delete", "bulkWrite"}
@@ -222,7 +222,7 @@ def test_a_repeated_key_in_a_batch_writes_nothing_and_gets_the_first_answer(
         await store.insert(first, None, None, key)
         results = await asyncio.gather(
             store.insert(others[0], audit_record("o0")),
-            store.insert(repeat, audit_record("repeat"), None, dataclasses.replace(key)),
+            store.insert(repeat, audit_record("repeat"), None, idempotent(repeat, key.key)),
             *(store.insert(r, audit_record(f"o{k}")) for k, r in enumerate(others[1:], 1)),
             return_exceptions=True,
         )
@@ -234,3 +234,22 @@ def test_a_repeated_key_in_a_batch_writes_nothing_and_gets_the_first_answer(
     run_on_store(mongo_uri, database, work)
     assert "repeat" not in {doc["request_id"] for doc in database.audit.find()}
     assert ids(database.idempotency, state="done") == {key.key}
+
+
+def test_a_key_already_stored_under_its_own_create_is_that_creates_claim(
+    mongo_uri: str, database: Any, path: str
+) -> None:
+    """A claim that landed though its answer was lost (or came back as another error)
+    is this create's own: the create goes on, where it would be told its own claim is a
+    create in flight."""
+    record = stored_record()
+    key = idempotent(record)
+    database.idempotency.insert_one(mongo_idempotency.pending_document(key))
+
+    async def work(store: MongoStore) -> None:
+        assert await store.insert(record, audit_record("own"), None, key)
+        assert await read_back(store, id_of(record)) == record
+
+    run_on_store(mongo_uri, database, work)
+    assert ids(database.idempotency, state="done") == {key.key}
+    assert "own" in {doc["request_id"] for doc in database.audit.find()}

@@ -4,9 +4,9 @@ Everything a batch of creates writes (idempotency keys claimed, secrets, keys ma
 receipts, outbox events, audit records) goes in one ordered ``bulkWrite``, in that order
 of kinds. Ordered, so that what depends on a secret being stored is written only once it
 is: the server stops at the first refusal, having written everything before it and nothing
-after. The refused write is judged alone (a secret's refusal fails its own create; a key
-already claimed is looked at as ``idempotency.claim`` does; an audit record's refusal is
-that record's), and the writes not yet made are sent again without it. Without a refusal,
+after. The refused write is judged alone (a secret's refusal fails its own create; a
+refused claim of a key is settled as ``idempotency.claim`` settles one; an audit record's
+refusal is that record's), and the writes not yet made are sent again without it. Without a refusal,
 which is what a batch almost always meets, a batch is one round trip where the two-command
 path (``_insert_many_sync`` in store.py, kept for servers before 8.0) makes two or more.
 """
@@ -112,9 +112,10 @@ def write_creates(
     each create's secret (None: stored, IdempotentRepeat: its key is taken), and the error
     of each refused audit record by its create's index.
 
-    ``claim_again`` settles a key found taken (``idempotency.claim``: None once claimed
-    after all); ``secret_stored`` and ``audit_stored`` say whether a document refused as a
-    duplicate is this very one, stored by an attempt whose answer was lost. A write
+    ``claim_again`` settles a refused claim, taken or perhaps stored after all
+    (``idempotency.claim``: None once claimed); ``secret_stored`` and ``audit_stored``
+    say whether a document refused as a duplicate is this very one, stored by an attempt
+    whose answer was lost. A write
     concern not met, or a refusal of a receipt, an event or a key's update, fails the
     batch (raised), as on the two-command path."""
     pending = _writes(names, creates)
@@ -140,7 +141,7 @@ def write_creates(
         own = WriteError(str(error.get("errmsg")), error.get("code"))
         again: list[_Write] = []
         idem = creates[k].idempotent
-        if refused.kind == "claim" and duplicate and idem is not None:
+        if refused.kind == "claim" and idem is not None:  # taken, or perhaps stored after all
             existing = claim_again(idem)
             if existing is not None:
                 failed[k] = IdempotentRepeat(existing)

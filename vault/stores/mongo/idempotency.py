@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, WriteError
 
 from vault.records import IdempotentCreate, SealedSecret
 
@@ -62,18 +62,29 @@ def claim(
     stale_after: float,
 ) -> IdempotentCreate | None:
     """Store ``create``'s key as pending (None), or return the create already stored
-    under it within its window (the caller repeats that one's answer, or refuses)."""
+    under it within its window (the caller repeats that one's answer, or refuses).
+
+    A key found under ``create``'s own record is this create's claim, stored by an
+    attempt whose answer was lost: claimed. An insert refused for a reason other than a
+    duplicate may have been stored all the same (nx-27017 answers two racing inserts of
+    one key so, now and then), so the key is looked up then too; that error is raised
+    only if no attempt settles the key."""
     existing: IdempotentCreate | None = None
+    refused: WriteError | None = None
     for _ in range(3):  # a key purged or cut short meanwhile is claimed again
         try:
             keys.insert_one(_document(create, PENDING))
             return None
         except DuplicateKeyError:
-            pass
+            refused = None
+        except WriteError as exc:
+            refused = exc
         doc = keys.find_one({"_id": create.key})
         if doc is None:
             continue
-        existing = _create_of(doc)
+        refused, existing = None, _create_of(doc)
+        if existing.record_key == create.record_key:
+            return None
         if existing.expires_at <= now:  # past its window: a new create may take the key
             keys.delete_one({"_id": create.key, "created_at": doc["created_at"]})
             continue
@@ -84,6 +95,8 @@ def claim(
             keys.delete_one({"_id": create.key, "created_at": doc["created_at"]})
             continue
         return existing
+    if refused is not None:
+        raise refused
     return existing
 
 
