@@ -1,14 +1,19 @@
 """A batch of creates on MongoDB: one client-level bulkWrite where every server is 8.0 or
-later, the two-command path before that, and the same documents (and refusals) either way."""
+later and runs it, the two-command path otherwise, and the same documents (and refusals)
+either way."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
+import struct
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import bson
 import pymongo
 import pytest
 from prometheus_client import REGISTRY
@@ -253,3 +258,138 @@ def test_a_key_already_stored_under_its_own_create_is_that_creates_claim(
     run_on_store(mongo_uri, database, work)
     assert ids(database.idempotency, state="done") == {key.key}
     assert "own" in {doc["request_id"] for doc in database.audit.find()}
+
+
+OP_MSG = 2013
+FCV_7_REFUSAL = {
+    "ok": 0.0,
+    "errmsg": "BulkWrite may not be run without featureFlagBulkWriteCommand enabled",
+    "code": 115,
+    "codeName": "CommandNotSupported",
+}
+
+
+def read_wire_message(sock: socket.socket) -> bytes | None:
+    """One whole MongoDB wire message (its header says how long), or None at EOF."""
+    data = b""
+    while len(data) < 4 or len(data) < int.from_bytes(data[:4], "little"):
+        wanted = int.from_bytes(data[:4], "little") if len(data) >= 4 else 4
+        chunk = sock.recv(min(65536, wanted - len(data)))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def command_name(message: bytes) -> str | None:
+    """The command an OP_MSG carries: the first key of its body (its kind 0 section)."""
+    if int.from_bytes(message[12:16], "little") != OP_MSG:
+        return None
+    pos = 20  # after the header and the flag bits
+    while pos < len(message):
+        kind, pos = message[pos], pos + 1
+        size = int.from_bytes(message[pos : pos + 4], "little")
+        if kind == 0:
+            return message[pos + 5 : message.index(b"\0", pos + 5)].decode()
+        pos += size
+    return None
+
+
+class BulkWriteRefusingProxy:
+    """A MongoDB wire proxy on 127.0.0.1 in front of the test's server: while ``refuse``
+    is set it answers each bulkWrite command itself, as MongoDB 8.0 does at
+    featureCompatibilityVersion 7.0 (CommandNotSupported, nothing written); everything
+    else, and every answer, it passes on as it is."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"mongodb://127.0.0.1:{self.listener.getsockname()[1]}/?directConnection=true"
+        self.refuse = True
+        self.refused = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.upstream)
+            lock = threading.Lock()  # the client's socket: answers from both threads
+            for pipe in (self._requests, self._answers):
+                threading.Thread(target=pipe, args=(client, server, lock), daemon=True).start()
+
+    def _requests(self, client: socket.socket, server: socket.socket, lock: threading.Lock) -> None:
+        with client, server:
+            while (message := read_wire_message(client)) is not None:
+                if not (self.refuse and command_name(message) == "bulkWrite"):
+                    server.sendall(message)
+                    continue
+                self.refused += 1
+                payload = b"\0\0\0\0" + b"\0" + bson.encode(FCV_7_REFUSAL)
+                # Its header: length, its own id, the request's id (responseTo), opcode.
+                head = struct.pack("<ii", 16 + len(payload), 1) + message[4:8]
+                head += struct.pack("<i", OP_MSG)
+                with lock:
+                    client.sendall(head + payload)
+
+    def _answers(self, client: socket.socket, server: socket.socket, lock: threading.Lock) -> None:
+        try:
+            while (message := read_wire_message(server)) is not None:
+                with lock:
+                    client.sendall(message)
+        except OSError:  # the other thread closed both
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def refusing(mongo_uri: str) -> Iterator[BulkWriteRefusingProxy]:
+    host, port = pymongo.uri_parser.parse_uri(mongo_uri)["nodelist"][0]
+    proxy = BulkWriteRefusingProxy((host, port))
+    yield proxy
+    proxy.close()
+
+
+def test_creates_take_two_commands_while_the_server_refuses_bulk_write_then_one_again(
+    database: Any, refusing: BulkWriteRefusingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MongoDB 8.0 binaries at featureCompatibilityVersion 7.0 (the state an upgrade
+    passes through) refuse bulkWrite: every create is still stored, with its receipt,
+    key and audit record, and after the recheck the batches are one command again."""
+    first = [stored_record(receipt_id=str(uuid.uuid4())) for _ in range(4)]
+    keys = [idempotent(r) for r in first]
+    later = [stored_record() for _ in range(3)]
+    after = [stored_record() for _ in range(3)]
+
+    async def work(store: MongoStore) -> None:
+        creates = (
+            store.insert(r, audit_record(f"f{k}"), None, i)
+            for k, (r, i) in enumerate(zip(first, keys, strict=True))
+        )
+        written, seen, _ = await commands_of(asyncio.gather(*creates))
+        assert all(isinstance(w, AuditWrite) and w.error is None for w in written)
+        assert seen.count("bulkWrite") == 1 and refusing.refused == 1
+        # Until the recheck, no batch asks again.
+        written, seen, _ = await commands_of(
+            asyncio.gather(*(store.insert(r, audit_record("later")) for r in later))
+        )
+        assert all(w.error is None for w in written) and "bulkWrite" not in seen
+        # The featureCompatibilityVersion is raised; the recheck is due.
+        refusing.refuse = False
+        monkeypatch.setattr(mongo_store, "BULK_WRITE_RECHECK_SECONDS", 0)
+        written, seen, batches = await commands_of(
+            asyncio.gather(*(store.insert(r, audit_record("after")) for r in after))
+        )
+        assert all(w.error is None for w in written)
+        assert seen == ["bulkWrite"] * int(batches) and refusing.refused == 1
+        records = [*first, *later, *after]
+        assert await asyncio.gather(*(read_back(store, id_of(r)) for r in records)) == records
+
+    run_on_store(refusing.uri, database, work)
+    assert len(ids(database.secrets)) == 10 and len(ids(database.audit, status=200)) == 10
+    assert len(ids(database.receipts)) == 4
+    assert ids(database.idempotency, state="done") == {k.key for k in keys}

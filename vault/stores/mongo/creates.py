@@ -18,7 +18,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
 from pymongo import DeleteOne, InsertOne, MongoClient, UpdateOne
-from pymongo.errors import ClientBulkWriteException, WriteConcernError, WriteError
+from pymongo.errors import (
+    ClientBulkWriteException,
+    OperationFailure,
+    WriteConcernError,
+    WriteError,
+)
 from pymongo.write_concern import WriteConcern
 
 from vault.records import IdempotentCreate
@@ -28,6 +33,16 @@ from vault.stores.mongo.documents import DUPLICATE_KEY
 
 # The wire version of MongoDB 8.0, the first with the client-level bulkWrite command.
 BULK_WRITE_WIRE_VERSION = 25
+# What a server answers a command it will not run: CommandNotSupported (an 8.0 whose
+# featureCompatibilityVersion is still 7.0, as after upgrading the binaries and before
+# setFeatureCompatibilityVersion), CommandNotFound (a server without the command).
+REFUSED_COMMAND = frozenset({115, 59})
+
+
+class BulkWriteRefused(Exception):
+    """The server refused the bulkWrite command itself, before writing anything: the
+    batch is for the two-command path."""
+
 
 Kind = Literal["forget", "claim", "secret", "done", "receipt", "event", "audit"]
 Model = InsertOne[dict[str, Any]] | UpdateOne | DeleteOne
@@ -117,10 +132,12 @@ def write_creates(
     say whether a document refused as a duplicate is this very one, stored by an attempt
     whose answer was lost. A write
     concern not met, or a refusal of a receipt, an event or a key's update, fails the
-    batch (raised), as on the two-command path."""
+    batch (raised), as on the two-command path. BulkWriteRefused: the server does not
+    run bulkWrite (yet), and nothing was written."""
     pending = _writes(names, creates)
     failed: dict[int, Exception] = {}
     audit_errors: dict[int, Exception] = {}
+    first = True
     while pending:
         try:
             client.bulk_write([w.model for w in pending], ordered=True, write_concern=write_concern)
@@ -129,12 +146,16 @@ def write_creates(
             if exc.write_concern_errors:
                 # Written perhaps, but not confirmed durable: nobody may be acknowledged.
                 raise WriteConcernError("write concern not satisfied") from None
+            not_run = isinstance(exc.error, OperationFailure) and exc.error.code in REFUSED_COMMAND
+            if first and not_run:  # nothing of the batch is written yet
+                raise BulkWriteRefused(str(exc.error)) from None
             if isinstance(exc.error, Exception):  # the call itself failed: no answer, say
                 raise exc.error from None
             if not exc.write_errors:
                 raise
             # The server's entries, as they came (typed as WriteError, they are documents).
             error = cast(Mapping[str, Any], exc.write_errors[0])
+        first = False
         index = int(error["idx"])
         refused, rest = pending[index], pending[index + 1 :]
         k, duplicate = refused.item, error.get("code") == DUPLICATE_KEY

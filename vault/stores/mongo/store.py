@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Collection as Many
 from typing import Any
@@ -69,6 +70,7 @@ from vault.stores.mongo.connection import (
     log,
 )
 from vault.stores.mongo.creates import (
+    BulkWriteRefused,
     CreateWrites,
     Namespaces,
     supports_bulk_write,
@@ -96,6 +98,9 @@ _TTL_INDEX = "ts_ttl"
 _EXPIRY_INDEX = "expires_at_ttl"
 _KID_INDEX = "kid"
 PING_TIMEOUT_SECONDS = 2.0
+# After the server refused bulkWrite, how long create batches take two commands before
+# one is tried again (setting the featureCompatibilityVersion to 8.0 needs no restart).
+BULK_WRITE_RECHECK_SECONDS = 300
 
 
 # Building the key id index reads the whole collection: it gets far more than a request's budget.
@@ -188,6 +193,8 @@ class MongoStore(OutboxSettling):
             self._settle_batch, operation="outbox_settle", timeout=deadline, breaker=breaker
         )
         self._outbox_indexes = False  # made by the first claim or backlog count
+        # When the server last refused bulkWrite (creates.py): until the recheck, none is sent.
+        self._bulk_write_refused_at: float | None = None
         self._expiry_index = False  # the TTL index on expires_at, made by the first purge
         self._kid_index = False  # the index on kid, made by the first key guard check
 
@@ -206,8 +213,17 @@ class MongoStore(OutboxSettling):
         answer per item: its record's own error, or its audit record's write. One command
         where every server is MongoDB 8.0 or later (creates.py), else two or more in turn."""
         with pymongo.timeout(self._mongo.timeout):
-            if supports_bulk_write(self._mongo.client):
-                return self._insert_one_command_sync(items)
+            if self._bulk_write_usable():
+                try:
+                    return self._insert_one_command_sync(items)
+                except BulkWriteRefused as exc:
+                    self._bulk_write_refused_at = time.monotonic()
+                    log.warning(
+                        "MongoDB refused the bulkWrite command (%s): creates take two commands "
+                        "each for the next %d s; a MongoDB 8.0 whose featureCompatibilityVersion "
+                        "is below 8.0 does this (docs/operations.md)",
+                        exc, BULK_WRITE_RECHECK_SECONDS,
+                    )  # fmt: skip
             results = self._insert_docs_sync(items)
             stored = [parts for (parts, _), e in zip(items, results, strict=True) if e is None]
             receipts.insert_receipts(self._receipts, [r for _, r, _, _ in stored if r is not None])
@@ -215,6 +231,14 @@ class MongoStore(OutboxSettling):
             audits = stamped_audits(items, results)
             errors = self._write_audits_sync(audits)
         return insert_results(results, audits, errors)
+
+    def _bulk_write_usable(self) -> bool:
+        """Whether a create batch may be one bulkWrite: every server speaks 8.0's wire
+        version, and none refused the command in the last BULK_WRITE_RECHECK_SECONDS."""
+        refused_at = self._bulk_write_refused_at
+        if refused_at is not None and time.monotonic() - refused_at < BULK_WRITE_RECHECK_SECONDS:
+            return False
+        return supports_bulk_write(self._mongo.client)
 
     def _insert_one_command_sync(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
         """``_insert_many_sync`` in one client-level bulkWrite. The audit records are
