@@ -25,8 +25,10 @@ directory), and loaded with ``wrk`` (Debian package) through ``loadtests/bench.l
 ``--store mongo|sqlite|both`` (both) runs the configurations of those stores only; the echo
 runs always. Each SQLite cell gets a data directory made for it alone.
 
-Each configuration first takes creates, then fetches of the secrets those creates stored,
-each request a different id in turn (so concurrent fetches never share a read). The
+Each configuration first stores ``FETCH_SECRETS`` secrets (untimed) and takes fetches of
+them, each request a different id in turn (so concurrent fetches never share a read), then
+creates: every fetch cell reads a collection of one size, whatever its configuration's
+creates achieve (nx-27017 scans a TTL-indexed collection on every find). The
 service's configurations then take the lifecycle's own paths, each on secrets created for
 it before its timed cell (untimed):
 
@@ -140,7 +142,11 @@ ROOT = Path(__file__).resolve().parent.parent  # the checkout this bench belongs
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SECRET = base64.b64encode(b"benchmark secret: 32 bytes long!").decode()
 SCRIPT = Path(__file__).with_name("bench.lua")
-FETCH_IDS = 5000  # distinct secret ids the fetch cells cycle through, at most
+# Secrets stored (untimed) before each configuration's fetch cell, which reads them in
+# turn: every fetch cell reads a collection of this size, whatever the throughput of its
+# configuration's creates (nx-27017 scans a TTL-indexed collection on every find).
+FETCH_SECRETS = 2000
+SEED_CONNECTIONS = 20  # how many at once store them
 FETCH_POOL = 200  # read-limited secrets the max_reads 1000000 cell asks for in turn
 READS_THAT_LAST = 1_000_000  # the API's largest max_reads: no cell uses them up
 # Fresh secrets for a cell whose every request uses one up: this many times the requests
@@ -485,6 +491,35 @@ def fresh_secrets(
     return new
 
 
+def seed_secrets(url: str, count: int, connections: int = SEED_CONNECTIONS) -> list[str]:
+    """Store ``count`` secrets through the create endpoint at ``url`` (untimed,
+    ``connections`` at once); their ids. None from a server whose answers name no secret
+    (the echo); a ClusterError if the creates keep failing."""
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def create(n: int) -> None:
+        with httpx.Client(timeout=30) as client:
+            for _ in range(n):
+                answer = client.post(url, json={"secret": SECRET})
+                secret_id = answer.json().get("secret_id") if answer.status_code == 200 else None
+                if isinstance(secret_id, str):
+                    with lock:
+                        ids.append(secret_id)
+
+    for _ in range(3):  # what failed is made up, twice at most
+        missing = count - len(ids)
+        shares = [missing // connections + (k < missing % connections) for k in range(connections)]
+        threads = [threading.Thread(target=create, args=(n,)) for n in shares if n]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if len(ids) >= count or not ids:
+            return ids
+    raise ClusterError(f"only {len(ids)} of {count} creates stored a secret")
+
+
 def bench_config(
     config: Config,
     env: dict[str, str],
@@ -495,6 +530,7 @@ def bench_config(
     lifecycle: tuple[str, ...] = LIFECYCLE_OPS,
     placeholders: Mapping[str, str] | None = None,
     drain: float = 0.0,
+    fetch_secrets: int = FETCH_SECRETS,
 ) -> dict[str, Cell]:
     """Serve ``config`` on the store of ``env`` (``MONGO_URI`` and ``MONGO_DB``, or SQLite's
     ``DATA_DIR``) and measure its cells at ``concurrency``: create and fetch, then
@@ -502,11 +538,14 @@ def bench_config(
     process charged for them (none on SQLite: the store runs in the server's process).
     ``placeholders``: the values of the ``$NAME``s in its environment besides ``MONGO_URI``.
     ``drain``: seconds the server may then take to deliver its outbox before it stops.
-    ``lifecycle``: the rows of LIFECYCLE_OPS to measure (none: create and fetch only)."""
+    ``lifecycle``: the rows of LIFECYCLE_OPS to measure (none: create and fetch only).
+    ``fetch_secrets``: how many secrets the fetch cell reads (stored for it, untimed)."""
     values = {"MONGO_URI": env.get("MONGO_URI", ""), **(placeholders or {})}
     config_env = {k: expand(v, values) for k, v in config.env.items()}
     with server(replace(config, env=config_env), env, workdir) as (url, pid):
-        cells = measure_ops(config, url, pid, workdir, seconds, concurrency, db_pid, lifecycle)
+        cells = measure_ops(
+            config, url, pid, workdir, seconds, concurrency, db_pid, lifecycle, fetch_secrets
+        )
         if drain:
             drain_outbox(env["MONGO_URI"], env["MONGO_DB"], drain)
         return cells
@@ -521,6 +560,7 @@ def measure_ops(
     concurrency: int,
     db_pid: int | None,
     lifecycle: tuple[str, ...],
+    fetch_secrets: int = FETCH_SECRETS,
 ) -> dict[str, Cell]:
     """The cells of ``config``, served at ``url`` by process ``pid``: see ``bench_config``."""
     created = httpx.post(url + "/vault/secret/create", json={"secret": SECRET}, timeout=10)
@@ -535,14 +575,16 @@ def measure_ops(
 
     answers = workdir / "created-ids"
     answers.unlink(missing_ok=True)  # this configuration's own creates only
+    # Fetches first, each of the secrets stored for them in turn (the echo stored none),
+    # then creates: both cells of every configuration start on a collection of one size.
+    fetched = cell(fetch_url, seed_secrets(create_url, fetch_secrets) or [secret_id])
     cells = {
         "create": measure(
             create_url, pid, [json.dumps({"secret": SECRET})], seconds, concurrency,
             workdir, db_pid, answers,
-        )
+        ),
+        "fetch": fetched,
     }  # fmt: skip
-    # Every secret the creates stored, each fetched in turn (the echo stored none).
-    cells["fetch"] = cell(fetch_url, created_ids(answers, FETCH_IDS) or [secret_id])
     if config.command.startswith("naive") or not lifecycle:
         return cells
     keys = max(MIN_POOL, math.ceil(cells["create"].rps * seconds * KEY_MARGIN))
@@ -697,6 +739,7 @@ def bench_cell(
     progress: str,
     placeholders: Mapping[str, str] | None = None,
     receiver: Receiver | None = None,
+    fetch_secrets: int = FETCH_SECRETS,
 ) -> tuple[dict[str, Cell], Deliveries | None]:
     """One configuration at one concurrency in one round, on a fresh database of a MongoDB of
     its own: ``mongo_uri``'s when given, else an nx-27017 started for it in ``workdir`` (a
@@ -708,7 +751,9 @@ def bench_cell(
     reports the files it held at the end."""
     workdir.mkdir()
     if config.store == SQLITE:
-        return sqlite_cell(config, base_env, workdir, seconds, concurrency, lifecycle, progress)
+        return sqlite_cell(
+            config, base_env, workdir, seconds, concurrency, lifecycle, progress, fetch_secrets
+        )
     database = "bench" + uuid.uuid4().hex[:8]
     with mongodb(mongo_uri, workdir) as uri:
         db_pid = nx_pid(workdir)
@@ -721,8 +766,9 @@ def bench_cell(
         env = {**base_env, "MONGO_URI": uri, "MONGO_DB": database}
         drain = DRAIN_SECONDS if receiver is not None else 0.0
         cells = bench_config(
-            config, env, workdir, seconds, concurrency, db_pid, lifecycle, placeholders, drain
-        )
+            config, env, workdir, seconds, concurrency, db_pid, lifecycle, placeholders, drain,
+            fetch_secrets,
+        )  # fmt: skip
         deliveries = None
         if receiver is not None:  # its server stopped: every answered delivery is in
             left = drain_outbox(uri, database, 0)
@@ -741,6 +787,7 @@ def sqlite_cell(
     concurrency: int,
     lifecycle: tuple[str, ...],
     progress: str,
+    fetch_secrets: int = FETCH_SECRETS,
 ) -> tuple[dict[str, Cell], None]:
     """``bench_cell`` for a SQLite configuration: a data directory that did not exist before
     this cell (DATA_DIR), no MongoDB; DB CPU is not measured apart (it is the server's)."""
@@ -750,7 +797,9 @@ def sqlite_cell(
         file=sys.stderr, flush=True,
     )  # fmt: skip
     env = {**base_env, "DATA_DIR": str(data)}
-    cells = bench_config(config, env, workdir, seconds, concurrency, None, lifecycle)
+    cells = bench_config(
+        config, env, workdir, seconds, concurrency, None, lifecycle, fetch_secrets=fetch_secrets
+    )
     held = ", ".join(sorted(path.name for path in data.glob("*.db"))) or "none"
     print(f"  data directory {data} held: {held}", file=sys.stderr, flush=True)
     return cells, None
@@ -811,6 +860,12 @@ def median_cell(cells: list[Cell]) -> Cell:
 Results = dict[int, dict[str, dict[str, Cell]]]
 
 
+def rate(per_second: float) -> str:
+    """Requests a second as the tables print them: whole above 10, else to a tenth (a
+    passphrase row's few a second, or fewer on a loaded machine, are not rounded away)."""
+    return f"{per_second:.0f}" if per_second >= 10 else f"{per_second:.1f}"
+
+
 def table(results: Results) -> str:
     """Every cell, by concurrency, then configuration, then op; ratios within a concurrency."""
     lines = [
@@ -828,7 +883,7 @@ def table(results: Results) -> str:
                 )
                 db_cpu = "-" if cell.db_cpu_us is None else f"{cell.db_cpu_us:.0f}"
                 lines.append(
-                    f"| {concurrency} | {name} | {op} | {cell.rps:.0f} | {cell.p50_ms:.1f} "
+                    f"| {concurrency} | {name} | {op} | {rate(cell.rps)} | {cell.p50_ms:.1f} "
                     f"| {cell.p95_ms:.1f} | {cell.p99_ms:.1f} | {cell.cpu_us:.0f} "
                     f"| {ratio(cell.cpu_us, floor[op].cpu_us):.2f}x | {vs_naive} | {db_cpu} "
                     f"| {cell.errors} |"
@@ -1125,6 +1180,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (3)")
     parser.add_argument(
+        "--fetch-secrets", type=positive_int, default=FETCH_SECRETS, metavar="N",
+        help=f"secrets stored (untimed) for each fetch cell to read in turn ({FETCH_SECRETS})",
+    )  # fmt: skip
+    parser.add_argument(
         "--mongo-uri", default=os.environ.get("MONGO_URI"),
         help="a MongoDB every cell uses, each on a fresh database (MONGO_URI; else each "
         "cell gets an nx-27017 of its own)",
@@ -1237,6 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
                     config, base_env, args.mongo_uri, workdir / f"cell-{index}",
                     cell_seconds(args.duration, concurrency), concurrency, lifecycle,
                     progress=f"round {number + 1}", placeholders=placeholders, receiver=got,
+                    fetch_secrets=args.fetch_secrets,
                 )  # fmt: skip
                 runs[concurrency, config.name].append(cells)
                 if run is not None:

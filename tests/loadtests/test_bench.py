@@ -12,13 +12,17 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
+import httpx2 as httpx
+import pymongo
 import pytest
 
 from loadtests.bench import (
@@ -39,6 +43,7 @@ from loadtests.bench import (
     PASSPHRASE_OPS,
     PASSPHRASE_POOL,
     RATIO_TABLES,
+    SECRET,
     SQLITE,
     TARGETS,
     WEBHOOKS,
@@ -60,12 +65,13 @@ from loadtests.bench import (
     ratio_table,
     ratios,
     schedule,
+    seed_secrets,
     table,
     verdicts,
     wrk,
 )
 from loadtests.receivers import Deliveries, Delivery
-from tests.conftest import ROOT, clean_env
+from tests.conftest import ROOT, ServerProcess, clean_env
 from tests.loadtests.conftest import JSONHandler, git, stand_in_server
 
 ALL_OPS = (
@@ -148,9 +154,14 @@ def need_wrk() -> None:
         pytest.skip("wrk is not installed on this machine")
 
 
+# Secrets stored for each fetch cell of a smoke run: its default (2,000) per cell would
+# cost more than the cells themselves here.
+SMOKE_FETCH_SECRETS = "100"
+
+
 def run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "loadtests.bench", *args],
+        [sys.executable, "-m", "loadtests.bench", "--fetch-secrets", SMOKE_FETCH_SECRETS, *args],
         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
 
@@ -201,7 +212,7 @@ def test_a_short_bench_run_prints_every_row_on_both_stores_with_zero_errors() ->
             # Idempotency-Key was sent twice (a replay counts as one); no passphrase
             # request outwaited wrk, nor was refused.
             assert row[-1] == "0", f"{config} {op} had errors: {row}"
-            assert float(row[3]) > 0 and float(row[7]) > 0  # req/s and CPU µs/req measured
+            assert float(row[3]) > 0 and float(row[7]) > 0, row  # req/s, CPU µs/req measured
     # The naive app answers create and fetch only: no comparison for the other rows.
     assert cells[FULL_STACK, "create"][9].endswith("x")
     assert cells[FULL_STACK, "delete"][9] == "-"
@@ -898,3 +909,24 @@ def test_cpu_seconds_counts_the_workers_a_server_forked() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_a_fetch_cell_reads_exactly_the_secrets_stored_for_it(
+    start_server: Callable[..., ServerProcess], store_env: dict[str, str]
+) -> None:
+    """Every configuration's fetch cell reads a collection of one size: the seeding
+    stores exactly that many secrets, each one readable, whatever the server's speed."""
+    server = start_server({**store_env, "RATE_LIMIT": "off"})
+    ids = seed_secrets(server.url + "/vault/secret/create", 137, connections=8)
+    assert len(ids) == len(set(ids)) == 137
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for secret_id in ids[:: len(ids) // 10]:
+            fetched = client.post("/vault/secret/fetch", json={"secret_id": secret_id})
+            assert fetched.status_code == 200 and fetched.json()["secret"] == SECRET
+    if "MONGO_URI" in store_env:
+        with pymongo.MongoClient(store_env["MONGO_URI"]) as mongo:
+            stored = mongo[store_env["MONGO_DB"]]["secrets"].count_documents({})
+    else:
+        with sqlite3.connect(Path(store_env["DATA_DIR"]) / "vault.db") as conn:
+            stored = conn.execute("SELECT count(*) FROM secrets").fetchone()[0]
+    assert stored == 137
