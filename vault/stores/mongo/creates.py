@@ -39,11 +39,6 @@ BULK_WRITE_WIRE_VERSION = 25
 REFUSED_COMMAND = frozenset({115, 59})
 
 
-class BulkWriteRefused(Exception):
-    """The server refused the bulkWrite command itself, before writing anything: the
-    batch is for the two-command path."""
-
-
 Kind = Literal["forget", "claim", "secret", "done", "receipt", "event", "audit"]
 Model = InsertOne[dict[str, Any]] | UpdateOne | DeleteOne
 
@@ -122,18 +117,17 @@ def write_creates(
     claim_again: Callable[[IdempotentCreate], IdempotentCreate | None],
     secret_stored: Callable[[dict[str, Any]], bool],
     audit_stored: Callable[[dict[str, Any]], bool],
-) -> tuple[list[Exception | None], dict[int, Exception]]:
+) -> tuple[list[Exception | None], dict[int, Exception]] | None:
     """Write a batch of creates, in one command unless a write is refused; the error of
     each create's secret (None: stored, IdempotentRepeat: its key is taken), and the error
-    of each refused audit record by its create's index.
+    of each refused audit record by its create's index. None: the server does not run
+    bulkWrite (yet), and nothing was written.
 
     ``claim_again`` settles a refused claim, taken or perhaps stored after all
     (``idempotency.claim``: None once claimed); ``secret_stored`` and ``audit_stored``
     say whether a document refused as a duplicate is this very one, stored by an attempt
-    whose answer was lost. A write
-    concern not met, or a refusal of a receipt, an event or a key's update, fails the
-    batch (raised), as on the two-command path. BulkWriteRefused: the server does not
-    run bulkWrite (yet), and nothing was written."""
+    whose answer was lost. A write concern not met, or a refusal of a receipt, an event or
+    a key's update, fails the batch (raised), as on the two-command path."""
     pending = _writes(names, creates)
     failed: dict[int, Exception] = {}
     audit_errors: dict[int, Exception] = {}
@@ -148,7 +142,7 @@ def write_creates(
                 raise WriteConcernError("write concern not satisfied") from None
             not_run = isinstance(exc.error, OperationFailure) and exc.error.code in REFUSED_COMMAND
             if first and not_run:  # nothing of the batch is written yet
-                raise BulkWriteRefused(str(exc.error)) from None
+                return None
             if isinstance(exc.error, Exception):  # the call itself failed: no answer, say
                 raise exc.error from None
             if not exc.write_errors:

@@ -70,7 +70,6 @@ from vault.stores.mongo.connection import (
     log,
 )
 from vault.stores.mongo.creates import (
-    BulkWriteRefused,
     CreateWrites,
     Namespaces,
     supports_bulk_write,
@@ -214,16 +213,16 @@ class MongoStore(OutboxSettling):
         where every server is MongoDB 8.0 or later (creates.py), else two or more in turn."""
         with pymongo.timeout(self._mongo.timeout):
             if self._bulk_write_usable():
-                try:
-                    return self._insert_one_command_sync(items)
-                except BulkWriteRefused as exc:
-                    self._bulk_write_refused_at = time.monotonic()
-                    log.warning(
-                        "MongoDB refused the bulkWrite command (%s): creates take two commands "
-                        "each for the next %d s; a MongoDB 8.0 whose featureCompatibilityVersion "
-                        "is below 8.0 does this (docs/operations.md)",
-                        exc, BULK_WRITE_RECHECK_SECONDS,
-                    )  # fmt: skip
+                written = self._insert_one_command_sync(items)
+                if written is not None:
+                    return written
+                self._bulk_write_refused_at = time.monotonic()
+                log.warning(
+                    "MongoDB refused the bulkWrite command: creates take two commands each for "
+                    "the next %d s; a MongoDB 8.0 whose featureCompatibilityVersion is below "
+                    "8.0 does this (docs/operations.md)",
+                    BULK_WRITE_RECHECK_SECONDS,
+                )
             results = self._insert_docs_sync(items)
             stored = [parts for (parts, _), e in zip(items, results, strict=True) if e is None]
             receipts.insert_receipts(self._receipts, [r for _, r, _, _ in stored if r is not None])
@@ -240,8 +239,11 @@ class MongoStore(OutboxSettling):
             return False
         return supports_bulk_write(self._mongo.client)
 
-    def _insert_one_command_sync(self, items: list[_Insert]) -> list[AuditWrite | Exception | None]:
-        """``_insert_many_sync`` in one client-level bulkWrite. The audit records are
+    def _insert_one_command_sync(
+        self, items: list[_Insert]
+    ) -> list[AuditWrite | Exception | None] | None:
+        """``_insert_many_sync`` in one client-level bulkWrite (None: the server refused the
+        command, and nothing was written). The audit records are
         stamped before it is sent (the answer, 200, is decided unless a secret is refused,
         whose record is then never written)."""
         now = utc_now()
@@ -263,7 +265,7 @@ class MongoStore(OutboxSettling):
             )
             for k, ((doc, receipt, event, idem), _) in enumerate(items)
         ]
-        results, refused = write_creates(
+        written = write_creates(
             self._mongo.client,
             self._names,
             writes,
@@ -274,6 +276,9 @@ class MongoStore(OutboxSettling):
             secret_stored=lambda doc: doc["_id"] in self._already_stored([doc]),
             audit_stored=lambda doc: doc["_id"] in self._audits_stored([doc]),
         )
+        if written is None:
+            return None
+        results, refused = written
         stored = {k: audit for k, audit in audits.items() if results[k] is None}
         return insert_results(results, stored, {**malformed, **refused})
 
